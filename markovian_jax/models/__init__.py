@@ -1,0 +1,18 @@
+"""Llama 3.x model, weights loading/export and LoRA.
+
+Public contracts:
+  load_checkpoint(path, dtype="float32") -> (config, params)
+  logits(config, params, token_ids, lora=None) -> float32 [B, T, V]
+"""
+
+from markovian_jax.models.config import ConfigError, LlamaConfig, RopeScaling
+from markovian_jax.models.llama import (forward, head_weight, init_params, logits,
+                                        positions_from_mask, project)
+from markovian_jax.models.lora import LoraAdapter, init_lora, merge
+from markovian_jax.models.loading import load_checkpoint, load_tokenizer
+
+__all__ = [
+    "ConfigError", "LlamaConfig", "RopeScaling", "forward", "head_weight", "init_params", "logits",
+    "positions_from_mask", "project", "LoraAdapter", "init_lora", "merge", "load_checkpoint",
+    "load_tokenizer",
+]

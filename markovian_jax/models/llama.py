@@ -1,0 +1,263 @@
+"""Llama 3.x decoder in Flax linen, with a functional boundary.
+
+The parameters are a plain nested dict (HF names, kernels stored `[in, out]`, layers stacked on a
+leading `[L]` axis by one `nn.scan`):
+
+    params = {'embed': {'embedding': [V, D]},
+              'layers': {'attn_norm': {'scale': [L, D]},
+                         'attn': {'q': {'kernel': [L, D, Hq*Dh]}, 'k': ..., 'v': ..., 'o': ...},
+                         'mlp_norm': {'scale': [L, D]},
+                         'mlp': {'gate': {'kernel': [L, D, F]}, 'up': ..., 'down': ...}},
+              'final_norm': {'scale': [D]},
+              'lm_head': {'kernel': [D, V]}}           # absent when embeddings are tied
+
+A LoRA adapter is a second tree with the same paths and leaves `a: [L, in, r]`, `b: [L, r, out]`
+passed as the `lora` variable collection; with no adapter the same code is the base model, so the
+policy, the answer scorer and the KL reference share one copy of the weights.
+
+Attention takes an explicit key mask and position ids, so left-padded batches give exactly the
+logits of the unpadded sequences. An optional KV cache `[L, B, S, Hkv, Dh]` rides in the scan carry
+and is written with `dynamic_update_slice` (in place when the caller donates it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from markovian_jax.models import rope
+from markovian_jax.models.config import LlamaConfig
+
+Cache = Tuple[jnp.ndarray, jnp.ndarray]  # (keys, values), each [L, B, S, Hkv, Dh]
+
+_INIT = nn.initializers.normal(0.02)
+_MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    # HF casts back to the activation dtype before multiplying by the weight.
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Linear(nn.Module):
+  """Bias-free projection; adds `scale * dropout(x) @ a @ b` when a LoRA pair is present."""
+  features: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  lora_scale: float = 0.0
+  lora_dropout: float = 0.0
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x, kernel.astype(self.dtype))
+    if self.has_variable("lora", "a"):
+      a = self.get_variable("lora", "a")
+      b = self.get_variable("lora", "b")
+      h = x
+      if self.train and self.lora_dropout > 0:
+        h = nn.Dropout(self.lora_dropout, deterministic=False)(h)
+      delta = jnp.dot(jnp.dot(h.astype(a.dtype), a), b) * self.lora_scale
+      y = y + delta.astype(y.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  lora_kw: dict
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, cache: Optional[Cache], cache_index, layer_index):
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    dense = lambda n, name: Linear(n, dtype, pdtype, name=name, **self.lora_kw)
+    b, t, _ = x.shape
+    q = dense(c.num_heads * c.head_dim, "q")(x).reshape(b, t, c.num_heads, c.head_dim)
+    k = dense(c.num_kv_heads * c.head_dim, "k")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = dense(c.num_kv_heads * c.head_dim, "v")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q = rope.apply_rope(q, cos, sin)
+    k = rope.apply_rope(k, cos, sin)
+    if cache is not None:
+      ck, cv = cache
+      start = (layer_index, 0, cache_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+      cache = (ck, cv)
+      k = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False).astype(dtype)
+      v = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False).astype(dtype)
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (c.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
+    return dense(c.hidden_size, "o")(out), cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  lora_kw: dict
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    gate = Linear(c.intermediate_size, dtype, pdtype, name="gate", **self.lora_kw)(x)
+    up = Linear(c.intermediate_size, dtype, pdtype, name="up", **self.lora_kw)(x)
+    return Linear(c.hidden_size, dtype, pdtype, name="down", **self.lora_kw)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  config: LlamaConfig
+  lora_kw: dict
+
+  @nn.compact
+  def __call__(self, carry, cos, sin, mask, cache_index, layer_index):
+    x, cache = carry
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
+    h, cache = Attention(c, self.lora_kw, name="attn")(h, cos, sin, mask, cache, cache_index,
+                                                       layer_index)
+    x = x + h
+    h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
+    x = x + MLP(c, self.lora_kw, name="mlp")(h)
+    return (x, cache), None
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nn.Module):
+  """Returns final-norm hidden states `[B, T, D]` (compute dtype) and the updated cache."""
+  config: LlamaConfig
+  lora_scale: float = 0.0
+  lora_dropout: float = 0.0
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, positions, key_mask, cache: Optional[Cache] = None, cache_index=0):
+    c = self.config
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, param_dtype=pdtype,
+                 dtype=dtype, name="embed")(tokens)
+    cos, sin = rope.rope_tables(c, positions)
+    t, s = tokens.shape[1], key_mask.shape[1]
+    # Query i sits in cache slot cache_index + i (slot i without a cache); it sees valid keys in
+    # slots up to its own.
+    causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]
+    mask = causal[None] & key_mask[:, None, :].astype(bool)
+    layer_cls = DecoderLayer
+    if c.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
+    layers = nn.scan(
+        layer_cls, variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=c.num_layers)
+    lora_kw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, train=self.train)
+    (x, cache), _ = layers(c, lora_kw, name="layers")(
+        (x, cache), cos, sin, mask, cache_index, jnp.arange(c.num_layers))
+    x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
+    if not c.tie_word_embeddings:
+      # Declared here so init() builds it; applied by `project`, which callers chunk over the vocab.
+      LMHead(c.hidden_size, c.vocab_size, pdtype, name="lm_head")()
+    return x, cache
+
+
+class LMHead(nn.Module):
+  in_features: int
+  features: int
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", _INIT, (self.in_features, self.features), self.param_dtype)
+
+
+# ------------------------------------------------------------------ functional API
+
+def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
+  """int32 [B, T]: 0, 1, 2... counted over real tokens, so a left-padded row starts at 0."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> dict:
+  """Random weights (normal 0.02, unit norms) in `config.param_dtype`. Use under `jax.eval_shape`
+  to get the parameter shapes without allocating."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Llama(config).init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
+
+
+def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
+            attention_mask: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None,
+            lora=None, cache: Optional[Cache] = None, cache_index=0, cache_mask=None,
+            dropout_rng: Optional[jax.Array] = None):
+  """Runs the decoder.
+
+  Args:
+    tokens: int32 [B, T].
+    attention_mask: bool/int [B, T], 1 for real tokens (default: all real).
+    positions: int32 [B, T] RoPE positions (default: derived from `attention_mask`).
+    lora: a `LoraAdapter` or None (base model).
+    cache: optional (keys, values) `[L, B, S, Hkv, Dh]`; tokens are written at slots
+      `cache_index .. cache_index + T - 1` and attend to every valid earlier slot.
+    cache_mask: bool [B, S], the valid slots *after* this write (required with a cache).
+    dropout_rng: enables LoRA dropout (training mode) when given.
+  Returns:
+    (hidden [B, T, D] in compute dtype, updated cache or None).
+  """
+  if attention_mask is None:
+    attention_mask = jnp.ones(tokens.shape, bool)
+  if positions is None:
+    positions = positions_from_mask(attention_mask)
+  key_mask = attention_mask if cache is None else cache_mask
+  if key_mask is None:
+    raise ValueError("forward() with a cache needs cache_mask [B, S]")
+  variables = {"params": params}
+  kw = {}
+  if lora is not None:
+    variables["lora"] = lora.params
+    kw = dict(lora_scale=lora.scale, lora_dropout=lora.dropout, train=dropout_rng is not None)
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+  return Llama(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
+                                   rngs=rngs)
+
+
+def head_weight(config: LlamaConfig, params: dict) -> jnp.ndarray:
+  """[D, V] output projection (the transposed embedding when tied)."""
+  if config.tie_word_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def project(config: LlamaConfig, params: dict, hidden: jnp.ndarray) -> jnp.ndarray:
+  """float32 logits [..., V] from hidden states [..., D] (matmul in compute dtype, fp32 accumulate)."""
+  w = head_weight(config, params).astype(config.dtype)
+  return jnp.dot(hidden.astype(config.dtype), w, preferred_element_type=jnp.float32)
+
+
+def logits(config: LlamaConfig, params: dict, token_ids: jnp.ndarray, lora=None, *,
+           attention_mask: Optional[jnp.ndarray] = None,
+           positions: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """float32 [B, T, V] causal logits for int32 `token_ids` [B, T] (positions 0..T-1 by default)."""
+  hidden, _ = forward(config, params, jnp.asarray(token_ids, jnp.int32),
+                      attention_mask=attention_mask, positions=positions, lora=lora)
+  return project(config, params, hidden)

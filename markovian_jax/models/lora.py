@@ -1,0 +1,98 @@
+"""Functional LoRA: the adapter is its own pytree, beside (never inside) the frozen base weights.
+
+    base params                             LoRA adapter (`LoraAdapter.params`)
+    {'layers': {'attn': {'q': {'kernel':     {'layers': {'attn': {'q': {'a': [L, D, r],
+                              [L, D, Hq*Dh]}},                        'b': [L, r, Hq*Dh]}}, ...},
+               'mlp':  {...}}, ...}                      'mlp':  {...}}}
+
+The forward adds `(alpha / r) * dropout(x) @ a @ b` to every targeted projection. Gradients are
+taken with respect to the adapter tree only, so the base is frozen by construction and optax needs
+no masking. `a` is Kaiming-uniform and `b` zero (as PEFT), so a fresh adapter is exactly the base
+model, and `lora=None` *is* the base model: the policy, the answer scorer and the KL reference share
+one copy of the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from markovian_jax.models.config import LlamaConfig
+
+ATTN_TARGETS = ("q", "k", "v", "o")
+MLP_TARGETS = ("gate", "up", "down")
+ALL_LINEAR = ATTN_TARGETS + MLP_TARGETS  # every linear layer except the LM head (PEFT "all-linear")
+
+
+@struct.dataclass
+class LoraAdapter:
+  """LoRA weights (a pytree of `a`/`b` leaves) plus the static hyper-parameters that shape them."""
+  params: dict
+  rank: int = struct.field(pytree_node=False)
+  alpha: float = struct.field(pytree_node=False)
+  dropout: float = struct.field(pytree_node=False, default=0.0)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @property
+  def targets(self) -> tuple[str, ...]:
+    return tuple(t for group in self.params["layers"].values() for t in group)
+
+
+def target_shapes(config: LlamaConfig, targets: Sequence[str] = ALL_LINEAR) -> dict:
+  """{(module, name): (in_features, out_features)} for each targeted projection."""
+  d, f = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  table = {"q": ("attn", d, q), "k": ("attn", d, kv), "v": ("attn", d, kv), "o": ("attn", q, d),
+           "gate": ("mlp", d, f), "up": ("mlp", d, f), "down": ("mlp", f, d)}
+  unknown = sorted(set(targets) - set(table))
+  if unknown or not targets:
+    raise ValueError(f"unknown LoRA targets {unknown or list(targets)}; choose from {list(table)}")
+  return {(table[t][0], t): table[t][1:] for t in targets}
+
+
+def init_lora(config: LlamaConfig, rng: jax.Array, *, rank: int = 8, alpha: float = 16.0,
+              dropout: float = 0.1, targets: Sequence[str] = ALL_LINEAR,
+              dtype=jnp.float32) -> LoraAdapter:
+  """A fresh adapter: `a` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), `b` = 0."""
+  if rank <= 0:
+    raise ValueError(f"LoRA rank must be positive, got {rank}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+  layers: dict = {}
+  shapes = target_shapes(config, targets)
+  for key, ((module, name), (n_in, n_out)) in zip(jax.random.split(rng, len(shapes)),
+                                                  sorted(shapes.items())):
+    bound = n_in ** -0.5
+    a = jax.random.uniform(key, (config.num_layers, n_in, rank), dtype, -bound, bound)
+    b = jnp.zeros((config.num_layers, rank, n_out), dtype)
+    layers.setdefault(module, {})[name] = {"a": a, "b": b}
+  return LoraAdapter({"layers": layers}, rank=rank, alpha=float(alpha), dropout=float(dropout))
+
+
+def delta(lora: LoraAdapter, module: str, name: str) -> jnp.ndarray:
+  """float32 [L, in, out]: the dense weight update `scale * a @ b` of one target."""
+  p = lora.params["layers"][module][name]
+  return jnp.einsum("lir,lro->lio", p["a"].astype(jnp.float32), p["b"].astype(jnp.float32)) * lora.scale
+
+
+def merge(params: dict, lora: LoraAdapter) -> dict:
+  """Base params with the adapter folded into the kernels (same dtype as the base)."""
+  layers = dict(params["layers"])
+  for module, group in lora.params["layers"].items():
+    layers[module] = dict(layers[module])
+    for name in group:
+      kernel = layers[module][name]["kernel"]
+      merged = kernel.astype(jnp.float32) + delta(lora, module, name)
+      layers[module][name] = {**layers[module][name], "kernel": merged.astype(kernel.dtype)}
+  return {**params, "layers": layers}
+
+
+def num_params(tree) -> int:
+  """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
