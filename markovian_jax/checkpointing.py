@@ -1,0 +1,94 @@
+"""Orbax checkpoints of a training run: LoRA, optimizer state and the run's JSON state.
+
+Never the base weights (they are re-loaded from `config.model.path`). The JSON part holds the step,
+the data cursor, the RNG key, the EMA/EI baseline state and the config, so `resume` continues a run
+exactly. Retention: the latest `max_to_keep` checkpoints, plus the best one by validation score when
+`keep_best` (checkpoints saved with an eval score compete for it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _score(metrics) -> float:
+  return float(metrics["score"])
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with our three items: lora, opt_state, state."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, keep_best: bool = True,
+               create: bool = True):
+    self.directory = os.path.abspath(directory)
+    keep = [policies.LatestN(n=max_to_keep)]
+    if keep_best:
+      keep.append(policies.BestN(get_metric_fn=_score, n=1,
+                                 keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=create, preservation_policy=policies.AnyPreservationPolicy(keep))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("lora", "opt_state", "state"))
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, lora_params, opt_state, state: dict[str, Any],
+           score: Optional[float] = None, force: bool = False) -> bool:
+    """Saves collectively (every process calls it). `score`: validation metric, higher is better."""
+    args = ocp.args.Composite(lora=ocp.args.StandardSave(lora_params),
+                              opt_state=ocp.args.StandardSave(opt_state),
+                              state=ocp.args.JsonSave(state))
+    metrics = None if score is None else {"score": float(score)}
+    saved = self._manager.save(step, args=args, metrics=metrics, force=force)
+    self._manager.wait_until_finished()
+    return saved
+
+  def restore(self, step: Optional[int], lora_target, opt_target):
+    """Restores into the shapes/dtypes/shardings of the targets (arrays or ShapeDtypeStructs).
+
+    Returns (lora_params, opt_state, state dict).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoints in {self.directory}")
+    if step not in self.all_steps():
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                            f"available: {self.all_steps()}")
+    as_struct = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        lora=ocp.args.StandardRestore(as_struct(lora_target)),
+        opt_state=ocp.args.StandardRestore(as_struct(opt_target)),
+        state=ocp.args.JsonRestore()))
+    return out["lora"], out["opt_state"], out["state"]
+
+  def restore_state(self, step: Optional[int] = None) -> dict:
+    """Only the JSON state (config, step, ...), e.g. to rebuild the LoRA shapes before restoring."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoints in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+
+  def restore_lora(self, step: Optional[int], lora_target):
+    """Only the LoRA tree (evaluation needs no optimizer state)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoints in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.Composite(
+        lora=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, lora_target))
+    ))["lora"]
+
+  def close(self):
+    self._manager.close()
