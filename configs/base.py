@@ -6,21 +6,11 @@ command line: `--config.objective.kl_penalty=0.05`. Unknown keys fail (ConfigDic
 
 import ml_collections
 
+from markovian_jax.sharding import MESH_PRESETS  # noqa: F401 (names for config.mesh.preset)
+
 # Reference per-task CoT lengths (REFERENCE.md §2) and eval answer lengths (§4).
 COT_LENGTH = {"gsm8k": 100, "mmlu": 150, "mathqa": 150, "arithmetic": 150}
 ANSWER_MAX_TOKENS = {"svamp": 16, "arithmetic": 16}
-MESH_PRESETS = {
-    "1xgpu": (1, 1, 1),
-    "cpu": (-1, 1, 1),
-    # LoRA on 8xH100: the 16 GB bf16 base fits each GPU; replicate it and split only the batch.
-    "8xh100": (8, 1, 1),
-    # v5e chips have 16 GB: the 8B base must be split; tensor=4 inside a host, data over the rest.
-    "v5e-8": (2, 1, 4),
-    "v5e-32": (8, 1, 4),
-    # v5p (95 GB/chip): replicate like H100.
-    "v5p-8": (4, 1, 1),
-    "v5p-64": (32, 1, 1),
-}
 
 
 def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:

@@ -103,11 +103,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def mesh_shape(c: ml_collections.ConfigDict) -> tuple:
   """The configured mesh shape (a preset name wins over `mesh.shape`)."""
   if c.mesh.preset:
-    from configs.base import MESH_PRESETS
-    if c.mesh.preset not in MESH_PRESETS:
+    if c.mesh.preset not in sharding.MESH_PRESETS:
       raise InvalidConfig(f"config.mesh.preset: unknown {c.mesh.preset!r}; "
-                          f"choose one of {sorted(MESH_PRESETS)}")
-    return MESH_PRESETS[c.mesh.preset]
+                          f"choose one of {sorted(sharding.MESH_PRESETS)}")
+    return sharding.MESH_PRESETS[c.mesh.preset]
   return tuple(c.mesh.shape)
 
 

@@ -61,6 +61,20 @@ PARAM_AXES = (
     (r"final_norm/scale$", ("norm",)),
 )
 
+# Mesh shapes (data, fsdp, tensor) by hardware, selected with config.mesh.preset.
+MESH_PRESETS = {
+    "1xgpu": (1, 1, 1),
+    "cpu": (-1, 1, 1),
+    # LoRA on 8xH100: the 16 GB bf16 base fits each GPU; replicate it and split only the batch.
+    "8xh100": (8, 1, 1),
+    # v5e chips have 16 GB: the 8B base must be split; tensor=4 inside a host, data over the rest.
+    "v5e-8": (2, 1, 4),
+    "v5e-32": (8, 1, 4),
+    # v5p (95 GB/chip): replicate like H100.
+    "v5p-8": (4, 1, 1),
+    "v5p-64": (32, 1, 1),
+}
+
 CACHE_AXES = ("layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
 
 
