@@ -1,0 +1,171 @@
+"""Two-stage evaluation (REFERENCE.md §4), as a library function used by training and the CLI.
+
+Stage 1: the policy writes a K-token CoT per question (training temperature, or greedy), `n` samples
+each. Stage 2: the reader (policy or base) greedily writes <= `answer_max_tokens` after the answer
+prompt (question `<Redacted>` when Markovian). Every extraction method is scored side by side; with
+n > 1 the summary has the mean +- sd over samples and the majority vote. Wiki continuation is scored
+by the mean log-prob (nats/token) of the target given the CoT.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from markovian_jax import logprobs as lp_lib
+from markovian_jax import sampling
+from markovian_jax import data as data_lib
+from markovian_jax import objectives as obj
+from markovian_jax.run_context import RunContext, fetch, put
+
+
+def _ci95(values) -> float:
+  """Half-width of the normal-approximation 95% interval of a mean."""
+  v = np.asarray(values, np.float64)
+  if v.size < 2:
+    return float("nan")
+  return float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def _answer_logprob_fn(ctx: RunContext):
+  if not hasattr(ctx, "_eval_score_fn"):
+    def fn(params, lora, tokens, mask, span):
+      out = lp_lib.token_logprobs(ctx.model, params, tokens, mask, lora=lora, temperature=1.0)
+      return obj.reduce_tokens(out.logprobs, span, "mean")
+    ctx._eval_score_fn = jax.jit(fn)
+  return ctx._eval_score_fn
+
+
+def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
+             temperature: Optional[float] = None, reader: str = "actor",
+             answer_max_tokens: int = 10, batch_size: int = 32, seed: int = 0,
+             progress: bool = True, desc: str = "eval") -> tuple[dict, list]:
+  """Evaluates `lora` (None = the base model) on `examples`.
+
+  Returns (summary dict, one row dict per (example, sample)).
+  """
+  if not examples:
+    raise ValueError("evaluate() got no examples")
+  c = ctx.config
+  t = c.sampling.temperature if temperature is None or temperature < 0 else temperature
+  kind = data_lib.task_kind(ctx.task)
+  reader_lora = lora if reader == "actor" else None
+  rng = jax.random.PRNGKey(seed)
+  rows = []
+  bar = tqdm(total=len(examples), desc=desc, disable=not progress or jax.process_index() != 0,
+             leave=False)
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    real = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - real)  # keep one static batch shape (one compile)
+    rng, key = jax.random.split(rng)
+    cot = sampling.generate(
+        ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
+        max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length, rng=key, temperature=t,
+        top_k=c.sampling.top_k, top_p=c.sampling.top_p, lora=lora, eos_ids=ctx.eos_ids,
+        num_samples=num_samples)
+    cot_texts = ctx.decode(fetch(cot.tokens))
+    per_row = [ex for ex in chunk for _ in range(num_samples)]
+    if kind == "continuation":
+      tokens, mask, span = ctx.answer_rows(per_row, cot_texts)
+      scores = fetch(_answer_logprob_fn(ctx)(ctx.params, reader_lora, put(tokens, ctx.mesh),
+                                             put(mask, ctx.mesh), put(span, ctx.mesh)))
+      answers = [None] * len(per_row)
+    else:
+      prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot_t), c.prompt.format)
+                  for ex, cot_t in zip(per_row, cot_texts)]
+      ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
+                              temperature=0.0, lora=reader_lora, eos_ids=ctx.eos_ids)
+      answers = ctx.decode(fetch(ans.tokens))
+      scores = None
+    for i in range(real * num_samples):
+      ex = per_row[i]
+      row = {"id": ex.id, "question": ex.question, "gold": ex.answer, "sample": i % num_samples,
+             "cot": cot_texts[i]}
+      if kind == "continuation":
+        row["answer_logprob"] = float(scores[i])
+      else:
+        n_choices = len(ex.choices) if ex.choices else None
+        preds = data_lib.extract_all(ctx.task, answers[i], n_choices)
+        row.update(answer_text=answers[i], predictions=preds,
+                   correct={m: data_lib.is_correct(p, ex.answer, ctx.task)
+                            for m, p in preds.items()})
+      rows.append(row)
+    bar.update(real)
+  bar.close()
+  return summarize(rows, ctx.task, num_samples), rows
+
+
+def summarize(rows: list, task: str, num_samples: int) -> dict:
+  """Per-method accuracy with a 95% interval, per-sample mean +- sd, and majority vote."""
+  questions = collections.OrderedDict()
+  for r in rows:
+    questions.setdefault(r["id"], []).append(r)
+  summary = {"task": task, "num_questions": len(questions), "num_samples": num_samples}
+  if "answer_logprob" in rows[0]:
+    lp = [r["answer_logprob"] for r in rows]
+    summary["answer_logprob"] = float(np.mean(lp))
+    summary["answer_logprob_ci95"] = _ci95(lp)
+    return summary
+  for method in rows[0]["correct"]:
+    hits = np.array([r["correct"][method] for r in rows], np.float64)
+    m = {"accuracy": float(hits.mean()), "ci95": _ci95(hits)}
+    if num_samples > 1:
+      by_sample = [np.mean([r["correct"][method] for r in rows if r["sample"] == s])
+                   for s in range(num_samples)]
+      m["sample_mean"], m["sample_sd"] = float(np.mean(by_sample)), float(np.std(by_sample, ddof=1))
+      votes = []
+      for qrows in questions.values():
+        preds = [r["predictions"][method] for r in qrows if r["predictions"][method] is not None]
+        top = collections.Counter(preds).most_common(1)
+        votes.append(bool(top) and data_lib.is_correct(top[0][0], qrows[0]["gold"], task))
+      m["majority_vote"] = float(np.mean(votes))
+    summary[method] = m
+  return summary
+
+
+def scalars(summary: dict) -> dict:
+  """Flat {name: value} for TensorBoard (`eval/` prefix added by the writer)."""
+  out = {}
+  for key, value in summary.items():
+    if isinstance(value, dict):
+      for k, v in value.items():
+        if isinstance(v, float) and math.isfinite(v):
+          out[f"{key}/{k}"] = v
+    elif key.startswith("answer_logprob") and math.isfinite(value):
+      out[key] = value
+  return out
+
+
+def primary_score(summary: dict) -> float:
+  """The number checkpoints are ranked by: the first method's accuracy, or the wiki log-prob."""
+  if "answer_logprob" in summary:
+    return summary["answer_logprob"]
+  method = next(k for k, v in summary.items() if isinstance(v, dict))
+  return summary[method]["accuracy"]
+
+
+def format_table(results: Sequence[tuple[str, dict]]) -> str:
+  """A text table: one line per evaluated model (base, step N...), one column per metric."""
+  cols = []
+  for _, s in results:
+    for k in scalars(s):
+      if k not in cols and not k.endswith("ci95"):
+        cols.append(k)
+  width = max(12, *(len(c) for c in cols)) if cols else 12
+  lines = ["model".ljust(14) + "".join(c.rjust(width + 2) for c in cols)]
+  for name, s in results:
+    flat = scalars(s)
+    cells = []
+    for col in cols:
+      v = flat.get(col)
+      ci = flat.get(col.replace("accuracy", "ci95")) if col.endswith("accuracy") else None
+      cell = "-" if v is None else (f"{v:.3f}" + (f"±{ci:.3f}" if ci is not None else ""))
+      cells.append(cell.rjust(width + 2))
+    lines.append(name.ljust(14) + "".join(cells))
+  return "\n".join(lines)

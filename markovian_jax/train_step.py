@@ -1,0 +1,181 @@
+"""The jitted pieces of one Markovian training step, as pure functions of pytrees.
+
+    sample (sampling.generate)  ->  host: decode CoTs, build "<Redacted> ... Answer: a" texts
+      -> score_fn (no gradient): r = answer log-prob under the scorer, b = base on its CoT'
+      -> host: advantages (objectives.advantage_targets), once per step
+      -> update_fn (grad w.r.t. the LoRA tree only): objective + clip + AdamW, NaN-guarded
+
+Sequences are left-padded: a policy row is `[pad, prompt, CoT]` with the K CoT tokens last, an
+answer row is `[pad, answer prompt, answer]` with the answer span marked. Every array's leading dim
+is the batch N = Q * G (question-major), sharded over the mesh batch axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from markovian_jax import logprobs as lp_lib
+from markovian_jax import objectives as obj
+from markovian_jax import sharding
+from markovian_jax.models import LlamaConfig
+
+
+@struct.dataclass
+class PolicyBatch:
+  """Everything the update needs about the N sampled CoTs.
+
+  cot_tokens: int32 [N, S], the CoT prompt left-padded to a bucket, then the K sampled tokens.
+  cot_mask: bool [N, S], real tokens.
+  behaviour_logprobs: float32 [N, K], the sampler's log-probs of the CoT tokens.
+  answer_tokens: int32 [N, A], answer prompt (with this row's CoT) + gold answer, left-padded.
+  answer_mask: bool [N, A]; answer_span: bool [N, A], the scored answer tokens.
+  answer_logprobs: float32 [N, A], the scorer's per-token answer log-probs (no gradient).
+  baseline_scores: float32 [N], b of the row's question (0 when not normalising).
+  """
+  cot_tokens: jax.Array
+  cot_mask: jax.Array
+  behaviour_logprobs: jax.Array
+  answer_tokens: jax.Array
+  answer_mask: jax.Array
+  answer_span: jax.Array
+  answer_logprobs: jax.Array
+  baseline_scores: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static settings of the jitted functions (hashable)."""
+  model: LlamaConfig
+  objective: obj.ObjectiveConfig
+  cot_length: int
+  temperature: float
+  reward_scorer: str = "actor"
+  logprob_chunk: int = 64
+
+
+def answer_logprobs(s: StepSettings, params, lora, tokens, mask, span):
+  """float32 [N, A] per-token log-probs of the answer span (unscaled logits), 0 elsewhere."""
+  out = lp_lib.token_logprobs(s.model, params, tokens, mask, lora=lora, temperature=1.0,
+                              chunk_size=s.logprob_chunk)
+  return jnp.where(span, out.logprobs, 0.0)
+
+
+def score(s: StepSettings, params, lora, answer_tokens, answer_mask, answer_span, base_tokens,
+          base_mask, base_span):
+  """Rewards without gradient.
+
+  Args:
+    answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the base model's CoT'.
+  Returns:
+    (answer_logprobs float32 [N, A] under the scorer, base_scores float32 [Q]).
+  """
+  scorer = lora if s.reward_scorer == "actor" else None
+  ans = answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span)
+  base = answer_logprobs(s, params, None, base_tokens, base_mask, base_span)
+  b = obj.reduce_tokens(base, base_span, s.objective.logprob_reduction)
+  return jax.lax.stop_gradient(ans), jax.lax.stop_gradient(b)
+
+
+def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
+                dropout_rng: Optional[jax.Array]) -> obj.LossInputs:
+  """Teacher-forced policy terms on the CoT positions (differentiable w.r.t. `lora`)."""
+  cfg = s.objective
+  need_ref = cfg.kl_estimator != "full" or (cfg.kind == "ppo" and cfg.ppo_ratio_reference == "base")
+  out = lp_lib.token_logprobs(
+      s.model, params, batch.cot_tokens, batch.cot_mask, lora=lora, temperature=s.temperature,
+      chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
+      with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref)
+  k = s.cot_length
+  cot = lambda x: None if x is None else x[:, -k:]  # noqa: E731 (CoT tokens end every row)
+  if cfg.reward_grad == "paper":
+    answers = answer_logprobs(s, params, lora, batch.answer_tokens, batch.answer_mask,
+                              batch.answer_span)
+  else:
+    answers = batch.answer_logprobs
+  return obj.LossInputs(
+      cot_logprobs=cot(out.logprobs), cot_mask=batch.cot_mask[:, -k:],
+      answer_logprobs=answers, answer_mask=batch.answer_span,
+      behaviour_logprobs=batch.behaviour_logprobs, ref_logprobs=cot(out.ref_logprobs),
+      kl=cot(out.kl), entropy=cot(out.entropy), baseline_scores=batch.baseline_scores)
+
+
+def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW with the configured schedule (`optim`: config.optim)."""
+  if optim.schedule == "warmup_cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
+                                            max(num_steps, optim.warmup_steps + 1))
+  elif optim.warmup_steps > 0:
+    lr = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+  else:
+    lr = optax.constant_schedule(optim.lr)
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                   optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                               weight_decay=optim.weight_decay))
+  if optim.accumulation_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)
+  return tx
+
+
+def learning_rate(optim, num_steps: int, step: int) -> float:
+  """The schedule's value at `step`, for logging (same formula as make_optimizer)."""
+  if optim.schedule == "warmup_cosine":
+    f = optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
+                                           max(num_steps, optim.warmup_steps + 1))
+  elif optim.warmup_steps > 0:
+    f = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+  else:
+    return float(optim.lr)
+  return float(f(step // max(optim.accumulation_steps, 1)))
+
+
+def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
+           batch: PolicyBatch, targets: obj.Targets, dropout_rng):
+  """One optimizer step on the LoRA tree; a non-finite loss or gradient leaves state unchanged.
+
+  Returns (lora, opt_state, metrics dict of float32 scalars).
+  """
+  def loss_fn(lora_):
+    inputs = loss_inputs(s, params, lora_, batch, dropout_rng)
+    return obj.loss_from_targets(inputs, targets, s.objective)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt = tx.update(grads, opt_state, lora)
+  new_lora = optax.apply_updates(lora, updates)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+  metrics = {**metrics, "grad_norm": grad_norm, "update_skipped": (~ok).astype(jnp.float32)}
+  return keep(new_lora, lora), keep(new_opt, opt_state), metrics
+
+
+def tree_shardings(tree, mesh):
+  """Shardings for a LoRA or optimizer-state tree: LoRA-shaped leaves follow the LoRA rules
+  (matched by path suffix), scalars (step counts) are replicated."""
+  def one(path, leaf):
+    if leaf.ndim == 0:
+      return sharding.replicated(mesh)
+    axes = sharding.param_logical_axes(sharding.path_str(path), leaf.ndim)
+    return sharding.named_sharding(mesh, axes, leaf.shape)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def jit_functions(s: StepSettings, tx, mesh, params_sh, lora_sh, opt_sh
+                  ) -> tuple[Callable, Callable]:
+  """(score_fn, update_fn) jitted with explicit shardings; update donates LoRA + optimizer state.
+
+  Batch arrays are sharded on their leading dim by the caller (`sharding.batch_sharding`); outputs
+  are left to the compiler except the state, which keeps its layout.
+  """
+  rep = sharding.replicated(mesh)
+  score_fn = jax.jit(lambda p, l, *arrays: score(s, p, l, *arrays))
+  update_fn = jax.jit(
+      lambda p, l, o, b, t, r: update(s, tx, p, l, o, b, t, r),
+      out_shardings=(lora_sh, opt_sh, rep), donate_argnums=(1, 2))
+  del params_sh
+  return score_fn, update_fn
