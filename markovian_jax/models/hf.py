@@ -1,0 +1,472 @@
+"""HF Llama directories <-> our params, and PEFT LoRA adapters <-> `LoraAdapter`.
+
+    HF tensor (Linear weights [out, in])                our leaf (kernels [in, out], stacked [L])
+    model.embed_tokens.weight                [V, D]     embed/embedding             [V, D]
+    model.layers.{i}.input_layernorm.weight  [D]        layers/attn_norm/scale      [L, D]
+    model.layers.{i}.self_attn.q_proj.weight [Hq*Dh, D] layers/attn/q/kernel        [L, D, Hq*Dh]
+                       ... k_proj, v_proj, o_proj       layers/attn/{k,v,o}/kernel
+    model.layers.{i}.post_attention_layernorm.weight    layers/mlp_norm/scale       [L, D]
+    model.layers.{i}.mlp.gate_proj.weight    [F, D]     layers/mlp/gate/kernel      [L, D, F]
+                       ... up_proj, down_proj           layers/mlp/{up,down}/kernel
+    model.norm.weight                        [D]        final_norm/scale            [D]
+    lm_head.weight                           [V, D]     lm_head/kernel (not tied)   [D, V]
+
+A PEFT adapter names the same modules: `base_model.model.<module>.lora_A.weight` [r, in] is our `a`
+transposed and `...lora_B.weight` [out, r] our `b` transposed; both scale the update by alpha / r.
+
+Loading streams: each leaf is built by `jax.make_array_from_callback`, whose callback reads from the
+memory-mapped safetensors only the layers and slices of the shard a device owns. The host never
+holds the model twice, and on a pod each process reads only what its own devices hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, which safetensors' numpy reader needs
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from markovian_jax import sharding
+from markovian_jax.models import llama
+from markovian_jax.models import lora as lora_lib
+from markovian_jax.models.config import LlamaConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or adapter whose tensors do not match what its config describes."""
+
+
+# (HF tensor name, our leaf path, HF stores the transpose). "{i}" marks a per-layer tensor that is
+# stacked on our leading [L] axis.
+_LAYER = "model.layers.{i}."
+_TABLE = (
+    ("model.embed_tokens.weight", "embed/embedding", False),
+    (_LAYER + "input_layernorm.weight", "layers/attn_norm/scale", False),
+    *((f"{_LAYER}self_attn.{n}_proj.weight", f"layers/attn/{n}/kernel", True)
+      for n in lora_lib.ATTN_TARGETS),
+    (_LAYER + "post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
+    *((f"{_LAYER}mlp.{n}_proj.weight", f"layers/mlp/{n}/kernel", True)
+      for n in lora_lib.MLP_TARGETS),
+    ("model.norm.weight", "final_norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+)
+_BY_PATH = {path: (name, transposed) for name, path, transposed in _TABLE}
+_PATTERNS = [(re.compile(re.escape(name).replace(r"\{i\}", r"(\d+)") + "$"), name)
+             for name, _, _ in _TABLE]
+# Buffers some exporters save beside the weights; RoPE is recomputed from the config.
+_IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq$")
+
+
+# ------------------------------------------------------------------ loading
+
+@dataclasses.dataclass
+class _Source:
+  """The safetensors slices (one per layer for a stacked leaf) that make up one of our leaves."""
+  slices: list
+  stacked: bool
+  transposed: bool
+
+
+def _weight_map(path: str) -> dict:
+  """{HF tensor name: safetensors file name} from the index, or from a single model.safetensors."""
+  index = os.path.join(path, INDEX_NAME)
+  if os.path.isfile(index):
+    with open(index) as f:
+      try:
+        weight_map = json.load(f).get("weight_map")
+      except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointError(f"{index} has no 'weight_map'")
+    absent = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
+    if absent:
+      raise FileNotFoundError(f"{index} names shard file(s) missing from {path}: {absent}")
+    return weight_map
+  single = os.path.join(path, WEIGHTS_NAME)
+  if os.path.isfile(single):
+    with safe_open(single, framework="numpy") as f:
+      return {name: WEIGHTS_NAME for name in f.keys()}
+  raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def _check_no_unexpected(weight_map: dict, config: LlamaConfig, path: str):
+  """A tensor we would not read means the checkpoint is not the model its config describes."""
+  unexpected = []
+  for name in sorted(weight_map):
+    if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+      continue
+    match = next((m for m in (p.match(name) for p, _ in _PATTERNS) if m), None)
+    if match is None or (match.groups() and int(match.group(1)) >= config.num_layers):
+      unexpected.append(name)
+  if unexpected:
+    raise CheckpointError(
+        f"{path}: tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} do not belong "
+        f"to the LlamaForCausalLM with num_hidden_layers={config.num_layers} that config.json "
+        "describes")
+
+
+def _resolve(leaf_path: str, shape: tuple, config: LlamaConfig, weight_map: dict, files: dict,
+             keys: dict, path: str) -> _Source:
+  """Finds and shape-checks the HF tensors of one leaf (before any data is read)."""
+  template, transposed = _BY_PATH[leaf_path]
+  stacked = "{i}" in template
+  names = [template.format(i=i) for i in range(config.num_layers)] if stacked else [template]
+  per_tensor = tuple(shape[1:] if stacked else shape)
+  expected = per_tensor[::-1] if transposed else per_tensor
+  slices = []
+  for name in names:
+    file = weight_map.get(name)
+    if file is None or name not in keys[file]:
+      where = f"{file} (listed in {INDEX_NAME})" if file else path
+      raise CheckpointError(f"tensor {name} is missing from {where}")
+    tensor = files[file].get_slice(name)
+    found = tuple(tensor.get_shape())
+    if found != expected:
+      raise CheckpointError(f"tensor {name} in {file} has shape {list(found)}, but config.json "
+                            f"implies {list(expected)}")
+    slices.append(tensor)
+  return _Source(slices, stacked, transposed)
+
+
+def _read_block(source: _Source, index: tuple, shape: tuple, dtype) -> np.ndarray:
+  """The block `leaf[index]` of a leaf of global `shape`, read from the safetensors slices."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  out = np.empty([len(range(n)[s]) for n, s in zip(shape, index)], dtype)
+
+  def one(tensor, idx):
+    return tensor[tuple(reversed(idx))].T if source.transposed else tensor[tuple(idx)]
+
+  if source.stacked:
+    for j, layer in enumerate(range(shape[0])[index[0]]):
+      out[j] = one(source.slices[layer], index[1:])
+  else:
+    out[...] = one(source.slices[0], index)
+  return out
+
+
+def _build(source: _Source, abstract: jax.ShapeDtypeStruct, leaf_sharding) -> jax.Array:
+  # A replicated leaf asks for the same block once per device: read it once.
+  blocks: dict = {}
+
+  def callback(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in blocks:
+      blocks[key] = _read_block(source, index, abstract.shape, abstract.dtype)
+    return blocks[key]
+
+  return jax.make_array_from_callback(abstract.shape, leaf_sharding, callback)
+
+
+def load_hf(path, dtype="float32", mesh=None, rules=None,
+            compute_dtype=None) -> tuple[LlamaConfig, dict]:
+  """Loads `(config, params)` from an HF Llama directory (config.json + safetensors).
+
+  Args:
+    path: directory with config.json (published-3.1 or transformers-5 rope layout) and either
+      model.safetensors or model.safetensors.index.json with its shards.
+    dtype: storage dtype of the loaded weights (e.g. "float32", "bfloat16"); also the compute dtype
+      unless `compute_dtype` is given.
+    mesh, rules: place each leaf on its `NamedSharding` from `sharding.param_shardings`; without a
+      mesh every leaf goes to the first local device.
+  Returns:
+    (LlamaConfig, params tree in the layout of `llama.init_params`, leaves in `dtype`).
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"HF model directory does not exist: {path}")
+  dtype = jnp.dtype(dtype).name
+  config = LlamaConfig.from_json_file(os.path.join(path, CONFIG_NAME), param_dtype=dtype,
+                                      dtype=jnp.dtype(compute_dtype or dtype).name)
+  abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  else:
+    shardings = sharding.param_shardings(abstract, mesh, rules or sharding.DEFAULT_RULES)
+  weight_map = _weight_map(path)
+  _check_no_unexpected(weight_map, config, path)
+  with contextlib.ExitStack() as stack:
+    files = {f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
+             for f in sorted(set(weight_map.values()))}
+    keys = {f: set(h.keys()) for f, h in files.items()}
+    sources = jax.tree_util.tree_map_with_path(
+        lambda p, leaf: _resolve(sharding.path_str(p), leaf.shape, config, weight_map, files, keys,
+                                 path), abstract)
+    params = jax.tree.map(_build, sources, abstract, shardings)
+  return config, params
+
+
+def load_hf_tokenizer(path):
+  """The directory's tokenizer (`tokenizer.json`, plus `tokenizer_config.json` when present),
+  loaded offline. Returns a `transformers.PreTrainedTokenizerFast`."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"HF model directory does not exist: {path}")
+  tokenizer_file = os.path.join(path, TOKENIZER_NAME)
+  if not os.path.isfile(tokenizer_file):
+    raise FileNotFoundError(f"no {TOKENIZER_NAME} in {path}: a fast (tokenizers) tokenizer is "
+                            "needed")
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+  if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+    # The config carries the special tokens and chat template that tokenizer.json lacks.
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  return PreTrainedTokenizerFast(tokenizer_file=tokenizer_file)
+
+
+# ------------------------------------------------------------------ export
+
+def _to_host(x) -> np.ndarray:
+  """A full copy on every process (an all-gather when the array spans other processes' devices)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _parse_size(size: Union[int, str]) -> int:
+  if isinstance(size, int):
+    return size
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
+  if not match:
+    raise ValueError(f"max_shard_size={size!r}: use bytes (int) or e.g. '5GB', '200MB'")
+  return int(float(match.group(1)) * 1000 ** " KMG".index(match.group(2) or " "))
+
+
+def _hf_tensors(config: LlamaConfig, params: dict) -> list:
+  """[(HF name, shape, dtype, thunk returning the numpy tensor)] in table order."""
+  out = []
+  leaves = {sharding.path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  for template, leaf_path, transposed in _TABLE:
+    if leaf_path not in leaves:
+      if leaf_path == "lm_head/kernel" and config.tie_word_embeddings:
+        continue
+      raise CheckpointError(f"params have no leaf {leaf_path}")
+    leaf = leaves[leaf_path]
+    stacked = "{i}" in template
+    shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    shape = shape[::-1] if transposed else shape
+    for i in range(config.num_layers if stacked else 1):
+      def thunk(leaf=leaf, i=i, stacked=stacked, transposed=transposed):
+        x = _to_host(leaf[i] if stacked else leaf)
+        return np.ascontiguousarray(x.T if transposed else x)
+      out.append((template.format(i=i), shape, np.dtype(leaf.dtype), thunk))
+  return out
+
+
+def save_hf(config: LlamaConfig, params: dict, out_dir, tokenizer=None,
+            max_shard_size: Union[int, str] = "5GB"):
+  """Writes an HF Llama directory that `transformers.LlamaForCausalLM.from_pretrained` loads.
+
+  config.json comes from `config.to_hf()`; weights keep their dtype (`config.param_dtype`) and are
+  split into `model-0000k-of-0000n.safetensors` + index when over `max_shard_size` (bytes or e.g.
+  "5GB"); only one shard is on the host at a time. Every process must call this (sharded leaves are
+  gathered); process 0 writes.
+  """
+  out_dir = os.fspath(out_dir)
+  limit = _parse_size(max_shard_size)
+  tensors = _hf_tensors(config, params)
+  shards: list = [[]]
+  size = 0
+  for t in tensors:
+    nbytes = math.prod(t[1]) * t[2].itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(t)
+    size += nbytes
+  names = ([WEIGHTS_NAME] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    # A stale index or shard left from an earlier export would be loaded instead of (or mixed with)
+    # the new weights.
+    for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
+      os.remove(stale)
+  weight_map = {}
+  for file, shard in zip(names, shards):
+    arrays = {name: thunk() for name, _, _, thunk in shard}
+    if writer:
+      save_file(arrays, os.path.join(out_dir, file), metadata={"format": "pt"})
+    weight_map.update({name: file for name in arrays})
+    del arrays
+  if not writer:
+    return
+  if len(shards) > 1:
+    total = sum(math.prod(t[1]) * t[2].itemsize for t in tensors)
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+    json.dump(config.to_hf(), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+
+
+def save_merged_hf(config: LlamaConfig, params: dict, lora: lora_lib.LoraAdapter, out_dir,
+                   tokenizer=None, max_shard_size: Union[int, str] = "5GB"):
+  """`save_hf` of the base with the adapter folded into its kernels: a plain Llama that any runtime
+  loads."""
+  save_hf(config, lora_lib.merge(params, lora), out_dir, tokenizer=tokenizer,
+          max_shard_size=max_shard_size)
+
+
+# ------------------------------------------------------------------ PEFT adapters
+
+# Our (module, target) -> the HF module path, with "{i}" for the layer.
+_PEFT_MODULES = {tuple(path.split("/")[1:3]): name[:-len(".weight")]
+                 for name, path, _ in _TABLE if path.startswith(("layers/attn/", "layers/mlp/"))}
+_PEFT_PREFIX = "base_model.model."
+_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj"
+                       r"\.lora_(A|B)\.weight$")
+# adapter_config.json options that change what the tensors mean; only their neutral values are
+# supported (a missing key is neutral).
+_PEFT_NEUTRAL = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+                 "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+                 "layers_to_transform": None, "lora_bias": False, "layer_replication": None,
+                 "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+                 "alora_invocation_tokens": None, "use_bdlora": None}
+
+
+def _hf_module(module: str, name: str) -> str:
+  """HF short module name, e.g. ('attn', 'q') -> 'q_proj'."""
+  return _PEFT_MODULES[(module, name)].rsplit(".", 1)[-1]
+
+
+def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
+                      base_model_name_or_path: Optional[str] = None):
+  """Writes a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that
+  `peft.PeftModel.from_pretrained(LlamaForCausalLM, out_dir)` loads. Tensors keep the adapter's
+  dtype; the LoRA update of each module is `(alpha / r) * x @ A.T @ B.T` in PEFT's terms."""
+  out_dir = os.fspath(out_dir)
+  shapes = lora_lib.target_shapes(config, lora.targets)
+  tensors = {}
+  for (module, name), (n_in, n_out) in sorted(shapes.items()):
+    group = lora.params["layers"][module][name]
+    a, b = _to_host(group["a"]), _to_host(group["b"])
+    want_a, want_b = (config.num_layers, n_in, lora.rank), (config.num_layers, lora.rank, n_out)
+    if a.shape != want_a or b.shape != want_b:
+      raise CheckpointError(f"LoRA {module}/{name}: a {a.shape}, b {b.shape} do not match the "
+                            f"config and rank {lora.rank} (expected {want_a}, {want_b})")
+    for i in range(config.num_layers):
+      prefix = _PEFT_PREFIX + _PEFT_MODULES[(module, name)].format(i=i)
+      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
+      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)
+  alpha = int(lora.alpha) if float(lora.alpha).is_integer() else float(lora.alpha)
+  adapter_config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": lora.rank, "lora_alpha": alpha, "lora_dropout": float(lora.dropout),
+      "target_modules": sorted(_hf_module(m, n) for m, n in shapes), "bias": "none",
+      "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+      "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+      "init_lora_weights": True, "revision": None,
+  }
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, ADAPTER_CONFIG_NAME), "w") as f:
+    json.dump(adapter_config, f, indent=2)
+
+
+def _read_adapter_config(path: str) -> dict:
+  file = os.path.join(path, ADAPTER_CONFIG_NAME)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {path}")
+  with open(file) as f:
+    try:
+      cfg = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+  if cfg.get("peft_type") != "LORA":
+    raise CheckpointError(f"{file}: peft_type={cfg.get('peft_type')!r}, only 'LORA' is supported")
+  for key in ("r", "lora_alpha"):
+    if key not in cfg:
+      raise CheckpointError(f"{file} is missing {key!r}")
+  unsupported = {k: cfg[k] for k, neutral in _PEFT_NEUTRAL.items()
+                 if cfg.get(k, neutral) not in (neutral, None, False, {}, [])}
+  if unsupported:
+    raise CheckpointError(f"{file}: unsupported LoRA options {unsupported}")
+  return cfg
+
+
+def load_peft_adapter(path, config: LlamaConfig, dtype="float32", mesh=None,
+                      rules=None) -> lora_lib.LoraAdapter:
+  """Reads a PEFT LoRA adapter directory into a `LoraAdapter`.
+
+  Leaves are `a` [L, in, r] and `b` [L, r, out] in `dtype`; the targets are the modules whose
+  weights the file holds; rank, alpha and dropout come from adapter_config.json. With a mesh the
+  leaves are placed by the sharding rules.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"adapter directory does not exist: {path}")
+  cfg = _read_adapter_config(path)
+  weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
+  if not os.path.isfile(weights):
+    raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {path}")
+  rank = int(cfg["r"])
+  by_hf = {_hf_module(m, n): (m, n) for m, n in _PEFT_MODULES}
+  with safe_open(weights, framework="numpy") as f:
+    keys = set(f.keys())
+    found, unexpected = set(), []
+    for key in sorted(keys):
+      match = _PEFT_KEY.match(key)
+      if (match is None or f"{match.group(3)}_proj" not in by_hf
+          or int(match.group(1)) >= config.num_layers):
+        unexpected.append(key)
+      else:
+        found.add(by_hf[f"{match.group(3)}_proj"])
+    if unexpected:
+      raise CheckpointError(f"{weights}: tensors {unexpected[:8]} are not LoRA A/B weights of the "
+                            f"{config.num_layers} decoder layers' linear projections")
+    declared = cfg.get("target_modules")
+    if isinstance(declared, (list, tuple)):
+      names = {_hf_module(m, n) for m, n in found}
+      if set(declared) != names:
+        raise CheckpointError(f"{path}: target_modules {sorted(declared)} in {ADAPTER_CONFIG_NAME} "
+                              f"but the weights hold {sorted(names)}")
+    if not found:
+      raise CheckpointError(f"{weights} holds no LoRA weights")
+    shapes = lora_lib.target_shapes(config, sorted({n for _, n in found}))
+    layers: dict = {}
+    for (module, name), (n_in, n_out) in sorted(shapes.items()):
+      stacks = {"a": [], "b": []}
+      for i in range(config.num_layers):
+        prefix = _PEFT_PREFIX + _PEFT_MODULES[(module, name)].format(i=i)
+        for leaf, suffix, expected in (("a", ".lora_A.weight", (rank, n_in)),
+                                       ("b", ".lora_B.weight", (n_out, rank))):
+          key = prefix + suffix
+          if key not in keys:
+            raise CheckpointError(f"tensor {key} is missing from {weights}")
+          found_shape = tuple(f.get_slice(key).get_shape())
+          if found_shape != expected:
+            raise CheckpointError(f"tensor {key} has shape {list(found_shape)}, expected "
+                                  f"{list(expected)} (r={rank} and the model config)")
+          stacks[leaf].append(f.get_tensor(key).T)
+      layers.setdefault(module, {})[name] = {
+          k: jnp.asarray(np.stack(v), dtype) for k, v in stacks.items()}
+  adapter = lora_lib.LoraAdapter({"layers": layers}, rank=rank, alpha=float(cfg["lora_alpha"]),
+                                 dropout=float(cfg.get("lora_dropout", 0.0)))
+  if mesh is not None:
+    adapter = adapter.replace(params=sharding.shard_tree(adapter.params, mesh,
+                                                         rules or sharding.DEFAULT_RULES))
+  return adapter
