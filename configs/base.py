@@ -74,6 +74,8 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.objective.ppo_log_ratio_clamp = 20.0
   c.objective.ppo_ratio_reference = "behaviour"  # behaviour | base (reference's collapsing variant)
   c.objective.loss_aggregation = "sequence_mean"  # sequence_mean | token_mean
+  c.objective.kl_clamp = 20.0  # |log-ratio| bound inside the k1/k2/k3 estimators
+  c.objective.reward_sigma_floor = 1e-2  # floor of sigma in the paper's reward-gradient term
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

@@ -75,6 +75,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.objective.baseline == "group" and c.train.group_size < 2:
     bad("train.group_size", f"is {c.train.group_size}, but objective.baseline='group' needs at "
         "least 2 samples per question (the unbiased std is undefined for 1)")
+  if c.objective.reward_grad == "paper" and c.train.group_size < 2:
+    bad("train.group_size", "objective.reward_grad='paper' standardises r within each question's "
+        "group, which needs at least 2 samples")
   if c.objective.kl_penalty < 0:
     bad("objective.kl_penalty", f"must be >= 0, got {c.objective.kl_penalty}")
   if not 0 < c.objective.ppo_eps < 1:
