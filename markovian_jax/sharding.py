@@ -79,7 +79,8 @@ CACHE_AXES = ("layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim"
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills at most one -1 so that the product equals `num_devices`."""
+  """Fills at most one -1 with the remaining devices; a smaller explicit mesh uses the first
+  devices (e.g. (1, 1, 1) on an 8-GPU host)."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != len(MESH_AXES):
     raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
@@ -90,7 +91,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     if num_devices % known:
       raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
-  if math.prod(shape) != num_devices:
+  if math.prod(shape) > num_devices:
     raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
                      f"but {num_devices} are available")
   return shape
@@ -101,6 +102,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   `with_sharding_constraint`)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(shape, len(devices))
+  devices = devices[:math.prod(shape)]
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

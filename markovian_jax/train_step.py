@@ -145,7 +145,7 @@ def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_
     return obj.loss_from_targets(inputs, targets, s.objective)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt = tx.update(grads, opt_state, lora)
   new_lora = optax.apply_updates(lora, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
