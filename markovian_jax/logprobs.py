@@ -32,7 +32,8 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
                    attention_mask: jax.Array, *, lora=None, temperature: float = 1.0,
                    chunk_size: int = 64, dropout_rng: Optional[jax.Array] = None,
                    with_kl: bool = False, with_entropy: bool = False,
-                   with_reference: bool = False, reference_lora=None) -> TokenLogprobs:
+                   with_reference: bool = False, reference_lora=None,
+                   last_n: Optional[int] = None) -> TokenLogprobs:
   """Per-token log-probs under base+`lora` (temperature-scaled logits), differentiable in `lora`.
 
   Args:
@@ -41,6 +42,8 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
     with_kl: exact full-vocab KL(pi || ref) per position, ref = base (+ `reference_lora`).
     with_entropy: entropy of pi per position.
     with_reference: the reference model's log-probs of the same tokens.
+    last_n: only the last `last_n` tokens are scored (others are 0): the vocab projection, the
+      dominant cost for short CoTs after long prompts, then runs on those positions only.
   """
   t = float(temperature) if temperature and temperature > 0 else 1.0
   hidden, _ = llama.forward(config, params, tokens, attention_mask=attention_mask, lora=lora,
@@ -52,10 +55,11 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
                                   lora=reference_lora)
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
   b, n = tokens.shape
-  targets = tokens[:, 1:]
-  h = hidden[:, :-1]
-  rh = ref_hidden[:, :-1] if need_ref else h
-  steps = n - 1
+  start = 0 if last_n is None else max(0, n - 1 - last_n)
+  targets = tokens[:, 1 + start:]
+  h = hidden[:, start:-1]
+  rh = ref_hidden[:, start:-1] if need_ref else h
+  steps = n - 1 - start
   c = max(1, min(chunk_size, steps))
   pad = (-steps) % c
   padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
@@ -80,7 +84,7 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
   _, outs = jax.lax.scan(lambda carry, x: (carry, one(*x)), None,
                          (chunks(h), chunks(rh), chunks(targets)))
   unchunk = lambda x: jnp.pad(  # noqa: E731
-      x.swapaxes(0, 1).reshape(b, -1)[:, :steps], [(0, 0), (1, 0)])
+      x.swapaxes(0, 1).reshape(b, -1)[:, :steps], [(0, 0), (1 + start, 0)])
   valid = attention_mask.astype(bool) & jnp.pad(attention_mask[:, :-1].astype(bool),
                                                 [(0, 0), (1, 0)])
   get = lambda k: None if k not in outs else jnp.where(valid, unchunk(outs[k]), 0.0)  # noqa: E731

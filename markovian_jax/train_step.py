@@ -90,7 +90,8 @@ def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
   out = lp_lib.token_logprobs(
       s.model, params, batch.cot_tokens, batch.cot_mask, lora=lora, temperature=s.temperature,
       chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
-      with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref)
+      with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref,
+      last_n=s.cot_length)
   k = s.cot_length
   cot = lambda x: None if x is None else x[:, -k:]  # noqa: E731 (CoT tokens end every row)
   if cfg.reward_grad == "paper":

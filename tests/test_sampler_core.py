@@ -121,6 +121,12 @@ def test_chunked_logprobs_kl_entropy_match_numpy(model):
   unchunked = logprobs.token_logprobs(config, params, tokens, mask, lora=lora, temperature=t,
                                       chunk_size=64)
   np.testing.assert_allclose(np.asarray(unchunked.logprobs), np.asarray(out.logprobs), atol=1e-6)
+  tail = logprobs.token_logprobs(config, params, tokens, mask, lora=lora, temperature=t,
+                                 chunk_size=8, with_kl=True, last_n=7)
+  np.testing.assert_allclose(np.asarray(tail.logprobs[:, -7:]), np.asarray(out.logprobs[:, -7:]),
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(tail.kl[:, -7:]), np.asarray(out.kl[:, -7:]), atol=1e-6)
+  assert float(jnp.abs(tail.logprobs[:, :-7]).max()) == 0.0
   base = logprobs.token_logprobs(config, params, tokens, mask, with_kl=True)
   assert float(jnp.abs(base.kl).max()) < 1e-6
 
