@@ -106,33 +106,29 @@ def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
       kl=cot(out.kl), entropy=cot(out.entropy), baseline_scores=batch.baseline_scores)
 
 
+def _schedule(optim, num_steps: int) -> optax.Schedule:
+  """The learning-rate schedule of `optim` (config.optim), in optimizer updates."""
+  if optim.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
+                                              max(num_steps, optim.warmup_steps + 1))
+  if optim.warmup_steps > 0:
+    return optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+  return optax.constant_schedule(optim.lr)
+
+
 def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW with the configured schedule (`optim`: config.optim)."""
-  if optim.schedule == "warmup_cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
-                                            max(num_steps, optim.warmup_steps + 1))
-  elif optim.warmup_steps > 0:
-    lr = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
-  else:
-    lr = optax.constant_schedule(optim.lr)
   tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                   optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                               weight_decay=optim.weight_decay))
+                   optax.adamw(_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
+                               eps=optim.eps, weight_decay=optim.weight_decay))
   if optim.accumulation_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)
   return tx
 
 
 def learning_rate(optim, num_steps: int, step: int) -> float:
-  """The schedule's value at `step`, for logging (same formula as make_optimizer)."""
-  if optim.schedule == "warmup_cosine":
-    f = optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
-                                           max(num_steps, optim.warmup_steps + 1))
-  elif optim.warmup_steps > 0:
-    f = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
-  else:
-    return float(optim.lr)
-  return float(f(step // max(optim.accumulation_steps, 1)))
+  """The schedule's value at training step `step`, for logging."""
+  return float(_schedule(optim, num_steps)(step // max(optim.accumulation_steps, 1)))
 
 
 def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
