@@ -1,10 +1,20 @@
 """Teacher-forced per-token log-probs, chunked over the sequence so that fp32 `[B, T, V]` logits
 never exist at once (the Llama 3 vocab is 128k: B=32, T=1024 would be 16.8 GB).
 
-One function serves the policy log-probs of the CoT, the KL reference and the Markovian reward
-log P(answer | CoT). Alignment: `out[:, t]` is about token `t` — the log-prob of `tokens[:, t]`
-given `tokens[:, :t]`, and the KL/entropy of the distribution that produced it (the logits at
-position t-1). Column 0 has no prediction and is 0.
+One function serves the policy log-probs of the CoT (differentiable w.r.t. the LoRA, with optional
+LoRA dropout), the KL reference and the Markovian reward log P(answer | CoT). In one call it can
+also return, per position, the exact full-vocabulary KL(pi || ref) and the entropy of pi, and the
+reference's log-probs of the same tokens. The reference is the base model (`reference_lora=None`)
+or base + a frozen adapter; its hidden states are computed here unless passed in.
+
+Alignment: `out[:, t]` is about token `t`: the log-prob of `tokens[:, t]` given `tokens[:, :t]`,
+and the KL / entropy of the distribution that produced it (the logits at position t-1). Column 0
+has no prediction and is 0, as is every position whose token or predecessor is padding, or that
+`target_mask` leaves out.
+
+The projection runs in a `lax.scan` over chunks of `chunk_size` positions, each chunk under
+`jax.checkpoint`, so the forward keeps one chunk of logits alive and the backward recomputes them
+chunk by chunk.
 """
 
 from __future__ import annotations
@@ -29,64 +39,99 @@ class TokenLogprobs:
 
 
 def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
-                   attention_mask: jax.Array, *, lora=None, temperature: float = 1.0,
-                   chunk_size: int = 64, dropout_rng: Optional[jax.Array] = None,
-                   with_kl: bool = False, with_entropy: bool = False,
-                   with_reference: bool = False, reference_lora=None,
+                   attention_mask: jax.Array, *, target_mask: Optional[jax.Array] = None,
+                   lora=None, temperature: float = 1.0, chunk_size: int = 64,
+                   dropout_rng: Optional[jax.Array] = None, with_kl: bool = False,
+                   with_entropy: bool = False, with_reference: bool = False,
+                   reference_lora=None, reference_hidden: Optional[jax.Array] = None,
                    last_n: Optional[int] = None) -> TokenLogprobs:
-  """Per-token log-probs under base+`lora` (temperature-scaled logits), differentiable in `lora`.
+  """Per-token log-probs under base + `lora` with temperature-scaled logits.
 
   Args:
-    tokens: int32 [B, T], left-padded; attention_mask: bool [B, T].
-    temperature: logits are divided by it (<= 0 means 1).
-    with_kl: exact full-vocab KL(pi || ref) per position, ref = base (+ `reference_lora`).
-    with_entropy: entropy of pi per position.
-    with_reference: the reference model's log-probs of the same tokens.
-    last_n: only the last `last_n` tokens are scored (others are 0): the vocab projection, the
-      dominant cost for short CoTs after long prompts, then runs on those positions only.
+    tokens: int32 [B, T], left-padded (prefix + targets).
+    attention_mask: bool/int [B, T], 1 for real tokens.
+    target_mask: optional bool [B, T], the positions to score (default: every real token).
+    lora: the policy adapter (None = base); gradients flow to it.
+    temperature: logits are divided by it before the softmax (<= 0 is read as 1: the greedy
+      policy's log-probs are those of the unscaled logits, as the sampler reports them).
+    chunk_size: positions per projection chunk.
+    dropout_rng: turns on the policy adapter's LoRA dropout.
+    with_kl: exact KL(pi || ref) over the full vocabulary at each scored position.
+    with_entropy: entropy of pi at each scored position.
+    with_reference: the reference's log-probs of the same tokens.
+    reference_lora: the reference adapter (None = the base model).
+    reference_hidden: optional precomputed reference hidden states [B, T, D] (the output of
+      `llama.forward` with `reference_lora`), e.g. shared by several calls; no gradient flows.
+    last_n: only the last `last_n` tokens can be scored (others are 0); the vocabulary projection,
+      the dominant cost for a short CoT after a long prompt, then runs on those positions only.
+  Returns:
+    TokenLogprobs of float32 [B, T] arrays, aligned as in the module docstring.
   """
+  if tokens.ndim != 2 or attention_mask.shape != tokens.shape:
+    raise ValueError(f"tokens {tokens.shape} must be [B, T] and match attention_mask "
+                     f"{attention_mask.shape}")
+  if target_mask is not None and target_mask.shape != tokens.shape:
+    raise ValueError(f"target_mask {target_mask.shape} must match tokens {tokens.shape}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  b, n = tokens.shape
+  if n < 2:
+    raise ValueError(f"need at least 2 positions to score a token, got T={n}")
+  need_ref = with_kl or with_reference
+  if reference_hidden is not None and reference_hidden.shape[:2] != tokens.shape:
+    raise ValueError(f"reference_hidden {reference_hidden.shape} must be [B, T, D] for tokens "
+                     f"{tokens.shape}")
+
   t = float(temperature) if temperature and temperature > 0 else 1.0
   hidden, _ = llama.forward(config, params, tokens, attention_mask=attention_mask, lora=lora,
                             dropout_rng=dropout_rng)
-  need_ref = with_kl or with_reference
   ref_hidden = None
   if need_ref:
-    ref_hidden, _ = llama.forward(config, params, tokens, attention_mask=attention_mask,
-                                  lora=reference_lora)
+    ref_hidden = reference_hidden
+    if ref_hidden is None:
+      ref_hidden, _ = llama.forward(config, params, tokens, attention_mask=attention_mask,
+                                    lora=reference_lora)
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
-  b, n = tokens.shape
-  start = 0 if last_n is None else max(0, n - 1 - last_n)
-  targets = tokens[:, 1 + start:]
-  h = hidden[:, start:-1]
-  rh = ref_hidden[:, start:-1] if need_ref else h
-  steps = n - 1 - start
+
+  start = 0 if last_n is None else max(0, n - 1 - int(last_n))
+  steps = n - 1 - start  # predictions made by positions start .. n-2
   c = max(1, min(chunk_size, steps))
   pad = (-steps) % c
-  padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-  # [num_chunks, B, c, ...] so the scan walks the sequence.
-  chunks = lambda x: padt(x).reshape(b, -1, c, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+  def chunks(x):
+    """[B, steps, ...] -> [num_chunks, B, c, ...] so the scan walks the sequence."""
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, -1, c, *x.shape[2:]).swapaxes(0, 1)
 
   @jax.checkpoint
-  def one(hc, rc, tc):
-    logp = jax.nn.log_softmax(llama.project(config, params, hc) / t, axis=-1)
-    lp = jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
-    out = {"lp": lp}
+  def one(h, rh, target):
+    logp = jax.nn.log_softmax(llama.project(config, params, h) / t, axis=-1)
+    out = {"lp": jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]}
     if with_entropy:
       out["ent"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     if need_ref:
-      ref = jax.nn.log_softmax(llama.project(config, params, rc) / t, axis=-1)
+      ref = jax.nn.log_softmax(llama.project(config, params, rh) / t, axis=-1)
       if with_kl:
         out["kl"] = jnp.sum(jnp.exp(logp) * (logp - ref), axis=-1)
       if with_reference:
-        out["ref"] = jnp.take_along_axis(ref, tc[..., None], axis=-1)[..., 0]
+        out["ref"] = jnp.take_along_axis(ref, target[..., None], axis=-1)[..., 0]
     return out
 
-  _, outs = jax.lax.scan(lambda carry, x: (carry, one(*x)), None,
-                         (chunks(h), chunks(rh), chunks(targets)))
-  unchunk = lambda x: jnp.pad(  # noqa: E731
-      x.swapaxes(0, 1).reshape(b, -1)[:, :steps], [(0, 0), (1 + start, 0)])
-  valid = attention_mask.astype(bool) & jnp.pad(attention_mask[:, :-1].astype(bool),
-                                                [(0, 0), (1, 0)])
-  get = lambda k: None if k not in outs else jnp.where(valid, unchunk(outs[k]), 0.0)  # noqa: E731
-  return TokenLogprobs(logprobs=get("lp"), kl=get("kl"), entropy=get("ent"),
-                       ref_logprobs=get("ref"))
+  h = hidden[:, start:-1]
+  xs = (chunks(h), chunks(ref_hidden[:, start:-1]) if need_ref else None,
+        chunks(tokens[:, 1 + start:]))
+  _, outs = jax.lax.scan(lambda carry, x: (carry, one(*x)), None, xs)
+
+  real = attention_mask.astype(bool)
+  valid = real & jnp.pad(real[:, :-1], [(0, 0), (1, 0)])
+  if target_mask is not None:
+    valid = valid & target_mask.astype(bool)
+
+  def unchunk(key):
+    if key not in outs:
+      return None
+    x = outs[key].swapaxes(0, 1).reshape(b, -1)[:, :steps]
+    return jnp.where(valid, jnp.pad(x, [(0, 0), (1 + start, 0)]), 0.0)
+
+  return TokenLogprobs(logprobs=unchunk("lp"), kl=unchunk("kl"), entropy=unchunk("ent"),
+                       ref_logprobs=unchunk("ref"))
