@@ -104,6 +104,7 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.train.collapse_repetition = 0.8  # repetition rate of sampled CoTs above which to act
   c.train.collapse_ppo_ratio = 10.0
   c.train.collapse_kl = 5.0
+  c.train.max_rollbacks = 3  # consecutive rollbacks before stopping
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 200

@@ -29,6 +29,7 @@ _CHOICES = {
 _POSITIVE_INTS = ("lora.rank", "sampling.cot_length", "sampling.prompt_bucket", "train.num_steps",
                   "train.questions_per_step", "train.group_size", "train.checkpoint_every",
                   "train.eval_every", "train.max_to_keep", "train.nan_patience",
+                  "train.max_rollbacks",
                   "optim.accumulation_steps", "objective.ppo_epochs", "objective.ppo_minibatches",
                   "eval.num_examples", "eval.num_samples", "eval.answer_max_tokens",
                   "eval.batch_size", "data.arithmetic_terms", "data.arithmetic_max",

@@ -76,6 +76,7 @@ class Trainer:
     self.rng = jax.random.PRNGKey(c.train.seed)
     self.baseline_state = obj.BaselineState.init()
     self.bad_updates = 0
+    self.rollbacks = 0
     self.last_eval = None
     self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                            max_to_keep=c.train.max_to_keep,
@@ -233,6 +234,7 @@ class Trainer:
       alarms.append(f"KL {s['kl']:.2f} > {c.collapse_kl}")
     self.writer.scalars(self.step_num, {"guard/collapse_alarm": float(bool(alarms))})
     if not alarms:
+      self.rollbacks = 0
       return
     msg = f"step {self.step_num}: collapse signal: " + "; ".join(alarms)
     if c.collapse_action == "warn":
@@ -245,6 +247,10 @@ class Trainer:
       if not good:
         logging.warning(msg + "; no earlier checkpoint to roll back to")
         return
+      self.rollbacks += 1
+      if self.rollbacks > c.max_rollbacks:
+        raise TrainingStopped(msg + f"; still collapsing after {c.max_rollbacks} rollbacks to "
+                              f"step {good[-1]}: stopping")
       stream = self.train_stream.state()
       self.restore(good[-1])
       self.train_stream.restore(stream)  # move on to fresh data rather than replay the same
@@ -305,7 +311,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
-  pylogging.getLogger("absl").setLevel(pylogging.INFO)
+  absl_logger = pylogging.getLogger("absl")
+  absl_logger.setLevel(pylogging.INFO)
+  # orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
+  absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
   from markovian_jax import distributed
   try:
     distributed.initialize()

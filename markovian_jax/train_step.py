@@ -145,7 +145,8 @@ def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_
   grad_norm = optax.tree.norm(grads)
   updates, new_opt = tx.update(grads, opt_state, lora)
   new_lora = optax.apply_updates(lora, updates)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A finite gradient can still give a non-finite update (e.g. a diverged schedule): check both.
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
   metrics = {**metrics, "grad_norm": grad_norm, "update_skipped": (~ok).astype(jnp.float32)}
   return keep(new_lora, lora), keep(new_opt, opt_state), metrics

@@ -107,3 +107,27 @@ def test_invalid_config_fails_before_loading(tmp_path):
   c = make_config("/nonexistent/model", tmp_path, **{"train.group_size": 1})
   with pytest.raises(InvalidConfig, match="group_size"):
     Trainer(c)
+
+
+def test_non_finite_updates_are_skipped_then_stop(tiny_model_dir, tmp_path):
+  from markovian_jax.train import Trainer, TrainingStopped
+  c = make_config(tiny_model_dir, tmp_path / "nan", **{"optim.lr": float("inf"),
+                                                        "train.nan_patience": 2,
+                                                        "train.eval_every": 100})
+  trainer = Trainer(c)
+  with pytest.raises(TrainingStopped, match="2 consecutive non-finite updates"):
+    trainer.run()
+  assert all(np.isfinite(x).all() for x in lora_leaves(trainer))
+  assert trainer.ckpt.latest_step() == 2  # the last good state is saved
+
+
+def test_collapse_rollback_then_stop(tiny_model_dir, tmp_path):
+  from markovian_jax.train import Trainer, TrainingStopped
+  # KL >= 0 > -1 always alarms: the run rolls back to its step-1 checkpoint each time, then stops.
+  c = make_config(tiny_model_dir, tmp_path / "collapse", **{
+      "train.collapse_action": "rollback", "train.collapse_kl": -1.0, "train.max_rollbacks": 2,
+      "train.checkpoint_every": 1, "train.eval_every": 100, "train.num_steps": 10})
+  trainer = Trainer(c)
+  with pytest.raises(TrainingStopped, match="still collapsing after 2 rollbacks to step 1"):
+    trainer.run()
+  assert trainer.step_num == 2 and trainer.ckpt.all_steps() == [1]
