@@ -344,7 +344,7 @@ def test_empty_gold_answer(shared_data, tmp_path):
     return lines
   data = gsm8k_copy(shared_data, tmp_path, blank)
   proc = run_cli(*smollm2_args("gsm8k", data, tmp_path / "out"))
-  assert_fails(proc, r"test\.jsonl:2", r"answer '\s*' is not a number")
+  assert_fails(proc, r"test\.jsonl:2", r"empty final answer")
 
 
 def test_no_model_selected(tmp_path):

@@ -18,6 +18,8 @@ from markovian_jax.data.records import DataError, Example
 
 
 def _gold_number(raw, where: str) -> str:
+  if not str(raw).strip():
+    raise DataError(f"{where}: empty final answer (nothing after '####' / in the answer field)")
   gold = normalize_number(raw)
   if gold is None:
     raise DataError(f"{where}: answer {raw!r} is not a number")

@@ -52,7 +52,7 @@ def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
       try:
         yield where, json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON line in {name} ({e.msg} at column {e.colno})") \
+        raise DataError(f"{where}: malformed JSON line in {name} ({e.msg.removesuffix(' at')} at column {e.colno})") \
             from None
 
 
@@ -61,7 +61,7 @@ def read_json_array(path: str) -> Iterator[tuple[str, Any]]:
     try:
       items = json.load(f)
     except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+      raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
   if not isinstance(items, list):
     raise DataError(f"{path}: expected a JSON array of records, got {type(items).__name__}")
   for i, item in enumerate(items):
