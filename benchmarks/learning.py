@@ -85,6 +85,8 @@ def _eval_methods(scalars: dict) -> list:
 def report(workdir: str, window: int, show_cots: int, wall_s: float | None = None) -> str:
   """Prints the learning summary of `workdir` and writes its PNG; returns the PNG path."""
   from markovian_jax import summary
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir!r} does not exist")
   scalars = summary.read_scalars(workdir)
   if not scalars:
     raise FileNotFoundError(f"no TensorBoard scalars under {workdir!r}")
@@ -220,7 +222,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir = os.path.abspath(_WORKDIR.value)
   if _REPORT_ONLY.value:
-    report(workdir, _WINDOW.value, _SAMPLES.value)
+    try:
+      report(workdir, _WINDOW.value, _SAMPLES.value)
+    except FileNotFoundError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     return
   config = _configure(train._CONFIG.value)
   if (os.path.isdir(workdir) and os.listdir(workdir) and not config.train.resume):
