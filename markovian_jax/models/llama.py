@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from markovian_jax.models import rope
+from markovian_jax.models import lora_branch, rope
 from markovian_jax.models.config import LlamaConfig
 
 Cache = Tuple[jnp.ndarray, jnp.ndarray]  # (keys, values), each [L, B, S, Hkv, Dh]
@@ -52,7 +52,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """Bias-free projection; adds `scale * dropout(x) @ a @ b` when a LoRA pair is present."""
+  """Bias-free projection; adds `scale * dropout(x) @ a @ b` when a LoRA pair is present
+  (`lora_branch`: hashed dropout masks, a VJP that XLA:CPU runs without big transposes)."""
   features: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -69,8 +70,8 @@ class Linear(nn.Module):
       b = self.get_variable("lora", "b")
       h = x
       if self.train and self.lora_dropout > 0:
-        h = nn.Dropout(self.lora_dropout, deterministic=False)(h)
-      delta = jnp.dot(jnp.dot(h.astype(a.dtype), a), b) * self.lora_scale
+        h = lora_branch.dropout(self.make_rng("dropout"), h, self.lora_dropout)
+      delta = lora_branch.low_rank(h.astype(a.dtype), a, b, self.lora_scale)
       y = y + delta.astype(y.dtype)
     return y
 
