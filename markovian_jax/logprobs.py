@@ -94,7 +94,72 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
 
   start = 0 if last_n is None else max(0, n - 1 - int(last_n))
-  steps = n - 1 - start  # predictions made by positions start .. n-2
+  rh = None if ref_hidden is None else ref_hidden[:, start:-1]
+  outs = _project_chunks(config, params, hidden[:, start:-1], rh, tokens[:, 1 + start:], t,
+                         chunk_size, with_entropy, with_kl, with_reference)
+  real = attention_mask.astype(bool)
+  valid = real & jnp.pad(real[:, :-1], [(0, 0), (1, 0)])
+  if target_mask is not None:
+    valid = valid & target_mask.astype(bool)
+  place = lambda x: None if x is None else jnp.where(  # noqa: E731
+      valid, jnp.pad(x, [(0, 0), (1 + start, 0)]), 0.0)
+  return TokenLogprobs(**{k: place(v) for k, v in outs.items()})
+
+
+def continuation_logprobs(config: LlamaConfig, params: dict, prefix_tokens: jax.Array,
+                          prefix_mask: jax.Array, tokens: jax.Array, attention_mask: jax.Array,
+                          *, lora=None, temperature: float = 1.0, chunk_size: int = 64,
+                          dropout_rng: Optional[jax.Array] = None, with_kl: bool = False,
+                          with_entropy: bool = False, with_reference: bool = False,
+                          reference_lora=None) -> TokenLogprobs:
+  """`token_logprobs` of G continuations per prompt, each prompt computed once
+  (`llama.forward_with_prefix`): the policy terms of G sampled CoTs per question.
+
+  Args:
+    prefix_tokens: int32 [Q, P] left-padded prompts; prefix_mask: bool [Q, P].
+    tokens: int32 [B, T], B = Q * G, row r continuing prompt r // G; attention_mask: bool [B, T]
+      (padding only after real tokens).
+    Other arguments as in `token_logprobs` (the reference gets its own prefix pass).
+  Returns:
+    TokenLogprobs of float32 [B, T]: column t is about tokens[:, t] given the prompt and
+    tokens[:, :t] (column 0 is predicted by the prompt's last position); 0 on padding.
+  """
+  if tokens.ndim != 2 or attention_mask.shape != tokens.shape:
+    raise ValueError(f"tokens {tokens.shape} must be [B, T] and match attention_mask "
+                     f"{attention_mask.shape}")
+  g = tokens.shape[0] // prefix_tokens.shape[0]
+  t = float(temperature) if temperature and temperature > 0 else 1.0
+
+  def predictors(lora_, rng):
+    """[B, T, D]: the hidden state that predicts each continuation token."""
+    hp, h = llama.forward_with_prefix(config, params, prefix_tokens, prefix_mask, tokens,
+                                      attention_mask=attention_mask, lora=lora_, dropout_rng=rng)
+    last = jnp.repeat(hp[:, -1:], g, axis=0)  # left padding: the prompt's last token is real
+    return jnp.concatenate([last, h[:, :-1]], axis=1)
+
+  hidden = predictors(lora, dropout_rng)
+  ref_hidden = None
+  if with_kl or with_reference:
+    ref_hidden = jax.lax.stop_gradient(predictors(reference_lora, None))
+  outs = _project_chunks(config, params, hidden, ref_hidden, tokens, t, chunk_size, with_entropy,
+                         with_kl, with_reference)
+  valid = attention_mask.astype(bool)
+  return TokenLogprobs(**{k: None if v is None else jnp.where(valid, v, 0.0)
+                          for k, v in outs.items()})
+
+
+def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, with_entropy,
+                    with_kl, with_reference) -> dict:
+  """Log-probs (and KL, entropy, reference log-probs) of `targets` from predicting states.
+
+  Args:
+    hidden: [B, n, D] states predicting targets int32 [B, n]; ref_hidden: the reference's, or
+      None; t: temperature.
+  Returns:
+    dict with float32 [B, n] "logprobs" and "kl" / "entropy" / "ref_logprobs" (None unless asked).
+  """
+  b, steps = targets.shape
+  need_ref = with_kl or with_reference
   c = max(1, min(chunk_size, steps))
   pad = (-steps) % c
 
@@ -106,32 +171,20 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
   @jax.checkpoint
   def one(h, rh, target):
     logp = jax.nn.log_softmax(llama.project(config, params, h) / t, axis=-1)
-    out = {"lp": jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]}
+    out = {"logprobs": jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]}
     if with_entropy:
-      out["ent"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+      out["entropy"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     if need_ref:
       ref = jax.nn.log_softmax(llama.project(config, params, rh) / t, axis=-1)
       if with_kl:
         out["kl"] = jnp.sum(jnp.exp(logp) * (logp - ref), axis=-1)
       if with_reference:
-        out["ref"] = jnp.take_along_axis(ref, target[..., None], axis=-1)[..., 0]
+        out["ref_logprobs"] = jnp.take_along_axis(ref, target[..., None], axis=-1)[..., 0]
     return out
 
-  h = hidden[:, start:-1]
-  xs = (chunks(h), chunks(ref_hidden[:, start:-1]) if need_ref else None,
-        chunks(tokens[:, 1 + start:]))
+  xs = (chunks(hidden), chunks(ref_hidden) if need_ref else None, chunks(targets))
   _, outs = jax.lax.scan(lambda carry, x: (carry, one(*x)), None, xs)
-
-  real = attention_mask.astype(bool)
-  valid = real & jnp.pad(real[:, :-1], [(0, 0), (1, 0)])
-  if target_mask is not None:
-    valid = valid & target_mask.astype(bool)
-
-  def unchunk(key):
-    if key not in outs:
-      return None
-    x = outs[key].swapaxes(0, 1).reshape(b, -1)[:, :steps]
-    return jnp.where(valid, jnp.pad(x, [(0, 0), (1 + start, 0)]), 0.0)
-
-  return TokenLogprobs(logprobs=unchunk("lp"), kl=unchunk("kl"), entropy=unchunk("ent"),
-                       ref_logprobs=unchunk("ref"))
+  result = {"logprobs": None, "kl": None, "entropy": None, "ref_logprobs": None}
+  for key, x in outs.items():
+    result[key] = x.swapaxes(0, 1).reshape(b, -1)[:, :steps]
+  return result

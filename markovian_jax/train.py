@@ -35,6 +35,16 @@ from markovian_jax.run_context import RunContext, fetch, put
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 
 
+def _rows(batch: train_step.PolicyBatch, part: np.ndarray, group: int) -> train_step.PolicyBatch:
+  """The PPO minibatch of rows `part` (any questions): each row carries its own prompt."""
+  prompts = part // group
+  rows = {f: getattr(batch, f)[part] for f in ("cot_tokens", "cot_mask", "behaviour_logprobs",
+                                               "answer_tokens", "answer_mask", "answer_span",
+                                               "answer_logprobs", "baseline_scores")}
+  return batch.replace(prompt_tokens=batch.prompt_tokens[prompts],
+                       prompt_mask=batch.prompt_mask[prompts], **rows)
+
+
 class TrainingStopped(RuntimeError):
   """Training cannot continue (non-finite updates, collapse with action=stop)."""
 
@@ -65,7 +75,9 @@ class Trainer:
     self.lora_sh = train_step.tree_shardings(lora, self.mesh)
     self.lora = jax.device_put(lora, self.lora_sh)
     # The KL/baseline reference: LoRA off, or a frozen copy of the starting adapter.
-    self.ref_lora = self.lora if c.lora.reference == "initial_adapter" else None
+    # A copy: the update donates (deletes) the buffers of self.lora.
+    self.ref_lora = (jax.tree.map(jnp.copy, self.lora) if c.lora.reference == "initial_adapter"
+                     else None)
     opt_state = self.tx.init(self.lora)
     self.opt_sh = train_step.tree_shardings(opt_state, self.mesh)
     self.opt_state = jax.device_put(opt_state, self.opt_sh)
@@ -137,10 +149,8 @@ class Trainer:
     ans_tokens, ans_mask, ans_span = ctx.answer_rows(rows, cot_texts)
     base_rows = ctx.answer_rows(examples, base_texts)
     length = batching.bucket(max(len(p) for p in prompts), c.sampling.prompt_bucket)
-    p_tokens, p_mask = batching.pad_left([p for p in prompts for _ in range(g)], length)
-    policy_tokens = np.concatenate([p_tokens, cot_tokens.astype(np.int32)], axis=1)
-    policy_mask = np.concatenate([p_mask, np.ones(cot_tokens.shape, bool)], axis=1)
-    answer_lp, b = self.score_fn(ctx.params, self.lora, put(ans_tokens, self.mesh),
+    p_tokens, p_mask = batching.pad_left(prompts, length)
+    answer_lp, b = self.score_fn(ctx.params, self.lora, self.ref_lora, put(ans_tokens, self.mesh),
                                  put(ans_mask, self.mesh), put(ans_span, self.mesh),
                                  *[put(x, self.mesh) for x in base_rows])
     b_rows = np.repeat(fetch(b), g) if self.obj_cfg.normalize_reward else np.zeros(q * g, np.float32)
@@ -150,7 +160,9 @@ class Trainer:
     t2 = time.perf_counter()
 
     batch = train_step.PolicyBatch(
-        cot_tokens=put(policy_tokens, self.mesh), cot_mask=put(policy_mask, self.mesh),
+        prompt_tokens=put(p_tokens, self.mesh), prompt_mask=put(p_mask, self.mesh),
+        cot_tokens=put(cot_tokens.astype(np.int32), self.mesh),
+        cot_mask=put(np.ones(cot_tokens.shape, bool), self.mesh),
         behaviour_logprobs=put(behaviour.astype(np.float32), self.mesh),
         answer_tokens=put(ans_tokens, self.mesh), answer_mask=put(ans_mask, self.mesh),
         answer_span=put(ans_span, self.mesh), answer_logprobs=answer_lp,
@@ -162,11 +174,11 @@ class Trainer:
       order = np.arange(n) if mbs == 1 else np.asarray(jax.random.permutation(
           jax.random.fold_in(dropout_key, 1000 + epoch), n))
       for part in np.split(order, mbs):
-        sub = batch if mbs == 1 else jax.tree.map(lambda x: x[part], batch)
+        sub = batch if mbs == 1 else _rows(batch, part, g)
         sub_t = targets if mbs == 1 else jax.tree.map(lambda x: x[part], targets)
         key = jax.random.fold_in(dropout_key, len(step_metrics))
         self.lora, self.opt_state, m = self.update_fn(ctx.params, self.lora, self.opt_state, sub,
-                                                      sub_t, key)
+                                                      sub_t, key, self.ref_lora)
         step_metrics.append(m)
     upd = {k_: float(np.mean([float(m[k_]) for m in step_metrics])) for k_ in step_metrics[0]}
     upd["ppo_ratio_max"] = max(float(m.get("ppo_ratio_max", 0.0)) for m in step_metrics)
@@ -180,7 +192,7 @@ class Trainer:
                                self.obj_cfg.logprob_reduction)
     num_params = ctx.model.num_params
     fwd_tokens = cot_tokens.size + base_tokens.size + ans_tokens.size + base_rows[0].size
-    train_tokens = policy_tokens.size * epochs * (2 if self.settings.objective.kl_estimator == "full"
+    train_tokens = (p_tokens.size + cot_tokens.size) * epochs * (2 if self.settings.objective.kl_estimator == "full"
                                                   else 1)
     flops = metrics_lib.step_flops(num_params, fwd_tokens, train_tokens, ctx.model.remat != "none")
     peak = metrics_lib.device_peak_flops()

@@ -1,13 +1,15 @@
 """The jitted pieces of one Markovian training step, as pure functions of pytrees.
 
     sample (sampling.generate)  ->  host: decode CoTs, build "<Redacted> ... Answer: a" texts
-      -> score_fn (no gradient): r = answer log-prob under the scorer, b = base on its CoT'
+      -> score_fn (no gradient): r = answer log-prob under the scorer, b = reference on its CoT'
       -> host: advantages (objectives.advantage_targets), once per step
       -> update_fn (grad w.r.t. the LoRA tree only): objective + clip + AdamW, NaN-guarded
 
-Sequences are left-padded: a policy row is `[pad, prompt, CoT]` with the K CoT tokens last, an
-answer row is `[pad, answer prompt, answer]` with the answer span marked. Every array's leading dim
-is the batch N = Q * G (question-major), sharded over the mesh batch axes.
+The policy terms run each question's prompt once for its G CoTs (`logprobs.continuation_logprobs`):
+prompts are `[Q, P]` left-padded, CoTs `[N, K]` with N = Q * G (question-major). An answer row is
+`[pad, answer prompt, answer]` with the answer span marked. Leading dims are sharded over the mesh
+batch axes. The reference (KL, PPO ratio reference, baseline scores) is the base model or base +
+a frozen adapter (`ref_lora`).
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from markovian_jax.models import LlamaConfig
 class PolicyBatch:
   """Everything the update needs about the N sampled CoTs.
 
-  cot_tokens: int32 [N, S], the CoT prompt left-padded to a bucket, then the K sampled tokens.
-  cot_mask: bool [N, S], real tokens.
+  prompt_tokens: int32 [Q', P], the CoT prompts left-padded to a bucket; row i // G is row i's
+    prompt (Q' = N for minibatches that mix questions, each row then carrying its own prompt).
+  prompt_mask: bool [Q', P], real tokens.
+  cot_tokens: int32 [N, K], the K sampled tokens; cot_mask: bool [N, K], real (not after EOS).
   behaviour_logprobs: float32 [N, K], the sampler's log-probs of the CoT tokens.
   answer_tokens: int32 [N, A], answer prompt (with this row's CoT) + gold answer, left-padded.
   answer_mask: bool [N, A]; answer_span: bool [N, A], the scored answer tokens.
   answer_logprobs: float32 [N, A], the scorer's per-token answer log-probs (no gradient).
   baseline_scores: float32 [N], b of the row's question (0 when not normalising).
   """
+  prompt_tokens: jax.Array
+  prompt_mask: jax.Array
   cot_tokens: jax.Array
   cot_mask: jax.Array
   behaviour_logprobs: jax.Array
@@ -66,44 +72,43 @@ def answer_logprobs(s: StepSettings, params, lora, tokens, mask, span):
   return jnp.where(span, out.logprobs, 0.0)
 
 
-def score(s: StepSettings, params, lora, answer_tokens, answer_mask, answer_span, base_tokens,
-          base_mask, base_span):
+def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, answer_span,
+          base_tokens, base_mask, base_span):
   """Rewards without gradient.
 
   Args:
-    answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the base model's CoT'.
+    lora: the policy adapter; ref_lora: the reference adapter (None = base model).
+    answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT'.
   Returns:
     (answer_logprobs float32 [N, A] under the scorer, base_scores float32 [Q]).
   """
-  scorer = lora if s.reward_scorer == "actor" else None
+  scorer = lora if s.reward_scorer == "actor" else ref_lora
   ans = answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span)
-  base = answer_logprobs(s, params, None, base_tokens, base_mask, base_span)
+  base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span)
   b = obj.reduce_tokens(base, base_span, s.objective.logprob_reduction)
   return jax.lax.stop_gradient(ans), jax.lax.stop_gradient(b)
 
 
 def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
-                dropout_rng: Optional[jax.Array]) -> obj.LossInputs:
+                dropout_rng: Optional[jax.Array], ref_lora=None) -> obj.LossInputs:
   """Teacher-forced policy terms on the CoT positions (differentiable w.r.t. `lora`)."""
   cfg = s.objective
   need_ref = cfg.kl_estimator != "full" or (cfg.kind == "ppo" and cfg.ppo_ratio_reference == "base")
-  out = lp_lib.token_logprobs(
-      s.model, params, batch.cot_tokens, batch.cot_mask, lora=lora, temperature=s.temperature,
-      chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
+  out = lp_lib.continuation_logprobs(
+      s.model, params, batch.prompt_tokens, batch.prompt_mask, batch.cot_tokens, batch.cot_mask,
+      lora=lora, temperature=s.temperature, chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
       with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref,
-      last_n=s.cot_length)
-  k = s.cot_length
-  cot = lambda x: None if x is None else x[:, -k:]  # noqa: E731 (CoT tokens end every row)
+      reference_lora=ref_lora)
   if cfg.reward_grad == "paper":
     answers = answer_logprobs(s, params, lora, batch.answer_tokens, batch.answer_mask,
                               batch.answer_span)
   else:
     answers = batch.answer_logprobs
   return obj.LossInputs(
-      cot_logprobs=cot(out.logprobs), cot_mask=batch.cot_mask[:, -k:],
+      cot_logprobs=out.logprobs, cot_mask=batch.cot_mask,
       answer_logprobs=answers, answer_mask=batch.answer_span,
-      behaviour_logprobs=batch.behaviour_logprobs, ref_logprobs=cot(out.ref_logprobs),
-      kl=cot(out.kl), entropy=cot(out.entropy), baseline_scores=batch.baseline_scores)
+      behaviour_logprobs=batch.behaviour_logprobs, ref_logprobs=out.ref_logprobs,
+      kl=out.kl, entropy=out.entropy, baseline_scores=batch.baseline_scores)
 
 
 def _schedule(optim, num_steps: int) -> optax.Schedule:
@@ -132,13 +137,13 @@ def learning_rate(optim, num_steps: int, step: int) -> float:
 
 
 def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
-           batch: PolicyBatch, targets: obj.Targets, dropout_rng):
+           batch: PolicyBatch, targets: obj.Targets, dropout_rng, ref_lora=None):
   """One optimizer step on the LoRA tree; a non-finite loss or gradient leaves state unchanged.
 
   Returns (lora, opt_state, metrics dict of float32 scalars).
   """
   def loss_fn(lora_):
-    inputs = loss_inputs(s, params, lora_, batch, dropout_rng)
+    inputs = loss_inputs(s, params, lora_, batch, dropout_rng, ref_lora)
     return obj.loss_from_targets(inputs, targets, s.objective)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
@@ -173,7 +178,7 @@ def jit_functions(s: StepSettings, tx, mesh, params_sh, lora_sh, opt_sh
   rep = sharding.replicated(mesh)
   score_fn = jax.jit(lambda p, l, *arrays: score(s, p, l, *arrays))
   update_fn = jax.jit(
-      lambda p, l, o, b, t, r: update(s, tx, p, l, o, b, t, r),
+      lambda p, l, o, b, t, r, ref: update(s, tx, p, l, o, b, t, r, ref),
       out_shardings=(lora_sh, opt_sh, rep), donate_argnums=(1, 2))
   del params_sh
   return score_fn, update_fn

@@ -163,3 +163,47 @@ def test_both_rope_layouts_give_the_same_config():
   # to_hf round-trips.
   c = LlamaConfig.from_hf(LLAMA31_8B_CONFIG)
   assert LlamaConfig.from_hf(c.to_hf()) == c
+
+
+def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
+  """G continuations of Q ragged prompts through the shared-prefix path give the hidden states,
+  and the LoRA gradient, of `forward` on [prompt; continuation] rows (fp32)."""
+  from markovian_jax.models import llama
+  config, params, _ = model
+  lora = _perturbed_lora(config)
+  q, g, p, t = 2, 3, 9, 6
+  rng = np.random.default_rng(0)
+  prefix = rng.integers(3, config.vocab_size, (q, p)).astype(np.int32)
+  pmask = np.ones((q, p), bool)
+  pmask[1, :4] = False  # a shorter, left-padded second prompt
+  cont = rng.integers(3, config.vocab_size, (q * g, t)).astype(np.int32)
+  cmask = np.ones((q * g, t), bool)
+  cmask[4, -2:] = False  # a continuation that ended early (right padding)
+  full = np.concatenate([np.repeat(prefix, g, axis=0), cont], axis=1)
+  fmask = np.concatenate([np.repeat(pmask, g, axis=0), cmask], axis=1)
+  ct = jnp.asarray(rng.normal(size=(q * g, t, config.hidden_size)), jnp.float32)
+  ct_pre = jnp.asarray(rng.normal(size=(q, p, config.hidden_size)), jnp.float32)
+
+  def ours(lora):
+    hp, h = llama.forward_with_prefix(config, params, prefix, pmask, cont, attention_mask=cmask,
+                                      lora=lora)
+    return hp, h
+
+  def reference(lora):
+    h, _ = llama.forward(config, params, full, attention_mask=fmask, lora=lora)
+    return h[::g, :p], h[:, p:]
+
+  def loss(fn, lora):
+    hp, h = fn(lora)
+    return jnp.sum(jnp.where(cmask[..., None], h, 0) * ct) + jnp.sum(
+        jnp.where(pmask[..., None], hp, 0) * ct_pre)
+
+  (hp, h), (hp_ref, h_ref) = ours(lora), reference(lora)
+  np.testing.assert_allclose(np.asarray(h)[cmask], np.asarray(h_ref)[cmask], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(hp)[pmask], np.asarray(hp_ref)[pmask], atol=2e-5)
+  grad = jax.grad(lambda l: loss(ours, l))(lora)
+  grad_ref = jax.grad(lambda l: loss(reference, l))(lora)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+  with pytest.raises(ValueError, match="Q dividing"):
+    llama.forward_with_prefix(config, params, prefix, pmask, cont[:5])

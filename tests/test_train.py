@@ -131,3 +131,53 @@ def test_collapse_rollback_then_stop(tiny_model_dir, tmp_path):
   with pytest.raises(TrainingStopped, match="still collapsing after 2 rollbacks to step 1"):
     trainer.run()
   assert trainer.step_num == 2 and trainer.ckpt.all_steps() == [1]
+
+
+def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path):
+  """PPO with 2 epochs x 2 minibatches (rows of one question split across minibatches, each
+  row then carrying its own prompt) against a frozen initial adapter: the minibatch rows give
+  the policy terms of the shared-prompt batch, and two steps run with the reference intact."""
+  from markovian_jax import train_step
+  from markovian_jax.models import hf, init_lora
+  from markovian_jax.train import Trainer, _rows
+  import jax.numpy as jnp
+  from markovian_jax.models import load_checkpoint
+  config, _ = load_checkpoint(tiny_model_dir, dtype="float32")
+  adapter = init_lora(config, jax.random.PRNGKey(5), rank=4, alpha=8.0)
+  adapter = adapter.replace(params=jax.tree.map(lambda x: x + 0.01, adapter.params))
+  hf.save_peft_adapter(adapter, config, str(tmp_path / "adapter"))
+  c = make_config(tiny_model_dir, tmp_path / "run", **{
+      "objective.kind": "ppo", "objective.ppo_epochs": 2, "objective.ppo_minibatches": 2,
+      "objective.kl_estimator": "k3",
+      "lora.init_from": str(tmp_path / "adapter"), "lora.rank": 4, "lora.alpha": 8.0,
+      "lora.reference": "initial_adapter", "train.eval_every": 100, "train.num_steps": 2})
+  trainer = Trainer(c)
+
+  q, g, k = 2, 4, 3
+  rng = np.random.default_rng(0)
+  pmask = np.ones((q, 6), bool)
+  pmask[1, :2] = False
+  batch = train_step.PolicyBatch(
+      prompt_tokens=jnp.asarray(rng.integers(3, 100, (q, 6)), jnp.int32),
+      prompt_mask=jnp.asarray(pmask), cot_tokens=jnp.asarray(rng.integers(3, 100, (q * g, k)),
+                                                              jnp.int32),
+      cot_mask=jnp.ones((q * g, k), bool), behaviour_logprobs=jnp.zeros((q * g, k)),
+      answer_tokens=jnp.zeros((q * g, 4), jnp.int32), answer_mask=jnp.ones((q * g, 4), bool),
+      answer_span=jnp.ones((q * g, 4), bool), answer_logprobs=jnp.zeros((q * g, 4)),
+      baseline_scores=jnp.zeros((q * g,)))
+  part = np.array([6, 1, 3, 4])
+  s = trainer.settings
+  whole = train_step.loss_inputs(s, trainer.ctx.params, trainer.lora, batch, None,
+                                 trainer.ref_lora)
+  split = train_step.loss_inputs(s, trainer.ctx.params, trainer.lora, _rows(batch, part, g), None,
+                                 trainer.ref_lora)
+  np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part], atol=1e-5)
+  np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part], atol=1e-5)
+  # The reference is the starting adapter, not the base: the policy starts at KL 0 from it.
+  np.testing.assert_allclose(whole.ref_logprobs, whole.cot_logprobs, atol=1e-5)
+
+  initial = [np.asarray(x) for x in jax.tree.leaves(trainer.ref_lora.params)]
+  assert trainer.run() == 2
+  for a, b in zip(initial, jax.tree.leaves(trainer.ref_lora.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))  # still alive after donating updates
+  assert any(not np.allclose(a, b) for a, b in zip(initial, lora_leaves(trainer)))

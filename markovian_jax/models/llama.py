@@ -81,7 +81,8 @@ class Attention(nn.Module):
   lora_kw: dict
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache: Optional[Cache], cache_index, layer_index):
+  def __call__(self, x, cos, sin, mask, cache: Optional[Cache], cache_index, layer_index,
+               prefix=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     dense = lambda n, name: Linear(n, dtype, pdtype, name=name, **self.lora_kw)
@@ -91,6 +92,7 @@ class Attention(nn.Module):
     v = dense(c.num_kv_heads * c.head_dim, "v")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
     q = rope.apply_rope(q, cos, sin)
     k = rope.apply_rope(k, cos, sin)
+    new_kv = (k, v)
     if cache is not None:
       ck, cv = cache
       start = (layer_index, 0, cache_index, 0, 0)
@@ -102,11 +104,41 @@ class Attention(nn.Module):
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (c.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
-    return dense(c.hidden_size, "o")(out), cache
+    scores = jnp.where(mask[:, None, None, :, :], scores * (c.head_dim ** -0.5), _MASKED)
+    if prefix is None:
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    else:
+      out = _attend_with_prefix(c, q, scores, v, prefix, dtype)
+    out = out.reshape(b, t, c.num_heads * c.head_dim)
+    return dense(c.hidden_size, "o")(out), cache, new_kv
+
+
+def _attend_with_prefix(c: LlamaConfig, q, own_scores, v, prefix, dtype):
+  """Attention over a shared prefix's keys followed by the row's own (causally masked) keys.
+
+  Row r of the batch continues prefix row r // G, so the G continuations of one prompt read its
+  keys and values once, with no copy per row.
+
+  Args:
+    q: [B, T, Hkv, groups, Dh] queries; own_scores: float32 [B, Hkv, groups, T, T], scaled and
+      masked; v: [B, T, Hkv, Dh].
+    prefix: (keys, values [Q, P, Hkv, Dh] of this layer, after RoPE; mask bool [Q, P]).
+  Returns:
+    [B, T, Hkv, groups, Dh].
+  """
+  pk, pv, pmask = prefix
+  nq, p = pmask.shape
+  b, t = q.shape[:2]
+  g = b // nq
+  qg = q.reshape(nq, g, *q.shape[1:])
+  pre = jnp.einsum("qgtkhd,qskd->qgkhts", qg, pk.astype(dtype), preferred_element_type=jnp.float32)
+  pre = jnp.where(pmask[:, None, None, None, None, :], pre * (c.head_dim ** -0.5), _MASKED)
+  scores = jnp.concatenate([pre.reshape(b, *pre.shape[2:]), own_scores], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  p_pre = probs[..., :p].reshape(nq, g, *probs.shape[1:-1], p)
+  out = jnp.einsum("qgkhts,qskd->qgtkhd", p_pre, pv.astype(dtype)).reshape(b, t, *q.shape[2:])
+  return out + jnp.einsum("bkhts,bskd->btkhd", probs[..., p:], v)
 
 
 class MLP(nn.Module):
@@ -125,19 +157,23 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   config: LlamaConfig
   lora_kw: dict
+  return_kv: bool = False
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, cache_index, layer_index):
+  def __call__(self, carry, cos, sin, mask, cache_index, prefix_mask, xs):
+    """xs: (layer index, this layer's prefix keys and values or None)."""
     x, cache = carry
+    layer_index, prefix_kv = xs
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
-    h, cache = Attention(c, self.lora_kw, name="attn")(h, cos, sin, mask, cache, cache_index,
-                                                       layer_index)
+    h, cache, kv = Attention(c, self.lora_kw, name="attn")(h, cos, sin, mask, cache, cache_index,
+                                                           layer_index, prefix)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
     x = x + MLP(c, self.lora_kw, name="mlp")(h)
-    return (x, cache), None
+    return (x, cache), (kv if self.return_kv else None)
 
 
 _REMAT_POLICIES = {
@@ -154,7 +190,11 @@ class Llama(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions, key_mask, cache: Optional[Cache] = None, cache_index=0):
+  def __call__(self, tokens, positions, key_mask, cache: Optional[Cache] = None, cache_index=0,
+               prefix=None, return_kv: bool = False):
+    """prefix: optional (keys, values [L, Q, P, Hkv, Dh], mask bool [Q, P]) that row r attends
+    to before its own tokens (row r continues prefix row r // (B / Q)). return_kv: also return
+    every layer's keys (after RoPE) and values of these tokens, [L, B, T, Hkv, Dh] each."""
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, param_dtype=pdtype,
@@ -171,16 +211,18 @@ class Llama(nn.Module):
     layers = nn.scan(
         layer_cls, variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=c.num_layers)
     lora_kw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, train=self.train)
-    (x, cache), _ = layers(c, lora_kw, name="layers")(
-        (x, cache), cos, sin, mask, cache_index, jnp.arange(c.num_layers))
+    prefix_kv, prefix_mask = (None, None) if prefix is None else (prefix[:2], prefix[2])
+    (x, cache), kv = layers(c, lora_kw, return_kv, name="layers")(
+        (x, cache), cos, sin, mask, cache_index, prefix_mask,
+        (jnp.arange(c.num_layers), prefix_kv))
     x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
     if not c.tie_word_embeddings:
       # Declared here so init() builds it; applied by `project`, which callers chunk over the vocab.
       LMHead(c.hidden_size, c.vocab_size, pdtype, name="lm_head")()
-    return x, cache
+    return (x, cache, kv) if return_kv else (x, cache)
 
 
 class LMHead(nn.Module):
@@ -232,14 +274,61 @@ def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
   key_mask = attention_mask if cache is None else cache_mask
   if key_mask is None:
     raise ValueError("forward() with a cache needs cache_mask [B, S]")
-  variables = {"params": params}
-  kw = {}
+  variables, kw, rngs = _variables(params, lora, dropout_rng)
+  return Llama(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
+                                   rngs=rngs)
+
+
+def _variables(params, lora, dropout_rng):
+  """(variables, Llama kwargs, rngs) of one apply."""
+  variables, kw = {"params": params}, {}
   if lora is not None:
     variables["lora"] = lora.params
     kw = dict(lora_scale=lora.scale, lora_dropout=lora.dropout, train=dropout_rng is not None)
-  rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-  return Llama(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
-                                   rngs=rngs)
+  return variables, kw, ({"dropout": dropout_rng} if dropout_rng is not None else None)
+
+
+def forward_with_prefix(config: LlamaConfig, params: dict, prefix_tokens: jnp.ndarray,
+                        prefix_mask: jnp.ndarray, tokens: jnp.ndarray, *,
+                        attention_mask: Optional[jnp.ndarray] = None, lora=None,
+                        dropout_rng: Optional[jax.Array] = None):
+  """Runs G continuations of each of Q prompts, computing each prompt once.
+
+  The result equals `forward` on the concatenated rows `[prefix_tokens[r // G], tokens[r]]`
+  (restricted to the continuation), but the prompt's layers run on Q rows instead of Q * G and
+  are differentiated once. This is the shape of a Markovian update: G sampled CoTs per question.
+  With LoRA dropout on, the G rows share the prompt's dropout masks (each row's own tokens get
+  their own masks).
+
+  Args:
+    prefix_tokens: int32 [Q, P], left-padded; prefix_mask: bool [Q, P] (each row non-empty).
+    tokens: int32 [B, T] with B = Q * G, row r continuing prompt r // G.
+    attention_mask: bool [B, T], real tokens of the continuations (default: all); padding may
+      only follow real tokens.
+    lora, dropout_rng: as in `forward`.
+  Returns:
+    (prefix hidden [Q, P, D], continuation hidden [B, T, D]), in the compute dtype.
+  """
+  nq, b = prefix_tokens.shape[0], tokens.shape[0]
+  if prefix_mask.shape != prefix_tokens.shape or b % nq:
+    raise ValueError(f"prefix {prefix_tokens.shape} / mask {prefix_mask.shape} must be [Q, P] "
+                     f"with Q dividing the {b} continuation rows")
+  if attention_mask is None:
+    attention_mask = jnp.ones(tokens.shape, bool)
+  rng_pre = rng_own = None
+  if dropout_rng is not None:
+    rng_pre, rng_own = jax.random.split(dropout_rng)
+  variables, model_kw, rngs = _variables(params, lora, rng_pre)
+  model = Llama(config, **model_kw)
+  prefix_mask = prefix_mask.astype(bool)
+  hp, _, (pk, pv) = model.apply(variables, prefix_tokens, positions_from_mask(prefix_mask),
+                                prefix_mask, rngs=rngs, return_kv=True)
+  start = jnp.repeat(jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32), b // nq)
+  positions = start[:, None] + positions_from_mask(attention_mask)
+  variables, model_kw, rngs = _variables(params, lora, rng_own)
+  h, _ = Llama(config, **model_kw).apply(variables, tokens, positions, attention_mask,
+                                         prefix=(pk, pv, prefix_mask), rngs=rngs)
+  return hp, h
 
 
 def head_weight(config: LlamaConfig, params: dict) -> jnp.ndarray:
