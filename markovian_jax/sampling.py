@@ -2,8 +2,9 @@
 
     prompts (ragged lists, or a left-padded array + mask)
       -> left-pad to a static bucket P (a multiple of `bucket`)
-      -> prefill [B, P] once, into a cache [L, B, P, Hkv, Dh]
-      -> repeat the cache num_samples times and pad it to S = P + N slots: [L, B*G, S, Hkv, Dh]
+      -> prefill [B, P] once, into a cache of P slots (keys [L, B, Hkv, Dh, P], values
+         [L, B, Hkv, P, Dh]: the layouts the attention matmuls read)
+      -> repeat the cache num_samples times and pad it to S = P + N slots (rows B*G)
       -> lax.while_loop over the N new tokens (exits early once every row has emitted EOS)
 
 Left padding puts every row's next token in the same cache slot, so each step writes the cache with
@@ -221,18 +222,19 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
            b, p, n, g, compile_count())
   # Prefill: one forward over the distinct prompts, into a cache that holds only the prompt.
   dtype = jnp.dtype(c.dtype)
-  shape = (c.num_layers, b, p, c.num_kv_heads, c.head_dim)
-  cache = tuple(_constrain(jnp.zeros(shape, dtype), mode.mesh, sharding.cache_sharding)
-                for _ in range(2))
+  cache_spec = (sharding.cache_sharding,
+                functools.partial(sharding.cache_sharding, values=True))
+  cache = tuple(_constrain(jnp.zeros(shape, dtype), mode.mesh, spec)
+                for shape, spec in zip(llama.cache_shape(c, b, p), cache_spec))
   positions = llama.positions_from_mask(mask)
   hidden, cache = llama.forward(c, params, tokens, attention_mask=mask, positions=positions,
                                 lora=lora, cache=cache, cache_index=0, cache_mask=mask)
   logits = llama.project(c, params, hidden[:, -1])
 
   # Share it among the G samples and make room for the N new tokens.
-  room = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]
-  cache = tuple(_constrain(jnp.pad(jnp.repeat(x, g, axis=1), room), mode.mesh,
-                           sharding.cache_sharding) for x in cache)
+  room = ([(0, 0)] * 4 + [(0, n)], [(0, 0)] * 3 + [(0, n), (0, 0)])  # slots: last / 4th axis
+  cache = tuple(_constrain(jnp.pad(jnp.repeat(x, g, axis=1), pad), mode.mesh, spec)
+                for x, pad, spec in zip(cache, room, cache_spec))
   slots = jnp.pad(jnp.repeat(mask, g, axis=0), [(0, 0), (0, n)])
   logits = _constrain(jnp.repeat(logits, g, axis=0), mode.mesh, sharding.batch_sharding)
   pos = jnp.repeat(positions[:, -1], g) + 1

@@ -75,7 +75,9 @@ MESH_PRESETS = {
     "v5p-64": (32, 1, 1),
 }
 
-CACHE_AXES = ("layers", "cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
+# Keys [L, B, Hkv, Dh, S] and values [L, B, Hkv, S, Dh] (models/llama.py: cache_shape).
+KEY_CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "head_dim", "cache_seq")
+VALUE_CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -169,8 +171,10 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> Nam
   return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape, rules)
 
 
-def cache_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
-  return named_sharding(mesh, CACHE_AXES, shape, rules)
+def cache_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES, *,
+                   values: bool = False) -> NamedSharding:
+  """Sharding of the key cache (or, with `values`, the value cache)."""
+  return named_sharding(mesh, VALUE_CACHE_AXES if values else KEY_CACHE_AXES, shape, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -16,8 +16,9 @@ passed as the `lora` variable collection; with no adapter the same code is the b
 policy, the answer scorer and the KL reference share one copy of the weights.
 
 Attention takes an explicit key mask and position ids, so left-padded batches give exactly the
-logits of the unpadded sequences. An optional KV cache `[L, B, S, Hkv, Dh]` rides in the scan carry
-and is written with `dynamic_update_slice` (in place when the caller donates it).
+logits of the unpadded sequences. An optional KV cache (keys `[L, B, Hkv, Dh, S]`, values
+`[L, B, Hkv, S, Dh]`, `cache_shape`) rides in the scan carry and is written with
+`dynamic_update_slice` (in place when the caller donates it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from markovian_jax.models import lora_branch, rope
 from markovian_jax.models.config import LlamaConfig
 
-Cache = Tuple[jnp.ndarray, jnp.ndarray]  # (keys, values), each [L, B, S, Hkv, Dh]
+Cache = Tuple[jnp.ndarray, jnp.ndarray]  # keys [L, B, Hkv, Dh, S], values [L, B, Hkv, S, Dh]
 
 _INIT = nn.initializers.normal(0.02)
 _MASKED = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
@@ -93,15 +94,28 @@ class Attention(nn.Module):
     q = rope.apply_rope(q, cos, sin)
     k = rope.apply_rope(k, cos, sin)
     new_kv = (k, v)
-    if cache is not None:
-      ck, cv = cache
-      start = (layer_index, 0, cache_index, 0, 0)
-      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
-      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
-      cache = (ck, cv)
-      k = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False).astype(dtype)
-      v = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False).astype(dtype)
     groups = c.num_heads // c.num_kv_heads
+    if cache is not None:
+      # Keys are stored [L, B, Hkv, Dh, S] and values [L, B, Hkv, S, Dh]: the operand layouts of
+      # the two attention matmuls, so a decode step reads the cache without transposing it.
+      ck, cv = cache
+      ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1)[None].astype(ck.dtype),
+                                        (layer_index, 0, 0, 0, cache_index))
+      cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype),
+                                        (layer_index, 0, 0, cache_index, 0))
+      kt = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False).astype(dtype)
+      vt = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False).astype(dtype)
+      # [B, Hkv, groups * T, Dh]: the query heads that share a kv head, stacked over positions.
+      qh = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
+      qh = qh.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
+      scores = jnp.matmul(qh, kt, preferred_element_type=jnp.float32)
+      scores = scores.reshape(b, c.num_kv_heads, groups, t, -1) * (c.head_dim ** -0.5)
+      scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.matmul(probs.reshape(b, c.num_kv_heads, groups * t, -1), vt)
+      out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
+      out = out.reshape(b, t, c.num_heads * c.head_dim)
+      return dense(c.hidden_size, "o")(out), (ck, cv), new_kv
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * (c.head_dim ** -0.5), _MASKED)
@@ -260,7 +274,7 @@ def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
     attention_mask: bool/int [B, T], 1 for real tokens (default: all real).
     positions: int32 [B, T] RoPE positions (default: derived from `attention_mask`).
     lora: a `LoraAdapter` or None (base model).
-    cache: optional (keys, values) `[L, B, S, Hkv, Dh]`; tokens are written at slots
+    cache: optional (keys, values), shaped by `cache_shape`; tokens are written at slots
       `cache_index .. cache_index + T - 1` and attend to every valid earlier slot.
     cache_mask: bool [B, S], the valid slots *after* this write (required with a cache).
     dropout_rng: enables LoRA dropout (training mode) when given.
@@ -329,6 +343,12 @@ def forward_with_prefix(config: LlamaConfig, params: dict, prefix_tokens: jnp.nd
   h, _ = Llama(config, **model_kw).apply(variables, tokens, positions, attention_mask,
                                          prefix=(pk, pv, prefix_mask), rngs=rngs)
   return hp, h
+
+
+def cache_shape(config: LlamaConfig, batch: int, slots: int):
+  """(keys shape [L, B, Hkv, Dh, S], values shape [L, B, Hkv, S, Dh]) of a KV cache."""
+  lead = (config.num_layers, batch, config.num_kv_heads)
+  return lead + (config.head_dim, slots), lead + (slots, config.head_dim)
 
 
 def head_weight(config: LlamaConfig, params: dict) -> jnp.ndarray:
