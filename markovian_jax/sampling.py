@@ -98,6 +98,7 @@ class _Mode:
   top_p_window: int
   eos_ids: tuple
   mesh: Optional[Mesh]
+  reference_rows: bool = False  # also decode one greedy base-model row per prompt
 
   @property
   def window(self) -> int:
@@ -153,12 +154,14 @@ def _nucleus(vals: jax.Array, allowed: jax.Array, top_p) -> jax.Array:
   return allowed & ((jnp.cumsum(probs, axis=-1) - probs) < top_p)
 
 
-def _select(mode: _Mode, logits, u, temperature, top_p, block):
+def _select(mode: _Mode, logits, u, temperature, top_p, block, greedy_rows=None):
   """One token per row.
 
   Args:
     logits: float32 [R, V]; u: float32 [R] uniform; temperature, top_p: float32 scalars;
-    block: bool scalar, True while EOS is suppressed (fewer than min_new_tokens generated).
+    block: bool scalar, True while EOS is suppressed (fewer than min_new_tokens generated);
+    greedy_rows: optional bool [R], rows decoded greedily (unscaled logits) in a sampling
+      program (the reference rows; top-k / top-p are off in that mode).
   Returns:
     (token int32 [R], log-prob float32 [R]); see the module docstring for what the log-prob is.
   """
@@ -168,12 +171,17 @@ def _select(mode: _Mode, logits, u, temperature, top_p, block):
   blocked = eos_col & block
 
   if mode.window == 0:
-    x = logits if mode.greedy else logits / temperature
+    if greedy_rows is not None:
+      x = logits / jnp.where(greedy_rows, 1.0, temperature)[:, None]
+    else:
+      x = logits if mode.greedy else logits / temperature
     xb = jnp.where(blocked, _NEG, x)
     top = jnp.max(xb, axis=-1, keepdims=True)
     w = jnp.exp(xb - top)
     if mode.greedy:
       tok = _first_argmax(xb, top)
+    elif greedy_rows is not None:
+      tok = jnp.where(greedy_rows, _first_argmax(xb, top), _inverse_cdf(w, u))
     else:
       tok = _inverse_cdf(w, u)
     log_z = top[:, 0] + jnp.log(jnp.sum(w, axis=-1))
@@ -213,37 +221,51 @@ def _constrain(x, mesh: Optional[Mesh], spec_fn):
 
 @functools.partial(jax.jit, static_argnames=("mode",))
 def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_tokens, *, mode: _Mode):
-  """tokens int32 [B, P] left-padded, mask bool [B, P] -> SampleOutput with B*G rows."""
+  """tokens int32 [B, P] left-padded, mask bool [B, P] -> SampleOutput with B*G rows (and, with
+  `mode.reference_rows`, a second SampleOutput of B greedy base-model rows)."""
   b, p = tokens.shape
   g, n, c = mode.num_samples, mode.max_new_tokens, mode.config
-  rows = b * g
   _COMPILES[(mode, b, p, lora is None)] += 1
   log.info("sampler: compiling batch=%d bucket=%d new_tokens=%d num_samples=%d (program %d)",
            b, p, n, g, compile_count())
+  # Which prefill row each decode row continues: the G samples of prompt i share prefill row i;
+  # reference rows (after all samples) continue a base-model prefill of the same prompts.
+  source = jnp.repeat(jnp.arange(b), g)
+  prefill_scale = row_scale = greedy_rows = None
+  if mode.reference_rows:
+    tokens, mask = jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask])
+    prefill_scale = jnp.concatenate([jnp.ones((b,)), jnp.zeros((b,))])
+    source = jnp.concatenate([source, b + jnp.arange(b)])
+    row_scale = jnp.concatenate([jnp.ones((b * g,)), jnp.zeros((b,))])
+    greedy_rows = row_scale == 0
+  rows = source.shape[0]
   # Prefill: one forward over the distinct prompts, into a cache that holds only the prompt.
   dtype = jnp.dtype(c.dtype)
   cache_spec = (sharding.cache_sharding,
                 functools.partial(sharding.cache_sharding, values=True))
   cache = tuple(_constrain(jnp.zeros(shape, dtype), mode.mesh, spec)
-                for shape, spec in zip(llama.cache_shape(c, b, p), cache_spec))
+                for shape, spec in zip(llama.cache_shape(c, tokens.shape[0], p), cache_spec))
   positions = llama.positions_from_mask(mask)
   hidden, cache = llama.forward(c, params, tokens, attention_mask=mask, positions=positions,
-                                lora=lora, cache=cache, cache_index=0, cache_mask=mask)
+                                lora=lora, cache=cache, cache_index=0, cache_mask=mask,
+                                lora_row_scale=prefill_scale)
   logits = llama.project(c, params, hidden[:, -1])
 
   # Share it among the G samples and make room for the N new tokens.
   room = ([(0, 0)] * 4 + [(0, n)], [(0, 0)] * 3 + [(0, n), (0, 0)])  # slots: last / 4th axis
-  cache = tuple(_constrain(jnp.pad(jnp.repeat(x, g, axis=1), pad), mode.mesh, spec)
+  cache = tuple(_constrain(jnp.pad(jnp.take(x, source, axis=1), pad), mode.mesh, spec)
                 for x, pad, spec in zip(cache, room, cache_spec))
-  slots = jnp.pad(jnp.repeat(mask, g, axis=0), [(0, 0), (0, n)])
-  logits = _constrain(jnp.repeat(logits, g, axis=0), mode.mesh, sharding.batch_sharding)
-  pos = jnp.repeat(positions[:, -1], g) + 1
+  slots = jnp.pad(mask[source], [(0, 0), (0, n)])
+  logits = _constrain(logits[source], mode.mesh, sharding.batch_sharding)
+  pos = positions[source, -1] + 1
   pad_id = mode.eos_ids[0] if mode.eos_ids else 0
   eos = jnp.asarray(mode.eos_ids, jnp.int32)
 
   def select(i, logits, done, out_tok, out_lp):
-    u = jax.random.uniform(jax.random.fold_in(rng, i), (rows,), jnp.float32)
-    tok, lp = _select(mode, logits, u, temperature, top_p, i < min_new_tokens)
+    # One uniform per sampled row, drawn as without reference rows (which are greedy).
+    u = jax.random.uniform(jax.random.fold_in(rng, i), (b * g,), jnp.float32)
+    u = jnp.pad(u, (0, rows - b * g))
+    tok, lp = _select(mode, logits, u, temperature, top_p, i < min_new_tokens, greedy_rows)
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
     out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, tok[:, None], i, axis=1)
@@ -258,7 +280,8 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
     tok, done, out_tok, out_lp, inc = select(i, logits, done, out_tok, out_lp)
     slots = jax.lax.dynamic_update_slice_in_dim(slots, jnp.ones((rows, 1), bool), p + i, axis=1)
     hidden, cache = llama.forward(c, params, tok[:, None], positions=pos[:, None], lora=lora,
-                                  cache=cache, cache_index=p + i, cache_mask=slots)
+                                  cache=cache, cache_index=p + i, cache_mask=slots,
+                                  lora_row_scale=row_scale)
     logits = llama.project(c, params, hidden[:, 0])
     return i + 1, cache, slots, logits, pos + 1, done, lengths + inc, out_tok, out_lp
 
@@ -273,7 +296,10 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   # The last token needs no forward pass after it (and after an early exit this writes pads).
   _, _, out_tok, out_lp, inc = select(i, logits, done, out_tok, out_lp)
   out = SampleOutput(tokens=out_tok, logprobs=out_lp, lengths=lengths + inc)
-  return jax.tree.map(lambda x: _constrain(x, mode.mesh, sharding.batch_sharding), out)
+  out = jax.tree.map(lambda x: _constrain(x, mode.mesh, sharding.batch_sharding), out)
+  if mode.reference_rows:
+    return (jax.tree.map(lambda x: x[:b * g], out), jax.tree.map(lambda x: x[b * g:], out))
+  return out
 
 
 # ------------------------------------------------------------------ host side
@@ -325,7 +351,7 @@ def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rn
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, lora=None,
              min_new_tokens: int = 0, eos_ids: Sequence[int] = (), prompt_mask=None,
              num_samples: int = 1, bucket: int = 64, top_p_window: int = TOP_P_WINDOW,
-             mesh: Optional[Mesh] = None) -> SampleOutput:
+             mesh: Optional[Mesh] = None, _reference_rows: bool = False) -> SampleOutput:
   """Samples `max_new_tokens` tokens after each prompt, `num_samples` times per prompt.
 
   Args:
@@ -391,6 +417,36 @@ def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rn
   mode = _Mode(config=config, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                greedy=greedy, top_k=0 if greedy else int(top_k),
                use_top_p=not greedy and top_p < 1.0, top_p_window=int(top_p_window),
-               eos_ids=eos_ids, mesh=mesh)
+               eos_ids=eos_ids, mesh=mesh, reference_rows=_reference_rows)
   return _generate(params, lora, tokens, mask, rng, jnp.float32(temperature or 1.0),
                    jnp.float32(top_p), jnp.int32(min_new_tokens), mode=mode)
+
+
+def generate_with_reference(config: LlamaConfig, params, prompt_ids, *, lora,
+                            max_new_tokens: int, rng=None, temperature: float = 1.0,
+                            top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
+                            eos_ids: Sequence[int] = (), prompt_mask=None, num_samples: int = 1,
+                            bucket: int = 64, mesh: Optional[Mesh] = None
+                            ) -> tuple[SampleOutput, SampleOutput]:
+  """The policy's samples and the base model's greedy continuation of every prompt, in one
+  decode loop: what a Markovian step samples (G CoTs per question under base + `lora`, and the
+  baseline CoT' of the frozen base model).
+
+  A decode step reads every weight once whatever the batch, so the B reference rows ride along
+  the B * G samples nearly for free (their adapter branch is scaled by 0), where a separate
+  batch-B greedy call would cost about as much as the sampling itself. Arguments are those of
+  `generate`; `min_new_tokens` applies to both. With top-k / top-p on, `temperature=0` or no
+  adapter, this makes the two `generate` calls instead (same results).
+
+  Returns:
+    (samples: SampleOutput of B * num_samples rows, as `generate(..., lora=lora)`;
+     reference: SampleOutput of B rows, as `generate(..., temperature=0, lora=None)`).
+  """
+  kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_ids=eos_ids,
+            prompt_mask=prompt_mask, bucket=bucket, mesh=mesh)
+  if lora is None or temperature == 0 or top_k or top_p < 1.0:
+    return (generate(config, params, prompt_ids, lora=lora, rng=rng, temperature=temperature,
+                     top_k=top_k, top_p=top_p, num_samples=num_samples, **kw),
+            generate(config, params, prompt_ids, temperature=0.0, **kw))
+  return generate(config, params, prompt_ids, lora=lora, rng=rng, temperature=temperature,
+                  num_samples=num_samples, _reference_rows=True, **kw)

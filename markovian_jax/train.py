@@ -134,14 +134,18 @@ class Trainer:
     self.rng, sample_key, dropout_key = jax.random.split(self.rng, 3)
     t0 = time.perf_counter()
     prompts = [ctx.cot_prompt_ids(ex) for ex in examples]
-    out = sampling.generate(ctx.model, ctx.params, prompts, max_new_tokens=k, min_new_tokens=k,
-                            rng=sample_key, temperature=c.sampling.temperature,
-                            top_k=c.sampling.top_k, top_p=c.sampling.top_p, lora=self.lora,
-                            eos_ids=ctx.eos_ids, num_samples=g)
+    kw = dict(max_new_tokens=k, min_new_tokens=k, eos_ids=ctx.eos_ids)
+    policy_kw = dict(rng=sample_key, temperature=c.sampling.temperature, top_k=c.sampling.top_k,
+                     top_p=c.sampling.top_p, num_samples=g, **kw)
+    if self.ref_lora is None:  # the base model's CoT' rides along in the same decode loop
+      out, base_out = sampling.generate_with_reference(ctx.model, ctx.params, prompts,
+                                                       lora=self.lora, **policy_kw)
+    else:
+      out = sampling.generate(ctx.model, ctx.params, prompts, lora=self.lora, **policy_kw)
+      base_out = sampling.generate(ctx.model, ctx.params, prompts, temperature=0.0,
+                                   lora=self.ref_lora, **kw)
     cot_tokens, behaviour = fetch(out.tokens), fetch(out.logprobs)
-    base_tokens = fetch(sampling.generate(
-        ctx.model, ctx.params, prompts, max_new_tokens=k, min_new_tokens=k, temperature=0.0,
-        lora=self.ref_lora, eos_ids=ctx.eos_ids).tokens)
+    base_tokens = fetch(base_out.tokens)
     t1 = time.perf_counter()
 
     cot_texts, base_texts = ctx.decode(cot_tokens), ctx.decode(base_tokens)

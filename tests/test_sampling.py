@@ -137,6 +137,25 @@ def test_samples_are_grouped_by_prompt(model):
   assert not (t[0] == t[3]).all()
 
 
+def test_generate_with_reference_equals_the_two_separate_calls(model):
+  """One decode loop with the base model's greedy rows riding along the policy samples gives
+  exactly the samples and log-probs of `generate(lora)` and of greedy `generate(no LoRA)`."""
+  config, params, lora = model
+  kw = dict(max_new_tokens=N, min_new_tokens=3, eos_ids=(2,), rng=4)
+  samples, reference = sampling.generate_with_reference(config, params, PROMPTS, lora=lora,
+                                                        temperature=0.9, num_samples=3, **kw)
+  want_s = sampling.generate(config, params, PROMPTS, lora=lora, temperature=0.9, num_samples=3,
+                             **kw)
+  want_r = sampling.generate(config, params, PROMPTS, temperature=0.0, **kw)
+  for got, want in ((samples, want_s), (reference, want_r)):
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  # The reference rows are the base model's, not the policy's.
+  policy_greedy = sampling.generate(config, params, PROMPTS, lora=lora, temperature=0.0, **kw)
+  assert not np.array_equal(np.asarray(policy_greedy.tokens), np.asarray(reference.tokens))
+
+
 # ------------------------------------------------------------------ distributions
 
 def _chi_square(counts, probs, n):

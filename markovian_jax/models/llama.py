@@ -23,6 +23,7 @@ logits of the unpadded sequences. An optional KV cache (keys `[L, B, Hkv, Dh, S]
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -63,7 +64,8 @@ class Linear(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, row_scale=None):
+    """row_scale: optional float32 [B], multiplies each row's adapter branch (0 = base model)."""
     kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.param_dtype)
     y = jnp.dot(x, kernel.astype(self.dtype))
     if self.has_variable("lora", "a"):
@@ -73,6 +75,8 @@ class Linear(nn.Module):
       if self.train and self.lora_dropout > 0:
         h = lora_branch.dropout(self.make_rng("dropout"), h, self.lora_dropout)
       delta = lora_branch.low_rank(h.astype(a.dtype), a, b, self.lora_scale)
+      if row_scale is not None:
+        delta = delta * row_scale.astype(delta.dtype).reshape((-1,) + (1,) * (delta.ndim - 1))
       y = y + delta.astype(y.dtype)
     return y
 
@@ -83,10 +87,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: Optional[Cache], cache_index, layer_index,
-               prefix=None):
+               prefix=None, row_scale=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    dense = lambda n, name: Linear(n, dtype, pdtype, name=name, **self.lora_kw)
+    dense = lambda n, name: functools.partial(  # noqa: E731
+        Linear(n, dtype, pdtype, name=name, **self.lora_kw), row_scale=row_scale)
     b, t, _ = x.shape
     q = dense(c.num_heads * c.head_dim, "q")(x).reshape(b, t, c.num_heads, c.head_dim)
     k = dense(c.num_kv_heads * c.head_dim, "k")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -160,12 +165,13 @@ class MLP(nn.Module):
   lora_kw: dict
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, row_scale=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    gate = Linear(c.intermediate_size, dtype, pdtype, name="gate", **self.lora_kw)(x)
-    up = Linear(c.intermediate_size, dtype, pdtype, name="up", **self.lora_kw)(x)
-    return Linear(c.hidden_size, dtype, pdtype, name="down", **self.lora_kw)(nn.silu(gate) * up)
+    gate = Linear(c.intermediate_size, dtype, pdtype, name="gate", **self.lora_kw)(x, row_scale)
+    up = Linear(c.intermediate_size, dtype, pdtype, name="up", **self.lora_kw)(x, row_scale)
+    return Linear(c.hidden_size, dtype, pdtype, name="down", **self.lora_kw)(
+        nn.silu(gate) * up, row_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -174,7 +180,7 @@ class DecoderLayer(nn.Module):
   return_kv: bool = False
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, cache_index, prefix_mask, xs):
+  def __call__(self, carry, cos, sin, mask, cache_index, prefix_mask, row_scale, xs):
     """xs: (layer index, this layer's prefix keys and values or None)."""
     x, cache = carry
     layer_index, prefix_kv = xs
@@ -183,10 +189,10 @@ class DecoderLayer(nn.Module):
     prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
     h, cache, kv = Attention(c, self.lora_kw, name="attn")(h, cos, sin, mask, cache, cache_index,
-                                                           layer_index, prefix)
+                                                           layer_index, prefix, row_scale)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
-    x = x + MLP(c, self.lora_kw, name="mlp")(h)
+    x = x + MLP(c, self.lora_kw, name="mlp")(h, row_scale)
     return (x, cache), (kv if self.return_kv else None)
 
 
@@ -194,6 +200,14 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def attention_mask(key_mask, t: int, cache_index=0):
+  """bool [B, T, S]: query i sits in slot cache_index + i (slot i without a cache) and sees the
+  valid keys (`key_mask` [B, S]) in slots up to its own."""
+  s = key_mask.shape[1]
+  causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]
+  return causal[None] & key_mask[:, None, :].astype(bool)
 
 
 class Llama(nn.Module):
@@ -205,8 +219,10 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions, key_mask, cache: Optional[Cache] = None, cache_index=0,
-               prefix=None, return_kv: bool = False):
-    """prefix: optional (keys, values [L, Q, P, Hkv, Dh], mask bool [Q, P]) that row r attends
+               prefix=None, return_kv: bool = False, lora_row_scale=None):
+    """lora_row_scale: optional float32 [B] multiplying each row's adapter branch (0 runs that
+    row on the base model: one batch can mix the policy and the reference).
+    prefix: optional (keys, values [L, Q, P, Hkv, Dh], mask bool [Q, P]) that row r attends
     to before its own tokens (row r continues prefix row r // (B / Q)). return_kv: also return
     every layer's keys (after RoPE) and values of these tokens, [L, B, T, Hkv, Dh] each."""
     c = self.config
@@ -214,23 +230,19 @@ class Llama(nn.Module):
     x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, param_dtype=pdtype,
                  dtype=dtype, name="embed")(tokens)
     cos, sin = rope.rope_tables(c, positions)
-    t, s = tokens.shape[1], key_mask.shape[1]
-    # Query i sits in cache slot cache_index + i (slot i without a cache); it sees valid keys in
-    # slots up to its own.
-    causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]
-    mask = causal[None] & key_mask[:, None, :].astype(bool)
+    mask = attention_mask(key_mask, tokens.shape[1], cache_index)
     layer_cls = DecoderLayer
     if c.remat != "none":
       layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
     layers = nn.scan(
         layer_cls, variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast,) * 6 + (0,),
         length=c.num_layers)
     lora_kw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, train=self.train)
     prefix_kv, prefix_mask = (None, None) if prefix is None else (prefix[:2], prefix[2])
     (x, cache), kv = layers(c, lora_kw, return_kv, name="layers")(
-        (x, cache), cos, sin, mask, cache_index, prefix_mask,
+        (x, cache), cos, sin, mask, cache_index, prefix_mask, lora_row_scale,
         (jnp.arange(c.num_layers), prefix_kv))
     x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
     if not c.tie_word_embeddings:
@@ -266,7 +278,7 @@ def init_params(config: LlamaConfig, rng: jax.Array) -> dict:
 def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
             attention_mask: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None,
             lora=None, cache: Optional[Cache] = None, cache_index=0, cache_mask=None,
-            dropout_rng: Optional[jax.Array] = None):
+            dropout_rng: Optional[jax.Array] = None, lora_row_scale=None):
   """Runs the decoder.
 
   Args:
@@ -278,6 +290,8 @@ def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
       `cache_index .. cache_index + T - 1` and attend to every valid earlier slot.
     cache_mask: bool [B, S], the valid slots *after* this write (required with a cache).
     dropout_rng: enables LoRA dropout (training mode) when given.
+    lora_row_scale: optional float32 [B]: row r uses base + lora_row_scale[r] * adapter (0 = the
+      base model), so policy and reference rows can share one pass over the weights.
   Returns:
     (hidden [B, T, D] in compute dtype, updated cache or None).
   """
@@ -290,7 +304,7 @@ def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
     raise ValueError("forward() with a cache needs cache_mask [B, S]")
   variables, kw, rngs = _variables(params, lora, dropout_rng)
   return Llama(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
-                                   rngs=rngs)
+                                   rngs=rngs, lora_row_scale=lora_row_scale)
 
 
 def _variables(params, lora, dropout_rng):
