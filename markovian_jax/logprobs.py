@@ -1,11 +1,12 @@
 """Teacher-forced per-token log-probs, chunked over the sequence so that fp32 `[B, T, V]` logits
 never exist at once (the Llama 3 vocab is 128k: B=32, T=1024 would be 16.8 GB).
 
-One function serves the policy log-probs of the CoT (differentiable w.r.t. the LoRA, with optional
-LoRA dropout), the KL reference and the Markovian reward log P(answer | CoT). In one call it can
-also return, per position, the exact full-vocabulary KL(pi || ref) and the entropy of pi, and the
-reference's log-probs of the same tokens. The reference is the base model (`reference_lora=None`)
-or base + a frozen adapter; its hidden states are computed here unless passed in.
+`token_logprobs` scores whole rows: the Markovian reward log P(answer | CoT) and evaluation.
+`continuation_logprobs` scores G continuations of each prompt with the prompt computed once: the
+policy terms of the G CoTs sampled for a question (differentiable w.r.t. the LoRA, with optional
+LoRA dropout). In one call either can also return, per position, the exact full-vocabulary
+KL(pi || ref) and the entropy of pi, and the reference's log-probs of the same tokens. The
+reference is the base model (`reference_lora=None`) or base + a frozen adapter.
 
 Alignment: `out[:, t]` is about token `t`: the log-prob of `tokens[:, t]` given `tokens[:, :t]`,
 and the KL / entropy of the distribution that produced it (the logits at position t-1). Column 0

@@ -13,12 +13,15 @@ leading `[L]` axis by one `nn.scan`):
 
 A LoRA adapter is a second tree with the same paths and leaves `a: [L, in, r]`, `b: [L, r, out]`
 passed as the `lora` variable collection; with no adapter the same code is the base model, so the
-policy, the answer scorer and the KL reference share one copy of the weights.
+policy, the answer scorer and the KL reference share one copy of the weights. A per-row scale of
+the adapter branch (`lora_row_scale`) lets one batch mix policy rows and base-model rows.
 
 Attention takes an explicit key mask and position ids, so left-padded batches give exactly the
 logits of the unpadded sequences. An optional KV cache (keys `[L, B, Hkv, Dh, S]`, values
 `[L, B, Hkv, S, Dh]`, `cache_shape`) rides in the scan carry and is written with
-`dynamic_update_slice` (in place when the caller donates it).
+`dynamic_update_slice` (in place when the caller donates it). `forward_with_prefix` runs G
+continuations of each of Q prompts with the prompts computed once: the prompt layers emit their
+keys and values (scan outputs) and the continuation layers attend to them (scan inputs).
 """
 
 from __future__ import annotations
