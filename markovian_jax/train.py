@@ -156,7 +156,8 @@ class Trainer:
     p_tokens, p_mask = batching.pad_left(prompts, length)
     answer_lp, b = self.score_fn(ctx.params, self.lora, self.ref_lora, put(ans_tokens, self.mesh),
                                  put(ans_mask, self.mesh), put(ans_span, self.mesh),
-                                 *[put(x, self.mesh) for x in base_rows])
+                                 *[put(x, self.mesh) for x in base_rows],
+                                 last_n=train_step.answer_window(ans_span, base_rows[2]))
     b_rows = np.repeat(fetch(b), g) if self.obj_cfg.normalize_reward else np.zeros(q * g, np.float32)
     r = obj.answer_reward(answer_lp, put(ans_span, self.mesh), self.obj_cfg.logprob_reduction)
     targets, new_state, adv_metrics = obj.advantage_targets(

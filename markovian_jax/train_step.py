@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -65,26 +66,42 @@ class StepSettings:
   logprob_chunk: int = 64
 
 
-def answer_logprobs(s: StepSettings, params, lora, tokens, mask, span):
-  """float32 [N, A] per-token log-probs of the answer span (unscaled logits), 0 elsewhere."""
+def answer_logprobs(s: StepSettings, params, lora, tokens, mask, span,
+                    last_n: Optional[int] = None):
+  """float32 [N, A] per-token log-probs of the answer span (unscaled logits), 0 elsewhere.
+  `last_n`: the span lies within the last `last_n` tokens of every row (`answer_window`), so the
+  vocabulary projection runs on those positions only."""
   out = lp_lib.token_logprobs(s.model, params, tokens, mask, lora=lora, temperature=1.0,
-                              chunk_size=s.logprob_chunk)
+                              chunk_size=s.logprob_chunk, last_n=last_n)
   return jnp.where(span, out.logprobs, 0.0)
 
 
+def answer_window(*spans: np.ndarray, multiple: int = 8) -> int:
+  """How many trailing tokens of every row hold its answer span (bool [N, A] arrays), rounded
+  up to `multiple` so that a run compiles one or two scoring programs."""
+  width = 1
+  for span in spans:
+    span = np.asarray(span, bool)
+    has = span.any(axis=1)
+    first = np.argmax(span, axis=1)
+    width = max(width, int((span.shape[1] - first[has]).max(initial=1)))
+  return -(-width // multiple) * multiple
+
+
 def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, answer_span,
-          base_tokens, base_mask, base_span):
+          base_tokens, base_mask, base_span, last_n: Optional[int] = None):
   """Rewards without gradient.
 
   Args:
     lora: the policy adapter; ref_lora: the reference adapter (None = base model).
     answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT'.
+    last_n: `answer_window` of both spans (static), or None to project every position.
   Returns:
     (answer_logprobs float32 [N, A] under the scorer, base_scores float32 [Q]).
   """
   scorer = lora if s.reward_scorer == "actor" else ref_lora
-  ans = answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span)
-  base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span)
+  ans = answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n)
+  base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span, last_n)
   b = obj.reduce_tokens(base, base_span, s.objective.logprob_reduction)
   return jax.lax.stop_gradient(ans), jax.lax.stop_gradient(b)
 
@@ -176,7 +193,8 @@ def jit_functions(s: StepSettings, tx, mesh, params_sh, lora_sh, opt_sh
   are left to the compiler except the state, which keeps its layout.
   """
   rep = sharding.replicated(mesh)
-  score_fn = jax.jit(lambda p, l, *arrays: score(s, p, l, *arrays))
+  score_fn = jax.jit(lambda p, l, *arrays, last_n=None: score(s, p, l, *arrays, last_n=last_n),
+                     static_argnames=("last_n",))
   update_fn = jax.jit(
       lambda p, l, o, b, t, r, ref: update(s, tx, p, l, o, b, t, r, ref),
       out_shardings=(lora_sh, opt_sh, rep), donate_argnums=(1, 2))

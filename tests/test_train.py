@@ -181,3 +181,33 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
   for a, b in zip(initial, jax.tree.leaves(trainer.ref_lora.params)):
     np.testing.assert_array_equal(a, np.asarray(b))  # still alive after donating updates
   assert any(not np.allclose(a, b) for a, b in zip(initial, lora_leaves(trainer)))
+
+
+def test_scoring_projects_only_the_answer_window(tiny_config):
+  """`answer_window` covers every row's answer span, and scoring with it equals scoring with the
+  projection over every position."""
+  from markovian_jax import objectives as obj
+  from markovian_jax import train_step
+  from markovian_jax.models import init_lora, init_params
+  import jax.numpy as jnp
+  c = importlib.import_module("configs.demo").get_config()
+  s = train_step.StepSettings(model=tiny_config, objective=obj.ObjectiveConfig.from_config(c),
+                              cot_length=4, temperature=1.0)
+  params = init_params(tiny_config, jax.random.PRNGKey(0))
+  lora = init_lora(tiny_config, jax.random.PRNGKey(1), rank=4)
+  lora = lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, 100, (3, 24)), jnp.int32)
+  mask = np.ones((3, 24), bool)
+  mask[2, :5] = False
+  span = np.zeros((3, 24), bool)
+  span[0, -3:] = span[1, -9:-1] = span[2, -1:] = True  # row 1: 9 trailing tokens hold its span
+  assert train_step.answer_window(span) == 16
+  assert train_step.answer_window(span[:1], span[2:]) == 8
+  args = (tokens, jnp.asarray(mask), jnp.asarray(span), tokens[:2], jnp.asarray(mask[:2]),
+          jnp.asarray(span[:2]))
+  full = train_step.score(s, params, lora, None, *args)
+  window = train_step.score(s, params, lora, None, *args, last_n=train_step.answer_window(span))
+  for a, b in zip(full, window):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert np.count_nonzero(np.asarray(full[0])) == span.sum()
