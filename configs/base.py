@@ -26,7 +26,9 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8
   c.lora.alpha = 16.0
-  c.lora.dropout = 0.1  # active while sampling and scoring in training, as the reference
+  # LoRA dropout of the update's policy pass; the G CoTs of a question share their prompt's masks
+  # (llama.forward_with_prefix). Sampling and scoring run without it (the reference keeps it on).
+  c.lora.dropout = 0.1
   c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # all linear layers but the head
   c.lora.init_from = ""  # a PEFT adapter directory to start from
   # KL reference: "base" (LoRA off; exact when the adapter starts at zero) or "initial_adapter"
