@@ -60,8 +60,8 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     self.obj_cfg = obj.ObjectiveConfig.from_config(c)
     self.settings = train_step.StepSettings(
-        model=self.ctx.model, objective=self.obj_cfg, cot_length=c.sampling.cot_length,
-        temperature=float(c.sampling.temperature), reward_scorer=c.objective.reward_scorer)
+        model=self.ctx.model, objective=self.obj_cfg, temperature=float(c.sampling.temperature),
+        reward_scorer=c.objective.reward_scorer)
     self.tx = train_step.make_optimizer(c.optim, c.train.num_steps)
 
     self.train_stream = ExampleStream(self.ctx.load_examples(c.data.train_split), c.train.seed)

@@ -60,7 +60,6 @@ class StepSettings:
   """Static settings of the jitted functions (hashable)."""
   model: LlamaConfig
   objective: obj.ObjectiveConfig
-  cot_length: int
   temperature: float
   reward_scorer: str = "actor"
   logprob_chunk: int = 64

@@ -192,7 +192,7 @@ def test_scoring_projects_only_the_answer_window(tiny_config):
   import jax.numpy as jnp
   c = importlib.import_module("configs.demo").get_config()
   s = train_step.StepSettings(model=tiny_config, objective=obj.ObjectiveConfig.from_config(c),
-                              cot_length=4, temperature=1.0)
+                              temperature=1.0)
   params = init_params(tiny_config, jax.random.PRNGKey(0))
   lora = init_lora(tiny_config, jax.random.PRNGKey(1), rank=4)
   lora = lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))
