@@ -13,9 +13,9 @@ and the KL / entropy of the distribution that produced it (the logits at positio
 has no prediction and is 0, as is every position whose token or predecessor is padding, or that
 `target_mask` leaves out.
 
-The projection runs in a `lax.scan` over chunks of `chunk_size` positions, each chunk under
-`jax.checkpoint`, so the forward keeps one chunk of logits alive and the backward recomputes them
-chunk by chunk.
+The projection runs in a `lax.scan` over chunks of `chunk_size` positions. A chunk whose logits
+exceed `SAVED_LOGITS_BYTES` runs under `jax.checkpoint`, so the forward keeps one chunk of logits
+alive and the backward recomputes them chunk by chunk; smaller chunks keep theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from flax import struct
 
 from markovian_jax.models import llama
 from markovian_jax.models.config import LlamaConfig
+
+
+# Per chunk, fp32 logits up to this size (policy + reference) are kept for the backward pass
+# instead of being recomputed (SmolLM2, 12 x 50 positions: 236 MB).
+SAVED_LOGITS_BYTES = 256 * 2 ** 20
 
 
 @struct.dataclass
@@ -169,7 +174,6 @@ def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, 
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return x.reshape(b, -1, c, *x.shape[2:]).swapaxes(0, 1)
 
-  @jax.checkpoint
   def one(h, rh, target):
     logp = jax.nn.log_softmax(llama.project(config, params, h) / t, axis=-1)
     out = {"logprobs": jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]}
@@ -183,8 +187,12 @@ def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, 
         out["ref_logprobs"] = jnp.take_along_axis(ref, target[..., None], axis=-1)[..., 0]
     return out
 
+  # Small chunks keep their logits for the backward pass; large ones (a 128k vocabulary) are
+  # recomputed from the hidden states, so the scan holds one chunk of logits at a time.
+  live = (2 if need_ref else 1) * b * c * config.vocab_size * 4
+  body = one if live <= SAVED_LOGITS_BYTES else jax.checkpoint(one)
   xs = (chunks(hidden), chunks(ref_hidden) if need_ref else None, chunks(targets))
-  _, outs = jax.lax.scan(lambda carry, x: (carry, one(*x)), None, xs)
+  _, outs = jax.lax.scan(lambda carry, x: (carry, body(*x)), None, xs)
   result = {"logprobs": None, "kl": None, "entropy": None, "ref_logprobs": None}
   for key, x in outs.items():
     result[key] = x.swapaxes(0, 1).reshape(b, -1)[:, :steps]

@@ -110,7 +110,10 @@ def test_reference_terms_without_an_adapter(model, batch, scored):
                              atol=1e-6)
 
 
-def test_gradient_wrt_lora_matches_an_unchunked_reference(model, batch):
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved-logits", "recomputed-logits"])
+def test_gradient_wrt_lora_matches_an_unchunked_reference(model, batch, recompute, monkeypatch):
+  if recompute:  # the path a 128k vocabulary takes: every chunk under jax.checkpoint
+    monkeypatch.setattr(logprobs, "SAVED_LOGITS_BYTES", 0)
   config, params, lora = model
   _, tokens, mask, target = batch
   valid = np.asarray(mask) & np.pad(np.asarray(mask)[:, :-1], [(0, 0), (1, 0)]) & np.asarray(target)
@@ -131,6 +134,10 @@ def test_gradient_wrt_lora_matches_an_unchunked_reference(model, batch):
     v = jnp.asarray(valid[:, 1:])
     return jnp.sum(jnp.where(v, lp - 0.3 * kl + 0.1 * ent, 0.0))
 
+  h = jnp.zeros((3, 8, config.hidden_size))
+  jaxpr = str(jax.make_jaxpr(lambda h: logprobs._project_chunks(  # noqa: SLF001
+      config, params, h, None, tokens[:, :8], T, 4, False, False, False))(h))
+  assert ("remat" in jaxpr) == recompute  # jax.checkpoint shows as a remat primitive
   v1, g1 = jax.jit(jax.value_and_grad(chunked_loss))(lora.params)
   v2, g2 = jax.jit(jax.value_and_grad(direct_loss))(lora.params)
   np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
