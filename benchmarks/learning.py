@@ -1,7 +1,7 @@
 """Does the demo learn? Trains configs/demo.py for a few hundred steps and reports the curves.
 
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m benchmarks.learning \
-      --steps=200 --eval_every=50 --eval_examples=32 --workdir=/tmp/markovian_learning \
+      --steps=200 --eval_every=50 --eval_examples=32 --workdir=runs/learning \
       [--config=configs/demo.py] [--config.optim.lr=1e-4 ...]
 
 Runs `markovian_jax.train.Trainer` (the real loop: sampling, scoring, LoRA updates, held-out
