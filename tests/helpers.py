@@ -58,3 +58,12 @@ def tiny_config(**kw):
               bos_token_id=1, eos_token_ids=(2,))
   base.update(kw)
   return LlamaConfig(**base)
+
+
+def random_model(config, lora_dropout: float = 0.0):
+  """(params, lora): random weights and a rank-4 adapter whose B is not zero, so it matters."""
+  import jax
+  from markovian_jax.models import init_lora, init_params
+  params = init_params(config, jax.random.PRNGKey(0))
+  lora = init_lora(config, jax.random.PRNGKey(1), rank=4, dropout=lora_dropout)
+  return params, lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))

@@ -163,19 +163,6 @@ def test_arc_base_model(base_model_evals, shared_data):
 
 
 # ------------------------------------------------------------------ a training checkpoint
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_path):
-  """A tiny random Llama with SmolLM2's tokenizer, written as an HF directory."""
-  from markovian_jax.models import hf, init_params, load_tokenizer
-  tok = load_tokenizer(smollm2_path)
-  config = helpers.tiny_config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_ids=(tok.eos_token_id,), rope_scaling=None)
-  params = init_params(config, jax.random.PRNGKey(0))
-  d = str(tmp_path_factory.mktemp("tiny_llama"))
-  hf.save_hf(config, params, d, tokenizer=tok)
-  return d
-
-
 # Shared by the training run and the CLI, so both see the same eval articles and prompts.
 TINY_OVERRIDES = {"model.dtype": "float32", "sampling.cot_length": 8, "eval.num_examples": 4,
                   "eval.batch_size": 4, "data.question_length": 24, "data.target_length": 8}

@@ -7,17 +7,15 @@ import numpy as np
 import pytest
 
 from markovian_jax import batching, logprobs
-from markovian_jax.models import init_lora, init_params, llama, logits
+from markovian_jax.models import llama, logits
+from tests import helpers
 
 T = 0.8
 
 
 @pytest.fixture(scope="module")
 def model(tiny_config):
-  params = init_params(tiny_config, jax.random.PRNGKey(0))
-  lora = init_lora(tiny_config, jax.random.PRNGKey(1), rank=4, dropout=0.3)
-  lora = lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))  # B != 0: it matters
-  return tiny_config, params, lora
+  return (tiny_config, *helpers.random_model(tiny_config, lora_dropout=0.3))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from markovian_jax import batching, logprobs, sampling, sharding
-from markovian_jax.models import init_lora, init_params, llama, logits
+from markovian_jax.models import init_lora, llama, logits
 from tests import helpers
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]  # ragged: left padding differs per row
@@ -21,10 +21,7 @@ N = 8
 
 @pytest.fixture(scope="module")
 def model(tiny_config):
-  params = init_params(tiny_config, jax.random.PRNGKey(0))
-  lora = init_lora(tiny_config, jax.random.PRNGKey(1), rank=4, dropout=0.0)
-  lora = lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))  # B != 0: it matters
-  return tiny_config, params, lora
+  return (tiny_config, *helpers.random_model(tiny_config, lora_dropout=0.0))
 
 
 @pytest.fixture(scope="module")

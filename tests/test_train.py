@@ -17,19 +17,6 @@ TB_TAGS = ["loss", "pg_loss", "kl", "entropy", "reward/raw", "reward/normalized"
            "eval/anchor/accuracy", "eval/simple/accuracy"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_path):
-  """A tiny random Llama with SmolLM2's tokenizer, written as an HF directory."""
-  from markovian_jax.models import hf, init_params, load_tokenizer
-  tok = load_tokenizer(smollm2_path)
-  config = helpers.tiny_config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_ids=(tok.eos_token_id,), rope_scaling=None)
-  params = init_params(config, jax.random.PRNGKey(0))
-  d = str(tmp_path_factory.mktemp("tiny_llama"))
-  hf.save_hf(config, params, d, tokenizer=tok)
-  return d
-
-
 def make_config(model_dir, workdir, **overrides):
   c = importlib.import_module("configs.demo").get_config()
   c.model.path = model_dir
