@@ -37,9 +37,9 @@ _DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py owns the --config flag (config file + --config.x=y overrides); the demo is our default.
 flags.FLAGS.set_default("config", _DEMO)
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps (config.train.num_steps).")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/markovian_learning",
+_WORKDIR = flags.DEFINE_string("workdir", "runs/learning",
                                "Run directory (TensorBoard events, checkpoints, eval JSONL, PNG); "
-                               "keep it outside the repository.")
+                               "the default lies under the gitignored runs/.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation every N steps.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 32, "Held-out examples per evaluation.")
 _WINDOW = flags.DEFINE_integer("window", 20, "Moving-average window, in steps.")
