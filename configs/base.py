@@ -114,6 +114,10 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.eval.temperature = -1.0  # CoT temperature; <0 = training temperature, 0 = greedy
   c.eval.answer_max_tokens = ANSWER_MAX_TOKENS.get(task, 10)
   c.eval.reader = "actor"  # actor | base: who generates the answer after the CoT
+  # Extract from the reader's first non-empty line only. The reference reads all
+  # answer_max_tokens, where a reader that goes on with the calculation after "Answer: 12" can
+  # be scored on a later number; off by default to keep the reference's protocol.
+  c.eval.answer_first_line = False
   c.eval.batch_size = 32
   c.eval.seed = 1234
 

@@ -141,6 +141,7 @@ def run(config) -> dict:
   kw = dict(num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
             temperature=0.0 if _GREEDY.value else config.eval.temperature,
             reader=config.eval.reader, answer_max_tokens=config.eval.answer_max_tokens,
+            answer_first_line=config.eval.answer_first_line,
             batch_size=config.eval.batch_size, seed=config.eval.seed)
   os.makedirs(out_dir, exist_ok=True)
   writer = summary.SummaryWriter(out_dir)

@@ -24,12 +24,48 @@ from markovian_jax import objectives as obj
 from markovian_jax.run_context import RunContext, fetch, put
 
 
+_Z95 = 1.96
+
+
 def _ci95(values) -> float:
-  """Half-width of the normal-approximation 95% interval of a mean."""
+  """Half-width of the normal-approximation 95% interval of a mean (the reference's interval,
+  kept so that figures compare with its tables)."""
   v = np.asarray(values, np.float64)
   if v.size < 2:
     return float("nan")
-  return float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+  return float(_Z95 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def accuracy_interval(hits) -> tuple[float, float]:
+  """95% interval (low, high) of an accuracy from float/bool hits [Q, S] (questions x samples).
+
+  S == 1: the Wilson score interval, which stays inside [0, 1] and is not degenerate at 0% or
+  100% or for a few dozen questions, where the normal approximation is. S > 1: the samples of a
+  question are not independent, so the interval is the normal one over the Q per-question means
+  (clipped to [0, 1]); pooling the Q * S rows would understate it.
+  """
+  hits = np.asarray(hits, np.float64)
+  if hits.ndim != 2 or hits.size == 0:
+    raise ValueError(f"accuracy_interval expects hits [questions, samples], got {hits.shape}")
+  q, s = hits.shape
+  if s == 1:
+    p, z2 = hits.mean(), _Z95 ** 2
+    centre = (p + z2 / (2 * q)) / (1 + z2 / q)
+    half = _Z95 * math.sqrt(p * (1 - p) / q + z2 / (4 * q * q)) / (1 + z2 / q)
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+  if q < 2:
+    return float("nan"), float("nan")
+  means = hits.mean(axis=1)
+  half = _Z95 * means.std(ddof=1) / math.sqrt(q)
+  return float(max(means.mean() - half, 0.0)), float(min(means.mean() + half, 1.0))
+
+
+def first_line(text: str) -> str:
+  """The first line of `text` that is not blank (`text` itself when it has no line break)."""
+  for line in text.splitlines():
+    if line.strip():
+      return line
+  return text
 
 
 def _answer_logprob_fn(ctx: RunContext):
@@ -43,9 +79,13 @@ def _answer_logprob_fn(ctx: RunContext):
 
 def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
              temperature: Optional[float] = None, reader: str = "actor",
-             answer_max_tokens: int = 10, batch_size: int = 32, seed: int = 0,
-             progress: bool = True, desc: str = "eval") -> tuple[dict, list]:
+             answer_max_tokens: int = 10, answer_first_line: bool = False,
+             batch_size: int = 32, seed: int = 0, progress: bool = True,
+             desc: str = "eval") -> tuple[dict, list]:
   """Evaluates `lora` (None = the base model) on `examples`.
+
+  `answer_first_line`: extract from the reader's first non-empty line (`first_line`) instead of
+  everything it wrote; the row keeps the full `answer_text` either way.
 
   Returns (summary dict, one row dict per (example, sample)).
   """
@@ -96,7 +136,8 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
         row["answer_logprob"] = float(scores[i])
       else:
         n_choices = len(ex.choices) if ex.choices else None
-        preds = data_lib.extract_all(ctx.task, answers[i], n_choices)
+        read = first_line(answers[i]) if answer_first_line else answers[i]
+        preds = data_lib.extract_all(ctx.task, read, n_choices)
         row.update(answer_text=answers[i], predictions=preds,
                    correct={m: data_lib.is_correct(p, ex.answer, ctx.task)
                             for m, p in preds.items()})
@@ -107,7 +148,11 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
 
 
 def summarize(rows: list, task: str, num_samples: int) -> dict:
-  """Per-method accuracy with a 95% interval, per-sample mean +- sd, and majority vote."""
+  """Per-method accuracy, per-sample mean +- sd, and majority vote.
+
+  Intervals: `ci95` is the reference's normal-approximation half-width over all rows;
+  `ci95_low`/`ci95_high` are `accuracy_interval` (Wilson, or clustered by question when n > 1).
+  """
   questions = collections.OrderedDict()
   for r in rows:
     questions.setdefault(r["id"], []).append(r)
@@ -119,7 +164,8 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
     return summary
   for method in rows[0]["correct"]:
     hits = np.array([r["correct"][method] for r in rows], np.float64)
-    m = {"accuracy": float(hits.mean()), "ci95": _ci95(hits)}
+    low, high = accuracy_interval([[r["correct"][method] for r in q] for q in questions.values()])
+    m = {"accuracy": float(hits.mean()), "ci95": _ci95(hits), "ci95_low": low, "ci95_high": high}
     if num_samples > 1:
       by_sample = [np.mean([r["correct"][method] for r in rows if r["sample"] == s])
                    for s in range(num_samples)]
@@ -160,7 +206,7 @@ def format_table(results: Sequence[tuple[str, dict]]) -> str:
   cols = []
   for _, s in results:
     for k in scalars(s):
-      if k not in cols and not k.endswith("ci95"):
+      if k not in cols and not k.endswith(("ci95", "ci95_low", "ci95_high")):
         cols.append(k)
   width = max(12, *(len(c) for c in cols)) if cols else 12
   lines = ["model".ljust(14) + "".join(c.rjust(width + 2) for c in cols)]

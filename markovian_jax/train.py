@@ -279,7 +279,8 @@ class Trainer:
     summ, rows = evaluation.evaluate(
         self.ctx, self.lora, self.eval_examples, num_samples=c.eval.num_samples,
         temperature=c.eval.temperature, reader=c.eval.reader,
-        answer_max_tokens=c.eval.answer_max_tokens, batch_size=c.eval.batch_size,
+        answer_max_tokens=c.eval.answer_max_tokens,
+        answer_first_line=c.eval.answer_first_line, batch_size=c.eval.batch_size,
         seed=c.eval.seed, desc=f"eval@{self.step_num}")
     self.writer.scalars(self.step_num, evaluation.scalars(summ), prefix="eval/")
     if jax.process_index() == 0:

@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 
 from tests import helpers
 
@@ -64,6 +65,16 @@ def check_summary(summ: dict, rows: list, methods: tuple, num_samples: int):
     assert summ[m]["accuracy"] == pytest.approx(hits.mean(), abs=1e-12)
     half = 1.96 * hits.std(ddof=1) / math.sqrt(hits.size)
     assert summ[m]["ci95"] == pytest.approx(half, abs=1e-12)
+    per_q = np.array([[r["correct"][m] for r in q] for q in by_question.values()], np.float64)
+    if num_samples == 1:
+      k = int(per_q.sum())
+      ci = scipy.stats.binomtest(k, per_q.shape[0]).proportion_ci(0.95, method="wilson")
+      expected = (ci.low, ci.high)
+    else:
+      means = per_q.mean(axis=1)
+      h = 1.96 * means.std(ddof=1) / math.sqrt(means.size)
+      expected = (max(means.mean() - h, 0.0), min(means.mean() + h, 1.0))
+    assert (summ[m]["ci95_low"], summ[m]["ci95_high"]) == pytest.approx(expected, abs=1e-3)
     if num_samples == 1:
       assert not {"sample_mean", "sample_sd", "majority_vote"} & set(summ[m])
       continue
@@ -103,11 +114,13 @@ def check_table(stdout: str, models: list, columns: list):
 # ------------------------------------------------------------------ SmolLM2 base model
 @pytest.fixture(scope="module")
 def base_model_evals(shared_data, smollm2_path, tmp_path_factory):
-  """The SmolLM2 base model on 16 GSM8K questions (2 CoT samples each) and 16 ARC questions."""
+  """The SmolLM2 base model on 16 GSM8K questions (2 CoT samples each, answers read from the
+  reader's first line) and 16 ARC questions."""
   del smollm2_path  # only its presence: the CLI resolves the package:// path itself
   root = tmp_path_factory.mktemp("eval_base")
-  return {"gsm8k": (run_cli(*smollm2_args("gsm8k", shared_data, root / "gsm8k",
-                                          "--num_samples=2")), root / "gsm8k"),
+  return {"gsm8k": (run_cli(*smollm2_args("gsm8k", shared_data, root / "gsm8k", "--num_samples=2",
+                                          "--config.eval.answer_first_line=True")),
+                    root / "gsm8k"),
           "arc": (run_cli(*smollm2_args("arc", shared_data, root / "arc")), root / "arc")}
 
 
@@ -128,8 +141,11 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   assert [r["question"] for r in rows] == [s["question"] for s in source for _ in range(2)]
   golds = [s["answer"].split("####")[1].strip().replace(",", "") for s in source]
   assert [r["gold"] for r in rows] == [g for g in golds for _ in range(2)]
+  from markovian_jax.data import extract_all
+  from markovian_jax.evaluation import first_line
   for r in rows:
     assert set(r["predictions"]) == set(methods) and r["cot"] and isinstance(r["answer_text"], str)
+    assert r["predictions"] == extract_all("gsm8k", first_line(r["answer_text"]))
     for m in methods:
       p = r["predictions"][m]
       assert r["correct"][m] == (p is not None and float(p) == float(r["gold"]))
@@ -299,6 +315,37 @@ def gsm8k_copy(shared_data, tmp_path, edit) -> str:
   d.mkdir(parents=True)
   (d / "test.jsonl").write_text("\n".join(edit(lines)) + "\n")
   return str(tmp_path / "data")
+
+
+@pytest.mark.parametrize("hits, expected", [
+    # Wilson score intervals by hand: p = 0/10 and 5/10 (z = 1.96).
+    ([[0]] * 10, (0.0, 0.2775)),
+    ([[1]] * 5 + [[0]] * 5, (0.2366, 0.7634)),
+    ([[1]] * 10, (0.7225, 1.0)),
+    # Two samples per question: normal interval of the 4 question means (0.5, 1, .5, .5):
+    # 0.625 +- 1.96 * 0.25 / 2.
+    ([[1, 0], [1, 1], [0, 1], [1, 0]], (0.38, 0.87)),
+])
+def test_accuracy_interval(hits, expected):
+  from markovian_jax.evaluation import accuracy_interval
+  assert accuracy_interval(hits) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("text, line", [
+    (" 42\nQuestion: 7 + 5 = 12", " 42"),
+    ("\n\n  \n 18 apples\nso 20", " 18 apples"),
+    ("12", "12"),
+    ("\n \n", "\n \n"),
+])
+def test_first_line(text, line):
+  from markovian_jax.evaluation import first_line
+  assert first_line(text) == line
+
+
+def test_accuracy_interval_rejects_flat_hits():
+  from markovian_jax.evaluation import accuracy_interval
+  with pytest.raises(ValueError, match="questions, samples"):
+    accuracy_interval([1, 0, 1])
 
 
 def test_unknown_task(tmp_path):
