@@ -50,6 +50,19 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Do not train: report on 
 
 # ------------------------------------------------------------------ series helpers
 
+def _interval(scalars: dict, method: str, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(low, high) of each evaluation's 95% interval; runs logged before `ci95_low` existed fall
+  back to accuracy -+ the normal half-width `ci95`, and to NaN without either."""
+  _, low = _series(scalars, f"eval/{method}/ci95_low")
+  _, high = _series(scalars, f"eval/{method}/ci95_high")
+  if low.size == acc.size and high.size == acc.size:
+    return low, high
+  _, half = _series(scalars, f"eval/{method}/ci95")
+  if half.size != acc.size:
+    half = np.full(acc.shape, np.nan)
+  return acc - half, acc + half
+
+
 def _series(scalars: dict, tag: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps int [T], values float64 [T]) of a scalar tag, sorted by step; empty if absent."""
   pts = sorted(dict(scalars.get(tag, [])).items())  # a resumed run may log a step twice
@@ -115,12 +128,11 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
   first_last_line("advantage std", "advantage_std", "{:.3f}")
 
   methods = _eval_methods(scalars)
-  print("held-out accuracy (95% CI half-width):")
+  print("held-out accuracy [95% interval: Wilson, or over question means with several samples]:")
   for m in methods:
     es, ev = _series(scalars, f"eval/{m}/accuracy")
-    _, ci = _series(scalars, f"eval/{m}/ci95")
-    ci = ci if ci.size == ev.size else np.full(ev.shape, np.nan)
-    points = "  ".join(f"@{s}: {v:.3f}+-{c:.2f}" for s, v, c in zip(es, ev, ci))
+    low, high = _interval(scalars, m, ev)
+    points = "  ".join(f"@{s}: {v:.3f} [{a:.2f}, {b:.2f}]" for s, v, a, b in zip(es, ev, low, high))
     print(f"  {m:<8} {points}")
 
   _, sample_s = _series(scalars, "perf/sample_s")
@@ -184,11 +196,8 @@ def plot(scalars: dict, workdir: str, window: int) -> str:
   axes[0].axhline(0.0, color="k", lw=0.6)
   for m in _eval_methods(scalars):
     s, v = _series(scalars, f"eval/{m}/accuracy")
-    _, ci = _series(scalars, f"eval/{m}/ci95")
-    if ci.size == v.size:
-      axes[1].errorbar(s, v, yerr=ci, marker="o", capsize=3, label=m)
-    else:
-      axes[1].plot(s, v, marker="o", label=m)
+    low, high = _interval(scalars, m, v)
+    axes[1].errorbar(s, v, yerr=np.stack([v - low, high - v]), marker="o", capsize=3, label=m)
   axes[1].set_ylabel("held-out accuracy")
   axes[1].set_ylim(-0.02, 1.02)
   axes[1].grid(alpha=0.3)
