@@ -17,6 +17,9 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
   c.workdir = f"runs/{task}"
+  # JAX's persistent compilation cache (train and evaluate): restarts and repeated runs load
+  # their compiled programs instead of compiling again. "" = off.
+  c.compilation_cache_dir = "~/.cache/markovian_jax/xla"
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, HF directory, or .gguf file

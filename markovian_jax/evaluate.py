@@ -180,8 +180,12 @@ def main(argv):
   from markovian_jax.config_validation import InvalidConfig
   from markovian_jax.data import DataError
   # Bad input gets one line; anything else keeps its traceback.
+  from markovian_jax import compilation_cache
   try:
+    cache = compilation_cache.enable(_CONFIG.value.compilation_cache_dir)
     run(_CONFIG.value)
+    if cache:
+      logging.info("compilation cache %s: %s", cache, compilation_cache.stats())
   except (EvalError, CheckpointError, InvalidConfig, DataError, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

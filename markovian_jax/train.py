@@ -333,10 +333,13 @@ def main(argv):
   absl_logger.setLevel(pylogging.INFO)
   # orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
   absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
-  from markovian_jax import distributed
+  from markovian_jax import compilation_cache, distributed
   try:
     distributed.initialize()
+    cache = compilation_cache.enable(_CONFIG.value.compilation_cache_dir)
     Trainer(_CONFIG.value).run()
+    if cache:
+      logging.info("compilation cache %s: %s", cache, compilation_cache.stats())
   except (InvalidConfig, TrainingStopped, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

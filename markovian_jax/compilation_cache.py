@@ -1,0 +1,63 @@
+"""JAX's persistent compilation cache, switched on by the entry points (`config.compilation_cache_dir`).
+
+A resumed or restarted run, or a second run of the same config, loads its compiled programs from
+disk instead of compiling them again: the sampler, scoring and update programs of an 8B model take
+minutes to compile on a TPU pod, and a preempted job pays that on every restart. Programs are keyed
+by their HLO, compile options and backend, so a changed config or library version simply misses.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Optional
+
+import jax
+
+from markovian_jax.config_validation import InvalidConfig
+
+_HIT = "/jax/compilation_cache/cache_hits"
+_MISS = "/jax/compilation_cache/cache_misses"
+_counts: collections.Counter = collections.Counter()
+_listening = False
+
+
+def _on_event(event: str, **kwargs) -> None:
+  del kwargs
+  if event in (_HIT, _MISS):
+    _counts[event] += 1
+
+
+def enable(path: str) -> Optional[str]:
+  """Stores compiled programs under `path` (`~` expanded; "" leaves the cache off).
+
+  Raises InvalidConfig when the directory cannot be created or written. Call before the first
+  compilation: JAX reads the setting once per process. Only programs that
+  took at least `jax_persistent_cache_min_compile_time_secs` (default 1 s) to compile are stored.
+  Returns the absolute directory, or None when off.
+  """
+  global _listening
+  if not path:
+    return None
+  directory = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    writable = os.access(directory, os.W_OK)
+  except OSError as e:
+    raise InvalidConfig(f"config.compilation_cache_dir={path!r}: cannot create {directory} "
+                        f"({e}); set it to a writable directory, or to '' to turn the cache "
+                        "off") from e
+  if not writable:
+    raise InvalidConfig(f"config.compilation_cache_dir={path!r}: {directory} is not writable; "
+                        "set it to a writable directory, or to '' to turn the cache off")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  if not _listening:
+    jax.monitoring.register_event_listener(_on_event)
+    _listening = True
+  return directory
+
+
+def stats() -> dict:
+  """{"loaded": programs read from the cache, "compiled": cacheable programs compiled} so far in
+  this process."""
+  return {"loaded": _counts[_HIT], "compiled": _counts[_MISS]}
