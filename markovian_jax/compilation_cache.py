@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, switched on by the entry points (`config.compilation_cache_dir`).
+"""JAX's persistent compilation cache, switched on by the entry points.
 
 A resumed or restarted run, or a second run of the same config, loads its compiled programs from
 disk instead of compiling them again: the sampler, scoring and update programs of an 8B model take
@@ -28,13 +28,16 @@ def _on_event(event: str, **kwargs) -> None:
     _counts[event] += 1
 
 
-def enable(path: str) -> Optional[str]:
+def enable(path: str, setting: str = "config.compilation_cache_dir") -> Optional[str]:
   """Stores compiled programs under `path` (`~` expanded; "" leaves the cache off).
 
-  Raises InvalidConfig when the directory cannot be created or written. Call before the first
-  compilation: JAX reads the setting once per process. Only programs that
+  Call before the first compilation: JAX reads the setting once per process. Only programs that
   took at least `jax_persistent_cache_min_compile_time_secs` (default 1 s) to compile are stored.
-  Returns the absolute directory, or None when off.
+  `setting` names where `path` came from (`config.compilation_cache_dir` in train and evaluate,
+  `--compilation_cache_dir` in sample), for the error message.
+
+  Returns the absolute directory, or None when off. Raises InvalidConfig when the directory
+  cannot be created or written.
   """
   global _listening
   if not path:
@@ -44,11 +47,11 @@ def enable(path: str) -> Optional[str]:
     os.makedirs(directory, exist_ok=True)
     writable = os.access(directory, os.W_OK)
   except OSError as e:
-    raise InvalidConfig(f"config.compilation_cache_dir={path!r}: cannot create {directory} "
+    raise InvalidConfig(f"{setting}={path!r}: cannot create {directory} "
                         f"({e}); set it to a writable directory, or to '' to turn the cache "
                         "off") from e
   if not writable:
-    raise InvalidConfig(f"config.compilation_cache_dir={path!r}: {directory} is not writable; "
+    raise InvalidConfig(f"{setting}={path!r}: {directory} is not writable; "
                         "set it to a writable directory, or to '' to turn the cache off")
   jax.config.update("jax_compilation_cache_dir", directory)
   if not _listening:

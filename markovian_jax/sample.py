@@ -32,6 +32,9 @@ _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the tokenizer's ch
                           "user message.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weights and compute dtype.")
+_CACHE = flags.DEFINE_string("compilation_cache_dir", "~/.cache/markovian_jax/xla",
+                             "JAX's persistent compilation cache ('' = off), as "
+                             "config.compilation_cache_dir for train and evaluate.")
 
 
 def _encode(tokenizer, text: str, chat: bool) -> list:
@@ -85,6 +88,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _CHECKPOINT.value or not _PROMPT.value:
     raise app.UsageError("--checkpoint and --prompt are required")
+  from markovian_jax import compilation_cache
+  try:
+    compilation_cache.enable(_CACHE.value, "--compilation_cache_dir")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   rows = sample_texts(_CHECKPOINT.value, _PROMPT.value, lora_dir=_LORA.value,
                       max_new_tokens=_MAX_NEW.value, min_new_tokens=_MIN_NEW.value,
                       temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
