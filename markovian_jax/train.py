@@ -35,12 +35,34 @@ from markovian_jax.run_context import RunContext, fetch, put
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 
 
-def _rows(batch: train_step.PolicyBatch, part: np.ndarray, group: int) -> train_step.PolicyBatch:
-  """The PPO minibatch of rows `part` (any questions): each row carries its own prompt."""
-  prompts = part // group
+def minibatch_rows(key: jax.Array, questions: int, group: int, minibatches: int
+                   ) -> list[np.ndarray]:
+  """A random partition of the Q * G question-major rows into `minibatches` row-index arrays.
+
+  When `minibatches` divides G the partition is stratified: every minibatch holds G / M random
+  samples of every question, question-major, so it keeps the one-prompt-per-question layout and
+  each question's prompt still runs once per pass (`stratified=True` in `_rows`). Otherwise the
+  rows are shuffled across questions and each row carries its own prompt.
+  """
+  n = questions * group
+  if group % minibatches:
+    return np.split(np.asarray(jax.random.permutation(key, n)), minibatches)
+  per_question = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(key, i), group))
+                           + i * group for i in range(questions)])  # [Q, G]
+  return [chunk.reshape(-1) for chunk in np.split(per_question, minibatches, axis=1)]
+
+
+def _rows(batch: train_step.PolicyBatch, part: np.ndarray, group: int,
+          stratified: bool = False) -> train_step.PolicyBatch:
+  """The PPO minibatch of rows `part`. Stratified (`minibatch_rows` with M | G): the same G / M
+  rows of every question, question-major, sharing the question's prompt; otherwise each row
+  carries its own prompt."""
   rows = {f: getattr(batch, f)[part] for f in ("cot_tokens", "cot_mask", "behaviour_logprobs",
                                                "answer_tokens", "answer_mask", "answer_span",
                                                "answer_logprobs", "baseline_scores")}
+  if stratified:
+    return batch.replace(**rows)
+  prompts = part // group
   return batch.replace(prompt_tokens=batch.prompt_tokens[prompts],
                        prompt_mask=batch.prompt_mask[prompts], **rows)
 
@@ -176,10 +198,10 @@ class Trainer:
     n, mbs = q * g, c.objective.ppo_minibatches
     epochs = c.objective.ppo_epochs if c.objective.kind == "ppo" else 1
     for epoch in range(epochs):
-      order = np.arange(n) if mbs == 1 else np.asarray(jax.random.permutation(
-          jax.random.fold_in(dropout_key, 1000 + epoch), n))
-      for part in np.split(order, mbs):
-        sub = batch if mbs == 1 else _rows(batch, part, g)
+      parts = [np.arange(n)] if mbs == 1 else minibatch_rows(
+          jax.random.fold_in(dropout_key, 1000 + epoch), q, g, mbs)
+      for part in parts:
+        sub = batch if mbs == 1 else _rows(batch, part, g, stratified=g % mbs == 0)
         sub_t = targets if mbs == 1 else jax.tree.map(lambda x: x[part], targets)
         key = jax.random.fold_in(dropout_key, len(step_metrics))
         self.lora, self.opt_state, m = self.update_fn(ctx.params, self.lora, self.opt_state, sub,

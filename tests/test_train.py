@@ -126,7 +126,7 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
   the policy terms of the shared-prompt batch, and two steps run with the reference intact."""
   from markovian_jax import train_step
   from markovian_jax.models import hf, init_lora
-  from markovian_jax.train import Trainer, _rows
+  from markovian_jax.train import Trainer, _rows, minibatch_rows
   import jax.numpy as jnp
   from markovian_jax.models import load_checkpoint
   config, _ = load_checkpoint(tiny_model_dir, dtype="float32")
@@ -160,6 +160,23 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
                                  trainer.ref_lora)
   np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part], atol=1e-5)
   np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part], atol=1e-5)
+  # Stratified minibatches (M divides G) keep one prompt per question and give the same terms.
+  parts = minibatch_rows(jax.random.PRNGKey(3), q, g, 2)
+  assert sorted(np.concatenate(parts).tolist()) == list(range(q * g))
+  for part in parts:
+    assert [i // g for i in part] == [0, 0, 1, 1]  # G / M rows of each question, question-major
+    mb = _rows(batch, part, g, stratified=True)
+    assert mb.prompt_tokens.shape == (q, 6)
+    split = train_step.loss_inputs(s, trainer.ctx.params, trainer.lora, mb, None, trainer.ref_lora)
+    np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part],
+                               atol=1e-5)
+    np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part],
+                               atol=1e-5)
+  assert parts[0].tolist() != minibatch_rows(jax.random.PRNGKey(4), q, g, 2)[0].tolist() or \
+      parts[1].tolist() != minibatch_rows(jax.random.PRNGKey(4), q, g, 2)[1].tolist()
+  # M does not divide G: a shuffle across questions, still a partition.
+  parts = minibatch_rows(jax.random.PRNGKey(3), q, g, 8)
+  assert sorted(np.concatenate(parts).tolist()) == list(range(q * g)) and len(parts) == 8
   # The reference is the starting adapter, not the base: the policy starts at KL 0 from it.
   np.testing.assert_allclose(whole.ref_logprobs, whole.cot_logprobs, atol=1e-5)
 
