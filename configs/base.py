@@ -6,6 +6,7 @@ command line: `--config.objective.kl_penalty=0.05`. Unknown keys fail (ConfigDic
 
 import ml_collections
 
+from markovian_jax import compilation_cache
 from markovian_jax.sharding import MESH_PRESETS  # noqa: F401 (names for config.mesh.preset)
 
 # Reference per-task CoT lengths (REFERENCE.md §2) and eval answer lengths (§4).
@@ -19,7 +20,7 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.workdir = f"runs/{task}"
   # JAX's persistent compilation cache (train and evaluate): restarts and repeated runs load
   # their compiled programs instead of compiling again. "" = off.
-  c.compilation_cache_dir = "~/.cache/markovian_jax/xla"
+  c.compilation_cache_dir = compilation_cache.DEFAULT_DIR
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, HF directory, or .gguf file

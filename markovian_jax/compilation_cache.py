@@ -16,6 +16,7 @@ import jax
 
 from markovian_jax.config_validation import InvalidConfig
 
+DEFAULT_DIR = "~/.cache/markovian_jax/xla"  # config.compilation_cache_dir, sample's flag
 _HIT = "/jax/compilation_cache/cache_hits"
 _MISS = "/jax/compilation_cache/cache_misses"
 _MIN_SECS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"

@@ -179,8 +179,8 @@ def main(argv):
   from markovian_jax.checkpointing import CheckpointError
   from markovian_jax.config_validation import InvalidConfig
   from markovian_jax.data import DataError
-  # Bad input gets one line; anything else keeps its traceback.
   from markovian_jax import compilation_cache
+  # Bad input gets one line; anything else keeps its traceback.
   try:
     cache = compilation_cache.enable(_CONFIG.value.compilation_cache_dir)
     run(_CONFIG.value)

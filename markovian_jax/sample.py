@@ -17,6 +17,8 @@ from typing import Sequence
 
 from absl import app, flags
 
+from markovian_jax import compilation_cache
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: HF directory, .gguf file, hub id or "
                                   "package://PKG/FILE.")
 _LORA = flags.DEFINE_string("lora", None, "Optional PEFT LoRA adapter directory.")
@@ -32,7 +34,7 @@ _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the tokenizer's ch
                           "user message.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weights and compute dtype.")
-_CACHE = flags.DEFINE_string("compilation_cache_dir", "~/.cache/markovian_jax/xla",
+_CACHE = flags.DEFINE_string("compilation_cache_dir", compilation_cache.DEFAULT_DIR,
                              "JAX's persistent compilation cache ('' = off), as "
                              "config.compilation_cache_dir for train and evaluate.")
 
@@ -88,7 +90,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _CHECKPOINT.value or not _PROMPT.value:
     raise app.UsageError("--checkpoint and --prompt are required")
-  from markovian_jax import compilation_cache
   try:
     compilation_cache.enable(_CACHE.value, "--compilation_cache_dir")
   except ValueError as e:
