@@ -30,8 +30,9 @@ Each side runs `--warmup` untimed steps (ours: the first includes compilation, r
 then `--steps` timed steps, alternating ours / torch so that outside load hits both alike
 (`--order=blocks` runs each side's steps back to back instead). `--isolate` runs each side in its
 own worker process, still taking turns, so that the libraries share no thread pools or allocator
-state (in one process, a torch step slows our next update). It prints mean and min step times, our sample / score / update split (the step's perf/* scalars) next
-to torch's, the ratio, and the XLA compilations seen during the timed steps (there should be none).
+state. It prints mean and min step times, our sample / score / update split (the step's perf/*
+scalars) next to torch's, the ratio, and the XLA compilations seen during the timed steps (there
+should be none).
 """
 
 from __future__ import annotations
@@ -297,8 +298,9 @@ class TorchSide:
 
     from markovian_jax.data import load_task
     from markovian_jax.models import load_tokenizer
-    c = configure(config, path, _data_dir(), workdir="")
-    example = load_task(TASK, _SPLIT.value, _data_dir())[_INDEX.value]
+    data_dir = _data_dir()
+    c = configure(config, path, data_dir, workdir="")
+    example = load_task(TASK, _SPLIT.value, data_dir)[_INDEX.value]
     t = time.perf_counter()
     self.ref = TorchReference(path, c, load_tokenizer(path), example, _SEED.value)
     self.load_s = time.perf_counter() - t
@@ -318,7 +320,6 @@ class WorkerSide:
   def __init__(self, name: str, argv: list):
     import json
     import subprocess
-    import sys
     self.name, self._json = name, json
     args = [a for a in argv[1:] if not a.startswith(("--isolate", "--noisolate", "--worker"))]
     self.proc = subprocess.Popen(
@@ -349,7 +350,6 @@ class WorkerSide:
 def serve_worker(side):
   """The worker's loop: one line per step (the seed) in, one tagged JSON line out."""
   import json
-  import sys
   out = sys.stdout
   ready = {"load_s": side.load_s, "describe": side.describe,
            "prompt_len": getattr(side, "prompt_len", None)}

@@ -36,8 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (conf
 
 
 def minibatch_rows(key: jax.Array, questions: int, group: int, minibatches: int
-                   ) -> list[np.ndarray]:
-  """A random partition of the Q * G question-major rows into `minibatches` row-index arrays.
+                   ) -> tuple[list[np.ndarray], bool]:
+  """A random partition of the Q * G question-major rows into `minibatches` row-index arrays,
+  and whether it is stratified (the `stratified` argument of `_rows`).
 
   When `minibatches` divides G the partition is stratified: every minibatch holds G / M random
   samples of every question, question-major, so it keeps the one-prompt-per-question layout and
@@ -46,10 +47,10 @@ def minibatch_rows(key: jax.Array, questions: int, group: int, minibatches: int
   """
   n = questions * group
   if group % minibatches:
-    return np.split(np.asarray(jax.random.permutation(key, n)), minibatches)
+    return np.split(np.asarray(jax.random.permutation(key, n)), minibatches), False
   per_question = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(key, i), group))
                            + i * group for i in range(questions)])  # [Q, G]
-  return [chunk.reshape(-1) for chunk in np.split(per_question, minibatches, axis=1)]
+  return [chunk.reshape(-1) for chunk in np.split(per_question, minibatches, axis=1)], True
 
 
 def _rows(batch: train_step.PolicyBatch, part: np.ndarray, group: int,
@@ -198,10 +199,10 @@ class Trainer:
     n, mbs = q * g, c.objective.ppo_minibatches
     epochs = c.objective.ppo_epochs if c.objective.kind == "ppo" else 1
     for epoch in range(epochs):
-      parts = [np.arange(n)] if mbs == 1 else minibatch_rows(
+      parts, stratified = ([np.arange(n)], True) if mbs == 1 else minibatch_rows(
           jax.random.fold_in(dropout_key, 1000 + epoch), q, g, mbs)
       for part in parts:
-        sub = batch if mbs == 1 else _rows(batch, part, g, stratified=g % mbs == 0)
+        sub = batch if mbs == 1 else _rows(batch, part, g, stratified)
         sub_t = targets if mbs == 1 else jax.tree.map(lambda x: x[part], targets)
         key = jax.random.fold_in(dropout_key, len(step_metrics))
         self.lora, self.opt_state, m = self.update_fn(ctx.params, self.lora, self.opt_state, sub,

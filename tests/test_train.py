@@ -161,7 +161,8 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
   np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part], atol=1e-5)
   np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part], atol=1e-5)
   # Stratified minibatches (M divides G) keep one prompt per question and give the same terms.
-  parts = minibatch_rows(jax.random.PRNGKey(3), q, g, 2)
+  parts, stratified = minibatch_rows(jax.random.PRNGKey(3), q, g, 2)
+  assert stratified
   assert sorted(np.concatenate(parts).tolist()) == list(range(q * g))
   for part in parts:
     assert [i // g for i in part] == [0, 0, 1, 1]  # G / M rows of each question, question-major
@@ -172,10 +173,11 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
                                atol=1e-5)
     np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part],
                                atol=1e-5)
-  assert parts[0].tolist() != minibatch_rows(jax.random.PRNGKey(4), q, g, 2)[0].tolist() or \
-      parts[1].tolist() != minibatch_rows(jax.random.PRNGKey(4), q, g, 2)[1].tolist()
+  other, _ = minibatch_rows(jax.random.PRNGKey(4), q, g, 2)
+  assert [p.tolist() for p in parts] != [p.tolist() for p in other]
   # M does not divide G: a shuffle across questions, still a partition.
-  parts = minibatch_rows(jax.random.PRNGKey(3), q, g, 8)
+  parts, stratified = minibatch_rows(jax.random.PRNGKey(3), q, g, 8)
+  assert not stratified
   assert sorted(np.concatenate(parts).tolist()) == list(range(q * g)) and len(parts) == 8
   # The reference is the starting adapter, not the base: the policy starts at KL 0 from it.
   np.testing.assert_allclose(whole.ref_logprobs, whole.cot_logprobs, atol=1e-5)
