@@ -16,11 +16,25 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $@
 
-.PHONY: install demo test
-install: $(VENV)/.installed
+# tcmalloc, which config.host_allocator restarts train/evaluate onto (on CPU, glibc page-faults
+# XLA's per-call temporaries in again on every call). Installed when missing in a root shell with
+# apt; otherwise a hint, and runs say they use glibc malloc.
+HAS_TCMALLOC := import ctypes.util as u, sys; sys.exit(not (u.find_library("tcmalloc_minimal") or u.find_library("tcmalloc")))
+APT_TCMALLOC := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1
 
-demo: $(VENV)/.installed
+.PHONY: install demo test tcmalloc
+install: $(VENV)/.installed tcmalloc
+
+tcmalloc:
+	@$(PYTHON) -c '$(HAS_TCMALLOC)' || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libtcmalloc-minimal4"; \
+	    $(APT_TCMALLOC) || { apt-get update -qq >/dev/null 2>&1; $(APT_TCMALLOC); } || \
+	      echo "could not install libtcmalloc-minimal4: runs will use glibc malloc"; \
+	  else echo "tcmalloc not found: install libtcmalloc-minimal4 for faster CPU steps"; fi; }
+
+demo: $(VENV)/.installed tcmalloc
 	$(OFFLINE) $(PY) -m markovian_jax.train --config=configs/demo.py
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test tcmalloc
 	$(OFFLINE) $(PY) -m pytest -q tests

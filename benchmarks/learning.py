@@ -244,6 +244,8 @@ def main(argv):
   absl_logger = pylogging.getLogger("absl")
   absl_logger.setLevel(pylogging.INFO)
   absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
+  from markovian_jax import host_allocator
+  host_allocator.ensure(config.host_allocator)  # as train's main does; may restart this command
   t0 = time.perf_counter()
   trainer = train.Trainer(config)
   logging.info("training %d steps into %s", config.train.num_steps, workdir)

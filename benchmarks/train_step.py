@@ -458,6 +458,12 @@ def run(config, argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from markovian_jax import host_allocator
+  # Both sides share the allocator (and --isolate workers inherit it): the default restarts this
+  # run onto tcmalloc, `--config.host_allocator=system` keeps glibc's malloc.
+  allocator = host_allocator.ensure(train._CONFIG.value.host_allocator)
+  if not _WORKER.value:
+    print(f"host allocator (both sides): {allocator}", flush=True)
   run(train._CONFIG.value, sys.argv)
 
 

@@ -21,6 +21,10 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache (train and evaluate): restarts and repeated runs load
   # their compiled programs instead of compiling again. "" = off.
   c.compilation_cache_dir = compilation_cache.DEFAULT_DIR
+  # The process's malloc (train and evaluate): "tcmalloc" restarts the command once with tcmalloc
+  # preloaded when it is installed (on CPU, glibc page-faults XLA's per-call temporaries in again
+  # on every call: update 5.1 -> 3.8 s on SmolLM2), "system" keeps the C library's.
+  c.host_allocator = "tcmalloc"
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, HF directory, or .gguf file

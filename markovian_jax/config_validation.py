@@ -9,6 +9,7 @@ from markovian_jax import sharding
 TASKS = ("gsm8k", "svamp", "arc", "mmlu", "aqua", "mathqa", "arithmetic", "wiki_continuation")
 
 _CHOICES = {
+    "host_allocator": ("tcmalloc", "system"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "lora.reference": ("base", "initial_adapter"),

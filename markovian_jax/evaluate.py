@@ -179,9 +179,10 @@ def main(argv):
   from markovian_jax.checkpointing import CheckpointError
   from markovian_jax.config_validation import InvalidConfig
   from markovian_jax.data import DataError
-  from markovian_jax import compilation_cache
+  from markovian_jax import compilation_cache, host_allocator
   # Bad input gets one line; anything else keeps its traceback.
   try:
+    host_allocator.ensure(_CONFIG.value.host_allocator)  # may restart this command
     cache = compilation_cache.enable(_CONFIG.value.compilation_cache_dir)
     run(_CONFIG.value)
     if cache:

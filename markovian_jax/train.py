@@ -356,8 +356,9 @@ def main(argv):
   absl_logger.setLevel(pylogging.INFO)
   # orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
   absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
-  from markovian_jax import compilation_cache, distributed
+  from markovian_jax import compilation_cache, distributed, host_allocator
   try:
+    host_allocator.ensure(_CONFIG.value.host_allocator)  # may restart this command
     distributed.initialize()
     cache = compilation_cache.enable(_CONFIG.value.compilation_cache_dir)
     Trainer(_CONFIG.value).run()

@@ -34,7 +34,12 @@ def run_cli(*args, devices: int = 1, timeout: int = 300, env: Optional[dict] = N
              TOKENIZERS_PARALLELISM="false",
              XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}".strip(),
              **(env or {}))
-  return subprocess.run([sys.executable, "-m", "markovian_jax.evaluate", *map(str, args)],
+  args = list(map(str, args))
+  if any(a.startswith("--config=") for a in args) and not any(
+      a.startswith("--config.host_allocator=") for a in args):
+    # A restart onto tcmalloc costs each run a second start-up; test_host_allocator covers it.
+    args.append("--config.host_allocator=system")
+  return subprocess.run([sys.executable, "-m", "markovian_jax.evaluate", *args],
                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -398,6 +403,7 @@ def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
     assert_ok(proc)
     m = re.search(r"compilation cache (\S+): \{'loaded': (\d+), 'compiled': (\d+)\}", proc.stderr)
     assert m and m.group(1) == str(cache), proc.stderr[-3000:]
+    assert "host allocator: system malloc (as configured)" in proc.stderr
     stats.append((int(m.group(2)), int(m.group(3))))
     # Same programs, same numbers: the cache changes where programs come from, not the results.
     assert (tmp_path / run / "summary.json").exists()
@@ -415,6 +421,12 @@ def test_unwritable_compilation_cache_dir(tmp_path):
   proc = run_cli("--config=configs/demo.py", "--base_model", f"--output_dir={tmp_path / 'out'}",
                  f"--config.compilation_cache_dir={blocker / 'cache'}")
   assert_fails(proc, "config.compilation_cache_dir", "cannot create")
+
+
+def test_unknown_host_allocator(tmp_path):
+  proc = run_cli("--config=configs/demo.py", "--base_model", f"--output_dir={tmp_path / 'out'}",
+                 "--config.host_allocator=jemalloc")
+  assert_fails(proc, "config.host_allocator", "'jemalloc' is not one of")
 
 
 def test_no_model_selected(tmp_path):
