@@ -26,6 +26,9 @@ alpha=16, dropout 0.1 on every linear layer but the head.
     The reference's logging-only 15-token greedy answer generation (GSM8K) is left out, which
     favours torch.
 
+Both sides run on the malloc `--config.host_allocator` picks: by default the run restarts itself
+once onto tcmalloc (`markovian_jax.host_allocator`), `system` keeps glibc's.
+
 Each side runs `--warmup` untimed steps (ours: the first includes compilation, reported apart),
 then `--steps` timed steps, alternating ours / torch so that outside load hits both alike
 (`--order=blocks` runs each side's steps back to back instead). `--isolate` runs each side in its
