@@ -43,6 +43,40 @@ def test_low_rank_mixed_dtypes_keep_each_input_dtype():
   np.testing.assert_allclose(db, np.full((2, 5), 96.0))
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_dropout_low_rank_matches_autodiff_of_dropout_then_low_rank(x_dtype):
+  """Same mask, values and gradients as the composition, though the mask is redrawn."""
+  k = jax.random.split(jax.random.PRNGKey(5), 5)
+  x = jax.random.normal(k[0], (3, 40, 12)).astype(x_dtype)
+  a = jax.random.normal(k[1], (12, 4))
+  b = jax.random.normal(k[2], (4, 9))
+  ct = jax.random.normal(k[3], (3, 40, 9))
+  rate, scale = 0.3, 1.75
+
+  def loss(fused, x, a, b):
+    if fused:
+      y = lora_branch.dropout_low_rank(k[4], x, a, b, scale, rate)
+    else:
+      y = _plain(lora_branch.dropout(k[4], x, rate).astype(a.dtype), a, b, scale)
+    return jnp.sum(y * ct)
+
+  np.testing.assert_allclose(loss(True, x, a, b), loss(False, x, a, b), rtol=1e-6)
+  ours = jax.jit(jax.grad(lambda *v: loss(True, *v), argnums=(0, 1, 2)))(x, a, b)
+  ref = jax.grad(lambda *v: loss(False, *v), argnums=(0, 1, 2))(x, a, b)
+  for name, o, r in zip("xab", ours, ref):
+    assert o.shape == r.shape and o.dtype == r.dtype, name
+    np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(r, np.float32),
+                               rtol=1e-5, atol=1e-4, err_msg=name)
+  # Dropped entries get no gradient; about `rate` of them are dropped.
+  keep = np.asarray(lora_branch.keep_mask(k[4], x.shape, rate))
+  assert np.all(np.asarray(ours[0])[~keep] == 0) and abs((~keep).mean() - rate) < 0.08
+  # Rate 0 is the plain product; rate 1 is refused.
+  np.testing.assert_allclose(lora_branch.dropout_low_rank(k[4], x, a, b, scale, 0.0),
+                             _plain(x.astype(a.dtype), a, b, scale), rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="rate"):
+    lora_branch.dropout_low_rank(k[4], x, a, b, scale, 1.0)
+
+
 def test_keep_mask_rate_and_independence():
   n = 1 << 20
   rate = 0.1

@@ -74,10 +74,11 @@ class Linear(nn.Module):
     if self.has_variable("lora", "a"):
       a = self.get_variable("lora", "a")
       b = self.get_variable("lora", "b")
-      h = x
       if self.train and self.lora_dropout > 0:
-        h = lora_branch.dropout(self.make_rng("dropout"), h, self.lora_dropout)
-      delta = lora_branch.low_rank(h.astype(a.dtype), a, b, self.lora_scale)
+        delta = lora_branch.dropout_low_rank(self.make_rng("dropout"), x, a, b, self.lora_scale,
+                                             self.lora_dropout)
+      else:
+        delta = lora_branch.low_rank(x.astype(a.dtype), a, b, self.lora_scale)
       if row_scale is not None:
         delta = delta * row_scale.astype(delta.dtype).reshape((-1,) + (1,) * (delta.ndim - 1))
       y = y + delta.astype(y.dtype)

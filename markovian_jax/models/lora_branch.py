@@ -16,6 +16,11 @@ Two costs dominated a LoRA training step on CPU, and both come from generic code
   the backward. `low_rank` has a hand-written VJP that contracts in the order [out, tokens] x
   [tokens, r], which needs no big transpose (same values to float rounding, tested against
   autodiff).
+
+* What the backward keeps. Autodiff of `low_rank(dropout(x))` stores, per adapted linear, the
+  keep mask and the dropped-out copy of x: seven of each per layer, where the q/k/v and gate/up
+  projections share one x. `dropout_low_rank` keeps x itself and the 64-bit seed, and redraws the
+  mask in the backward (a fused elementwise op): same values, a fraction of the residual writes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _GOLDEN = 0x9E3779B9
 
@@ -37,6 +43,11 @@ def _mix(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
+def _seed(key: jax.Array) -> jax.Array:
+  """uint32 [2]: the 64 bits of `key` (raw uint32[2] or typed) that a mask is drawn from."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
 def keep_mask(key: jax.Array, shape: tuple, rate: float) -> jax.Array:
   """bool `shape`: True with probability 1 - rate, independently per entry (given `key`).
 
@@ -44,7 +55,10 @@ def keep_mask(key: jax.Array, shape: tuple, rate: float) -> jax.Array:
     key: a JAX PRNG key (raw uint32[2] or typed); only 64 bits are drawn from it.
     rate: drop probability in [0, 1).
   """
-  seed = jax.random.bits(key, (2,), jnp.uint32)
+  return _keep(_seed(key), shape, rate)
+
+
+def _keep(seed: jax.Array, shape: tuple, rate: float) -> jax.Array:
   size = 1
   for d in shape:
     size *= d
@@ -54,14 +68,37 @@ def keep_mask(key: jax.Array, shape: tuple, rate: float) -> jax.Array:
   return h >= jnp.uint32(threshold)
 
 
+def _check_rate(rate: float) -> None:
+  if not 0 <= rate < 1:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+
+
+def _drop(x: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+  keep = _keep(seed, x.shape, rate)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
   """Inverted dropout of `x` (any shape and dtype): kept entries are scaled by 1 / (1 - rate)."""
-  if rate <= 0:
-    return x
-  if rate >= 1:
-    raise ValueError(f"dropout rate must be < 1, got {rate}")
-  keep = keep_mask(key, x.shape, rate)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+  _check_rate(rate)
+  return x if rate == 0 else _drop(x, _seed(key), rate)
+
+
+def dropout_low_rank(key: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
+                     rate: float) -> jax.Array:
+  """`low_rank(dropout(key, x, rate).astype(a.dtype), a, b, scale)`, with the same mask and
+  values, whose backward redraws the mask instead of keeping it and the dropped-out x.
+
+  Args:
+    key: the PRNG key of this projection's mask; x: [..., in] activations, any float dtype;
+    a: [in, r]; b: [r, out]; scale, rate: Python floats (static).
+  Returns:
+    [..., out] in the dtype of `h @ a`.
+  """
+  _check_rate(rate)
+  if rate == 0:
+    return low_rank(x.astype(a.dtype), a, b, scale)
+  return _dropout_low_rank(x, a, b, _seed(key), scale, rate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -95,3 +132,25 @@ def _low_rank_bwd(scale, res, g):
 
 
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dropout_low_rank(x, a, b, seed, scale, rate):
+  return low_rank(_drop(x, seed, rate).astype(a.dtype), a, b, scale)
+
+
+def _dropout_low_rank_fwd(x, a, b, seed, scale, rate):
+  u = jnp.dot(_drop(x, seed, rate).astype(a.dtype), a)
+  return jnp.dot(u, b) * scale, (x, u, a, b, seed)
+
+
+def _dropout_low_rank_bwd(scale, rate, res, g):
+  x, u, a, b, seed = res
+  h = _drop(x, seed, rate).astype(a.dtype)  # redrawn: the same mask as the forward's
+  dh, da, db = _low_rank_bwd(scale, (h, u, a, b), g)
+  # Dropout's VJP is the same masked rescaling, applied to the cotangent.
+  dx = _drop(dh.astype(x.dtype), seed, rate)
+  return dx, da, db, np.zeros(seed.shape, jax.dtypes.float0)
+
+
+_dropout_low_rank.defvjp(_dropout_low_rank_fwd, _dropout_low_rank_bwd)
