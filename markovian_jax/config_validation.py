@@ -8,8 +8,10 @@ from markovian_jax import sharding
 
 TASKS = ("gsm8k", "svamp", "arc", "mmlu", "aqua", "mathqa", "arithmetic", "wiki_continuation")
 
+HOST_ALLOCATORS = ("tcmalloc", "system")  # config.host_allocator (markovian_jax.host_allocator)
+
 _CHOICES = {
-    "host_allocator": ("tcmalloc", "system"),
+    "host_allocator": HOST_ALLOCATORS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "lora.reference": ("base", "initial_adapter"),

@@ -21,9 +21,10 @@ from typing import Optional
 
 from absl import logging
 
+from markovian_jax.config_validation import HOST_ALLOCATORS as SETTINGS
 from markovian_jax.config_validation import InvalidConfig
 
-SETTINGS = ("tcmalloc", "system")
+_KEY = "config.host_allocator"
 _LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # gperftools' sonames, smallest first
 _REEXECUTED = "MARKOVIAN_ALLOCATOR_REEXEC"  # set in the child: never re-execute twice
 INSTALL_HINT = "apt-get install libtcmalloc-minimal4 (Debian/Ubuntu), or conda install gperftools"
@@ -60,25 +61,24 @@ def preload_value(library: str, existing: str = "") -> str:
   return " ".join([library] + rest)
 
 
-def ensure(setting: str, key: str = "config.host_allocator") -> str:
+def ensure(setting: str) -> str:
   """Makes this process run on the allocator `setting` names; logs and returns what it runs on.
 
   "system" keeps the C library's malloc. "tcmalloc" returns at once when tcmalloc is already
   mapped; otherwise, if it is installed, replaces this process with the same command line and
   tcmalloc preloaded (and does not return); if it is not installed, or a re-executed process
   still lacks it, says so and continues on the system malloc.
-  `key` names where `setting` came from, for the error message.
 
   Raises InvalidConfig on an unknown setting.
   """
-  line, ok = _decide(setting, key)
+  line, ok = _decide(setting)
   (logging.info if ok else logging.warning)("host allocator: %s", line)
   return line
 
 
-def _decide(setting: str, key: str) -> tuple[str, bool]:
+def _decide(setting: str) -> tuple[str, bool]:
   if setting not in SETTINGS:
-    raise InvalidConfig(f"{key}: {setting!r} is not one of {list(SETTINGS)}")
+    raise InvalidConfig(f"{_KEY}: {setting!r} is not one of {list(SETTINGS)}")
   if setting == "system":
     return "system malloc (as configured)", True
   mapped = mapped_tcmalloc()
@@ -91,7 +91,7 @@ def _decide(setting: str, key: str) -> tuple[str, bool]:
   if library is None:
     return ("system malloc: tcmalloc is not installed, so on CPU every call page-faults its "
             f"temporaries in again (about 2 s per SmolLM2 update); install it with "
-            f"{INSTALL_HINT}, or set {key}=system to silence this"), False
+            f"{INSTALL_HINT}, or set {_KEY}=system to silence this"), False
   env = dict(os.environ, LD_PRELOAD=preload_value(library, os.environ.get("LD_PRELOAD", "")))
   env[_REEXECUTED] = "1"
   sys.stdout.flush()
