@@ -140,8 +140,8 @@ def _dropout_low_rank(x, a, b, seed, scale, rate):
 
 
 def _dropout_low_rank_fwd(x, a, b, seed, scale, rate):
-  u = jnp.dot(_drop(x, seed, rate).astype(a.dtype), a)
-  return jnp.dot(u, b) * scale, (x, u, a, b, seed)
+  y, (_, u, _, _) = _low_rank_fwd(_drop(x, seed, rate).astype(a.dtype), a, b, scale)
+  return y, (x, u, a, b, seed)  # x, not its dropped-out copy
 
 
 def _dropout_low_rank_bwd(scale, rate, res, g):
