@@ -52,6 +52,9 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.data.arc_subset = "ARC-Challenge"
   c.data.question_length = 50  # wiki_continuation context tokens
   c.data.target_length = 50  # wiki_continuation target tokens
+  c.data.mmlu_subject = ""  # one MMLU subject (e.g. "anatomy"); "" = all 57
+  # What MMLU's train split is made of; add "auxiliary_train" (hub only) for 100k more questions.
+  c.data.mmlu_train_splits = ("dev", "validation")
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.format = "plain"  # plain (reference: text + BOS) | chat (tokenizer chat template)
@@ -71,16 +74,19 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.objective.entropy_bonus = 0.0
   c.objective.logprob_reduction = "mean"  # mean (reference code) | sum (paper)
   c.objective.normalize_reward = True  # subtract the base model's score of its greedy CoT'
+  # logprob: log P(answer | CoT) reduced by logprob_reduction | prob: exp(mean log-prob)
+  # (VeriFree-style) | mean_token_prob: mean of the answer tokens' probabilities (RLPR-style)
+  c.objective.reward_kind = "logprob"
   c.objective.reward_scorer = "actor"  # actor | base
   c.objective.reward_grad = "none"  # none (reference code) | paper
   c.objective.actor_reward_weight = 1.0
-  c.objective.baseline = "group"  # group | ema | none
+  c.objective.baseline = "group"  # group | rloo | ema | none
   c.objective.ema_decay = 0.9
   c.objective.ei_std = -1.0  # expert iteration: keep R > mean + k*std of past rewards; <0 = off
   c.objective.ei_skip_initial = 25
   c.objective.ppo_eps = 0.2
-  c.objective.ppo_epochs = 1
-  c.objective.ppo_minibatches = 1
+  c.objective.ppo_epochs = 1  # PPO only: passes over the step's samples
+  c.objective.ppo_minibatches = 1  # PPO only: updates per pass
   c.objective.ppo_log_ratio_clamp = 20.0
   c.objective.ppo_ratio_reference = "behaviour"  # behaviour | base (reference's collapsing variant)
   c.objective.loss_aggregation = "sequence_mean"  # sequence_mean | token_mean
@@ -94,7 +100,7 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
-  c.optim.schedule = "constant"  # constant | warmup_cosine
+  c.optim.schedule = "constant"  # constant | warmup_cosine, over training steps
   c.optim.warmup_steps = 0
   c.optim.accumulation_steps = 1
 
@@ -107,6 +113,8 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.train.eval_every = 1000
   c.train.max_to_keep = 3
   c.train.keep_best = True  # also keep the best checkpoint by validation metric
+  # Continue from <workdir>/checkpoints. A workdir that already holds a run is refused unless
+  # resume is on: two runs never mix in one checkpoint directory and one event log.
   c.train.resume = False
   c.train.text_every = 10  # log sampled CoTs as TensorBoard text every N steps
   c.train.nan_patience = 5  # stop after this many consecutive non-finite updates

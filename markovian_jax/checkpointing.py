@@ -15,9 +15,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from markovian_jax.errors import UserError
 
-class CheckpointError(RuntimeError):
-  pass
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint directory or step that does not exist or does not fit the run."""
 
 
 def _score(metrics) -> float:

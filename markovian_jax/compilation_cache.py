@@ -14,7 +14,7 @@ from typing import Optional
 
 import jax
 
-from markovian_jax.config_validation import InvalidConfig
+from markovian_jax.errors import InvalidConfig
 
 DEFAULT_DIR = "~/.cache/markovian_jax/xla"  # config.compilation_cache_dir, sample's flag
 _HIT = "/jax/compilation_cache/cache_hits"

@@ -13,12 +13,13 @@ The adapter's rank, alpha and targets are read from the checkpoint, not from --c
 from __future__ import annotations
 
 import json
-import logging as pylogging
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from markovian_jax import cli
+from markovian_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Orbax checkpoint directory of a training run.")
@@ -34,8 +35,8 @@ _GREEDY = flags.DEFINE_bool("greedy_cot", False, "Greedy CoTs instead of the tra
 _OUT = flags.DEFINE_string("output_dir", None, "Where to write summary.json and the JSONL rows.")
 
 
-class EvalError(RuntimeError):
-  pass
+class EvalError(UserError):
+  """Flags or checkpoints that do not select anything to evaluate."""
 
 
 def _check_flags():
@@ -77,25 +78,6 @@ def _lora_settings(ckpt, step: int, config) -> dict:
   return settings
 
 
-def _load_examples(config, limit: int) -> list:
-  """The eval split, read before the model so that bad data fails in seconds."""
-  from markovian_jax import data as data_lib
-  path = config.data.path
-  if path and config.task != "arithmetic" and not os.path.exists(os.path.expanduser(path)):
-    raise FileNotFoundError(f"data.path {path}: no such file or directory ({config.task} data)")
-  tokenizer = None
-  if config.task == "wiki_continuation":  # the only task whose examples need the tokenizer
-    from markovian_jax.models import load_tokenizer
-    tokenizer = load_tokenizer(config.model.path)
-  options = data_lib.task_options(config.task, config.data, tokenizer)
-  examples = data_lib.load_task(config.task, config.data.eval_split, config.data.path or None,
-                                **options)[:limit]
-  if not examples:
-    raise EvalError(f"{config.task} split {config.data.eval_split!r} has no examples "
-                    f"(data.path={config.data.path!r})")
-  return examples
-
-
 def _restore_lora(ckpt, step: int, settings: dict, ctx):
   import jax
 
@@ -118,11 +100,12 @@ def _restore_lora(ckpt, step: int, settings: dict, ctx):
 def run(config) -> dict:
   """Evaluates the models the flags select on `config`'s eval split; returns {model: summary}."""
   from markovian_jax import checkpointing, config_validation, evaluation, summary
-  from markovian_jax.run_context import RunContext
+  from markovian_jax.models import load_tokenizer
+  from markovian_jax.run_context import RunContext, read_examples
 
   # Everything that can be wrong with the input is checked before the model is loaded.
   _check_flags()
-  config_validation.validate(config)
+  spec = config_validation.validate(config)
   ckpt, steps, settings = None, [], {}
   if _CKPT.value:
     if not os.path.isdir(_CKPT.value):
@@ -133,11 +116,13 @@ def run(config) -> dict:
     logging.info("checkpoints in %s: steps %s", ckpt.directory, ckpt.all_steps())
   models = (["base"] if _BASE.value else []) + [f"step_{s}" for s in steps]
   logging.info("models to evaluate: %s", models)
-  examples = _load_examples(config, _NUM_EXAMPLES.value or config.eval.num_examples)
+  tokenizer = load_tokenizer(spec.model.path)
+  examples = read_examples(spec, spec.data.eval_split, tokenizer,
+                           _NUM_EXAMPLES.value or spec.eval.num_examples)
   out_dir = _OUT.value or (os.path.join(os.path.dirname(os.path.abspath(_CKPT.value)), "eval")
                            if _CKPT.value else os.path.join(config.workdir, "eval"))
 
-  ctx = RunContext.create(config)
+  ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
   kw = dict(num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
             temperature=0.0 if _GREEDY.value else config.eval.temperature,
             reader=config.eval.reader, answer_max_tokens=config.eval.answer_max_tokens,
@@ -167,31 +152,15 @@ def run(config) -> dict:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required (e.g. --config=configs/gsm8k.py)")
-  absl_logger = pylogging.getLogger("absl")
-  absl_logger.setLevel(pylogging.INFO)
-  # orbax logs every restore step at INFO through absl; keep its warnings, drop the chatter.
-  absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
-  from markovian_jax.checkpointing import CheckpointError
-  from markovian_jax.config_validation import InvalidConfig
-  from markovian_jax.data import DataError
-  from markovian_jax import compilation_cache, host_allocator
-  # Bad input gets one line; anything else keeps its traceback.
-  try:
-    host_allocator.ensure(_CONFIG.value.host_allocator)  # may restart this command
-    cache = compilation_cache.enable(_CONFIG.value.compilation_cache_dir)
-    run(_CONFIG.value)
-    if cache:
-      logging.info("compilation cache %s: %s", cache, compilation_cache.stats())
-  except (EvalError, CheckpointError, InvalidConfig, DataError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main():
+  config = _CONFIG.value
+  if config is None:
+    cli.fail("--config is required (e.g. --config=configs/gsm8k.py)")
+  from markovian_jax import config_validation
+  spec = config_validation.validate(config)  # before the allocator restart and any device work
+  with cli.session(spec.host_allocator, spec.compilation_cache_dir):
+    run(config)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -95,7 +95,7 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
   if empty:
     raise data_lib.DataError(f"{len(empty)} example(s) have an empty gold answer: {empty[:5]}")
   batch_size = min(batch_size, len(examples))  # a short list is not padded to a full batch
-  c = ctx.config
+  c = ctx.spec
   t = c.sampling.temperature if temperature is None or temperature < 0 else temperature
   kind = data_lib.task_kind(ctx.task)
   reader_lora = lora if reader == "actor" else None

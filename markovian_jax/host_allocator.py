@@ -21,8 +21,9 @@ from typing import Optional
 
 from absl import logging
 
-from markovian_jax.config_validation import HOST_ALLOCATORS as SETTINGS
-from markovian_jax.config_validation import InvalidConfig
+from markovian_jax.errors import InvalidConfig
+
+SETTINGS = ("tcmalloc", "system")  # config.host_allocator
 
 _KEY = "config.host_allocator"
 _LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # gperftools' sonames, smallest first

@@ -1,4 +1,5 @@
-"""What train.py and evaluate.py both need: the mesh, the base model, the tokenizer, the prompts.
+"""What train.py and evaluate.py both need: the examples, the mesh, the base model, the tokenizer,
+the prompts.
 
 Host/device transfer helpers live here too, written for many processes: every process builds the
 same global host batch and `put` hands each device its own slice; `fetch` gathers a global array
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -17,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from markovian_jax import batching, config_validation, sharding
 from markovian_jax import data as data_lib
-from markovian_jax.models import LlamaConfig, load_checkpoint, load_tokenizer
+from markovian_jax.models import LlamaConfig, eos_ids, load_checkpoint, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,27 @@ def fetch(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def read_examples(spec, split: str, tokenizer=None, limit: Optional[int] = None) -> list:
+  """The examples of `split` for the run `spec` (a RunSpec), read before any model is loaded so
+  that a wrong `data.path` or a malformed record fails in seconds. Raises DataError (or
+  FileNotFoundError for a missing path) naming the file and the key."""
+  if spec.data.path and spec.task != "arithmetic":
+    if not os.path.exists(os.path.expanduser(spec.data.path)):
+      raise data_lib.DataError(f"config.data.path: {spec.data.path}: no such file or directory "
+                               f"({spec.task} data)")
+  options = spec.data.task_options(spec.task, tokenizer)
+  examples = data_lib.load_task(spec.task, split, spec.data.path or None, **options)
+  examples = examples[:limit] if limit else examples
+  if not examples:
+    raise data_lib.DataError(f"{spec.task} split {split!r} has no examples "
+                             f"(config.data.path={spec.data.path!r})")
+  return examples
+
+
 @dataclasses.dataclass
 class RunContext:
   config: object  # the run's ml_collections.ConfigDict
+  spec: object  # its specs.RunSpec
   mesh: jax.sharding.Mesh
   model: LlamaConfig
   params: dict
@@ -46,48 +66,40 @@ class RunContext:
   eos_ids: tuple
 
   @classmethod
-  def create(cls, config, mesh=None) -> "RunContext":
-    config_validation.validate(config)
-    mesh = mesh or config_validation.make_mesh(config)
-    model, params = load_checkpoint(config.model.path, dtype=config.model.dtype, mesh=mesh)
-    model = model.replace(remat=config.model.remat)
-    tokenizer = load_tokenizer(config.model.path)
-    eos = tuple(model.eos_token_ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-      eos = eos + (tokenizer.eos_token_id,)
-    log.info("model %s: %d layers, d=%d, vocab %d, %s; mesh %s", config.model.path,
-             model.num_layers, model.hidden_size, model.vocab_size, config.model.dtype,
+  def create(cls, config, mesh=None, *, spec=None, tokenizer=None) -> "RunContext":
+    """Validates `config` (unless its `spec` is given), builds the mesh and loads the model."""
+    spec = spec or config_validation.validate(config)
+    mesh = mesh or config_validation.make_mesh(spec)
+    tokenizer = tokenizer or load_tokenizer(spec.model.path)
+    model, params = load_checkpoint(spec.model.path, dtype=spec.model.dtype, mesh=mesh)
+    model = model.replace(remat=spec.model.remat)
+    log.info("model %s: %d layers, d=%d, vocab %d, %s; mesh %s", spec.model.path,
+             model.num_layers, model.hidden_size, model.vocab_size, spec.model.dtype,
              dict(mesh.shape))
-    return cls(config, mesh, model, params, tokenizer, eos)
+    return cls(config, spec, mesh, model, params, tokenizer, eos_ids(model, tokenizer))
 
   @property
   def task(self) -> str:
-    return self.config.task
+    return self.spec.task
 
   @property
   def cot_length(self) -> int:
-    return self.config.sampling.cot_length
-
-  def load_examples(self, split: str, limit: Optional[int] = None):
-    c = self.config
-    options = data_lib.task_options(c.task, c.data, self.tokenizer)
-    examples = data_lib.load_task(c.task, split, c.data.path or None, **options)
-    return examples[:limit] if limit else examples
+    return self.spec.sampling.cot_length
 
   # ------------------------------------------------------------- prompts as token ids
   def cot_prompt_ids(self, example) -> list:
-    c = self.config
-    text = data_lib.cot_prompt(c.task, example.question, self.cot_length,
-                               target_length=c.data.target_length, prompt_format=c.prompt.format,
+    s = self.spec
+    text = data_lib.cot_prompt(s.task, example.question, self.cot_length,
+                               target_length=s.data.target_length, prompt_format=s.prompt.format,
                                tokenizer=self.tokenizer)
-    return data_lib.encode(self.tokenizer, text, c.prompt.format)
+    return data_lib.encode(self.tokenizer, text, s.prompt.format)
 
   def answer_prefix(self, example, cot_text: str) -> str:
-    c = self.config
-    return data_lib.answer_prompt(c.task, example.question, cot_text, self.cot_length,
-                                  markovian=c.prompt.markovian,
-                                  target_length=c.data.target_length,
-                                  prompt_format=c.prompt.format, tokenizer=self.tokenizer)
+    s = self.spec
+    return data_lib.answer_prompt(s.task, example.question, cot_text, self.cot_length,
+                                  markovian=s.prompt.markovian,
+                                  target_length=s.data.target_length,
+                                  prompt_format=s.prompt.format, tokenizer=self.tokenizer)
 
   def answer_rows(self, examples: Sequence, cot_texts: Sequence[str], multiple: int = 32):
     """Scoring rows "answer prompt(CoT) + gold answer", left-padded to a bucketed length.
@@ -95,7 +107,7 @@ class RunContext:
     Returns (tokens int32 [N, A], mask bool [N, A], span bool [N, A]).
     """
     rows = [data_lib.answer_tokens(self.tokenizer, self.answer_prefix(ex, cot), ex.answer,
-                                   self.config.prompt.format)
+                                   self.spec.prompt.format)
             for ex, cot in zip(examples, cot_texts)]
     length = batching.bucket(max(len(r.ids) for r in rows), multiple)
     tokens, mask = batching.pad_left([r.ids for r in rows], length)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from markovian_jax import compilation_cache
+from markovian_jax import cli, compilation_cache
+from markovian_jax.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: HF directory, .gguf file, hub id or "
                                   "package://PKG/FILE.")
@@ -42,7 +43,7 @@ _CACHE = flags.DEFINE_string("compilation_cache_dir", compilation_cache.DEFAULT_
 def _encode(tokenizer, text: str, chat: bool) -> list:
   if chat:
     if not getattr(tokenizer, "chat_template", None):
-      raise app.UsageError("--chat: this tokenizer has no chat template")
+      raise UserError("--chat: this tokenizer has no chat template")
     text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
     # The template already writes its special tokens.
@@ -59,16 +60,14 @@ def sample_texts(checkpoint: str, prompts: Sequence[str], *, lora_dir=None,
   import numpy as np
 
   from markovian_jax import sampling
-  from markovian_jax.models import hf, load_checkpoint, load_tokenizer
+  from markovian_jax.models import eos_ids, hf, load_checkpoint, load_tokenizer
 
   if not prompts:
-    raise ValueError("give at least one --prompt")
+    raise UserError("give at least one --prompt")
   config, params = load_checkpoint(checkpoint, dtype=dtype)
   tokenizer = load_tokenizer(checkpoint)
   lora = hf.load_peft_adapter(lora_dir, config, dtype=dtype) if lora_dir else None
-  eos = list(config.eos_token_ids)
-  if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-    eos.append(tokenizer.eos_token_id)
+  eos = eos_ids(config, tokenizer)
   ids = [_encode(tokenizer, p, chat) for p in prompts]
   out = sampling.generate(config, params, ids, max_new_tokens=max_new_tokens,
                           min_new_tokens=min_new_tokens, rng=seed, temperature=temperature,
@@ -85,20 +84,17 @@ def sample_texts(checkpoint: str, prompts: Sequence[str], *, lora_dir=None,
   return rows
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   if not _CHECKPOINT.value or not _PROMPT.value:
-    raise app.UsageError("--checkpoint and --prompt are required")
-  try:
-    compilation_cache.enable(_CACHE.value, "--compilation_cache_dir")
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  rows = sample_texts(_CHECKPOINT.value, _PROMPT.value, lora_dir=_LORA.value,
-                      max_new_tokens=_MAX_NEW.value, min_new_tokens=_MIN_NEW.value,
-                      temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
-                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, chat=_CHAT.value,
-                      dtype=_DTYPE.value)
+    cli.fail("--checkpoint and --prompt are required")
+  if not _PROMPT.value or any(not p for p in _PROMPT.value):
+    cli.fail("--prompt: give non-empty prompt text")
+  with cli.session(cache_dir=_CACHE.value, cache_key="--compilation_cache_dir"):
+    rows = sample_texts(_CHECKPOINT.value, _PROMPT.value, lora_dir=_LORA.value,
+                        max_new_tokens=_MAX_NEW.value, min_new_tokens=_MIN_NEW.value,
+                        temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
+                        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                        chat=_CHAT.value, dtype=_DTYPE.value)
   for row in rows:
     if row["sample"] == 0:
       print(f"=== {row['prompt']!r}")
@@ -108,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -70,15 +70,11 @@ _COMPILES: collections.Counter = collections.Counter()
 class SampleOutput:
   """tokens int32 [R, N]; logprobs float32 [R, N] (0 after the end); lengths int32 [R].
 
-  R = B * num_samples rows, grouped by prompt (prompt 0's samples first). Readable as attributes
-  or as `out["tokens"]`.
+  R = B * num_samples rows, grouped by prompt (prompt 0's samples first).
   """
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
-
-  def __getitem__(self, key: str):
-    return getattr(self, key)
 
 
 def compile_count() -> int:

@@ -1,10 +1,12 @@
 """The jitted pieces of one Markovian training step, as pure functions of pytrees.
 
-    sample (sampling.generate)  ->  host: decode CoTs, build "<Redacted> ... Answer: a" texts
-      -> score_fn (no gradient): r = answer log-prob under the scorer, b = reference on its CoT'
-      -> host: advantages (objectives.advantage_targets), once per step
-      -> update_fn (grad w.r.t. the LoRA tree only): objective + clip + AdamW, NaN-guarded
+    score    (no gradient): per-token answer log-probs of the N sampled CoTs' answer rows under the
+             scorer, the rewards r [N], and the reference's score b [Q] of its greedy CoT'
+    targets  (no gradient): advantages etc. from r and b (objectives.advantage_targets)
+    update   (grad w.r.t. the LoRA tree only): objective + clip + AdamW at the step's learning
+             rate; a non-finite loss, gradient or update leaves the state unchanged
 
+`Programs` holds the three jitted with their shardings; `pipeline` sequences them with sampling.
 The policy terms run each question's prompt once for its G CoTs (`logprobs.continuation_logprobs`):
 prompts are `[Q, P]` left-padded, CoTs `[N, K]` with N = Q * G (question-major). An answer row is
 `[pad, answer prompt, answer]` with the answer span marked. Leading dims are sharded over the mesh
@@ -15,7 +17,7 @@ a frozen adapter (`ref_lora`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,10 @@ from flax import struct
 
 from markovian_jax import logprobs as lp_lib
 from markovian_jax import objectives as obj
-from markovian_jax import sharding
+from markovian_jax import optimizer, sharding
 from markovian_jax.models import LlamaConfig
+
+
 
 
 @struct.dataclass
@@ -87,27 +91,40 @@ def answer_window(*spans: np.ndarray, multiple: int = 8) -> int:
   return -(-width // multiple) * multiple
 
 
+def rewards(s: StepSettings, answer_lp, span):
+  """float32 [N]: the reward of each answer row from its per-token log-probs (reward_kind)."""
+  cfg = s.objective
+  return obj.answer_reward(answer_lp, span, cfg.logprob_reduction, kind=cfg.reward_kind)
+
+
 def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, answer_span,
-          base_tokens, base_mask, base_span, last_n: Optional[int] = None):
+          base_tokens=None, base_mask=None, base_span=None, last_n: Optional[int] = None):
   """Rewards without gradient.
 
   Args:
     lora: the policy adapter; ref_lora: the reference adapter (None = base model).
-    answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT'.
-    last_n: `answer_window` of both spans (static), or None to project every position.
+    answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT', or
+      None when the reward is not normalised (no CoT' is sampled then).
+    last_n: `answer_window` of the spans (static), or None to project every position.
   Returns:
-    (answer_logprobs float32 [N, A] under the scorer, base_scores float32 [Q]).
+    (answer_logprobs float32 [N, A] under the scorer, r float32 [N], b float32 [Q] or None).
   """
   scorer = lora if s.reward_scorer == "actor" else ref_lora
-  ans = answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n)
-  base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span, last_n)
-  b = obj.reduce_tokens(base, base_span, s.objective.logprob_reduction)
-  return jax.lax.stop_gradient(ans), jax.lax.stop_gradient(b)
+  ans = jax.lax.stop_gradient(
+      answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n))
+  b = None
+  if base_tokens is not None:
+    base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span, last_n)
+    b = jax.lax.stop_gradient(rewards(s, base, base_span))
+  return ans, rewards(s, ans, answer_span), b
 
 
 def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
-                dropout_rng: Optional[jax.Array], ref_lora=None) -> obj.LossInputs:
-  """Teacher-forced policy terms on the CoT positions (differentiable w.r.t. `lora`)."""
+                dropout_rng: Optional[jax.Array], ref_lora=None,
+                answer_last_n: Optional[int] = None) -> obj.LossInputs:
+  """Teacher-forced policy terms on the CoT positions (differentiable w.r.t. `lora`).
+  `answer_last_n`: the answer window (`answer_window`) for reward_grad='paper', which re-scores
+  the answer rows with gradient."""
   cfg = s.objective
   need_ref = cfg.kl_estimator != "full" or (cfg.kind == "ppo" and cfg.ppo_ratio_reference == "base")
   out = lp_lib.continuation_logprobs(
@@ -117,7 +134,7 @@ def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
       reference_lora=ref_lora)
   if cfg.reward_grad == "paper":
     answers = answer_logprobs(s, params, lora, batch.answer_tokens, batch.answer_mask,
-                              batch.answer_span)
+                              batch.answer_span, answer_last_n)
   else:
     answers = batch.answer_logprobs
   return obj.LossInputs(
@@ -127,55 +144,45 @@ def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
       kl=out.kl, entropy=out.entropy, baseline_scores=batch.baseline_scores)
 
 
-def _schedule(optim, num_steps: int) -> optax.Schedule:
-  """The learning-rate schedule of `optim` (config.optim), in optimizer updates."""
-  if optim.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
-                                              max(num_steps, optim.warmup_steps + 1))
-  if optim.warmup_steps > 0:
-    return optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
-  return optax.constant_schedule(optim.lr)
-
-
-def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW with the configured schedule (`optim`: config.optim)."""
-  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                   optax.adamw(_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
-                               eps=optim.eps, weight_decay=optim.weight_decay))
-  if optim.accumulation_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)
-  return tx
-
-
-def learning_rate(optim, num_steps: int, step: int) -> float:
-  """The schedule's value at training step `step`, for logging."""
-  return float(_schedule(optim, num_steps)(step // max(optim.accumulation_steps, 1)))
-
-
-def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
-           batch: PolicyBatch, targets: obj.Targets, dropout_rng, ref_lora=None):
-  """One optimizer step on the LoRA tree; a non-finite loss or gradient leaves state unchanged.
-
-  Returns (lora, opt_state, metrics dict of float32 scalars).
-  """
+def loss_and_grads(s: StepSettings, params, lora, batch: PolicyBatch, targets: obj.Targets,
+                   dropout_rng=None, ref_lora=None, answer_last_n: Optional[int] = None):
+  """(loss float32 scalar, metrics dict, gradient w.r.t. `lora`: a LoRA-shaped tree)."""
   def loss_fn(lora_):
-    inputs = loss_inputs(s, params, lora_, batch, dropout_rng, ref_lora)
+    inputs = loss_inputs(s, params, lora_, batch, dropout_rng, ref_lora, answer_last_n)
     return obj.loss_from_targets(inputs, targets, s.objective)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+  return loss, metrics, grads
+
+
+def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
+           batch: PolicyBatch, targets: obj.Targets, dropout_rng, ref_lora=None, lr=None,
+           answer_last_n: Optional[int] = None):
+  """One optimizer step on the LoRA tree at learning rate `lr` (float32 scalar; None keeps the
+  state's); a non-finite loss, gradient or update leaves LoRA and optimizer state unchanged.
+
+  Returns (lora, opt_state, metrics dict of float32 scalars: the loss terms, grad_norm,
+  learning_rate (the value applied) and nonfinite (1 when the update was skipped)).
+  """
+  if lr is not None:
+    opt_state = optimizer.set_learning_rate(opt_state, lr)
+  loss, metrics, grads = loss_and_grads(s, params, lora, batch, targets, dropout_rng, ref_lora,
+                                        answer_last_n)
   grad_norm = optax.tree.norm(grads)
   updates, new_opt = tx.update(grads, opt_state, lora)
   new_lora = optax.apply_updates(lora, updates)
   # A finite gradient can still give a non-finite update (e.g. a diverged schedule): check both.
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-  metrics = {**metrics, "grad_norm": grad_norm, "update_skipped": (~ok).astype(jnp.float32)}
+  metrics = {**metrics, "grad_norm": grad_norm,
+             "learning_rate": optimizer.applied_learning_rate(opt_state),
+             "nonfinite": (~ok).astype(jnp.float32)}
   return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
 
 def tree_shardings(tree, mesh):
   """Shardings for a LoRA or optimizer-state tree: LoRA-shaped leaves follow the LoRA rules
-  (matched by path suffix), scalars (step counts) are replicated."""
+  (matched by path suffix), scalars (step counts, the learning rate) are replicated."""
   def one(path, leaf):
     if leaf.ndim == 0:
       return sharding.replicated(mesh)
@@ -184,18 +191,25 @@ def tree_shardings(tree, mesh):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def jit_functions(s: StepSettings, tx, mesh, params_sh, lora_sh, opt_sh
-                  ) -> tuple[Callable, Callable]:
-  """(score_fn, update_fn) jitted with explicit shardings; update donates LoRA + optimizer state.
+class Programs:
+  """The step's three jitted programs, built once per run.
 
-  Batch arrays are sharded on their leading dim by the caller (`sharding.batch_sharding`); outputs
-  are left to the compiler except the state, which keeps its layout.
+  score(params, lora, ref_lora, answer rows..., base rows... or None, last_n=) -> `score`
+  targets(r [N], b [N] or None, baseline_state) -> objectives.advantage_targets
+  update(params, lora, opt_state, batch, targets, dropout_rng, ref_lora, lr, answer_last_n=)
+    -> `update`; donates the LoRA and optimizer state and keeps their shardings.
+  Batch arrays are sharded on their leading dim by the caller (`run_context.put`).
   """
-  rep = sharding.replicated(mesh)
-  score_fn = jax.jit(lambda p, l, *arrays, last_n=None: score(s, p, l, *arrays, last_n=last_n),
-                     static_argnames=("last_n",))
-  update_fn = jax.jit(
-      lambda p, l, o, b, t, r, ref: update(s, tx, p, l, o, b, t, r, ref),
-      out_shardings=(lora_sh, opt_sh, rep), donate_argnums=(1, 2))
-  del params_sh
-  return score_fn, update_fn
+
+  def __init__(self, s: StepSettings, tx, mesh, lora_sh, opt_sh):
+    self.settings = s
+    rep = sharding.replicated(mesh)
+    self.score = jax.jit(
+        lambda p, l, ref, *rows, last_n=None: score(s, p, l, ref, *rows, last_n=last_n),
+        static_argnames=("last_n",))
+    self.targets = jax.jit(lambda r, b, state: obj.advantage_targets(r, b, s.objective, state))
+    self.update = jax.jit(
+        lambda p, l, o, b, t, r, ref, lr, answer_last_n=None: update(
+            s, tx, p, l, o, b, t, r, ref, lr, answer_last_n),
+        static_argnames=("answer_last_n",), out_shardings=(lora_sh, opt_sh, rep),
+        donate_argnums=(1, 2))

@@ -84,7 +84,7 @@ def test_greedy_equals_full_recompute_on_ragged_batch(model):
   toks, mask = batching.pad_left(PROMPTS, 10)
   again = sampling.generate(config, params, toks, prompt_mask=mask, max_new_tokens=N,
                             temperature=0.0)
-  np.testing.assert_array_equal(np.asarray(again["tokens"]), np.asarray(out.tokens))
+  np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
 
 
 def _teacher_forced(config, params, lora, prompts, tokens, g, temperature):

@@ -12,8 +12,10 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
+from markovian_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """A dataset record, file or option is not what the task expects; the message says where."""
 
 

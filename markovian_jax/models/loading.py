@@ -76,3 +76,11 @@ def load_tokenizer(path):
     return gguf.load_gguf_tokenizer(path)
   from markovian_jax.models import hf
   return hf.load_hf_tokenizer(path)
+
+
+def eos_ids(config: LlamaConfig, tokenizer) -> tuple:
+  """Every id that ends a generation: the model config's EOS ids, then the tokenizer's EOS when
+  the config lacks it (a Llama-3 Instruct config lists <|eot_id|>; its tokenizer <|end_of_text|>)."""
+  ids = tuple(config.eos_token_ids)
+  eos = getattr(tokenizer, "eos_token_id", None)
+  return ids + (eos,) if eos is not None and eos not in ids else ids

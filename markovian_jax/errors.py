@@ -1,0 +1,13 @@
+"""The one base class of errors that are the user's input, not a bug.
+
+The CLIs (`markovian_jax.cli`) print such an error as one `error:` line and exit with status 2;
+anything else keeps its traceback. Config, data and checkpoint errors all derive from it.
+"""
+
+
+class UserError(Exception):
+  """Bad input: a config value, a data file, a checkpoint, a flag. The message names the knob."""
+
+
+class InvalidConfig(UserError, ValueError):
+  """A run config that cannot work; the message starts with the offending `config.` key."""
