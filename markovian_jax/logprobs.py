@@ -6,7 +6,8 @@ never exist at once (the Llama 3 vocab is 128k: B=32, T=1024 would be 16.8 GB).
 policy terms of the G CoTs sampled for a question (differentiable w.r.t. the LoRA, with optional
 LoRA dropout). In one call either can also return, per position, the exact full-vocabulary
 KL(pi || ref) and the entropy of pi, and the reference's log-probs of the same tokens. The
-reference is the base model (`reference_lora=None`) or base + a frozen adapter.
+reference is the base model (`reference_lora=None`) or base + a frozen adapter. `full_kl` and
+`entropy` are those two per-position terms on [..., V] log-softmax arrays.
 
 Alignment: `out[:, t]` is about token `t`: the log-prob of `tokens[:, t]` given `tokens[:, :t]`,
 and the KL / entropy of the distribution that produced it (the logits at position t-1). Column 0
@@ -154,6 +155,41 @@ def continuation_logprobs(config: LlamaConfig, params: dict, prefix_tokens: jax.
                           for k, v in outs.items()})
 
 
+def _support(logp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  # A token with p = 0 (logp = -inf, e.g. a masked vocabulary entry) would give 0 * (-inf) = NaN in
+  # the value and the gradient unless both the product *and* the log-prob it reads are selected
+  # away (the "double where").
+  p = jnp.exp(logp)
+  support = p > 0
+  return p, jnp.where(support, logp, 0.0), support
+
+
+def full_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """Exact KL(pi || ref) = sum_v p_v (log p_v - log q_v) at every position.
+
+  Differentiating it gives the exact gradient of the KL at those positions, with no sampling
+  noise; the reference is a constant (stop_gradient). Use the temperature-scaled logits of both
+  models (the reference divides both by T).
+
+  Args:
+    logp: [..., V] float log-softmax of pi (with grad); -inf entries contribute 0.
+    ref_logp: [..., V] float log-softmax of the reference (base) model.
+
+  Returns:
+    [...] of logp's dtype, >= 0 (up to rounding).
+  """
+  p, logp, support = _support(logp)
+  logq = jnp.where(support, jax.lax.stop_gradient(ref_logp), 0.0)
+  return jnp.sum(jnp.where(support, p * (logp - logq), 0.0), axis=-1)
+
+
+def entropy(logp: jax.Array) -> jax.Array:
+  """H = -sum_v p_v log p_v at every position: [...] from [..., V] float log-softmax (-inf
+  entries contribute 0)."""
+  p, logp, support = _support(logp)
+  return -jnp.sum(jnp.where(support, p * logp, 0.0), axis=-1)
+
+
 def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, with_entropy,
                     with_kl, with_reference) -> dict:
   """Log-probs (and KL, entropy, reference log-probs) of `targets` from predicting states.
@@ -178,11 +214,11 @@ def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, 
     logp = jax.nn.log_softmax(llama.project(config, params, h) / t, axis=-1)
     out = {"logprobs": jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]}
     if with_entropy:
-      out["entropy"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+      out["entropy"] = entropy(logp)
     if need_ref:
       ref = jax.nn.log_softmax(llama.project(config, params, rh) / t, axis=-1)
       if with_kl:
-        out["kl"] = jnp.sum(jnp.exp(logp) * (logp - ref), axis=-1)
+        out["kl"] = full_kl(logp, ref)
       if with_reference:
         out["ref_logprobs"] = jnp.take_along_axis(ref, target[..., None], axis=-1)[..., 0]
     return out

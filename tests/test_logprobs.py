@@ -220,3 +220,25 @@ def test_continuation_logprobs_equal_numpy_on_the_concatenated_rows(model):
   g1, g2 = jax.grad(loss_cont)(lora), jax.grad(loss_full)(lora)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_full_kl_and_entropy_match_numpy_with_masked_vocab():
+  rng = np.random.default_rng(7)
+  zp, zq = rng.normal(size=(3, 4, 9)), rng.normal(size=(3, 4, 9))
+  zp[..., -2:] = -np.inf  # p = 0 there (e.g. a masked vocabulary): contributes 0, not NaN
+  lp, lq = _np_log_softmax(zp), _np_log_softmax(zq)
+  p = np.exp(lp)
+  kl = np.sum(np.where(p > 0, p * (np.where(p > 0, lp, 0) - lq), 0), -1)
+  h = -np.sum(np.where(p > 0, p * np.where(p > 0, lp, 0), 0), -1)
+  np.testing.assert_allclose(logprobs.full_kl(lp.astype(np.float32), lq.astype(np.float32)), kl,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logprobs.entropy(lp.astype(np.float32)), h, rtol=1e-5, atol=1e-6)
+  for fn in (lambda z: jnp.sum(logprobs.full_kl(jax.nn.log_softmax(z), lq)),
+             lambda z: jnp.sum(logprobs.entropy(jax.nn.log_softmax(z)))):
+    g = jax.grad(fn)(zp.astype(np.float32))
+    assert np.all(np.isfinite(np.asarray(g)))

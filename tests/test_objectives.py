@@ -6,6 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from markovian_jax import logprobs as lp_lib
 from markovian_jax import objectives as ob
 
 EPS = 1e-8
@@ -39,6 +40,32 @@ def np_aggregate(x, m, mode, how, active=None):
     return float(np.mean(np_reduce(x, m, how)[active]))
   sel = m & active[:, None]
   return float(np.sum(np.where(sel, x, 0.0)) / sel.sum())
+
+
+def np_reward(lp, m, how, kind):
+  """The three reward kinds, row by row over the valid answer tokens (0 for an empty span)."""
+  if kind == "logprob":
+    return np_reduce(lp, m, how)
+  out = []
+  for row, mrow in zip(lp, m):
+    vals = np.array([v for v, keep in zip(row, mrow) if keep])
+    if not vals.size:
+      out.append(0.0)
+    elif kind == "prob":
+      out.append(np.exp(vals.mean()))
+    else:
+      out.append(np.exp(vals).mean())
+  return np.array(out)
+
+
+def np_rloo_adv(r, g):
+  """A_i = R_i - mean of the other G-1 rewards of its group, written as a loop."""
+  out = np.empty_like(r)
+  for i in range(len(r)):
+    q = i // g
+    others = [r[j] for j in range(q * g, (q + 1) * g) if j != i]
+    out[i] = r[i] - np.mean(others)
+  return out
 
 
 def np_group_adv(r, g):
@@ -247,22 +274,7 @@ def test_ppo_log_ratio_clamp_keeps_values_finite():
   assert np.all(np.isfinite(np.asarray(tok))) and np.asarray(grad)[0, 0] == 0.0
 
 
-# ----------------------------------------------------------------------------- KL and entropy
-
-def test_full_kl_and_entropy_match_numpy_with_masked_vocab():
-  rng = _rng(7)
-  zp, zq = rng.normal(size=(3, 4, 9)), rng.normal(size=(3, 4, 9))
-  zp[..., -2:] = -np.inf  # p = 0 there (e.g. a masked vocabulary): contributes 0, not NaN
-  lp, lq = np_log_softmax(zp), np_log_softmax(zq)
-  p = np.exp(lp)
-  kl = np.sum(np.where(p > 0, p * (np.where(p > 0, lp, 0) - lq), 0), -1)
-  h = -np.sum(np.where(p > 0, p * np.where(p > 0, lp, 0), 0), -1)
-  np.testing.assert_allclose(ob.full_kl(lp.astype(np.float32), lq.astype(np.float32)), kl,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(ob.entropy(lp.astype(np.float32)), h, rtol=1e-5, atol=1e-6)
-  g = jax.grad(lambda z: jnp.sum(ob.full_kl(jax.nn.log_softmax(z), lq)))(zp.astype(np.float32))
-  assert np.all(np.isfinite(np.asarray(g)))
-
+# ----------------------------------------------------------------------------- KL estimators
 
 def test_sampled_estimators_are_unbiased_for_full_kl():
   """k1 and k3 averaged over x ~ p approach the exact KL; k3 >= 0 on every sample."""
@@ -274,7 +286,7 @@ def test_sampled_estimators_are_unbiased_for_full_kl():
   x = rng.choice(v, size=n, p=np.exp(lp))
   s_lp = lp[x].reshape(200, -1).astype(np.float32)
   s_lq = lq[x].reshape(200, -1).astype(np.float32)
-  np.testing.assert_allclose(float(ob.full_kl(lp[None], lq[None])[0]), exact, rtol=1e-5)
+  np.testing.assert_allclose(float(lp_lib.full_kl(lp[None], lq[None])[0]), exact, rtol=1e-5)
   for est in ("k1", "k3"):
     vals = np.asarray(ob.kl_estimate(s_lp, s_lq, est, clamp=None), np.float64)
     se = vals.std() / np.sqrt(n)
@@ -340,10 +352,12 @@ def np_markovian_loss(d, cfg, ema_v=None, ei_hist=None):
   """The objective written out directly in numpy (float64)."""
   d = {k: np.asarray(v, np.float64) if v.dtype != bool else v for k, v in d.items()}
   how, mode, m = cfg.logprob_reduction, cfg.loss_aggregation, d["cot_mask"]
-  r = np_reduce(d["answer_logprobs"], d["answer_mask"], how)
+  r = np_reward(d["answer_logprobs"], d["answer_mask"], how, cfg.reward_kind)
   big_r = r - np.repeat(d["baseline_scores"], G) if cfg.normalize_reward else r
   if cfg.baseline == "group":
     adv = np_group_adv(big_r, G)
+  elif cfg.baseline == "rloo":
+    adv = np_rloo_adv(big_r, G)
   elif cfg.baseline == "ema":
     adv = big_r - (ema_v if ema_v is not None else 0.0)
   else:
@@ -373,19 +387,23 @@ def np_markovian_loss(d, cfg, ema_v=None, ei_hist=None):
     mu = np.repeat(groups.mean(1), G)
     sigma = np.repeat(np.maximum(groups.std(1, ddof=1), cfg.reward_sigma_floor), G) + EPS
     loss -= cfg.actor_reward_weight * np.mean(((r - mu) / sigma)[active])
-  return loss / cfg.accumulation_steps, dict(adv=adv, active=active, r=r, big_r=big_r, kl=kl)
+  return loss, dict(adv=adv, active=active, r=r, big_r=big_r, kl=kl)
 
 
 CASES = {
     "reference_default": dict(group_size=G),
     "ppo_k3_sum_token_mean_entropy": dict(group_size=G, kind="ppo", kl_estimator="k3",
                                           logprob_reduction="sum", loss_aggregation="token_mean",
-                                          entropy_bonus=0.05, accumulation_steps=2),
+                                          entropy_bonus=0.05),
     "pg_k1_ema_paper": dict(group_size=G, kl_estimator="k1", baseline="ema",
                             reward_grad="paper", actor_reward_weight=0.5),
     "ppo_k2_none_unnormalized_ei": dict(group_size=G, kind="ppo", kl_estimator="k2",
                                         baseline="none", normalize_reward=False, ei_std=0.0,
                                         ei_skip_initial=1),
+    "pg_rloo_prob_paper_ei": dict(group_size=G, baseline="rloo", reward_kind="prob",
+                                  reward_grad="paper", ei_std=2.2, ei_skip_initial=1),
+    "ppo_rloo_mean_token_prob_k3": dict(group_size=G, kind="ppo", baseline="rloo",
+                                        reward_kind="mean_token_prob", kl_estimator="k3"),
 }
 
 
@@ -401,8 +419,7 @@ def test_markovian_loss_matches_numpy(name):
       ob.LossInputs(**d), cfg, state)
   want, parts = np_markovian_loss(d, cfg, ema_v=history[0].mean(), ei_hist=history)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
-  np.testing.assert_allclose(float(metrics["loss"]), want * cfg.accumulation_steps, rtol=2e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5, atol=1e-6)
   adv = parts["adv"]
   np.testing.assert_allclose(float(metrics["advantage_mean"]), adv.mean(), atol=1e-5)
   np.testing.assert_allclose(float(metrics["advantage_std"]), adv.std(), rtol=1e-4)
@@ -411,7 +428,10 @@ def test_markovian_loss_matches_numpy(name):
   np.testing.assert_allclose(float(metrics["reward_mean"]), parts["r"].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["normalized_reward_mean"]), parts["big_r"].mean(),
                              rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["active_fraction"]), parts["active"].mean())
+  if cfg.ei_std is None:
+    assert "active_fraction" not in metrics and "ei_threshold" not in metrics
+  else:
+    np.testing.assert_allclose(float(metrics["active_fraction"]), parts["active"].mean())
   np.testing.assert_allclose(
       float(metrics["kl"]), np_aggregate(parts["kl"], d["cot_mask"], cfg.loss_aggregation,
                                          cfg.logprob_reduction), rtol=1e-5)
@@ -527,7 +547,7 @@ def test_reward_sigma_floor_bounds_the_reward_gradient():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kl_estimator="k4"), "kl_estimator"),
     (dict(kind="sft"), "objective kind"),
-    (dict(baseline="rloo"), "baseline"),
+    (dict(baseline="loo"), "baseline"),
     (dict(logprob_reduction="max"), "logprob_reduction"),
     (dict(loss_aggregation="batch"), "loss_aggregation"),
     (dict(reward_grad="full"), "reward_grad"),
@@ -535,7 +555,9 @@ def test_reward_sigma_floor_bounds_the_reward_gradient():
     (dict(ppo_eps=1.5), "ppo_eps"),
     (dict(kl_penalty=-0.1), "kl_penalty"),
     (dict(ema_decay=1.0), "ema_decay"),
-    (dict(accumulation_steps=0), "accumulation_steps"),
+    (dict(baseline="rloo", group_size=1), "group_size"),
+    (dict(baseline="ema", reward_grad="paper", group_size=1), "group_size"),
+    (dict(reward_kind="likelihood"), "reward_kind"),
     (dict(group_size=1), "group_size"),
     (dict(kl_clamp=0.0), "kl_clamp"),
     (dict(entropy_bonus=float("nan")), "entropy_bonus"),
@@ -576,5 +598,198 @@ def test_from_run_config():
   assert cfg == ob.ObjectiveConfig(group_size=c.train.group_size)  # the defaults agree
   c.objective.ei_std = 1.0
   c.objective.kind = "ppo"
-  cfg = ob.ObjectiveConfig.from_config(c, accumulation_steps=4)
-  assert (cfg.ei_std, cfg.kind, cfg.accumulation_steps) == (1.0, "ppo", 4)
+  cfg = ob.ObjectiveConfig.from_config(c, baseline="rloo")
+  assert (cfg.ei_std, cfg.kind, cfg.baseline) == (1.0, "ppo", "rloo")
+  assert not hasattr(cfg, "accumulation_steps")
+
+
+# ----------------------------------------------------------------------------- registries
+
+@pytest.mark.parametrize("choices, registry", [
+    (ob.OBJECTIVES, ob.POLICY_LOSS_REGISTRY), (ob.PPO_RATIO_REFERENCES, ob.PPO_RATIO_REGISTRY),
+    (ob.REWARD_GRADS, ob.REWARD_GRAD_REGISTRY), (ob.SAMPLED_KL_ESTIMATORS, ob.SAMPLED_KL_REGISTRY),
+    (ob.REDUCTIONS, ob.REDUCTION_REGISTRY), (ob.AGGREGATIONS, ob.AGGREGATION_REGISTRY),
+    (ob.BASELINES, ob.BASELINE_REGISTRY), (ob.REWARD_KINDS, ob.REWARD_KIND_REGISTRY),
+])
+def test_choice_tuples_are_the_registry_keys(choices, registry):
+  assert isinstance(choices, tuple) and choices == tuple(registry)
+  assert ob.KL_ESTIMATORS == ("full",) + ob.SAMPLED_KL_ESTIMATORS
+  assert {"rloo", "group", "ema", "none"} <= set(ob.BASELINES)
+  assert set(ob.REWARD_KINDS) == {"logprob", "prob", "mean_token_prob"}
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+  reg = ob.Registry("widget")
+  reg.register("a", min_group_size=2)(lambda: 1)
+  assert reg.lookup("a")() == 1 and reg.meta["a"] == {"min_group_size": 2}
+  with pytest.raises(ValueError, match="registered twice"):
+    reg.add("a", None)
+  with pytest.raises(ValueError, match=r"unknown widget 'b'; choose one of \['a'\]"):
+    reg.lookup("b")
+
+
+# ----------------------------------------------------------------------------- new variants
+
+def test_rloo_advantages_match_leave_one_out():
+  rng = _rng(20)
+  q, g = 4, 5
+  r = rng.normal(size=q * g).astype(np.float32)
+  r[g:2 * g] = -0.75  # no spread: A = 0
+  want = np_rloo_adv(r.astype(np.float64), g)
+  np.testing.assert_allclose(ob.rloo_advantages(r, g), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ob.rloo_advantages(r.reshape(q, g)), want.reshape(q, g), rtol=1e-5,
+                             atol=1e-6)
+  # The closed form G/(G-1) (R - mean_g R), and the group's advantages sum to 0.
+  groups = r.reshape(q, g).astype(np.float64)
+  closed = g / (g - 1) * (groups - groups.mean(1, keepdims=True))
+  np.testing.assert_allclose(want.reshape(q, g), closed, rtol=1e-10)
+  np.testing.assert_allclose(want.reshape(q, g).sum(1), 0.0, atol=1e-12)
+  assert np.all(np.asarray(ob.rloo_advantages(r, g))[g:2 * g] == 0)
+  # G = 2: each sample is compared with the other one.
+  np.testing.assert_allclose(ob.rloo_advantages(np.array([1.0, 4.0, -2.0, 0.5]), 2),
+                             [-3.0, 3.0, -2.5, 2.5])
+  with pytest.raises(ValueError, match="at least 2"):
+    ob.rloo_advantages(r, 1)
+  with pytest.raises(ValueError, match="groups of 3"):
+    ob.rloo_advantages(r, 3)
+
+
+# Rows: two valid tokens (masked NaN); one valid token (masked -inf, +inf); an empty span; a valid
+# -inf token (probability 0) next to a valid one.
+KIND_LP = np.array([[np.log(0.5), np.log(0.25), np.nan],
+                    [-np.inf, np.log(0.8), np.inf],
+                    [np.nan, -np.inf, 3.0],
+                    [-np.inf, np.log(0.5), np.nan]], np.float32)
+KIND_MASK = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], bool)
+KIND_WANT = {
+    ("logprob", "mean"): [np.log(0.125) / 2, np.log(0.8), 0.0, -np.inf],
+    ("logprob", "sum"): [np.log(0.125), np.log(0.8), 0.0, -np.inf],
+    ("prob", "mean"): [np.sqrt(0.125), 0.8, 0.0, 0.0],  # geometric mean of the token probs
+    ("mean_token_prob", "mean"): [0.375, 0.8, 0.0, 0.25],
+}
+
+
+@pytest.mark.parametrize("kind, how", list(KIND_WANT))
+def test_reward_kinds_hand_computed(kind, how):
+  got = np.asarray(ob.answer_reward(KIND_LP, KIND_MASK, how, kind))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, KIND_WANT[kind, how], rtol=1e-6)
+  if kind != "logprob":  # the probability kinds ignore logprob_reduction
+    np.testing.assert_array_equal(ob.answer_reward(KIND_LP, KIND_MASK, "sum", kind), got)
+  # d r_i / d lp_it: finite everywhere (masked NaN / inf and a valid -inf included), 0 off the span.
+  grad = np.asarray(jax.grad(lambda x: jnp.sum(ob.answer_reward(x, KIND_MASK, how, kind)))(KIND_LP))
+  count = np.maximum(KIND_MASK.sum(1, keepdims=True), 1)
+  want = {"logprob": 1.0 / count if how == "mean" else np.ones_like(KIND_LP),
+          "prob": np.asarray(KIND_WANT[kind, how])[:, None] / count,
+          "mean_token_prob": np.exp(np.where(KIND_MASK, KIND_LP, 0.0)) / count}[kind]
+  np.testing.assert_allclose(grad, np.where(KIND_MASK, want, 0.0), rtol=1e-6)
+
+
+def test_answer_reward_defaults_to_logprob():
+  np.testing.assert_array_equal(ob.answer_reward(KIND_LP, KIND_MASK, "sum"),
+                                ob.answer_reward(KIND_LP, KIND_MASK, "sum", "logprob"))
+  np.testing.assert_array_equal(ob.answer_reward(KIND_LP, KIND_MASK),
+                                ob.answer_reward(KIND_LP, KIND_MASK, "mean", "logprob"))
+  with pytest.raises(ValueError, match="reward_kind"):
+    ob.answer_reward(KIND_LP, KIND_MASK, "mean", "likelihood")
+
+
+@pytest.mark.parametrize("kind", ob.REWARD_KINDS)
+def test_reward_grad_paper_differentiates_every_reward_kind(kind):
+  """d loss / d lp_it = -w / (N * scale_i) * d r_i / d lp_it, with the kind's own d r / d lp."""
+  with jax.enable_x64(True):
+    d = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in _inputs(21).items()}
+    w = 0.7
+    cfg = ob.ObjectiveConfig(group_size=G, reward_grad="paper", actor_reward_weight=w,
+                             reward_kind=kind, kl_estimator="k3")
+    lp, m = d["answer_logprobs"], d["answer_mask"]
+    r = ob.answer_reward(lp, m, "mean", kind)
+    targets, _, _ = ob.advantage_targets(r, d["baseline_scores"], cfg)
+    grad = np.asarray(jax.grad(lambda a: ob.loss_from_targets(
+        ob.LossInputs(**{**d, "answer_logprobs": a}), targets, cfg)[0])(lp))
+    groups = np_reward(lp, m, "mean", kind).reshape(Q, G)
+    scale = np.repeat(np.maximum(groups.std(1, ddof=1), cfg.reward_sigma_floor), G) + EPS
+    count = m.sum(1, keepdims=True)
+    dr = {"logprob": np.ones_like(lp) / count,
+          "prob": np.exp(np_reward(lp, m, "mean", "logprob"))[:, None] / count,
+          "mean_token_prob": np.exp(lp) / count}[kind]
+    want = np.where(m, -w / (N * scale[:, None]) * dr, 0.0)
+    np.testing.assert_allclose(grad, want, rtol=1e-9, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- jit, metrics, EI
+
+def _history_state(cfg, seed=22):
+  history = _rng(seed).normal(loc=0.3, size=N)
+  return ob.BaselineState(ob.ema_update(ob.EmaState.init(), history.mean(), cfg.ema_decay),
+                          ob.ei_update(ob.EiStats.init(), history))
+
+
+@pytest.mark.parametrize("baseline", ["group", "rloo", "ema"])
+@pytest.mark.parametrize("ei_std", [None, 0.0])
+def test_advantage_targets_jit_matches_eager(baseline, ei_std):
+  cfg = ob.ObjectiveConfig(group_size=G, baseline=baseline, ei_std=ei_std, ei_skip_initial=1,
+                           reward_grad="paper")
+  d = _inputs(23)
+  r = ob.answer_reward(d["answer_logprobs"], d["answer_mask"])
+  state = _history_state(cfg)
+  eager = ob.advantage_targets(r, d["baseline_scores"], cfg, state)
+  jitted = jax.jit(ob.advantage_targets, static_argnums=2)(r, d["baseline_scores"], cfg, state)
+  (t_e, s_e, m_e), (t_j, s_j, m_j) = eager, jitted
+  for a, b in zip(jax.tree.leaves((t_e, s_e)), jax.tree.leaves((t_j, s_j))):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert m_e.keys() == m_j.keys()
+  for k in m_e:
+    np.testing.assert_allclose(float(m_e[k]), float(m_j[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+  assert ("active_fraction" in m_j) == (ei_std is not None)
+  if ei_std is not None:
+    active = np.asarray(t_j.active)
+    assert 0 < active.sum() < N and m_j["active_fraction"].dtype == jnp.float32
+    np.testing.assert_allclose(float(m_j["active_fraction"]), active.mean())
+  else:
+    assert np.asarray(t_j.active).all()
+  # Targets.active is usable in jit (e.g. to skip the optimizer update).
+  assert bool(jax.jit(lambda t: t.any_active())(t_j)) and bool(jax.jit(jnp.any)(t_j.active))
+
+
+@pytest.mark.parametrize("cfg_kwargs, present, absent", [
+    (dict(), {"frac_reward_zero_std", "kl", "entropy", "pg_loss", "loss"},
+     {"ema_baseline", "ppo_ratio_mean", "ppo_ratio_max", "ppo_clip_fraction", "reward_grad_loss",
+      "ei_threshold", "active_fraction"}),
+    (dict(baseline="rloo"), {"frac_reward_zero_std"}, {"ema_baseline", "active_fraction"}),
+    (dict(baseline="ema", reward_grad="paper"), {"ema_baseline", "reward_grad_loss"},
+     {"frac_reward_zero_std", "ppo_clip_fraction"}),
+    (dict(baseline="none", kind="ppo", ei_std=0.5, ei_skip_initial=0),
+     {"ppo_ratio_mean", "ppo_ratio_max", "ppo_clip_fraction", "ei_threshold", "active_fraction"},
+     {"frac_reward_zero_std", "ema_baseline", "reward_grad_loss"}),
+    (dict(kind="ppo", ppo_ratio_reference="base", reward_grad="paper"),
+     {"ppo_ratio_mean", "ppo_clip_fraction"}, {"reward_grad_loss", "active_fraction"}),
+])
+def test_metrics_follow_the_config(cfg_kwargs, present, absent):
+  cfg = ob.ObjectiveConfig(group_size=G, **cfg_kwargs)
+  _, (metrics, _) = ob.markovian_loss(ob.LossInputs(**_inputs(24)), cfg, _history_state(cfg))
+  always = {"reward_mean", "normalized_reward_mean", "advantage_mean", "advantage_std",
+            "advantage_min", "advantage_max", "behaviour_logprob_diff_mean",
+            "behaviour_logprob_diff_max", "pg_loss", "loss"}
+  assert always | present <= metrics.keys(), (always | present) - metrics.keys()
+  assert not absent & metrics.keys(), absent & metrics.keys()
+  assert all(jnp.shape(v) == () for v in metrics.values())
+
+
+def test_expert_iteration_keeping_nothing_reports_it():
+  """During the warm-up nothing is kept: active_fraction 0, any_active False, a zero loss and
+  gradient (the caller skips the optimizer step)."""
+  cfg = ob.ObjectiveConfig(group_size=G, ei_std=0.0, ei_skip_initial=5, entropy_bonus=0.1,
+                           reward_grad="paper")
+  d = _inputs(25)
+  r = ob.answer_reward(d["answer_logprobs"], d["answer_mask"])
+  targets, state, metrics = jax.jit(ob.advantage_targets, static_argnums=2)(
+      r, d["baseline_scores"], cfg, ob.BaselineState.init())
+  assert float(metrics["active_fraction"]) == 0.0 and np.isinf(float(metrics["ei_threshold"]))
+  assert not bool(targets.any_active()) and int(state.ei.batches) == 1
+
+  def loss(x):
+    return ob.loss_from_targets(ob.LossInputs(**{**d, "cot_logprobs": x}), targets, cfg)[0]
+  value, grad = jax.value_and_grad(loss)(d["cot_logprobs"])
+  assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
