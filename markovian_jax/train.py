@@ -105,7 +105,7 @@ class Trainer:
     self.rng = jax.random.PRNGKey(t.seed)
     self.baseline_state = obj.BaselineState.init()
     self.last_eval = None
-    self.last_rollout = None
+    self.last_rollout = self.last_targets = self.last_updates = None
     self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                            max_to_keep=t.max_to_keep, keep_best=t.keep_best)
     self.writer = summary.SummaryWriter(self.workdir)
@@ -180,8 +180,7 @@ class Trainer:
     if not any(m["nonfinite"] for m in per_update):
       self.baseline_state = new_state
     self.step_num += 1
-    self.last_rollout = ro
-    self.last_targets = tg
+    self.last_rollout, self.last_targets, self.last_updates = ro, tg, per_update
     scalars = pipeline.scalars(spec, ctx, ro, sc, target_metrics, per_update, timer.times)
     if not per_update:  # expert iteration kept nothing: report the schedule's value
       scalars["train/learning_rate"] = lr
