@@ -34,7 +34,6 @@ class Stopped(UserError):
 def fail(message) -> None:
   """Prints one `error:` line and exits with status 2."""
   text = " ".join(str(message).split()) or type(message).__name__
-  logging.error("%s", text)
   print(f"error: {text}", file=sys.stderr, flush=True)
   sys.exit(EXIT_BAD_INPUT)
 

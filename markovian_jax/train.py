@@ -65,6 +65,11 @@ class Trainer:
     self.spec = spec = config_validation.validate(config)
     check_workdir(spec)
     t = spec.train
+    if spec.lora.init_from and not os.path.isfile(
+        os.path.join(spec.lora.init_from, "adapter_config.json")):
+      raise checkpointing.CheckpointError(
+          f"config.lora.init_from: {spec.lora.init_from} is not a PEFT adapter directory (no "
+          "adapter_config.json)")
     tokenizer = load_tokenizer(spec.model.path)
     self.train_stream = ExampleStream(read_examples(spec, spec.data.train_split, tokenizer),
                                       t.seed)

@@ -1,0 +1,93 @@
+"""`python -m markovian_jax.train` itself, as a user runs it: two steps, a refused re-run, a resume,
+and bad input that exits 2 with one `error:` line before any model weights load."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+
+def run_train(*args, timeout=300):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "markovian_jax.train", *args], cwd=helpers.REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def demo_args(model_dir, workdir, *extra):
+  return ["--config=configs/demo.py", f"--config.model.path={model_dir}",
+          f"--config.workdir={workdir}", "--config.host_allocator=system",
+          "--config.compilation_cache_dir=", "--config.sampling.cot_length=8",
+          "--config.train.group_size=4", "--config.train.num_steps=2",
+          "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+          "--config.eval.num_examples=4", "--config.eval.batch_size=4",
+          "--config.eval.answer_max_tokens=4", *extra]
+
+
+def one_error_line(result) -> str:
+  """The single `error:` line of a run that exited 2 without a traceback."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+def test_train_cli_runs_refuses_to_mix_runs_and_resumes(tiny_model_dir, tmp_path):
+  work = tmp_path / "run"
+  done = run_train(*demo_args(tiny_model_dir, work))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert sorted(os.listdir(work / "checkpoints")) == ["2"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
+  again = one_error_line(run_train(*demo_args(tiny_model_dir, work)))
+  assert "config.train.resume" in again and "steps [2]" in again and "--config.workdir" in again
+  more = run_train(*demo_args(tiny_model_dir, work, "--config.train.resume=True",
+                              "--config.train.num_steps=3", "--config.train.checkpoint_every=3"))
+  assert more.returncode == 0, more.stderr[-3000:]
+  assert "3" in os.listdir(work / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def weightless_model_dir(tiny_model_dir, tmp_path_factory):
+  """The tiny model's tokenizer and config without its weights: a run that reached the model
+  load would fail there, so errors about anything else prove they came first."""
+  d = tmp_path_factory.mktemp("no_weights")
+  for name in os.listdir(tiny_model_dir):
+    if not name.endswith(".safetensors") and not name.endswith(".index.json"):
+      shutil.copy(os.path.join(tiny_model_dir, name), d)
+  return str(d)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--config.train.num_step=3"],
+     "--config.train.num_step: unknown config key; did you mean --config.train.num_steps?"),
+    (["--config.train.bogus_knob=1"], "--config.train.bogus_knob: unknown config key"),
+    (["--config.train.text_every=0"], "config.train.text_every: must be a positive integer"),
+    (["--config.lora.targets=('q','attention')"], "config.lora.targets: ['q', 'attention']"),
+    (["--config.objective.ppo_minibatches=2"], "config.objective.ppo_minibatches: PPO passes"),
+    (["--config.data.path=/no/such/dir", "--config.task=gsm8k"],
+     "config.data.path: /no/such/dir: no such file or directory"),
+    (["--config.lora.init_from=/no/such/adapter"],
+     "config.lora.init_from: /no/such/adapter is not a PEFT adapter directory"),
+])
+def test_bad_input_exits_2_with_one_line_before_the_model_loads(weightless_model_dir, tmp_path,
+                                                                extra, expected):
+  line = one_error_line(run_train(*demo_args(weightless_model_dir, tmp_path / "w", *extra),
+                                  timeout=120))
+  assert expected in line, line
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_malformed_data_record_is_one_line_naming_file_and_line(weightless_model_dir, tmp_path):
+  data = tmp_path / "gsm8k"
+  data.mkdir()
+  good = '{"question": "1+1?", "answer": "so #### 2"}\n'
+  (data / "train.jsonl").write_text(good + '{"question": "2+2?"\n')
+  (data / "test.jsonl").write_text(good)
+  line = one_error_line(run_train(*demo_args(weightless_model_dir, tmp_path / "w",
+                                             "--config.task=gsm8k",
+                                             f"--config.data.path={tmp_path}"), timeout=120))
+  assert "train.jsonl:2" in line, line
