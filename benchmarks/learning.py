@@ -103,9 +103,9 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
   scalars = summary.read_scalars(workdir)
   if not scalars:
     raise FileNotFoundError(f"no TensorBoard scalars under {workdir!r}")
-  steps, norm = _series(scalars, "reward/normalized")
+  steps, norm = _series(scalars, "answer/normalized_reward")
   if steps.size == 0:
-    raise FileNotFoundError(f"{workdir!r} has no training steps logged yet (reward/normalized)")
+    raise FileNotFoundError(f"{workdir!r} has no training steps logged yet (answer/normalized_reward)")
   w = min(window, steps.size)
   print(f"\n=== learning report: {workdir} ({steps.size} steps, window {w}) ===")
 
@@ -117,15 +117,15 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
             f"   (delta {fmt.format(b - a)})")
 
   print("training (means over the first / last window of steps):")
-  first_last_line("normalised reward", "reward/normalized")
-  first_last_line("raw reward (actor log-prob)", "reward/raw")
-  first_last_line("base reward (greedy CoT')", "answer_logprob/base")
-  first_last_line("contains_answer", "contains_answer", "{:.3f}")
-  first_last_line("KL to base", "kl", "{:.4f}")
-  first_last_line("entropy", "entropy", "{:.3f}")
-  first_last_line("repetition rate", "repetition_rate", "{:.3f}")
-  first_last_line("grad norm", "grad_norm", "{:.3f}")
-  first_last_line("advantage std", "advantage_std", "{:.3f}")
+  first_last_line("normalised reward", "answer/normalized_reward")
+  first_last_line("raw reward (actor log-prob)", "answer/logprob")
+  first_last_line("base reward (greedy CoT')", "answer/baseline_logprob")
+  first_last_line("contains_answer", "answer/cot_contains_answer", "{:.3f}")
+  first_last_line("KL to base", "policy/kl", "{:.4f}")
+  first_last_line("entropy", "policy/entropy", "{:.3f}")
+  first_last_line("repetition rate", "policy/repetition_rate", "{:.3f}")
+  first_last_line("grad norm", "train/grad_norm", "{:.3f}")
+  first_last_line("advantage std", "train/advantage_std", "{:.3f}")
 
   methods = _eval_methods(scalars)
   print("held-out accuracy [95% interval: Wilson, or over question means with several samples]:")
@@ -192,7 +192,7 @@ def plot(scalars: dict, workdir: str, window: int) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
 
-  raw_and_ma(axes[0], "reward/normalized", "normalised reward")
+  raw_and_ma(axes[0], "answer/normalized_reward", "normalised reward")
   axes[0].axhline(0.0, color="k", lw=0.6)
   for m in _eval_methods(scalars):
     s, v = _series(scalars, f"eval/{m}/accuracy")
@@ -202,9 +202,9 @@ def plot(scalars: dict, workdir: str, window: int) -> str:
   axes[1].set_ylim(-0.02, 1.02)
   axes[1].grid(alpha=0.3)
   axes[1].legend(loc="best", fontsize=8)
-  raw_and_ma(axes[2], "contains_answer", "CoT contains answer")
-  raw_and_ma(axes[3], "kl", "KL to base")
-  raw_and_ma(axes[4], "repetition_rate", "repetition rate")
+  raw_and_ma(axes[2], "answer/cot_contains_answer", "CoT contains answer")
+  raw_and_ma(axes[3], "policy/kl", "KL to base")
+  raw_and_ma(axes[4], "policy/repetition_rate", "repetition rate")
   axes[4].set_xlabel("training step")
   fig.suptitle(f"Markovian training: {os.path.basename(os.path.normpath(workdir))}")
   fig.tight_layout()

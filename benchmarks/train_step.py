@@ -286,8 +286,8 @@ class OursSide:
     s = self.trainer.step()
     return {"step_s": time.perf_counter() - t, "sample_s": s["perf/sample_s"],
             "score_s": s["perf/score_s"], "update_s": s["perf/update_s"],
-            "inner_s": s["perf/step_s"], "loss": s["loss"], "kl": s["kl"],
-            "reward": s["reward/raw"], "compiles": self.compiles.count - c0,
+            "inner_s": s["perf/step_s"], "loss": s["train/loss"], "kl": s["policy/kl"],
+            "reward": s["answer/logprob"], "compiles": self.compiles.count - c0,
             "sampler_compiles": self.sampling.compile_count() - s0}
 
 
