@@ -592,13 +592,16 @@ def test_shape_errors_are_named():
 
 
 def test_from_run_config():
+  """The run config's objective section (read by specs) gives these defaults."""
   from configs import base
+  from markovian_jax import config_validation
   c = base.get_config("gsm8k")
-  cfg = ob.ObjectiveConfig.from_config(c)
+  cfg = config_validation.validate(c).objective.loss
   assert cfg == ob.ObjectiveConfig(group_size=c.train.group_size)  # the defaults agree
   c.objective.ei_std = 1.0
   c.objective.kind = "ppo"
-  cfg = ob.ObjectiveConfig.from_config(c, baseline="rloo")
+  c.objective.baseline = "rloo"
+  cfg = config_validation.validate(c).objective.loss
   assert (cfg.ei_std, cfg.kind, cfg.baseline) == (1.0, "ppo", "rloo")
   assert not hasattr(cfg, "accumulation_steps")
 

@@ -237,12 +237,12 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
 def test_scoring_projects_only_the_answer_window(tiny_config):
   """`answer_window` covers every row's answer span, and scoring with it equals scoring with the
   projection over every position."""
-  from markovian_jax import objectives as obj
-  from markovian_jax import train_step
+  from markovian_jax import config_validation, train_step
   from markovian_jax.models import init_lora, init_params
-  import jax.numpy as jnp
   c = importlib.import_module("configs.demo").get_config()
-  s = train_step.StepSettings(model=tiny_config, objective=obj.ObjectiveConfig.from_config(c),
+  c.objective.reward_grad = "paper"
+  s = train_step.StepSettings(model=tiny_config,
+                              objective=config_validation.validate(c).objective.loss,
                               temperature=1.0)
   params = init_params(tiny_config, jax.random.PRNGKey(0))
   lora = init_lora(tiny_config, jax.random.PRNGKey(1), rank=4)
@@ -262,3 +262,13 @@ def test_scoring_projects_only_the_answer_window(tiny_config):
   for a, b in zip(full, window):
     np.testing.assert_allclose(a, b, atol=1e-6)
   assert np.count_nonzero(np.asarray(full[0])) == span.sum()
+  # reward_grad='paper' re-scores the rows with gradient through the same window.
+  batch = train_step.PolicyBatch(
+      prompt_tokens=tokens[:3, :4], prompt_mask=jnp.ones((3, 4), bool), cot_tokens=tokens[:, :3],
+      cot_mask=jnp.ones((3, 3), bool), behaviour_logprobs=jnp.zeros((3, 3)),
+      answer_tokens=tokens, answer_mask=jnp.asarray(mask), answer_span=jnp.asarray(span),
+      answer_logprobs=full[0], baseline_scores=jnp.zeros((3,)))
+  whole = train_step.loss_inputs(s, params, lora, batch, None)
+  windowed = train_step.loss_inputs(s, params, lora, batch, None,
+                                    answer_last_n=train_step.answer_window(span))
+  np.testing.assert_allclose(whole.answer_logprobs, windowed.answer_logprobs, atol=1e-6)

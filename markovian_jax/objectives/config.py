@@ -124,27 +124,3 @@ class ObjectiveConfig:
   def uses_groups(self) -> bool:
     """Whether a chosen variant works within each question's G samples (N must be Q * G)."""
     return bool(self._group_needs())
-
-  @classmethod
-  def from_config(cls, config, **overrides) -> "ObjectiveConfig":
-    """From a run ConfigDict (configs/base.py): its `objective` block and `train.group_size`.
-
-    `objective.ei_std < 0` means off (None here). Keys newer than some configs (kl_clamp,
-    reward_sigma_floor, advantage_eps, reward_kind) keep their defaults when absent.
-    """
-    o = config.objective
-    kwargs = dict(
-        kind=o.kind, kl_penalty=float(o.kl_penalty), kl_estimator=o.kl_estimator,
-        entropy_bonus=float(o.entropy_bonus), logprob_reduction=o.logprob_reduction,
-        loss_aggregation=o.loss_aggregation, normalize_reward=bool(o.normalize_reward),
-        reward_grad=o.reward_grad, actor_reward_weight=float(o.actor_reward_weight),
-        baseline=o.baseline, group_size=int(config.train.group_size),
-        ema_decay=float(o.ema_decay), ei_std=None if o.ei_std < 0 else float(o.ei_std),
-        ei_skip_initial=int(o.ei_skip_initial), ppo_eps=float(o.ppo_eps),
-        ppo_log_ratio_clamp=float(o.ppo_log_ratio_clamp),
-        ppo_ratio_reference=o.ppo_ratio_reference)
-    for key in ("kl_clamp", "reward_sigma_floor", "advantage_eps", "reward_kind"):
-      if key in o:
-        kwargs[key] = o[key]
-    kwargs.update(overrides)
-    return cls(**kwargs)
