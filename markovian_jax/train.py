@@ -110,10 +110,13 @@ class Trainer:
     self.rng = jax.random.PRNGKey(t.seed)
     self.baseline_state = obj.BaselineState.init()
     self.last_eval = None
-    self.last_rollout = self.last_targets = self.last_updates = None
+    self.last_rollout = self.last_scores = self.last_targets = self.last_updates = None
     self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                            max_to_keep=t.max_to_keep, keep_best=t.keep_best)
     self.writer = summary.SummaryWriter(self.workdir)
+    if jax.process_index() == 0:  # the run's full config, for reports and analyses
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1, default=str)
     self._stop_signal = None
     self.hooks = hooks_lib.Hooks()
     self.add_hook(self._write_scalars, name="scalars")
@@ -185,7 +188,8 @@ class Trainer:
     if not any(m["nonfinite"] for m in per_update):
       self.baseline_state = new_state
     self.step_num += 1
-    self.last_rollout, self.last_targets, self.last_updates = ro, tg, per_update
+    self.last_rollout, self.last_scores = ro, sc
+    self.last_targets, self.last_updates = tg, per_update
     scalars = pipeline.scalars(spec, ctx, ro, sc, target_metrics, per_update, timer.times)
     if not per_update:  # expert iteration kept nothing: report the schedule's value
       scalars["train/learning_rate"] = lr
@@ -197,12 +201,28 @@ class Trainer:
     self.writer.histogram(info.step, "train/advantages", fetch(self.last_targets.advantages))
 
   def _write_samples(self, info: hooks_lib.StepInfo):
+    """The step's CoTs: three as TensorBoard text, all of them in samples.jsonl (one line per
+    question: CoTs, rewards r, normalised rewards R, the reference's CoT' and its score b)."""
     ro = info.rollout
     cots = "\n\n".join(f"**CoT {i}**: {t}" for i, t in enumerate(ro.cot_texts[:3]))
     base = "" if ro.base_texts is None else f"**Baseline CoT'**: {ro.base_texts[0]}\n\n"
     self.writer.text(info.step, "samples", (
         f"**Question**: {ro.examples[0].question}\n\n{cots}\n\n{base}"
         f"**Answer**: {ro.examples[0].answer}"))
+    if jax.process_index() != 0:
+      return
+    g = ro.group_size
+    r = fetch(self.last_scores.rewards).astype(float)
+    b = self.last_scores.base_scores
+    with open(os.path.join(self.workdir, "samples.jsonl"), "a") as f:
+      for q, ex in enumerate(ro.examples):
+        rows = slice(q * g, (q + 1) * g)
+        f.write(json.dumps({
+            "step": info.step, "task": self.spec.task, "id": ex.id, "question": ex.question,
+            "answer": ex.answer, "cots": ro.cot_texts[rows], "rewards": r[rows].tolist(),
+            "normalized": None if b is None else (r[rows] - float(b[q])).tolist(),
+            "base_cot": None if ro.base_texts is None else ro.base_texts[q],
+            "base_score": None if b is None else float(b[q])}) + "\n")
 
   def _evaluate_hook(self, info: hooks_lib.StepInfo):
     self.evaluate()
