@@ -15,11 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from markovian_jax.errors import UserError
+from markovian_jax.errors import CheckpointError
 
 
-class CheckpointError(UserError, RuntimeError):
-  """A checkpoint directory or step that does not exist or does not fit the run."""
+__all__ = ["CheckpointError", "Checkpointer"]
 
 
 def _score(metrics) -> float:

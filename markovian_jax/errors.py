@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class InvalidConfig(UserError, ValueError):
   """A run config that cannot work; the message starts with the offending `config.` key."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A model, adapter or training checkpoint that is missing or does not fit the run."""

@@ -17,6 +17,10 @@ transposed and `...lora_B.weight` [out, r] our `b` transposed; both scale the up
 Loading streams: each leaf is built by `jax.make_array_from_callback`, whose callback reads from the
 memory-mapped safetensors only the layers and slices of the shard a device owns. The host never
 holds the model twice, and on a pod each process reads only what its own devices hold.
+
+The module is longer than our usual 400 lines on purpose: the loader, the full-weight writer and
+the PEFT adapter reader/writer all work from the one name table above; split apart, each part would
+have to restate it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from markovian_jax import sharding
+from markovian_jax.errors import CheckpointError
 from markovian_jax.models import llama
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.config import LlamaConfig
@@ -50,8 +55,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class CheckpointError(ValueError):
-  """A checkpoint or adapter whose tensors do not match what its config describes."""
 
 
 # (HF tensor name, our leaf path, HF stores the transpose). "{i}" marks a per-layer tensor that is
