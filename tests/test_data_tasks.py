@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from markovian_jax.data import DataError, load_task, task_kind, task_options
+from markovian_jax.data import DataError, load_task, task_kind
 from markovian_jax.data import numeric_tasks
 from markovian_jax.data.mcq_tasks import parse_mathqa_options
 from markovian_jax.data.wiki import split_wikitext
@@ -160,13 +160,14 @@ def test_task_kinds_and_options():
   assert [task_kind(t) for t in ("gsm8k", "arc", "wiki_continuation")] == [
       "numeric", "mcq", "continuation"]
 
-  class Data:
-    arc_subset, arithmetic_terms, arithmetic_max = "ARC-Easy", 2, 20
-    question_length, target_length = 30, 40
-
-  assert task_options("arithmetic", Data) == {"num_terms": 2, "max_value": 20}
-  assert task_options("arc", Data) == {"subset": "ARC-Easy"}
-  assert task_options("wiki_continuation", Data, tokenizer="T")["question_length"] == 30
+  from markovian_jax.specs import DataSpec
+  data = DataSpec(arc_subset="ARC-Easy", arithmetic_terms=2, arithmetic_max=20,
+                  question_length=30, target_length=40)
+  assert data.task_options("arithmetic") == {"num_terms": 2, "max_value": 20}
+  assert data.task_options("arc") == {"subset": "ARC-Easy"}
+  assert data.task_options("wiki_continuation", tokenizer="T")["question_length"] == 30
+  assert data.task_options("mmlu") == {"subject": None, "train_splits": ("dev", "validation")}
+  assert data.task_options("gsm8k") == {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from markovian_jax.data.prompts import (AnswerTokens, answer_prompt, answer_toke
                                         cot_prompt, encode)
 from markovian_jax.data.records import DataError, Example
 from markovian_jax.data.stream import ExampleStream
-from markovian_jax.data.tasks import TASKS, load_task, task_kind, task_options
+from markovian_jax.data.tasks import TASKS, load_task, task_kind
 
 __all__ = [
     "extract_all", "extract_letter", "extract_numeric", "is_correct", "normalize_number",
     "AnswerTokens", "answer_prompt", "answer_tokens", "base_prompt", "cot_prompt", "encode",
-    "DataError", "Example", "ExampleStream", "TASKS", "load_task", "task_kind", "task_options",
+    "DataError", "Example", "ExampleStream", "TASKS", "load_task", "task_kind",
 ]

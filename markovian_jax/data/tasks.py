@@ -25,7 +25,8 @@ wiki_continuation  wikimedia/wikipedia (20231101.en)  disjoint article ranges (w
 
 Options (keyword arguments) per task: arc `subset`; mmlu `subject`, `train_splits`; arithmetic
 `num_terms`, `min_value`, `max_value`, `num_examples`, `seed`; wiki_continuation `tokenizer`
-(required), `question_length`, `target_length`, `num_examples`.
+(required), `question_length`, `target_length`, `num_examples`. A run config's `data` section maps
+to them in `specs.DataSpec.task_options`.
 """
 
 from __future__ import annotations
@@ -92,16 +93,3 @@ def load_task(name: str, split: str, path: Optional[Any] = None, **options) -> l
   if path is not None and path != "" and name != "arithmetic":
     path = _resolve_path(name, path)
   return loader(split, path or None, **options)
-
-
-def task_options(name: str, data_config, tokenizer=None) -> dict:
-  """load_task options from a run config's `data` section (configs/base.py)."""
-  _check_task(name)
-  if name == "arc":
-    return {"subset": data_config.arc_subset}
-  if name == "arithmetic":
-    return {"num_terms": data_config.arithmetic_terms, "max_value": data_config.arithmetic_max}
-  if name == "wiki_continuation":
-    return {"tokenizer": tokenizer, "question_length": data_config.question_length,
-            "target_length": data_config.target_length}
-  return {}
