@@ -14,8 +14,27 @@ import os
 from typing import Any, Optional, Tuple
 
 
+# Weight/matmul dtypes a run may choose (config.model.dtype).
+DTYPES = ("float32", "bfloat16", "float16")
+# Per-layer rematerialisation in the backward pass (config.model.remat): "none" keeps every
+# activation, "full" recomputes the layer, "dots" keeps matmul outputs without batch dims.
+REMAT_MODES = ("none", "full", "dots")
+
+
 class ConfigError(ValueError):
   """A model config that cannot describe a Llama model we can run."""
+
+
+# How attention is computed (`LlamaConfig.attention_impl`; resolved per call by
+# `llama.attention_kernel`):
+#   auto         the einsum path on CPU; jax.nn.dot_product_attention on accelerators, with cuDNN
+#                flash attention on GPU where cuDNN can run it (bf16/fp16) and XLA's otherwise;
+#   einsum       always the einsum path (the reference implementation; CPU's fastest);
+#   dot_product  jax.nn.dot_product_attention, XLA implementation (any backend);
+#   cudnn        jax.nn.dot_product_attention, cuDNN implementation (GPU only; fails elsewhere).
+# Whatever the choice, the KV-cache decode and the shared-prefix attention run the einsum path:
+# dot_product_attention cannot read the cache's layouts or attend to a prefix shared by G rows.
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +70,19 @@ class LlamaConfig:
   # Rematerialise each decoder layer in the backward pass ("none", "full", "dots": keep matmul
   # outputs without batch dims).
   remat: str = "full"
+  # Attention kernel: one of ATTENTION_IMPLS (see there). Softmax is fp32 in every kernel.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ConfigError(f"head_dim={self.head_dim} must be even for rotate-half RoPE")
-    if self.remat not in ("none", "full", "dots"):
-      raise ConfigError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+    if self.remat not in REMAT_MODES:
+      raise ConfigError(f"remat={self.remat!r}: expected one of {list(REMAT_MODES)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl={self.attention_impl!r}: expected one of "
+                        f"{list(ATTENTION_IMPLS)}")
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)
