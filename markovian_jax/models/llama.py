@@ -22,6 +22,14 @@ logits of the unpadded sequences. An optional KV cache (keys `[L, B, Hkv, Dh, S]
 `dynamic_update_slice` (in place when the caller donates it). `forward_with_prefix` runs G
 continuations of each of Q prompts with the prompts computed once: the prompt layers emit their
 keys and values (scan outputs) and the continuation layers attend to them (scan inputs).
+
+Attention has two kernels, chosen by `config.attention_impl` (`attention_kernel`): the einsum path
+(fp32 scores and softmax, probabilities in the compute dtype) and `jax.nn.dot_product_attention`
+(XLA's implementation, or cuDNN flash attention on GPU; same precision). The latter runs where
+the tokens attend only to themselves: a forward without cache, the prompt pass of
+`forward_with_prefix`, and a prefill into slot 0 of a cache as long as the prompt. A decode step
+(one query against the cache's layouts) and the continuations of a shared prefix always take the
+einsum path, which is also the default on CPU.
 """
 
 from __future__ import annotations
@@ -86,8 +94,11 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
+  """own_only: the tokens attend only to themselves (causally, within `mask`): no cache history
+  before them and no shared prefix. Only then can `jax.nn.dot_product_attention` run it."""
   config: LlamaConfig
   lora_kw: dict
+  own_only: bool = False
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: Optional[Cache], cache_index, layer_index,
@@ -112,6 +123,16 @@ class Attention(nn.Module):
                                         (layer_index, 0, 0, 0, cache_index))
       cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype),
                                         (layer_index, 0, 0, cache_index, 0))
+      cache = (ck, cv)
+    kernel = attention_kernel(c, t) if self.own_only and prefix is None else "einsum"
+    if kernel != "einsum":
+      if cache is not None:
+        # A prefill into slot 0 of a cache as long as the prompt: these keys are the whole cache
+        # (rounded through the cache's dtype, as the einsum path reads them back).
+        k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)
+      out = _dot_product_attention(kernel, q, k, v, mask, fallback=c.attention_impl == "auto")
+      return dense(c.hidden_size, "o")(out.reshape(b, t, c.num_heads * c.head_dim)), cache, new_kv
+    if cache is not None:
       kt = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False).astype(dtype)
       vt = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False).astype(dtype)
       # [B, Hkv, groups * T, Dh]: the query heads that share a kv head, stacked over positions.
@@ -124,7 +145,7 @@ class Attention(nn.Module):
       out = jnp.matmul(probs.reshape(b, c.num_kv_heads, groups * t, -1), vt)
       out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
       out = out.reshape(b, t, c.num_heads * c.head_dim)
-      return dense(c.hidden_size, "o")(out), (ck, cv), new_kv
+      return dense(c.hidden_size, "o")(out), cache, new_kv
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * (c.head_dim ** -0.5), _MASKED)
@@ -135,6 +156,51 @@ class Attention(nn.Module):
       out = _attend_with_prefix(c, q, scores, v, prefix, dtype)
     out = out.reshape(b, t, c.num_heads * c.head_dim)
     return dense(c.hidden_size, "o")(out), cache, new_kv
+
+
+def attention_kernel(config: LlamaConfig, t: int) -> str:
+  """Which kernel runs self-attention over `t` tokens: "einsum", "xla" or "cudnn" (the two
+  implementations of `jax.nn.dot_product_attention`), from `config.attention_impl` and the
+  default backend (see `config.ATTENTION_IMPLS`). Under "auto", "cudnn" is a first choice:
+  `_dot_product_attention` falls back to "xla" where cuDNN refuses the call."""
+  impl = config.attention_impl
+  if impl == "einsum":
+    return "einsum"
+  if impl == "dot_product":
+    return "xla"
+  if impl == "cudnn":
+    return "cudnn"
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "einsum"
+  # cuDNN flash attention: fp16/bf16 only, and an even length (its backward with a mask).
+  if (backend in ("gpu", "cuda") and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+      and t >= 2 and t % 2 == 0):
+    return "cudnn"
+  return "xla"
+
+
+def _dot_product_attention(kernel: str, q, k, v, mask, fallback: bool = False):
+  """`jax.nn.dot_product_attention` of q [B, T, Hq, Dh] over k, v [B, T, Hkv, Dh] with the bool
+  mask [B, T, T] (causal and key padding), kernel "xla" or "cudnn".
+
+  Logits and softmax are fp32 in both implementations (q.k accumulated in fp32, softmax in fp32,
+  probabilities cast to the value dtype, as the einsum path does). A fully masked (padding) query
+  row gets the mean of the values, as in the einsum path, so it stays finite. With `fallback`
+  ("auto"), a call cuDNN refuses at trace time (a shape it does not support, no cuDNN) runs XLA's
+  implementation instead.
+  """
+  mask = mask[:, None]  # [B, 1, T, T]: one mask for every head
+  if kernel == "cudnn":
+    try:
+      # is_causal lets cuDNN skip the blocks above the diagonal; `mask` repeats it with the key
+      # padding, so the result is the same either way.
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                          implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):
+      if not fallback:
+        raise
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 def _attend_with_prefix(c: LlamaConfig, q, own_scores, v, prefix, dtype):
@@ -182,6 +248,7 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
   lora_kw: dict
   return_kv: bool = False
+  own_only: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, carry, cos, sin, mask, cache_index, prefix_mask, row_scale, xs):
@@ -192,8 +259,8 @@ class DecoderLayer(nn.Module):
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
-    h, cache, kv = Attention(c, self.lora_kw, name="attn")(h, cos, sin, mask, cache, cache_index,
-                                                           layer_index, prefix, row_scale)
+    h, cache, kv = Attention(c, self.lora_kw, self.own_only, name="attn")(
+        h, cos, sin, mask, cache, cache_index, layer_index, prefix, row_scale)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
     x = x + MLP(c, self.lora_kw, name="mlp")(h, row_scale)
@@ -245,7 +312,12 @@ class Llama(nn.Module):
         length=c.num_layers)
     lora_kw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, train=self.train)
     prefix_kv, prefix_mask = (None, None) if prefix is None else (prefix[:2], prefix[2])
-    (x, cache), kv = layers(c, lora_kw, return_kv, name="layers")(
+    # Whether these tokens see only themselves (what dot_product_attention can run): no prefix,
+    # and no cache or a prefill from slot 0 of a cache exactly as long as the tokens.
+    own_only = prefix is None and (cache is None or (
+        isinstance(cache_index, int) and cache_index == 0
+        and cache[0].shape[-1] == tokens.shape[1]))
+    (x, cache), kv = layers(c, lora_kw, return_kv, own_only, name="layers")(
         (x, cache), cos, sin, mask, cache_index, prefix_mask, lora_row_scale,
         (jnp.arange(c.num_layers), prefix_kv))
     x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
