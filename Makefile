@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 HAS_TCMALLOC := import ctypes.util as u, sys; sys.exit(not (u.find_library("tcmalloc_minimal") or u.find_library("tcmalloc")))
 APT_TCMALLOC := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1
 
-.PHONY: install demo test tcmalloc
+.PHONY: install demo test tcmalloc shellcheck
 install: $(VENV)/.installed tcmalloc
 
 tcmalloc:
@@ -32,6 +32,17 @@ tcmalloc:
 	    $(APT_TCMALLOC) || { apt-get update -qq >/dev/null 2>&1; $(APT_TCMALLOC); } || \
 	      echo "could not install libtcmalloc-minimal4: runs will use glibc malloc"; \
 	  else echo "tcmalloc not found: install libtcmalloc-minimal4 for faster CPU steps"; fi; }
+
+# The launchers through shellcheck (tests/test_launch.py runs it too, and under
+# MARKOVIAN_STRICT_TESTS fails without it). Installed with apt in a root shell when missing.
+APT_SHELLCHECK := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null 2>&1
+shellcheck:
+	@command -v shellcheck >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing shellcheck"; \
+	    $(APT_SHELLCHECK) || { apt-get update -qq >/dev/null 2>&1; $(APT_SHELLCHECK); }; \
+	  fi; }
+	shellcheck launch/*.sh launch/*.sbatch
 
 demo: $(VENV)/.installed tcmalloc
 	$(OFFLINE) $(PY) -m markovian_jax.train --config=configs/demo.py

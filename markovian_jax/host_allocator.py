@@ -10,11 +10,15 @@ call page-faults all of it in again: 717k minor faults and about 2 s of kernel t
 Which malloc a process uses is fixed when it starts, so `ensure("tcmalloc")` re-executes the
 current command line once with tcmalloc in `LD_PRELOAD` (like torch's CPU launcher does). Call it
 first thing in `main`, before any device is touched: nothing computed before it survives.
+
+On GPU and TPU hosts the programs' temporaries live in device memory, so neither the restart nor
+its warning applies there: `accelerator_host()` tells, without starting JAX.
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import glob
 import os
 import sys
 from typing import Optional
@@ -29,6 +33,25 @@ _KEY = "config.host_allocator"
 _LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # gperftools' sonames, smallest first
 _REEXECUTED = "MARKOVIAN_ALLOCATOR_REEXEC"  # set in the child: never re-execute twice
 INSTALL_HINT = "apt-get install libtcmalloc-minimal4 (Debian/Ubuntu), or conda install gperftools"
+
+
+# Device nodes of the accelerators JAX drives: NVIDIA GPUs, TPU v4 (accel), TPU v5e/v5p/v6e (vfio),
+# AMD GPUs (kfd).
+_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+
+
+def accelerator_host(environ=os.environ, device_nodes=_DEVICE_NODES) -> Optional[str]:
+  """Why this host runs JAX on an accelerator ("JAX_PLATFORMS=cuda", "/dev/nvidia0"), or None
+  for a CPU host. JAX_PLATFORMS decides when set (its first platform); else the device nodes."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    first = platforms.split(",")[0].strip().lower()
+    return None if first == "cpu" else f"JAX_PLATFORMS={platforms}"
+  for pattern in device_nodes:
+    found = sorted(glob.glob(pattern))
+    if found:
+      return found[0]
+  return None
 
 
 def find_tcmalloc() -> Optional[str]:
@@ -82,6 +105,10 @@ def _decide(setting: str) -> tuple[str, bool]:
     raise InvalidConfig(f"{_KEY}: {setting!r} is not one of {list(SETTINGS)}")
   if setting == "system":
     return "system malloc (as configured)", True
+  accelerator = accelerator_host()
+  if accelerator:
+    return (f"system malloc: an accelerator host ({accelerator}), where XLA's temporaries live "
+            "in device memory; tcmalloc only helps CPU hosts"), True
   mapped = mapped_tcmalloc()
   if mapped:
     return f"tcmalloc ({mapped})", True
