@@ -4,21 +4,50 @@ Never the base weights (they are re-loaded from `config.model.path`). The JSON p
 the data cursor, the RNG key, the EMA/EI baseline state and the config, so `resume` continues a run
 exactly. Retention: the latest `max_to_keep` checkpoints, plus the best one by validation score when
 `keep_best` (checkpoints saved with an eval score compete for it).
+
+Multi-process: every process calls `save` and `restore` (orbax writes and reads each process's
+shards, process 0 the metadata and the JSON state). The directory may be local or a URI such as
+gs://bucket/run/checkpoints (etils epath, which orbax itself uses); it must be one directory that
+every process sees.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from markovian_jax.errors import CheckpointError
 
 
 __all__ = ["CheckpointError", "Checkpointer"]
+
+
+def absolute(path) -> epath.Path:
+  """`path` as an epath.Path: a URI (gs://...) as it is, a local path absolute (orbax wants
+  that), never a URI turned into a local path as os.path.abspath would."""
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def _check_same_everywhere(state: dict) -> None:
+  """Fails loudly when processes would save different run states (data cursor, RNG, ...): only
+  process 0's copy is written, so a divergence would otherwise surface as a wrong resume."""
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).digest()
+  multihost_utils.assert_equal(np.frombuffer(digest, np.uint8),
+                               "the run state to checkpoint differs between processes")
 
 
 def _score(metrics) -> float:
@@ -28,9 +57,9 @@ def _score(metrics) -> float:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with our three items: lora, opt_state, state."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, keep_best: bool = True,
+  def __init__(self, directory, *, max_to_keep: int = 3, keep_best: bool = True,
                create: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = absolute(directory)
     keep = [policies.LatestN(n=max_to_keep)]
     if keep_best:
       keep.append(policies.BestN(get_metric_fn=_score, n=1,
@@ -49,6 +78,7 @@ class Checkpointer:
   def save(self, step: int, lora_params, opt_state, state: dict[str, Any],
            score: Optional[float] = None, force: bool = False) -> bool:
     """Saves collectively (every process calls it). `score`: validation metric, higher is better."""
+    _check_same_everywhere(state)
     args = ocp.args.Composite(lora=ocp.args.StandardSave(lora_params),
                               opt_state=ocp.args.StandardSave(opt_state),
                               state=ocp.args.JsonSave(state))

@@ -8,14 +8,18 @@ Writes to --output_dir (default: <checkpoint_dir>/../eval, or <workdir>/eval): `
 checkpoint's step (the base model at step 0, as in training). Flags, config, checkpoints and data
 are all checked before the model is loaded; bad input exits with status 2 and one `error:` line.
 The adapter's rank, alpha and targets are read from the checkpoint, not from --config.
+
+Multi-process (a TPU pod, several GPU hosts): every process runs this same command and evaluates
+its share of each batch; process 0 alone writes the files and prints the table. Directories may be
+local or gs://... (etils epath).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from markovian_jax import cli
@@ -99,6 +103,8 @@ def _restore_lora(ckpt, step: int, settings: dict, ctx):
 
 def run(config) -> dict:
   """Evaluates the models the flags select on `config`'s eval split; returns {model: summary}."""
+  import jax
+
   from markovian_jax import checkpointing, config_validation, evaluation, summary
   from markovian_jax.models import load_tokenizer
   from markovian_jax.run_context import RunContext, read_examples
@@ -108,7 +114,7 @@ def run(config) -> dict:
   spec = config_validation.validate(config)
   ckpt, steps, settings = None, [], {}
   if _CKPT.value:
-    if not os.path.isdir(_CKPT.value):
+    if not checkpointing.absolute(_CKPT.value).is_dir():
       raise EvalError(f"--checkpoint_dir {_CKPT.value} does not exist")
     ckpt = checkpointing.Checkpointer(_CKPT.value, create=False)
     steps = _steps_to_evaluate(ckpt)
@@ -119,8 +125,7 @@ def run(config) -> dict:
   tokenizer = load_tokenizer(spec.model.path)
   examples = read_examples(spec, spec.data.eval_split, tokenizer,
                            _NUM_EXAMPLES.value or spec.eval.num_examples)
-  out_dir = _OUT.value or (os.path.join(os.path.dirname(os.path.abspath(_CKPT.value)), "eval")
-                           if _CKPT.value else os.path.join(config.workdir, "eval"))
+  out_dir = output_dir(config)
 
   ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
   kw = dict(num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
@@ -128,7 +133,9 @@ def run(config) -> dict:
             reader=config.eval.reader, answer_max_tokens=config.eval.answer_max_tokens,
             answer_first_line=config.eval.answer_first_line,
             batch_size=config.eval.batch_size, seed=config.eval.seed)
-  os.makedirs(out_dir, exist_ok=True)
+  writer_process = jax.process_index() == 0
+  if writer_process:
+    out_dir.mkdir(parents=True, exist_ok=True)
   writer = summary.SummaryWriter(out_dir)
   results = []
   try:
@@ -138,18 +145,29 @@ def run(config) -> dict:
       lora = None if name == "base" else _restore_lora(ckpt, step, settings[step], ctx)
       summ, rows = evaluation.evaluate(ctx, lora, examples, desc=name, **kw)
       results.append((name, summ))
-      with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
-        for row in rows:
-          f.write(json.dumps(row) + "\n")
+      if writer_process:
+        with (out_dir / f"{name}.jsonl").open("w") as f:
+          for row in rows:
+            f.write(json.dumps(row) + "\n")
       writer.scalars(step, evaluation.scalars(summ), prefix="eval/")
   finally:
     writer.close()
-  print(evaluation.format_table(results))
   out = {name: s for name, s in results}
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
+  if writer_process:
+    print(evaluation.format_table(results))
+    (out_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
   return out
+
+
+def output_dir(config) -> epath.Path:
+  """--output_dir, else eval/ beside --checkpoint_dir, else <workdir>/eval (local or gs://)."""
+  from markovian_jax import checkpointing
+  if _OUT.value:
+    return epath.Path(_OUT.value)
+  if _CKPT.value:
+    return checkpointing.absolute(_CKPT.value).parent / "eval"
+  return epath.Path(config.workdir) / "eval"
 
 
 def main():

@@ -25,7 +25,16 @@ log = logging.getLogger(__name__)
 
 
 def put(array: np.ndarray, mesh, batch_sharded: bool = True) -> jax.Array:
-  """A global device array from a host array that every process holds in full."""
+  """A global device array from a host array that every process holds in full.
+
+  Multi-process, this is the global-batch construction: a step's rows (Q questions x G CoTs,
+  often Q = 1) are too few to split by process, so every process reads the same examples (one
+  global data cursor, `data.ExampleStream`), samples the same global batch, and here hands its
+  own devices their slices of it: `make_array_from_callback` asks only for this process's shards
+  and moves no row between hosts (what `jax.make_array_from_process_local_data` does when every
+  process's local data is the whole array). `array`: any dtype, batch on axis 0 when
+  `batch_sharded`.
+  """
   array = np.asarray(array)
   sh = sharding.batch_sharding(mesh, array.shape) if batch_sharded else sharding.replicated(mesh)
   return jax.make_array_from_callback(array.shape, sh, lambda idx: array[idx])

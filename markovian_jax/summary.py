@@ -1,22 +1,65 @@
-"""TensorBoard writing (tensorboardX, no TensorFlow), from process 0 only."""
+"""TensorBoard writing (tensorboardX, no TensorFlow), from process 0 only.
+
+The log directory may be local or a URI (gs://bucket/run): URIs go through etils epath, as orbax's
+checkpoints do, so one filesystem layer (gcsfs for gs://) serves the whole workdir.
+"""
 
 from __future__ import annotations
 
+import io
 import os
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+
+class _EpathRecordFile:
+  """tensorboardX's record-file interface over epath. Object stores cannot append, so, like
+  tensorboardX's own GCS writer, it keeps the file's bytes and rewrites the object on flush."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathFiles:
+  """A tensorboardX writer factory (`record_writer.register_writer_factory`) for one URI scheme."""
+
+  def open(self, path: str) -> _EpathRecordFile:
+    return _EpathRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _route_uri_through_epath(logdir: str) -> None:
+  scheme, sep, _ = logdir.partition("://")
+  if sep:
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(scheme, _EpathFiles())
 
 
 class SummaryWriter:
   """Scalars, histograms and text under `logdir`; a no-op on processes other than 0."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir):
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter as _Writer
-      os.makedirs(logdir, exist_ok=True)
+      logdir = os.fspath(logdir)
+      _route_uri_through_epath(logdir)
+      epath.Path(logdir).mkdir(parents=True, exist_ok=True)
       self._writer = _Writer(logdir)
 
   def scalars(self, step: int, values: Mapping[str, float], prefix: str = ""):

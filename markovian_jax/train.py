@@ -13,19 +13,18 @@ guards, evaluation every `eval_every` steps (and at step 0: the base model), che
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from markovian_jax import checkpointing, cli, config_validation, evaluation, guards
+from markovian_jax import checkpointing, cli, config_validation, distributed, evaluation, guards
 from markovian_jax import hooks as hooks_lib
 from markovian_jax import objectives as obj
 from markovian_jax import optimizer, pipeline, summary, train_step
@@ -41,10 +40,11 @@ TrainingStopped = guards.TrainingStopped
 
 def check_workdir(spec) -> None:
   """Refuses to start a second run in a workdir that holds one, unless it is a resume."""
-  ckpt_dir = os.path.join(spec.workdir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                 if d.isdigit())
-  events = glob.glob(os.path.join(spec.workdir, "events.out.tfevents.*"))
+  workdir = epath.Path(spec.workdir)  # local or gs://...
+  ckpt_dir = workdir / "checkpoints"
+  steps = sorted(int(d.name) for d in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+                 if d.name.isdigit())
+  events = list(workdir.glob("events.out.tfevents.*")) if workdir.is_dir() else []
   if steps and not spec.train.resume:
     raise InvalidConfig(
         f"config.train.resume: {ckpt_dir} already holds checkpoints of steps {steps}; set "
@@ -64,6 +64,7 @@ class Trainer:
     self.config = config
     self.spec = spec = config_validation.validate(config)
     check_workdir(spec)
+    distributed.sync("workdir checked")  # before process 0 writes the first file there
     t = spec.train
     if spec.lora.init_from and not os.path.isfile(
         os.path.join(spec.lora.init_from, "adapter_config.json")):
@@ -77,8 +78,9 @@ class Trainer:
                                        spec.eval.num_examples)
     self.ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
     self.mesh = self.ctx.mesh
-    self.workdir = spec.workdir
-    os.makedirs(self.workdir, exist_ok=True)
+    self.workdir = epath.Path(spec.workdir)
+    if jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
     if spec.objective.kind == "ppo" and spec.lora.dropout > 0:
       logging.info("PPO updates run without LoRA dropout (lora.dropout=%s applies to PG): the "
                    "ratio must compare the function the sampler ran", spec.lora.dropout)
@@ -111,13 +113,12 @@ class Trainer:
     self.baseline_state = obj.BaselineState.init()
     self.last_eval = None
     self.last_rollout = self.last_scores = self.last_targets = self.last_updates = None
-    self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+    self.ckpt = checkpointing.Checkpointer(self.workdir / "checkpoints",
                                            max_to_keep=t.max_to_keep, keep_best=t.keep_best)
     self.writer = summary.SummaryWriter(self.workdir)
     if jax.process_index() == 0:  # the run's full config, for reports and analyses
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+      with (self.workdir / "config.json").open("w") as f:
         json.dump(config.to_dict(), f, indent=1, default=str)
-    self._stop_signal = None
     self.hooks = hooks_lib.Hooks()
     self.add_hook(self._write_scalars, name="scalars")
     self.add_hook(self._write_samples, every=t.text_every, name="samples", at_start=True)
@@ -209,12 +210,12 @@ class Trainer:
     self.writer.text(info.step, "samples", (
         f"**Question**: {ro.examples[0].question}\n\n{cots}\n\n{base}"
         f"**Answer**: {ro.examples[0].answer}"))
+    r = fetch(self.last_scores.rewards).astype(float)  # a collective: before process 0 alone
     if jax.process_index() != 0:
       return
     g = ro.group_size
-    r = fetch(self.last_scores.rewards).astype(float)
     b = self.last_scores.base_scores
-    with open(os.path.join(self.workdir, "samples.jsonl"), "a") as f:
+    with (self.workdir / "samples.jsonl").open("a") as f:
       for q, ex in enumerate(ro.examples):
         rows = slice(q * g, (q + 1) * g)
         f.write(json.dumps({
@@ -240,9 +241,9 @@ class Trainer:
         desc=f"eval@{self.step_num}")
     self.writer.scalars(self.step_num, evaluation.scalars(summ), prefix="eval/")
     if jax.process_index() == 0:
-      path = os.path.join(self.workdir, "eval", f"step_{self.step_num}.jsonl")
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
+      path = self.workdir / "eval" / f"step_{self.step_num}.jsonl"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      with path.open("w") as f:
         for row in rows:
           f.write(json.dumps(row) + "\n")
     logging.info("eval at step %d: %s", self.step_num, json.dumps(evaluation.scalars(summ)))
@@ -250,20 +251,17 @@ class Trainer:
     return summ
 
   # ------------------------------------------------------------------ loop
-  def _on_signal(self, signum, frame):
-    del frame
-    self._stop_signal = signum
-    logging.warning("signal %d: checkpointing and stopping after this step", signum)
-
   def run(self):
     t = self.spec.train
-    handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM/SIGINT on any process: every process stops after the same step and checkpoints.
+    stop = distributed.StopOnSignal()
+    stop.install()
     try:
       if self.step_num == 0:
         self.evaluate()  # the base-model baseline
       bar = tqdm(total=t.num_steps, initial=self.step_num, desc="train",
                  disable=jax.process_index() != 0)
-      while self.step_num < t.num_steps and self._stop_signal is None:
+      while self.step_num < t.num_steps and not stop.requested(self.step_num):
         s = self.step()
         bar.update(1)
         bar.set_postfix(reward=f"{s.get('answer/normalized_reward', s['answer/logprob']):.3f}",
@@ -273,8 +271,7 @@ class Trainer:
       bar.close()
       self.save()
     finally:
-      for s, h in handlers.items():
-        signal.signal(s, h)
+      stop.uninstall()
       self.writer.close()
     return self.step_num
 

@@ -1,13 +1,18 @@
-"""`ExampleStream`: an endless, seeded, resumable, per-process iterator over a list of examples.
+"""`ExampleStream`: an endless, seeded, resumable iterator over a list of examples.
 
 Epoch e visits the examples in an order fixed by (seed, e) alone, so the cursor `(epoch, index)`
 is the whole state: `state()` is a small JSON-able dict for the checkpoint, and `restore(state)`
 continues with exactly the examples an uninterrupted run would have seen. The order comes from
 hashing (seed, epoch, i), not from a NumPy generator, so it survives library upgrades.
 
-Multi-host: process p of k takes every k-th example of each epoch's order (positions p, p+k, ...),
-truncated to the same length on every process so all processes step in lockstep; the shards of
-one epoch are disjoint and together cover all but `len(examples) % k` examples.
+Multi-host training keeps one global cursor: every process builds the same stream (the default
+process_index=0, process_count=1) and takes the same examples each step, since a step's Q
+questions (often 1) cannot be split between hosts; `run_context.put` then hands each process's
+devices their rows of the global batch, and the checkpoint's cursor is the same on every process
+(checkpointing verifies it). With process_index/process_count, process p of k instead takes every
+k-th example of each epoch's order (positions p, p+k, ...), truncated to the same length on every
+process so all processes step in lockstep; the shards of one epoch are disjoint and together cover
+all but `len(examples) % k` examples.
 """
 
 from __future__ import annotations
