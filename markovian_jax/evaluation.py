@@ -3,8 +3,13 @@
 Stage 1: the policy writes a K-token CoT per question (training temperature, or greedy), `n` samples
 each. Stage 2: the reader (policy or base) greedily writes <= `answer_max_tokens` after the answer
 prompt (question `<Redacted>` when Markovian). Every extraction method is scored side by side; with
-n > 1 the summary has the mean +- sd over samples and the majority vote. Wiki continuation is scored
-by the mean log-prob (nats/token) of the target given the CoT.
+n > 1 the summary has the mean +- sd over samples and the majority vote, and beside the methods
+`cot_contains_answer`: the fraction of CoTs that state the gold answer themselves
+(`data.extraction.mentions_answer`). Wiki continuation is scored by the mean log-prob (nats/token)
+of the target given the CoT.
+
+The two stages are also callable on their own, for analyses that change the CoT (perturbations,
+another reader): `read_answers` (stage 2 on given CoTs) and `score_answers` (log P(answer | CoT)).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from markovian_jax import logprobs as lp_lib
 from markovian_jax import sampling
 from markovian_jax import data as data_lib
 from markovian_jax import objectives as obj
+from markovian_jax.data.extraction import mentions_answer
 from markovian_jax.run_context import RunContext, fetch, put
 
 
@@ -68,13 +74,57 @@ def first_line(text: str) -> str:
   return text
 
 
-def _answer_logprob_fn(ctx: RunContext):
-  if not hasattr(ctx, "_eval_score_fn"):
+def _answer_logprob_fn(ctx: RunContext, reduction: str = "mean"):
+  cache = ctx.__dict__.setdefault("_eval_score_fns", {})
+  if reduction not in cache:
     def fn(params, lora, tokens, mask, span):
       out = lp_lib.token_logprobs(ctx.model, params, tokens, mask, lora=lora, temperature=1.0)
-      return obj.reduce_tokens(out.logprobs, span, "mean")
-    ctx._eval_score_fn = jax.jit(fn)
-  return ctx._eval_score_fn
+      return obj.reduce_tokens(out.logprobs, span, reduction)
+    cache[reduction] = jax.jit(fn)
+  return cache[reduction]
+
+
+def _pad(items: list, size: int) -> list:
+  """`items` padded to `size` by repeating the last one: one static batch shape, one compile."""
+  return list(items) + [items[-1]] * (size - len(items))
+
+
+def score_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[str], *,
+                  reduction: str = "mean", batch_size: int = 32) -> np.ndarray:
+  """log P(gold answer | answer prompt with `cot_texts[i]`) under base + `lora` (None = base),
+  reduced over the answer tokens by `reduction` ('mean' or 'sum'). The prompt hides the question
+  when the run is Markovian (ctx.answer_prefix). Returns float64 [N]."""
+  if len(examples) != len(cot_texts):
+    raise ValueError(f"{len(examples)} examples but {len(cot_texts)} CoTs")
+  fn = _answer_logprob_fn(ctx, reduction)
+  out = []
+  for start in range(0, len(examples), batch_size):
+    exs = list(examples[start:start + batch_size])
+    real = len(exs)
+    exs, cots = _pad(exs, batch_size), _pad(list(cot_texts[start:start + batch_size]), batch_size)
+    tokens, mask, span = ctx.answer_rows(exs, cots)
+    scores = fn(ctx.params, lora, put(tokens, ctx.mesh), put(mask, ctx.mesh), put(span, ctx.mesh))
+    out.append(fetch(scores)[:real].astype(np.float64))
+  return np.concatenate(out) if out else np.zeros(0)
+
+
+def read_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[str], *,
+                 answer_max_tokens: int = 10, batch_size: Optional[int] = None) -> list:
+  """Stage 2: the reader (base + `lora`, None = base) greedily writes <= `answer_max_tokens`
+  after each answer prompt built on `cot_texts[i]`, `batch_size` rows per call (padded to it;
+  None = all rows in one call). Returns N decoded strings."""
+  batch_size = batch_size or len(examples)
+  out = []
+  for start in range(0, len(examples), batch_size):
+    exs = list(examples[start:start + batch_size])
+    real = len(exs)
+    cots = _pad(list(cot_texts[start:start + batch_size]), batch_size)
+    prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot), ctx.spec.prompt.format)
+                for ex, cot in zip(_pad(exs, batch_size), cots)]
+    ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
+                            temperature=0.0, lora=lora, eos_ids=ctx.eos_ids, mesh=ctx.mesh)
+    out += ctx.decode(fetch(ans.tokens))[:real]
+  return out
 
 
 def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
@@ -106,7 +156,7 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     real = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - real)  # keep one static batch shape (one compile)
+    chunk = _pad(chunk, batch_size)
     rng, key = jax.random.split(rng)
     cot = sampling.generate(
         ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
@@ -121,12 +171,8 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
                                              put(mask, ctx.mesh), put(span, ctx.mesh)))
       answers = [None] * len(per_row)
     else:
-      prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot_t), c.prompt.format)
-                  for ex, cot_t in zip(per_row, cot_texts)]
-      ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
-                              temperature=0.0, lora=reader_lora, eos_ids=ctx.eos_ids,
-                              mesh=ctx.mesh)
-      answers = ctx.decode(fetch(ans.tokens))
+      answers = read_answers(ctx, reader_lora, per_row, cot_texts,
+                             answer_max_tokens=answer_max_tokens)
       scores = None
     for i in range(real * num_samples):
       ex = per_row[i]
@@ -152,6 +198,7 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
 
   Intervals: `ci95` is the reference's normal-approximation half-width over all rows;
   `ci95_low`/`ci95_high` are `accuracy_interval` (Wilson, or clustered by question when n > 1).
+  `cot_contains_answer`: the fraction of rows whose CoT states the gold answer.
   """
   questions = collections.OrderedDict()
   for r in rows:
@@ -177,6 +224,8 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
         votes.append(bool(top) and data_lib.is_correct(top[0][0], qrows[0]["gold"], task))
       m["majority_vote"] = float(np.mean(votes))
     summary[method] = m
+  summary["cot_contains_answer"] = float(np.mean(
+      [mentions_answer(task, r["cot"], r["gold"]) for r in rows]))
   return summary
 
 
@@ -188,7 +237,8 @@ def scalars(summary: dict) -> dict:
       for k, v in value.items():
         if isinstance(v, float) and math.isfinite(v):
           out[f"{key}/{k}"] = v
-    elif key.startswith("answer_logprob") and math.isfinite(value):
+    elif (key.startswith("answer_logprob") or key == "cot_contains_answer") and math.isfinite(
+        value):
       out[key] = value
   return out
 

@@ -5,6 +5,7 @@ import pytest
 
 from markovian_jax.data import extract_all, extract_letter, extract_numeric, is_correct
 from markovian_jax.data import normalize_number
+from markovian_jax.data.extraction import mentions_answer
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -16,27 +17,50 @@ def test_normalize_number(raw, expected):
   assert normalize_number(raw) == expected
 
 
-# (generated answer text, simple, anchor), as the reader writes it after " Answer: ".
+# (generated answer text, simple, anchor, first_number), as the reader writes it after
+# " Answer: ".
 NUMERIC_CASES = [
-    ("18\n\nThe farmer makes $18 per day.", "18", "18"),
-    ("9 * 2 = 18 dollars. Final answer: 18", "18", "18"),
-    ("16 - 3 - 4 = 9, 9 * 2 = 18", "18", "18"),
-    ("The answer is 1,234 apples", "1234", "1234"),
-    ("-5 degrees, since 3 - 8 = -5", "-5", "-5"),
-    ("x = 12 and then 4 more, answer is 16", "12", "16"),  # anchor prefers the label
-    ("2.5 hours", "2.5", "2.5"),
-    ("$1,200.00 in total", "1200", "1200"),
-    ("\\boxed{72}", "72", "72"),
-    ("no idea", None, None),
-    ("", None, None),
+    ("18\n\nThe farmer makes $18 per day.", "18", "18", "18"),
+    ("9 * 2 = 18 dollars. Final answer: 18", "18", "18", "9"),
+    ("16 - 3 - 4 = 9, 9 * 2 = 18", "18", "18", "16"),
+    ("The answer is 1,234 apples", "1234", "1234", "1234"),
+    ("-5 degrees, since 3 - 8 = -5", "-5", "-5", "-5"),
+    ("x = 12 and then 4 more, answer is 16", "12", "16", "12"),  # anchor prefers the label
+    ("2.5 hours", "2.5", "2.5", "2.5"),
+    ("$1,200.00 in total", "1200", "1200", "1200"),
+    ("\\boxed{72}", "72", "72", "72"),
+    ("no idea", None, None, None),
+    ("", None, None, None),
 ]
 
 
-@pytest.mark.parametrize("text, simple, anchor", NUMERIC_CASES)
-def test_numeric_extractors(text, simple, anchor):
+@pytest.mark.parametrize("text, simple, anchor, first", NUMERIC_CASES)
+def test_numeric_extractors(text, simple, anchor, first):
   assert extract_numeric(text, "simple") == simple
   assert extract_numeric(text, "anchor") == anchor
-  assert extract_all("gsm8k", text) == {"anchor": anchor, "simple": simple}
+  assert extract_numeric(text, "first_number") == first
+  assert extract_all("gsm8k", text) == {"anchor": anchor, "simple": simple, "first_number": first}
+
+
+def test_first_number_reference_mode_is_integer_only():
+  assert extract_numeric("2.5 hours, so 3", "first_number", robust=False) == "2"
+  assert extract_numeric("costs $1,200 = 2 * 600", "first_number") == "1200"
+
+
+@pytest.mark.parametrize("task, text, gold, expected", [
+    ("gsm8k", "so 1,234 apples in all", "1234", True),
+    ("gsm8k", "7.0 is what we get", "7", True),
+    ("gsm8k", "17 cats", "7", False),  # the training tag's substring test would say True
+    ("gsm8k", "12345", "234", False),
+    ("gsm8k", "it drops to -5 degrees", "-5", True),
+    ("gsm8k", "3, 4 and 5", "4", True),
+    ("svamp", "no numbers here", "3", False),
+    ("arc", "I think (B) is right", "B", True),
+    ("arc", "Because of the heat", "B", False),
+    ("mmlu", "B. Paris", "B", True),
+])
+def test_mentions_answer(task, text, gold, expected):
+  assert mentions_answer(task, text, gold) is expected
 
 
 def test_reference_exact_mode_is_integer_only():

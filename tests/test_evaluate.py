@@ -135,7 +135,7 @@ def base_model_evals(shared_data, smollm2_path, tmp_path_factory):
 def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   proc, out = base_model_evals["gsm8k"]
   assert_ok(proc)
-  methods = ("anchor", "simple")
+  methods = ("anchor", "simple", "first_number")
   check_table(proc.stdout, ["base"], [f"{m}/{k}" for m in methods
                                       for k in ("accuracy", "sample_mean", "sample_sd",
                                                 "majority_vote")])

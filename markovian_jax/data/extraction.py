@@ -5,6 +5,9 @@ Numeric tasks (gsm8k, svamp, arithmetic):
   anchor   drop commas; a number right after "answer [is|=|:]" / "final answer" / "correct answer"
            (case-insensitive); else the number of the last '=' segment that holds one; else the
            first number.
+  first_number  drop commas; the first number anywhere, ignoring '=' and labels (what a reader
+           that answers with the number straight away is scored by; reported beside the two
+           above, never instead of them).
   With `robust=True` (default) numbers may carry a decimal part ("2.5"), and "$", "\\boxed{" and
   the Unicode minus are ignored first; with `robust=False` the extractors are the reference's
   integer-only ones, character for character. Either way the prediction is then normalised by
@@ -15,6 +18,9 @@ MCQ tasks (arc, mmlu, aqua, mathqa):
   legacy         the first character A-E anywhere in the upper-cased text: "The answer is B"
                  reads as "E" (from "THE"). Kept to compare with numbers published before the fix.
 A method that finds nothing returns None (the reference's "[invalid]" / "X").
+
+`mentions_answer(task, text, gold)` says whether a text (a CoT) states the gold answer as a
+number or an isolated option letter, the per-eval "CoT contains the answer" rate.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import decimal
 import re
 from typing import Optional
 
-NUMERIC_METHODS = ("anchor", "simple")
+NUMERIC_METHODS = ("anchor", "simple", "first_number")
 MCQ_METHODS = ("word_boundary", "legacy")
 NUMERIC_TASKS = ("gsm8k", "svamp", "arithmetic")
 MCQ_TASKS = {"arc": 4, "mmlu": 4, "aqua": 5, "mathqa": 5}  # reference letter ranges A-D / A-E
@@ -58,7 +64,7 @@ def _clean(text: str) -> str:
 
 
 def extract_numeric(text: str, method: str = "anchor", *, robust: bool = True) -> Optional[str]:
-  """The predicted number in `text` by `method` ('anchor' or 'simple'), normalised, or None."""
+  """The predicted number in `text` by `method` (`NUMERIC_METHODS`), normalised, or None."""
   text = text or ""
   num = _NUMBER if robust else _INT
   if robust:
@@ -67,6 +73,9 @@ def extract_numeric(text: str, method: str = "anchor", *, robust: bool = True) -
     if "=" in text:
       text = text.split("=")[-1].strip()
     m = re.search(num, text.replace(",", "").strip())
+    return normalize_number(m.group(0)) if m else None
+  if method == "first_number":
+    m = re.search(num, text.replace(",", ""))
     return normalize_number(m.group(0)) if m else None
   if method == "anchor":
     text = text.strip().replace(",", "")
@@ -134,6 +143,31 @@ def extract_all(task: str, text: str, num_choices: Optional[int] = None, *,
     return {m: extract_letter(text, m, n) for m in MCQ_METHODS}
   methods(task)  # raises the explanatory error
   return {}
+
+
+def mentions_answer(task: str, text: str, gold: str) -> bool:
+  """Whether `text` states the gold answer: numeric tasks, any number in it equal to `gold` by
+  value ("1,234" and "1234.0" count, "12345" does not hold "234"); MCQ tasks, the gold letter as
+  an isolated capital ("(B)", "B." but not the B of "Because").
+
+  Stricter than the training tag answer/cot_contains_answer (the reference's substring test,
+  for which "17" holds "7" and any "A" counts for option A).
+  """
+  text = text or ""
+  if task in NUMERIC_TASKS:
+    target = normalize_number(gold)
+    if target is None:
+      raise ValueError(f"gold answer {gold!r} of task {task!r} is not a number")
+    # Thousands separators only between digit groups, so "3, 4" stays two numbers.
+    flat = re.sub(r"(?<=\d),(?=\d{3}\b)", "", _clean(text))
+    return any(normalize_number(m) is not None and
+               decimal.Decimal(normalize_number(m)) == decimal.Decimal(target)
+               for m in re.findall(r"(?<![\d.])" + _NUMBER, flat))
+  if task in MCQ_TASKS:
+    letter = re.escape(gold.strip().upper())
+    return re.search(rf"(?<![A-Za-z]){letter}(?![A-Za-z])", text) is not None
+  methods(task)
+  return False
 
 
 def is_correct(pred: Optional[str], gold: str, task: str) -> bool:
