@@ -2,6 +2,7 @@
 
     cli.run(main)                        absl app with our flag parsing and error policy
     with cli.session(allocator, cache):  logging, host allocator, jax.distributed, XLA cache
+    with cli.config_session(config, example) as spec:   the same, from a validated run config
         ...
 
 Bad input (an unknown `--config.x.y` key, an invalid value, a missing file, a malformed record, a
@@ -103,6 +104,18 @@ def quiet_library_logging() -> None:
   absl_logger = pylogging.getLogger("absl")
   absl_logger.setLevel(pylogging.INFO)
   absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
+
+
+@contextlib.contextmanager
+def config_session(config, example: str):
+  """`session` for a CLI driven by a run config (`--config=FILE`, e.g. `example`): the config is
+  validated first, before the allocator restart and any device work. Yields its RunSpec."""
+  from markovian_jax import config_validation
+  if config is None:
+    fail(f"--config is required (e.g. --config={example})")
+  spec = config_validation.validate(config)
+  with session(spec.host_allocator, spec.compilation_cache_dir):
+    yield spec
 
 
 @contextlib.contextmanager

@@ -171,13 +171,8 @@ def output_dir(config) -> epath.Path:
 
 
 def main():
-  config = _CONFIG.value
-  if config is None:
-    cli.fail("--config is required (e.g. --config=configs/gsm8k.py)")
-  from markovian_jax import config_validation
-  spec = config_validation.validate(config)  # before the allocator restart and any device work
-  with cli.session(spec.host_allocator, spec.compilation_cache_dir):
-    run(config)
+  with cli.config_session(_CONFIG.value, "configs/gsm8k.py"):
+    run(_CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -277,13 +277,9 @@ class Trainer:
 
 
 def main():
-  config = _CONFIG.value
-  if config is None:
-    cli.fail("--config is required (e.g. --config=configs/demo.py)")
-  spec = config_validation.validate(config)  # before the allocator restart and any device work
-  with cli.session(spec.host_allocator, spec.compilation_cache_dir):
+  with cli.config_session(_CONFIG.value, "configs/demo.py"):
     try:
-      Trainer(config).run()
+      Trainer(_CONFIG.value).run()
     except TrainingStopped as e:
       raise cli.Stopped(str(e)) from e
 
