@@ -11,17 +11,15 @@ and prints
   * the held-out accuracy for every answer extractor, at step 0 (the base model) and at the end;
   * the fraction of sampled CoTs that contain the gold answer, first and last window;
   * the per-step time split (sample / score / update), the first step (compilation) apart;
-  * a few held-out CoTs at the first and the last evaluation;
-and writes `learning.png` (normalised reward raw + moving average, held-out accuracy, contains-answer,
-KL, repetition rate against the step) into the workdir.
+  * the diagnoses of `markovian_jax.report_analysis` (collapse, accuracy below the base model, ...);
+and writes the run's report into the workdir (`markovian_jax.report`: report.md with example CoTs,
+report_figures/training.png and eval.png).
 
 `--report_only` skips training and reports on an existing (possibly still running) workdir.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import logging as pylogging
 import os
 import sys
@@ -31,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from markovian_jax import train
+from markovian_jax.errors import UserError
 
 _DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                      "demo.py")
@@ -43,42 +42,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/learning",
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation every N steps.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 32, "Held-out examples per evaluation.")
 _WINDOW = flags.DEFINE_integer("window", 20, "Moving-average window, in steps.")
-_SAMPLES = flags.DEFINE_integer("show_cots", 3, "Held-out CoTs to print from the first and last "
-                                "evaluation.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Do not train: report on --workdir as it is.")
+_SAMPLES = flags.DEFINE_integer("show_cots", 3, "Example questions per logged step in report.md.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
+                                 "Do not train: report on --workdir as it is.")
 
 
-# ------------------------------------------------------------------ series helpers
-
-def _interval(scalars: dict, method: str, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(low, high) of each evaluation's 95% interval; runs logged before `ci95_low` existed fall
-  back to accuracy -+ the normal half-width `ci95`, and to NaN without either."""
-  _, low = _series(scalars, f"eval/{method}/ci95_low")
-  _, high = _series(scalars, f"eval/{method}/ci95_high")
-  if low.size == acc.size and high.size == acc.size:
-    return low, high
-  _, half = _series(scalars, f"eval/{method}/ci95")
-  if half.size != acc.size:
-    half = np.full(acc.shape, np.nan)
-  return acc - half, acc + half
-
-
-def _series(scalars: dict, tag: str) -> tuple[np.ndarray, np.ndarray]:
-  """(steps int [T], values float64 [T]) of a scalar tag, sorted by step; empty if absent."""
-  pts = sorted(dict(scalars.get(tag, [])).items())  # a resumed run may log a step twice
-  if not pts:
-    return np.zeros(0, np.int64), np.zeros(0)
-  steps, values = zip(*pts)
-  return np.asarray(steps), np.asarray(values, np.float64)
-
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-  """Trailing mean over the last `window` points (fewer at the start); float64 [T]."""
-  c = np.cumsum(np.concatenate([[0.0], values]))
-  idx = np.arange(1, len(values) + 1)
-  lo = np.maximum(idx - window, 0)
-  return (c[idx] - c[lo]) / (idx - lo)
-
+# ------------------------------------------------------------------ report
 
 def _first_last(values: np.ndarray, window: int) -> tuple[float, float]:
   """Mean of the first and of the last `window` points."""
@@ -88,29 +57,22 @@ def _first_last(values: np.ndarray, window: int) -> tuple[float, float]:
   return float(values[:w].mean()), float(values[-w:].mean())
 
 
-def _eval_methods(scalars: dict) -> list:
-  return sorted(t[len("eval/"):-len("/accuracy")] for t in scalars
-                if t.startswith("eval/") and t.endswith("/accuracy"))
-
-
-# ------------------------------------------------------------------ report
-
 def report(workdir: str, window: int, show_cots: int, wall_s: float | None = None) -> str:
-  """Prints the learning summary of `workdir` and writes its PNG; returns the PNG path."""
-  from markovian_jax import summary
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-  scalars = summary.read_scalars(workdir)
-  if not scalars:
-    raise FileNotFoundError(f"no TensorBoard scalars under {workdir!r}")
-  steps, norm = _series(scalars, "answer/normalized_reward")
+  """Prints the learning summary of `workdir` and writes the run's report (report.md and its
+  figures, `markovian_jax.report`); returns the report's path."""
+  from markovian_jax import report as report_lib
+  from markovian_jax import report_analysis as ra
+  from markovian_jax import report_runs
+  run = report_runs.load_run(report_runs.find_runs(workdir)[0])
+  steps, _ = run.series("answer/normalized_reward")
   if steps.size == 0:
-    raise FileNotFoundError(f"{workdir!r} has no training steps logged yet (answer/normalized_reward)")
+    raise report_runs.ReportError(f"{workdir!r} has no training steps logged yet "
+                         "(answer/normalized_reward)")
   w = min(window, steps.size)
   print(f"\n=== learning report: {workdir} ({steps.size} steps, window {w}) ===")
 
   def first_last_line(name, tag, fmt="{:+.3f}"):
-    _, v = _series(scalars, tag)
+    _, v = run.series(tag)
     if v.size:
       a, b = _first_last(v, w)
       print(f"  {name:<28} first {w:>3}: {fmt.format(a):>8}   last {w:>3}: {fmt.format(b):>8}"
@@ -127,18 +89,16 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
   first_last_line("grad norm", "train/grad_norm", "{:.3f}")
   first_last_line("advantage std", "train/advantage_std", "{:.3f}")
 
-  methods = _eval_methods(scalars)
   print("held-out accuracy [95% interval: Wilson, or over question means with several samples]:")
-  for m in methods:
-    es, ev = _series(scalars, f"eval/{m}/accuracy")
-    low, high = _interval(scalars, m, ev)
+  for m in run.methods():
+    es, ev, low, high = run.interval(m)
     points = "  ".join(f"@{s}: {v:.3f} [{a:.2f}, {b:.2f}]" for s, v, a, b in zip(es, ev, low, high))
-    print(f"  {m:<8} {points}")
+    print(f"  {m:<12} {points}")
 
-  _, sample_s = _series(scalars, "perf/sample_s")
-  _, score_s = _series(scalars, "perf/score_s")
-  _, update_s = _series(scalars, "perf/update_s")
-  _, step_s = _series(scalars, "perf/step_s")
+  _, sample_s = run.series("perf/sample_s")
+  _, score_s = run.series("perf/score_s")
+  _, update_s = run.series("perf/update_s")
+  _, step_s = run.series("perf/step_s")
   if step_s.size:
     print("per-step time (s): first step (includes compilation) "
           f"{step_s[0]:.1f} = sample {sample_s[0]:.1f} + score {score_s[0]:.1f} + update "
@@ -153,65 +113,13 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
       other = wall_s - step_s.sum()
       print(f"  wall {wall_s / 60:.1f} min: steps {step_s.sum() / 60:.1f} min, evaluation + "
             f"checkpoints + model load {other / 60:.1f} min")
-
-  _print_cots(workdir, show_cots)
-  path = plot(scalars, workdir, window)
-  print(f"plot: {path}")
-  return path
-
-
-def _print_cots(workdir: str, n: int):
-  files = glob.glob(os.path.join(workdir, "eval", "step_*.jsonl"))
-  files.sort(key=lambda p: int(os.path.basename(p)[len("step_"):-len(".jsonl")]))
-  if not files or n <= 0:
-    return
-  for path in sorted({files[0], files[-1]}, key=files.index):
-    with open(path) as f:
-      rows = [json.loads(line) for line in f][:n]
-    print(f"held-out CoTs from {os.path.basename(path)}:")
-    for r in rows:
-      ok = ",".join(m for m, v in r.get("correct", {}).items() if v) or "-"
-      print(f"  Q: {r['question']!r} gold {r['gold']!r}\n    CoT: {r['cot']!r}\n"
-            f"    answer: {r.get('answer_text')!r} correct: {ok}")
-
-
-def plot(scalars: dict, workdir: str, window: int) -> str:
-  """Five panels against the training step; returns the PNG path."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(5, 1, figsize=(9, 15), sharex=True)
-
-  def raw_and_ma(ax, tag, label):
-    s, v = _series(scalars, tag)
-    if v.size:
-      ax.plot(s, v, color="tab:blue", alpha=0.3, lw=0.8, label=f"{label} (per step)")
-      ax.plot(s, moving_average(v, window), color="tab:blue", lw=2,
-              label=f"{label} ({window}-step moving average)")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-
-  raw_and_ma(axes[0], "answer/normalized_reward", "normalised reward")
-  axes[0].axhline(0.0, color="k", lw=0.6)
-  for m in _eval_methods(scalars):
-    s, v = _series(scalars, f"eval/{m}/accuracy")
-    low, high = _interval(scalars, m, v)
-    axes[1].errorbar(s, v, yerr=np.stack([v - low, high - v]), marker="o", capsize=3, label=m)
-  axes[1].set_ylabel("held-out accuracy")
-  axes[1].set_ylim(-0.02, 1.02)
-  axes[1].grid(alpha=0.3)
-  axes[1].legend(loc="best", fontsize=8)
-  raw_and_ma(axes[2], "answer/cot_contains_answer", "CoT contains answer")
-  raw_and_ma(axes[3], "policy/kl", "KL to base")
-  raw_and_ma(axes[4], "policy/repetition_rate", "repetition rate")
-  axes[4].set_xlabel("training step")
-  fig.suptitle(f"Markovian training: {os.path.basename(os.path.normpath(workdir))}")
-  fig.tight_layout()
-  path = os.path.join(workdir, "learning.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  for diagnosis in ra.diagnose(run):
+    print(f"diagnosis: {diagnosis.kind} (from step {diagnosis.began}): {diagnosis.detail}")
+  written = report_lib.write_report(workdir, examples=show_cots)
+  for path in written.figures:
+    print(f"figure: {path}")
+  print(f"report: {written.path}")
+  return written.path
 
 
 # ------------------------------------------------------------------ run
@@ -233,7 +141,7 @@ def main(argv):
   if _REPORT_ONLY.value:
     try:
       report(workdir, _WINDOW.value, _SAMPLES.value)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     return

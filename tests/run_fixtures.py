@@ -1,0 +1,121 @@
+"""Run directories for the report, export and analysis tests.
+
+`demo_runs`: two short runs of the real training loop on the tiny model, one Markovian and one
+with prompt.markovian=False, side by side under one parent (what `report --workdir=PARENT` and
+`analyze fragility --compare` read). Test modules import the fixture; pytest then holds one
+instance per module, so the runs themselves are cached here and trained once per process. Tests
+may add files beside them (report.md, analysis/) but change nothing the runs wrote.
+
+`synthetic_run`: a run directory written directly (tensorboardX events, config.json,
+samples.jsonl, eval rows) whose curves show a chosen failure, or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+
+_DEMO_RUNS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tiny_model_dir, tmp_path_factory):
+  """{"parent": dir, "markovian": dir, "non_markovian": dir}: 4 steps each, evaluated at 0, 2
+  and 4, checkpoints 2 and 4, CoTs logged every step."""
+  if tiny_model_dir in _DEMO_RUNS:
+    return _DEMO_RUNS[tiny_model_dir]
+  from markovian_jax.train import Trainer
+  from tests.test_train import make_config
+  parent = tmp_path_factory.mktemp("demo_runs")
+  out = {"parent": str(parent)}
+  for name, markovian in (("markovian", True), ("non_markovian", False)):
+    workdir = parent / name
+    Trainer(make_config(tiny_model_dir, workdir, **{"prompt.markovian": markovian})).run()
+    out[name] = str(workdir)
+  _DEMO_RUNS[tiny_model_dir] = out
+  return out
+
+
+HEALTHY_COTS = ("First add the tens, then the ones, and the sum of {a} and {b} is {c}.",
+                "We combine {a} with {b}: counting up gives {c} in total, so that is it.",
+                "Take {a}, add {b}; carrying the one yields {c} which answers the question.")
+
+
+def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: int = 500,
+                  seed: int = 0, ppo_blowup_at=None, repeat_from=None, crash_at=None,
+                  accuracy=None, evaluate: bool = True, config: dict = None) -> str:
+  """Writes a run directory whose tags follow healthy PPO training (R rising from 0 to 0.8 with
+  noise, ratios near 1, varied CoTs, accuracy 0.30 -> 0.45) unless told otherwise:
+  ppo_blowup_at: policy/ppo_ratio_max ~25 from that step; repeat_from: "4444..." CoTs and
+  repetition rate 0.95 from that step; crash_at: R falls to -3 from that step; accuracy:
+  {step: accuracy} replacing the eval curve; evaluate=False: only the step-0 evaluation."""
+  from tensorboardX import SummaryWriter
+
+  from markovian_jax.evaluation import accuracy_interval
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  writer = SummaryWriter(str(path))
+  s = np.arange(1, steps + 1)
+  reward = 0.8 * s / steps + rng.normal(0, 0.3, steps)
+  if crash_at:
+    reward[s >= crash_at] = -3.0 + rng.normal(0, 0.3, int((s >= crash_at).sum()))
+  ratio_max = 1.3 + 0.2 * rng.random(steps)
+  if ppo_blowup_at:
+    ratio_max[s >= ppo_blowup_at] = 25.0 + rng.random(int((s >= ppo_blowup_at).sum()))
+  repetition = 0.02 + 0.01 * rng.random(steps)
+  if repeat_from:
+    repetition[s >= repeat_from] = 0.95
+  for i, step in enumerate(s.tolist()):
+    tags = {"answer/normalized_reward": reward[i], "answer/logprob": -2.0 + reward[i],
+            "answer/baseline_logprob": -2.0, "answer/cot_contains_answer": 0.1 + 0.3 * i / steps,
+            "train/loss": rng.normal(0, 0.1), "train/pg_loss": rng.normal(0, 0.1),
+            "train/grad_norm": 1.0 + 0.1 * rng.random(), "policy/kl": 0.01 * i / steps,
+            "policy/ppo_ratio_mean": 1.0 + 0.01 * rng.random(), "policy/ppo_ratio_max":
+            ratio_max[i], "policy/ppo_clip_fraction": 0.05 * rng.random(),
+            "policy/repetition_rate": repetition[i], "guard/nonfinite_update": 0.0}
+    for tag, v in tags.items():
+      writer.add_scalar(tag, float(v), step)
+  curve = accuracy or {e: 0.30 + 0.15 * e / steps for e in range(0, steps + 1, eval_every)}
+  if not evaluate:
+    curve = {0: curve[0]}
+  for step, acc in curve.items():
+    hits = np.zeros((eval_size, 1))
+    hits[:round(acc * eval_size)] = 1
+    low, high = accuracy_interval(hits)
+    for m, a, lo, hi in (("anchor", hits.mean(), low, high),
+                         ("simple", hits.mean() * 0.9, low * 0.9, high * 0.9)):
+      for k, v in (("accuracy", a), ("ci95_low", lo), ("ci95_high", hi)):
+        writer.add_scalar(f"eval/{m}/{k}", float(v), step)
+    writer.add_scalar("eval/cot_contains_answer", 0.2, step)
+  writer.close()
+  cfg = {"task": "gsm8k", "workdir": str(path), "prompt": {"markovian": True},
+         "objective": {"kind": "ppo"}, "optim": {"lr": 1e-4},
+         "train": {"num_steps": steps, "eval_every": eval_every, "collapse_ppo_ratio": 10.0,
+                   "collapse_repetition": 0.8}, "eval": {"num_examples": eval_size}}
+  for key, value in (config or {}).items():
+    section, _, leaf = key.rpartition(".")
+    (cfg.setdefault(section, {}) if section else cfg)[leaf] = value
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  with open(os.path.join(path, "samples.jsonl"), "w") as f:
+    for step in range(1, steps + 1, 10):
+      a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+      cots = [t.format(a=a, b=b, c=a + b) for t in HEALTHY_COTS]
+      if repeat_from and step >= repeat_from:
+        cots = ["4444 4444 4444 4444 4444 4444 4444 4444"] * 3
+      rewards = [-2.0 + reward[step - 1]] * 3
+      f.write(json.dumps({"step": step, "task": "gsm8k", "id": f"gsm8k/train/{step}",
+                          "question": f"What is {a} + {b}?", "answer": str(a + b), "cots": cots,
+                          "rewards": rewards, "normalized": [reward[step - 1]] * 3,
+                          "base_cot": "Let me think.", "base_score": -2.0}) + "\n")
+  os.makedirs(os.path.join(path, "eval"), exist_ok=True)
+  with open(os.path.join(path, "eval", "step_0.jsonl"), "w") as f:
+    for q in range(eval_size):
+      f.write(json.dumps({"id": f"gsm8k/test/{q}", "question": f"q{q}", "gold": "1", "sample": 0,
+                          "cot": "one", "answer_text": "1", "predictions": {"anchor": "1"},
+                          "correct": {"anchor": True}}) + "\n")
+  return str(path)
