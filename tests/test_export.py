@@ -1,0 +1,151 @@
+"""Exporting a training checkpoint: the PEFT adapter loads in transformers + peft and gives our
+logits, `sample --lora` reads it, merged weights equal base + LoRA, --best picks the step by
+validation score only, and bad input exits 2 with one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from markovian_jax import export
+from markovian_jax.models import hf, load_checkpoint, logits
+from tests import helpers
+from tests.run_fixtures import demo_runs  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(demo_runs):
+  return os.path.join(demo_runs["markovian"], "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def peft_dir(ckpt_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("peft"))
+  record = export.export(ckpt_dir, out, fmt="peft", overwrite=True)
+  assert record["step"] == 4 and record["chosen_by"] == "the latest step"
+  return out
+
+
+def _ids(config):
+  return np.random.RandomState(0).randint(0, config.vocab_size, (2, 24))
+
+
+def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, ckpt_dir,
+                                                                 peft_dir):
+  torch = helpers.require("torch")
+  peft = helpers.require("peft")
+  transformers = helpers.require("transformers")
+  config, params = load_checkpoint(tiny_model_dir)
+  lora = export.restore_adapter(ckpt_dir, 4, config)
+  assert (lora.rank, lora.alpha) == (8, 16.0)
+  ids = _ids(config)
+  ours, ours_base = (np.asarray(logits(config, params, ids, a)) for a in (lora, None))
+  with open(os.path.join(peft_dir, hf.ADAPTER_CONFIG_NAME)) as f:
+    assert json.load(f)["base_model_name_or_path"] == tiny_model_dir
+  base = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+  with torch.no_grad():
+    theirs_base = base(torch.tensor(ids)).logits.numpy()
+    model = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+  # The trained adapter moved the logits, and PEFT moves them the same way.
+  delta, their_delta = ours - ours_base, theirs - theirs_base
+  assert np.abs(delta).max() > 1e-4
+  np.testing.assert_allclose(their_delta, delta, atol=2e-5 + 0.02 * np.abs(delta).max())
+
+
+def test_sample_and_training_read_the_exported_adapter(tiny_model_dir, ckpt_dir, peft_dir):
+  from markovian_jax.sample import sample_texts
+  config, _ = load_checkpoint(tiny_model_dir)
+  restored = export.restore_adapter(ckpt_dir, 4, config)
+  loaded = hf.load_peft_adapter(peft_dir, config)  # what sample --lora and lora.init_from read
+  assert sorted(loaded.targets) == sorted(restored.targets)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, restored.params)
+  rows = sample_texts(tiny_model_dir, ["3 + 4 ="], lora_dir=peft_dir, max_new_tokens=4,
+                      temperature=0.0)
+  assert len(rows) == 1 and len(rows[0]["tokens"]) == 4
+
+
+def test_merged_export_equals_base_plus_lora(tiny_model_dir, ckpt_dir, tmp_path):
+  record = export.export(ckpt_dir, str(tmp_path / "merged"), fmt="merged", step=2)
+  assert record["step"] == 2 and record["format"] == "merged"
+  config, params = load_checkpoint(tiny_model_dir)
+  lora = export.restore_adapter(ckpt_dir, 2, config)
+  merged_config, merged = load_checkpoint(str(tmp_path / "merged"))
+  assert merged_config == config
+  ids = _ids(config)
+  np.testing.assert_allclose(np.asarray(logits(config, merged, ids)),
+                             np.asarray(logits(config, params, ids, lora)), atol=1e-5, rtol=0)
+  assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+
+
+def _events_with_selection(run_dir, scores: dict):
+  from tensorboardX import SummaryWriter
+  writer = SummaryWriter(str(run_dir))
+  for step, acc in scores.items():
+    writer.add_scalar("selection/anchor/accuracy", acc, step)
+    writer.add_scalar("eval/anchor/accuracy", 1.0 - acc, step)  # never used to choose
+  writer.close()
+
+
+def test_best_uses_the_selection_split_never_the_test_split(demo_runs, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(demo_runs["markovian"], run)
+  ckpt = str(run / "checkpoints")
+  with pytest.raises(export.ExportError, match="--best: none of the saved steps"):
+    export.best_step(ckpt)
+  _events_with_selection(run, {0: 0.9, 2: 0.5, 3: 0.8, 4: 0.25})  # 0 and 3 were not saved
+  step, why = export.best_step(ckpt)
+  assert step == 2 and "selection/anchor/accuracy = 0.5000" in why
+
+
+def test_best_prefers_the_score_stored_with_the_checkpoint(tmp_path):
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(
+      str(tmp_path), item_names=("lora", "opt_state", "state"),
+      options=ocp.CheckpointManagerOptions(best_fn=lambda m: m["score"], best_mode="max"))
+  for step, score in ((1, 0.2), (2, 0.7), (3, 0.7), (4, 0.1)):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.JsonSave({"step": step})),
+                 metrics={"score": score})
+  manager.wait_until_finished()
+  step, why = export.best_step(str(tmp_path))
+  assert step == 2 and "stored with the checkpoint (0.7000)" in why  # ties: the earliest
+
+
+def _run_export(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  return subprocess.run([sys.executable, "-m", "markovian_jax.export", *args], cwd=helpers.REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc) -> str:
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  return lines[0]
+
+
+def test_export_cli(ckpt_dir, tmp_path):
+  done = _run_export(f"--checkpoint_dir={ckpt_dir}", "--step=2", f"--out={tmp_path / 'a'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "exported step 2 (--step) as peft" in done.stdout
+  assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json",
+                                                "adapter_model.safetensors", "export.json"]
+  line = _one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", "--step=3",
+                                     f"--out={tmp_path / 'b'}"))
+  assert "--step 3: no checkpoint for that step" in line and "saved steps: [2, 4]" in line
+  assert not (tmp_path / "b").exists()
+  line = _one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", "--best",
+                                     f"--out={tmp_path / 'c'}"))
+  assert "--best: none of the saved steps [2, 4]" in line and "give --step" in line
+  line = _one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", f"--out={tmp_path / 'a'}"))
+  assert "--out" in line and "not empty" in line
+  line = _one_error_line(_run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}",
+                                     f"--out={tmp_path / 'd'}"))
+  assert "no such directory" in line
