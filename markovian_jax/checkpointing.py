@@ -64,8 +64,11 @@ class Checkpointer:
     if keep_best:
       keep.append(policies.BestN(get_metric_fn=_score, n=1,
                                  keep_checkpoints_without_metrics=False))
+    # best_fn makes orbax write each step's metrics to disk, so the score survives a restart and
+    # `export --best` can read it; which steps are kept is the preservation policy's alone.
     options = ocp.CheckpointManagerOptions(
-        create=create, preservation_policy=policies.AnyPreservationPolicy(keep))
+        create=create, preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=_score,
+        best_mode="max")
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("lora", "opt_state", "state"))
 

@@ -28,7 +28,10 @@ from markovian_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Orbax checkpoint directory of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-_ALL = flags.DEFINE_bool("all_steps", False, "Evaluate every saved step.")
+_ALL = flags.DEFINE_bool("all_steps", False, "Evaluate every saved step on the selection "
+                         "(validation) and the test split; writes steps.md, one row per step.")
+_BEST = flags.DEFINE_bool("best", False, "Evaluate the step with the best validation score "
+                          "(stored with the checkpoints; never the test split).")
 _BASE = flags.DEFINE_bool("base_model", False,
                           "Also evaluate the base model (alone when no --checkpoint_dir).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "CoT samples per question "
@@ -46,10 +49,10 @@ class EvalError(UserError):
 def _check_flags():
   if not _CKPT.value and not _BASE.value:
     raise EvalError("give --checkpoint_dir (a training run's checkpoints) and/or --base_model")
-  if _STEP.value is not None and _ALL.value:
-    raise EvalError("give --step or --all_steps, not both")
-  if (_STEP.value is not None or _ALL.value) and not _CKPT.value:
-    raise EvalError("--step / --all_steps select checkpoints: give --checkpoint_dir too")
+  if sum([_STEP.value is not None, _ALL.value, _BEST.value]) > 1:
+    raise EvalError("give one of --step, --all_steps and --best")
+  if (_STEP.value is not None or _ALL.value or _BEST.value) and not _CKPT.value:
+    raise EvalError("--step / --all_steps / --best select checkpoints: give --checkpoint_dir too")
   for flag in (_NUM_SAMPLES, _NUM_EXAMPLES):
     if flag.value is not None and flag.value < 1:
       raise EvalError(f"--{flag.name} must be a positive integer, got {flag.value}")
@@ -61,6 +64,11 @@ def _steps_to_evaluate(ckpt) -> list:
     raise EvalError(f"no checkpoints in {ckpt.directory}")
   if _ALL.value:
     return steps
+  if _BEST.value:
+    from markovian_jax import export
+    step, reason = export.best_step(str(ckpt.directory))
+    logging.info("--best: step %d (%s)", step, reason)
+    return [step]
   step = _STEP.value if _STEP.value is not None else steps[-1]
   if step not in steps:
     raise EvalError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
@@ -105,9 +113,11 @@ def run(config) -> dict:
   """Evaluates the models the flags select on `config`'s eval split; returns {model: summary}."""
   import jax
 
+  import dataclasses
+
   from markovian_jax import checkpointing, config_validation, evaluation, summary
   from markovian_jax.models import load_tokenizer
-  from markovian_jax.run_context import RunContext, read_examples
+  from markovian_jax.run_context import RunContext, run_splits
 
   # Everything that can be wrong with the input is checked before the model is loaded.
   _check_flags()
@@ -123,8 +133,12 @@ def run(config) -> dict:
   models = (["base"] if _BASE.value else []) + [f"step_{s}" for s in steps]
   logging.info("models to evaluate: %s", models)
   tokenizer = load_tokenizer(spec.model.path)
-  examples = read_examples(spec, spec.data.eval_split, tokenizer,
-                           _NUM_EXAMPLES.value or spec.eval.num_examples)
+  if _NUM_EXAMPLES.value:
+    spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval,
+                                                              num_examples=_NUM_EXAMPLES.value))
+  # The same test and selection sets as training drew with this config.
+  splits = run_splits(spec, tokenizer)
+  examples = splits.test
   out_dir = output_dir(config)
 
   ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
@@ -137,27 +151,55 @@ def run(config) -> dict:
   if writer_process:
     out_dir.mkdir(parents=True, exist_ok=True)
   writer = summary.SummaryWriter(out_dir)
-  results = []
+  results, selection = [], []
+  sets = [("test", examples, "eval/", "")]
+  if _ALL.value:
+    sets.append(("selection", splits.selection, "selection/", "selection/"))
   try:
     for name in models:
       # The base model is logged at step 0, as the training loop does.
       step = 0 if name == "base" else int(name[len("step_"):])
       lora = None if name == "base" else _restore_lora(ckpt, step, settings[step], ctx)
-      summ, rows = evaluation.evaluate(ctx, lora, examples, desc=name, **kw)
-      results.append((name, summ))
-      if writer_process:
-        with (out_dir / f"{name}.jsonl").open("w") as f:
-          for row in rows:
-            f.write(json.dumps(row) + "\n")
-      writer.scalars(step, evaluation.scalars(summ), prefix="eval/")
+      for split, items, prefix, sub in sets:
+        summ, rows = evaluation.evaluate(ctx, lora, items, desc=f"{name} {split}", **kw)
+        (results if split == "test" else selection).append((name, summ))
+        if writer_process:
+          (out_dir / sub).mkdir(parents=True, exist_ok=True)
+          with (out_dir / sub / f"{name}.jsonl").open("w") as f:
+            for row in rows:
+              f.write(json.dumps(row) + "\n")
+        writer.scalars(step, evaluation.scalars(summ), prefix=prefix)
   finally:
     writer.close()
+  if selection and writer_process:
+    table = step_table(selection, results)
+    print(table)
+    (out_dir / "steps.md").write_text(table + "\n")
   out = {name: s for name, s in results}
   if writer_process:
     print(evaluation.format_table(results))
     (out_dir / "summary.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
   return out
+
+
+def step_table(selection: list, test: list) -> str:
+  """A markdown table, one row per model: each extractor's selection and test accuracy, the
+  model with the best selection score marked (the checkpoint an honest report picks)."""
+  from markovian_jax import evaluation
+  sel, tst = dict(selection), dict(test)
+  methods = [k[:-len("/accuracy")] for k in evaluation.scalars(test[0][1])
+             if k.endswith("/accuracy")]
+  best = max(sel, key=lambda n: evaluation.primary_score(sel[n]))
+  head = ["model"] + [f"{m} {split}" for m in methods for split in ("selection", "test")]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, _ in test:
+    cells = [name + (" (best selection)" if name == best else "")]
+    for m in methods:
+      for summ in (sel[name], tst[name]):
+        cells.append(f"{evaluation.scalars(summ).get(m + '/accuracy', float('nan')):.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def output_dir(config) -> epath.Path:

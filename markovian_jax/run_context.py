@@ -64,6 +64,19 @@ def read_examples(spec, split: str, tokenizer=None, limit: Optional[int] = None)
   return examples
 
 
+def run_splits(spec, tokenizer=None):
+  """The run's disjoint train, selection and test sets (`data.selection.run_splits`): the test and
+  selection sets are seeded samples of eval.num_examples (MMLU stratified by subject); a task
+  without a validation split gives up a seeded carve-out of train. Train and evaluate call this
+  with the same spec and get the same sets."""
+  from markovian_jax.data import selection
+  return selection.run_splits(
+      spec.task, lambda split: read_examples(spec, split, tokenizer),
+      train_split=spec.data.train_split, eval_split=spec.data.eval_split,
+      selection_size=spec.eval.num_examples, test_size=spec.eval.num_examples,
+      seed=spec.eval.seed, task_options=spec.data.task_options(spec.task, tokenizer))
+
+
 @dataclasses.dataclass
 class RunContext:
   config: object  # the run's ml_collections.ConfigDict

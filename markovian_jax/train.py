@@ -31,7 +31,7 @@ from markovian_jax import optimizer, pipeline, summary, train_step
 from markovian_jax.data import ExampleStream
 from markovian_jax.errors import InvalidConfig
 from markovian_jax.models import hf, init_lora, load_tokenizer
-from markovian_jax.run_context import RunContext, fetch, read_examples
+from markovian_jax.run_context import RunContext, fetch, run_splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 
@@ -72,15 +72,16 @@ class Trainer:
           f"config.lora.init_from: {spec.lora.init_from} is not a PEFT adapter directory (no "
           "adapter_config.json)")
     tokenizer = load_tokenizer(spec.model.path)
-    self.train_stream = ExampleStream(read_examples(spec, spec.data.train_split, tokenizer),
-                                      t.seed)
-    self.eval_examples = read_examples(spec, spec.data.eval_split, tokenizer,
-                                       spec.eval.num_examples)
+    # Three disjoint sets: train, selection (checkpoint choice, keep_best) and the reported test.
+    self.splits = run_splits(spec, tokenizer)
+    self.train_stream = ExampleStream(self.splits.train, t.seed)
+    self.eval_examples, self.selection_examples = self.splits.test, self.splits.selection
     self.ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
     self.mesh = self.ctx.mesh
     self.workdir = epath.Path(spec.workdir)
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "selection.json").write_text(json.dumps(self.splits.record(), indent=1))
     if spec.objective.kind == "ppo" and spec.lora.dropout > 0:
       logging.info("PPO updates run without LoRA dropout (lora.dropout=%s applies to PG): the "
                    "ratio must compare the function the sampler ran", spec.lora.dropout)
@@ -233,22 +234,44 @@ class Trainer:
     self.save(score=score)
 
   def evaluate(self) -> dict:
+    """Evaluates the current adapter on the selection split (scalars `selection/`, rows under
+    eval/selection/; its primary score ranks checkpoints for keep_best) and on the reported test
+    split (scalars `eval/`, rows under eval/). Returns the test summary."""
+    for name, examples, prefix, folder in (
+        ("selection", self.selection_examples, "selection/", self.workdir / "eval" / "selection"),
+        ("test", self.eval_examples, "eval/", self.workdir / "eval")):
+      summ = self._evaluate_on(examples, prefix, folder, f"{name}@{self.step_num}")
+      if name == "selection":
+        self.last_eval = (self.step_num, evaluation.primary_score(summ))
+    return summ
+
+  def _evaluate_on(self, examples, prefix: str, folder: epath.Path, desc: str) -> dict:
     e = self.spec.eval
     summ, rows = evaluation.evaluate(
-        self.ctx, self.lora, self.eval_examples, num_samples=e.num_samples,
+        self.ctx, self.lora, examples, num_samples=e.num_samples,
         temperature=e.temperature, reader=e.reader, answer_max_tokens=e.answer_max_tokens,
         answer_first_line=e.answer_first_line, batch_size=e.batch_size, seed=e.seed,
-        desc=f"eval@{self.step_num}")
-    self.writer.scalars(self.step_num, evaluation.scalars(summ), prefix="eval/")
+        desc=desc)
+    self.writer.scalars(self.step_num, evaluation.scalars(summ), prefix=prefix)
     if jax.process_index() == 0:
-      path = self.workdir / "eval" / f"step_{self.step_num}.jsonl"
+      path = folder / f"step_{self.step_num}.jsonl"
       path.parent.mkdir(parents=True, exist_ok=True)
       with path.open("w") as f:
         for row in rows:
           f.write(json.dumps(row) + "\n")
-    logging.info("eval at step %d: %s", self.step_num, json.dumps(evaluation.scalars(summ)))
-    self.last_eval = (self.step_num, evaluation.primary_score(summ))
+    logging.info("%s: %s", desc, json.dumps(evaluation.scalars(summ)))
     return summ
+
+  def export_adapter(self) -> epath.Path:
+    """Writes the current adapter in PEFT form to <workdir>/adapter (loads in transformers +
+    peft and in `sample --lora`)."""
+    out = self.workdir / "adapter"
+    params = jax.tree.map(fetch, self.lora.params)  # every process joins the gather
+    if jax.process_index() == 0:
+      hf.save_peft_adapter(self.lora.replace(params=params), self.ctx.model, str(out),
+                           base_model_name_or_path=self.spec.model.path)
+      logging.info("wrote the step-%d adapter (PEFT) to %s", self.step_num, out)
+    return out
 
   # ------------------------------------------------------------------ loop
   def run(self):
@@ -270,6 +293,7 @@ class Trainer:
                                           last=self.step_num == t.num_steps))
       bar.close()
       self.save()
+      self.export_adapter()
     finally:
       stop.uninstall()
       self.writer.close()

@@ -11,10 +11,14 @@ import pytest
 from tests import helpers
 
 
-def run_train(*args, timeout=300):
+def run_module(module, *args, timeout=300):
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "markovian_jax.train", *args], cwd=helpers.REPO,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(*args, timeout=300):
+  return run_module("markovian_jax.train", *args, timeout=timeout)
 
 
 def demo_args(model_dir, workdir, *extra):

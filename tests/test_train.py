@@ -17,7 +17,8 @@ TB_TAGS = ["answer/normalized_reward", "answer/logprob", "answer/baseline_logpro
            "policy/entropy", "policy/cot_logprob", "policy/repetition_rate",
            "policy/behaviour_logprob_diff_mean", "guard/nonfinite_update", "guard/collapse_alarm",
            "perf/sample_s", "perf/score_s", "perf/update_s", "perf/tokens_per_s",
-           "eval/anchor/accuracy", "eval/simple/accuracy"]
+           "eval/anchor/accuracy", "eval/simple/accuracy", "selection/anchor/accuracy",
+           "selection/simple/accuracy"]
 # Constant under the default config, or the same quantity under another name: never logged.
 NOT_LOGGED = ["train/active_fraction", "reward/raw", "reward_mean", "answer_logprob/actor",
               "policy/ppo_ratio_mean", "train/ema_baseline", "policy/cot_length"]
@@ -65,6 +66,36 @@ def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
   # The LoRA moved away from zero-B (the update is applied).
   b = np.asarray(trainer.lora.params["layers"]["attn"]["q"]["b"])
   assert np.abs(b).max() > 0
+  # Checkpoints are ranked by the selection split, which is disjoint from the reported test set.
+  run = tmp_path / "run"
+  sel = {e.id for e in trainer.selection_examples}
+  assert sel and not sel & {e.id for e in trainer.eval_examples}
+  assert (run / "eval" / "selection" / "step_2.jsonl").is_file()
+  from markovian_jax import export
+  step, reason = export.best_step(str(run / "checkpoints"))
+  by_selection = dict(scalars["selection/anchor/accuracy"])
+  assert "validation" in reason and by_selection[step] == max(by_selection[s] for s in (2, 4))
+  # The final adapter is written in PEFT form, and `sample --lora` reads it.
+  from markovian_jax import sample
+  rows = sample.sample_texts(tiny_model_dir, ["1 + 2 ="], lora_dir=str(run / "adapter"),
+                             max_new_tokens=3, temperature=0.0)
+  direct = sample.sample_texts(tiny_model_dir, ["1 + 2 ="], max_new_tokens=3, temperature=0.0)
+  assert len(rows[0]["tokens"]) == 3 and rows[0]["logprob"] != direct[0]["logprob"]
+  # evaluate --all_steps: one row per step, selection and test accuracy side by side.
+  from tests.test_cli import run_module
+  args = [f"--config=configs/demo.py", f"--config.model.path={tiny_model_dir}",
+          "--config.host_allocator=system", "--config.compilation_cache_dir=",
+          "--config.sampling.cot_length=8", "--config.eval.num_examples=4",
+          "--config.eval.batch_size=4", "--config.eval.answer_max_tokens=4",
+          f"--checkpoint_dir={run / 'checkpoints'}", f"--output_dir={tmp_path / 'ev'}"]
+  done = run_module("markovian_jax.evaluate", *args, "--all_steps")
+  assert done.returncode == 0, done.stderr[-3000:]
+  table = (tmp_path / "ev" / "steps.md").read_text()
+  assert "anchor selection" in table and "step_2" in table and "step_4" in table
+  assert f"step_{step} (best selection)" in table
+  best = run_module("markovian_jax.evaluate", *args[:-1], f"--output_dir={tmp_path / 'best'}",
+                    "--best")
+  assert best.returncode == 0 and (tmp_path / "best" / f"step_{step}.jsonl").is_file()
 
 
 def test_resume_is_exact(tiny_model_dir, tmp_path):
