@@ -136,8 +136,32 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.eval.answer_first_line = False
   c.eval.batch_size = 32
   c.eval.seed = 1234
+  # Every N steps (0 = off): how much the answer log-prob drops when the step's CoTs are
+  # perturbed (delete, truncate, digit/char replace at 40% and 100%), logged as fragility/.
+  c.eval.fragility_every = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills with the available devices
-  c.mesh.preset = ""  # a MESH_PRESETS name overrides shape
+  # A MESH_PRESETS name (markovian_jax/presets.py) overrides shape; configs/presets/<name>.py also
+  # sets the questions_per_step it implies.
+  c.mesh.preset = ""
+  # The Q x G rows must split over data x fsdp and the weights over fsdp x tensor as the rules
+  # intend, or the run is refused before loading. True replicates instead (tiny test models).
+  c.mesh.allow_replication = False
+  # Usable GiB per device for the start-up memory plan; 0 = what the device reports, else the
+  # preset's chip (`python -m markovian_jax.plan` prints the plan without running).
+  c.mesh.device_memory_gib = 0.0
+  return c
+
+
+def with_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """`c` on hardware preset `preset`, with the smallest questions_per_step whose Q x G rows split
+  over its data x fsdp devices (G stays the task's; presets.py lists the batches)."""
+  from markovian_jax import presets
+  if preset not in presets.PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}")
+  c.mesh.preset = preset
+  p = presets.PRESETS[preset]
+  if p.devices:
+    c.train.questions_per_step = presets.questions_for(p.mesh, c.train.group_size)
   return c

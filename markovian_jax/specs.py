@@ -291,9 +291,13 @@ class EvalSpec(_Section):
   answer_first_line: bool = False
   batch_size: int = 32
   seed: int = 1234
+  fragility_every: int = 0
 
   def __post_init__(self):
     self.positive_int("num_examples", "num_samples", "answer_max_tokens", "batch_size")
+    if not isinstance(self.fragility_every, int) or self.fragility_every < 0:
+      _bad("eval.fragility_every", f"must be an integer >= 0 (0 = off), got "
+           f"{self.fragility_every!r}")
     self.choice("reader", SCORERS)
 
 
@@ -302,6 +306,8 @@ class MeshSpec(_Section):
   SECTION = "mesh"
   shape: tuple = (-1, 1, 1)
   preset: str = ""
+  allow_replication: bool = False
+  device_memory_gib: float = 0.0
 
   def __post_init__(self):
     if self.preset and self.preset not in sharding.MESH_PRESETS:
@@ -310,11 +316,19 @@ class MeshSpec(_Section):
     if (not isinstance(s, tuple) or len(s) != 3 or s.count(-1) > 1
         or any(not isinstance(x, int) or x == 0 or x < -1 for x in s)):
       _bad("mesh.shape", f"{s}: use 3 positive sizes (data, fsdp, tensor), at most one -1")
+    if not isinstance(self.allow_replication, bool):
+      _bad("mesh.allow_replication", f"must be True or False, got {self.allow_replication!r}")
+    self.number("device_memory_gib", 0.0)
 
   @property
   def resolved(self) -> tuple:
     """The mesh shape to build (a preset wins over `shape`)."""
     return sharding.MESH_PRESETS[self.preset] if self.preset else self.shape
+
+  @property
+  def known(self) -> bool:
+    """Whether `resolved` is fixed without counting devices (no -1)."""
+    return -1 not in self.resolved
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,6 +126,8 @@ class Trainer:
     self.add_hook(guards.NonFiniteGuard(self, t.nan_patience), name="nonfinite_guard")
     self.add_hook(guards.CollapseGuard(self, t), name="collapse_guard")
     self.add_hook(self._evaluate_hook, every=t.eval_every, name="eval", at_end=True)
+    if spec.eval.fragility_every:
+      self.add_hook(self._fragility_hook, every=spec.eval.fragility_every, name="fragility")
     self.add_hook(self._checkpoint_hook, every=t.checkpoint_every, name="checkpoint", at_end=True)
     if t.resume and self.ckpt.latest_step() is not None:
       self.restore(self.ckpt.latest_step())
@@ -228,6 +230,17 @@ class Trainer:
 
   def _evaluate_hook(self, info: hooks_lib.StepInfo):
     self.evaluate()
+
+  def _fragility_hook(self, info: hooks_lib.StepInfo):
+    """fragility/<kind>/p<percent>: the mean drop in the answer log-prob (under the current
+    policy) when the step's CoTs are perturbed; a CoT the answer really depends on drops more."""
+    from markovian_jax import fragility
+    ro = info.rollout
+    res = fragility.fragility_scores(self.ctx, self.lora, ro.row_examples, ro.cot_texts,
+                                     severities=(0, 40, 100), seed=info.step,
+                                     batch_size=self.spec.eval.batch_size)
+    self.writer.scalars(info.step, {f"fragility/{k}/p{p}": float(res.effect(k, p).mean())
+                                    for k in res.kinds for p in (40, 100)})
 
   def _checkpoint_hook(self, info: hooks_lib.StepInfo):
     score = self.last_eval[1] if self.last_eval and self.last_eval[0] == info.step else None
