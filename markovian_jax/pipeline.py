@@ -192,6 +192,9 @@ def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state
   if o.loss.ei_std is not None and not bool(fetch(tg.active).any()):
     return lora, opt_state, []
   lr = np.float32(lr)
+  # The window is static: only the paper's reward gradient reads it, so only then may its
+  # changes compile another update program.
+  window = window if o.loss.reward_grad == "paper" else None
   if o.kind != "ppo":
     lora, opt_state, m = programs.update(ctx.params, lora, opt_state, batch, tg,
                                          jax.random.fold_in(key, 0), ref_lora, lr,
