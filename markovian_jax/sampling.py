@@ -7,6 +7,14 @@
       -> repeat the cache num_samples times and pad it to S = P + N slots (rows B*G)
       -> lax.while_loop over the N new tokens (exits early once every row has emitted EOS)
 
+On a mesh (`mesh=`, or the mesh the params live on) the program runs in the decode layout
+(`sharding.DECODE_RULES`): rows split over data, and, when fsdp > 1, the weights resharded once per
+call so that fsdp splits heads / mlp / vocab like tensor does, so no token all-gathers a weight.
+The rows are padded to a multiple of the data axis with filler rows (copies of prompt 0, done
+from the start, dropped at the end): the B greedy reference rows of `generate_with_reference` make
+B * (G + 1) rows, which the data axis rarely divides, and would otherwise replicate the whole
+decode on every device. The prefill's prompts are padded the same way.
+
 Left padding puts every row's next token in the same cache slot, so each step writes the cache with
 one `dynamic_update_slice`. The cache is allocated inside the program and lives in the loop carry,
 which XLA updates in place (there is no caller-visible buffer to donate). The G samples of a
@@ -218,6 +226,31 @@ def _constrain(x, mesh: Optional[Mesh], spec_fn):
   return jax.lax.with_sharding_constraint(x, spec_fn(mesh, x.shape))
 
 
+# The sampler's layout (read when a program is traced; tests swap in the train rules).
+_RULES = sharding.DECODE_RULES
+
+
+def _rows_sharding(mesh: Mesh, shape) -> NamedSharding:
+  return sharding.batch_sharding(mesh, shape, _RULES)
+
+
+def _cache_specs():
+  return (functools.partial(sharding.cache_sharding, rules=_RULES),
+          functools.partial(sharding.cache_sharding, rules=_RULES, values=True))
+
+
+def _decode_layout(params, lora, mesh: Optional[Mesh]):
+  """params and LoRA in the sampler's layout: a no-op unless fsdp > 1 (`sharding.DECODE_RULES`)."""
+  if mesh is None or sharding.axis_sizes(mesh)["fsdp"] == 1:
+    return params, lora
+  place = lambda tree: jax.lax.with_sharding_constraint(  # noqa: E731
+      tree, sharding.param_shardings(tree, mesh, _RULES))
+  params = place(params)
+  if lora is not None:
+    lora = lora.replace(params=place(lora.params))
+  return params, lora
+
+
 @functools.partial(jax.jit, static_argnames=("mode",))
 def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_tokens, *, mode: _Mode):
   """tokens int32 [B, P] left-padded, mask bool [B, P] -> SampleOutput with B*G rows (and, with
@@ -227,6 +260,7 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   _COMPILES[(mode, b, p, lora is None)] += 1
   log.info("sampler: compiling batch=%d bucket=%d new_tokens=%d num_samples=%d (program %d)",
            b, p, n, g, compile_count())
+  params, lora = _decode_layout(params, lora, mode.mesh)
   # Which prefill row each decode row continues: the G samples of prompt i share prefill row i;
   # reference rows (after all samples) continue a base-model prefill of the same prompts.
   source = jnp.repeat(jnp.arange(b), g)
@@ -236,14 +270,23 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
     prefill_scale = jnp.concatenate([jnp.ones((b,)), jnp.zeros((b,))])
     source = jnp.concatenate([source, b + jnp.arange(b)])
     row_scale = jnp.concatenate([jnp.ones((b * g,)), jnp.zeros((b,))])
+  real = source.shape[0]
+  rows = real if mode.mesh is None else sharding.pad_rows(real, mode.mesh, _RULES)
+  source = jnp.pad(source, (0, rows - real))  # filler rows continue prompt 0
+  if row_scale is not None:
+    row_scale = jnp.pad(row_scale, (0, rows - real))
     greedy_rows = row_scale == 0
-  rows = source.shape[0]
+  if mode.mesh is not None:  # the prefill splits over data too (filler prompts: copies of 0)
+    fill = jnp.zeros((sharding.pad_rows(tokens.shape[0], mode.mesh, _RULES) - tokens.shape[0],),
+                     jnp.int32)
+    tokens, mask = (_constrain(jnp.concatenate([x, x[fill]]), mode.mesh, _rows_sharding)
+                    for x in (tokens, mask))
+    if prefill_scale is not None:
+      prefill_scale = jnp.pad(prefill_scale, (0, fill.shape[0]))
   # Prefill: one forward over the distinct prompts, into a cache that holds only the prompt.
   dtype = jnp.dtype(c.dtype)
-  cache_spec = (sharding.cache_sharding,
-                functools.partial(sharding.cache_sharding, values=True))
   cache = tuple(_constrain(jnp.zeros(shape, dtype), mode.mesh, spec)
-                for shape, spec in zip(llama.cache_shape(c, tokens.shape[0], p), cache_spec))
+                for shape, spec in zip(llama.cache_shape(c, tokens.shape[0], p), _cache_specs()))
   positions = llama.positions_from_mask(mask)
   hidden, cache = llama.forward(c, params, tokens, attention_mask=mask, positions=positions,
                                 lora=lora, cache=cache, cache_index=0, cache_mask=mask,
@@ -253,9 +296,9 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   # Share it among the G samples and make room for the N new tokens.
   room = ([(0, 0)] * 4 + [(0, n)], [(0, 0)] * 3 + [(0, n), (0, 0)])  # slots: last / 4th axis
   cache = tuple(_constrain(jnp.pad(jnp.take(x, source, axis=1), pad), mode.mesh, spec)
-                for x, pad, spec in zip(cache, room, cache_spec))
+                for x, pad, spec in zip(cache, room, _cache_specs()))
   slots = jnp.pad(mask[source], [(0, 0), (0, n)])
-  logits = _constrain(logits[source], mode.mesh, sharding.batch_sharding)
+  logits = _constrain(logits[source], mode.mesh, _rows_sharding)
   pos = positions[source, -1] + 1
   pad_id = mode.eos_ids[0] if mode.eos_ids else 0
   eos = jnp.asarray(mode.eos_ids, jnp.int32)
@@ -288,17 +331,19 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
     i, done = state[0], state[5]
     return (i < n - 1) & ~jnp.all(done)
 
-  init = (jnp.int32(0), cache, slots, logits, pos, jnp.zeros((rows,), bool),
+  # Filler rows are done from the start: they emit pads and never hold the early exit back.
+  init = (jnp.int32(0), cache, slots, logits, pos, jnp.arange(rows) >= real,
           jnp.zeros((rows,), jnp.int32), jnp.full((rows, n), pad_id, jnp.int32),
           jnp.zeros((rows, n), jnp.float32))
   i, _, _, logits, _, done, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
   # The last token needs no forward pass after it (and after an early exit this writes pads).
   _, _, out_tok, out_lp, inc = select(i, logits, done, out_tok, out_lp)
   out = SampleOutput(tokens=out_tok, logprobs=out_lp, lengths=lengths + inc)
-  out = jax.tree.map(lambda x: _constrain(x, mode.mesh, sharding.batch_sharding), out)
+  part = lambda lo, hi: jax.tree.map(  # noqa: E731
+      lambda x: _constrain(x[lo:hi], mode.mesh, _rows_sharding), out)
   if mode.reference_rows:
-    return (jax.tree.map(lambda x: x[:b * g], out), jax.tree.map(lambda x: x[b * g:], out))
-  return out
+    return part(0, b * g), part(b * g, real)
+  return part(0, real)
 
 
 # ------------------------------------------------------------------ host side
@@ -341,9 +386,18 @@ def _host_prompts(prompt_ids, prompt_mask, bucket: int, vocab_size: int):
 
 
 def _place(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A batch-sharded global array from a host array every process holds in full."""
-  sh = sharding.batch_sharding(mesh, x.shape)
+  """A row-sharded (decode layout) global array from a host array every process holds in full."""
+  sh = _rows_sharding(mesh, x.shape)
   return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
+def _params_mesh(params) -> Optional[Mesh]:
+  """The mesh the base weights live on (None when they are not on a NamedSharding)."""
+  for leaf in jax.tree.leaves(params):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+      return sh.mesh
+  return None
 
 
 def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rng=None,
@@ -365,7 +419,8 @@ def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rn
     min_new_tokens: EOS cannot end a row before this many tokens (the reference uses
       min_new_tokens = max_new_tokens = K).
     eos_ids: tokens that end a row.
-    mesh: shard rows over the mesh batch axes (default: the mesh of a sharded `prompt_ids`).
+    mesh: run in the mesh's decode layout (module docstring); default: the mesh of a sharded
+      `prompt_ids`, else the mesh the params live on.
   Returns:
     SampleOutput: tokens int32 [B*num_samples, N], logprobs float32 [B*num_samples, N],
     lengths int32 [B*num_samples]; see the module docstring for pads and log-probs.
@@ -399,6 +454,7 @@ def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rn
       mesh = prompt_ids.sharding.mesh
   else:
     tokens, mask = _host_prompts(prompt_ids, prompt_mask, int(bucket), config.vocab_size)
+    mesh = mesh or _params_mesh(params)
     if mesh is not None:
       tokens, mask = _place(tokens, mesh), _place(mask, mesh)
   longest = tokens.shape[1] + int(max_new_tokens)

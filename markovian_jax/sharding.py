@@ -16,19 +16,34 @@
 
 With mesh (N, 1, 1) the frozen base is replicated and only the batch is split (the right choice for
 LoRA on 8xH100, where the 16 GB base fits each GPU); on 16 GB TPU chips put the base on `tensor`
-and/or `fsdp`. A dim that a mesh axis does not divide is left replicated on that axis rather than
-failing, so tiny test models run on any mesh.
+and/or `fsdp` (`presets`).
+
+3. `DECODE_RULES`: the sampler's layout. A decode step reads every weight once per token, so an
+   FSDP-sharded weight would be all-gathered every token. Decoding uses fsdp as a second
+   tensor-parallel axis instead (heads, mlp, vocab and the cache's kv heads over fsdp x tensor;
+   rows over data only): the weights stay split as much as in training, and a token costs one
+   activation all-reduce per layer instead of a weight all-gather. (Tunix's
+   `get_default_sharding(is_sampling=True)` drops fsdp from the sampler's weights instead, which
+   replicates them fsdp times: memory 16 GB chips do not have.) With fsdp = 1 both tables give
+   the same layout.
+
+`logical_to_spec` leaves a dim replicated on a mesh axis that does not divide it, so tiny test
+models run on any mesh; runs do not rely on that: `config_validation` refuses rows that do not
+split over data x fsdp and `plan.check` weights that do not split as the mesh intends (`unsplit`),
+unless `mesh.allow_replication` asks for the lenient path.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from markovian_jax import presets
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -61,19 +76,21 @@ PARAM_AXES = (
     (r"final_norm/scale$", ("norm",)),
 )
 
-# Mesh shapes (data, fsdp, tensor) by hardware, selected with config.mesh.preset.
-MESH_PRESETS = {
-    "1xgpu": (1, 1, 1),
-    "cpu": (-1, 1, 1),
-    # LoRA on 8xH100: the 16 GB bf16 base fits each GPU; replicate it and split only the batch.
-    "8xh100": (8, 1, 1),
-    # v5e chips have 16 GB: the 8B base must be split; tensor=4 inside a host, data over the rest.
-    "v5e-8": (2, 1, 4),
-    "v5e-32": (8, 1, 4),
-    # v5p (95 GB/chip): replicate like H100.
-    "v5p-8": (4, 1, 1),
-    "v5p-64": (32, 1, 1),
+# The sampler's layout (module docstring, 3.): rows over data; fsdp joins tensor on the weights.
+DECODE_RULES: Mapping[str, Optional[tuple]] = {
+    **DEFAULT_RULES,
+    "batch": ("data",),
+    "embed": None,
+    "q_heads": ("fsdp", "tensor"),
+    "kv_heads": ("fsdp", "tensor"),
+    "mlp": ("fsdp", "tensor"),
+    "vocab": ("fsdp", "tensor"),
+    "cache_batch": ("data",),
+    "cache_kv_heads": ("fsdp", "tensor"),
 }
+
+# Mesh shapes (data, fsdp, tensor) by hardware, selected with config.mesh.preset (`presets`).
+MESH_PRESETS = {name: p.mesh for name, p in presets.PRESETS.items()}
 
 # Keys [L, B, Hkv, Dh, S] and values [L, B, Hkv, S, Dh] (models/llama.py: cache_shape).
 KEY_CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "head_dim", "cache_seq")
@@ -130,11 +147,25 @@ def param_logical_axes(path: str, ndim: int) -> tuple:
   raise KeyError(f"no sharding rule for parameter {path!r}")
 
 
+MeshLike = Union[Mesh, Mapping[str, int], Sequence[int]]
+
+
+def axis_sizes(mesh: MeshLike) -> dict:
+  """{axis name: size} of a Mesh, a {name: size} mapping or a (data, fsdp, tensor) shape, so that
+  layouts can be planned for meshes this host does not have."""
+  if isinstance(mesh, Mesh):
+    return dict(mesh.shape)
+  if isinstance(mesh, Mapping):
+    return dict(mesh)
+  return dict(zip(MESH_AXES, (int(s) for s in mesh)))
+
+
 def logical_to_spec(axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
-                    mesh: Optional[Mesh] = None,
+                    mesh: Optional[MeshLike] = None,
                     rules: Mapping[str, Optional[tuple]] = DEFAULT_RULES) -> P:
-  """PartitionSpec for logical axes; with `shape` and `mesh`, a mesh axis that does not divide its
-  dim (or is already used by an earlier dim) is dropped."""
+  """PartitionSpec for logical axes; with `shape` and `mesh` (a Mesh or `axis_sizes` input), a
+  mesh axis that does not divide its dim (or is already used by an earlier dim) is dropped."""
+  sizes = axis_sizes(mesh) if mesh is not None else None
   used: set = set()
   out = []
   for i, name in enumerate(axes):
@@ -145,14 +176,52 @@ def logical_to_spec(axes: Sequence[Optional[str]], shape: Optional[Sequence[int]
     for ax in mesh_axes:
       if ax in used:
         continue
-      if mesh is not None and shape is not None:
-        size = math.prod(mesh.shape[a] for a in keep + [ax])
+      if sizes is not None and shape is not None:
+        size = math.prod(sizes[a] for a in keep + [ax])
         if shape[i] % size:
           continue
       keep.append(ax)
     used.update(keep)
     out.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
   return P(*out)
+
+
+def shard_shape(axes, shape: Sequence[int], mesh: MeshLike, rules=DEFAULT_RULES) -> tuple:
+  """The per-device shape of an array with logical `axes` on `mesh`."""
+  sizes = axis_sizes(mesh)
+  spec = logical_to_spec(axes, shape, sizes, rules)
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    out.append(dim // math.prod(sizes[a] for a in names))
+  return tuple(out)
+
+
+def unsplit(axes, shape: Sequence[int], mesh: MeshLike, rules=DEFAULT_RULES) -> list:
+  """[(dim index, logical axis, mesh axis, mesh size)]: the mesh axes of size > 1 that `rules` give
+  a dim but that do not divide it, so that the array is replicated on them."""
+  sizes = axis_sizes(mesh)
+  spec = logical_to_spec(axes, shape, sizes, rules)
+  kept = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  out = []
+  for i, name in enumerate(axes):
+    for ax in (rules.get(name) or ()) if name is not None else ():
+      if sizes.get(ax, 1) > 1 and ax not in kept:
+        out.append((i, name, ax, sizes[ax]))
+        kept.add(ax)  # report each mesh axis once
+  return out
+
+
+def batch_split(mesh: MeshLike, rules=DEFAULT_RULES) -> int:
+  """How many ways the batch (rows) is split: data x fsdp in training, data when decoding."""
+  sizes = axis_sizes(mesh)
+  return math.prod(sizes[a] for a in rules["batch"] or ())
+
+
+def pad_rows(rows: int, mesh: MeshLike, rules=DEFAULT_RULES) -> int:
+  """`rows` rounded up to a multiple of `batch_split`."""
+  split = batch_split(mesh, rules)
+  return -(-int(rows) // split) * split
 
 
 def named_sharding(mesh: Mesh, axes, shape, rules=DEFAULT_RULES) -> NamedSharding:

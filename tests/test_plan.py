@@ -1,0 +1,200 @@
+"""The memory plan: offline model shapes, the 8B arithmetic by hand, the verdicts and knobs, the
+CLI's exit codes, and agreement with the compiler's memory_analysis() on small configs."""
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from markovian_jax import config_validation, plan, plan_shapes
+from markovian_jax.errors import InvalidConfig
+from markovian_jax.plan_memory import GIB
+from tests import helpers
+
+LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
+BASE_8B_BF16 = 16_060_522_496  # 8,030,261,248 params x 2 bytes: "16.06 GB"
+NORMS_8B_BF16 = (2 * 32 * 4096 + 4096) * 2  # RMSNorm scales: replicated on every mesh
+# 32 layers x rank 8 x (in + out): q, o 4096 + 4096; k, v 4096 + 1024; gate, up, down 4096 + 14336
+LORA_R8_ALL_LINEAR = 20_971_520
+
+
+def preset_spec(name: str, **overrides):
+  base = importlib.import_module("configs.base")
+  c = base.with_preset(base.get_config("gsm8k"), name)
+  for k, v in overrides.items():
+    section, _, leaf = k.rpartition(".")
+    c[section][leaf] = v
+  return config_validation.validate(c)
+
+
+def test_model_shapes_without_weights(smollm2_path, tiny_model_dir):
+  c, source = plan_shapes.model_config(LLAMA_8B)  # no network, no cache: the published shapes
+  assert "published" in source and c.num_params == 8_030_261_248
+  gguf_config, source = plan_shapes.model_config(smollm2_path, "float32")
+  assert "GGUF header" in source and (gguf_config.num_layers, gguf_config.hidden_size,
+                                      gguf_config.vocab_size) == (30, 576, 49152)
+  local, source = plan_shapes.model_config(tiny_model_dir)
+  assert source.endswith("config.json") and local.num_layers == 2
+  with pytest.raises(InvalidConfig, match="^config.model.path: someone/unknown-model is a hub id"):
+    plan_shapes.model_config("someone/unknown-model")
+
+
+@pytest.mark.parametrize("preset, per_device_base, budget", [
+    ("1xh100", BASE_8B_BF16, 0.9 * 0.75 * 79.6), ("8xh100", BASE_8B_BF16, 0.9 * 0.75 * 79.6),
+    ("v5e-8", (BASE_8B_BF16 - NORMS_8B_BF16) // 4 + NORMS_8B_BF16, 0.9 * 16),
+    ("v5p-8", BASE_8B_BF16, 0.9 * 95)])
+def test_8b_presets_by_hand(preset, per_device_base, budget):
+  """Base 16.06 GB bf16 (split by tensor=4 on v5e-8); LoRA r8 all-linear 20,971,520 fp32 params
+  (v5e-8: the q/k/v/gate/up `b` and the o/down `a` halves split by 4) and two AdamW moments."""
+  p = plan.make_plan(preset_spec(preset))
+  items = {i.name: i.bytes for i in p.memory.items}
+  assert items["base weights"] == per_device_base
+  lora = items["LoRA params (fp32)"]
+  if preset == "v5e-8":  # a: [L, in, 8], b: [L, 8, out]; out of q/k/v/gate/up and in of o/down
+    split = 32 * 8 * (4096 + 1024 + 1024 + 14336 + 14336 + 4096 + 14336) // 4
+    whole = 32 * 8 * (4096 * 5 + 4096 + 4096)
+    assert lora == 4 * (split + whole)
+  else:
+    assert lora == 4 * LORA_R8_ALL_LINEAR
+  assert items["AdamW state (fp32)"] == 2 * lora
+  assert p.usable_gib * plan.HEADROOM == pytest.approx(budget)
+  assert p.fits and p.memory.peak / GIB < budget
+
+
+def test_what_does_not_fit_names_the_knobs():
+  # The 8B base replicated on 16 GB chips: 14.96 GiB of weights alone.
+  spec = preset_spec("8xh100", **{"mesh.preset": "", "mesh.shape": (8, 1, 1),
+                                  "mesh.device_memory_gib": 16.0})
+  p = plan.make_plan(spec)
+  assert p.fits is False
+  assert p.fixes[0].startswith("mesh.shape=(4, 1, 2) (tensor=2")
+  assert any(f.startswith("mesh.shape=(2, 4, 1) (fsdp=4") for f in p.fixes)
+  with pytest.raises(InvalidConfig) as e:
+    plan.check(spec, log=False)
+  msg = str(e.value)
+  assert msg.startswith("config.mesh.shape: the step needs ") and "14.40 GiB is usable" in msg
+  # remat=none on one H100 with many questions: remat first, then fewer questions.
+  spec = preset_spec("1xh100", **{"model.remat": "none", "train.questions_per_step": 8})
+  p = plan.make_plan(spec)
+  assert p.fits is False and p.fixes[0].startswith("model.remat=full")
+
+
+def test_weights_that_do_not_split_are_refused():
+  spec = preset_spec("1xh100", **{"mesh.preset": "", "mesh.shape": (1, 1, 3),
+                                  "mesh.device_memory_gib": 80.0})
+  with pytest.raises(InvalidConfig) as e:
+    plan.make_plan(spec)
+  assert str(e.value) == (
+      "config.mesh.shape: the base weights do not split over mesh (1, 1, 3): "
+      "layers/attn/k/kernel (32, 4096, 1024): its kv_heads dim (1024) does not split over "
+      "tensor=3; use a tensor size that divides 1024 (or mesh.allow_replication=True for a test "
+      "model)")
+  allowed = preset_spec("1xh100", **{"mesh.preset": "", "mesh.shape": (1, 1, 3),
+                                     "mesh.device_memory_gib": 80.0,
+                                     "mesh.allow_replication": True})
+  assert plan.make_plan(allowed).fits
+
+
+def run_plan(*args):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "markovian_jax.plan", *args], cwd=helpers.REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_codes():
+  fits = run_plan("--config=configs/presets/v5e-8.py")
+  assert fits.returncode == 0, fits.stderr[-2000:]
+  assert "verdict   fits: " in fits.stdout and "base weights" in fits.stdout
+  tight = run_plan("--config=configs/gsm8k.py", "--config.mesh.shape=(8,1,1)",
+                   "--config.train.questions_per_step=2", "--device_memory_gib=16")
+  errors = [ln for ln in tight.stderr.splitlines() if ln.startswith("error:")]
+  assert tight.returncode == 2 and len(errors) == 1 and "Traceback" not in tight.stderr
+  assert errors[0].startswith("error: config.mesh.shape: the step needs ")
+  assert "verdict   does not fit" in tight.stdout
+  rows = run_plan("--config=configs/gsm8k.py", "--config.mesh.preset=8xh100")
+  assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
+      "error: config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do "
+      "not split over data*fsdp=8 (mesh.preset=8xh100 (8, 1, 1)): set train.questions_per_step "
+      "to a multiple of 2")
+
+
+@pytest.fixture(scope="module")
+def weightless_8b(tiny_model_dir, tmp_path_factory):
+  """Llama-3.1-8B's config.json with a tokenizer and no weights: whatever reaches the model load
+  fails there, so a refusal proves it came first."""
+  d = tmp_path_factory.mktemp("weightless_8b")
+  for name in os.listdir(tiny_model_dir):
+    if not name.endswith((".safetensors", ".index.json")) and name != "config.json":
+      shutil.copy(os.path.join(tiny_model_dir, name), d)
+  c, _ = plan_shapes.model_config(LLAMA_8B)
+  (d / "config.json").write_text(json.dumps(c.to_hf()))
+  return str(d)
+
+
+def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path):
+  from tests.test_train import make_config
+  c = make_config(weightless_8b, tmp_path, **{"mesh.shape": (8, 1, 1), "train.group_size": 8,
+                                              "mesh.device_memory_gib": 16.0,
+                                              "model.dtype": "bfloat16"})
+  spec = config_validation.validate(c)
+  with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
+    plan.check(spec, log=False)
+  from markovian_jax.train import Trainer
+  if "plan.check" not in inspect.getsource(Trainer.__init__):
+    pytest.skip("Trainer.__init__ does not call plan.check yet (issue 13 wiring)")
+  with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
+    Trainer(c)
+
+
+# ------------------------------------------------------------------ against the compiler
+
+# Stated margins, per device, on the small fp32 configs below (XLA:CPU): the arguments are the
+# layout itself; the temporaries are what the plan models.
+ARGUMENTS_MARGIN = 0.01
+TEMPORARIES_RATIO = (0.6, 1.4)
+TOTAL_MARGIN = 0.2
+
+
+def _small(remat="full"):
+  from markovian_jax.models.config import LlamaConfig
+  from markovian_jax.plan_memory import Workload
+  model = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4,
+                      num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=1024,
+                      param_dtype="float32", dtype="float32", remat=remat, eos_token_ids=(2,))
+  w = Workload(questions=2, group=4, cot=64, prompt=64, answer=96, window=8, remat=remat)
+  c = importlib.import_module("configs.gsm8k").get_config()
+  c.model.dtype, c.model.remat = "float32", remat
+  c.train.questions_per_step, c.train.group_size = 2, 4
+  return config_validation.validate(c), model, w
+
+
+@pytest.mark.parametrize("shape, remat, phases", [
+    ((1, 1, 1), "full", ("sample", "score", "update")),
+    ((8, 1, 1), "full", ("sample", "score", "update")),
+    ((2, 1, 4), "full", ("sample", "score", "update")),
+    ((2, 2, 2), "full", ("sample", "score", "update")),
+    ((1, 1, 1), "none", ("update",)),
+    ((1, 1, 1), "dots", ("update",)),
+], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) and isinstance(x[0], int)
+   else (x if isinstance(x, str) else "+".join(x)))
+def test_plan_agrees_with_memory_analysis(shape, remat, phases):
+  from markovian_jax import plan_compile, plan_memory, sharding
+  spec, model, w = _small(remat)
+  mesh = sharding.make_mesh(shape)
+  p = plan_memory.plan(model, w, mesh)
+  persistent = {i.name: i.bytes for i in p.items if i.phase == "persistent"}
+  for phase, compiled in plan_compile.compile_phases(spec, model, mesh, w, phases).items():
+    got = plan_compile.compiler_bytes(compiled)
+    args = persistent["base weights"] + persistent["LoRA params (fp32)"]
+    args += persistent["AdamW state (fp32)"] if phase == "update" else 0
+    temps = got["temporaries"] + got["outputs"] - got["aliased"]
+    where = f"{phase} on {shape}: plan {args}/{p.total(phase)}, compiler {got}"
+    assert abs(args - got["arguments"]) <= ARGUMENTS_MARGIN * got["arguments"], where
+    assert TEMPORARIES_RATIO[0] <= p.total(phase) / temps <= TEMPORARIES_RATIO[1], where
+    total = args + p.total(phase)
+    assert abs(total - got["arguments"] - temps) <= TOTAL_MARGIN * (got["arguments"] + temps), where
