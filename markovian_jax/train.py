@@ -28,6 +28,7 @@ from markovian_jax import checkpointing, cli, config_validation, distributed, ev
 from markovian_jax import hooks as hooks_lib
 from markovian_jax import objectives as obj
 from markovian_jax import optimizer, pipeline, summary, train_step
+from markovian_jax import plan as memory_plan
 from markovian_jax.data import ExampleStream
 from markovian_jax.errors import InvalidConfig
 from markovian_jax.models import hf, init_lora, load_tokenizer
@@ -76,6 +77,8 @@ class Trainer:
     self.splits = run_splits(spec, tokenizer)
     self.train_stream = ExampleStream(self.splits.train, t.seed)
     self.eval_examples, self.selection_examples = self.splits.test, self.splits.selection
+    # Rows rule on the real device count, weights split, memory verdict: before the model loads.
+    self.plan = memory_plan.check(spec, tokenizer=tokenizer, examples=self.splits.train)
     self.ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
     self.mesh = self.ctx.mesh
     self.workdir = epath.Path(spec.workdir)
