@@ -50,7 +50,7 @@ def _check_flags():
   if not _CKPT.value and not _BASE.value:
     raise EvalError("give --checkpoint_dir (a training run's checkpoints) and/or --base_model")
   if sum([_STEP.value is not None, _ALL.value, _BEST.value]) > 1:
-    raise EvalError("give one of --step, --all_steps and --best")
+    raise EvalError("give one of --step, --all_steps and --best (--step or --all_steps, not both)")
   if (_STEP.value is not None or _ALL.value or _BEST.value) and not _CKPT.value:
     raise EvalError("--step / --all_steps / --best select checkpoints: give --checkpoint_dir too")
   for flag in (_NUM_SAMPLES, _NUM_EXAMPLES):
@@ -117,7 +117,7 @@ def run(config) -> dict:
 
   from markovian_jax import checkpointing, config_validation, evaluation, summary
   from markovian_jax.models import load_tokenizer
-  from markovian_jax.run_context import RunContext, run_splits
+  from markovian_jax.run_context import RunContext, read_examples
 
   # Everything that can be wrong with the input is checked before the model is loaded.
   _check_flags()
@@ -136,9 +136,13 @@ def run(config) -> dict:
   if _NUM_EXAMPLES.value:
     spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval,
                                                               num_examples=_NUM_EXAMPLES.value))
-  # The same test and selection sets as training drew with this config.
-  splits = run_splits(spec, tokenizer)
-  examples = splits.test
+  # The same test set as training drew with this config (a seeded sample of the eval split);
+  # the selection set, which may be carved out of train, only for --all_steps.
+  from markovian_jax.data import selection as selection_lib
+  examples = selection_lib.eval_subset(
+      read_examples(spec, spec.data.eval_split, tokenizer), spec.eval.num_examples,
+      spec.eval.seed, selection_lib.strata(spec.task))
+  selection_set = _selection_set(spec, tokenizer, examples) if _ALL.value else None
   out_dir = output_dir(config)
 
   ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
@@ -154,14 +158,15 @@ def run(config) -> dict:
   results, selection = [], []
   sets = [("test", examples, "eval/", "")]
   if _ALL.value:
-    sets.append(("selection", splits.selection, "selection/", "selection/"))
+    sets.append(("selection", selection_set, "selection/", "selection/"))
   try:
     for name in models:
       # The base model is logged at step 0, as the training loop does.
       step = 0 if name == "base" else int(name[len("step_"):])
       lora = None if name == "base" else _restore_lora(ckpt, step, settings[step], ctx)
       for split, items, prefix, sub in sets:
-        summ, rows = evaluation.evaluate(ctx, lora, items, desc=f"{name} {split}", **kw)
+        desc = name if split == "test" else f"{name} {split}"
+        summ, rows = evaluation.evaluate(ctx, lora, items, desc=desc, **kw)
         (results if split == "test" else selection).append((name, summ))
         if writer_process:
           (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -181,6 +186,23 @@ def run(config) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
   return out
+
+
+def _selection_set(spec, tokenizer, test: list) -> list:
+  """The selection set training drew: the task's validation split where it is kept apart (read
+  alone: a local copy may lack the train split), else the carve-out of train (`run_splits`)."""
+  from markovian_jax.data import selection as selection_lib
+  from markovian_jax.run_context import read_examples, run_splits
+  source = selection_lib.selection_source(
+      spec.task, train_split=spec.data.train_split, eval_split=spec.data.eval_split,
+      size=spec.eval.num_examples, seed=spec.eval.seed,
+      task_options=spec.data.task_options(spec.task, tokenizer))
+  if source.carved:
+    return run_splits(spec, tokenizer).selection
+  by = selection_lib.strata(spec.task)
+  candidates = selection_lib._without(read_examples(spec, source.split, tokenizer), test,
+                                      by_question=spec.task != "arithmetic")
+  return selection_lib.eval_subset(candidates, spec.eval.num_examples, spec.eval.seed, by)
 
 
 def step_table(selection: list, test: list) -> str:

@@ -132,6 +132,17 @@ def base_model_evals(shared_data, smollm2_path, tmp_path_factory):
           "arc": (run_cli(*smollm2_args("arc", shared_data, root / "arc")), root / "arc")}
 
 
+def eval_subset(task, shared_data, n):
+  """The examples evaluate draws: a seeded sample of the test split (eval.seed 1234)."""
+  from markovian_jax.data import load_task, selection
+  return selection.eval_subset(load_task(task, "test", str(shared_data)), n, 1234,
+                               selection.strata(task))
+
+
+def by_question(path, key):
+  return {key(s): s for s in read_jsonl(path)}
+
+
 def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   proc, out = base_model_evals["gsm8k"]
   assert_ok(proc)
@@ -144,8 +155,10 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   assert summ["base"]["num_questions"] == 16
   rows = read_jsonl(out / "base.jsonl")
   assert len(rows) == 32 and all(set(r) == ROW_FIELDS for r in rows)
-  # Questions and gold answers straight from the data file, in file order, each sampled twice.
-  source = read_jsonl(shared_data / "gsm8k" / "test.jsonl")[:16]
+  # The seeded eval subset (the same one training draws), each question sampled twice; questions
+  # and gold answers straight from the data file.
+  source = [by_question(shared_data / "gsm8k" / "test.jsonl", lambda s: s["question"])[ex.question]
+            for ex in eval_subset("gsm8k", shared_data, 16)]
   assert [r["question"] for r in rows] == [s["question"] for s in source for _ in range(2)]
   golds = [s["answer"].split("####")[1].strip().replace(",", "") for s in source]
   assert [r["gold"] for r in rows] == [g for g in golds for _ in range(2)]
@@ -173,7 +186,11 @@ def test_arc_base_model(base_model_evals, shared_data):
   assert summ["task"] == "arc" and summ["num_questions"] == 16
   rows = read_jsonl(out / "base.jsonl")
   assert len(rows) == 16 and all(set(r) == ROW_FIELDS for r in rows)
-  source = read_jsonl(shared_data / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl")[:16]
+  raw = by_question(shared_data / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl",
+                    lambda s: s["id"])
+  source = [raw[ex.id.split("/")[-1]] if ex.id.split("/")[-1] in raw else None
+            for ex in eval_subset("arc", shared_data, 16)]
+  assert None not in source
   for r, s in zip(rows, source):
     labels = [c["label"] for c in s["question"]["choices"]]
     assert r["gold"] == "ABCDE"[labels.index(s["answerKey"])]
