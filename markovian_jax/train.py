@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -284,8 +285,13 @@ class Trainer:
     out = self.workdir / "adapter"
     params = jax.tree.map(fetch, self.lora.params)  # every process joins the gather
     if jax.process_index() == 0:
-      hf.save_peft_adapter(self.lora.replace(params=params), self.ctx.model, str(out),
-                           base_model_name_or_path=self.spec.model.path)
+      # The PEFT writer takes a local directory; a gs:// workdir gets a copy through epath.
+      with tempfile.TemporaryDirectory() as local:
+        hf.save_peft_adapter(self.lora.replace(params=params), self.ctx.model, local,
+                             base_model_name_or_path=self.spec.model.path)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(local):
+          (out / name).write_bytes(epath.Path(local, name).read_bytes())
       logging.info("wrote the step-%d adapter (PEFT) to %s", self.step_num, out)
     return out
 

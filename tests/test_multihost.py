@@ -239,7 +239,9 @@ def test_one_process_writes_one_set_of_files(runs):
   two = runs["two_dir"]
   events = [f for f in os.listdir(two) if f.startswith("events.out.tfevents")]
   assert len(events) == 2, events  # one per launch (stopped, resumed), none from process 1
-  assert sorted(os.listdir(two / "eval")) == [f"step_{s}.jsonl" for s in (0, 2, 4)]
+  assert sorted(f for f in os.listdir(two / "eval") if f.endswith(".jsonl")) == [
+      f"step_{s}.jsonl" for s in (0, 2, 4)]
+  assert sorted(os.listdir(two / "eval" / "selection")) == [f"step_{s}.jsonl" for s in (0, 2, 4)]
   assert _steps(two) == [runs["stopped_steps"][0], STEPS]
   assert (two / "config.json").is_file()
   # Evaluation at step 4 saw the same CoTs and answers in both runs.
@@ -320,7 +322,8 @@ def test_gs_workdir_stays_a_uri(fake_gcs, tiny_model_dir):
   trainer.evaluate()  # the eval JSONL and TensorBoard scalars, through epath
   trainer.writer.close()
   run = fake_gcs / "bucket" / "run"
-  assert sorted(os.listdir(run / "eval")) == ["step_0.jsonl"]
+  assert sorted(f for f in os.listdir(run / "eval") if f.endswith(".jsonl")) == ["step_0.jsonl"]
+  assert os.listdir(run / "eval" / "selection") == ["step_0.jsonl"]
   assert (run / "config.json").is_file() and (run / "checkpoints").is_dir()
   scalars = summary.read_scalars(str(run))
   assert [s for s, _ in scalars["eval/anchor/accuracy"]] == [0]
