@@ -15,11 +15,9 @@ reward (objective.logprob_reduction).
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Optional, Sequence
 
 import numpy as np
-from etils import epath
 
 from markovian_jax import evaluation
 from markovian_jax.analysis import example
@@ -129,11 +127,5 @@ def plot(result: CrossModelResult, path: str, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
   fig.suptitle(title)
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100)
-  plt.close(fig)
-  out = epath.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_bytes(buffer.getvalue())
-  return path
+  from markovian_jax.report_figures import save_png
+  return save_png(fig, plt, path)

@@ -82,7 +82,7 @@ def _grid(plt, n: int, title: str, width: float = 12.0, row_height: float = 3.4)
   return fig, axes[:n]
 
 
-def _save(fig, plt, path: str) -> str:
+def save_png(fig, plt, path: str) -> str:
   """Writes the PNG through epath (a gs:// workdir too); returns `path`."""
   fig.tight_layout()
   buffer = io.BytesIO()
@@ -131,7 +131,7 @@ def training_figure(run: Run, path: str) -> Optional[str]:
     if panel.zero_line:
       ax.axhline(0.0, color="k", lw=0.6)
     _finish(ax, panel.title, panel.ylabel)
-  return _save(fig, plt, path)
+  return save_png(fig, plt, path)
 
 
 def _eval_panel(ax, run: Run, prefix: str, methods: Sequence[str]):
@@ -164,7 +164,7 @@ def eval_figure(run: Run, path: str) -> Optional[str]:
       ax.set_ylim(-0.02, 1.02)
     _finish(ax, f"{'answer log-prob' if logprob else 'accuracy'} on the {title}",
             "mean answer log-prob (nats/token)" if logprob else "accuracy")
-  return _save(fig, plt, path)
+  return save_png(fig, plt, path)
 
 
 def comparison_figures(runs: Sequence[Run], directory: str) -> list:
@@ -185,7 +185,7 @@ def comparison_figures(runs: Sequence[Run], directory: str) -> list:
     ax.axhline(0.0, color="k", lw=0.6)
     _finish(ax, "normalised reward R (answer log-prob r where not normalised)",
             "reward (nats)")
-    out.append(_save(fig, plt, os.path.join(directory, "compare_reward.png")))
+    out.append(save_png(fig, plt, os.path.join(directory, "compare_reward.png")))
   evaluated = [r for r in runs if r.methods()]
   if evaluated:
     fig, (ax,) = _grid(plt, 1, "Held-out metric across runs", width=14.0, row_height=4.5)
@@ -199,5 +199,5 @@ def comparison_figures(runs: Sequence[Run], directory: str) -> list:
       if steps[0] == 0:
         ax.axhline(v[0], color=color, ls="--", lw=1.0, label=f"{run.name}: base model")
     _finish(ax, "primary extraction method on the reported split (95% intervals)", ylabel)
-    out.append(_save(fig, plt, os.path.join(directory, "compare_eval.png")))
+    out.append(save_png(fig, plt, os.path.join(directory, "compare_eval.png")))
   return out
