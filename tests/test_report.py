@@ -3,13 +3,11 @@ healthy one); figures and report.md for one run, for a parent of runs, and for t
 the training loop; bad input exits 2 with one line."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from markovian_jax import report, report_analysis as ra, report_runs
-from tests import helpers
+from tests.test_cli import one_error_line, run_module
 from tests.run_fixtures import demo_runs, synthetic_run  # noqa: F401 (a fixture)
 
 COLLAPSE_RATIO = "collapse: PPO ratio blow-up"
@@ -89,17 +87,7 @@ def test_report_of_a_parent_directory(tmp_path):
 
 
 def _run_report(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "markovian_jax.report", *args], cwd=helpers.REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
-
-
-def _one_error_line(proc) -> str:
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-  assert "Traceback" not in proc.stderr
-  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  return lines[0]
+  return run_module("markovian_jax.report", *args)
 
 
 def test_report_cli_on_two_runs_of_the_training_loop(demo_runs):
@@ -121,11 +109,11 @@ def test_report_cli_on_two_runs_of_the_training_loop(demo_runs):
 
 def test_report_bad_input(tmp_path):
   (tmp_path / "empty").mkdir()
-  line = _one_error_line(_run_report(f"--workdir={tmp_path / 'empty'}"))
+  line = one_error_line(_run_report(f"--workdir={tmp_path / 'empty'}"))
   assert "no TensorBoard events" in line and "--workdir" in line
-  line = _one_error_line(_run_report(f"--workdir={tmp_path / 'missing'}"))
+  line = one_error_line(_run_report(f"--workdir={tmp_path / 'missing'}"))
   assert "no such directory" in line
-  assert "--workdir is required" in _one_error_line(_run_report())
+  assert "--workdir is required" in one_error_line(_run_report())
 
 
 def test_report_of_a_live_run(tmp_path):
