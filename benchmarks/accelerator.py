@@ -254,7 +254,9 @@ def step_api(config, w: Workload, mesh, lora):
   import jax.numpy as jnp
 
   from markovian_jax import objectives as obj
-  from markovian_jax import optimizer, sharding, train_step
+  from markovian_jax.training import optimizer
+  from markovian_jax.runtime import sharding
+  from markovian_jax.training import train_step
 
   settings = train_step.StepSettings(
       model=config, objective=obj.ObjectiveConfig(group_size=w.group, kl_penalty=w.kl_penalty),
@@ -366,7 +368,7 @@ def leaf_sums(params) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from markovian_jax import sharding
+  from markovian_jax.runtime import sharding
   sums = jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x.astype(jnp.float32)), p))(params)
   return {sharding.path_str(path): float(v)
           for path, v in jax.tree_util.tree_leaves_with_path(sums)}
@@ -375,7 +377,8 @@ def leaf_sums(params) -> dict:
 def ours_worker(w: Workload) -> dict:
   import jax
 
-  from markovian_jax import sampling, sharding
+  from markovian_jax import sampling
+  from markovian_jax.runtime import sharding
 
   clock = CompileClock()
   device = jax.devices()[0]
@@ -639,7 +642,7 @@ def _torch_model(w: Workload, dev, ours_sums: Optional[dict]):
 def _named_leaves(params):
   import jax
 
-  from markovian_jax import sharding
+  from markovian_jax.runtime import sharding
   return [(sharding.path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)]
 
 

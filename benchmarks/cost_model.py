@@ -85,7 +85,7 @@ def layer_unroll(layers: int, unroll: int):
 
 
 def _mesh(devices: int):
-  from markovian_jax import sharding
+  from markovian_jax.runtime import sharding
   if devices == 1:
     return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   return sharding.make_mesh((devices, 1, 1), devices=jax.devices()[:devices])
@@ -98,7 +98,8 @@ def _abstract(tree, shardings):
 
 def _weights(config, w, mesh):
   """(params, lora) as sharded ShapeDtypeStructs."""
-  from markovian_jax import sharding, train_step
+  from markovian_jax.runtime import sharding
+  from markovian_jax.training import train_step
   from markovian_jax.models import init_params
   params = jax.eval_shape(lambda key: init_params(config, key), jax.random.PRNGKey(0))
   lora = jax.eval_shape(lambda: acc.init_adapter(config, w))
@@ -115,7 +116,7 @@ def _costs(compiled) -> tuple:
 def decode_step_cost(config, w, batch: int, slots: int, devices: int, unroll: int = 1) -> tuple:
   """(flops, bytes accessed) per device, as XLA reports them, of one decode step's compiled
   program with the layer scan unrolled `unroll` times."""
-  from markovian_jax import sharding
+  from markovian_jax.runtime import sharding
   from markovian_jax.models import llama
   mesh = _mesh(devices)
   params, lora = _weights(config, w, mesh)

@@ -4,7 +4,7 @@
       --steps=200 --eval_every=50 --eval_examples=32 --workdir=runs/learning \
       [--config=configs/demo.py] [--config.optim.lr=1e-4 ...]
 
-Runs `markovian_jax.train.Trainer` (the real loop: sampling, scoring, LoRA updates, held-out
+Runs `markovian_jax.trainer.Trainer` (the real loop: sampling, scoring, LoRA updates, held-out
 evaluation at step 0 and every `eval_every` steps), then reads the run's TensorBoard scalars back
 and prints
   * the normalised reward (moving average) over the first and the last window of steps;
@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from markovian_jax import train
-from markovian_jax.errors import UserError
+from markovian_jax.runtime.errors import UserError
 
 _DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                      "demo.py")
@@ -60,9 +60,9 @@ def _first_last(values: np.ndarray, window: int) -> tuple[float, float]:
 def report(workdir: str, window: int, show_cots: int, wall_s: float | None = None) -> str:
   """Prints the learning summary of `workdir` and writes the run's report (report.md and its
   figures, `markovian_jax.report`); returns the report's path."""
-  from markovian_jax import report as report_lib
-  from markovian_jax import report_analysis as ra
-  from markovian_jax import report_runs
+  from markovian_jax.reporting import markdown as report_lib
+  from markovian_jax.reporting import diagnoses as ra
+  from markovian_jax.reporting import runs as report_runs
   run = report_runs.load_run(report_runs.find_runs(workdir)[0])
   steps, _ = run.series("answer/normalized_reward")
   if steps.size == 0:
@@ -152,7 +152,7 @@ def main(argv):
   absl_logger = pylogging.getLogger("absl")
   absl_logger.setLevel(pylogging.INFO)
   absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
-  from markovian_jax import host_allocator
+  from markovian_jax.runtime import host_allocator
   host_allocator.ensure(config.host_allocator)  # as train's main does; may restart this command
   t0 = time.perf_counter()
   trainer = train.Trainer(config)

@@ -53,7 +53,7 @@ GIB = 2 ** 30
 def _preset_config(name: str, dtype: str):
   sys.path.insert(0, str(_REPO))
   if name == "fsdp-8":
-    from configs import base
+    from markovian_jax.configs import base
     c = base.get_config("gsm8k")
     c.mesh.shape, c.train.questions_per_step = (1, 8, 1), 2
   else:
@@ -69,7 +69,10 @@ def _preset_config(name: str, dtype: str):
 def measure(name: str, dtype: str, phases) -> dict:
   """{phase: {plan/compiler arguments and temporaries in bytes, compile seconds}} of a preset."""
   import jax
-  from markovian_jax import config_validation, plan, plan_compile, sharding
+  from markovian_jax.training import config_validation
+  from markovian_jax.planning import plan
+  from markovian_jax.planning import compile as plan_compile
+  from markovian_jax.runtime import sharding
   spec = config_validation.validate(_preset_config(name, dtype))
   p = plan.make_plan(spec, num_devices=jax.device_count())
   mesh = sharding.make_mesh(p.mesh, devices=jax.devices()[:math.prod(p.mesh)])

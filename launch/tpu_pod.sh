@@ -32,7 +32,7 @@ TARGET=(--zone "$ZONE" --worker=all ${extra[@]+"${extra[@]}"})
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 # The same install as the README's "Running on GPUs and TPU pods" section.
-INSTALL_TPU="$PYTHON -m venv .venv && .venv/bin/pip install -q -r requirements-tpu.txt"
+INSTALL_TPU="$PYTHON -m venv .venv && .venv/bin/pip install -q -r requirements.txt -r requirements-tpu.txt"
 
 on_all_workers() {  # $1: the remote bash command line
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${TARGET[@]}" --command "$1"

@@ -28,7 +28,7 @@ import sys
 
 from etils import epath
 
-from markovian_jax.analysis import AnalysisError
+from markovian_jax.analysis.run_inputs import AnalysisError
 
 COMMANDS = ("fragility", "cross_model")
 
@@ -69,7 +69,8 @@ def _write(workdir: str, name: str, text: str) -> str:
 
 def _fragility_run(workdir: str, f, levels: list) -> tuple:
   """(run name, whether Markovian, {level: FragilityResult}) of one run."""
-  from markovian_jax import analysis, fragility
+  from markovian_jax.analysis import run_inputs as analysis
+  from markovian_jax.analysis import fragility
   rows = analysis.logged_rows(workdir, f.num_cots)
   config = analysis.run_config(workdir)
   ctx = analysis.load_context(config)
@@ -91,13 +92,13 @@ def _metrics(result) -> list:
 
 
 def run_fragility(f) -> str:
-  from markovian_jax import fragility
+  from markovian_jax.analysis import fragility
   _check_run(f.workdir)
   if f.compare:
     _check_run(f.compare, "--compare")
   levels = ["char", "token"] if f.level == "both" else [f.level]
   # Both runs' logged CoTs are checked before any model loads.
-  from markovian_jax import analysis
+  from markovian_jax.analysis import run_inputs as analysis
   for w in [f.workdir] + ([f.compare] if f.compare else []):
     analysis.logged_rows(w, 1)
     analysis.run_config(w)
@@ -128,7 +129,8 @@ def run_fragility(f) -> str:
 
 
 def run_cross_model(f) -> str:
-  from markovian_jax import analysis, cross_model
+  from markovian_jax.analysis import run_inputs as analysis
+  from markovian_jax.analysis import cross_model
   _check_run(f.workdir)
   if not f.reader:
     raise AnalysisError("cross_model needs --reader (the model that re-reads the CoTs)")
@@ -153,14 +155,19 @@ def main(command: str):
   f = flags.FLAGS
   if f.num_cots < 1 or f.batch_size < 1:
     raise AnalysisError("--num_cots and --batch_size must be positive")
-  from markovian_jax import cli
+  from markovian_jax.runtime import cli
   with cli.session():
     text = run_fragility(f) if command == "fragility" else run_cross_model(f)
   print(text, flush=True)
 
 
-if __name__ == "__main__":
-  from markovian_jax import cli
+def cli_main():
+  """The `markovian-analyze` console script; the same as `python -m markovian_jax.analyze`."""
+  from markovian_jax.runtime import cli
   _define_flags()
   command = sys.argv.pop(1) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
   cli.run(lambda: main(command))
+
+
+if __name__ == "__main__":
+  cli_main()

@@ -22,8 +22,8 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from markovian_jax import cli
-from markovian_jax.errors import UserError
+from markovian_jax.runtime import cli
+from markovian_jax.runtime.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Orbax checkpoint directory of a training run.")
@@ -65,7 +65,7 @@ def _steps_to_evaluate(ckpt) -> list:
   if _ALL.value:
     return steps
   if _BEST.value:
-    from markovian_jax import export
+    from markovian_jax.training import export
     step, reason = export.best_step(str(ckpt.directory))
     logging.info("--best: step %d (%s)", step, reason)
     return [step]
@@ -93,7 +93,7 @@ def _lora_settings(ckpt, step: int, config) -> dict:
 def _restore_lora(ckpt, step: int, settings: dict, ctx):
   import jax
 
-  from markovian_jax import sharding
+  from markovian_jax.runtime import sharding
   from markovian_jax.models import init_lora
   template = init_lora(ctx.model, jax.random.PRNGKey(0), rank=settings["rank"],
                        alpha=settings["alpha"], dropout=0.0, targets=settings["targets"])
@@ -115,9 +115,12 @@ def run(config) -> dict:
 
   import dataclasses
 
-  from markovian_jax import checkpointing, config_validation, evaluation, summary
+  from markovian_jax.runtime import checkpointing
+  from markovian_jax.training import config_validation
+  from markovian_jax.training import evaluation
+  from markovian_jax.runtime import summary
   from markovian_jax.models import load_tokenizer
-  from markovian_jax.run_context import RunContext, read_examples
+  from markovian_jax.training.run_context import RunContext, read_examples
 
   # Everything that can be wrong with the input is checked before the model is loaded.
   _check_flags()
@@ -192,7 +195,7 @@ def _selection_set(spec, tokenizer, test: list) -> list:
   """The selection set training drew: the task's validation split where it is kept apart (read
   alone: a local copy may lack the train split), else the carve-out of train (`run_splits`)."""
   from markovian_jax.data import selection as selection_lib
-  from markovian_jax.run_context import read_examples, run_splits
+  from markovian_jax.training.run_context import read_examples, run_splits
   source = selection_lib.selection_source(
       spec.task, train_split=spec.data.train_split, eval_split=spec.data.eval_split,
       size=spec.eval.num_examples, seed=spec.eval.seed,
@@ -208,7 +211,7 @@ def _selection_set(spec, tokenizer, test: list) -> list:
 def step_table(selection: list, test: list) -> str:
   """A markdown table, one row per model: each extractor's selection and test accuracy, the
   model with the best selection score marked (the checkpoint an honest report picks)."""
-  from markovian_jax import evaluation
+  from markovian_jax.training import evaluation
   sel, tst = dict(selection), dict(test)
   methods = [k[:-len("/accuracy")] for k in evaluation.scalars(test[0][1])
              if k.endswith("/accuracy")]
@@ -226,7 +229,7 @@ def step_table(selection: list, test: list) -> str:
 
 def output_dir(config) -> epath.Path:
   """--output_dir, else eval/ beside --checkpoint_dir, else <workdir>/eval (local or gs://)."""
-  from markovian_jax import checkpointing
+  from markovian_jax.runtime import checkpointing
   if _OUT.value:
     return epath.Path(_OUT.value)
   if _CKPT.value:
@@ -235,9 +238,15 @@ def output_dir(config) -> epath.Path:
 
 
 def main():
-  with cli.config_session(_CONFIG.value, "configs/gsm8k.py"):
+  from markovian_jax.training import config_validation
+  with config_validation.config_session(_CONFIG.value, "configs/gsm8k.py"):
     run(_CONFIG.value)
 
 
-if __name__ == "__main__":
+def cli_main():
+  """The `markovian-evaluate` console script; the same as `python -m markovian_jax.evaluate`."""
   cli.run(main)
+
+
+if __name__ == "__main__":
+  cli_main()

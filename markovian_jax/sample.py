@@ -17,8 +17,9 @@ from typing import Sequence
 
 from absl import flags
 
-from markovian_jax import cli, compilation_cache
-from markovian_jax.errors import UserError
+from markovian_jax.runtime import cli
+from markovian_jax.runtime import compilation_cache
+from markovian_jax.runtime.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: HF directory, .gguf file, hub id or "
                                   "package://PKG/FILE.")
@@ -103,5 +104,10 @@ def main():
     print(row["text"], flush=True)
 
 
-if __name__ == "__main__":
+def cli_main():
+  """The `markovian-sample` console script; the same as `python -m markovian_jax.sample`."""
   cli.run(main)
+
+
+if __name__ == "__main__":
+  cli_main()

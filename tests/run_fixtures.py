@@ -28,7 +28,7 @@ def demo_runs(tiny_model_dir, tmp_path_factory):
   and 4, checkpoints 2 and 4, CoTs logged every step."""
   if tiny_model_dir in _DEMO_RUNS:
     return _DEMO_RUNS[tiny_model_dir]
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   from tests.test_train import make_config
   parent = tmp_path_factory.mktemp("demo_runs")
   out = {"parent": str(parent)}
@@ -55,7 +55,7 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
   {step: accuracy} replacing the eval curve; evaluate=False: only the step-0 evaluation."""
   from tensorboardX import SummaryWriter
 
-  from markovian_jax.evaluation import accuracy_interval
+  from markovian_jax.training.evaluation import accuracy_interval
   os.makedirs(path, exist_ok=True)
   rng = np.random.default_rng(seed)
   writer = SummaryWriter(str(path))

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from markovian_jax import fragility, perturbations
+from markovian_jax.analysis import fragility
+from markovian_jax.analysis import perturbations
 from tests.test_cli import one_error_line, run_module
 from tests.run_fixtures import demo_runs  # noqa: F401 (a fixture)
 
@@ -59,12 +60,12 @@ def test_cross_model_cli_with_another_tokenizer_and_model(demo_runs, smollm2_pat
 
 @pytest.fixture(scope="module")
 def markovian_ctx(demo_runs):
-  from markovian_jax import analysis
+  from markovian_jax.analysis import run_inputs as analysis
   return analysis.load_context(analysis.run_config(demo_runs["markovian"]))
 
 
 def test_fragility_scores_invariants(demo_runs, markovian_ctx):
-  from markovian_jax import analysis
+  from markovian_jax.analysis import run_inputs as analysis
   rows = analysis.logged_rows(demo_runs["markovian"], 3)
   examples = [analysis.example(r) for r in rows]
   cots = [r["cots"][0] for r in rows]
@@ -75,7 +76,7 @@ def test_fragility_scores_invariants(demo_runs, markovian_ctx):
     np.testing.assert_array_equal(a.logprobs[key], b.logprobs[key])  # seeded
     assert a.logprobs[key].shape == (3,)
   # Severity 0 is the CoT as logged, scored as evaluation.score_answers scores it.
-  from markovian_jax import evaluation
+  from markovian_jax.training import evaluation
   np.testing.assert_allclose(a.logprobs[("delete", 0)],
                              evaluation.score_answers(markovian_ctx, None, examples, cots),
                              atol=1e-6)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax import logprobs, sampling
+from markovian_jax import sampling
+from markovian_jax.models import logprobs
 from markovian_jax.models import ConfigError, llama
 from tests import helpers
 

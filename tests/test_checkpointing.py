@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from markovian_jax import sharding
-from markovian_jax.checkpointing import CheckpointError, Checkpointer
+from markovian_jax.runtime import sharding
+from markovian_jax.runtime.checkpointing import CheckpointError, Checkpointer
 from markovian_jax.models import init_lora
 
 

@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from markovian_jax import config_validation
-from markovian_jax.config_validation import InvalidConfig
+from markovian_jax.training import config_validation
+from markovian_jax.training.config_validation import InvalidConfig
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
                  if p.stem not in ("__init__", "base"))

@@ -160,7 +160,7 @@ def test_task_kinds_and_options():
   assert [task_kind(t) for t in ("gsm8k", "arc", "wiki_continuation")] == [
       "numeric", "mcq", "continuation"]
 
-  from markovian_jax.specs import DataSpec
+  from markovian_jax.training.specs import DataSpec
   data = DataSpec(arc_subset="ARC-Easy", arithmetic_terms=2, arithmetic_max=20,
                   question_length=30, target_length=40)
   assert data.task_options("arithmetic") == {"num_terms": 2, "max_value": 20}

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from markovian_jax import distributed
-from markovian_jax.distributed import DistributedError, Plan
+from markovian_jax.runtime import distributed
+from markovian_jax.runtime.distributed import DistributedError, Plan
 from tests import helpers
 
 # Every variable that JAX's detection or our explicit path reads, cleared so the host running the

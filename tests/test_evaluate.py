@@ -103,7 +103,7 @@ def check_summary(summ: dict, rows: list, methods: tuple, num_samples: int):
 
 
 def check_tensorboard(out_dir, summ: dict, step: int, methods: tuple):
-  from markovian_jax import summary
+  from markovian_jax.runtime import summary
   scalars = summary.read_scalars(str(out_dir))
   for m in methods:
     for k, v in summ[m].items():
@@ -163,7 +163,7 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   golds = [s["answer"].split("####")[1].strip().replace(",", "") for s in source]
   assert [r["gold"] for r in rows] == [g for g in golds for _ in range(2)]
   from markovian_jax.data import extract_all
-  from markovian_jax.evaluation import first_line
+  from markovian_jax.training.evaluation import first_line
   for r in rows:
     assert set(r["predictions"]) == set(methods) and r["cot"] and isinstance(r["answer_text"], str)
     assert r["predictions"] == extract_all("gsm8k", first_line(r["answer_text"]))
@@ -218,7 +218,7 @@ def trained_run(tiny_model_dir, shared_data, tmp_path_factory):
   here; test_train.py covers them); what is saved and how is the training loop's own.
   Returns (workdir, trainer, {step: adapter saved at that step}).
   """
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   c = importlib.import_module("configs.wiki_continuation").get_config()
   c.model.path = tiny_model_dir
   c.workdir = str(tmp_path_factory.mktemp("run"))
@@ -314,7 +314,7 @@ def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data)
     assert s["answer_logprob_ci95"] == pytest.approx(
         1.96 * np.std(lps, ddof=1) / math.sqrt(len(lps)), abs=1e-9)
   assert cots["step_1"] != cots["base"] and cots["step_2"] != cots["step_1"]
-  from markovian_jax import summary
+  from markovian_jax.runtime import summary
   scalars = summary.read_scalars(out)
   assert [s for s, _ in scalars["eval/answer_logprob"]] == [0, 1, 2]
   for (_, v), name in zip(scalars["eval/answer_logprob"], models):
@@ -352,7 +352,7 @@ def gsm8k_copy(shared_data, tmp_path, edit) -> str:
     ([[1, 0], [1, 1], [0, 1], [1, 0]], (0.38, 0.87)),
 ])
 def test_accuracy_interval(hits, expected):
-  from markovian_jax.evaluation import accuracy_interval
+  from markovian_jax.training.evaluation import accuracy_interval
   assert accuracy_interval(hits) == pytest.approx(expected, abs=1e-4)
 
 
@@ -363,12 +363,12 @@ def test_accuracy_interval(hits, expected):
     ("\n \n", "\n \n"),
 ])
 def test_first_line(text, line):
-  from markovian_jax.evaluation import first_line
+  from markovian_jax.training.evaluation import first_line
   assert first_line(text) == line
 
 
 def test_accuracy_interval_rejects_flat_hits():
-  from markovian_jax.evaluation import accuracy_interval
+  from markovian_jax.training.evaluation import accuracy_interval
   with pytest.raises(ValueError, match="questions, samples"):
     accuracy_interval([1, 0, 1])
 

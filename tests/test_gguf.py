@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax import sharding
+from markovian_jax.runtime import sharding
 from markovian_jax.models import init_params, load_checkpoint, load_tokenizer, logits
 from markovian_jax.models.config import ConfigError, RopeScaling
 from markovian_jax.models.gguf import GGUFError, load_gguf, load_gguf_tokenizer

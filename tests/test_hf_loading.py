@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import save_file
 from safetensors import safe_open
 
-from markovian_jax import sharding
+from markovian_jax.runtime import sharding
 from markovian_jax.models import (ConfigError, init_params, load_checkpoint,
                                   load_tokenizer, logits, positions_from_mask)
 from markovian_jax.models import hf

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from markovian_jax import host_allocator
-from markovian_jax.config_validation import InvalidConfig
+from markovian_jax.runtime import host_allocator
+from markovian_jax.training.config_validation import InvalidConfig
 from tests import helpers
 
 _MAPS = """\

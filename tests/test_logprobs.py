@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax import batching, logprobs
+from markovian_jax.sampling import batching
+from markovian_jax.models import logprobs
 from markovian_jax.models import llama, logits
 from tests import helpers
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax import sharding
+from markovian_jax.runtime import sharding
 from markovian_jax.models import (ConfigError, LlamaConfig, init_lora, init_params, logits, merge)
 from markovian_jax.models import rope
 from markovian_jax.models.lora import num_params

@@ -209,7 +209,7 @@ def test_resume_across_two_processes_continues_exactly(runs):
 
 
 def test_losses_and_lora_gradients_equal_the_one_process_run(runs):
-  from markovian_jax import summary
+  from markovian_jax.runtime import summary
   one, two = summary.read_scalars(str(runs["one_dir"])), summary.read_scalars(str(runs["two_dir"]))
   for tag in ("train/loss", "train/grad_norm", "answer/logprob", "policy/kl"):
     assert [s for s, _ in two[tag]] == list(range(1, STEPS + 1)), tag  # once per step
@@ -310,9 +310,10 @@ def fake_gcs(tmp_path, monkeypatch):
 
 
 def test_gs_workdir_stays_a_uri(fake_gcs, tiny_model_dir):
-  from markovian_jax import checkpointing, summary
-  from markovian_jax.errors import InvalidConfig
-  from markovian_jax.train import Trainer, check_workdir
+  from markovian_jax.runtime import checkpointing
+  from markovian_jax.runtime import summary
+  from markovian_jax.runtime.errors import InvalidConfig
+  from markovian_jax.trainer import Trainer, check_workdir
   from tests.test_train import make_config
 
   c = make_config(tiny_model_dir, "gs://bucket/run", **{"train.max_to_keep": 2})

@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from markovian_jax import logprobs as lp_lib
+from markovian_jax.models import logprobs as lp_lib
 from markovian_jax import objectives as ob
 
 EPS = 1e-8
@@ -593,8 +593,8 @@ def test_shape_errors_are_named():
 
 def test_from_run_config():
   """The run config's objective section (read by specs) gives these defaults."""
-  from configs import base
-  from markovian_jax import config_validation
+  from markovian_jax.configs import base
+  from markovian_jax.training import config_validation
   c = base.get_config("gsm8k")
   cfg = config_validation.validate(c).objective.loss
   assert cfg == ob.ObjectiveConfig(group_size=c.train.group_size)  # the defaults agree

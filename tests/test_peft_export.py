@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from markovian_jax import sharding
+from markovian_jax.runtime import sharding
 from markovian_jax.models import init_lora, init_params, load_checkpoint, load_tokenizer, logits
 from markovian_jax.models import hf
 from tests import helpers

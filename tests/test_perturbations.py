@@ -4,7 +4,7 @@ eligible units, more severe draws extend less severe ones, and a seed fixes ever
 import numpy as np
 import pytest
 
-from markovian_jax import perturbations as P
+from markovian_jax.analysis import perturbations as P
 
 TEXT = "Step 1: 12 + 7 = 19, then 19 * 3 = 57. Answer 57!"
 

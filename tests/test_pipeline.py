@@ -16,7 +16,7 @@ from tests.test_train import lora_leaves, make_config
 @pytest.fixture(scope="module")
 def ppo_trainer(tiny_model_dir, tmp_path_factory):
   """PPO, 2 epochs x 2 minibatches, LoRA dropout 0.1, a warmup-cosine schedule over 4 steps."""
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   c = make_config(tiny_model_dir, tmp_path_factory.mktemp("ppo"), **{
       "objective.kind": "ppo", "objective.ppo_epochs": 2, "objective.ppo_minibatches": 2,
       "lora.dropout": 0.1, "optim.schedule": "warmup_cosine", "optim.warmup_steps": 1,
@@ -46,7 +46,7 @@ def test_ppo_first_pass_is_on_policy_and_the_schedule_counts_training_steps(ppo_
 @pytest.fixture(scope="module")
 def ei_trainer(tiny_model_dir, tmp_path_factory):
   """Expert iteration whose threshold is still +inf (warm-up not over), unnormalised reward."""
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   c = make_config(tiny_model_dir, tmp_path_factory.mktemp("ei"), **{
       "objective.ei_std": 0.0, "objective.ei_skip_initial": 1000,
       "objective.normalize_reward": False, "train.eval_every": 100})
@@ -54,7 +54,7 @@ def ei_trainer(tiny_model_dir, tmp_path_factory):
 
 
 def test_no_kept_sample_means_no_optimizer_step_and_no_baseline_cot(ei_trainer):
-  from markovian_jax import optimizer
+  from markovian_jax.training import optimizer
   before = lora_leaves(ei_trainer)
   count = [np.asarray(x) for x in jax.tree.leaves(ei_trainer.opt_state) if np.ndim(x) == 0]
   s = ei_trainer.step()
@@ -72,7 +72,7 @@ def test_no_kept_sample_means_no_optimizer_step_and_no_baseline_cot(ei_trainer):
 
 @pytest.fixture(scope="module")
 def pg_trainer(tiny_model_dir, tmp_path_factory):
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   return Trainer(make_config(tiny_model_dir, tmp_path_factory.mktemp("pg"),
                              **{"train.eval_every": 100, "lora.dropout": 0.0}))
 
@@ -80,7 +80,8 @@ def pg_trainer(tiny_model_dir, tmp_path_factory):
 def test_updates_on_a_fixed_batch_lower_the_loss_and_follow_the_advantages(pg_trainer):
   """Behaviour, not tags: five updates on one batch lower its loss, and each sample's CoT
   log-prob moves in the direction of its advantage (up for the best, down for the worst)."""
-  from markovian_jax import pipeline, train_step
+  from markovian_jax.training import pipeline
+  from markovian_jax.training import train_step
   t = pg_trainer
   ex = t.train_stream.take(1)
   ro = pipeline.rollout(t.ctx, t.spec, t.lora, None, ex, jax.random.PRNGKey(3))
@@ -110,7 +111,8 @@ def test_updates_on_a_fixed_batch_lower_the_loss_and_follow_the_advantages(pg_tr
 
 def _scorer_rows(ctx, ro):
   """The token rows `pipeline.score` hands the jitted scorer, decoded, with their answer spans."""
-  from markovian_jax import pipeline, train_step
+  from markovian_jax.training import pipeline
+  from markovian_jax.training import train_step
   seen = []
   settings = train_step.StepSettings(model=ctx.model, objective=ctx.spec.objective.loss,
                                      temperature=1.0)
@@ -129,7 +131,7 @@ def _scorer_rows(ctx, ro):
 
 
 def _rollout_of_texts(examples, cots, base_cots, group):
-  from markovian_jax.pipeline import Rollout
+  from markovian_jax.training.pipeline import Rollout
   n = len(examples) * group
   z = np.zeros((n, 4), np.int32)
   return Rollout(examples=examples, prompt_tokens=z[:len(examples)], prompt_mask=z[:len(examples)],
@@ -144,8 +146,8 @@ def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(tiny_mode
   """Decodes the exact rows the scorer receives: the CoT prompt's frame with the question replaced
   by <Redacted> (the question itself when prompt.markovian=False), this row's CoT, and a span
   that is the gold answer; the reference's CoT' rows likewise, one per question."""
-  from markovian_jax import config_validation
-  from markovian_jax.run_context import RunContext, read_examples
+  from markovian_jax.training import config_validation
+  from markovian_jax.training.run_context import RunContext, read_examples
   c = make_config(tiny_model_dir, tmp_path, **{"task": task, "prompt.markovian": markovian,
                                                "train.group_size": 2})
   if task == "arc":
@@ -170,7 +172,7 @@ def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(tiny_mode
 def test_fragility_hook_logs_the_answer_drop_per_perturbation(pg_trainer):
   """The eval.fragility_every hook: one scalar per perturbation kind and severity; deleting the
   whole CoT and truncating all of it from either end leave the same empty CoT, so they agree."""
-  from markovian_jax import hooks
+  from markovian_jax.training import hooks
   t = pg_trainer
   s = t.step()
   logged = {}

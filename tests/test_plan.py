@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
-from markovian_jax import config_validation, plan, plan_shapes
-from markovian_jax.errors import InvalidConfig
-from markovian_jax.plan_memory import GIB
+from markovian_jax.training import config_validation
+from markovian_jax.planning import plan
+from markovian_jax.planning import shapes as plan_shapes
+from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.planning.memory import GIB
 from tests import helpers
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
@@ -144,7 +146,7 @@ def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path):
   spec = config_validation.validate(c)
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     plan.check(spec, log=False)
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   if "plan.check" not in inspect.getsource(Trainer.__init__):
     pytest.skip("Trainer.__init__ does not call plan.check yet (issue 13 wiring)")
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
@@ -162,7 +164,7 @@ TOTAL_MARGIN = 0.2
 
 def _small(remat="full"):
   from markovian_jax.models.config import LlamaConfig
-  from markovian_jax.plan_memory import Workload
+  from markovian_jax.planning.memory import Workload
   model = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4,
                       num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=1024,
                       param_dtype="float32", dtype="float32", remat=remat, eos_token_ids=(2,))
@@ -183,7 +185,9 @@ def _small(remat="full"):
 ], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) and isinstance(x[0], int)
    else (x if isinstance(x, str) else "+".join(x)))
 def test_plan_agrees_with_memory_analysis(shape, remat, phases):
-  from markovian_jax import plan_compile, plan_memory, sharding
+  from markovian_jax.planning import compile as plan_compile
+  from markovian_jax.planning import memory as plan_memory
+  from markovian_jax.runtime import sharding
   spec, model, w = _small(remat)
   mesh = sharding.make_mesh(shape)
   p = plan_memory.plan(model, w, mesh)

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from markovian_jax import report, report_analysis as ra, report_runs
+from markovian_jax.reporting import markdown as report
+from markovian_jax.reporting import diagnoses as ra
+from markovian_jax.reporting import runs as report_runs
 from tests.test_cli import one_error_line, run_module
 from tests.run_fixtures import demo_runs, synthetic_run  # noqa: F401 (a fixture)
 

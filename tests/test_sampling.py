@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from markovian_jax import batching, logprobs, sampling, sharding
+from markovian_jax import sampling
+from markovian_jax.sampling import batching
+from markovian_jax.models import logprobs
+from markovian_jax.runtime import sharding
 from markovian_jax.models import init_lora, llama, logits
 from tests import helpers
 

@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from markovian_jax import config_validation, presets, sharding
-from markovian_jax.errors import InvalidConfig
+from markovian_jax.training import config_validation
+from markovian_jax.runtime import presets
+from markovian_jax.runtime import sharding
+from markovian_jax.runtime.errors import InvalidConfig
 from tests import helpers
 
 
@@ -139,7 +141,9 @@ def test_decode_does_not_all_gather_weights(monkeypatch):
   """With fsdp=4 the decode loop moves activations only: its largest all-gather is far below one
   layer's weight matrix. The control, the train layout (rows over data x fsdp, weights split on
   the model dim), gathers weights inside the loop."""
-  from markovian_jax import plan_compile, plan_memory, sampling
+  from markovian_jax.planning import compile as plan_compile
+  from markovian_jax.sampling import sampler
+  from markovian_jax.planning import memory as plan_memory
   config = helpers.tiny_config(hidden_size=256, intermediate_size=1024, num_heads=8,
                                num_kv_heads=8, head_dim=32)
   spec = config_validation.validate(gsm8k(**{"train.group_size": 2}))
@@ -149,7 +153,7 @@ def test_decode_does_not_all_gather_weights(monkeypatch):
   decode = _loop_all_gathers(plan_compile.compile_phases(
       spec, config, mesh, work(questions=2), phases=("sample",))["sample"].as_text())
   assert max(decode, default=0) < weight // 8, decode
-  monkeypatch.setattr(sampling, "_RULES", sharding.DEFAULT_RULES)
+  monkeypatch.setattr(sampler, "_RULES", sharding.DEFAULT_RULES)
   control = _loop_all_gathers(plan_compile.compile_phases(
       spec, config, mesh, work(questions=4), phases=("sample",))["sample"].as_text())
   assert max(control) >= weight // 4, control
@@ -177,7 +181,7 @@ def model_dir(tmp_path_factory, smollm2_path):
 
 
 def _trainer(model_dir, workdir, shape):
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   from tests.test_train import make_config
   return Trainer(make_config(model_dir, workdir, **{
       "mesh.shape": shape, "train.questions_per_step": Q, "train.group_size": G}))
@@ -186,7 +190,9 @@ def _trainer(model_dir, workdir, shape):
 def _step(trainer):
   """The step's rollout, update batch, the sampler's device output, and the loss and LoRA
   gradient on the batch before any optimizer step."""
-  from markovian_jax import pipeline, sampling, train_step
+  from markovian_jax import sampling
+  from markovian_jax.training import pipeline
+  from markovian_jax.training import train_step
   ctx, spec = trainer.ctx, trainer.spec
   examples = trainer.train_stream.take(Q)
   key = jax.random.PRNGKey(7)

@@ -79,8 +79,12 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
   """
   import dataclasses
   import optax
-  from markovian_jax import batching, config_validation, optimizer, pipeline, train_step
-  from markovian_jax.run_context import RunContext
+  from markovian_jax.sampling import batching
+  from markovian_jax.training import config_validation
+  from markovian_jax.training import optimizer
+  from markovian_jax.training import pipeline
+  from markovian_jax.training import train_step
+  from markovian_jax.training.run_context import RunContext
 
   spec = config_validation.validate(config)
   if spec.model.path not in _CONTEXTS:

@@ -49,8 +49,8 @@ def lora_leaves(trainer):
 
 
 def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
-  from markovian_jax import summary
-  from markovian_jax.train import Trainer
+  from markovian_jax.runtime import summary
+  from markovian_jax.trainer import Trainer
   c = make_config(tiny_model_dir, tmp_path / "run")
   trainer = Trainer(c)
   assert trainer.run() == 4
@@ -99,7 +99,7 @@ def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
 
 
 def test_resume_is_exact(tiny_model_dir, tmp_path):
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   straight = Trainer(make_config(tiny_model_dir, tmp_path / "a", **{"train.eval_every": 100}))
   straight.run()
   first = Trainer(make_config(tiny_model_dir, tmp_path / "b", **{"train.eval_every": 100,
@@ -121,7 +121,8 @@ def _step_terms(trainer):
   it before any optimizer step, and the LoRA after one update on it (jitted on the trainer's
   mesh)."""
   import functools
-  from markovian_jax import pipeline, train_step
+  from markovian_jax.training import pipeline
+  from markovian_jax.training import train_step
   ex = trainer.train_stream.take(trainer.spec.train.questions_per_step)
   ro = pipeline.rollout(trainer.ctx, trainer.spec, trainer.lora, None, ex, jax.random.PRNGKey(7))
   sc = pipeline.score(trainer.ctx, trainer.programs, trainer.lora, None, ro)
@@ -141,7 +142,7 @@ def test_sharded_step_matches_single_device(tiny_model_dir, tmp_path):
   optimizer agree to a tolerance set by their scale. Adam turns a near-zero gradient into a step
   of about +-lr whose sign is that rounding noise, so the updated LoRA is compared only where the
   gradient is well above it."""
-  from markovian_jax.train import Trainer
+  from markovian_jax.trainer import Trainer
   one = Trainer(make_config(tiny_model_dir, tmp_path / "one", **{"mesh.shape": (1, 1, 1)}))
   eight = Trainer(make_config(tiny_model_dir, tmp_path / "eight", **{"mesh.shape": (2, 2, 2)}))
   ro1, loss1, g1, new1 = _step_terms(one)
@@ -163,15 +164,15 @@ def test_sharded_step_matches_single_device(tiny_model_dir, tmp_path):
 
 
 def test_invalid_config_fails_before_loading(tmp_path):
-  from markovian_jax.config_validation import InvalidConfig
-  from markovian_jax.train import Trainer
+  from markovian_jax.training.config_validation import InvalidConfig
+  from markovian_jax.trainer import Trainer
   c = make_config("/nonexistent/model", tmp_path, **{"train.group_size": 1})
   with pytest.raises(InvalidConfig, match="group_size"):
     Trainer(c)
 
 
 def test_non_finite_updates_are_skipped_then_stop(tiny_model_dir, tmp_path):
-  from markovian_jax.train import Trainer, TrainingStopped
+  from markovian_jax.trainer import Trainer, TrainingStopped
   # An update of 1e30 per element overflows the update norm: every update is non-finite.
   c = make_config(tiny_model_dir, tmp_path / "nan", **{"optim.lr": 1e30,
                                                         "train.nan_patience": 2,
@@ -184,7 +185,7 @@ def test_non_finite_updates_are_skipped_then_stop(tiny_model_dir, tmp_path):
 
 
 def test_collapse_rollback_then_stop(tiny_model_dir, tmp_path):
-  from markovian_jax.train import Trainer, TrainingStopped
+  from markovian_jax.trainer import Trainer, TrainingStopped
   # KL >= 0 > -1 always alarms: the run rolls back to its step-1 checkpoint each time, then stops.
   c = make_config(tiny_model_dir, tmp_path / "collapse", **{
       "train.collapse_action": "rollback", "train.collapse_kl": -1.0, "train.max_rollbacks": 2,
@@ -199,10 +200,10 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
   """PPO with 2 epochs x 2 minibatches (rows of one question split across minibatches, each
   row then carrying its own prompt) against a frozen initial adapter: the minibatch rows give
   the policy terms of the shared-prompt batch, and two steps run with the reference intact."""
-  from markovian_jax import train_step
+  from markovian_jax.training import train_step
   from markovian_jax.models import hf, init_lora
-  from markovian_jax.pipeline import minibatch_rows, select_rows as _rows
-  from markovian_jax.train import Trainer
+  from markovian_jax.training.pipeline import minibatch_rows, select_rows as _rows
+  from markovian_jax.trainer import Trainer
   import jax.numpy as jnp
   from markovian_jax.models import load_checkpoint
   config, _ = load_checkpoint(tiny_model_dir, dtype="float32")
@@ -268,7 +269,8 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
 def test_scoring_projects_only_the_answer_window(tiny_config):
   """`answer_window` covers every row's answer span, and scoring with it equals scoring with the
   projection over every position."""
-  from markovian_jax import config_validation, train_step
+  from markovian_jax.training import config_validation
+  from markovian_jax.training import train_step
   from markovian_jax.models import init_lora, init_params
   c = importlib.import_module("configs.demo").get_config()
   c.objective.reward_grad = "paper"

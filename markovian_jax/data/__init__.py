@@ -4,6 +4,9 @@
   ExampleStream(examples, seed, process_index=0, process_count=1)  seeded, resumable, sharded
   cot_prompt / answer_prompt / answer_tokens                       prompts.py
   extract_all / is_correct                                         extraction.py
+  selection                              the selection (validation) split, kept apart
+
+May import: runtime.
 """
 
 from markovian_jax.data.extraction import (extract_all, extract_letter, extract_numeric,

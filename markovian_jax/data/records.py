@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
-from markovian_jax.errors import UserError
+from markovian_jax.runtime.errors import UserError
 
 
 class DataError(UserError, ValueError):

@@ -1,8 +1,10 @@
-"""Llama 3.x model, weights loading/export and LoRA.
+"""Llama 3.x model, weights loading/export, LoRA and teacher-forced log-probs.
 
 Public contracts:
   load_checkpoint(path, dtype="float32") -> (config, params)
   logits(config, params, token_ids, lora=None) -> float32 [B, T, V]
+
+May import: runtime.
 """
 
 from markovian_jax.models.config import ConfigError, LlamaConfig, RopeScaling

@@ -296,7 +296,7 @@ def load_gguf(path, dtype: str = "float32", mesh=None, rules=None,
 
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
   if mesh is not None:
-    from markovian_jax import sharding
+    from markovian_jax.runtime import sharding
     shardings = sharding.param_shardings(shapes, mesh, sharding.DEFAULT_RULES if rules is None
                                          else rules)
   else:

@@ -41,8 +41,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from markovian_jax import sharding
-from markovian_jax.errors import CheckpointError
+from markovian_jax.runtime import sharding
+from markovian_jax.runtime.errors import CheckpointError
 from markovian_jax.models import llama
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.config import LlamaConfig

@@ -34,7 +34,9 @@ Modules, one job each:
   step              advantage_targets, loss_from_targets, markovian_loss
 
 The exact full-vocabulary KL and entropy are computed with the log-probs, in
-`markovian_jax.logprobs` (`full_kl`, `entropy`), and arrive here as LossInputs.kl / .entropy.
+`markovian_jax.models.logprobs` (`full_kl`, `entropy`), and arrive here as LossInputs.kl / .entropy.
+
+May import: nothing else in markovian_jax (pure functions of arrays).
 """
 
 from markovian_jax.objectives.baselines import (BASELINE_REGISTRY, BASELINES, BaselineState,

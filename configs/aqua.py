@@ -1,7 +1,0 @@
-"""aqua: reference defaults (ALGORITHM.md §1, REFERENCE.md §2)."""
-
-from configs import base
-
-
-def get_config():
-  return base.get_config("aqua")

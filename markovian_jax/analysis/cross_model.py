@@ -1,0 +1,131 @@
+"""Does another model understand the run's CoTs? Re-score them with a different reader.
+
+    result = cross_model_scores(reader_ctx, rows)   # rows: samples.jsonl records of the run
+    print(format_table(result, run_name, reader_name))
+    plot(result, "cross_model.png", title)
+
+For every logged CoT the reader (any model `load_checkpoint` accepts, with its own tokenizer and
+the run's prompts) gives log P(answer | CoT) - log P(answer | CoT'), CoT' being the base model's
+greedy CoT that the run logged beside it: the reader's normalised reward R', set against the
+run's own R = r - b. If the run logged no CoT' (objective.normalize_reward=False) both sides are
+the plain answer log-probs r' and r. Scores are reduced over the answer tokens like the run's
+reward (objective.logprob_reduction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from markovian_jax.training import evaluation
+from markovian_jax.analysis.run_inputs import example
+
+
+@dataclasses.dataclass
+class CrossModelResult:
+  """M = every CoT of the rows. steps int [M]; run float64 [M]: the run's R (or r);
+  reader_cot float64 [M]: the reader's log P(answer | CoT); reader_base float64 [M]: the same
+  for the question's CoT' (NaN when not logged); normalized: whether R / R' (vs r / r')."""
+  steps: np.ndarray
+  run: np.ndarray
+  reader_cot: np.ndarray
+  reader_base: np.ndarray
+  normalized: bool
+
+  @property
+  def reader(self) -> np.ndarray:
+    """The reader's R' = r'(CoT) - r'(CoT') (or r' when there is no CoT')."""
+    return self.reader_cot - self.reader_base if self.normalized else self.reader_cot
+
+  def to_json(self) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+            for k, v in dataclasses.asdict(self).items()}
+
+
+def cross_model_scores(reader_ctx, rows: Sequence[dict], *, lora=None,
+                       reduction: Optional[str] = None, batch_size: int = 32
+                       ) -> CrossModelResult:
+  """Scores every CoT (and each question's CoT') of `rows` with the reader (base + `lora`)."""
+  reduction = reduction or reader_ctx.spec.objective.loss.logprob_reduction
+  normalized = all(r.get("base_cot") is not None and r.get("normalized") for r in rows)
+  examples, cots, steps, run = [], [], [], []
+  for r in rows:
+    ex = example(r)
+    examples += [ex] * len(r["cots"])
+    cots += list(r["cots"])
+    steps += [int(r["step"])] * len(r["cots"])
+    run += list(r["normalized"] if normalized else r["rewards"])
+  reader_cot = evaluation.score_answers(reader_ctx, lora, examples, cots, reduction=reduction,
+                                        batch_size=batch_size)
+  reader_base = np.full(len(cots), np.nan)
+  if normalized:
+    per_question = evaluation.score_answers(
+        reader_ctx, lora, [example(r) for r in rows], [r["base_cot"] for r in rows],
+        reduction=reduction, batch_size=batch_size)
+    reader_base = np.repeat(per_question, [len(r["cots"]) for r in rows])
+  return CrossModelResult(np.asarray(steps), np.asarray(run, np.float64), reader_cot,
+                          reader_base, normalized)
+
+
+def _correlations(x: np.ndarray, y: np.ndarray) -> tuple:
+  """(Pearson r, Spearman rho), NaN when either side is constant or there are < 3 points."""
+  from scipy import stats
+  if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return float("nan"), float("nan")
+  return float(stats.pearsonr(x, y)[0]), float(stats.spearmanr(x, y)[0])
+
+
+def format_table(result: CrossModelResult, run_name: str, reader_name: str) -> str:
+  """Markdown: means of the run's and the reader's rewards, their correlation and sign
+  agreement, overall and by thirds of the logged steps."""
+  sym = ("R", "R'") if result.normalized else ("r", "r'")
+  what = "normalised reward" if result.normalized else "answer log-prob"
+  lines = [f"Reader {reader_name} on {result.run.size} CoTs of run {run_name} "
+           f"({sym[0]} = the run's {what}, {sym[1]} = the reader's)", "",
+           f"| CoTs | logged steps | mean {sym[0]} (run) | mean {sym[1]} (reader) | Pearson | "
+           f"Spearman | same sign |", "|---|---|---|---|---|---|---|"]
+  uniq = np.unique(result.steps)
+  thirds = [("all", uniq)] + ([(f"part {i + 1}/3", part) for i, part in
+                               enumerate(np.array_split(uniq, 3))] if uniq.size >= 3 else [])
+  for label, steps in thirds:
+    mask = np.isin(result.steps, steps)
+    x, y = result.run[mask], result.reader[mask]
+    pearson, spearman = _correlations(x, y)
+    same = np.mean(np.sign(x) == np.sign(y))
+    lines.append(f"| {mask.sum()} ({label}) | {steps.min()}-{steps.max()} | {x.mean():+.4f} | "
+                 f"{y.mean():+.4f} | {pearson:+.3f} | {spearman:+.3f} | {100 * same:.0f}% |")
+  return "\n".join(lines)
+
+
+def plot(result: CrossModelResult, path: str, title: str) -> str:
+  """Scatter of the reader's reward against the run's (coloured by step, y = x dashed) and both
+  means per logged step; writes the PNG (epath) and returns `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sym = ("R", "R'") if result.normalized else ("r", "r'")
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+  points = left.scatter(result.run, result.reader, c=result.steps, cmap="viridis", s=14,
+                        alpha=0.8, label="one CoT")
+  lo = np.nanmin([result.run.min(), result.reader.min()])
+  hi = np.nanmax([result.run.max(), result.reader.max()])
+  left.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+  fig.colorbar(points, ax=left, label="training step")
+  left.set_xlabel(f"run's {sym[0]} (its own scorer)")
+  left.set_ylabel(f"reader's {sym[1]}")
+  left.set_title("per CoT")
+  steps = np.unique(result.steps)
+  for values, label in ((result.run, f"run's {sym[0]}"), (result.reader, f"reader's {sym[1]}")):
+    right.plot(steps, [values[result.steps == s].mean() for s in steps], "o-", ms=3, label=label)
+  right.axhline(0.0, color="k", lw=0.6)
+  right.set_xlabel("training step")
+  right.set_ylabel("mean over the step's CoTs (nats)")
+  right.set_title("per logged step")
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+  fig.suptitle(title)
+  from markovian_jax.reporting.figures import save_png
+  return save_png(fig, plt, path)

@@ -1,0 +1,114 @@
+"""What the paper's analyses (`fragility`, `cross_model`) need from a finished or live run
+directory: its config as a RunSpec, a RunContext on it (or on another model), its adapter, and
+its logged CoTs (samples.jsonl).
+
+    config = run_config(workdir)                   # config.json onto configs/base.py's defaults
+    ctx = load_context(config, model_path=None)    # the run's model, or a reader
+    lora = run_adapter(workdir, ctx, step=None)    # its latest (or `step`) checkpoint's LoRA
+    rows = logged_rows(workdir, num=32)            # the last 32 logged questions
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from absl import logging
+from etils import epath
+
+from markovian_jax.data import Example
+from markovian_jax.runtime.errors import UserError
+
+
+class AnalysisError(UserError):
+  """A run directory or a model that an analysis cannot use; the message names it."""
+
+
+def _merge(config, values: dict, prefix: str = "") -> None:
+  """Sets `config`'s keys from a nested dict; keys this version does not know are skipped (a run
+  written by an older or newer version still loads)."""
+  import ml_collections
+  for key, value in values.items():
+    if key not in config:
+      logging.warning("config.json: %s%s is not a config key of this version; ignored",
+                      prefix, key)
+      continue
+    current = config[key]
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge(current, value, f"{prefix}{key}.")
+      continue
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      config[key] = value
+    except (TypeError, ValueError) as e:
+      logging.warning("config.json: %s%s=%r does not fit this version (%s); default kept",
+                      prefix, key, value, e)
+
+
+def run_config(workdir: str):
+  """The run's ConfigDict: its config.json over configs/base.py's defaults for its task."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise AnalysisError(f"--workdir {workdir}: no config.json (written by training at start); "
+                        "is this a run directory?")
+  values = json.loads(path.read_text())
+  try:
+    from markovian_jax.configs import base
+  except ImportError:  # outside the repository: the file alone
+    import ml_collections
+    return ml_collections.ConfigDict(values)
+  config = base.get_config(values.get("task", "gsm8k"))
+  _merge(config, values)
+  return config
+
+
+def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] = None):
+  """A RunContext for the run `config` (its prompts, task, mesh) on its own model, or on
+  `model_path` with that model's tokenizer. A tokenizer that cannot be loaded raises
+  AnalysisError before any weights load."""
+  from markovian_jax.training import config_validation
+  from markovian_jax.models import load_tokenizer
+  from markovian_jax.training.run_context import RunContext
+  config = config.copy_and_resolve_references()
+  if model_path:
+    config.model.path = model_path
+  if dtype:
+    config.model.dtype = dtype
+  spec = config_validation.validate(config)
+  try:
+    tokenizer = load_tokenizer(spec.model.path)
+  except Exception as e:  # noqa: BLE001 - any failure means this model cannot read the CoTs
+    raise AnalysisError(f"model {spec.model.path}: cannot load its tokenizer "
+                        f"({type(e).__name__}: {e})") from e
+  return RunContext.create(config, spec=spec, tokenizer=tokenizer)
+
+
+def run_adapter(workdir: str, ctx, step: Optional[int] = None):
+  """The LoRA of the run's checkpoint `step` (default: the latest), placed on ctx's mesh."""
+  import jax
+
+  from markovian_jax.training import export
+  from markovian_jax.runtime import sharding
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  chosen, _ = export.choose_step(ckpt_dir, step)
+  lora = export.restore_adapter(ckpt_dir, chosen, ctx.model)
+  params = jax.device_put(lora.params, sharding.param_shardings(lora.params, ctx.mesh))
+  logging.info("adapter of step %d from %s", chosen, ckpt_dir)
+  return lora.replace(params=params)
+
+
+def logged_rows(workdir: str, num: Optional[int] = None) -> list:
+  """The last `num` (all when None) question records of samples.jsonl, in logged order."""
+  from markovian_jax.reporting.runs import read_jsonl
+  rows = [r for r in read_jsonl(os.path.join(workdir, "samples.jsonl")) if r.get("cots")]
+  if not rows:
+    raise AnalysisError(f"--workdir {workdir}: no logged CoTs (samples.jsonl is missing or "
+                        "empty; training writes it every train.text_every steps)")
+  return rows[-num:] if num else rows
+
+
+def example(row: dict) -> Example:
+  """The Example a samples.jsonl record is about (question text and gold answer)."""
+  return Example(question=row["question"], answer=str(row["answer"]), id=row.get("id"))

@@ -1,0 +1,167 @@
+"""Every knob of a Markovian training run, with the reference defaults (ALGORITHM.md §1).
+
+Task files call `base.get_config()` and override what differs. Any key can be overridden on the
+command line: `--config.objective.kl_penalty=0.05`. Unknown keys fail (ConfigDict is locked).
+"""
+
+import ml_collections
+
+from markovian_jax.runtime import compilation_cache
+from markovian_jax.runtime.sharding import MESH_PRESETS  # noqa: F401 (names for config.mesh.preset)
+
+# Reference per-task CoT lengths (REFERENCE.md §2) and eval answer lengths (§4).
+COT_LENGTH = {"gsm8k": 100, "mmlu": 150, "mathqa": 150, "arithmetic": 150}
+ANSWER_MAX_TOKENS = {"svamp": 16, "arithmetic": 16}
+
+
+def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.workdir = f"runs/{task}"
+  # JAX's persistent compilation cache (train and evaluate): restarts and repeated runs load
+  # their compiled programs instead of compiling again. "" = off.
+  c.compilation_cache_dir = compilation_cache.DEFAULT_DIR
+  # The process's malloc (train and evaluate): "tcmalloc" restarts the command once with tcmalloc
+  # preloaded when it is installed (on CPU, glibc page-faults XLA's per-call temporaries in again
+  # on every call: update 5.1 -> 3.8 s on SmolLM2), "system" keeps the C library's.
+  c.host_allocator = "tcmalloc"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, HF directory, or .gguf file
+  c.model.dtype = "bfloat16"  # weights and matmuls; softmax/log-probs are always fp32
+  c.model.remat = "full"  # none | full | dots
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  # LoRA dropout of the update's policy pass; the G CoTs of a question share their prompt's masks
+  # (llama.forward_with_prefix). Sampling and scoring run without it (the reference keeps it on).
+  c.lora.dropout = 0.1
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # all linear layers but the head
+  c.lora.init_from = ""  # a PEFT adapter directory to start from
+  # KL reference: "base" (LoRA off; exact when the adapter starts at zero) or "initial_adapter"
+  # (a frozen copy of the starting adapter; use with init_from).
+  c.lora.reference = "base"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # local files (dir laid out like shared/data/<task>/, or one file); "" = hub
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.arithmetic_terms = 15
+  c.data.arithmetic_max = 99
+  c.data.arc_subset = "ARC-Challenge"
+  c.data.question_length = 50  # wiki_continuation context tokens
+  c.data.target_length = 50  # wiki_continuation target tokens
+  c.data.mmlu_subject = ""  # one MMLU subject (e.g. "anatomy"); "" = all 57
+  # What MMLU's train split is made of; add "auxiliary_train" (hub only) for 100k more questions.
+  c.data.mmlu_train_splits = ("dev", "validation")
+
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.format = "plain"  # plain (reference: text + BOS) | chat (tokenizer chat template)
+  c.prompt.markovian = True  # hide the question (<Redacted>) when scoring the answer
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.cot_length = COT_LENGTH.get(task, 50)
+  c.sampling.temperature = 1.0
+  c.sampling.top_k = 0
+  c.sampling.top_p = 1.0
+  c.sampling.prompt_bucket = 64  # prompts are left-padded to a multiple of this (one compile each)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.kind = "pg"  # pg | ppo
+  c.objective.kl_penalty = 0.1
+  c.objective.kl_estimator = "full"  # full | k1 | k2 | k3
+  c.objective.entropy_bonus = 0.0
+  c.objective.logprob_reduction = "mean"  # mean (reference code) | sum (paper)
+  c.objective.normalize_reward = True  # subtract the base model's score of its greedy CoT'
+  # logprob: log P(answer | CoT) reduced by logprob_reduction | prob: exp(mean log-prob)
+  # (VeriFree-style) | mean_token_prob: mean of the answer tokens' probabilities (RLPR-style)
+  c.objective.reward_kind = "logprob"
+  c.objective.reward_scorer = "actor"  # actor | base
+  c.objective.reward_grad = "none"  # none (reference code) | paper
+  c.objective.actor_reward_weight = 1.0
+  c.objective.baseline = "group"  # group | rloo | ema | none
+  c.objective.ema_decay = 0.9
+  c.objective.ei_std = -1.0  # expert iteration: keep R > mean + k*std of past rewards; <0 = off
+  c.objective.ei_skip_initial = 25
+  c.objective.ppo_eps = 0.2
+  c.objective.ppo_epochs = 1  # PPO only: passes over the step's samples
+  c.objective.ppo_minibatches = 1  # PPO only: updates per pass
+  c.objective.ppo_log_ratio_clamp = 20.0
+  c.objective.ppo_ratio_reference = "behaviour"  # behaviour | base (reference's collapsing variant)
+  c.objective.loss_aggregation = "sequence_mean"  # sequence_mean | token_mean
+  c.objective.kl_clamp = 20.0  # |log-ratio| bound inside the k1/k2/k3 estimators
+  c.objective.reward_sigma_floor = 1e-2  # floor of sigma in the paper's reward-gradient term
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 1.0
+  c.optim.schedule = "constant"  # constant | warmup_cosine, over training steps
+  c.optim.warmup_steps = 0
+  c.optim.accumulation_steps = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 100000
+  c.train.questions_per_step = 1  # Q
+  c.train.group_size = 16 if task == "wiki_continuation" else 12  # G
+  c.train.seed = 0
+  c.train.checkpoint_every = 1000
+  c.train.eval_every = 1000
+  c.train.max_to_keep = 3
+  c.train.keep_best = True  # also keep the best checkpoint by validation metric
+  # Continue from <workdir>/checkpoints. A workdir that already holds a run is refused unless
+  # resume is on: two runs never mix in one checkpoint directory and one event log.
+  c.train.resume = False
+  c.train.text_every = 10  # log sampled CoTs as TensorBoard text every N steps
+  c.train.nan_patience = 5  # stop after this many consecutive non-finite updates
+  c.train.collapse_action = "warn"  # warn | stop | rollback
+  c.train.collapse_repetition = 0.8  # repetition rate of sampled CoTs above which to act
+  c.train.collapse_ppo_ratio = 10.0
+  c.train.collapse_kl = 5.0
+  c.train.max_rollbacks = 3  # consecutive rollbacks before stopping
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 200
+  c.eval.num_samples = 1  # CoT samples per question (mean +- sd, majority vote)
+  c.eval.temperature = -1.0  # CoT temperature; <0 = training temperature, 0 = greedy
+  c.eval.answer_max_tokens = ANSWER_MAX_TOKENS.get(task, 10)
+  c.eval.reader = "actor"  # actor | base: who generates the answer after the CoT
+  # Extract from the reader's first non-empty line only. The reference reads all
+  # answer_max_tokens, where a reader that goes on with the calculation after "Answer: 12" can
+  # be scored on a later number; off by default to keep the reference's protocol.
+  c.eval.answer_first_line = False
+  c.eval.batch_size = 32
+  c.eval.seed = 1234
+  # Every N steps (0 = off): how much the answer log-prob drops when the step's CoTs are
+  # perturbed (delete, truncate, digit/char replace at 40% and 100%), logged as fragility/.
+  c.eval.fragility_every = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills with the available devices
+  # A MESH_PRESETS name (markovian_jax/presets.py) overrides shape; configs/presets/<name>.py also
+  # sets the questions_per_step it implies.
+  c.mesh.preset = ""
+  # The Q x G rows must split over data x fsdp and the weights over fsdp x tensor as the rules
+  # intend, or the run is refused before loading. True replicates instead (tiny test models).
+  c.mesh.allow_replication = False
+  # Usable GiB per device for the start-up memory plan; 0 = what the device reports, else the
+  # preset's chip (`python -m markovian_jax.plan` prints the plan without running).
+  c.mesh.device_memory_gib = 0.0
+  return c
+
+
+def with_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """`c` on hardware preset `preset`, with the smallest questions_per_step whose Q x G rows split
+  over its data x fsdp devices (G stays the task's; presets.py lists the batches)."""
+  from markovian_jax.runtime import presets
+  if preset not in presets.PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}")
+  c.mesh.preset = preset
+  p = presets.PRESETS[preset]
+  if p.devices:
+    c.train.questions_per_step = presets.questions_for(p.mesh, c.train.group_size)
+  return c

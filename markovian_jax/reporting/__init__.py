@@ -1,0 +1,9 @@
+"""A run directory, read and judged: what `python -m markovian_jax.report` writes.
+
+  runs        TensorBoard scalars, config.json, samples.jsonl and eval rows as a `Run`
+  diagnoses   smoothing, milestones, results and automatic diagnoses of failure modes
+  figures     the PNG figures (matplotlib, Agg)
+  markdown    report.md: summary, hyperparameters, results, dynamics, diagnoses, example CoTs
+
+Reads files only; never loads a model. May import: runtime, data.
+"""

@@ -1,0 +1,20 @@
+"""The one base class of errors that are the user's input, not a bug.
+
+The CLIs (`markovian_jax.runtime.cli`) print such an error as one `error:` line and exit with
+status EXIT_BAD_INPUT (2);
+anything else keeps its traceback. Config, data and checkpoint errors all derive from it.
+"""
+
+EXIT_BAD_INPUT = 2
+
+
+class UserError(Exception):
+  """Bad input: a config value, a data file, a checkpoint, a flag. The message names the knob."""
+
+
+class InvalidConfig(UserError, ValueError):
+  """A run config that cannot work; the message starts with the offending `config.` key."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A model, adapter or training checkpoint that is missing or does not fit the run."""

@@ -1,0 +1,321 @@
+"""One Markovian training step as stages over plain data; `train.Trainer` only sequences them.
+
+    rollout(...)  -> Rollout   sample G CoTs per question (+ the reference's greedy CoT' when the
+                               reward is normalised) and decode them
+    score(...)    -> Scores    answer rows with the question hidden; rewards r [N], baseline b [Q]
+    targets(...)  -> (objectives.Targets, BaselineState, metrics)   advantages, jitted
+    update(...)   -> (lora, opt_state, metrics)   PG: one update on the whole batch; PPO: epochs x
+                               minibatches; none when expert iteration keeps no sample
+    scalars(...)  -> dict      the step's TensorBoard scalars, grouped by section
+
+N = Q * G rows, question-major (row i answers question i // G). Host arrays are numpy; device
+arrays are global arrays sharded on their leading dim (`run_context.put`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from markovian_jax.sampling import batching
+from markovian_jax.training import metrics as metrics_lib
+from markovian_jax import objectives as obj
+from markovian_jax import sampling
+from markovian_jax.training import train_step
+from markovian_jax.training.run_context import RunContext, fetch, put
+
+
+@dataclasses.dataclass
+class Rollout:
+  """The sampled CoTs of one step (host arrays).
+
+  examples: the Q questions. prompt_tokens int32 [Q, P] / prompt_mask bool [Q, P]: the CoT
+  prompts, left-padded to the prompt bucket. cot_tokens int32 [N, K]; cot_mask bool [N, K];
+  behaviour_logprobs float32 [N, K] (the sampler's, at the sampling temperature); cot_texts: N
+  strings. base_tokens int32 [Q, K] and base_texts: the reference's greedy CoT' (None when the
+  reward is not normalised).
+  """
+  examples: list
+  prompt_tokens: np.ndarray
+  prompt_mask: np.ndarray
+  cot_tokens: np.ndarray
+  cot_mask: np.ndarray
+  behaviour_logprobs: np.ndarray
+  cot_texts: list
+  base_tokens: Optional[np.ndarray] = None
+  base_texts: Optional[list] = None
+
+  @property
+  def group_size(self) -> int:
+    return self.cot_tokens.shape[0] // len(self.examples)
+
+  @property
+  def row_examples(self) -> list:
+    """The example of each of the N rows."""
+    return [ex for ex in self.examples for _ in range(self.group_size)]
+
+
+@dataclasses.dataclass
+class Scores:
+  """The rewards of one step.
+
+  answer_tokens int32 [N, A], answer_mask bool [N, A], answer_span bool [N, A]: the scoring rows
+  (host). window: the static answer window of those rows (`train_step.answer_window`).
+  answer_logprobs float32 [N, A] and rewards float32 [N] (device, under the scorer).
+  base_scores float32 [Q] (host) b of the reference's CoT', or None when not normalising;
+  baseline_rows float32 [N]: b of each row's question (zeros when not normalising).
+  """
+  answer_tokens: np.ndarray
+  answer_mask: np.ndarray
+  answer_span: np.ndarray
+  window: int
+  answer_logprobs: jax.Array
+  rewards: jax.Array
+  base_scores: Optional[np.ndarray]
+  baseline_rows: np.ndarray
+
+
+def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.Array
+            ) -> Rollout:
+  """Samples `spec.train.group_size` CoTs of `spec.sampling.cot_length` tokens per example."""
+  s, g, k = spec.sampling, spec.train.group_size, spec.sampling.cot_length
+  prompts = [ctx.cot_prompt_ids(ex) for ex in examples]
+  kw = dict(max_new_tokens=k, min_new_tokens=k, eos_ids=ctx.eos_ids)
+  policy_kw = dict(rng=key, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                   num_samples=g, **kw)
+  base_out = None
+  if not spec.objective.loss.normalize_reward:
+    out = sampling.generate(ctx.model, ctx.params, prompts, lora=lora, **policy_kw)
+  elif ref_lora is None:  # the base model's CoT' rides along in the same decode loop
+    out, base_out = sampling.generate_with_reference(ctx.model, ctx.params, prompts, lora=lora,
+                                                     **policy_kw)
+  else:
+    out = sampling.generate(ctx.model, ctx.params, prompts, lora=lora, **policy_kw)
+    base_out = sampling.generate(ctx.model, ctx.params, prompts, temperature=0.0, lora=ref_lora,
+                                 **kw)
+  cot_tokens = fetch(out.tokens).astype(np.int32)
+  length = batching.bucket(max(len(p) for p in prompts), s.prompt_bucket)
+  p_tokens, p_mask = batching.pad_left(prompts, length)
+  base_tokens = None if base_out is None else fetch(base_out.tokens).astype(np.int32)
+  return Rollout(
+      examples=list(examples), prompt_tokens=p_tokens, prompt_mask=p_mask, cot_tokens=cot_tokens,
+      cot_mask=np.ones(cot_tokens.shape, bool),
+      behaviour_logprobs=fetch(out.logprobs).astype(np.float32),
+      cot_texts=ctx.decode(cot_tokens), base_tokens=base_tokens,
+      base_texts=None if base_tokens is None else ctx.decode(base_tokens))
+
+
+def score(ctx: RunContext, programs: train_step.Programs, lora, ref_lora, ro: Rollout) -> Scores:
+  """Builds each row's answer row (question hidden when prompt.markovian) and scores it."""
+  tokens, mask, span = ctx.answer_rows(ro.row_examples, ro.cot_texts)
+  base_rows = (None, None, None)
+  spans = [span]
+  if ro.base_texts is not None:
+    base_rows = ctx.answer_rows(ro.examples, ro.base_texts)
+    spans.append(base_rows[2])
+  window = train_step.answer_window(*spans)
+  mesh = ctx.mesh
+  dev = lambda x: None if x is None else put(x, mesh)  # noqa: E731
+  answer_lp, r, b = programs.score(ctx.params, lora, ref_lora, dev(tokens), dev(mask), dev(span),
+                                   *[dev(x) for x in base_rows], last_n=window)
+  base_scores = None if b is None else fetch(b)
+  rows = (np.zeros(len(ro.cot_texts), np.float32) if base_scores is None
+          else np.repeat(base_scores, ro.group_size).astype(np.float32))
+  return Scores(tokens, mask, span, window, answer_lp, r, base_scores, rows)
+
+
+def targets(ctx: RunContext, programs: train_step.Programs, sc: Scores,
+            state: obj.BaselineState):
+  """(Targets, BaselineState after this step, metrics): the step's advantages, jitted."""
+  b = None if sc.base_scores is None else put(sc.baseline_rows, ctx.mesh)
+  return programs.targets(sc.rewards, b, state)
+
+
+def policy_batch(ctx: RunContext, ro: Rollout, sc: Scores) -> train_step.PolicyBatch:
+  """The update's device batch from a step's rollout and scores."""
+  d = lambda x: put(x, ctx.mesh)  # noqa: E731
+  return train_step.PolicyBatch(
+      prompt_tokens=d(ro.prompt_tokens), prompt_mask=d(ro.prompt_mask),
+      cot_tokens=d(ro.cot_tokens), cot_mask=d(ro.cot_mask),
+      behaviour_logprobs=d(ro.behaviour_logprobs), answer_tokens=d(sc.answer_tokens),
+      answer_mask=d(sc.answer_mask), answer_span=d(sc.answer_span),
+      answer_logprobs=sc.answer_logprobs, baseline_scores=d(sc.baseline_rows))
+
+
+def minibatch_rows(key: jax.Array, questions: int, group: int, minibatches: int
+                   ) -> tuple[list[np.ndarray], bool]:
+  """A random partition of the Q * G question-major rows into `minibatches` row-index arrays,
+  and whether it is stratified.
+
+  When `minibatches` divides G the partition is stratified: every minibatch holds G / M random
+  samples of every question, question-major, so it keeps the one-prompt-per-question layout and
+  each question's prompt still runs once per pass. Otherwise the rows are shuffled across
+  questions and each row carries its own prompt.
+  """
+  n = questions * group
+  if group % minibatches:
+    return np.split(np.asarray(jax.random.permutation(key, n)), minibatches), False
+  per_question = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(key, i), group))
+                           + i * group for i in range(questions)])  # [Q, G]
+  return [chunk.reshape(-1) for chunk in np.split(per_question, minibatches, axis=1)], True
+
+
+def select_rows(batch: train_step.PolicyBatch, part: np.ndarray, group: int,
+                stratified: bool = False) -> train_step.PolicyBatch:
+  """The minibatch of rows `part`. Stratified (`minibatch_rows` with M | G): the same G / M rows
+  of every question, question-major, sharing the question's prompt; otherwise each row carries
+  its own prompt."""
+  rows = {f: getattr(batch, f)[part] for f in ("cot_tokens", "cot_mask", "behaviour_logprobs",
+                                               "answer_tokens", "answer_mask", "answer_span",
+                                               "answer_logprobs", "baseline_scores")}
+  if stratified:
+    return batch.replace(**rows)
+  prompts = part // group
+  return batch.replace(prompt_tokens=batch.prompt_tokens[prompts],
+                       prompt_mask=batch.prompt_mask[prompts], **rows)
+
+
+def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state,
+           batch: train_step.PolicyBatch, tg: obj.Targets, key: jax.Array, ref_lora, lr: float,
+           window: int):
+  """The step's optimizer updates. Returns (lora, opt_state, list of per-update metric dicts).
+
+  PG: one update on the whole batch, with LoRA dropout. PPO: `ppo_epochs` passes of
+  `ppo_minibatches` updates, without LoRA dropout: the ratio pi / pi_behaviour must compare the
+  function the sampler ran, so that the first minibatch of the first pass is exactly on-policy
+  (rho = 1). Expert iteration that keeps no sample makes no update at all (no AdamW step, no
+  moment or weight-decay change), as the reference skips the step.
+  """
+  o = spec.objective
+  if o.loss.ei_std is not None and not bool(fetch(tg.active).any()):
+    return lora, opt_state, []
+  lr = np.float32(lr)
+  # The window is static: only the paper's reward gradient reads it, so only then may its
+  # changes compile another update program.
+  window = window if o.loss.reward_grad == "paper" else None
+  if o.kind != "ppo":
+    lora, opt_state, m = programs.update(ctx.params, lora, opt_state, batch, tg,
+                                         jax.random.fold_in(key, 0), ref_lora, lr,
+                                         answer_last_n=window)
+    return lora, opt_state, [m]
+  q, g = len(batch.prompt_tokens), spec.train.group_size
+  out = []
+  for epoch in range(o.ppo_epochs):
+    if o.ppo_minibatches == 1:
+      parts, stratified = [None], True
+    else:
+      parts, stratified = minibatch_rows(jax.random.fold_in(key, 1000 + epoch), q, g,
+                                         o.ppo_minibatches)
+    for part in parts:
+      sub = batch if part is None else select_rows(batch, part, g, stratified)
+      sub_t = tg if part is None else jax.tree.map(lambda x, p=part: x[p], tg)
+      lora, opt_state, m = programs.update(ctx.params, lora, opt_state, sub, sub_t, None,
+                                           ref_lora, lr, answer_last_n=window)
+      out.append(m)
+  return lora, opt_state, out
+
+
+# Objective and update metrics -> TensorBoard tags. Sections: answer/ (what the reward measures;
+# first in TensorBoard's alphabetical order), eval/, guard/, perf/, policy/ (the CoT distribution),
+# train/ (the optimisation). Keys not listed go under train/.
+_TAGS = {
+    "loss": "train/loss", "pg_loss": "train/pg_loss", "reward_grad_loss": "train/reward_grad_loss",
+    "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
+    "kl": "policy/kl", "entropy": "policy/entropy",
+    "behaviour_logprob_diff_mean": "policy/behaviour_logprob_diff_mean",
+    "behaviour_logprob_diff_max": "policy/behaviour_logprob_diff_max",
+    "ppo_ratio_mean": "policy/ppo_ratio_mean", "ppo_ratio_max": "policy/ppo_ratio_max",
+    "ppo_clip_fraction": "policy/ppo_clip_fraction",
+    "nonfinite": "guard/nonfinite_update",
+}
+# The same quantity as an answer/ tag (the rewards are logged from the scores themselves).
+_DUPLICATES = ("reward_mean", "normalized_reward_mean")
+_MAXIMA = ("ppo_ratio_max", "behaviour_logprob_diff_max")
+
+
+def _mean_updates(per_update: list[dict]) -> dict:
+  """One value per key over a step's updates: the max for maxima, otherwise the mean."""
+  if not per_update:
+    return {}
+  keys = per_update[0].keys()
+  vals = {k: [float(m[k]) for m in per_update] for k in keys}
+  return {k: (max(v) if k in _MAXIMA else float(np.mean(v))) for k, v in vals.items()}
+
+
+def scalars(spec, ctx: RunContext, ro: Rollout, sc: Scores, target_metrics: dict,
+            per_update: list[dict], times: dict) -> dict:
+  """The step's TensorBoard scalars, one tag per quantity, only those the config can change.
+
+  answer/logprob is the scorer's log-prob of the gold answer (reduced by logprob_reduction): the
+  reward itself when reward_kind='logprob', otherwise logged beside answer/<reward_kind>.
+  answer/baseline_<kind> is b, the reference's score of its own greedy CoT', and
+  answer/normalized_reward R = r - b (both only when the reward is normalised).
+  """
+  kind = spec.objective.loss.reward_kind
+  r = fetch(sc.rewards)
+  span = sc.answer_span
+  lp = fetch(sc.answer_logprobs)
+  answer_lp = obj.reduce_tokens(lp, span, spec.objective.loss.logprob_reduction)
+  out = {"answer/logprob": float(np.mean(answer_lp)),
+         "answer/cot_contains_answer": metrics_lib.contains_answer(
+             ro.cot_texts, [ex.answer for ex in ro.row_examples])}
+  if kind != "logprob":
+    out[f"answer/{kind}"] = float(np.mean(r))
+  if sc.base_scores is not None:
+    out[f"answer/baseline_{kind}"] = float(np.mean(sc.base_scores))
+    out["answer/normalized_reward"] = float(np.mean(r - sc.baseline_rows))
+  for key, v in target_metrics.items():
+    if key not in _DUPLICATES:
+      out[_TAGS.get(key, f"train/{key}")] = float(v)
+  for key, v in _mean_updates(per_update).items():
+    out[_TAGS.get(key, f"train/{key}")] = v
+  out["train/updates"] = float(sum(1 for m in per_update if not float(m["nonfinite"])))
+  out.setdefault("guard/nonfinite_update", 0.0)
+  seq_lp = obj.reduce_tokens(ro.behaviour_logprobs, ro.cot_mask,
+                             spec.objective.loss.logprob_reduction)
+  out["policy/cot_logprob"] = float(np.mean(seq_lp))
+  out["policy/repetition_rate"] = metrics_lib.repetition_rate(ro.cot_tokens)
+  out.update(_perf(spec, ctx, ro, sc, len(per_update), times))
+  return out
+
+
+def _perf(spec, ctx: RunContext, ro: Rollout, sc: Scores, updates: int, times: dict) -> dict:
+  """perf/: seconds per stage, tokens/s and (on known accelerators) MFU."""
+  total = sum(times.values())
+  base = 0 if ro.base_tokens is None else ro.base_tokens.size * 2  # CoT' and its answer row
+  fwd_tokens = ro.cot_tokens.size + sc.answer_tokens.size + base
+  full_kl = spec.objective.loss.kl_estimator == "full"
+  train_tokens = (ro.prompt_tokens.size + ro.cot_tokens.size) * updates * (2 if full_kl else 1)
+  flops = metrics_lib.step_flops(ctx.model.num_params, fwd_tokens, train_tokens,
+                                 ctx.model.remat != "none")
+  out = {f"perf/{k}_s": v for k, v in times.items()}
+  out["perf/step_s"] = total
+  out["perf/sample_tokens_per_s"] = ro.cot_tokens.size / max(times["sample"], 1e-9)
+  out["perf/tokens_per_s"] = (fwd_tokens + train_tokens) / max(total, 1e-9)
+  peak = metrics_lib.device_peak_flops()
+  if peak:
+    out["perf/mfu"] = flops / max(total, 1e-9) / peak
+  return out
+
+
+class Timer:
+  """Wall seconds per named stage: `with timer("sample"): ...`; `timer.times` in order."""
+
+  def __init__(self):
+    self.times: dict[str, float] = {}
+
+  def __call__(self, name: str):
+    timer = self
+
+    class _Stage:
+      def __enter__(self):
+        self.t0 = time.perf_counter()
+
+      def __exit__(self, *exc):
+        timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+    return _Stage()

@@ -1,0 +1,216 @@
+"""The jitted pieces of one Markovian training step, as pure functions of pytrees.
+
+    score    (no gradient): per-token answer log-probs of the N sampled CoTs' answer rows under the
+             scorer, the rewards r [N], and the reference's score b [Q] of its greedy CoT'
+    targets  (no gradient): advantages etc. from r and b (objectives.advantage_targets)
+    update   (grad w.r.t. the LoRA tree only): objective + clip + AdamW at the step's learning
+             rate; a non-finite loss, gradient or update leaves the state unchanged
+
+`Programs` holds the three jitted with their shardings; `pipeline` sequences them with sampling.
+The policy terms run each question's prompt once for its G CoTs (`logprobs.continuation_logprobs`):
+prompts are `[Q, P]` left-padded, CoTs `[N, K]` with N = Q * G (question-major). An answer row is
+`[pad, answer prompt, answer]` with the answer span marked. Leading dims are sharded over the mesh
+batch axes. The reference (KL, PPO ratio reference, baseline scores) is the base model or base +
+a frozen adapter (`ref_lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from markovian_jax.models import logprobs as lp_lib
+from markovian_jax import objectives as obj
+from markovian_jax.training import optimizer
+from markovian_jax.runtime import sharding
+from markovian_jax.models import LlamaConfig
+
+
+
+
+@struct.dataclass
+class PolicyBatch:
+  """Everything the update needs about the N sampled CoTs.
+
+  prompt_tokens: int32 [Q', P], the CoT prompts left-padded to a bucket; row i // G is row i's
+    prompt (Q' = N for minibatches that mix questions, each row then carrying its own prompt).
+  prompt_mask: bool [Q', P], real tokens.
+  cot_tokens: int32 [N, K], the K sampled tokens; cot_mask: bool [N, K], real (not after EOS).
+  behaviour_logprobs: float32 [N, K], the sampler's log-probs of the CoT tokens.
+  answer_tokens: int32 [N, A], answer prompt (with this row's CoT) + gold answer, left-padded.
+  answer_mask: bool [N, A]; answer_span: bool [N, A], the scored answer tokens.
+  answer_logprobs: float32 [N, A], the scorer's per-token answer log-probs (no gradient).
+  baseline_scores: float32 [N], b of the row's question (0 when not normalising).
+  """
+  prompt_tokens: jax.Array
+  prompt_mask: jax.Array
+  cot_tokens: jax.Array
+  cot_mask: jax.Array
+  behaviour_logprobs: jax.Array
+  answer_tokens: jax.Array
+  answer_mask: jax.Array
+  answer_span: jax.Array
+  answer_logprobs: jax.Array
+  baseline_scores: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static settings of the jitted functions (hashable)."""
+  model: LlamaConfig
+  objective: obj.ObjectiveConfig
+  temperature: float
+  reward_scorer: str = "actor"
+  logprob_chunk: int = 64
+
+
+def answer_logprobs(s: StepSettings, params, lora, tokens, mask, span,
+                    last_n: Optional[int] = None):
+  """float32 [N, A] per-token log-probs of the answer span (unscaled logits), 0 elsewhere.
+  `last_n`: the span lies within the last `last_n` tokens of every row (`answer_window`), so the
+  vocabulary projection runs on those positions only."""
+  out = lp_lib.token_logprobs(s.model, params, tokens, mask, lora=lora, temperature=1.0,
+                              chunk_size=s.logprob_chunk, last_n=last_n)
+  return jnp.where(span, out.logprobs, 0.0)
+
+
+def answer_window(*spans: np.ndarray, multiple: int = 8) -> int:
+  """How many trailing tokens of every row hold its answer span (bool [N, A] arrays), rounded
+  up to `multiple` so that a run compiles one or two scoring programs."""
+  width = 1
+  for span in spans:
+    span = np.asarray(span, bool)
+    has = span.any(axis=1)
+    first = np.argmax(span, axis=1)
+    width = max(width, int((span.shape[1] - first[has]).max(initial=1)))
+  return -(-width // multiple) * multiple
+
+
+def rewards(s: StepSettings, answer_lp, span):
+  """float32 [N]: the reward of each answer row from its per-token log-probs (reward_kind)."""
+  cfg = s.objective
+  return obj.answer_reward(answer_lp, span, cfg.logprob_reduction, kind=cfg.reward_kind)
+
+
+def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, answer_span,
+          base_tokens=None, base_mask=None, base_span=None, last_n: Optional[int] = None):
+  """Rewards without gradient.
+
+  Args:
+    lora: the policy adapter; ref_lora: the reference adapter (None = base model).
+    answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT', or
+      None when the reward is not normalised (no CoT' is sampled then).
+    last_n: `answer_window` of the spans (static), or None to project every position.
+  Returns:
+    (answer_logprobs float32 [N, A] under the scorer, r float32 [N], b float32 [Q] or None).
+  """
+  scorer = lora if s.reward_scorer == "actor" else ref_lora
+  ans = jax.lax.stop_gradient(
+      answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n))
+  b = None
+  if base_tokens is not None:
+    base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span, last_n)
+    b = jax.lax.stop_gradient(rewards(s, base, base_span))
+  return ans, rewards(s, ans, answer_span), b
+
+
+def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
+                dropout_rng: Optional[jax.Array], ref_lora=None,
+                answer_last_n: Optional[int] = None) -> obj.LossInputs:
+  """Teacher-forced policy terms on the CoT positions (differentiable w.r.t. `lora`).
+  `answer_last_n`: the answer window (`answer_window`) for reward_grad='paper', which re-scores
+  the answer rows with gradient."""
+  cfg = s.objective
+  need_ref = cfg.kl_estimator != "full" or (cfg.kind == "ppo" and cfg.ppo_ratio_reference == "base")
+  out = lp_lib.continuation_logprobs(
+      s.model, params, batch.prompt_tokens, batch.prompt_mask, batch.cot_tokens, batch.cot_mask,
+      lora=lora, temperature=s.temperature, chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
+      with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref,
+      reference_lora=ref_lora)
+  if cfg.reward_grad == "paper":
+    answers = answer_logprobs(s, params, lora, batch.answer_tokens, batch.answer_mask,
+                              batch.answer_span, answer_last_n)
+  else:
+    answers = batch.answer_logprobs
+  return obj.LossInputs(
+      cot_logprobs=out.logprobs, cot_mask=batch.cot_mask,
+      answer_logprobs=answers, answer_mask=batch.answer_span,
+      behaviour_logprobs=batch.behaviour_logprobs, ref_logprobs=out.ref_logprobs,
+      kl=out.kl, entropy=out.entropy, baseline_scores=batch.baseline_scores)
+
+
+def loss_and_grads(s: StepSettings, params, lora, batch: PolicyBatch, targets: obj.Targets,
+                   dropout_rng=None, ref_lora=None, answer_last_n: Optional[int] = None):
+  """(loss float32 scalar, metrics dict, gradient w.r.t. `lora`: a LoRA-shaped tree)."""
+  def loss_fn(lora_):
+    inputs = loss_inputs(s, params, lora_, batch, dropout_rng, ref_lora, answer_last_n)
+    return obj.loss_from_targets(inputs, targets, s.objective)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+  return loss, metrics, grads
+
+
+def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
+           batch: PolicyBatch, targets: obj.Targets, dropout_rng, ref_lora=None, lr=None,
+           answer_last_n: Optional[int] = None):
+  """One optimizer step on the LoRA tree at learning rate `lr` (float32 scalar; None keeps the
+  state's); a non-finite loss, gradient or update leaves LoRA and optimizer state unchanged.
+
+  Returns (lora, opt_state, metrics dict of float32 scalars: the loss terms, grad_norm,
+  learning_rate (the value applied) and nonfinite (1 when the update was skipped)).
+  """
+  if lr is not None:
+    opt_state = optimizer.set_learning_rate(opt_state, lr)
+  loss, metrics, grads = loss_and_grads(s, params, lora, batch, targets, dropout_rng, ref_lora,
+                                        answer_last_n)
+  grad_norm = optax.tree.norm(grads)
+  updates, new_opt = tx.update(grads, opt_state, lora)
+  new_lora = optax.apply_updates(lora, updates)
+  # A finite gradient can still give a non-finite update (e.g. a diverged schedule): check both.
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+  metrics = {**metrics, "grad_norm": grad_norm,
+             "learning_rate": optimizer.applied_learning_rate(opt_state),
+             "nonfinite": (~ok).astype(jnp.float32)}
+  return keep(new_lora, lora), keep(new_opt, opt_state), metrics
+
+
+def tree_shardings(tree, mesh):
+  """Shardings for a LoRA or optimizer-state tree: LoRA-shaped leaves follow the LoRA rules
+  (matched by path suffix), scalars (step counts, the learning rate) are replicated."""
+  def one(path, leaf):
+    if leaf.ndim == 0:
+      return sharding.replicated(mesh)
+    axes = sharding.param_logical_axes(sharding.path_str(path), leaf.ndim)
+    return sharding.named_sharding(mesh, axes, leaf.shape)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+class Programs:
+  """The step's three jitted programs, built once per run.
+
+  score(params, lora, ref_lora, answer rows..., base rows... or None, last_n=) -> `score`
+  targets(r [N], b [N] or None, baseline_state) -> objectives.advantage_targets
+  update(params, lora, opt_state, batch, targets, dropout_rng, ref_lora, lr, answer_last_n=)
+    -> `update`; donates the LoRA and optimizer state and keeps their shardings.
+  Batch arrays are sharded on their leading dim by the caller (`run_context.put`).
+  """
+
+  def __init__(self, s: StepSettings, tx, mesh, lora_sh, opt_sh):
+    self.settings = s
+    rep = sharding.replicated(mesh)
+    self.score = jax.jit(
+        lambda p, l, ref, *rows, last_n=None: score(s, p, l, ref, *rows, last_n=last_n),
+        static_argnames=("last_n",))
+    self.targets = jax.jit(lambda r, b, state: obj.advantage_targets(r, b, s.objective, state))
+    self.update = jax.jit(
+        lambda p, l, o, b, t, r, ref, lr, answer_last_n=None: update(
+            s, tx, p, l, o, b, t, r, ref, lr, answer_last_n),
+        static_argnames=("answer_last_n",), out_shardings=(lora_sh, opt_sh, rep),
+        donate_argnums=(1, 2))
