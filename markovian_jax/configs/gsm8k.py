@@ -3,5 +3,6 @@
 from markovian_jax.configs import base
 
 
-def get_config():
-  return base.get_config("gsm8k")
+def get_config(arg: str = ""):
+  """`arg`: a variant name (base.VARIANTS), e.g. `--config=configs/gsm8k.py:ei`."""
+  return base.task_config("gsm8k", arg)

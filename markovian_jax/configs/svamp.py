@@ -3,5 +3,6 @@
 from markovian_jax.configs import base
 
 
-def get_config():
-  return base.get_config("svamp")
+def get_config(arg: str = ""):
+  """`arg`: a variant name (base.VARIANTS), e.g. `--config=configs/svamp.py:ei`."""
+  return base.task_config("svamp", arg)

@@ -40,6 +40,10 @@ class ObjectiveConfig:
   normalize_reward: R = r - b.
   reward_grad / actor_reward_weight: `none` (reference: r carries no gradient) | `paper`
     (adds -w * mean((r - sg(mu)) / sg(sigma))); reward_sigma_floor bounds that 1/sigma scale.
+    actor_reward_weight is that w and nothing else: with `none` it must stay 1.0 (the default;
+    there is no term to weigh) and with `paper` it must be > 0 (0 is `none`). The reference's
+    actor_reward_weight=0 run also switched who scores the reward and reads the answer: here
+    those are their own knobs (objective.reward_scorer, eval.reader; variant `no_reward_grad`).
   baseline / group_size / advantage_eps / ema_decay: a BASELINES name (`group` | `rloo` | `ema` |
     `none`) and its settings.
   ei_std / ei_skip_initial: expert iteration threshold k (None = off) and warm-up batches.
@@ -94,6 +98,17 @@ class ObjectiveConfig:
       need(isinstance(v, int) and not isinstance(v, bool), f, "must be an integer")
     need(self.kl_penalty >= 0, "kl_penalty", "must be >= 0")
     need(self.actor_reward_weight >= 0, "actor_reward_weight", "must be >= 0")
+    if self.reward_grad == "none" and self.actor_reward_weight != 1.0:
+      need(False, "actor_reward_weight",
+           "weighs the reward-gradient term, which only reward_grad='paper' adds (set "
+           "objective.reward_grad='paper'); with reward_grad='none' every weight trains the same. "
+           "The reference's weight-0 run (frozen model scores the reward and reads the answer) "
+           "is objective.reward_scorer='base' with eval.reader='base' (config variant "
+           "no_reward_grad)")
+    if self.reward_grad != "none" and self.actor_reward_weight == 0:
+      need(False, "actor_reward_weight",
+           f"0 turns off the term reward_grad={self.reward_grad!r} adds; set "
+           "objective.reward_grad='none' instead")
     need(self.reward_sigma_floor >= 0, "reward_sigma_floor", "must be >= 0")
     need(self.advantage_eps >= 0, "advantage_eps", "must be >= 0")
     need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")

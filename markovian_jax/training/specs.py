@@ -26,6 +26,7 @@ from markovian_jax.data.prompts import PROMPT_FORMATS
 from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.config import DTYPES, REMAT_MODES
+from markovian_jax.configs.base import VARIANTS
 
 LORA_REFERENCES = ("base", "initial_adapter")  # what the KL / baseline reference model is
 SCORERS = ("actor", "base")  # who scores the answer for the reward; who reads it in evaluation
@@ -358,7 +359,8 @@ class RunSpec:
     sections = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "prompt": PromptSpec,
                 "sampling": SamplingSpec, "optim": OptimSpec, "train": TrainSpec,
                 "eval": EvalSpec, "mesh": MeshSpec}
-    top = {"task", "workdir", "compilation_cache_dir", "host_allocator", "objective", *sections}
+    top = {"task", "workdir", "compilation_cache_dir", "host_allocator", "objective", "variant",
+           *sections}
     extra = sorted(set(c.keys()) - top)
     if extra:
       _bad(extra[0], f"unknown key; a run config has {sorted(top)}")
@@ -368,6 +370,8 @@ class RunSpec:
       _bad("host_allocator", f"{c.host_allocator!r} is not one of {list(host_allocator.SETTINGS)}")
     if not c.workdir:
       _bad("workdir", "is empty; give the run's directory")
+    if c.get("variant", "") and c.variant not in VARIANTS:
+      _bad("variant", f"unknown {c.variant!r}; choose one of {list(VARIANTS)} (or '')")
     read = {name: spec.read(c[name]) for name, spec in sections.items()}
     objective = ObjectiveSpec.read(c.objective, read["train"].group_size)
     return cls(task=c.task, workdir=str(c.workdir),
