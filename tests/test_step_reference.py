@@ -57,7 +57,7 @@ class Ours(NamedTuple):
   updated: Optional[dict]
 
 
-_CONTEXTS = {}  # model path -> RunContext: the base model loads once per module, not per call
+_CONTEXTS = {}  # (model path, dtype) -> RunContext: the base model loads once per module and dtype
 
 
 def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logprobs=None,
@@ -87,9 +87,10 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
   from markovian_jax.training.run_context import RunContext
 
   spec = config_validation.validate(config)
-  if spec.model.path not in _CONTEXTS:
-    _CONTEXTS[spec.model.path] = RunContext.create(config, spec=spec)
-  ctx = dataclasses.replace(_CONTEXTS[spec.model.path], config=config, spec=spec)
+  key = (spec.model.path, spec.model.dtype)
+  if key not in _CONTEXTS:
+    _CONTEXTS[key] = RunContext.create(config, spec=spec)
+  ctx = dataclasses.replace(_CONTEXTS[key], config=config, spec=spec)
   s = train_step.StepSettings(model=ctx.model, objective=spec.objective.loss,
                               temperature=float(spec.sampling.temperature),
                               reward_scorer=spec.objective.reward_scorer)
