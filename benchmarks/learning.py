@@ -11,7 +11,7 @@ and prints
   * the held-out accuracy for every answer extractor, at step 0 (the base model) and at the end;
   * the fraction of sampled CoTs that contain the gold answer, first and last window;
   * the per-step time split (sample / score / update), the first step (compilation) apart;
-  * the diagnoses of `markovian_jax.report_analysis` (collapse, accuracy below the base model, ...);
+  * the diagnoses of `markovian_jax.reporting.diagnoses` (collapse, accuracy below the base model, ...);
 and writes the run's report into the workdir (`markovian_jax.report`: report.md with example CoTs,
 report_figures/training.png and eval.png).
 

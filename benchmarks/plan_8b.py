@@ -6,10 +6,10 @@
 For each preset (configs/presets/<name>.py: gsm8k, its mesh and questions_per_step; "fsdp-8" is
 gsm8k on mesh (1, 8, 1) with Q=2, to exercise the sampler's decode layout), the step's three
 programs (the sampler with its CoT' rows, the scorer, the update) are compiled ahead of time
-(`markovian_jax.plan_compile`) on the real Llama-3.1-8B shapes (`jax.eval_shape`: nothing is
+(`markovian_jax.planning.compile`) on the real Llama-3.1-8B shapes (`jax.eval_shape`: nothing is
 allocated) for a mesh of the preset's layout made of fake CPU devices (32 of them, so every preset
 runs at its own size), and the compiler's per-device bytes (`memory_analysis()`) are printed next
-to the plan's (`markovian_jax.plan_memory`):
+to the plan's (`markovian_jax.planning.memory`):
 
   arguments     what the program is given: weights, LoRA (+ AdamW state for the update)
   temporaries   what it allocates on top (+ outputs that do not alias a donated argument)

@@ -27,7 +27,7 @@ alpha=16, dropout 0.1 on every linear layer but the head.
     favours torch.
 
 Both sides run on the malloc `--config.host_allocator` picks: by default the run restarts itself
-once onto tcmalloc (`markovian_jax.host_allocator`), `system` keeps glibc's.
+once onto tcmalloc (`markovian_jax.runtime.host_allocator`), `system` keeps glibc's.
 
 Each side runs `--warmup` untimed steps (ours: the first includes compilation, reported apart),
 then `--steps` timed steps, alternating ours / torch so that outside load hits both alike

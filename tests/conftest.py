@@ -4,6 +4,8 @@ Must run before jax is imported anywhere, hence module-level environment edits.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,6 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent compilation cache for the whole run, inherited by every subprocess a test starts
+# (CLI runs, multi-process jobs): the demo's sampler, scoring and update programs are compiled once,
+# not once per process. A run of its own: a warm cache from an earlier run would hide compile costs.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="markovian-xla-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
@@ -45,3 +55,9 @@ def tiny_model_dir(tmp_path_factory, smollm2_path):
   d = str(tmp_path_factory.mktemp("tiny_llama"))
   hf.save_hf(config, params, d, tokenizer=tok)
   return d
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)

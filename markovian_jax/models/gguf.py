@@ -280,7 +280,7 @@ def load_gguf(path, dtype: str = "float32", mesh=None, rules=None,
     path: the `.gguf` file.
     dtype: storage dtype of every parameter leaf (weights are dequantised to fp32 first).
     mesh: optional ('data', 'fsdp', 'tensor') mesh; each leaf is placed on its `NamedSharding`
-      from `markovian_jax.sharding.param_shardings`. Without one, leaves go to the default device.
+      from `markovian_jax.runtime.sharding.param_shardings`. Without one, leaves go to the default device.
     rules: logical-axis rules for the mesh (default `sharding.DEFAULT_RULES`).
     compute_dtype: matmul dtype (default: `dtype`).
   Returns:

@@ -29,9 +29,9 @@ class LossInputs:
   behaviour_logprobs: [N, K] float, the sampler's log-probs (kind="ppo"; logged otherwise).
   ref_logprobs: [N, K] float, the base model's log-probs of the CoT tokens (k1/k2/k3, PPO "base").
   kl: [N, K] float, exact per-position KL(pi || base) (kl_estimator="full"), with grad
-    (`markovian_jax.logprobs.full_kl`).
+    (`markovian_jax.models.logprobs.full_kl`).
   entropy: [N, K] float, per-position entropy of pi (entropy_bonus != 0), with grad
-    (`markovian_jax.logprobs.entropy`).
+    (`markovian_jax.models.logprobs.entropy`).
   baseline_scores: [N] or [Q] float b (normalize_reward): `answer_reward` of the base model's
     greedy CoT' with the config's logprob_reduction and reward_kind.
   """

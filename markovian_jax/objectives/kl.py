@@ -1,7 +1,7 @@
 """The per-token KL(pi || ref) term: exact (`full`) or a sample-based estimator.
 
 `full` reads LossInputs.kl, the exact sum_v p_v (log p_v - log q_v) at each position computed
-during the teacher-forced pass (`markovian_jax.logprobs.full_kl`): its gradient is the exact
+during the teacher-forced pass (`markovian_jax.models.logprobs.full_kl`): its gradient is the exact
 gradient of the KL, with no sampling noise. The sampled estimators (Schulman's k1/k2/k3) use only
 the log-probs of the sampled tokens. With x ~ pi and d = log pi(x) - log ref(x):
 
