@@ -1,6 +1,7 @@
 """The selection (validation) split: where it comes from per task, disjoint from train and test,
 seeded subsets that ignore file order, and MMLU subsets that cover the subjects."""
 
+import importlib
 import random
 
 import pytest
@@ -147,3 +148,26 @@ def test_check_disjoint_names_the_sets():
   with pytest.raises(DataError, match="3 item.*of the train set also appear in the test set"):
     selection.check_disjoint(train=a, test=b)
   selection.check_disjoint(train=a[:1], test=b[3:])
+
+
+@pytest.mark.parametrize("num_examples", [50, 300])
+def test_carve_out_has_its_own_small_size(shared_data, num_examples):
+  """SVAMP has no validation split: its selection set is carved out of the 700 training
+  questions. Its size is eval.selection_size (auto: at most 10% of the train split), never the
+  reported eval size, and the carve-out is the same whatever eval.num_examples is."""
+  from markovian_jax.training import config_validation
+  from markovian_jax.training.run_context import run_splits
+  c = importlib.import_module("configs.svamp").get_config()
+  c.data.path = str(shared_data)
+  c.eval.num_examples = num_examples
+  s = run_splits(config_validation.validate(c))
+  train_size = len(s.train) + len(s.selection)
+  assert s.source.carved and len(s.test) == min(num_examples, 300)
+  assert len(s.selection) == s.source.size == int(0.1 * train_size), (len(s.selection), train_size)
+  c.eval.num_examples = 7
+  assert _ids(run_splits(config_validation.validate(c)).selection) == _ids(s.selection)
+  record = s.record()
+  assert record["selection"]["size"] == len(s.selection) and "70 items" in record["description"]
+  # An explicit size is taken as given; GSM8K's auto size is 200 (2.7% of 7,473).
+  c.eval.selection_size = 30
+  assert len(run_splits(config_validation.validate(c)).selection) == 30

@@ -17,6 +17,10 @@ from markovian_jax.runtime.sharding import MESH_PRESETS  # noqa: F401 (names for
 # Reference per-task CoT lengths (REFERENCE.md §2) and eval answer lengths (§4).
 COT_LENGTH = {"gsm8k": 100, "mmlu": 150, "mathqa": 150, "arithmetic": 150}
 ANSWER_MAX_TOKENS = {"svamp": 16, "arithmetic": 16}
+# The paper's final-evaluation sizes: GSM8K test, ARC-Challenge validation (294 with A-D labels),
+# MMLU validation, SVAMP test, 200 arithmetic problems, 1,024 wiki articles.
+FINAL_NUM_EXAMPLES = {"gsm8k": 1319, "arc": 294, "mmlu": 1531, "svamp": 300, "arithmetic": 200,
+                      "wiki_continuation": 1024}
 
 
 def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
@@ -133,7 +137,15 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.train.max_rollbacks = 3  # consecutive rollbacks before stopping
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_examples = 200
+  c.eval.num_examples = 200  # the test questions of training's periodic evaluation
+  # Checkpoint selection's set (keep_best, evaluate --best/--all_steps), fixed for the run and
+  # recorded in <workdir>/selection.json. 0 = auto: 200 from the task's validation split, or a
+  # carve-out of at most 10% of the train split where there is none (removed from training).
+  c.eval.selection_size = 0
+  # evaluate's default number of test questions (its --num_examples): the paper's n for the
+  # final number. 0 = the whole eval split. On ARC and MMLU the paper reported its validation
+  # split, which is the selection split here: a seeded subset of the test split of that size.
+  c.eval.final_num_examples = FINAL_NUM_EXAMPLES.get(task, 0)
   c.eval.num_samples = 1  # CoT samples per question (mean +- sd, majority vote)
   c.eval.temperature = -1.0  # CoT temperature; <0 = training temperature, 0 = greedy
   c.eval.answer_max_tokens = ANSWER_MAX_TOKENS.get(task, 10)

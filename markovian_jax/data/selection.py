@@ -1,8 +1,8 @@
 """The three disjoint example sets of a run: train, selection (validation) and the reported test.
 
     splits = selection.run_splits(task, load, train_split="train", eval_split="test",
-                                  selection_size=200, test_size=200, seed=1234,
-                                  task_options={...})
+                                  selection_size=0, test_size=200, seed=1234,
+                                  task_options={...})    # selection_size 0 = auto_size
     splits.train       what training draws from (the train split minus any carve-out)
     splits.selection   what checkpoint selection (keep_best, --best) is scored on
     splits.test        the reported split's eval subset
@@ -38,6 +38,10 @@ VALIDATION_SPLITS = {"arc": "validation", "mmlu": "validation", "aqua": "validat
                      "wiki_continuation": "validation"}
 # A carve-out may take at most this fraction of the train split.
 MAX_CARVE_FRACTION = 0.5
+# selection_size=0 (auto): AUTO_SELECTION_SIZE items, and a carve-out no more than
+# AUTO_CARVE_FRACTION of the train split (SVAMP: 70 of 700, GSM8K: 200 of 7,473).
+AUTO_SELECTION_SIZE = 200
+AUTO_CARVE_FRACTION = 0.1
 _GENERATED = ("arithmetic",)  # compared by id only (module docstring)
 
 
@@ -59,6 +63,8 @@ class SelectionSource:
     if self.carved:
       return (f"a seeded carve-out (seed {self.seed}) of {self.size} items of the {self.task} "
               f"{self.split!r} split, removed from training")
+    if self.size == 0:
+      return f"the {self.task} {self.split!r} split (auto size, seed {self.seed})"
     return f"the {self.task} {self.split!r} split ({self.size} items, seed {self.seed})"
 
   def to_json(self) -> dict:
@@ -77,15 +83,23 @@ def _parts(task: str, split: str, task_options: dict) -> set:
 def selection_source(task: str, *, train_split: str, eval_split: str, size: int, seed: int,
                      task_options: Optional[dict] = None) -> SelectionSource:
   """The task's validation split when it is kept apart from `train_split` and `eval_split`,
-  otherwise a carve-out of `train_split`."""
-  if size < 1:
-    raise DataError(f"selection needs at least one example, got size={size}")
+  otherwise a carve-out of `train_split`. size 0 = auto (`auto_size`, once the split is read)."""
+  if size < 0:
+    raise DataError(f"selection needs at least one example (0 = auto), got size={size}")
   options = task_options or {}
   used = _parts(task, train_split, options) | _parts(task, eval_split, options)
   validation = VALIDATION_SPLITS.get(task)
   if validation is not None and validation not in used:
     return SelectionSource(task, validation, False, int(size), int(seed))
   return SelectionSource(task, train_split, True, int(size), int(seed))
+
+
+def auto_size(carved: bool, train_size: int) -> int:
+  """The selection size of selection_size=0: AUTO_SELECTION_SIZE, and for a carve-out no more
+  than AUTO_CARVE_FRACTION of the `train_size` items it is cut from (at least 1)."""
+  if not carved:
+    return AUTO_SELECTION_SIZE
+  return max(1, min(AUTO_SELECTION_SIZE, int(AUTO_CARVE_FRACTION * train_size)))
 
 
 def strata(task: str) -> Optional[Callable[[Example], str]]:
@@ -195,6 +209,23 @@ class RunSplits:
             "test_ids": [e.id for e in self.test]}
 
 
+def from_record(record: dict, load: Callable[[str], list]) -> list:
+  """The selection set a run recorded (`RunSplits.record()`, its selection.json): the items of
+  the recorded split with the recorded ids, in the recorded order. Raises DataError when the
+  data no longer holds one of them (a different data.path or file)."""
+  split, ids = record["selection"]["split"], record["selection_ids"]
+  if not ids or not all(ids):
+    raise DataError("selection.json lists items without ids; the selection set cannot be "
+                    "rebuilt from it")
+  by_id = {e.id: e for e in load(split)}
+  missing = [i for i in ids if i not in by_id]
+  if missing:
+    raise DataError(f"{len(missing)} of the {len(ids)} selection items recorded in "
+                    f"selection.json (e.g. {missing[0]!r}) are not in the {split!r} split of "
+                    "this data; point config.data.path at the data the run trained on")
+  return [by_id[i] for i in ids]
+
+
 def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval_split: str,
                selection_size: int, test_size: int, seed: int,
                task_options: Optional[dict] = None) -> RunSplits:
@@ -211,6 +242,9 @@ def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval
   by, by_question = strata(task), task not in _GENERATED
   test = eval_subset(load(eval_split), test_size, seed, by)
   train_all = _without(load(train_split), test, by_question=by_question)
+  if selection_size == 0:
+    selection_size = auto_size(source.carved, len(train_all))
+    source = dataclasses.replace(source, size=selection_size)
   if source.carved:
     if selection_size > MAX_CARVE_FRACTION * len(train_all):
       raise DataError(f"a selection carve-out of {selection_size} items would take more than "

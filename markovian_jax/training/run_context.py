@@ -67,16 +67,35 @@ def read_examples(spec, split: str, tokenizer=None, limit: Optional[int] = None)
 
 
 def run_splits(spec, tokenizer=None):
-  """The run's disjoint train, selection and test sets (`data.selection.run_splits`): the test and
-  selection sets are seeded samples of eval.num_examples (MMLU stratified by subject); a task
-  without a validation split gives up a seeded carve-out of train. Train and evaluate call this
-  with the same spec and get the same sets."""
+  """The run's disjoint train, selection and test sets (`data.selection.run_splits`): the test set
+  is a seeded sample of eval.num_examples, the selection set one of eval.selection_size (0 = auto)
+  (MMLU stratified by subject); a task without a validation split gives up a seeded carve-out of
+  train. The selection set does not depend on eval.num_examples."""
   from markovian_jax.data import selection
   return selection.run_splits(
       spec.task, lambda split: read_examples(spec, split, tokenizer),
       train_split=spec.data.train_split, eval_split=spec.data.eval_split,
-      selection_size=spec.eval.num_examples, test_size=spec.eval.num_examples,
+      selection_size=spec.eval.selection_size, test_size=spec.eval.num_examples,
       seed=spec.eval.seed, task_options=spec.data.task_options(spec.task, tokenizer))
+
+
+def recorded_selection(spec, workdir, tokenizer=None) -> tuple[list, str]:
+  """The selection set run `workdir` trained with, and where it came from: the items its
+  selection.json lists (one fixed set per run, whatever this spec's eval sizes are); without that
+  file, the set `run_splits(spec)` draws. Raises DataError when the data lacks a recorded item."""
+  import json
+
+  from etils import epath
+
+  from markovian_jax.data import selection
+  path = epath.Path(workdir) / "selection.json" if workdir else None
+  if path is not None and path.exists():
+    record = json.loads(path.read_text())
+    return (selection.from_record(record, lambda split: read_examples(spec, split, tokenizer)),
+            f"{path}: {record.get('description', '')}")
+  log.warning("no selection.json in %s: drawing the selection set from the config "
+              "(eval.selection_size=%d)", workdir, spec.eval.selection_size)
+  return run_splits(spec, tokenizer).selection, "drawn from the config (no selection.json)"
 
 
 @dataclasses.dataclass

@@ -288,6 +288,8 @@ class TrainSpec(_Section):
 class EvalSpec(_Section):
   SECTION = "eval"
   num_examples: int = 200
+  selection_size: int = 0
+  final_num_examples: int = 0
   num_samples: int = 1
   temperature: float = -1.0
   answer_max_tokens: int = 10
@@ -299,6 +301,10 @@ class EvalSpec(_Section):
 
   def __post_init__(self):
     self.positive_int("num_examples", "num_samples", "answer_max_tokens", "batch_size")
+    for name, zero in (("selection_size", "auto"), ("final_num_examples", "the whole split")):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        _bad(self._key(name), f"must be an integer >= 0 (0 = {zero}), got {v!r}")
     if not isinstance(self.fragility_every, int) or self.fragility_every < 0:
       _bad("eval.fragility_every", f"must be an integer >= 0 (0 = off), got "
            f"{self.fragility_every!r}")
