@@ -36,8 +36,10 @@ _BASE = flags.DEFINE_bool("base_model", False,
                           "Also evaluate the base model (alone when no --checkpoint_dir).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "CoT samples per question "
                                     "(default config.eval.num_samples).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Questions to evaluate "
-                                     "(default config.eval.num_examples).")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Test questions to evaluate (default "
+                                     "config.eval.final_num_examples: the paper's full test "
+                                     "size; 0 there = the whole eval split). The selection set "
+                                     "of --all_steps is the run's own (selection.json).")
 _GREEDY = flags.DEFINE_bool("greedy_cot", False, "Greedy CoTs instead of the training temperature.")
 _OUT = flags.DEFINE_string("output_dir", None, "Where to write summary.json and the JSONL rows.")
 
@@ -113,8 +115,6 @@ def run(config) -> dict:
   """Evaluates the models the flags select on `config`'s eval split; returns {model: summary}."""
   import jax
 
-  import dataclasses
-
   from markovian_jax.runtime import checkpointing
   from markovian_jax.training import config_validation
   from markovian_jax.training import evaluation
@@ -136,16 +136,22 @@ def run(config) -> dict:
   models = (["base"] if _BASE.value else []) + [f"step_{s}" for s in steps]
   logging.info("models to evaluate: %s", models)
   tokenizer = load_tokenizer(spec.model.path)
-  if _NUM_EXAMPLES.value:
-    spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval,
-                                                              num_examples=_NUM_EXAMPLES.value))
-  # The same test set as training drew with this config (a seeded sample of the eval split);
-  # the selection set, which may be carved out of train, only for --all_steps.
+  # The final number: the paper's full test size unless --num_examples says otherwise. Subsets
+  # are hash-ranked, so training's periodic test set (eval.num_examples) is a part of this one.
+  test_size = _NUM_EXAMPLES.value or spec.eval.final_num_examples
   from markovian_jax.data import selection as selection_lib
-  examples = selection_lib.eval_subset(
-      read_examples(spec, spec.data.eval_split, tokenizer), spec.eval.num_examples,
-      spec.eval.seed, selection_lib.strata(spec.task))
-  selection_set = _selection_set(spec, tokenizer, examples) if _ALL.value else None
+  split = read_examples(spec, spec.data.eval_split, tokenizer)
+  examples = selection_lib.eval_subset(split, test_size or len(split), spec.eval.seed,
+                                       selection_lib.strata(spec.task))
+  logging.info("test set: %d of the %d %s %r items", len(examples), len(split), spec.task,
+               spec.data.eval_split)
+  selection_set = None
+  if _ALL.value:
+    # The run's own selection set (selection.json), whatever the sizes of this command.
+    from markovian_jax.training.run_context import recorded_selection
+    selection_set, where = recorded_selection(
+        spec, checkpointing.absolute(_CKPT.value).parent, tokenizer)
+    logging.info("selection set: %d items (%s)", len(selection_set), where)
   out_dir = output_dir(config)
 
   ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
@@ -189,23 +195,6 @@ def run(config) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
   return out
-
-
-def _selection_set(spec, tokenizer, test: list) -> list:
-  """The selection set training drew: the task's validation split where it is kept apart (read
-  alone: a local copy may lack the train split), else the carve-out of train (`run_splits`)."""
-  from markovian_jax.data import selection as selection_lib
-  from markovian_jax.training.run_context import read_examples, run_splits
-  source = selection_lib.selection_source(
-      spec.task, train_split=spec.data.train_split, eval_split=spec.data.eval_split,
-      size=spec.eval.num_examples, seed=spec.eval.seed,
-      task_options=spec.data.task_options(spec.task, tokenizer))
-  if source.carved:
-    return run_splits(spec, tokenizer).selection
-  by = selection_lib.strata(spec.task)
-  candidates = selection_lib._without(read_examples(spec, source.split, tokenizer), test,
-                                      by_question=spec.task != "arithmetic")
-  return selection_lib.eval_subset(candidates, spec.eval.num_examples, spec.eval.seed, by)
 
 
 def step_table(selection: list, test: list) -> str:

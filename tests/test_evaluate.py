@@ -206,6 +206,7 @@ def test_arc_base_model(base_model_evals, shared_data):
 # ------------------------------------------------------------------ a training checkpoint
 # Shared by the training run and the CLI, so both see the same eval articles and prompts.
 TINY_OVERRIDES = {"model.dtype": "float32", "sampling.cot_length": 8, "eval.num_examples": 4,
+                  "eval.final_num_examples": 4,
                   "eval.batch_size": 4, "data.question_length": 24, "data.target_length": 8}
 
 
@@ -484,3 +485,22 @@ def test_conflicting_flags(tmp_path):
   assert_fails(proc, "--step or --all_steps, not both")
   proc = run_cli("--config=configs/demo.py", "--base_model", "--num_samples=0")
   assert_fails(proc, "--num_samples must be a positive integer, got 0")
+
+
+@pytest.mark.slow
+def test_all_steps_scores_the_selection_set_training_used(trained_run, tiny_model_dir,
+                                                         shared_data, tmp_path):
+  """evaluate --all_steps --num_examples N (a bigger reported set) scores selection on the very
+  items training chose (selection.json), not on a carve-out rebuilt with size N, which would take
+  items training learned from."""
+  workdir, trainer, _ = trained_run
+  record = json.loads(open(os.path.join(workdir, "selection.json")).read())
+  assert record["selection"]["carved"]  # this run carves selection out of its train split
+  proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints",
+                            "--all_steps", "--num_examples=9", f"--output_dir={tmp_path}"))
+  assert_ok(proc)
+  for step in (1, 2):
+    rows = read_jsonl(tmp_path / "selection" / f"step_{step}.jsonl")
+    assert [r["id"] for r in rows] == record["selection_ids"]
+    assert [r["id"] for r in rows] == [ex.id for ex in trainer.selection_examples]
+    assert len(read_jsonl(tmp_path / f"step_{step}.jsonl")) == 9

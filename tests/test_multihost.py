@@ -44,7 +44,8 @@ def _config_args(model_dir, workdir, cache_dir, *extra):
           "--config.sampling.cot_length=8", "--config.train.group_size=4",
           f"--config.train.num_steps={STEPS}", "--config.train.eval_every=2",
           "--config.train.text_every=1", "--config.train.max_to_keep=5",
-          "--config.eval.num_examples=4", "--config.eval.batch_size=4",
+          "--config.eval.num_examples=4", "--config.eval.final_num_examples=4",
+          "--config.eval.batch_size=4",
           "--config.eval.answer_max_tokens=4", *extra]
 
 

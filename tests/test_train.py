@@ -86,6 +86,7 @@ def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
   args = [f"--config=configs/demo.py", f"--config.model.path={tiny_model_dir}",
           "--config.host_allocator=system", "--config.compilation_cache_dir=",
           "--config.sampling.cot_length=8", "--config.eval.num_examples=4",
+          "--config.eval.final_num_examples=4",
           "--config.eval.batch_size=4", "--config.eval.answer_max_tokens=4",
           f"--checkpoint_dir={run / 'checkpoints'}", f"--output_dir={tmp_path / 'ev'}"]
   done = run_module("markovian_jax.evaluate", *args, "--all_steps")
