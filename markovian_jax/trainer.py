@@ -132,7 +132,7 @@ class Trainer:
     self.add_hook(self._write_scalars, name="scalars")
     self.add_hook(self._write_samples, every=t.text_every, name="samples", at_start=True)
     self.add_hook(guards.NonFiniteGuard(self, t.nan_patience), name="nonfinite_guard")
-    self.add_hook(guards.CollapseGuard(self, t), name="collapse_guard")
+    self.add_hook(guards.CollapseGuard(self, spec), name="collapse_guard")
     self.add_hook(self._evaluate_hook, every=t.eval_every, name="eval", at_end=True)
     if spec.eval.fragility_every:
       self.add_hook(self._fragility_hook, every=spec.eval.fragility_every, name="fragility")

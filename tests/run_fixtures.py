@@ -47,10 +47,13 @@ HEALTHY_COTS = ("First add the tens, then the ones, and the sum of {a} and {b} i
 
 def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: int = 500,
                   seed: int = 0, ppo_blowup_at=None, repeat_from=None, crash_at=None,
-                  accuracy=None, evaluate: bool = True, config: dict = None) -> str:
+                  accuracy=None, evaluate: bool = True, config: dict = None,
+                  token_ratio_max=None) -> str:
   """Writes a run directory whose tags follow healthy PPO training (R rising from 0 to 0.8 with
   noise, ratios near 1, varied CoTs, accuracy 0.30 -> 0.45) unless told otherwise:
-  ppo_blowup_at: policy/ppo_ratio_max ~25 from that step; repeat_from: "4444..." CoTs and
+  ppo_blowup_at: the sequence-level ratio policy/ppo_seq_ratio_max (and the per-token
+  policy/ppo_ratio_max) ~25 from that step; token_ratio_max: the per-token maximum alone at that
+  value throughout (multi-epoch PPO), the sequences' ratios near 1; repeat_from: "4444..." CoTs and
   repetition rate 0.95 from that step; crash_at: R falls to -3 from that step; accuracy:
   {step: accuracy} replacing the eval curve; evaluate=False: only the step-0 evaluation."""
   from tensorboardX import SummaryWriter
@@ -64,8 +67,12 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
   if crash_at:
     reward[s >= crash_at] = -3.0 + rng.normal(0, 0.3, int((s >= crash_at).sum()))
   ratio_max = 1.3 + 0.2 * rng.random(steps)
+  seq_ratio_max = 1.05 + 0.05 * rng.random(steps)
+  if token_ratio_max:
+    ratio_max[:] = token_ratio_max + rng.random(steps)
   if ppo_blowup_at:
     ratio_max[s >= ppo_blowup_at] = 25.0 + rng.random(int((s >= ppo_blowup_at).sum()))
+    seq_ratio_max[s >= ppo_blowup_at] = 21.75 + rng.random(int((s >= ppo_blowup_at).sum()))
   repetition = 0.02 + 0.01 * rng.random(steps)
   if repeat_from:
     repetition[s >= repeat_from] = 0.95
@@ -75,7 +82,8 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
             "train/loss": rng.normal(0, 0.1), "train/pg_loss": rng.normal(0, 0.1),
             "train/grad_norm": 1.0 + 0.1 * rng.random(), "policy/kl": 0.01 * i / steps,
             "policy/ppo_ratio_mean": 1.0 + 0.01 * rng.random(), "policy/ppo_ratio_max":
-            ratio_max[i], "policy/ppo_clip_fraction": 0.05 * rng.random(),
+            ratio_max[i], "policy/ppo_seq_ratio_max": seq_ratio_max[i],
+            "policy/ppo_clip_fraction": 0.05 * rng.random(),
             "policy/repetition_rate": repetition[i], "guard/nonfinite_update": 0.0}
     for tag, v in tags.items():
       writer.add_scalar(tag, float(v), step)

@@ -439,6 +439,10 @@ def test_markovian_loss_matches_numpy(name):
     rho = np.exp(d["cot_logprobs"].astype(np.float64) - d["behaviour_logprobs"])[d["cot_mask"]]
     np.testing.assert_allclose(float(metrics["ppo_ratio_mean"]), rho.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ppo_ratio_max"]), rho.max(), rtol=1e-5)
+    # The collapse guard's quantity: each sequence's geometric-mean token ratio, its maximum.
+    seq = np.exp(np_reduce(d["cot_logprobs"].astype(np.float64) - d["behaviour_logprobs"],
+                           d["cot_mask"], "mean"))
+    np.testing.assert_allclose(float(metrics["ppo_seq_ratio_max"]), seq.max(), rtol=1e-5)
     assert 0 <= float(metrics["ppo_clip_fraction"]) <= 1
   if cfg.baseline == "ema":
     np.testing.assert_allclose(float(new_state.ema.value),
@@ -475,6 +479,7 @@ def test_ppo_base_variant_reproduces_reference():
   want = np.mean(np.maximum(-rho * adv, -np.clip(rho, 0.8, 1.2) * adv))
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["ppo_ratio_max"]), rho.max(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["ppo_seq_ratio_max"]), rho.max(), rtol=1e-5)
 
 
 def _answer_grad(cfg, d, state=None):

@@ -149,3 +149,16 @@ def test_best_checkpoint_by_the_selection_split(tmp_path):
   assert res.best[2] == pytest.approx(188 / 500)  # the reported split's accuracy at that step
   out = report.write_report(path)
   assert "step 100: 0.600 → test 0.376" in open(out.path).read()
+
+
+@pytest.mark.parametrize("reference", ["behaviour", "base"])
+def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, reference):
+  """Multi-epoch PPO moves single tokens' ratios to the sampling policy far past 10 while each
+  sequence's geometric-mean ratio stays near 1: not a collapse. The threshold (10) was set on
+  the published runs' sequence-level ratio (21.75 in the collapsed ARC run): that is what fires."""
+  cfg = {"objective.ppo_ratio_reference": reference, "objective.ppo_epochs": 4}
+  quiet = _diagnoses(synthetic_run(tmp_path / "quiet", token_ratio_max=30.0, config=cfg))
+  assert quiet == {}, {k: d.detail for k, d in quiet.items()}
+  found = _diagnoses(synthetic_run(tmp_path / "blowup", ppo_blowup_at=120, config=cfg))
+  assert set(found) == {COLLAPSE_RATIO} and found[COLLAPSE_RATIO].began == 120
+  assert "policy/ppo_seq_ratio_max" in found[COLLAPSE_RATIO].detail

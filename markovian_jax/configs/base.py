@@ -132,8 +132,10 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.train.nan_patience = 5  # stop after this many consecutive non-finite updates
   c.train.collapse_action = "warn"  # warn | stop | rollback
   c.train.collapse_repetition = 0.8  # repetition rate of sampled CoTs above which to act
+  # Applies to the largest per-sequence geometric-mean PPO ratio (policy/ppo_seq_ratio_max; the
+  # reference's collapsed ARC run reached 21.75 against the base), not to single tokens' ratios.
   c.train.collapse_ppo_ratio = 10.0
-  c.train.collapse_kl = 5.0
+  c.train.collapse_kl = 5.0  # nats per CoT token (policy/kl / K under logprob_reduction=sum)
   c.train.max_rollbacks = 3  # consecutive rollbacks before stopping
 
   c.eval = ml_collections.ConfigDict()

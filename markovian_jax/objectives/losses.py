@@ -143,8 +143,19 @@ def _ppo_behaviour(inputs: LossInputs, targets: Targets, cfg, agg: Aggregate) ->
   valid = jnp.asarray(inputs.cot_mask).astype(bool)
   metrics = dict(ppo_ratio_mean=masked_mean(ratio, valid),
                  ppo_ratio_max=jnp.max(jnp.where(valid, ratio, 0.0)),
+                 ppo_seq_ratio_max=sequence_ratio_max(inputs.cot_logprobs,
+                                                      inputs.behaviour_logprobs, valid),
                  ppo_clip_fraction=masked_mean(clipped, valid & targets.active[:, None]))
   return PolicyTerm(agg(tok), metrics)
+
+
+def sequence_ratio_max(logprobs: jax.Array, other_logprobs: jax.Array, mask: jax.Array
+                       ) -> jax.Array:
+  """float32 scalar max_i exp(mean_t (lp_it - other_it)): the largest per-sequence geometric-mean
+  token ratio, the quantity of the reference's PPO ratio (and of the collapse threshold set on
+  it), whatever the ratio's reference and logprob_reduction. [N, K] log-probs, [N, K] mask."""
+  d = reduce_tokens(jax.lax.stop_gradient(f32(logprobs) - f32(other_logprobs)), mask, "mean")
+  return jnp.max(jnp.exp(jnp.minimum(d, 80.0)))
 
 
 @PPO_RATIO_REGISTRY.register("base")
@@ -157,6 +168,8 @@ def _ppo_base(inputs: LossInputs, targets: Targets, cfg, agg: Aggregate) -> Poli
       reduce_tokens(inputs.ref_logprobs, inputs.cot_mask, red),
       targets.advantages, cfg.ppo_eps, cfg.ppo_log_ratio_clamp)
   metrics = dict(ppo_ratio_mean=jnp.mean(ratio), ppo_ratio_max=jnp.max(ratio),
+                 ppo_seq_ratio_max=sequence_ratio_max(inputs.cot_logprobs, inputs.ref_logprobs,
+                                                      inputs.cot_mask),
                  ppo_clip_fraction=jnp.mean(clipped.astype(jnp.float32)))
   return PolicyTerm(masked_mean(seq_loss, targets.active), metrics, standalone=True)
 

@@ -130,13 +130,23 @@ def _threshold(run: Run, key: str, default: float) -> float:
 
 
 def _ppo_blowup(run: Run) -> Optional[Diagnosis]:
-  steps, v = run.series("policy/ppo_ratio_max")
+  """The largest per-sequence geometric-mean ratio (policy/ppo_seq_ratio_max) above
+  train.collapse_ppo_ratio, the quantity that threshold was set on; the per-token maximum
+  (policy/ppo_ratio_max) is not compared with it: multi-epoch PPO moves single tokens far. Runs
+  logged before the sequence tag existed are read from policy/ppo_ratio_max only where it is that
+  same quantity (the reference's ratio to the base, mean-reduced)."""
+  tag = "policy/ppo_seq_ratio_max"
+  steps, v = run.series(tag)
+  if not v.size and (run.config.get("objective.ppo_ratio_reference") == "base"
+                     and run.config.get("objective.logprob_reduction", "mean") == "mean"):
+    tag = "policy/ppo_ratio_max"
+    steps, v = run.series(tag)
   limit = _threshold(run, "train.collapse_ppo_ratio", DEFAULT_PPO_RATIO)
   above = np.flatnonzero(v > limit)
   if not above.size:
     return None
   return Diagnosis("collapse: PPO ratio blow-up", int(steps[above[0]]),
-                   f"policy/ppo_ratio_max first exceeded {limit:g} at step {steps[above[0]]} "
+                   f"{tag} first exceeded {limit:g} at step {steps[above[0]]} "
                    f"(peak {v.max():.3g} at step {steps[np.argmax(v)]}; {above.size} of "
                    f"{v.size} steps above)")
 

@@ -3,7 +3,8 @@
 A non-finite loss or gradient already leaves the LoRA and optimizer state unchanged inside the
 update (`train_step.update`); `NonFiniteGuard` counts such steps and stops the run, with the last
 good state saved, after `train.nan_patience` in a row. `CollapseGuard` watches the signals of the
-collapse seen in the published runs (CoTs of "4444...", PPO ratios of 21x, a runaway KL) and, per
+collapse seen in the published runs (CoTs of "4444...", sequence-level PPO ratios of 21x, a
+runaway KL) and, per
 `train.collapse_action`, warns, stops with the state saved, or rolls back to the last checkpoint
 before the step (moving on to fresh data) up to `train.max_rollbacks` times in a row.
 """
@@ -21,18 +22,33 @@ class TrainingStopped(RuntimeError):
   """Training cannot continue (non-finite updates, collapse with action=stop)."""
 
 
-def collapse_alarms(scalars: dict, train_spec) -> list[str]:
-  """The collapse signals of one step's scalars above their `train_spec` thresholds."""
+def kl_scale(spec) -> float:
+  """What policy/kl is in units of the per-token KL: 1 for `mean`, K (the CoT length) for the
+  `sum` reduction, which aggregates the KL over a sequence's K tokens."""
+  return (float(spec.sampling.cot_length) if spec.objective.loss.logprob_reduction == "sum"
+          else 1.0)
+
+
+def collapse_alarms(scalars: dict, spec) -> list[str]:
+  """The collapse signals of one step's scalars above the thresholds of run spec `spec`.
+
+  train.collapse_ppo_ratio applies to policy/ppo_seq_ratio_max, the largest per-sequence
+  geometric-mean ratio (the quantity it was set on: the reference's sequence ratio to the base,
+  21.75 in its collapsed ARC run), not to the per-token maximum, which multi-epoch PPO moves far
+  from 1 token by token without anything collapsing. train.collapse_kl is nats per CoT token.
+  """
+  t = spec.train
   alarms = []
   rep = scalars.get("policy/repetition_rate", 0.0)
-  if rep > train_spec.collapse_repetition:
-    alarms.append(f"repetition rate {rep:.2f} > {train_spec.collapse_repetition}")
-  ratio = scalars.get("policy/ppo_ratio_max", 0.0)
-  if ratio > train_spec.collapse_ppo_ratio:
-    alarms.append(f"PPO ratio max {ratio:.1f} > {train_spec.collapse_ppo_ratio}")
-  kl = scalars.get("policy/kl", 0.0)
-  if kl > train_spec.collapse_kl:
-    alarms.append(f"KL {kl:.2f} > {train_spec.collapse_kl}")
+  if rep > t.collapse_repetition:
+    alarms.append(f"repetition rate {rep:.2f} > {t.collapse_repetition}")
+  ratio = scalars.get("policy/ppo_seq_ratio_max", 0.0)
+  if ratio > t.collapse_ppo_ratio:
+    alarms.append(f"PPO sequence ratio max {ratio:.1f} > {t.collapse_ppo_ratio:g}")
+  kl, scale = scalars.get("policy/kl", 0.0), kl_scale(spec)
+  if kl > t.collapse_kl * scale:
+    per = f" ({kl / scale:.2f} per token)" if scale != 1 else ""
+    alarms.append(f"KL {kl:.2f}{per} > {t.collapse_kl:g} per token")
   return alarms
 
 
@@ -59,11 +75,12 @@ class NonFiniteGuard:
 class CollapseGuard:
   """Acts on collapse signals as `train.collapse_action` says (module docstring)."""
 
-  def __init__(self, trainer, train_spec):
-    self.trainer, self.spec, self.rollbacks = trainer, train_spec, 0
+  def __init__(self, trainer, spec):
+    """spec: the run's RunSpec (thresholds in spec.train, the KL's units from the objective)."""
+    self.trainer, self.run_spec, self.spec, self.rollbacks = trainer, spec, spec.train, 0
 
   def __call__(self, info: StepInfo) -> None:
-    alarms = collapse_alarms(info.scalars, self.spec)
+    alarms = collapse_alarms(info.scalars, self.run_spec)
     self.trainer.writer.scalars(info.step, {"guard/collapse_alarm": float(bool(alarms))})
     if not alarms:
       self.rollbacks = 0

@@ -229,12 +229,13 @@ _TAGS = {
     "behaviour_logprob_diff_mean": "policy/behaviour_logprob_diff_mean",
     "behaviour_logprob_diff_max": "policy/behaviour_logprob_diff_max",
     "ppo_ratio_mean": "policy/ppo_ratio_mean", "ppo_ratio_max": "policy/ppo_ratio_max",
+    "ppo_seq_ratio_max": "policy/ppo_seq_ratio_max",
     "ppo_clip_fraction": "policy/ppo_clip_fraction",
     "nonfinite": "guard/nonfinite_update",
 }
 # The same quantity as an answer/ tag (the rewards are logged from the scores themselves).
 _DUPLICATES = ("reward_mean", "normalized_reward_mean")
-_MAXIMA = ("ppo_ratio_max", "behaviour_logprob_diff_max")
+_MAXIMA = ("ppo_ratio_max", "ppo_seq_ratio_max", "behaviour_logprob_diff_max")
 
 
 def _mean_updates(per_update: list[dict]) -> dict:
