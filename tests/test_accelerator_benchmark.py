@@ -1,26 +1,31 @@
-"""`benchmarks/accelerator.py --tiny` end to end (as CI runs it), its FLOP / byte formulas, and
-the cost model's layer-scan accounting."""
+"""`python -m benchmarks.accelerator`: the full --tiny run (as CI runs it), a run whose budget runs
+out half way, a run cut by SIGTERM, the pieces that make a cut lose nothing (atomic files, the
+budget, the merge), the honest-figure formulas, imports without the packages the GPU image lacks,
+and the cost model's layer-scan accounting."""
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
-import numpy as np
 import pytest
 
 from tests import helpers
 
-# Every figure a row must carry (the JSON holds more: raw times, first-call times).
-SAMPLER_FIGURES = ("batch", "full_s", "prefill_s", "tok_s", "decode_tok_s", "decode_steps_s",
-                   "prefill_tok_s", "decode_step_bytes", "roofline_steps_s",
-                   "hbm_roofline_fraction", "full_first_call_s", "prefill_first_call_s")
-OURS_SAMPLER = ("full_compile_s", "prefill_compile_s")
+# Every figure a finished row must carry (the JSON holds more: raw times, first-call times).
+DECODE_FIGURES = ("batch", "full_s", "prefill_s", "tok_s", "decode_tok_s", "decode_steps_s",
+                  "prefill_tok_s", "decode_step_bytes", "ideal_step_bytes", "kernel_cache_slots",
+                  "roofline_steps_s", "hbm_roofline_fraction", "measured_bw_roofline_fraction",
+                  "ideal_roofline_fraction", "full_first_call_s", "prefill_first_call_s", "row_s")
+OURS_DECODE = ("full_compile_s", "prefill_compile_s")
 STEP_FIGURES = ("questions", "step_s", "sample_s", "score_s", "update_s", "cot_tok_s",
                 "sample_tok_s", "score_tok_s", "update_tok_s", "update_model_flops",
-                "update_tflop_s", "update_mfu", "first_step_s", "reward")
-DEVICE_MEMORY = "peak_device_bytes"  # None on CPU: jax and torch report no device memory there
+                "update_tflop_s", "update_mfu", "update_mfu_vs_measured_matmul", "first_step_s",
+                "reward", "row_s")
+BLOCKED = ("ml_collections", "tensorboardX", "gguf")  # not on the GPU image
 
 
 def _numbers(row, keys, where):
@@ -29,45 +34,271 @@ def _numbers(row, keys, where):
     assert isinstance(row[k], (int, float)) and math.isfinite(row[k]), f"{where}: {k}={row[k]}"
 
 
+def _bench(out, *flags, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no 8 fake devices here
+  env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}",
+       f"--compile_cache={out.parent / 'xla_cache'}", *flags],
+      cwd=str(helpers.REPO), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _accounted(result):
+  """Every row of the run order is in exactly one of rows / skipped / failed."""
+  places = [set(result["rows"]), {s["row"] for s in result["skipped"]},
+            {s["row"] for s in result["failed"]}]
+  for rid in result["order"]:
+    assert sum(rid in p for p in places) == 1, rid
+  assert set().union(*places) == set(result["order"])
+
+
+@pytest.mark.slow
 def test_tiny_run_has_every_figure(tmp_path):
   helpers.require("torch")
   helpers.require("peft")
   out = tmp_path / "bench"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no 8 fake devices here
-  env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}",
-       "--hbm_tb_s=0.05", "--peak_tflops=0.5"],
-      cwd=str(helpers.REPO), env=env, capture_output=True, text=True, timeout=420)
+  proc = _bench(out, "--hbm_tb_s=0.05", "--peak_tflops=0.5")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.startswith("[versions] ")  # versions first, whatever happens next
+  result = json.loads((out / "accelerator.json").read_text())
+  assert result["order"] == ["ours/step/2", "ours/step/1", "ours/decode/1", "ours/decode/4",
+                             "torch/step/2", "torch/step/1", "torch/decode/1", "torch/decode/4"]
+  assert list(result["rows"]) == result["order"], (result["skipped"], result["failed"])
+  assert result["skipped"] == [] and result["failed"] == []
+  assert result["forbidden_modules"] == []
+  dev = result["device"]
+  assert (dev["kind"], dev["hbm_tb_s"], dev["peak_bf16_tflops"]) == ("cpu", 0.05, 0.5)
+  assert dev["measured_copy_tb_s"] > 0 and dev["measured_matmul_bf16_tflops"] > 0
+  assert result["versions"]["packages"]["jax"] and result["versions"]["torch"]["torch"]
+  assert result["attention"]["used"] == ["einsum"]  # CPU: the preflight says why not cuDNN
+  assert "cpu" in result["attention"]["reason"]
+  for rid, row in result["rows"].items():
+    side, kind, size = rid.split("/")
+    if kind == "decode":
+      _numbers(row, DECODE_FIGURES + (OURS_DECODE if side == "ours" else ()), rid)
+      assert row["batch"] == int(size)
+    else:
+      _numbers(row, STEP_FIGURES, rid)
+      assert row["questions"] == int(size)
+    assert row["peak_device_bytes"] is None  # CPU reports no device memory
+    # Rewards are log-probs of a random tiny model: about -log(V) per token on both sides.
+    assert kind == "decode" or -9 < row["reward"] < -4
+  for q in (2, 1):
+    row = result["rows"][f"ours/step/{q}"]
+    assert row["compiles_in_timed_steps"] == 0  # nothing recompiles after the first step
+    assert row["hlo_cudnn_fmha_calls"] == {"score": 0, "update": 0}
+    # The peer runs each prompt once per CoT: its executed work exceeds the useful work.
+    peer = result["rows"][f"torch/step/{q}"]
+    assert peer["update_executed_model_flops"] > peer["update_model_flops"]
+  # Ours reads every slot of its cache (prompt bucketed to 64, + 32 new); torch the valid ones.
+  assert result["rows"]["ours/decode/4"]["kernel_cache_slots"] == 64 + 32
+  assert result["rows"]["torch/decode/4"]["kernel_cache_slots"] == 16 + 32 / 2
+  assert result["torch_meta"]["weights_check"]["weight_sums_max_rel_diff"] < 1e-6
+  assert result["torch_meta"]["weights_check"]["leaves"] == 12
+  for key, ratio in result["ratios"].items():
+    _numbers(ratio, ratio.keys(), key)
+  assert (out / "table.txt").read_text().startswith("tiny on cpu")
+  assert any((out.parent / "xla_cache").iterdir())  # the persistent compilation cache
+
+
+@pytest.mark.slow
+def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path):
+  """Priors that make the first rows fit and the rest not, whatever this machine's speed: the
+  finished rows stay, each skipped row says why, and the run still exits 0."""
+  helpers.require("torch")
+  out = tmp_path / "bench"
+  huge = 10_000
+  proc = _bench(out, "--questions=1", "--batches=1,4", "--budget_s=400",
+                f"--row_estimates=ours/step/1=1,ours/decode/1=1,ours/decode/4={huge},"
+                f"torch/load={huge}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads((out / "accelerator.json").read_text())
-  w = result["workload"]
-  assert result["forbidden_modules"] == []
-  assert result["device"] == {"kind": "cpu", "hbm_tb_s": 0.05, "peak_bf16_tflops": 0.5}
-  for name in ("ours", "torch"):
-    side = result[name]
-    assert [r["batch"] for r in side["sampler"]] == w["batches"]
-    assert [r["questions"] for r in side["step"]] == w["questions"]
-    for row in side["sampler"]:
-      _numbers(row, SAMPLER_FIGURES + (OURS_SAMPLER if name == "ours" else ()), name)
-      assert row[DEVICE_MEMORY] is None
-    for row in side["step"]:
-      _numbers(row, STEP_FIGURES, name)
-      assert DEVICE_MEMORY in row
-  for row in result["ours"]["step"]:
-    assert set(row["compile_s"]) == {"sample", "score", "update"}
-    assert row["compiles_in_timed_steps"] == 0  # nothing recompiles after the first step
-  # Same weights on both sides: the torch worker's copies sum to our leaves' sums.
-  assert result["torch"]["weights_check"]["weight_sums_max_rel_diff"] < 1e-6
-  assert result["torch"]["weights_check"]["leaves"] == 12
-  for row in result["ratios"]["sampler"]:
-    _numbers(row, ("decode_tok_s", "prefill_tok_s", "tok_s"), "ratio")
-  for row in result["ratios"]["step"]:
-    _numbers(row, ("step_s", "sample_s", "score_s", "update_s"), "ratio")
-  # Rewards are log-probs of a random tiny model: about -log(V) per token on both sides.
-  for name in ("ours", "torch"):
-    assert all(-9 < r["reward"] < -4 for r in result[name]["step"])
-  assert (out / "table.txt").read_text().startswith("tiny on cpu")
+  _accounted(result)
+  assert list(result["rows"]) == ["ours/step/1", "ours/decode/1"]
+  _numbers(result["rows"]["ours/step/1"], STEP_FIGURES, "step")
+  _numbers(result["rows"]["ours/decode/1"], DECODE_FIGURES + OURS_DECODE, "decode")
+  skipped = {s["row"]: s["reason"] for s in result["skipped"]}
+  assert list(skipped) == ["ours/decode/4", "torch/step/1", "torch/decode/1", "torch/decode/4"]
+  assert all(r.startswith("budget: expected") for r in skipped.values()), skipped
+  assert "skipped:" in (out / "table.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path):
+  """SIGTERM (what `timeout` sends) after the first row: that row stays, the rest are listed
+  as not reached, and the worker that was running is ended with the driver."""
+  from benchmarks.accelerator import results
+  out = tmp_path / "bench"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  driver = subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}", "--skip_torch",
+       f"--compile_cache={tmp_path / 'xla_cache'}"], cwd=str(helpers.REPO), env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  while time.time() < deadline:
+    data = results.read_json(out / "ours.json")
+    if data and data.get("rows"):
+      break
+    assert driver.poll() is None, driver.stdout.read()[-3000:]
+    time.sleep(0.5)
+  workers = _worker_pids(out)
+  driver.send_signal(signal.SIGTERM)
+  assert driver.wait(timeout=60) != 0
+  result = json.loads((out / "accelerator.json").read_text())
+  _accounted(result)
+  assert "ours/step/2" in result["rows"]
+  assert any(s["reason"].startswith("not reached") for s in result["skipped"])
+  time.sleep(1)
+  assert not [p for p in workers if os.path.exists(f"/proc/{p}") and _is_running(p)]
+
+
+def _worker_pids(out) -> list:
+  """Processes running a worker of this run (found by their --out argument)."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+      continue
+    if f"--out={out}".encode() in cmd and any(a.startswith(b"--worker=") for a in cmd):
+      pids.append(int(pid))
+  return pids
+
+
+def _is_running(pid) -> bool:
+  try:
+    state = open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0]
+  except OSError:
+    return False
+  return state != "Z"
+
+
+def test_budget_skips_what_does_not_fit_and_learns_from_finished_rows():
+  from benchmarks.accelerator import results, workload as wl
+  w = wl.make_workload(True, estimates="ours/step/2=10,ours/step/1=30")
+  budget = results.Budget(time.time() + 25, w)
+  assert budget.why_not("ours/step/2") is None  # 10 s of 25
+  assert budget.why_not("ours/step/1").startswith("budget: expected 30 s")
+  budget.finished("ours/step/2", 5.0)  # half its estimate: later ours rows are expected faster
+  assert budget.expected("ours/step/1") == pytest.approx(15.0)
+  assert budget.why_not("ours/step/1") is None
+  assert budget.expected("torch/step/2") == w.estimate("torch/step/2")  # the other side's own
+  budget.finished("ours/step/1", 3000.0)  # far over: the scale is capped at 4
+  assert budget.scale("ours/decode/1") == 4.0
+
+
+def test_row_files_are_replaced_atomically_and_shared_by_processes(tmp_path):
+  from benchmarks.accelerator import results
+  path = tmp_path / "ours.json"
+  a = results.RowFile(path, {"device": "x"})
+  a.row("ours/step/8", {"step_s": 1.0})
+  b = results.RowFile(path)  # a later process of the same side adds to the same file
+  b.skip("ours/decode/1", "budget")
+  b.fail("ours/decode/256", "timed out")
+  data = json.loads(path.read_text())
+  assert data == {"meta": {"device": "x"}, "rows": {"ours/step/8": {"step_s": 1.0}},
+                  "skipped": {"ours/decode/1": "budget"},
+                  "failed": {"ours/decode/256": "timed out"}}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.json"]  # no temporary left
+
+
+def test_merge_accounts_for_every_row_with_each_kernels_own_floor():
+  """Roofline and MFU figures against hand-computed Llama-3.1-8B numbers: 15.09 GB of weights a
+  decode step reads (bf16, no embedding table, fp32 LoRA), 128 KiB of KV per slot and row."""
+  from benchmarks.accelerator import results, workload as wl
+  w = wl.Workload("8b", wl.llama31_8b())
+  weights = 2 * (8_030_261_248 - 128256 * 4096) + 4 * 20_971_520
+  dev = {"kind": "NVIDIA H100", "platform": "gpu", "hbm_tb_s": 3.35, "peak_bf16_tflops": 989.4,
+         "measured_copy_tb_s": 3.0, "measured_matmul_bf16_tflops": 800.0}
+  decode = {"batch": 256, "decode_steps_s": 50.0, "decode_tok_s": 12800.0,
+            "prefill_tok_s": 1.0, "tok_s": 1.0}
+  step = {"questions": 8, "update_s": 2.0, "step_s": 5.0, "sample_s": 2.0, "score_s": 1.0}
+  parts = {"ours": {"rows": {"ours/decode/256": decode, "ours/step/8": step},
+                    "failed": {"ours/step/1": "timed out"}},
+           "torch": {"rows": {"torch/step/8": {**step, "update_s": 8.0, "step_s": 20.0}},
+                     "skipped": {"torch/decode/1": "budget"}}}
+  order = w.rows("ours") + w.rows("torch")
+  res = results.merge(w, parts, dev, order, {"ours/decode/12": "budget"})
+  _accounted(res)
+  assert [s["row"] for s in res["skipped"]][:1] == ["ours/decode/1"]  # never started
+  assert res["skipped"][0]["reason"].startswith("not reached")
+  row = res["rows"]["ours/decode/256"]
+  own = weights + 256 * 356 * 128 * 1024  # every slot of a 256 + 100 cache
+  ideal = weights + 256 * 306 * 128 * 1024  # the valid slots on average
+  assert row["decode_step_bytes"] == own and row["ideal_step_bytes"] == ideal
+  assert row["hbm_roofline_fraction"] == pytest.approx(50 * own / 3.35e12)
+  assert row["measured_bw_roofline_fraction"] == pytest.approx(50 * own / 3.0e12)
+  assert row["ideal_roofline_fraction"] == pytest.approx(50 * ideal / 3.35e12)
+  ours, peer = res["rows"]["ours/step/8"], res["rows"]["torch/step/8"]
+  assert ours["update_mfu"] == pytest.approx(wl.update_model_flops(w.config, w, 8) / 2 / 989.4e12)
+  assert ours["update_mfu_vs_measured_matmul"] == pytest.approx(ours["update_mfu"] * 989.4 / 800)
+  assert peer["update_mfu"] == pytest.approx(ours["update_mfu"] / 4)  # useful work, 4x slower
+  assert res["ratios"]["step/8"]["step_s"] == pytest.approx(4.0)
+
+
+def test_peer_stop_line_only_when_jax_has_the_gpu_and_torch_has_not():
+  from benchmarks.accelerator import probes
+  cpu_torch = {"torch": "2.13.0+cpu", "torch_cuda": None, "cuda_available": False}
+  line = probes.peer_stop_line("gpu", cpu_torch)
+  assert line.startswith("error: ") and "\n" not in line and "--skip_torch" in line
+  assert "requirements-peers.txt" in line
+  assert probes.peer_stop_line("gpu", {"error": "ImportError: no torch"}).startswith("error: ")
+  assert probes.peer_stop_line("gpu", {**cpu_torch, "cuda_available": True}) is None
+  assert probes.peer_stop_line("cpu", cpu_torch) is None  # --tiny on CPU: both on the CPU
+
+
+def test_attention_choice_pins_cudnn_only_after_the_preflight():
+  from benchmarks.accelerator import driver
+  assert driver.attention_choice("auto", {"platform": "gpu", "attention": {"ok": True}}) == (
+      "cudnn", "preflight passed")
+  impl, why = driver.attention_choice(
+      "auto", {"platform": "gpu", "attention": {"ok": False, "reason": "cuDNN failed at x"}})
+  assert impl == "dot_product" and "cuDNN failed at x" in why
+  assert driver.attention_choice("einsum", {"platform": "gpu"})[0] == "einsum"
+  assert driver.attention_choice("auto", {"platform": "cpu", "attention": {}})[0] == "auto"
+
+
+def test_cudnn_fmha_calls_are_counted_in_hlo_text():
+  from benchmarks.accelerator import probes
+  hlo = ('%a = custom-call(%q), custom_call_target="__cudnn$fmhaSoftmax"\n'
+         '%b = custom-call(%g), custom_call_target="__cudnn$fmhaSoftmaxBackward"\n'
+         '%c = custom-call(%x), custom_call_target="__cublas$gemm"')
+  assert probes.cudnn_fmha_calls(hlo) == 2
+
+
+def test_importable_without_the_packages_the_gpu_image_lacks():
+  """Every module of the benchmark, and every markovian_jax module it imports (anywhere in its
+  code, found with ast), imports with ml_collections, tensorboardX and gguf made unimportable."""
+  import ast
+  import pathlib
+  package = pathlib.Path(helpers.REPO) / "benchmarks" / "accelerator"
+  imports = {("benchmarks.accelerator", p.stem) for p in package.glob("*.py")
+             if p.stem not in ("__main__", "__init__")}
+  for path in package.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("markovian_jax"):
+        imports.update((node.module, a.name) for a in node.names)
+  assert ("markovian_jax.training", "train_step") in imports
+  assert ("markovian_jax", "sampling") in imports
+  code = f"""
+import importlib, importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {BLOCKED!r}:
+      raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+for module, name in {sorted(imports)!r}:  # `from module import name`: a submodule or an attribute
+  m = importlib.import_module(module)
+  if not hasattr(m, name):
+    importlib.import_module(module + "." + name)
+print(sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
+"""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=str(helpers.REPO), env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "[]"
 
 
 def test_8b_formulas():
@@ -84,12 +315,17 @@ def test_8b_formulas():
   assert acc.weight_bytes_per_decode_step(c, 8) == weights
   assert acc.kv_bytes_per_slot(c) == 128 * 1024
   w = acc.Workload("8b", c)
+  assert w.cache_slots == 356
   n, positions = 8 * 12, 8 * 192 + 8 * 12 * 100
   # policy forward + base forward + activation gradients (3 forwards; the LoRA's in two of
   # them), and the LoRA weight gradients (2 per LoRA parameter per position).
   expected = 3 * (2 * positions * c.num_layers * layer + 2 * n * 100 * head) + \
       6 * positions * c.num_layers * acc.lora_layer_params(c, 8)
   assert acc.update_model_flops(c, w, 8) == pytest.approx(expected)
+  # The PyTorch reference runs the prompt once per CoT: 96 prompts of 192, not 8.
+  per_row = 3 * (2 * (n * 192 + n * 100) * c.num_layers * layer + 2 * n * 100 * head) + \
+      6 * (n * 192 + n * 100) * c.num_layers * acc.lora_layer_params(c, 8)
+  assert acc.update_model_flops(c, w, 8, prompt_per_row=True) == pytest.approx(per_row)
 
 
 def test_layer_scan_accounting_is_exact_on_a_scan_of_matmuls():
@@ -114,6 +350,7 @@ def test_layer_scan_accounting_is_exact_on_a_scan_of_matmuls():
     cost_model.layer_scan_costs(lambda u: costs(3, u), 3)
 
 
+@pytest.mark.slow
 def test_cost_model_rows_on_a_tiny_model():
   """The cost model's rows on a 2-layer model, one device: compiled FLOPs at least the model's
   (the update adds rematerialisation, so more than 1.33x), a decode step's bytes at least its

@@ -37,6 +37,8 @@ def parse(argv=None):
   p.add_argument("--batches", help="decode batch sizes in run order, e.g. 1,256,64,12")
   p.add_argument("--questions", help="questions per step in run order, e.g. 8,1")
   p.add_argument("--repeats", type=int, help="timed calls per row after the first")
+  p.add_argument("--row_estimates", help="seconds that replace rows' prior estimates, e.g. "
+                 "ours/step/8=40,torch/load=90 (say, from a first run's row_s on this machine)")
   p.add_argument("--attention_impl", default="auto",
                  choices=("auto", "einsum", "dot_product", "cudnn"),
                  help="auto: cuDNN if the preflight passes, else XLA's attention (on GPU)")
@@ -49,6 +51,11 @@ def parse(argv=None):
   p.add_argument("--rows", help=argparse.SUPPRESS)
   p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
   return p.parse_args(argv)
+
+
+def _workload(args) -> wl.Workload:
+  return wl.make_workload(args.tiny, args.attention_impl, args.batches, args.questions,
+                          args.repeats, args.row_estimates)
 
 
 def forbidden_loaded() -> list:
@@ -84,7 +91,7 @@ def _command(args, worker: str, rows=(), deadline=None, attention=None) -> list:
   cmd = [sys.executable, "-m", "benchmarks.accelerator", f"--worker={worker}",
          f"--out={args.out}", f"--attention_impl={attention or args.attention_impl}",
          f"--compile_cache={args.compile_cache}"]
-  for flag in ("batches", "questions", "repeats"):
+  for flag in ("batches", "questions", "repeats", "row_estimates"):
     if getattr(args, flag):
       cmd.append(f"--{flag}={getattr(args, flag)}")
   if rows:
@@ -94,26 +101,38 @@ def _command(args, worker: str, rows=(), deadline=None, attention=None) -> list:
   return cmd + (["--tiny"] if args.tiny else [])
 
 
+_RUNNING = []  # the workers started and not yet waited for: a cut driver ends them
+
+
 def _start(cmd, env: dict) -> subprocess.Popen:
   # Its own session: a timeout ends the worker and anything it started, nothing else.
-  return subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, **env}, start_new_session=True)
+  proc = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, **env}, start_new_session=True)
+  _RUNNING.append(proc)
+  return proc
 
 
 def _finish(proc: subprocess.Popen, timeout: float):
   """The worker's exit code, or None after ending it at `timeout` seconds."""
   try:
-    return proc.wait(timeout=max(timeout, 1.0))
+    code = proc.wait(timeout=max(timeout, 1.0))
   except subprocess.TimeoutExpired:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-      try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=KILL_GRACE_S)
-        break
-      except subprocess.TimeoutExpired:
-        continue
-      except ProcessLookupError:
-        break
-    return None
+    _end(proc)
+    code = None
+  _RUNNING.remove(proc)  # not on a cut (SystemExit): the `finally` in main ends it
+  return code
+
+
+def _end(proc: subprocess.Popen):
+  """SIGTERM to the worker's process group, SIGKILL if it is still there after a grace."""
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+      os.killpg(proc.pid, sig)
+      proc.wait(timeout=KILL_GRACE_S)
+      break
+    except subprocess.TimeoutExpired:
+      continue
+    except ProcessLookupError:
+      break
 
 
 def attention_choice(requested: str, pre: dict) -> tuple:
@@ -260,17 +279,15 @@ def main(argv=None) -> int:
   if args.compile_cache:
     pathlib.Path(args.compile_cache).mkdir(parents=True, exist_ok=True)
   if args.worker:
-    w = wl.make_workload(args.tiny, args.attention_impl, args.batches, args.questions, args.repeats)
+    w = _workload(args)
     run_worker(args, w)
     return 0
-  run = Run(args, wl.make_workload(args.tiny, args.attention_impl, args.batches, args.questions,
-                              args.repeats))
+  run = Run(args, _workload(args))
   run.versions.update(packages=probes.package_versions(), gpu=probes.gpu_versions())
   print(f"[versions] {json.dumps(run.versions)}", flush=True)  # first: whatever happens next
   for name in WORKER_FILES + ("accelerator.json", "table.txt"):
     (out / name).unlink(missing_ok=True)
   signal.signal(signal.SIGTERM, _on_term)
-  code = 0
   try:
     pre, probe = _preflight(run)
     stop = None if args.skip_torch else probes.peer_stop_line(pre.get("platform"), probe)
@@ -287,7 +304,9 @@ def main(argv=None) -> int:
     else:
       _torch_rows(run)
   finally:
+    for proc in list(_RUNNING):
+      _end(proc)
     text = run.write()
     print("\n" + text + f"\n\nwall {time.time() - run.start:.0f} s; every figure in "
           f"{out / 'accelerator.json'}", flush=True)
-  return code
+  return 0

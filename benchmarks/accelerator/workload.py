@@ -106,7 +106,10 @@ class Workload:
 
 
 def make_workload(tiny_run: bool, attention_impl: str = "auto", batches: Optional[str] = None,
-             questions: Optional[str] = None, repeats: Optional[int] = None) -> Workload:
+                  questions: Optional[str] = None, repeats: Optional[int] = None,
+                  estimates: Optional[str] = None) -> Workload:
+  """The 8B workload (or --tiny's), with the command line's row sizes, repeats and row
+  estimates ("ours/step/8=40,torch/load=90": seconds that replace the priors)."""
   if tiny_run:
     w = Workload("tiny", tiny(attention_impl), batches=(1, 4), sampler_prompt=16,
                  sampler_new=32, questions=(2, 1), group=4, cot=8, step_prompt=16,
@@ -121,6 +124,12 @@ def make_workload(tiny_run: bool, attention_impl: str = "auto", batches: Optiona
     kw["questions"] = tuple(int(q) for q in questions.split(","))
   if repeats:
     kw["repeats"] = repeats
+  if estimates:
+    table = dict(w.estimates)
+    for item in estimates.split(","):
+      row, _, seconds = item.partition("=")
+      table[row.strip()] = float(seconds)
+    kw["estimates"] = tuple(table.items())
   return dataclasses.replace(w, **kw)
 
 
