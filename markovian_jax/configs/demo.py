@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
   c.train.eval_every = 40
   c.train.text_every = 5
   c.eval.num_examples = 32
+  c.eval.selection_size = 32
   c.eval.batch_size = 32
   c.eval.answer_max_tokens = 8
   c.mesh.shape = (1, 1, 1)
