@@ -162,3 +162,73 @@ def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, ref
   found = _diagnoses(synthetic_run(tmp_path / "blowup", ppo_blowup_at=120, config=cfg))
   assert set(found) == {COLLAPSE_RATIO} and found[COLLAPSE_RATIO].began == 120
   assert "policy/ppo_seq_ratio_max" in found[COLLAPSE_RATIO].detail
+
+
+def _table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 200):
+  """A run directory with eval rows (eval/step_N.jsonl, n questions, the first round(acc * n)
+  correct), their scalars and the selection split's accuracy per step."""
+  import json
+
+  from tensorboardX import SummaryWriter
+  os.makedirs(os.path.join(path, "eval"), exist_ok=True)
+  writer = SummaryWriter(str(path))
+  for step in range(1, 41):
+    writer.add_scalar("train/loss", 0.0, step)
+  for step, acc in test_acc.items():
+    k = round(acc * n)
+    with open(os.path.join(path, "eval", f"step_{step}.jsonl"), "w") as f:
+      for i in range(n):
+        f.write(json.dumps({"id": f"{task}/test/{i}", "question": f"q{i}", "gold": "1",
+                            "cot": "c", "sample": 0,
+                            "correct": {"anchor": i < k, "simple": False}}) + "\n")
+    writer.add_scalar("eval/anchor/accuracy", k / n, step)
+  for step, acc in selection.items():
+    writer.add_scalar("selection/anchor/accuracy", acc, step)
+  writer.close()
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"task": task, "variant": variant, "eval": {"num_examples": n}}, f)
+  return str(path)
+
+
+def test_results_table_over_a_parent_of_variant_runs(tmp_path):
+  """Tasks x variants in the paper's column order; each cell the test accuracy at the run's best
+  step by selection (neither its first nor its last evaluation), with a bootstrap interval that
+  matches the normal approximation of a proportion, n per cell, the base model from step 0, and a
+  note where neighbours' intervals overlap."""
+  from markovian_jax.reporting import results_table as rt
+  sel = {0: 0.2, 20: 0.7, 40: 0.5}  # best at step 20
+  _table_run(tmp_path / "g_nm", "gsm8k", "non_markovian", {0: 0.2, 20: 0.62, 40: 0.3}, sel)
+  _table_run(tmp_path / "g_m", "gsm8k", "markovian", {0: 0.2, 20: 0.60, 40: 0.1}, sel)
+  _table_run(tmp_path / "g_ei", "gsm8k", "ei", {0: 0.2, 20: 0.45, 40: 0.9}, sel)
+  _table_run(tmp_path / "s_m", "svamp", "markovian", {0: 0.1, 20: 0.3, 40: 0.35},
+             {0: 0.1, 20: 0.3, 40: 0.31}, n=100)
+  runs = [report_runs.load_run(p, os.path.basename(p)) for p in report_runs.find_runs(tmp_path)]
+  table = rt.results_table(runs)
+  assert table.columns == ["base", "ei", "markovian", "non_markovian"]
+  assert table.tasks == ["gsm8k", "svamp"]
+  m = table.cells[("gsm8k", "markovian")][0]
+  assert (m.step, m.value, m.n, m.how) == (20, 0.60, 200, "selection")
+  half = 1.96 * (0.6 * 0.4 / 200) ** 0.5
+  assert m.low == pytest.approx(0.6 - half, abs=0.01) and m.high == pytest.approx(0.6 + half,
+                                                                                    abs=0.01)
+  assert table.cells[("svamp", "markovian")][0].step == 40
+  assert table.cells[("gsm8k", "base")][0].value == 0.2
+  assert ("svamp", "ei") not in table.cells
+  text = rt.format_results_table(table)
+  assert "| Task | Base | EI | Markovian | Non-Markovian |" in text
+  row = next(line for line in text.splitlines() if line.startswith("| GSM8K |"))
+  assert "| 60.0 [" in row and "n=200" in row and "| 45.0 [" in row and "| 20.0 [" in row
+  assert "GSM8K: Markovian and Non-Markovian overlap" in text
+  assert "GSM8K: Base and EI overlap" not in text and "EI and Markovian overlap" not in text
+  assert "| SVAMP | 10.0 [" in text and "| – | 35.0 [" in text
+
+
+@pytest.mark.slow
+def test_report_of_a_parent_writes_the_results_table(tmp_path):
+  sel = {0: 0.2, 20: 0.7, 40: 0.5}
+  _table_run(tmp_path / "m", "gsm8k", "markovian", {0: 0.2, 20: 0.60, 40: 0.1}, sel)
+  _table_run(tmp_path / "nm", "gsm8k", "non_markovian", {0: 0.2, 20: 0.62, 40: 0.3}, sel)
+  report.write_report(str(tmp_path))
+  table = (tmp_path / "results_table.md").read_text()
+  assert "| Task | Base | Markovian | Non-Markovian |" in table and "| 62.0 [" in table
+  assert "## Results table (the paper's layout)" in (tmp_path / "report.md").read_text()

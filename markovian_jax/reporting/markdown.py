@@ -6,7 +6,9 @@
 Writes into --workdir (local or gs://...): `report.md` and `report_figures/` (one run:
 training.png and eval.png; several: <run>/training.png, <run>/eval.png, compare_reward.png,
 compare_eval.png). report.md
-holds, automatically written: a summary comparing the runs, the hyperparameters (for several
+holds, automatically written: a summary comparing the runs, the paper's results table (tasks x
+variants at the best checkpoint by selection, with bootstrap intervals; also written alone as
+results_table.md, `results_table`), the hyperparameters (for several
 runs those that differ, beside the core ones), the results (final accuracy, the best checkpoint by
 the selection split and its test accuracy, the base model, eval set sizes with a warning under
 ~100), the dynamics at milestones scaled to the run length, diagnoses with the step where each
@@ -30,6 +32,7 @@ from etils import epath
 
 from markovian_jax.reporting import diagnoses as ra
 from markovian_jax.reporting import figures as rf
+from markovian_jax.reporting import results_table as rt
 from markovian_jax.reporting import runs as report_runs
 
 FIGURES_DIR = "report_figures"
@@ -253,6 +256,8 @@ def markdown(workdir: str, runs: Sequence[report_runs.Run], figures: dict, examp
   parts = [f"# Training report: {os.path.basename(os.path.abspath(workdir))}",
            f"Generated {now} from {len(runs)} run(s) under `{os.path.abspath(workdir)}`.",
            "## Summary", _summary(runs, results, diagnoses),
+           "## Results table (the paper's layout)",
+           rt.format_results_table(rt.results_table(runs)),
            "## Hyperparameters", _hyperparameters(runs),
            "## Results", _results(runs, results),
            "## Dynamics at milestones", _dynamics(runs),
@@ -283,4 +288,7 @@ def write_report(workdir: str, examples: int = 2) -> Report:
     figures[run.name] = [p for p in made if p]
   path = os.path.join(workdir, "report.md")
   epath.Path(path).write_text(markdown(workdir, runs, figures, examples))
+  # The paper's results table alone, to paste or diff between sweeps.
+  epath.Path(os.path.join(workdir, "results_table.md")).write_text(
+      rt.format_results_table(rt.results_table(runs)) + "\n")
   return Report(path, [p for v in figures.values() for p in v], runs)

@@ -1,0 +1,184 @@
+"""The paper's results table from a parent of runs: tasks (rows) x variants (columns).
+
+    table = results_table(runs)        # runs: reporting.runs.Run, e.g. every run under runs/
+    print(format_results_table(table))
+
+A run's column is its named variant (config.variant, set by `--config=FILE:VARIANT`; the run
+directory's name when it is not a named variant), in the paper's order (configs.base.
+TABLE_VARIANTS) after the base model's column, other variants after them. A cell is the test
+score at the run's best checkpoint by the selection split (the earliest of equal scores): the
+accuracy of the task's primary extraction method (the mean answer log-prob for wiki), with a 95%
+bootstrap interval over the questions of that evaluation's rows (eval/step_N.jsonl) and n, the
+number of questions. A run without a selection score gives its last evaluation, marked. The Base
+column is the step-0 evaluation (the base model) of the task's runs, from the first run that has
+its rows. Several runs of one cell (seeds) are listed side by side. Where a cell's interval
+overlaps its left neighbour's, a note says so: the difference is within the noise of n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from markovian_jax.configs.base import TABLE_VARIANTS
+from markovian_jax.reporting.runs import Run, read_jsonl
+
+BOOTSTRAP_SAMPLES = 2000
+TASK_NAMES = {"gsm8k": "GSM8K", "arc": "ARC-Challenge", "mmlu": "MMLU", "svamp": "SVAMP",
+              "arithmetic": "Arithmetic", "wiki_continuation": "Wiki (nats/token)",
+              "aqua": "AQuA", "mathqa": "MathQA"}
+VARIANT_NAMES = {"ei": "EI", "no_reward_grad": "No Reward Grad", "unnormalised": "Unnormalised",
+                 "ema": "EMA", "markovian": "Markovian", "non_markovian": "Non-Markovian",
+                 "paper_reward_grad": "Paper reward grad", "ppo_base": "PPO (ratio to base)"}
+BASE = "base"
+
+
+@dataclasses.dataclass
+class Cell:
+  """One run's number: value with its bootstrap interval [low, high] over n questions, at
+  `step`, chosen by `how` ('selection' or 'final'); `run`: the run's name."""
+  value: float
+  low: float
+  high: float
+  n: int
+  step: int
+  how: str
+  run: str
+
+
+def bootstrap_interval(per_question: np.ndarray, seed: int = 0,
+                       samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+  """The 95% percentile bootstrap interval of the mean of `per_question` (float [n]): questions
+  resampled with replacement `samples` times (seeded). NaNs for n < 2."""
+  x = np.asarray(per_question, np.float64)
+  if x.size < 2:
+    return float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  means = x[rng.integers(0, x.size, size=(samples, x.size))].mean(axis=1)
+  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _per_question(rows: list, method: str) -> np.ndarray:
+  """The score of each question (its samples averaged) in an eval file's rows."""
+  by_id: dict = {}
+  for r in rows:
+    if method == "answer_logprob":
+      v = r.get("answer_logprob")
+    else:
+      v = (r.get("correct") or {}).get(method)
+    if v is not None:
+      by_id.setdefault(r.get("id"), []).append(float(v))
+  return np.asarray([np.mean(v) for v in by_id.values()], np.float64)
+
+
+def _cell_at(run: Run, method: str, step: int, how: str) -> Optional[Cell]:
+  path = run.eval_files.get(step)
+  scores = _per_question(read_jsonl(path), method) if path else np.zeros(0)
+  if scores.size:
+    low, high = bootstrap_interval(scores, seed=step)
+    return Cell(float(scores.mean()), low, high, int(scores.size), step, how, run.name)
+  # No rows kept: the logged value and interval.
+  steps, v, lo, hi = run.interval(method)
+  at = {int(s): i for i, s in enumerate(steps)}
+  if step not in at:
+    return None
+  i = at[step]
+  return Cell(float(v[i]), float(lo[i]), float(hi[i]), run.eval_size() or 0, step, how, run.name)
+
+
+def run_cell(run: Run) -> Optional[Cell]:
+  """The run's test score at its best checkpoint by the selection split (else its last
+  evaluation), or None when it has no evaluation after step 0."""
+  methods = run.methods()
+  if not methods:
+    return None
+  method = methods[0]
+  sel_steps, sel = run.series(run.metric_tag(method, "selection"))
+  trained = [(s, v) for s, v in zip(sel_steps.tolist(), sel.tolist()) if s > 0]
+  if trained:
+    best = max(trained, key=lambda sv: (sv[1], -sv[0]))[0]  # the earliest of equal maxima
+    return _cell_at(run, method, int(best), "selection")
+  steps, _ = run.series(run.metric_tag(method))
+  later = [int(s) for s in steps.tolist() if s > 0]
+  return _cell_at(run, method, later[-1], "final") if later else None
+
+
+def base_cell(run: Run) -> Optional[Cell]:
+  """The base model's score: the run's step-0 evaluation."""
+  methods = run.methods()
+  return _cell_at(run, methods[0], 0, "base") if methods else None
+
+
+def variant_of(run: Run) -> str:
+  return run.config.get("variant") or run.name
+
+
+@dataclasses.dataclass
+class ResultsTable:
+  tasks: list  # row order
+  columns: list  # "base" first, then variants
+  cells: dict  # (task, column) -> [Cell]
+
+
+def results_table(runs: Sequence[Run]) -> ResultsTable:
+  cells: dict = {}
+  tasks, variants = [], []
+  for run in runs:
+    task = run.task or "?"
+    cell = run_cell(run)
+    if cell is None:
+      continue
+    variant = variant_of(run)
+    tasks += [task] if task not in tasks else []
+    variants += [variant] if variant not in variants else []
+    cells.setdefault((task, variant), []).append(cell)
+    if (task, BASE) not in cells:
+      base = base_cell(run)
+      if base is not None:
+        cells[(task, BASE)] = [base]
+  order = [v for v in TABLE_VARIANTS if v in variants] + [v for v in variants
+                                                          if v not in TABLE_VARIANTS]
+  known = [t for t in TASK_NAMES if t in tasks] + [t for t in tasks if t not in TASK_NAMES]
+  return ResultsTable(known, [BASE] + order, cells)
+
+
+def _fmt(cell: Cell, task: str) -> str:
+  scale, digits = (1.0, 3) if task == "wiki_continuation" else (100.0, 1)
+  bounds = ("" if not math.isfinite(cell.low) else
+            f" [{scale * cell.low:.{digits}f}, {scale * cell.high:.{digits}f}]")
+  mark = " (final)" if cell.how == "final" else ""
+  return f"{scale * cell.value:.{digits}f}{bounds} n={cell.n}{mark}"
+
+
+def _overlap(a: Cell, b: Cell) -> bool:
+  return (math.isfinite(a.low) and math.isfinite(b.low)
+          and a.low <= b.high and b.low <= a.high)
+
+
+def format_results_table(table: ResultsTable) -> str:
+  """Markdown: the table (accuracy in %, wiki in nats/token, each cell value [95% bootstrap
+  interval] n=questions) and the notes on overlapping neighbours."""
+  names = ["Base" if c == BASE else VARIANT_NAMES.get(c, c) for c in table.columns]
+  lines = ["| Task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  notes = []
+  for task in table.tasks:
+    row, previous = [], None
+    for col, name in zip(table.columns, names):
+      cells = table.cells.get((task, col), [])
+      row.append(" / ".join(_fmt(c, task) for c in cells) or "–")
+      if len(cells) == 1 and previous is not None and _overlap(previous[1], cells[0]):
+        notes.append(f"{TASK_NAMES.get(task, task)}: {previous[0]} and {name} overlap (95% "
+                     "intervals): their difference is within the noise of n")
+      previous = (name, cells[0]) if len(cells) == 1 else None
+    lines.append(f"| {TASK_NAMES.get(task, task)} | " + " | ".join(row) + " |")
+  text = "\n".join(lines)
+  text += ("\n\nCells: test accuracy (%) of the primary extraction method (wiki: mean answer "
+           "log-prob, nats/token) at each run's best checkpoint by the selection split, 95% "
+           "bootstrap interval over the n questions; Base: the step-0 evaluation; (final): no "
+           "selection score, the last evaluation.")
+  if notes:
+    text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
+  return text
