@@ -39,6 +39,13 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def smollm2_model(smollm2_path):
+  """(config, params) of SmolLM2-135M in float32, loaded once per test run."""
+  from markovian_jax.models import load_checkpoint
+  return load_checkpoint(smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def shared_data():
   return helpers.shared_data_dir()
 

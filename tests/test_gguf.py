@@ -39,8 +39,8 @@ def gguf_path():
 
 
 @pytest.fixture(scope="module")
-def smollm2(gguf_path):
-  return load_checkpoint(gguf_path)
+def smollm2(smollm2_model):
+  return smollm2_model
 
 
 @pytest.fixture(scope="module")

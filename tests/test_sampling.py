@@ -333,9 +333,9 @@ SMOL_PROMPTS = ["What is the capital of France?", "Name three primary colours."]
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-  from markovian_jax.models import load_checkpoint, load_tokenizer
-  config, params = load_checkpoint(smollm2_path)
+def smollm2(smollm2_path, smollm2_model):
+  from markovian_jax.models import load_tokenizer
+  config, params = smollm2_model
   return config, params, load_tokenizer(smollm2_path)
 
 
