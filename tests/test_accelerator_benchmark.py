@@ -108,7 +108,8 @@ def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_p
   helpers.require("torch")
   out = tmp_path / "bench"
   huge = 10_000
-  proc = _bench(out, "--questions=1", "--batches=1,4", "--budget_s=400",
+  proc = _bench(out, "--questions=1", "--batches=1,4", "--budget_s=400", "--hbm_tb_s=0.05",
+                "--peak_tflops=0.5",
                 f"--row_estimates=ours/step/1=1,ours/decode/1=1,ours/decode/4={huge},"
                 f"torch/load={huge}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

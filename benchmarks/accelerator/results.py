@@ -208,9 +208,9 @@ def table(result: dict) -> str:
   skipped and failed rows with their reasons."""
   dev, att = result["device"], result.get("attention", {})
   lines = [f"{result['workload']['name']} on {dev['kind']}: HBM datasheet {dev['hbm_tb_s']} TB/s"
-           f", measured copy {_fmt(dev['measured_copy_tb_s'], '.2f')} TB/s; bf16 peak datasheet "
+           f", measured copy {_fmt(dev['measured_copy_tb_s'], '.3g')} TB/s; bf16 peak datasheet "
            f"{dev['peak_bf16_tflops']} TFLOP/s, measured matmul "
-           f"{_fmt(dev['measured_matmul_bf16_tflops'], '.1f')} TFLOP/s",
+           f"{_fmt(dev['measured_matmul_bf16_tflops'], '.3g')} TFLOP/s",
            f"attention: requested {att.get('requested')}, ran {att.get('used')}"
            + (f" ({att['reason']})" if att.get("reason") else ""), "",
            "decode          | tok/s    | prefill tok/s | % roofline (own floor / measured bw / "
