@@ -260,6 +260,24 @@ def test_attention_choice_pins_cudnn_only_after_the_preflight():
   assert driver.attention_choice("auto", {"platform": "cpu", "attention": {}})[0] == "auto"
 
 
+@pytest.mark.slow  # ~10-30 s of XLA:CPU compiles on 2 shared cores
+def test_attention_preflight_runs_every_layout_and_reports_a_failing_kernel():
+  """On CPU: XLA's kernel passes at the tiny run's three layouts (forward, and gradient for the
+  update's prompt pass); cuDNN's, forced, fails at the first and says where."""
+  from benchmarks.accelerator import probes, workload as wl
+  w = wl.make_workload(True)
+  assert [(what, b, t, g) for what, b, t, g in probes.attention_layouts(w)] == [
+      ("update prompt pass", 2, 16, True), ("score answer rows", 8, 14, False),
+      ("sampler prefill", 4, 64, False)]
+  ok = probes.attention_preflight(w, kernel="xla", gpu_only=False)
+  assert ok["ok"] and len(ok["layouts"]) == 3
+  assert ok["layouts"][0]["max_abs_diff_vs_xla"] == 0.0
+  assert ok["layouts"][0]["grad_max_rel_diff_vs_xla"] == 0.0
+  bad = probes.attention_preflight(w, kernel="cudnn", gpu_only=False)
+  assert not bad["ok"] and bad["reason"].startswith("cudnn failed at update prompt pass [2, 16]")
+  assert probes.attention_preflight(w)["reason"] == "cpu backend: cuDNN attention is GPU only"
+
+
 def test_cudnn_fmha_calls_are_counted_in_hlo_text():
   from benchmarks.accelerator import probes
   hlo = ('%a = custom-call(%q), custom_call_target="__cudnn$fmhaSoftmax"\n'

@@ -83,15 +83,17 @@ def attention_layouts(w: wl.Workload) -> list:
           ("sampler prefill", max(w.batches), prefill, False)]
 
 
-def attention_preflight(w: wl.Workload) -> dict:
-  """Compile and run cuDNN's attention (forward, and gradient where the step differentiates it)
-  at each real layout, against XLA's. Returns {"ok": bool, "layouts": [...], "reason"}."""
+def attention_preflight(w: wl.Workload, kernel: str = "cudnn", gpu_only: bool = True) -> dict:
+  """Compile and run `kernel`'s attention (cuDNN's; forward, and gradient where the step
+  differentiates it) at each real layout, through the library's own call, against XLA's.
+  Returns {"ok": bool, "layouts": [...], "reason"}; `gpu_only=False` lets a CPU test see the
+  failure path."""
   import jax
   import jax.numpy as jnp
 
   from markovian_jax.models import llama
   c = w.config
-  if jax.default_backend() != "gpu":
+  if gpu_only and jax.default_backend() != "gpu":
     return {"ok": False, "layouts": [], "reason": f"{jax.default_backend()} backend: cuDNN "
             "attention is GPU only"}
   results = []
@@ -112,14 +114,14 @@ def attention_preflight(w: wl.Workload) -> dict:
     entry = {"what": what, "rows": b, "length": t, "gradient": grad}
     t0 = time.perf_counter()
     try:
-      out, g = run("cudnn")
+      out, g = run(kernel)
     except Exception as e:  # noqa: BLE001 - whatever cuDNN raises, the run falls back to XLA
       entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       results.append(entry)
-      return {"ok": False, "layouts": results, "reason": f"cuDNN failed at {what} "
+      return {"ok": False, "layouts": results, "reason": f"{kernel} failed at {what} "
               f"[{b}, {t}]: {entry['error']}"}
     entry["seconds"] = time.perf_counter() - t0
-    ref, ref_g = run("xla")
+    ref, ref_g = (out, g) if kernel == "xla" else run("xla")
     diff = lambda a, r: float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))))  # noqa: E731
     entry["max_abs_diff_vs_xla"] = diff(out, ref)
     entry["grad_max_rel_diff_vs_xla"] = max(
@@ -128,7 +130,7 @@ def attention_preflight(w: wl.Workload) -> dict:
     results.append(entry)
     # Outputs are means of N(0, 1) values: bf16 rounding is ~0.004; 0.1 means a wrong result.
     if entry["max_abs_diff_vs_xla"] > 0.1 or (entry["grad_max_rel_diff_vs_xla"] or 0) > 0.1:
-      return {"ok": False, "layouts": results, "reason": f"cuDNN disagrees with XLA at {what}"}
+      return {"ok": False, "layouts": results, "reason": f"{kernel} disagrees with XLA at {what}"}
   return {"ok": True, "layouts": results, "reason": None}
 
 
