@@ -2,7 +2,7 @@
 the einsum path on CPU.
 
 "dot_product" runs XLA's implementation of `jax.nn.dot_product_attention`, which every backend
-has; cuDNN's needs a GPU and is checked by `benchmarks.accelerator`'s preflight on one. The einsum path is
+has; cuDNN's needs a GPU and is checked by `benchmarks.accelerator`'s preflight. The einsum path is
 the reference: it stays the kernel of the KV-cache decode and of the shared-prefix attention.
 Tolerances are fp32 rounding: the two kernels do the same products in a different order.
 """

@@ -237,9 +237,8 @@ def _ours_rows(run: Run, attention: str):
     if done:
       run.budget.finished(rid, took)
     elif code is None:
-      run.skipped.pop(rid, None)
-      results.RowFile(run.out / "ours.json").fail(rid, f"timed out after {took:.0f} s "
-                                                   f"(limit {limit:.0f} s, expected {expected:.0f})")
+      why = f"timed out after {took:.0f} s (limit {limit:.0f} s, expected {expected:.0f})"
+      results.RowFile(run.out / "ours.json").fail(rid, why)
     elif code:
       results.RowFile(run.out / "ours.json").fail(rid, f"worker exit {code} (its log is above)")
     print(f"[driver] {rid}: {'done' if done else 'not done'} in {took:.0f} s", flush=True)

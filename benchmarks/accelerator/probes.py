@@ -122,10 +122,11 @@ def attention_preflight(w: wl.Workload, kernel: str = "cudnn", gpu_only: bool = 
               f"[{b}, {t}]: {entry['error']}"}
     entry["seconds"] = time.perf_counter() - t0
     ref, ref_g = (out, g) if kernel == "xla" else run("xla")
-    diff = lambda a, r: float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))))  # noqa: E731
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    diff = lambda a, r: float(jnp.max(jnp.abs(f32(a) - f32(r))))  # noqa: E731
     entry["max_abs_diff_vs_xla"] = diff(out, ref)
     entry["grad_max_rel_diff_vs_xla"] = max(
-        (diff(a, r) / max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))), 1e-6)
+        (diff(a, r) / max(float(jnp.max(jnp.abs(f32(r)))), 1e-6)
          for a, r in zip(g, ref_g)), default=None)
     results.append(entry)
     # Outputs are means of N(0, 1) values: bf16 rounding is ~0.004; 0.1 means a wrong result.
