@@ -147,8 +147,9 @@ def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path):
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     plan.check(spec, log=False)
   from markovian_jax.trainer import Trainer
-  if "plan.check" not in inspect.getsource(Trainer.__init__):
-    pytest.skip("Trainer.__init__ does not call plan.check yet (issue 13 wiring)")
+  # The wiring: the Trainer must refuse the same config before it loads anything. A Trainer that
+  # stopped calling the check would build (or fail elsewhere) and this must fail, not skip.
+  assert "check(" in inspect.getsource(Trainer.__init__), "Trainer.__init__ runs no plan check"
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     Trainer(c)
 
@@ -202,3 +203,39 @@ def test_plan_agrees_with_memory_analysis(shape, remat, phases):
     assert TEMPORARIES_RATIO[0] <= p.total(phase) / temps <= TEMPORARIES_RATIO[1], where
     total = args + p.total(phase)
     assert abs(total - got["arguments"] - temps) <= TOTAL_MARGIN * (got["arguments"] + temps), where
+
+
+
+@pytest.mark.parametrize("estimator, full", [("full", True), ("k3", False), ("k1", False)])
+def test_workload_is_built_from_the_config(estimator, full):
+  """plan.workload reads the step's shapes from the RunSpec: the exact KL's reference logits are
+  kept for the backward only with kl_estimator='full' (k1/k2/k3 gather the reference's log-probs
+  of the sampled tokens, without gradient); Q, G, K, PPO minibatches, the paper's reward
+  gradient and the question in the reader's prompt all follow their keys."""
+  c = importlib.import_module("configs.gsm8k").get_config()
+  c.objective.kl_estimator = estimator
+  w, _ = plan.workload(config_validation.validate(c))
+  assert w.kl_full is full
+  assert (w.questions, w.group, w.cot, w.minibatches, w.reward_grad) == (1, 12, 100, 1, False)
+  c.objective.kind, c.objective.ppo_minibatches, c.train.questions_per_step = "ppo", 2, 2
+  c.objective.reward_grad, c.sampling.cot_length = "paper", 40
+  w2, _ = plan.workload(config_validation.validate(c), prompt_length=100)
+  assert (w2.questions, w2.cot, w2.minibatches, w2.reward_grad, w2.prompt) == (2, 40, 2, True,
+                                                                               128)
+  c.prompt.markovian = False  # the non-Markovian reader's rows hold the question's prompt too
+  w3, _ = plan.workload(config_validation.validate(c), prompt_length=100)
+  assert w3.answer - w2.answer in range(w2.prompt - 31, w2.prompt + 32)
+
+
+def test_plan_through_a_minus_one_mesh():
+  """mesh.shape (-1, 1, 1) is resolved against the device count given (or present): the rows
+  rule and the memory plan see the resolved mesh."""
+  c = importlib.import_module("configs.gsm8k").get_config()
+  c.model.path = LLAMA_8B
+  c.mesh.shape = (-1, 1, 1)
+  spec = config_validation.validate(c)
+  p = plan.make_plan(spec, num_devices=4, device_memory_gib=80.0)
+  assert tuple(p.mesh) == (4, 1, 1)
+  assert p.memory.peak > 0 and p.fits is not None
+  with pytest.raises(InvalidConfig, match="^config.train.questions_per_step: 12 rows"):
+    plan.make_plan(spec, num_devices=8, device_memory_gib=80.0)  # 12 rows over 8 devices

@@ -93,7 +93,10 @@ def workload(spec: RunSpec, prompt_length: Optional[int] = None) -> tuple[Worklo
       minibatches=spec.objective.ppo_minibatches if o.kind == "ppo" else 1,
       chunk=LOGPROB_CHUNK, remat=spec.model.remat, lora_rank=spec.lora.rank,
       lora_targets=tuple(spec.lora.targets),
-      ref_adapter=spec.lora.reference == "initial_adapter")
+      ref_adapter=spec.lora.reference == "initial_adapter",
+      # Only the exact KL keeps the reference's logits for the backward; k1/k2/k3 (and PPO's
+      # ratio to the base) gather its log-probs of the sampled tokens without gradient.
+      kl_full=o.kl_estimator == "full")
   return w, f"{prompt_length} tokens ({source}), bucket {prompt}"
 
 
@@ -104,7 +107,7 @@ def prompt_length(spec: RunSpec, tokenizer, examples: Sequence) -> int:
   texts = [data_lib.cot_prompt(s.task, ex.question, s.sampling.cot_length,
                                target_length=s.data.target_length, prompt_format=s.prompt.format,
                                tokenizer=tokenizer) for ex in examples]
-  ids = tokenizer(texts, add_special_tokens=s.prompt.format == "plain")["input_ids"]
+  ids = tokenizer(texts, add_special_tokens=s.prompt.format != "chat")["input_ids"]
   return max(len(x) for x in ids)
 
 
