@@ -232,3 +232,58 @@ def test_report_of_a_parent_writes_the_results_table(tmp_path):
   table = (tmp_path / "results_table.md").read_text()
   assert "| Task | Base | Markovian | Non-Markovian |" in table and "| 62.0 [" in table
   assert "## Results table (the paper's layout)" in (tmp_path / "report.md").read_text()
+
+
+def test_figures_plot_the_runs_series(tmp_path, monkeypatch):
+  """The figures hold the run's numbers: every panel's raw line is the tag's series read back
+  with TensorBoard's own EventAccumulator, its smoothed line the trailing mean of the window
+  its label states, and the eval panel's points the logged accuracies (checked by content, not
+  by file size)."""
+  import re
+
+  import numpy as np
+  from tensorboard.backend.event_processing import event_accumulator
+
+  from markovian_jax.reporting import figures as rf
+  path = synthetic_run(tmp_path / "run", steps=60, eval_every=20)
+  drawn = {}
+  original = rf.save_png
+
+  def spy(fig, plt, out):
+    drawn[os.path.basename(out)] = {
+        ax.get_title(): [(line.get_label(), np.asarray(line.get_xdata(), float),
+                          np.asarray(line.get_ydata(), float)) for line in ax.get_lines()]
+        for ax in fig.axes}
+    return original(fig, plt, out)
+
+  monkeypatch.setattr(rf, "save_png", spy)
+  run = report_runs.load_run(path)
+  rf.training_figure(run, str(tmp_path / "training.png"))
+  rf.eval_figure(run, str(tmp_path / "eval.png"))
+  events = event_accumulator.EventAccumulator(path, size_guidance={"scalars": 0})
+  events.Reload()
+
+  def logged(tag):
+    points = events.Scalars(tag)
+    return (np.asarray([p.step for p in points], float),
+            np.asarray([p.value for p in points], float))
+
+  for title, tag in (("Normalised reward R = r - b", "answer/normalized_reward"),
+                     ("KL to the reference model", "policy/kl"),
+                     ("PPO ratio pi / pi_behaviour", "policy/ppo_seq_ratio_max")):
+    lines = drawn["training.png"][title]
+    x, y = logged(tag)
+    raw = [ln for ln in lines if ln[1].size == x.size and np.allclose(ln[2], y)]
+    assert raw and np.array_equal(raw[0][1], x), (title, [ln[0] for ln in lines])
+    smooth = [ln for ln in lines if "average" in ln[0] and np.allclose(ln[1], x)]
+    for label, _, values in smooth:
+      w = int(re.search(r"\((\d+)-step average\)", label).group(1))
+      want = [y[max(0, i - w + 1):i + 1].mean() for i in range(y.size)]
+      if np.allclose(values, want):
+        break
+    else:
+      raise AssertionError(f"{title}: no line is the trailing {tag} average")
+  x, y = logged("eval/anchor/accuracy")
+  panel = next(v for k, v in drawn["eval.png"].items() if "reported" in k)
+  assert any(np.array_equal(ln[1], x) and np.allclose(ln[2], y) for ln in panel)
+  assert np.allclose(y, [round((0.30 + 0.15 * s / 60) * 500) / 500 for s in x])
