@@ -61,7 +61,7 @@ _CONTEXTS = {}  # (model path, dtype) -> RunContext: the base model loads once p
 
 
 def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logprobs=None,
-         rows=None, with_update=False) -> Ours:
+         rows=None, with_update=False, targets=None) -> Ours:
   """One step of our pipeline on fixed samples: Trainer.step's stages after sampling.
 
   Args:
@@ -76,6 +76,9 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
       prompt, as a PPO minibatch that mixes questions); advantages use the whole batch.
     with_update: also apply our optimizer (step 0's learning rate) to our gradient and return
       the updated LoRA.
+    targets: optional `objectives.inputs.Targets` of the whole batch used by the loss in place of
+      ours (e.g. the reference's advantages, to check the loss pass alone); the returned
+      advantages are still ours.
   """
   import dataclasses
   import optax
@@ -117,11 +120,11 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
   sc = pipeline.score(ctx, programs, lora, None, ro)
   tg, _, _ = pipeline.targets(ctx, programs, sc, None)
   batch = pipeline.policy_batch(ctx, ro, sc)
-  sub, sub_t = batch, tg
+  sub, sub_t = batch, (tg if targets is None else targets)
   if rows is not None:
     part = np.asarray(rows)
     sub = pipeline.select_rows(batch, part, g, stratified=False)
-    sub_t = jax.tree.map(lambda x: x[part], tg)
+    sub_t = jax.tree.map(lambda x: x[part], sub_t)
 
   loss, _, grads = jax.jit(lambda l_, b_, t_: train_step.loss_and_grads(
       s, ctx.params, l_, b_, t_, None, None, sc.window))(lora, sub, sub_t)
