@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import helpers
 from tests.test_step_reference import (  # noqa: F401  (setup, torch_mod: fixtures)
     G, KL_PENALTY, PPO_ROWS, Q, make_config, ours, setup, torch_mod, _reference)
 
