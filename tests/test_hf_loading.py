@@ -252,12 +252,21 @@ def test_missing_shard_is_named(checkpoint, tmp_path):
     load_checkpoint(path)
 
 
-@pytest.mark.parametrize("model_type, arch", [("mistral", "MistralForCausalLM"),
-                                              ("gpt2", "GPT2LMHeadModel")])
+@pytest.mark.parametrize("model_type, arch", [("gemma3", "Gemma3ForCausalLM"),
+                                              ("phi", "PhiForCausalLM")])
 def test_other_architecture_is_rejected(checkpoint, tmp_path, model_type, arch):
   path = _copy(checkpoint, tmp_path)
   _edit_json(os.path.join(path, "config.json"), model_type=model_type, architectures=[arch])
-  with pytest.raises(ConfigError, match=model_type):
+  with pytest.raises(ConfigError, match=f"model_type='{model_type}'.*supported model types: "
+                                        "llama, mistral, qwen2, qwen3, phi3, gpt2"):
+    load_checkpoint(path)
+
+
+def test_config_of_another_family_over_llama_tensors_names_them(checkpoint, tmp_path):
+  path = _copy(checkpoint, tmp_path)
+  _edit_json(os.path.join(path, "config.json"), model_type="qwen3",
+             architectures=["Qwen3ForCausalLM"])
+  with pytest.raises(hf.CheckpointError, match=r"self_attn\.[qk]_norm\.weight is missing"):
     load_checkpoint(path)
 
 

@@ -144,8 +144,8 @@ def test_mesh_shape_resolution_and_errors():
 
 
 def test_config_errors():
-  with pytest.raises(ConfigError, match="model_type='gpt2'"):
-    LlamaConfig.from_hf({"model_type": "gpt2", "vocab_size": 8})
+  with pytest.raises(ConfigError, match="model_type='gemma3'"):
+    LlamaConfig.from_hf({"model_type": "gemma3", "vocab_size": 8})
   with pytest.raises(ConfigError, match="missing required keys"):
     LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 8})
   bad_rope = dict(LLAMA31_8B_CONFIG, rope_scaling={"rope_type": "yarn", "factor": 4.0})

@@ -1,4 +1,6 @@
-"""HF Llama directories <-> our params, and PEFT LoRA adapters <-> `LoraAdapter`.
+"""HF model directories of every family <-> our params, and PEFT LoRA adapters <-> `LoraAdapter`.
+
+Llama, Mistral, Qwen2, Qwen3, Phi-3 (`_hf_name`):
 
     HF tensor (Linear weights [out, in])                our leaf (kernels [in, out], stacked [L])
     model.embed_tokens.weight                [V, D]     embed/embedding             [V, D]
@@ -10,9 +12,22 @@
                        ... up_proj, down_proj           layers/mlp/{up,down}/kernel
     model.norm.weight                        [D]        final_norm/scale            [D]
     lm_head.weight                           [V, D]     lm_head/kernel (not tied)   [D, V]
+    ...self_attn.{q,k,v,o}_proj.bias, mlp.*.bias        .../bias                    [L, out]
+    ...self_attn.{q,k}_norm.weight (Qwen3)   [Dh]       layers/attn/{q,k}_norm/scale [L, Dh]
+    ...self_attn.qkv_proj.weight (Phi-3)                layers/attn/qkv/kernel
+    ...mlp.gate_up_proj.weight (Phi-3)                  layers/mlp/gate_up/kernel
+
+GPT-2 (Conv1D weights are stored [in, out], as ours; the "transformer." prefix is optional):
+
+    transformer.wte.weight / wpe.weight                 embed/embedding, pos_embed/embedding
+    transformer.h.{i}.ln_1 / ln_2 .weight, .bias        layers/{attn,mlp}_norm/{scale,bias}
+    transformer.h.{i}.attn.c_attn / attn.c_proj         layers/attn/{qkv,o}/{kernel,bias}
+    transformer.h.{i}.mlp.c_fc / mlp.c_proj             layers/mlp/{up,down}/{kernel,bias}
+    transformer.ln_f.weight, .bias                      final_norm/{scale,bias}
 
 A PEFT adapter names the same modules: `base_model.model.<module>.lora_A.weight` [r, in] is our `a`
-transposed and `...lora_B.weight` [out, r] our `b` transposed; both scale the update by alpha / r.
+transposed and `...lora_B.weight` [out, r] our `b` transposed; both scale the update by alpha / r
+(for GPT-2's Conv1D modules PEFT records fan_in_fan_out, which changes only how it merges).
 
 Loading streams: each leaf is built by `jax.make_array_from_callback`, whose callback reads from the
 memory-mapped safetensors only the layers and slices of the shard a device owns. The host never
@@ -57,25 +72,71 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 
-# (HF tensor name, our leaf path, HF stores the transpose). "{i}" marks a per-layer tensor that is
-# stacked on our leading [L] axis.
-_LAYER = "model.layers.{i}."
-_TABLE = (
-    ("model.embed_tokens.weight", "embed/embedding", False),
-    (_LAYER + "input_layernorm.weight", "layers/attn_norm/scale", False),
-    *((f"{_LAYER}self_attn.{n}_proj.weight", f"layers/attn/{n}/kernel", True)
-      for n in lora_lib.ATTN_TARGETS),
-    (_LAYER + "post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
-    *((f"{_LAYER}mlp.{n}_proj.weight", f"layers/mlp/{n}/kernel", True)
-      for n in lora_lib.MLP_TARGETS),
-    ("model.norm.weight", "final_norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-)
-_BY_PATH = {path: (name, transposed) for name, path, transposed in _TABLE}
-_PATTERNS = [(re.compile(re.escape(name).replace(r"\{i\}", r"(\d+)") + "$"), name)
-             for name, _, _ in _TABLE]
-# Buffers some exporters save beside the weights; RoPE is recomputed from the config.
-_IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq$")
+# Our module name -> the HF module, per naming style ("{i}" marks the layer).
+_LLAMA_MODULES = {**{("attn", n): f"model.layers.{{i}}.self_attn.{n}_proj"
+                     for n in ("q", "k", "v", "o", "qkv")},
+                  **{("mlp", n): f"model.layers.{{i}}.mlp.{n}_proj"
+                     for n in ("gate", "up", "down", "gate_up")}}
+_GPT2_MODULES = {("attn", "qkv"): "transformer.h.{i}.attn.c_attn",
+                 ("attn", "o"): "transformer.h.{i}.attn.c_proj",
+                 ("mlp", "up"): "transformer.h.{i}.mlp.c_fc",
+                 ("mlp", "down"): "transformer.h.{i}.mlp.c_proj"}
+_LLAMA_OTHER = {"embed/embedding": "model.embed_tokens.weight",
+                "layers/attn_norm/scale": "model.layers.{i}.input_layernorm.weight",
+                "layers/mlp_norm/scale": "model.layers.{i}.post_attention_layernorm.weight",
+                "layers/attn/q_norm/scale": "model.layers.{i}.self_attn.q_norm.weight",
+                "layers/attn/k_norm/scale": "model.layers.{i}.self_attn.k_norm.weight",
+                "final_norm/scale": "model.norm.weight",
+                "lm_head/kernel": "lm_head.weight"}
+_GPT2_OTHER = {"embed/embedding": "transformer.wte.weight",
+               "pos_embed/embedding": "transformer.wpe.weight",
+               **{f"layers/{ours}_norm/{leaf}": f"transformer.h.{{i}}.{theirs}.{hf_leaf}"
+                  for ours, theirs in (("attn", "ln_1"), ("mlp", "ln_2"))
+                  for leaf, hf_leaf in (("scale", "weight"), ("bias", "bias"))},
+               "final_norm/scale": "transformer.ln_f.weight",
+               "final_norm/bias": "transformer.ln_f.bias",
+               "lm_head/kernel": "lm_head.weight"}
+# Buffers some exporters save beside the weights (RoPE is recomputed from the config; GPT-2's
+# causal-mask buffers are rebuilt by the attention mask).
+_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+def _modules(config: LlamaConfig) -> dict:
+  """{(module, name): HF module path with "{i}"} in this family's naming."""
+  return _GPT2_MODULES if config.model_type == "gpt2" else _LLAMA_MODULES
+
+
+def _hf_name(config: LlamaConfig, leaf_path: str) -> tuple[str, bool]:
+  """(HF tensor name with "{i}" for a stacked leaf, HF stores the transpose) of one of our leaves."""
+  gpt2 = config.model_type == "gpt2"
+  parts = leaf_path.split("/")
+  if len(parts) == 4 and parts[0] == "layers" and parts[3] in ("kernel", "bias"):
+    module = _modules(config).get((parts[1], parts[2]))
+    if module is not None:
+      # torch Linear stores [out, in]; GPT-2's Conv1D stores [in, out] as we do.
+      return (f"{module}.{'weight' if parts[3] == 'kernel' else 'bias'}",
+              parts[3] == "kernel" and not gpt2)
+  other = (_GPT2_OTHER if gpt2 else _LLAMA_OTHER).get(leaf_path)
+  if other is None:
+    raise CheckpointError(f"no HF name for our parameter {leaf_path} of a {config.model_type} "
+                          "model")
+  return other, leaf_path == "lm_head/kernel"
+
+
+def _table(config: LlamaConfig) -> list:
+  """[(HF name with "{i}", our leaf path, transposed)] for every leaf of this config's params."""
+  abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)]
+  return [(name, p, transposed) for p in paths for name, transposed in (_hf_name(config, p),)]
+
+
+def _canonical_names(weight_map: dict, config: LlamaConfig) -> dict:
+  """{canonical HF name: name in the checkpoint}. GPT-2 checkpoints saved from `GPT2Model` (the
+  original `gpt2` upload) lack the "transformer." prefix that `GPT2LMHeadModel` writes."""
+  if config.model_type != "gpt2":
+    return {n: n for n in weight_map}
+  return {(n if n.startswith(("transformer.", "lm_head.")) else "transformer." + n): n
+          for n in weight_map}
 
 
 # ------------------------------------------------------------------ loading
@@ -110,32 +171,35 @@ def _weight_map(path: str) -> dict:
   raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
-def _check_no_unexpected(weight_map: dict, config: LlamaConfig, path: str):
-  """A tensor we would not read means the checkpoint is not the model its config describes."""
+def _check_no_unexpected(names: dict, table: list, config: LlamaConfig, path: str):
+  """A tensor we would not read means the checkpoint is not the model its config describes.
+  names: {canonical HF name: name in the checkpoint}; table: `_table(config)`."""
+  expected = {t.format(i=i) for t, _, _ in table
+              for i in range(config.num_layers if "{i}" in t else 1)}
   unexpected = []
-  for name in sorted(weight_map):
+  for name in sorted(names):
     if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
       continue
-    match = next((m for m in (p.match(name) for p, _ in _PATTERNS) if m), None)
-    if match is None or (match.groups() and int(match.group(1)) >= config.num_layers):
-      unexpected.append(name)
+    if name not in expected:
+      unexpected.append(names[name])
   if unexpected:
     raise CheckpointError(
         f"{path}: tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} do not belong "
-        f"to the LlamaForCausalLM with num_hidden_layers={config.num_layers} that config.json "
-        "describes")
+        f"to the {config.model_type} model with num_hidden_layers={config.num_layers} that "
+        "config.json describes")
 
 
-def _resolve(leaf_path: str, shape: tuple, config: LlamaConfig, weight_map: dict, files: dict,
-             keys: dict, path: str) -> _Source:
+def _resolve(leaf_path: str, shape: tuple, config: LlamaConfig, by_path: dict, names: dict,
+             weight_map: dict, files: dict, keys: dict, path: str) -> _Source:
   """Finds and shape-checks the HF tensors of one leaf (before any data is read)."""
-  template, transposed = _BY_PATH[leaf_path]
+  template, transposed = by_path[leaf_path]
   stacked = "{i}" in template
-  names = [template.format(i=i) for i in range(config.num_layers)] if stacked else [template]
+  wanted = [template.format(i=i) for i in range(config.num_layers)] if stacked else [template]
   per_tensor = tuple(shape[1:] if stacked else shape)
   expected = per_tensor[::-1] if transposed else per_tensor
   slices = []
-  for name in names:
+  for canonical in wanted:
+    name = names.get(canonical, canonical)
     file = weight_map.get(name)
     if file is None or name not in keys[file]:
       where = f"{file} (listed in {INDEX_NAME})" if file else path
@@ -180,7 +244,8 @@ def _build(source: _Source, abstract: jax.ShapeDtypeStruct, leaf_sharding) -> ja
 
 def load_hf(path, dtype="float32", mesh=None, rules=None,
             compute_dtype=None) -> tuple[LlamaConfig, dict]:
-  """Loads `(config, params)` from an HF Llama directory (config.json + safetensors).
+  """Loads `(config, params)` from an HF directory of any supported family (config.json +
+  safetensors); an unsupported model_type is a ConfigError before any tensor is opened.
 
   Args:
     path: directory with config.json (published-3.1 or transformers-5 rope layout) and either
@@ -205,14 +270,17 @@ def load_hf(path, dtype="float32", mesh=None, rules=None,
   else:
     shardings = sharding.param_shardings(abstract, mesh, rules or sharding.DEFAULT_RULES)
   weight_map = _weight_map(path)
-  _check_no_unexpected(weight_map, config, path)
+  table = _table(config)
+  by_path = {leaf: (name, transposed) for name, leaf, transposed in table}
+  names = _canonical_names(weight_map, config)
+  _check_no_unexpected(names, table, config, path)
   with contextlib.ExitStack() as stack:
     files = {f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
              for f in sorted(set(weight_map.values()))}
     keys = {f: set(h.keys()) for f, h in files.items()}
     sources = jax.tree_util.tree_map_with_path(
-        lambda p, leaf: _resolve(sharding.path_str(p), leaf.shape, config, weight_map, files, keys,
-                                 path), abstract)
+        lambda p, leaf: _resolve(sharding.path_str(p), leaf.shape, config, by_path, names,
+                                 weight_map, files, keys, path), abstract)
     params = jax.tree.map(_build, sources, abstract, shardings)
   return config, params
 
@@ -257,10 +325,8 @@ def _hf_tensors(config: LlamaConfig, params: dict) -> list:
   """[(HF name, shape, dtype, thunk returning the numpy tensor)] in table order."""
   out = []
   leaves = {sharding.path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  for template, leaf_path, transposed in _TABLE:
+  for template, leaf_path, transposed in _table(config):
     if leaf_path not in leaves:
-      if leaf_path == "lm_head/kernel" and config.tie_word_embeddings:
-        continue
       raise CheckpointError(f"params have no leaf {leaf_path}")
     leaf = leaves[leaf_path]
     stacked = "{i}" in template
@@ -276,7 +342,7 @@ def _hf_tensors(config: LlamaConfig, params: dict) -> list:
 
 def save_hf(config: LlamaConfig, params: dict, out_dir, tokenizer=None,
             max_shard_size: Union[int, str] = "5GB"):
-  """Writes an HF Llama directory that `transformers.LlamaForCausalLM.from_pretrained` loads.
+  """Writes an HF directory of the config's family that its transformers class loads.
 
   config.json comes from `config.to_hf()`; weights keep their dtype (`config.param_dtype`) and are
   split into `model-0000k-of-0000n.safetensors` + index when over `max_shard_size` (bytes or e.g.
@@ -333,12 +399,7 @@ def save_merged_hf(config: LlamaConfig, params: dict, lora: lora_lib.LoraAdapter
 
 # ------------------------------------------------------------------ PEFT adapters
 
-# Our (module, target) -> the HF module path, with "{i}" for the layer.
-_PEFT_MODULES = {tuple(path.split("/")[1:3]): name[:-len(".weight")]
-                 for name, path, _ in _TABLE if path.startswith(("layers/attn/", "layers/mlp/"))}
 _PEFT_PREFIX = "base_model.model."
-_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj"
-                       r"\.lora_(A|B)\.weight$")
 # adapter_config.json options that change what the tensors mean; only their neutral values are
 # supported (a missing key is neutral).
 _PEFT_NEUTRAL = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
@@ -348,17 +409,36 @@ _PEFT_NEUTRAL = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in
                  "alora_invocation_tokens": None, "use_bdlora": None}
 
 
-def _hf_module(module: str, name: str) -> str:
-  """HF short module name, e.g. ('attn', 'q') -> 'q_proj'."""
-  return _PEFT_MODULES[(module, name)].rsplit(".", 1)[-1]
+def _peft_target_modules(config: LlamaConfig, targeted) -> list:
+  """PEFT `target_modules` for our targeted (module, name) pairs: the HF short names ('q_proj',
+  'qkv_proj', 'c_attn'), or the last two components ('attn.c_proj') where a short name also
+  matches a module of this family that is not targeted (GPT-2's two c_proj)."""
+  modules = _modules(config)
+  present = {(m, n) for n, (m, _, _) in lora_lib.module_table(config).items()}
+  out = set()
+  for key in targeted:
+    short = modules[key].rsplit(".", 1)[-1]
+    sharing = {k for k in present if modules[k].rsplit(".", 1)[-1] == short}
+    out.add(short if sharing <= set(targeted) else ".".join(modules[key].rsplit(".", 2)[-2:]))
+  return sorted(out)
 
 
-def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
-                      base_model_name_or_path: Optional[str] = None):
-  """Writes a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that
-  `peft.PeftModel.from_pretrained(LlamaForCausalLM, out_dir)` loads. Tensors keep the adapter's
-  dtype; the LoRA update of each module is `(alpha / r) * x @ A.T @ B.T` in PEFT's terms."""
-  out_dir = os.fspath(out_dir)
+def _peft_keys(config: LlamaConfig) -> dict:
+  """{adapter tensor name: ((module, name), layer, 'a' | 'b')} of every LoRA tensor a PEFT adapter
+  of this family may hold."""
+  modules = _modules(config)
+  out = {}
+  for name, (module, _, _) in lora_lib.module_table(config).items():
+    for i in range(config.num_layers):
+      prefix = _PEFT_PREFIX + modules[(module, name)].format(i=i)
+      out[prefix + ".lora_A.weight"] = ((module, name), i, "a")
+      out[prefix + ".lora_B.weight"] = ((module, name), i, "b")
+  return out
+
+
+def peft_tensors(lora: lora_lib.LoraAdapter, config: LlamaConfig) -> dict:
+  """{PEFT adapter key: numpy [r, in] (A) or [out, r] (B)} of an adapter (or of any tree of its
+  layout, e.g. its gradient), named as the family's PEFT adapter names them."""
   shapes = lora_lib.target_shapes(config, lora.targets)
   tensors = {}
   for (module, name), (n_in, n_out) in sorted(shapes.items()):
@@ -369,16 +449,30 @@ def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
       raise CheckpointError(f"LoRA {module}/{name}: a {a.shape}, b {b.shape} do not match the "
                             f"config and rank {lora.rank} (expected {want_a}, {want_b})")
     for i in range(config.num_layers):
-      prefix = _PEFT_PREFIX + _PEFT_MODULES[(module, name)].format(i=i)
+      prefix = _PEFT_PREFIX + _modules(config)[(module, name)].format(i=i)
       tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
       tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)
+  return tensors
+
+
+def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
+                      base_model_name_or_path: Optional[str] = None):
+  """Writes a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that
+  `peft.PeftModel.from_pretrained(<the family's transformers model>, out_dir)` loads. Tensors
+  keep the adapter's dtype; the LoRA update of each module is `(alpha / r) * x @ A.T @ B.T` in
+  PEFT's terms."""
+  out_dir = os.fspath(out_dir)
+  shapes = lora_lib.target_shapes(config, lora.targets)
+  tensors = peft_tensors(lora, config)
   alpha = int(lora.alpha) if float(lora.alpha).is_integer() else float(lora.alpha)
   adapter_config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM",
       "base_model_name_or_path": base_model_name_or_path,
       "r": lora.rank, "lora_alpha": alpha, "lora_dropout": float(lora.dropout),
-      "target_modules": sorted(_hf_module(m, n) for m, n in shapes), "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+      "target_modules": _peft_target_modules(config, shapes), "bias": "none",
+      # PEFT's flag for GPT-2's Conv1D modules (their weights are [in, out]).
+      "fan_in_fan_out": config.model_type == "gpt2", "use_rslora": False, "use_dora": False,
+      "modules_to_save": None,
       "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
       "init_lora_weights": True, "revision": None,
   }
@@ -390,7 +484,7 @@ def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
     json.dump(adapter_config, f, indent=2)
 
 
-def _read_adapter_config(path: str) -> dict:
+def _read_adapter_config(path: str, config: LlamaConfig) -> dict:
   file = os.path.join(path, ADAPTER_CONFIG_NAME)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {path}")
@@ -404,8 +498,10 @@ def _read_adapter_config(path: str) -> dict:
   for key in ("r", "lora_alpha"):
     if key not in cfg:
       raise CheckpointError(f"{file} is missing {key!r}")
+  # fan_in_fan_out is how PEFT marks GPT-2's Conv1D modules; the A/B tensors are the same.
   unsupported = {k: cfg[k] for k, neutral in _PEFT_NEUTRAL.items()
-                 if cfg.get(k, neutral) not in (neutral, None, False, {}, [])}
+                 if cfg.get(k, neutral) not in (neutral, None, False, {}, [])
+                 and not (k == "fan_in_fan_out" and config.model_type == "gpt2")}
   if unsupported:
     raise CheckpointError(f"{file}: unsupported LoRA options {unsupported}")
   return cfg
@@ -422,28 +518,23 @@ def load_peft_adapter(path, config: LlamaConfig, dtype="float32", mesh=None,
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"adapter directory does not exist: {path}")
-  cfg = _read_adapter_config(path)
+  cfg = _read_adapter_config(path, config)
   weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {path}")
   rank = int(cfg["r"])
-  by_hf = {_hf_module(m, n): (m, n) for m, n in _PEFT_MODULES}
+  known = _peft_keys(config)
   with safe_open(weights, framework="numpy") as f:
     keys = set(f.keys())
-    found, unexpected = set(), []
-    for key in sorted(keys):
-      match = _PEFT_KEY.match(key)
-      if (match is None or f"{match.group(3)}_proj" not in by_hf
-          or int(match.group(1)) >= config.num_layers):
-        unexpected.append(key)
-      else:
-        found.add(by_hf[f"{match.group(3)}_proj"])
+    unexpected = sorted(k for k in keys if k not in known)
+    found = {known[k][0] for k in keys if k in known}
     if unexpected:
       raise CheckpointError(f"{weights}: tensors {unexpected[:8]} are not LoRA A/B weights of the "
-                            f"{config.num_layers} decoder layers' linear projections")
+                            f"{config.num_layers} decoder layers' linear projections of this "
+                            f"{config.model_type} model")
     declared = cfg.get("target_modules")
     if isinstance(declared, (list, tuple)):
-      names = {_hf_module(m, n) for m, n in found}
+      names = set(_peft_target_modules(config, found))
       if set(declared) != names:
         raise CheckpointError(f"{path}: target_modules {sorted(declared)} in {ADAPTER_CONFIG_NAME} "
                               f"but the weights hold {sorted(names)}")
@@ -454,7 +545,7 @@ def load_peft_adapter(path, config: LlamaConfig, dtype="float32", mesh=None,
     for (module, name), (n_in, n_out) in sorted(shapes.items()):
       stacks = {"a": [], "b": []}
       for i in range(config.num_layers):
-        prefix = _PEFT_PREFIX + _PEFT_MODULES[(module, name)].format(i=i)
+        prefix = _PEFT_PREFIX + _modules(config)[(module, name)].format(i=i)
         for leaf, suffix, expected in (("a", ".lora_A.weight", (rank, n_in)),
                                        ("b", ".lora_B.weight", (n_out, rank))):
           key = prefix + suffix

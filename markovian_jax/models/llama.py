@@ -1,4 +1,7 @@
-"""Llama 3.x decoder in Flax linen, with a functional boundary.
+"""The decoder of every supported family (Llama, Mistral, Qwen2/3, Phi-3, GPT-2) in Flax linen,
+with a functional boundary. A family is a set of named `LlamaConfig` fields (`config.FAMILIES`):
+biases, q/k norm, norm kind, position kind, MLP kind, fused q|k|v and gate|up kernels, sliding
+window; the layer code branches on them at trace time, so one scan and one LoRA layout serve all.
 
 The parameters are a plain nested dict (HF names, kernels stored `[in, out]`, layers stacked on a
 leading `[L]` axis by one `nn.scan`):
@@ -10,6 +13,12 @@ leading `[L]` axis by one `nn.scan`):
                          'mlp': {'gate': {'kernel': [L, D, F]}, 'up': ..., 'down': ...}},
               'final_norm': {'scale': [D]},
               'lm_head': {'kernel': [D, V]}}           # absent when embeddings are tied
+
+Family variants: a `bias` [L, out] beside a kernel (qkv_bias, out_bias, mlp_bias); norms with a
+`bias` (norm_kind="layer"); `attn/q_norm`, `attn/k_norm` scales [L, Dh] (qk_norm); `attn/qkv`
+[L, D, (Hq + 2 Hkv) Dh] instead of q, k, v (fused_qkv); `mlp/gate_up` [L, D, 2F] instead of gate,
+up (fused_gate_up); only `mlp/up`, `mlp/down` (mlp_kind="gelu_tanh"); `pos_embed/embedding`
+[P, D] (position_kind="learned").
 
 A LoRA adapter is a second tree with the same paths and leaves `a: [L, in, r]`, `b: [L, r, out]`
 passed as the `lora` variable collection; with no adapter the same code is the base model, so the
@@ -64,21 +73,49 @@ class RMSNorm(nn.Module):
     return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+  """LayerNorm with scale and bias (GPT-2), computed in fp32 as torch does, output in `dtype`."""
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def norm(c: LlamaConfig, name: str) -> nn.Module:
+  """The family's layer norm (`config.norm_kind`)."""
+  cls = LayerNorm if c.norm_kind == "layer" else RMSNorm
+  return cls(c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name)
+
+
 class Linear(nn.Module):
-  """Bias-free projection; adds `scale * dropout(x) @ a @ b` when a LoRA pair is present
-  (`lora_branch`: hashed dropout masks, a VJP that XLA:CPU runs without big transposes)."""
+  """Projection (with a bias when `use_bias`); adds `scale * dropout(x) @ a @ b` when a LoRA pair
+  is present (`lora_branch`: hashed dropout masks, a VJP that XLA:CPU runs without big
+  transposes)."""
   features: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   lora_scale: float = 0.0
   lora_dropout: float = 0.0
   train: bool = False
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x, row_scale=None):
     """row_scale: optional float32 [B], multiplies each row's adapter branch (0 = base model)."""
     kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.param_dtype)
     y = jnp.dot(x, kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
+                         self.param_dtype).astype(self.dtype)
     if self.has_variable("lora", "a"):
       a = self.get_variable("lora", "a")
       b = self.get_variable("lora", "b")
@@ -105,14 +142,24 @@ class Attention(nn.Module):
                prefix=None, row_scale=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    dense = lambda n, name: functools.partial(  # noqa: E731
-        Linear(n, dtype, pdtype, name=name, **self.lora_kw), row_scale=row_scale)
+    dense = lambda n, name, bias: functools.partial(  # noqa: E731
+        Linear(n, dtype, pdtype, name=name, use_bias=bias, **self.lora_kw), row_scale=row_scale)
     b, t, _ = x.shape
-    q = dense(c.num_heads * c.head_dim, "q")(x).reshape(b, t, c.num_heads, c.head_dim)
-    k = dense(c.num_kv_heads * c.head_dim, "k")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = dense(c.num_kv_heads * c.head_dim, "v")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    q = rope.apply_rope(q, cos, sin)
-    k = rope.apply_rope(k, cos, sin)
+    nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    if c.fused_qkv:
+      qkv = dense(nq + 2 * nkv, "qkv", c.qkv_bias)(x)
+      q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+    else:
+      q, k, v = (dense(n, name, c.qkv_bias)(x) for n, name in ((nq, "q"), (nkv, "k"), (nkv, "v")))
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:  # per-head RMSNorm over Dh, before RoPE
+      q = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="k_norm")(k)
+    if c.position_kind == "rope":
+      q = rope.apply_rope(q, cos, sin)
+      k = rope.apply_rope(k, cos, sin)
     new_kv = (k, v)
     groups = c.num_heads // c.num_kv_heads
     if cache is not None:
@@ -131,7 +178,8 @@ class Attention(nn.Module):
         # (rounded through the cache's dtype, as the einsum path reads them back).
         k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)
       out = _dot_product_attention(kernel, q, k, v, mask, fallback=c.attention_impl == "auto")
-      return dense(c.hidden_size, "o")(out.reshape(b, t, c.num_heads * c.head_dim)), cache, new_kv
+      return (dense(c.hidden_size, "o", c.out_bias)(out.reshape(b, t, c.num_heads * c.head_dim)),
+              cache, new_kv)
     if cache is not None:
       kt = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False).astype(dtype)
       vt = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False).astype(dtype)
@@ -145,7 +193,7 @@ class Attention(nn.Module):
       out = jnp.matmul(probs.reshape(b, c.num_kv_heads, groups * t, -1), vt)
       out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
       out = out.reshape(b, t, c.num_heads * c.head_dim)
-      return dense(c.hidden_size, "o")(out), cache, new_kv
+      return dense(c.hidden_size, "o", c.out_bias)(out), cache, new_kv
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * (c.head_dim ** -0.5), _MASKED)
@@ -155,7 +203,7 @@ class Attention(nn.Module):
     else:
       out = _attend_with_prefix(c, q, scores, v, prefix, dtype)
     out = out.reshape(b, t, c.num_heads * c.head_dim)
-    return dense(c.hidden_size, "o")(out), cache, new_kv
+    return dense(c.hidden_size, "o", c.out_bias)(out), cache, new_kv
 
 
 def attention_kernel(config: LlamaConfig, t: int) -> str:
@@ -222,7 +270,12 @@ def _attend_with_prefix(c: LlamaConfig, q, own_scores, v, prefix, dtype):
   g = b // nq
   qg = q.reshape(nq, g, *q.shape[1:])
   pre = jnp.einsum("qgtkhd,qskd->qgkhts", qg, pk.astype(dtype), preferred_element_type=jnp.float32)
-  pre = jnp.where(pmask[:, None, None, None, None, :], pre * (c.head_dim ** -0.5), _MASKED)
+  visible = pmask[:, None, None, None, None, :]
+  if c.sliding_window is not None:
+    # Prefix slot j and the continuation's token i (slot p + i) are p + i - j apart.
+    apart = p + jnp.arange(t)[:, None] - jnp.arange(p)[None, :]
+    visible = visible & (apart < c.sliding_window)
+  pre = jnp.where(visible, pre * (c.head_dim ** -0.5), _MASKED)
   scores = jnp.concatenate([pre.reshape(b, *pre.shape[2:]), own_scores], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   p_pre = probs[..., :p].reshape(nq, g, *probs.shape[1:-1], p)
@@ -238,10 +291,18 @@ class MLP(nn.Module):
   def __call__(self, x, row_scale=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    gate = Linear(c.intermediate_size, dtype, pdtype, name="gate", **self.lora_kw)(x, row_scale)
-    up = Linear(c.intermediate_size, dtype, pdtype, name="up", **self.lora_kw)(x, row_scale)
-    return Linear(c.hidden_size, dtype, pdtype, name="down", **self.lora_kw)(
-        nn.silu(gate) * up, row_scale)
+    dense = lambda n, name: Linear(n, dtype, pdtype, name=name,  # noqa: E731
+                                   use_bias=c.mlp_bias, **self.lora_kw)
+    f = c.intermediate_size
+    if c.mlp_kind == "gelu_tanh":
+      return dense(c.hidden_size, "down")(nn.gelu(dense(f, "up")(x, row_scale), approximate=True),
+                                          row_scale)
+    if c.fused_gate_up:
+      gate_up = dense(2 * f, "gate_up")(x, row_scale)
+      gate, up = gate_up[..., :f], gate_up[..., f:]
+    else:
+      gate, up = dense(f, "gate")(x, row_scale), dense(f, "up")(x, row_scale)
+    return dense(c.hidden_size, "down")(nn.silu(gate) * up, row_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -258,11 +319,11 @@ class DecoderLayer(nn.Module):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
-    h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x)
+    h = norm(c, "attn_norm")(x)
     h, cache, kv = Attention(c, self.lora_kw, self.own_only, name="attn")(
         h, cos, sin, mask, cache, cache_index, layer_index, prefix, row_scale)
     x = x + h
-    h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
+    h = norm(c, "mlp_norm")(x)
     x = x + MLP(c, self.lora_kw, name="mlp")(h, row_scale)
     return (x, cache), (kv if self.return_kv else None)
 
@@ -273,11 +334,15 @@ _REMAT_POLICIES = {
 }
 
 
-def attention_mask(key_mask, t: int, cache_index=0):
+def attention_mask(key_mask, t: int, cache_index=0, sliding_window=None):
   """bool [B, T, S]: query i sits in slot cache_index + i (slot i without a cache) and sees the
-  valid keys (`key_mask` [B, S]) in slots up to its own."""
+  valid keys (`key_mask` [B, S]) in slots up to its own (and, with a sliding window W, only the
+  last W slots: query slot - key slot < W)."""
   s = key_mask.shape[1]
-  causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]
+  apart = (cache_index + jnp.arange(t))[:, None] - jnp.arange(s)[None, :]
+  causal = apart >= 0
+  if sliding_window is not None:
+    causal = causal & (apart < sliding_window)
   return causal[None] & key_mask[:, None, :].astype(bool)
 
 
@@ -300,8 +365,13 @@ class Llama(nn.Module):
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, param_dtype=pdtype,
                  dtype=dtype, name="embed")(tokens)
-    cos, sin = rope.rope_tables(c, positions)
-    mask = attention_mask(key_mask, tokens.shape[1], cache_index)
+    if c.position_kind == "learned":
+      x = x + nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=_INIT,
+                       param_dtype=pdtype, dtype=dtype, name="pos_embed")(positions)
+      cos = sin = None
+    else:
+      cos, sin = rope.rope_tables(c, positions)
+    mask = attention_mask(key_mask, tokens.shape[1], cache_index, c.sliding_window)
     layer_cls = DecoderLayer
     if c.remat != "none":
       layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
@@ -320,7 +390,7 @@ class Llama(nn.Module):
     (x, cache), kv = layers(c, lora_kw, return_kv, own_only, name="layers")(
         (x, cache), cos, sin, mask, cache_index, prefix_mask, lora_row_scale,
         (jnp.arange(c.num_layers), prefix_kv))
-    x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
+    x = norm(c, "final_norm")(x)
     if not c.tie_word_embeddings:
       # Declared here so init() builds it; applied by `project`, which callers chunk over the vocab.
       LMHead(c.hidden_size, c.vocab_size, pdtype, name="lm_head")()

@@ -25,6 +25,9 @@ from markovian_jax.models.config import LlamaConfig
 ATTN_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
 ALL_LINEAR = ATTN_TARGETS + MLP_TARGETS  # every linear layer except the LM head (PEFT "all-linear")
+# Where a family keeps fused kernels, the adapter sits on the fused module whole (as PEFT puts
+# one LoRA on Phi-3's qkv_proj / gate_up_proj and GPT-2's c_attn): a target names its part.
+FUSED_TARGETS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 
 @struct.dataclass
@@ -44,16 +47,47 @@ class LoraAdapter:
     return tuple(t for group in self.params["layers"].values() for t in group)
 
 
-def target_shapes(config: LlamaConfig, targets: Sequence[str] = ALL_LINEAR) -> dict:
-  """{(module, name): (in_features, out_features)} for each targeted projection."""
+def module_table(config: LlamaConfig) -> dict:
+  """{name: (module, in_features, out_features)} of the linear layers this family has."""
   d, f = config.hidden_size, config.intermediate_size
   q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-  table = {"q": ("attn", d, q), "k": ("attn", d, kv), "v": ("attn", d, kv), "o": ("attn", q, d),
-           "gate": ("mlp", d, f), "up": ("mlp", d, f), "down": ("mlp", f, d)}
-  unknown = sorted(set(targets) - set(table))
+  table = {"o": ("attn", q, d), "down": ("mlp", f, d)}
+  if config.fused_qkv:
+    table["qkv"] = ("attn", d, q + 2 * kv)
+  else:
+    table.update(q=("attn", d, q), k=("attn", d, kv), v=("attn", d, kv))
+  if config.mlp_kind != "gated_silu":
+    table["up"] = ("mlp", d, f)
+  elif config.fused_gate_up:
+    table["gate_up"] = ("mlp", d, 2 * f)
+  else:
+    table.update(gate=("mlp", d, f), up=("mlp", d, f))
+  return table
+
+
+def target_shapes(config: LlamaConfig, targets: Sequence[str] = ALL_LINEAR) -> dict:
+  """{(module, name): (in_features, out_features)} for each targeted projection of this family.
+
+  A target names one of `ALL_LINEAR` or a fused module of `FUSED_TARGETS`; a part of a fused
+  kernel targets the whole kernel (q -> qkv on Phi-3 and GPT-2), and `gate` targets nothing where
+  the MLP has no gate (GPT-2)."""
+  table = module_table(config)
+  known = set(ALL_LINEAR) | set(FUSED_TARGETS)
+  unknown = sorted(set(targets) - known)
   if unknown or not targets:
-    raise ValueError(f"unknown LoRA targets {unknown or list(targets)}; choose from {list(table)}")
-  return {(table[t][0], t): table[t][1:] for t in targets}
+    raise ValueError(f"unknown LoRA targets {unknown or list(targets)}; choose from "
+                     f"{list(ALL_LINEAR)}")
+  names = set()
+  for t in targets:
+    fused = next((f for f, parts in FUSED_TARGETS.items() if t in parts and f in table), None)
+    if t in table or fused:
+      names.add(t if t in table else fused)
+    elif t in FUSED_TARGETS:  # a fused name on a family that keeps the parts apart
+      names.update(p for p in FUSED_TARGETS[t] if p in table)
+  if not names:
+    raise ValueError(f"LoRA targets {list(targets)} name no linear layer of this "
+                     f"{config.model_type} model (it has {sorted(table)})")
+  return {(table[n][0], n): table[n][1:] for n in sorted(names)}
 
 
 def init_lora(config: LlamaConfig, rng: jax.Array, *, rank: int = 8, alpha: float = 16.0,

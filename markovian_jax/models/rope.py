@@ -1,4 +1,4 @@
-"""Rotary position embeddings in HF's rotate-half layout, with optional llama3 frequency scaling.
+"""Rotary position embeddings in HF's rotate-half layout, with optional llama3 or longrope scaling.
 
 The rotate-half layout (first half of each head paired with the second half) is what HF Llama
 safetensors are trained with, so q/k weights load without the interleaved-layout permutation.
@@ -12,16 +12,19 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import LlamaConfig, LongRopeScaling
 
 
-def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
-  """float64 [head_dim // 2]: per-pair rotation frequencies, llama3-scaled when configured."""
+def inverse_frequencies(config: LlamaConfig, long: bool = False) -> np.ndarray:
+  """float64 [head_dim // 2]: per-pair rotation frequencies, llama3-scaled when configured; with
+  longrope, divided by the short factors (or, with `long`, the long ones)."""
   dim = config.head_dim
   inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
   s = config.rope_scaling
   if s is None:
     return inv_freq
+  if isinstance(s, LongRopeScaling):
+    return inv_freq / np.asarray(s.long_factor if long else s.short_factor, np.float64)
   low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
   high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
   wavelen = 2 * math.pi / inv_freq
@@ -36,10 +39,20 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
 
 
 def rope_tables(config: LlamaConfig, positions: jnp.ndarray):
-  """cos, sin: float32 [B, T, head_dim] for int32 positions [B, T]."""
+  """cos, sin: float32 [B, T, head_dim] for int32 positions [B, T].
+
+  longrope picks its long factors when any position of the call is past the original context
+  (as transformers does, per forward call) and scales cos and sin by its attention factor."""
   inv_freq = jnp.asarray(inverse_frequencies(config), jnp.float32)
+  s = config.rope_scaling
+  if isinstance(s, LongRopeScaling):
+    use_long = jnp.max(positions) + 1 > s.original_max_position_embeddings
+    inv_freq = jnp.where(use_long, jnp.asarray(inverse_frequencies(config, long=True),
+                                               jnp.float32), inv_freq)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
+  if isinstance(s, LongRopeScaling):
+    return jnp.cos(angles) * s.attention_factor, jnp.sin(angles) * s.attention_factor
   return jnp.cos(angles), jnp.sin(angles)
 
 

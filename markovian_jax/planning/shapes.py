@@ -4,8 +4,9 @@
     local directory            its config.json
     .gguf file / package://    the GGUF header (metadata and tensor infos; no tensor is read)
     hub id                     config.json from the local HF cache, else the published shapes of
-                               the Llama 3.x sizes below, so that the default
-                               meta-llama/Llama-3.1-8B-Instruct plans on a machine with no network
+                               the Llama 3.x and Qwen3 sizes below, so that the default
+                               meta-llama/Llama-3.1-8B-Instruct and the paper's Qwen3-4B plan on a
+                               machine with no network
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ KNOWN_HUB_SHAPES = {
        for s in ("8B", "70B") for v in ("", "-Instruct")},
 }
 
+# Published config.json shapes of Qwen3 (model_type qwen3: per-head q/k RMSNorm, head_dim 128
+# beside hidden sizes that are not 128 x heads); the base and post-trained uploads share them.
+_QWEN3 = dict(vocab_size=151936, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+              rms_norm_eps=1e-6, max_position_embeddings=40960, bos_token_id=151643,
+              model_type="qwen3", qk_norm=True)
+_QWEN3_SIZES = {
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_layers=36),
+}
+KNOWN_QWEN3_SHAPES = {f"Qwen/Qwen3-{s}{v}": _QWEN3_SIZES[s] for s in _QWEN3_SIZES
+                      for v in ("", "-Base")}
+
 
 def _is_hub_id(path: str) -> bool:
   return (not os.path.exists(path) and not path.startswith((".", "/", "~", "package://"))
@@ -79,10 +92,14 @@ def model_config(path: str, dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
     if path in KNOWN_HUB_SHAPES:
       return (LlamaConfig(**_LLAMA3, **KNOWN_HUB_SHAPES[path], param_dtype=dtype, dtype=dtype),
               f"published shapes of {path}")
+    if path in KNOWN_QWEN3_SHAPES:
+      return (LlamaConfig(**_QWEN3, **KNOWN_QWEN3_SHAPES[path], param_dtype=dtype, dtype=dtype),
+              f"published shapes of {path}")
     raise InvalidConfig(
         f"config.model.path: {path} is a hub id that is neither in the local HF cache nor one of "
-        f"the known Llama 3.x sizes ({len(KNOWN_HUB_SHAPES)} ids, e.g. "
-        "meta-llama/Llama-3.1-8B-Instruct); give a local directory with config.json or a .gguf")
+        f"the known Llama 3.x and Qwen3 sizes ({len(KNOWN_HUB_SHAPES) + len(KNOWN_QWEN3_SHAPES)} "
+        "ids, e.g. meta-llama/Llama-3.1-8B-Instruct, Qwen/Qwen3-4B); give a local directory with "
+        "config.json or a .gguf")
   from markovian_jax.models.loading import resolve_model_path
   local = resolve_model_path(path)
   if os.path.isfile(local) and local.endswith(".gguf"):

@@ -65,15 +65,26 @@ DEFAULT_RULES: Mapping[str, Optional[tuple]] = {
 
 # (path regex, logical axes of the kernel). Paths are '/'-joined keys of the params tree.
 PARAM_AXES = (
-    (r"embed/embedding$", ("vocab", "embed")),
+    (r"(^|/)embed/embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"layers/attn/q/kernel$", ("layers", "embed", "q_heads")),
     (r"layers/attn/(k|v)/kernel$", ("layers", "embed", "kv_heads")),
     (r"layers/attn/o/kernel$", ("layers", "q_heads", "embed")),
     (r"layers/mlp/(gate|up)/kernel$", ("layers", "embed", "mlp")),
     (r"layers/mlp/down/kernel$", ("layers", "mlp", "embed")),
-    (r"layers/\w+_norm/scale$", ("layers", "norm")),
-    (r"final_norm/scale$", ("norm",)),
+    (r"layers/\w+_norm/(scale|bias)$", ("layers", "norm")),
+    (r"final_norm/(scale|bias)$", ("norm",)),
+    # Family variants (models/config.py FAMILIES). A fused q|k|v or gate|up kernel splits its
+    # output dim like q / gate: numerically exact on any mesh (the q, k, v slices are resharded
+    # where a split crosses them); the families that fuse are small readers.
+    (r"layers/attn/qkv/kernel$", ("layers", "embed", "q_heads")),
+    (r"layers/mlp/gate_up/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/attn/(q|qkv)/bias$", ("layers", "q_heads")),
+    (r"layers/attn/(k|v)/bias$", ("layers", "kv_heads")),
+    (r"layers/mlp/(gate|up|gate_up)/bias$", ("layers", "mlp")),
+    (r"layers/(attn/o|mlp/down)/bias$", ("layers", "norm")),
+    (r"layers/attn/(q|k)_norm/scale$", ("layers", "head_dim")),
+    (r"pos_embed/embedding$", (None, "embed")),
 )
 
 # The sampler's layout (module docstring, 3.): rows over data; fsdp joins tensor on the weights.
