@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from markovian_jax import export
+from markovian_jax.training import export
 from markovian_jax.models import hf, load_checkpoint, logits
 from tests import helpers
 from tests.test_cli import one_error_line, run_module
@@ -145,3 +145,21 @@ def test_export_cli(ckpt_dir, tmp_path):
   line = one_error_line(_run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}",
                                      f"--out={tmp_path / 'd'}"))
   assert "no such directory" in line
+
+
+@pytest.mark.parametrize("scores, best", [({2: 0.25, 4: 0.75}, 4), ({2: 0.75, 4: 0.25}, 2)])
+def test_best_follows_distinct_stored_scores(demo_runs, tmp_path, scores, best):
+  """With distinct selection scores stored beside the checkpoints the best step is the higher
+  one, whether it is the latest or the earliest (tied scores could not tell these apart)."""
+  import json as json_lib
+  run = tmp_path / "run"
+  shutil.copytree(demo_runs["markovian"], run)
+  for step, score in scores.items():
+    (run / "checkpoints" / str(step) / "metrics" / "metrics").write_text(
+        json_lib.dumps({"score": score}))
+  step, why = export.best_step(str(run / "checkpoints"))
+  assert step == best and f"({scores[best]:.4f})" in why
+  done = _run_export(f"--checkpoint_dir={run / 'checkpoints'}", "--best",
+                     f"--out={tmp_path / 'out'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json_lib.loads((tmp_path / "out" / "export.json").read_text())["step"] == best

@@ -71,7 +71,7 @@ def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
   sel = {e.id for e in trainer.selection_examples}
   assert sel and not sel & {e.id for e in trainer.eval_examples}
   assert (run / "eval" / "selection" / "step_2.jsonl").is_file()
-  from markovian_jax import export
+  from markovian_jax.training import export
   step, reason = export.best_step(str(run / "checkpoints"))
   by_selection = dict(scalars["selection/anchor/accuracy"])
   assert "validation" in reason and by_selection[step] == max(by_selection[s] for s in (2, 4))
