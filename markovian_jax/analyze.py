@@ -1,16 +1,23 @@
 """The paper's analyses of trained runs, on the CoTs they logged (samples.jsonl).
 
   python -m markovian_jax.analyze fragility --workdir=A [--compare=B] [--level=char|token|both]
-      [--num_cots=32] [--scorer=base|actor] [--step=N] [--accuracy] [--seed=0]
+      [--source=heldout|logged] [--num_examples=N] [--num_cots=32] [--scorer=actor|base]
+      [--step=N] [--replacement=bernoulli|exact] [--accuracy] [--seed=0]
   python -m markovian_jax.analyze cross_model --workdir=A --reader=PATH [--num_cots=32]
 
-fragility: the last --num_cots logged questions' first CoT, perturbed five ways at 0-100%
-severity (`perturbations`), at character level (the reference's analysis), token level (the
-paper's text) or both, and re-scored (`fragility`). The scorer is the base model (the reference's
-choice) or the run's adapter (--scorer=actor, checkpoint --step or the latest), each run with its
-own answer prompt (question hidden when Markovian). Prints each run's table and, with --compare,
-the Markovian-minus-non-Markovian table in the paper's layout (A minus B when both or neither are
-Markovian), for the answer log-prob and, for QA tasks, the accuracy.
+fragility, by default the paper's protocol: each run's own adapter (checkpoint --step, else the
+best by its selection score) samples one CoT for each of --num_examples fresh held-out questions
+(the run's eval split: wiki's held-out articles, QA's test split; default the paper's n,
+eval.final_num_examples) and scores the answer with its own answer prompt (question hidden when
+Markovian). --source=logged takes the last --num_cots logged training CoTs instead;
+--scorer=base scores with the base model. Each CoT is perturbed five ways at 0-100% severity
+(`perturbations`; character replacement Bernoulli(p) per character as the reference), at
+character level (the reference's analysis), token level (the paper's text) or both. Prints each
+run's table and, with --compare, Markovian minus non-Markovian (in either order of the flags; A
+minus B when both or neither are Markovian) in the paper's layouts: Table 2 (log-prob drop,
+severities x kinds, column means) and Table 3 (QA accuracy drop per kind, averaged over
+severities). The protocol (scorer, checkpoint step, where the CoTs came from, split, n, seed) is
+recorded in the JSON.
 
 cross_model: the reader (any model path `load_checkpoint` accepts, with its own tokenizer) scores
 log P(answer | CoT) - log P(answer | CoT') for every logged CoT; prints its agreement with the
@@ -42,10 +49,22 @@ def _define_flags():
   flags.DEFINE_enum("level", "char", ["char", "token", "both"], "fragility: perturb characters "
                     "(the reference), tokens (the paper's text) or both.")
   flags.DEFINE_integer("num_cots", 32, "The last N logged questions (one CoT each for "
-                       "fragility; all G CoTs for cross_model).")
-  flags.DEFINE_enum("scorer", "base", ["base", "actor"], "fragility: score with the base model "
-                    "or with the run's adapter.")
-  flags.DEFINE_integer("step", None, "fragility --scorer=actor: checkpoint step (default latest).")
+                       "fragility --source=logged; all G CoTs for cross_model).")
+  flags.DEFINE_enum("source", "heldout", ["heldout", "logged"], "fragility: CoTs sampled by the "
+                    "run's adapter on held-out questions (the paper) or the logged training CoTs.")
+  flags.DEFINE_integer("num_examples", None, "fragility --source=heldout: held-out questions "
+                       "(default the run's eval.final_num_examples, the paper's n).")
+  flags.DEFINE_enum("scorer", "actor", ["actor", "base"], "fragility: score with the run's "
+                    "adapter (the paper) or with the base model.")
+  flags.DEFINE_integer("step", None, "fragility: checkpoint step of the adapter (default: the "
+                       "best by the run's selection score, else the latest).")
+  flags.DEFINE_bool("reuse", False, "fragility: take a run's saved analysis/fragility_<level>"
+                    ".json when it was made with this command's protocol (same scorer, "
+                    "checkpoint step, CoT source, split, n, seeds, replacement) instead of "
+                    "scoring again, e.g. to compare a run already analysed.")
+  flags.DEFINE_enum("replacement", "bernoulli", ["bernoulli", "exact"], "fragility: character "
+                    "replacement, each character with probability p (the reference) or exactly "
+                    "p% of them.")
   flags.DEFINE_bool("accuracy", True, "fragility: also read and check the answer (QA tasks).")
   flags.DEFINE_integer("seed", 0, "fragility: perturbation seed.")
   flags.DEFINE_string("reader", None, "cross_model: the reading model (HF dir, .gguf, hub id, "
@@ -68,23 +87,88 @@ def _write(workdir: str, name: str, text: str) -> str:
 
 
 def _fragility_run(workdir: str, f, levels: list) -> tuple:
-  """(run name, whether Markovian, {level: FragilityResult}) of one run."""
+  """(run name, whether Markovian, {level: FragilityResult}, protocol dict) of one run."""
   from markovian_jax.analysis import run_inputs as analysis
   from markovian_jax.analysis import fragility
-  rows = analysis.logged_rows(workdir, f.num_cots)
   config = analysis.run_config(workdir)
+  if f.reuse:
+    saved = _saved_results(workdir, f, levels, config)
+    if saved is not None:
+      return (os.path.basename(os.path.normpath(workdir)), bool(config.prompt.markovian),
+              *saved)
   ctx = analysis.load_context(config)
-  lora = analysis.run_adapter(workdir, ctx, f.step) if f.scorer == "actor" else None
-  examples = [analysis.example(r) for r in rows]
-  keys = [(int(r["step"]), r.get("id")) for r in rows]
-  cots = [r["cots"][0] for r in rows]
+  spec = ctx.spec
+  protocol = {"task": spec.task, "scorer": f.scorer, "level": levels, "replacement": f.replacement,
+              "perturbation_seed": f.seed, "markovian": bool(config.prompt.markovian)}
+  lora = None
+  if f.scorer == "actor" or f.source == "heldout":
+    lora, step, why = analysis.checkpoint_adapter(workdir, ctx, f.step)
+    protocol.update(checkpoint_step=step, checkpoint_choice=why)
+  if f.source == "heldout":
+    n = spec.eval.final_num_examples if f.num_examples is None else f.num_examples
+    examples = fragility.heldout_examples(ctx, n)
+    cots = fragility.generate_cots(ctx, lora, examples, seed=spec.eval.seed,
+                                   batch_size=f.batch_size)
+    keys = [ex.id for ex in examples]
+    protocol.update(cots=f"sampled by the step-{protocol['checkpoint_step']} adapter at "
+                         f"T={spec.sampling.temperature:g}, one per question",
+                    split=spec.data.eval_split, n=len(examples), seed=spec.eval.seed)
+  else:
+    rows = analysis.logged_rows(workdir, f.num_cots)
+    examples = [analysis.example(r) for r in rows]
+    keys = [(int(r["step"]), r.get("id")) for r in rows]
+    cots = [r["cots"][0] for r in rows]
+    protocol.update(cots="logged training CoTs (samples.jsonl: the first CoT of the last "
+                         f"{len(rows)} logged questions)", split=spec.data.train_split,
+                    n=len(rows), seed=spec.train.seed)
+  if f.scorer == "base":
+    lora = None
   results = {}
   for level in levels:
     results[level] = fragility.fragility_scores(
         ctx, lora, examples, cots, level=level, seed=f.seed, accuracy=f.accuracy, keys=keys,
-        batch_size=f.batch_size)
-    _write(workdir, f"fragility_{level}.json", json.dumps(results[level].to_json()))
-  return os.path.basename(os.path.normpath(workdir)), bool(config.prompt.markovian), results
+        batch_size=f.batch_size, replacement=f.replacement)
+    _write(workdir, f"fragility_{level}.json",
+           json.dumps({"protocol": protocol, **results[level].to_json()}))
+  return (os.path.basename(os.path.normpath(workdir)), bool(config.prompt.markovian), results,
+          protocol)
+
+
+_PROTOCOL_KEYS = ("task", "scorer", "replacement", "perturbation_seed", "split", "n", "seed",
+                  "checkpoint_step")
+
+
+def _saved_results(workdir: str, f, levels: list, config):
+  """({level: FragilityResult}, protocol) saved by an earlier run of this command with the same
+  protocol (`--reuse`), or None when any level is missing or differs."""
+  from markovian_jax.analysis import fragility
+  from markovian_jax.training import export
+  want = {"task": config.task, "scorer": f.scorer, "replacement": f.replacement,
+          "perturbation_seed": f.seed}
+  if f.source == "heldout":
+    n = config.eval.final_num_examples if f.num_examples is None else f.num_examples
+    want.update(split=config.data.eval_split, seed=config.eval.seed)
+    ckpt = os.path.join(workdir, "checkpoints")
+    try:
+      want["checkpoint_step"] = (export.choose_step(ckpt, f.step) if f.step is not None
+                                 else export.choose_step(ckpt, best=True))[0]
+    except export.ExportError:
+      want["checkpoint_step"] = export.choose_step(ckpt)[0]
+  out, protocol = {}, None
+  for level in levels:
+    path = epath.Path(workdir) / "analysis" / f"fragility_{level}.json"
+    if not path.exists():
+      return None
+    d = json.loads(path.read_text())
+    protocol = d.get("protocol") or {}
+    same = all(protocol.get(k) == v for k, v in want.items())
+    sampled = str(protocol.get("cots", "")).startswith("sampled")
+    if (not same or sampled != (f.source == "heldout") or (f.source == "heldout" and n and
+                                                           protocol.get("n") != n)
+        or (f.accuracy and "accuracy" not in d and config.task != "wiki_continuation")):
+      return None
+    out[level] = fragility.FragilityResult.from_json(d)
+  return out, {**protocol, "reused": True}
 
 
 def _metrics(result) -> list:
@@ -97,35 +181,60 @@ def run_fragility(f) -> str:
   if f.compare:
     _check_run(f.compare, "--compare")
   levels = ["char", "token"] if f.level == "both" else [f.level]
-  # Both runs' logged CoTs are checked before any model loads.
+  if f.num_examples is not None and f.num_examples < 0:
+    raise AnalysisError("--num_examples must be >= 0 (0 = the whole eval split)")
+  # Both runs' inputs are checked before any model loads.
   from markovian_jax.analysis import run_inputs as analysis
   for w in [f.workdir] + ([f.compare] if f.compare else []):
-    analysis.logged_rows(w, 1)
+    if f.source == "logged":
+      analysis.logged_rows(w, 1)
+    elif not (epath.Path(w) / "checkpoints").is_dir():
+      raise AnalysisError(f"{w}: no checkpoints/ (the paper's protocol samples CoTs with the "
+                          "run's adapter; --source=logged reads its logged CoTs instead)")
     analysis.run_config(w)
   runs = [_fragility_run(f.workdir, f, levels)]
   if f.compare:
     runs.append(_fragility_run(f.compare, f, levels))
   out = []
-  for name, markovian, results in runs:
+  for name, markovian, results, protocol in runs:
+    what = f"{name} ({'Markovian' if markovian else 'non-Markovian'})"
+    out += [f"## {what}: protocol", "",
+            ", ".join(f"{k}: {v}" for k, v in protocol.items() if k != "level"), ""]
     for level, result in results.items():
       for metric in _metrics(result):
-        out += [f"## {name} ({'Markovian' if markovian else 'non-Markovian'}): {level} level, "
-                f"{metric}", "", fragility.format_run(result, metric), ""]
+        out += [f"## {what}: {level} level, {metric}", "", fragility.format_run(result, metric),
+                ""]
   if f.compare:
-    (a, ma, ra), (b, mb, rb) = runs
-    if mb and not ma:  # the table is always Markovian minus non-Markovian
-      (a, ma, ra), (b, mb, rb) = runs[1], runs[0]
-    heading = ("Markovian minus non-Markovian" if ma and not mb
-               else f"{a} minus {b} (both {'Markovian' if ma else 'non-Markovian'})")
-    for level in levels:
-      for metric in [m for m in _metrics(ra[level]) if m in _metrics(rb[level])]:
-        rows = fragility.compare(ra[level], rb[level], metric)
-        out += [f"## {heading}: {level} level, {metric} (effect = unperturbed - perturbed; "
-                f"positive: the perturbation hurts {a} more)", "",
-                fragility.format_comparison(rows, metric, (a, b)), ""]
+    out += comparison_tables(runs, levels)
   text = "\n".join(out)
   _write(f.workdir, "fragility.md", text)
   return text
+
+
+def comparison_tables(runs: list, levels: list) -> list:
+  """Markdown lines of the two runs' differences (Markovian minus non-Markovian, whichever order
+  `runs` has): per level, the per-severity table with consistency, Table 2's layout for the
+  log-prob and Table 3's for the accuracy. runs: two (name, markovian, {level: result}, ...)."""
+  from markovian_jax.analysis import fragility
+  (a, ma, ra, pa), (b, mb, rb, _) = fragility.markovian_first(runs)
+  heading = ("Markovian minus non-Markovian" if ma and not mb
+             else f"{a} minus {b} (both {'Markovian' if ma else 'non-Markovian'})")
+  out = []
+  for level in levels:
+    for metric in [m for m in _metrics(ra[level]) if m in _metrics(rb[level])]:
+      rows = fragility.compare(ra[level], rb[level], metric)
+      out += [f"## {heading}: {level} level, {metric} (effect = unperturbed - perturbed; "
+              f"positive: the perturbation hurts {a} more)", "",
+              fragility.format_comparison(rows, metric, (a, b)), ""]
+      if metric == "logprob":
+        out += [f"### Table 2 layout ({level} level): {a} - {b}, log-prob drop", "",
+                fragility.format_table2(rows, "nats"), ""]
+      else:
+        task = pa.get("task", a)
+        out += [f"### Table 3 layout ({level} level): {a} - {b}, accuracy drop averaged over "
+                "severities", "", fragility.format_table3({task: fragility.table3_row(rows)}),
+                ""]
+  return out
 
 
 def run_cross_model(f) -> str:
@@ -135,13 +244,19 @@ def run_cross_model(f) -> str:
   if not f.reader:
     raise AnalysisError("cross_model needs --reader (the model that re-reads the CoTs)")
   rows = analysis.logged_rows(f.workdir, f.num_cots)
-  ctx = analysis.load_context(analysis.run_config(f.workdir), model_path=f.reader)
+  # The reader reads the run's prompts in its own family's format (the reference's practice).
+  config = analysis.run_config(f.workdir).copy_and_resolve_references()
+  config.prompt.format = cross_model.reader_prompt_format(f.reader)
+  ctx = analysis.load_context(config, model_path=f.reader)
   result = cross_model.cross_model_scores(ctx, rows, batch_size=f.batch_size)
   name = os.path.basename(os.path.normpath(f.workdir))
   reader = os.path.basename(os.path.normpath(f.reader))
   text = cross_model.format_table(result, name, reader)
   png = os.fspath(epath.Path(f.workdir) / "analysis" / "cross_model.png")
   cross_model.plot(result, png, f"{reader} re-reads the CoTs of {name}")
+  cross_model.plot_over_training(
+      [(name, result)], os.fspath(epath.Path(f.workdir) / "analysis" / "cross_model_training.png"),
+      f"{reader} ({config.prompt.format} prompts) reads the CoTs of {name}")
   _write(f.workdir, "cross_model.json", json.dumps({"reader": f.reader, **result.to_json()}))
   _write(f.workdir, "cross_model.md", text)
   return text + f"\n\nplot: {png}"

@@ -23,7 +23,8 @@ def _run(*args, timeout=600):
 
 def test_fragility_cli_prints_the_papers_table(demo_runs):
   proc = _run("fragility", f"--workdir={demo_runs['markovian']}",
-              f"--compare={demo_runs['non_markovian']}", "--level=both", "--num_cots=3")
+              f"--compare={demo_runs['non_markovian']}", "--level=both", "--source=logged",
+              "--num_cots=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   for level in ("char", "token"):
@@ -116,11 +117,15 @@ def test_compare_pairs_by_question_and_counts_consistency():
 def test_bad_input(demo_runs, tmp_path):
   no_cots = tmp_path / "no_cots"
   shutil.copytree(demo_runs["markovian"], no_cots, ignore=shutil.ignore_patterns("samples.jsonl"))
-  line = one_error_line(_run("fragility", f"--workdir={no_cots}"))
+  line = one_error_line(_run("fragility", f"--workdir={no_cots}", "--source=logged"))
   assert "no logged CoTs" in line and "samples.jsonl" in line
   line = one_error_line(_run("fragility", f"--workdir={demo_runs['markovian']}",
-                              f"--compare={no_cots}"))
+                              f"--compare={no_cots}", "--source=logged"))
   assert "no logged CoTs" in line
+  no_ckpt = tmp_path / "no_ckpt"
+  shutil.copytree(demo_runs["markovian"], no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
+  line = one_error_line(_run("fragility", f"--workdir={no_ckpt}"))
+  assert "no checkpoints/" in line and "--source=logged" in line
   reader = tmp_path / "reader"
   reader.mkdir()
   (reader / "config.json").write_text("{}")
@@ -130,3 +135,84 @@ def test_bad_input(demo_runs, tmp_path):
   assert "give the analysis first" in one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
   line = one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}"))
   assert "--reader" in line
+
+
+
+@pytest.mark.slow
+def test_fragility_cli_follows_the_papers_protocol(demo_runs):
+  """The default: each run's own adapter (best by selection) samples CoTs for fresh held-out
+  questions and scores them; the protocol is recorded; Tables 2 and 3 are printed, Markovian
+  minus non-Markovian whichever run is given first."""
+  outs = []
+  for first, second, reuse in (("markovian", "non_markovian", []),
+                               ("non_markovian", "markovian", ["--reuse"])):
+    proc = _run("fragility", f"--workdir={demo_runs[first]}", f"--compare={demo_runs[second]}",
+                "--num_examples=3", *reuse)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs.append(proc.stdout)
+    saved = json.load(open(os.path.join(demo_runs[first], "analysis", "fragility_char.json")))
+    p = saved["protocol"]
+    assert (p["scorer"], p["split"], p["n"], p["replacement"]) == ("actor", "test", 3,
+                                                                   "bernoulli")
+    assert p["checkpoint_step"] in (2, 4) and "best by selection" in p["checkpoint_choice"]
+    assert "sampled by the step-" in p["cots"] and p["markovian"] == (first == "markovian")
+    assert len(saved["keys"]) == 3 and all(str(k).startswith("arithmetic/test/")
+                                           for k in saved["keys"])
+  assert "reused: True" not in outs[0] and outs[1].count("reused: True") == 2
+  for out in outs:
+    assert "## Markovian minus non-Markovian: char level, logprob" in out
+    assert "| severity | CharRep | Delete | DigitRep | TruncBack | TruncFront | mean |" in out
+    assert "| task | CharRep | Delete | DigitRep | TruncBack | TruncFront | overall |" in out
+  table2 = [line for line in outs[0].splitlines() if line.startswith("| column mean |")]
+  assert table2 and table2 == [line for line in outs[1].splitlines()
+                               if line.startswith("| column mean |")]
+
+
+def _table_rows(text: str, first: str) -> list:
+  return [[float(c) for c in line.split("|")[2:-1]] for line in text.splitlines()
+          if line.startswith(f"| {first}")]
+
+
+def test_paper_tables_sign_in_either_order():
+  """Table 2 (severities x kinds, column means) and Table 3 (kinds averaged over severities) of
+  known effects, Markovian minus non-Markovian whichever run comes first."""
+  from markovian_jax import analyze
+  keys = [(1, "q1"), (2, "q2")]
+  kinds = perturbations.KINDS
+
+  def result(drop_scale):
+    lp = {}
+    for i, kind in enumerate(kinds):
+      lp[(kind, 0)] = np.zeros(2)
+      for pct in (20, 40):
+        lp[(kind, pct)] = -np.full(2, drop_scale * (i + 1) * pct / 20)
+    correct = {k: np.ones(2, bool) if k[1] == 0 or drop_scale < 1 else np.array([True, False])
+               for k in lp}
+    return fragility.FragilityResult("char", kinds, (0, 20, 40), keys, lp, correct)
+
+  m = ("markovian", True, {"char": result(1.0)}, {"task": "arithmetic"})
+  n = ("non_markovian", False, {"char": result(0.25)}, {"task": "arithmetic"})
+  a = "\n".join(analyze.comparison_tables([m, n], ["char"]))
+  b = "\n".join(analyze.comparison_tables([n, m], ["char"]))
+  assert a == b and "Markovian minus non-Markovian" in a
+  # delete (i=0): drops 1, 2 vs 0.25, 0.5 -> +0.75, +1.5; char_replace (i=4): 5, 10 vs 1.25, 2.5.
+  rows = _table_rows(a, "20%") + _table_rows(a, "40%") + _table_rows(a, "column mean")
+  order = [kinds.index(k) + 1 for k in fragility.PAPER_KINDS]
+  want20 = [0.75 * i for i in order]
+  assert rows[0] == pytest.approx(want20 + [np.mean(want20)], abs=1e-3)
+  assert rows[1] == pytest.approx([2 * w for w in want20] + [2 * np.mean(want20)], abs=1e-3)
+  assert rows[2] == pytest.approx([1.5 * w for w in want20] + [1.5 * np.mean(want20)], abs=1e-3)
+  assert all(v > 0 for v in rows[2])
+  # Accuracy: Markovian loses half its answers under every perturbation, non-Markovian none.
+  table3 = _table_rows(a, "arithmetic")
+  assert table3 == [pytest.approx([0.5] * 6)]
+
+
+def test_fragility_result_round_trips_through_json():
+  r = _result([(1, "q1"), (2, "q2")], {"delete": [1.0, 2.0]})
+  r.correct = {k: np.array([True, False]) for k in r.logprobs}
+  back = fragility.FragilityResult.from_json(json.loads(json.dumps(r.to_json())))
+  assert back.keys == r.keys and back.kinds == r.kinds and back.severities == r.severities
+  for k in r.logprobs:
+    np.testing.assert_array_equal(back.logprobs[k], r.logprobs[k])
+    np.testing.assert_array_equal(back.correct[k], r.correct[k])

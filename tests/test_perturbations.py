@@ -48,7 +48,7 @@ def test_delete_removes_exactly_p_percent_of_the_characters(pct):
 @pytest.mark.parametrize("pct", P.SEVERITIES)
 def test_digit_replace_changes_exactly_p_percent_of_the_digits(pct):
   digits = [i for i, c in enumerate(TEXT) if c.isdigit()]
-  out = P.perturb_text(TEXT, "digit_replace", pct, seed=1)
+  out = P.perturb_text(TEXT, "digit_replace", pct, seed=1, replacement="exact")
   changed = _changed(TEXT, out)
   assert len(changed) == P.count(len(digits), pct)
   assert set(changed) <= set(digits) and all(out[i].isdigit() for i in changed)
@@ -57,7 +57,7 @@ def test_digit_replace_changes_exactly_p_percent_of_the_digits(pct):
 @pytest.mark.parametrize("pct", P.SEVERITIES)
 def test_char_replace_changes_exactly_p_percent_of_the_alphanumerics(pct):
   alnum = [i for i, c in enumerate(TEXT) if c in P.ALPHANUMERIC]
-  out = P.perturb_text(TEXT, "char_replace", pct, seed=1)
+  out = P.perturb_text(TEXT, "char_replace", pct, seed=1, replacement="exact")
   changed = _changed(TEXT, out)
   assert len(changed) == P.count(len(alnum), pct)
   assert set(changed) <= set(alnum) and all(out[i] in P.ALPHANUMERIC for i in changed)
@@ -66,8 +66,8 @@ def test_char_replace_changes_exactly_p_percent_of_the_alphanumerics(pct):
 
 
 def test_severities_are_nested_and_seeded():
-  for kind in ("digit_replace", "char_replace"):
-    outs = [P.perturb_text(TEXT, kind, p, seed=7) for p in P.SEVERITIES]
+  for kind, mode in [(k, m) for k in ("digit_replace", "char_replace") for m in P.REPLACEMENTS]:
+    outs = [P.perturb_text(TEXT, kind, p, seed=7, replacement=mode) for p in P.SEVERITIES]
     for lower, higher in zip(outs, outs[1:]):
       low = _changed(TEXT, lower)
       assert set(low) <= set(_changed(TEXT, higher))
@@ -162,3 +162,28 @@ def test_bad_arguments():
     P.perturb("x", "delete", 20, level="word")
   with pytest.raises(ValueError, match="tokenizer"):
     P.perturb("x", "delete", 20, level="token")
+
+
+@pytest.mark.parametrize("kind,alphabet", [("char_replace", P.ALPHANUMERIC),
+                                           ("digit_replace", P.DIGITS)])
+def test_character_replacement_is_bernoulli_per_character_by_default(kind, alphabet):
+  """The reference's rule: each eligible character is redrawn with probability p from its
+  alphabet (possibly itself), so the number changed is Binomial, not exactly p%."""
+  rng = np.random.default_rng(0)
+  text = "".join(rng.choice(list(alphabet + "  .,"), size=4000))
+  eligible = [i for i, c in enumerate(text) if c in alphabet]
+  n, counts = len(eligible), []
+  for seed in range(6):
+    out = P.perturb_text(text, kind, 40, seed=seed)
+    assert len(out) == len(text) and all(out[i] == text[i] for i in range(len(text))
+                                          if i not in set(eligible))
+    counts.append(len(_changed(text, out)))
+  # Changed = redrawn and different: p * (1 - 1/|alphabet|) of the eligible ones on average;
+  # six draws' counts differ (not a fixed p%) and stay within 5 binomial sds of the mean.
+  mean = n * 0.4 * (1 - 1 / len(alphabet))
+  sd = (n * 0.4 * (1 - 0.4)) ** 0.5
+  assert len(set(counts)) > 1 and all(abs(c - mean) < 5 * sd for c in counts), (counts, mean)
+  full = P.perturb_text(text, kind, 100, seed=0)
+  kept = sum(full[i] == text[i] for i in eligible)  # redrawn as itself: ~1/|alphabet| of them
+  assert 0 < kept < 3 * n / len(alphabet), kept
+  assert P.count(n, 40) not in counts or len(set(counts)) > 1

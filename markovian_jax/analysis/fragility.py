@@ -58,6 +58,19 @@ class FragilityResult:
     """float64 [N]: the score of the unperturbed CoT minus that of the perturbed one."""
     return self.values(metric, kind, 0) - self.values(metric, kind, percent)
 
+  @classmethod
+  def from_json(cls, d: dict) -> "FragilityResult":
+    """The result `to_json` wrote (keys come back as tuples where they were lists)."""
+    def table(src):
+      return {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])): np.asarray(v, np.float64)
+              for k, v in src.items()}
+    correct = None
+    if "accuracy" in d:
+      correct = {k: v.astype(bool) for k, v in table(d["accuracy"]).items()}
+    return cls(d["level"], tuple(d["kinds"]), tuple(d["severities"]),
+               [tuple(k) if isinstance(k, list) else k for k in d["keys"]],
+               table(d["logprob"]), correct)
+
   def to_json(self) -> dict:
     out = {"level": self.level, "kinds": list(self.kinds), "severities": list(self.severities),
            "keys": [list(k) if isinstance(k, tuple) else k for k in self.keys],
@@ -69,7 +82,8 @@ class FragilityResult:
 
 
 def perturbed_cots(cots: Sequence[str], kinds: Sequence[str], severities: Sequence[int], *,
-                   level: str = "char", seed: int = 0, tokenizer=None, vocab=None) -> dict:
+                   level: str = "char", seed: int = 0, tokenizer=None, vocab=None,
+                   replacement: str = "bernoulli") -> dict:
   """{(kind, percent): N texts} for every kind and non-zero severity, plus ('original', 0)."""
   if level == "token" and vocab is None:
     vocab = perturbations.TokenVocabulary.from_tokenizer(tokenizer)
@@ -78,7 +92,46 @@ def perturbed_cots(cots: Sequence[str], kinds: Sequence[str], severities: Sequen
     for pct in severities:
       if pct:
         out[(kind, pct)] = [perturbations.perturb(c, kind, pct, seed, level=level,
-                                                  tokenizer=tokenizer, vocab=vocab) for c in cots]
+                                                  tokenizer=tokenizer, vocab=vocab,
+                                                  replacement=replacement) for c in cots]
+  return out
+
+
+# ------------------------------------------------------------------ the paper's protocol inputs
+
+def heldout_examples(ctx, num: int) -> list:
+  """The paper's fresh held-out questions: a seeded subset (eval.seed, MMLU stratified) of `num`
+  items of the run's eval split (wiki: its held-out article range; QA: the test split); 0 = all."""
+  from markovian_jax.data import selection
+  from markovian_jax.training.run_context import read_examples
+  spec = ctx.spec
+  split = read_examples(spec, spec.data.eval_split, ctx.tokenizer)
+  return selection.eval_subset(split, num or len(split), spec.eval.seed,
+                               selection.strata(spec.task))
+
+
+def generate_cots(ctx, lora, examples: Sequence, *, seed: int = 0, batch_size: int = 32,
+                  temperature: Optional[float] = None) -> list:
+  """One CoT per example, sampled by base + `lora` (the run's adapter) at the training
+  temperature (or `temperature`), exactly cot_length tokens as in training: N strings."""
+  import jax
+
+  from markovian_jax import sampling
+  from markovian_jax.training.run_context import fetch
+  s = ctx.spec.sampling
+  t = s.temperature if temperature is None else temperature
+  rng, out = jax.random.PRNGKey(seed), []
+  batch_size = min(batch_size, len(examples))
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    real = len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch_size - real)  # one batch shape, one compile
+    rng, key = jax.random.split(rng)
+    cot = sampling.generate(ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
+                            max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length,
+                            rng=key, temperature=t, top_k=s.top_k, top_p=s.top_p, lora=lora,
+                            eos_ids=ctx.eos_ids, mesh=ctx.mesh)
+    out += ctx.decode(fetch(cot.tokens))[:real]
   return out
 
 
@@ -99,19 +152,22 @@ def fragility_scores(ctx, lora, examples: Sequence, cots: Sequence[str], *, leve
                      severities: Sequence[int] = perturbations.SEVERITIES, seed: int = 0,
                      accuracy: bool = False, keys: Optional[list] = None,
                      reduction: Optional[str] = None, batch_size: int = 32,
-                     vocab: Optional[perturbations.TokenVocabulary] = None) -> FragilityResult:
+                     vocab: Optional[perturbations.TokenVocabulary] = None,
+                     replacement: str = "bernoulli") -> FragilityResult:
   """Scores every perturbation of `cots` (N texts, one per example) under base + `lora`.
 
   reduction: over the answer tokens (default: the run's objective.logprob_reduction).
   accuracy: also read an answer greedily (eval.answer_max_tokens) and check it; not for
     wiki_continuation, whose answer is scored by log-prob only.
   vocab: the tokenizer's TokenVocabulary for level='token' (built once when None).
+  replacement: character-level replacement, `perturbations.REPLACEMENTS` (the reference's
+    per-character Bernoulli by default).
   """
   for kind in kinds:
     perturbations.check(kind, 0)
   severities = tuple(sorted({0, *severities}))
   variants = perturbed_cots(cots, kinds, severities, level=level, seed=seed,
-                            tokenizer=ctx.tokenizer, vocab=vocab)
+                            tokenizer=ctx.tokenizer, vocab=vocab, replacement=replacement)
   names = list(variants)
   flat_examples = [ex for _ in names for ex in examples]
   flat_cots = [c for name in names for c in variants[name]]
@@ -205,4 +261,69 @@ def format_run(result: FragilityResult, metric: str = "logprob") -> str:
   for kind in result.kinds:
     cells = [f"{result.effect(kind, p, metric).mean():+.4f}" for p in pcts]
     lines.append(f"| {_TITLES[kind]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+
+# ------------------------------------------------------------------ the paper's tables
+
+# The paper's column order (Table 2) and short names.
+PAPER_KINDS = ("char_replace", "delete", "digit_replace", "truncate_back", "truncate_front")
+_SHORT = {"char_replace": "CharRep", "delete": "Delete", "digit_replace": "DigitRep",
+          "truncate_back": "TruncBack", "truncate_front": "TruncFront"}
+
+
+def markovian_first(runs: Sequence[tuple]) -> tuple:
+  """Two (name, markovian, payload) runs ordered Markovian first, so that every difference is
+  Markovian minus non-Markovian whichever order they were given in (given order when both or
+  neither are Markovian)."""
+  a, b = runs
+  return (b, a) if b[1] and not a[1] else (a, b)
+
+
+def _grid(rows: Sequence[Comparison]) -> tuple:
+  cells = {(r.kind, r.percent): r.mean_difference for r in rows}
+  kinds = [k for k in PAPER_KINDS if any(r.kind == k for r in rows)]
+  pcts = sorted({r.percent for r in rows})
+  return cells, kinds, pcts
+
+
+def format_table2(rows: Sequence[Comparison], unit: str = "nats") -> str:
+  """The paper's Table 2 layout (markdown): severities (rows) x perturbation kinds (columns) of
+  the mean difference of effects, a mean column per severity and a column-mean row."""
+  cells, kinds, pcts = _grid(rows)
+  lines = ["| severity | " + " | ".join(_SHORT[k] for k in kinds) + " | mean |",
+           "|---|" + "---|" * (len(kinds) + 1)]
+  for p in pcts:
+    vals = [cells[(k, p)] for k in kinds]
+    lines.append(f"| {p}% | " + " | ".join(f"{v:+.3f}" for v in vals) +
+                 f" | {np.mean(vals):+.3f} |")
+  means = [np.mean([cells[(k, p)] for p in pcts]) for k in kinds]
+  lines.append("| column mean | " + " | ".join(f"{v:+.3f}" for v in means) +
+               f" | {np.mean(means):+.3f} |")
+  lines.append("")
+  lines.append(f"Cells: Markovian drop - non-Markovian drop ({unit}); positive = the Markovian "
+               "CoT matters more. Signs of the column means: " +
+               ", ".join(f"{_SHORT[k]} {'+' if v > 0 else '-' if v < 0 else '0'}"
+                         for k, v in zip(kinds, means)) + ".")
+  return "\n".join(lines)
+
+
+def table3_row(rows: Sequence[Comparison]) -> dict:
+  """{kind: the accuracy difference averaged over severities, ..., "overall": their mean}."""
+  cells, kinds, pcts = _grid(rows)
+  out = {k: float(np.mean([cells[(k, p)] for p in pcts])) for k in kinds}
+  out["overall"] = float(np.mean(list(out.values()))) if out else float("nan")
+  return out
+
+
+def format_table3(by_task: dict) -> str:
+  """The paper's Table 3 layout (markdown): one row per task ({task: table3_row(...)}), the
+  accuracy difference per perturbation kind averaged over severities, and the overall mean."""
+  kinds = [k for k in PAPER_KINDS if any(k in r for r in by_task.values())]
+  lines = ["| task | " + " | ".join(_SHORT[k] for k in kinds) + " | overall |",
+           "|---|" + "---|" * (len(kinds) + 1)]
+  for task, row in by_task.items():
+    lines.append(f"| {task} | " + " | ".join(f"{row[k]:+.3f}" for k in kinds) +
+                 f" | {row['overall']:+.3f} |")
   return "\n".join(lines)

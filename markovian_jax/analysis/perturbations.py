@@ -14,12 +14,16 @@ digits, replaced from the same 62) or token ids (the paper's text: digit tokens 
 decode to digits only, replaced by a digit token of as many digits and the same leading space;
 replaceable = every non-special token, replaced from the whole non-special vocabulary).
 
-Severity is exact, not a per-unit probability: p% of n eligible units is round(p * n / 100),
-half up, in integer arithmetic (the reference drew each digit with probability p, and its
-truncation's float arithmetic kept one character too few at 80%). The choice is nested: for one
-CoT, kind and seed, the units perturbed at 40% include those at 20%, with the same replacements,
-so a table's severities are one random draw made progressively worse. Everything is a function
-of (seed, kind, the CoT's content): deterministic, and independent of the other CoTs in a batch.
+Replacement at character level follows the reference by default (REPLACEMENTS, `replacement`):
+`bernoulli` replaces each eligible character with probability p by a uniform draw from its
+alphabet, which may be the character itself, as the reference's did; `exact` changes exactly
+round(p * n / 100) of them, each to a different unit (the token level always does). Deletion
+and truncation are exact: p% of n units is round(p * n / 100), half up, in integer arithmetic
+(the reference's truncation's float arithmetic kept one character too few at 80%). The choice is
+nested: for one CoT, kind and seed, the units perturbed at 40% include those at 20%, with the same
+replacements, so a table's severities are one random draw made progressively worse. Everything
+is a function of (seed, kind, the CoT's content): deterministic, and independent of the other
+CoTs in a batch.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 KINDS = ("delete", "truncate_front", "truncate_back", "digit_replace", "char_replace")
 SEVERITIES = (0, 20, 40, 60, 80, 100)
 LEVELS = ("char", "token")
+REPLACEMENTS = ("bernoulli", "exact")  # character-level replacement (module docstring)
 DIGITS = string.digits
 ALPHANUMERIC = string.ascii_letters + string.digits  # the reference's char_replace alphabet
 
@@ -82,15 +87,34 @@ def _other_in(alphabet: Sequence) -> Callable[[object, int], object]:
                                      % len(alphabet)]
 
 
-def perturb_text(text: str, kind: str, percent: int, seed: int = 0) -> str:
-  """`text` with `kind` applied at `percent` severity, character by character."""
+def _bernoulli(units: list, percent: int, rng: np.random.Generator, eligible: Sequence[int],
+               alphabet: Sequence) -> list:
+  """Each eligible unit replaced with probability percent/100 by a uniform draw from `alphabet`
+  (possibly itself). One uniform and one draw per eligible unit, whatever the severity: nested."""
+  u = rng.random(len(eligible))
+  draws = rng.integers(0, len(alphabet), size=len(eligible))
+  out = list(units)
+  for j, i in enumerate(eligible):
+    if u[j] < percent / 100:
+      out[i] = alphabet[int(draws[j])]
+  return out
+
+
+def perturb_text(text: str, kind: str, percent: int, seed: int = 0,
+                 replacement: str = "bernoulli") -> str:
+  """`text` with `kind` applied at `percent` severity, character by character; `replacement`
+  (REPLACEMENTS) says how the replace kinds choose the characters they change."""
   check(kind, percent)
+  if replacement not in REPLACEMENTS:
+    raise ValueError(f"unknown replacement {replacement!r}; choose one of {list(REPLACEMENTS)}")
   if percent == 0:
     return text
   chars = list(text)
   rng = np.random.default_rng([int(seed), KINDS.index(kind), zlib.crc32(text.encode("utf-8"))])
   alphabet = DIGITS if kind == "digit_replace" else ALPHANUMERIC
   eligible = [i for i, c in enumerate(chars) if c in alphabet]
+  if kind in ("digit_replace", "char_replace") and replacement == "bernoulli":
+    return "".join(_bernoulli(chars, percent, rng, eligible, alphabet))
   return "".join(_edit(chars, kind, percent, rng, eligible, _other_in(alphabet)))
 
 
@@ -150,11 +174,13 @@ def perturb_tokens(ids: Sequence[int], kind: str, percent: int, seed: int = 0, *
 
 
 def perturb(cot: str, kind: str, percent: int, seed: int = 0, *, level: str = "char",
-            tokenizer=None, vocab: Optional[TokenVocabulary] = None) -> str:
-  """A CoT text perturbed at `level`: 'char' edits the text; 'token' encodes it with
-  `tokenizer` (no special tokens), edits the ids with `vocab` and decodes them back."""
+            tokenizer=None, vocab: Optional[TokenVocabulary] = None,
+            replacement: str = "bernoulli") -> str:
+  """A CoT text perturbed at `level`: 'char' edits the text (`replacement` as perturb_text);
+  'token' encodes it with `tokenizer` (no special tokens), edits the ids with `vocab` and decodes
+  them back."""
   if level == "char":
-    return perturb_text(cot, kind, percent, seed)
+    return perturb_text(cot, kind, percent, seed, replacement)
   if level != "token":
     raise ValueError(f"unknown perturbation level {level!r}; choose one of {list(LEVELS)}")
   if tokenizer is None or vocab is None:

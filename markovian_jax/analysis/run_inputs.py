@@ -5,6 +5,7 @@ its logged CoTs (samples.jsonl).
     config = run_config(workdir)                   # config.json onto configs/base.py's defaults
     ctx = load_context(config, model_path=None)    # the run's model, or a reader
     lora = run_adapter(workdir, ctx, step=None)    # its latest (or `step`) checkpoint's LoRA
+    lora, step, why = checkpoint_adapter(workdir, ctx)  # the best by selection (or `step`)
     rows = logged_rows(workdir, num=32)            # the last 32 logged questions
 """
 
@@ -97,6 +98,30 @@ def run_adapter(workdir: str, ctx, step: Optional[int] = None):
   params = jax.device_put(lora.params, sharding.param_shardings(lora.params, ctx.mesh))
   logging.info("adapter of step %d from %s", chosen, ckpt_dir)
   return lora.replace(params=params)
+
+
+def checkpoint_adapter(workdir: str, ctx, step: Optional[int] = None) -> tuple:
+  """(LoRA on ctx's mesh, step, how it was chosen): checkpoint `step`, or by default the best
+  step by the run's selection (validation) score, the latest when no step has one."""
+  import jax
+
+  from markovian_jax.training import export
+  from markovian_jax.runtime import sharding
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if step is not None:
+    chosen, reason = export.choose_step(ckpt_dir, step)
+  else:
+    try:
+      chosen, reason = export.choose_step(ckpt_dir, best=True)
+      reason = f"best by selection: {reason}"
+    except export.ExportError as e:
+      chosen, reason = export.choose_step(ckpt_dir)
+      logging.warning("%s: no selection score (%s); using %s", workdir, e, reason)
+      reason = f"{reason} (no selection score)"
+  lora = export.restore_adapter(ckpt_dir, chosen, ctx.model)
+  params = jax.device_put(lora.params, sharding.param_shardings(lora.params, ctx.mesh))
+  logging.info("adapter of step %d from %s (%s)", chosen, ckpt_dir, reason)
+  return lora.replace(params=params), chosen, reason
 
 
 def logged_rows(workdir: str, num: Optional[int] = None) -> list:
