@@ -170,7 +170,7 @@ class Run:
     self.attention["ran"] = ours_meta.get("self_attention_kernel")
     self.attention["hlo_cudnn_fmha_calls"] = {
         r: row.get("hlo_cudnn_fmha_calls") for r, row in res["rows"].items() if "/step/" in r}
-    res.update(workload=_workload_dict(self.w), versions=self.versions, preflight=pre,
+    res.update(workload=self.w.as_dict(), versions=self.versions, preflight=pre,
                attention=self.attention, ours_meta=ours_meta, torch_meta=torch_meta,
                budget_s=self.args.budget_s, wall_s=time.time() - self.start,
                forbidden_modules=sorted(set(forbidden_loaded()) | {
@@ -181,14 +181,6 @@ class Run:
     results.write_json(self.out / "accelerator.json", res)
     (self.out / "table.txt").write_text(text + "\n")
     return text
-
-
-def _workload_dict(w: wl.Workload) -> dict:
-  import dataclasses
-  d = {k: v for k, v in dataclasses.asdict(w).items() if k not in ("config", "estimates")}
-  d["model"] = {k: v for k, v in dataclasses.asdict(w.config).items()}
-  d["model"]["num_params"] = w.config.num_params
-  return d
 
 
 def _on_term(signum, frame):

@@ -90,6 +90,12 @@ class Workload:
     """Slots of the sampler's KV cache: the bucketed prompt and the new tokens."""
     return -(-self.sampler_prompt // SAMPLER_BUCKET) * SAMPLER_BUCKET + self.sampler_new
 
+  def as_dict(self) -> dict:
+    """The sizes and the model config, for the JSON (the priors are left out)."""
+    d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "estimates")}
+    return {**d, "model": {**dataclasses.asdict(self.config),
+                           "num_params": self.config.num_params}}
+
   def rows(self, side: str) -> list:
     """Row ids of one side in run order: the steps (Q as given), then decode (B as given)."""
     return [f"{side}/step/{q}" for q in self.questions] + \
