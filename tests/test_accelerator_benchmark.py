@@ -155,6 +155,20 @@ def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path):
   assert not [p for p in workers if os.path.exists(f"/proc/{p}") and _is_running(p)]
 
 
+def test_a_worker_ends_itself_after_the_deadline(tmp_path):
+  """The backstop for a driver killed outright: a worker past the run's deadline (plus 30 s of
+  grace) ends itself by SIGALRM instead of holding the device."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu")
+  t = time.time()
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.accelerator", "--worker=ours", "--rows=ours/step/2",
+       "--tiny", f"--out={tmp_path}", f"--deadline={t - 29}", "--compile_cache="],
+      cwd=str(helpers.REPO), env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == -signal.SIGALRM, proc.stderr[-2000:]
+  assert time.time() - t < 60
+
+
 def _worker_pids(out) -> list:
   """Processes running a worker of this run (found by their --out argument)."""
   pids = []

@@ -65,6 +65,10 @@ def forbidden_loaded() -> list:
 def run_worker(args, w: wl.Workload) -> None:
   """One worker process's job; it writes DIR/<worker>.json (atomically, after every row)."""
   out = pathlib.Path(args.out)
+  if args.deadline:
+    # A backstop should the driver itself be killed outright (SIGKILL skips its `finally`): the
+    # worker ends itself soon after the run's deadline instead of holding the device.
+    signal.alarm(max(1, int(args.deadline - time.time() + 3 * KILL_GRACE_S)))
   probes.enable_compilation_cache(args.compile_cache)
   rows = args.rows.split(",") if args.rows else []
   if args.worker == "preflight":
@@ -191,10 +195,12 @@ def _on_term(signum, frame):
 def _preflight(run: Run) -> tuple:
   """(preflight dict, torch probe dict or None): both workers at once, versions printed."""
   args = run.args
-  procs = {"preflight": _start(_command(args, "preflight"),
+  end = run.budget.deadline
+  procs = {"preflight": _start(_command(args, "preflight", deadline=end),
                                {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})}
   if not args.skip_torch:
-    procs["torch_probe"] = _start(_command(args, "torch_probe"), {"JAX_PLATFORMS": "cpu"})
+    procs["torch_probe"] = _start(_command(args, "torch_probe", deadline=end),
+                                  {"JAX_PLATFORMS": "cpu"})
   timeout = min(run.budget.left(), 3 * run.w.estimate("preflight") + 60)
   for name, proc in procs.items():
     code = _finish(proc, timeout)
