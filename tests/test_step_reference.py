@@ -136,24 +136,17 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
       state = optimizer.set_learning_rate(tx.init(l_), np.float32(lr))
       return optax.apply_updates(l_, tx.update(g_, state, l_)[0])
 
-    updated = _peft_keyed(jax.jit(step)(grads, lora).params)
-  return Ours(float(loss), _peft_keyed(grads.params), np.asarray(sc.rewards, np.float64),
+    updated = _peft_keyed(jax.jit(step)(grads, lora), ctx.model)
+  return Ours(float(loss), _peft_keyed(grads, ctx.model), np.asarray(sc.rewards, np.float64),
               np.asarray(sc.base_scores, np.float64), np.asarray(tg.advantages, np.float64),
               updated)
 
 
-def _peft_keyed(lora_params: dict) -> dict:
-  """Our LoRA tree {layers: {attn|mlp: {name: {a [L, in, r], b [L, r, out]}}}} -> PEFT keys."""
-  out = {}
-  for module, group in lora_params["layers"].items():
-    hf_module = {"attn": "self_attn", "mlp": "mlp"}[module]
-    for name, ab in group.items():
-      for leaf, suffix in (("a", "lora_A"), ("b", "lora_B")):
-        stacked = np.asarray(ab[leaf], np.float64)
-        for i in range(stacked.shape[0]):
-          out[f"base_model.model.model.layers.{i}.{hf_module}.{name}_proj.{suffix}.weight"] = (
-              stacked[i].T)
-  return out
+def _peft_keyed(tree, model_config) -> dict:
+  """A LoraAdapter-shaped tree (the adapter or its gradient) -> {PEFT key: float64 array}, named
+  as the family's PEFT adapter names them (the reference's keys come from peft itself)."""
+  from markovian_jax.models import hf
+  return {k: v.astype(np.float64) for k, v in hf.peft_tensors(tree, model_config).items()}
 
 
 # ----------------------------------------------------------------------------- fixtures

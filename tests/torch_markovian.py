@@ -2,7 +2,7 @@
 
 Written from the method's formulas, not from markovian_jax: it builds its own prompts from the
 template strings below, tokenizes them with `transformers.AutoTokenizer`, runs
-`LlamaForCausalLM` + a PEFT LoRA (one unpadded row at a time, so no padding or position logic can
+the checkpoint's transformers class (`AutoModelForCausalLM`: Llama, Qwen3, GPT-2, ...) + a PEFT LoRA (one unpadded row at a time, so no padding or position logic can
 hide a slip) and differentiates with `torch.autograd` in float64. `tests/test_step_reference.py`
 compares our JAX step against it.
 
@@ -88,14 +88,16 @@ class StepResult:
 
 
 class TorchMarkovian:
-  """Base Llama (HF directory) + a PEFT LoRA adapter directory, in `dtype` (float64 default)."""
+  """A base model (HF directory of any family) + a PEFT LoRA adapter directory, in `dtype`
+  (float64 default)."""
 
   def __init__(self, model_dir: str, adapter_dir: str, task: str = "arithmetic",
                dtype=None):
     self.dtype = dtype or torch.float64
     self.task = task
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    base = transformers.LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                             attn_implementation="eager")
     base = base.to(self.dtype)
     model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     self.model = model.to(self.dtype).eval()  # eval: LoRA dropout off (the adapter has 0 anyway)
