@@ -1,11 +1,14 @@
 """Does another model understand the run's CoTs? Re-score them with a different reader.
 
+    fmt = reader_prompt_format(reader_path)        # the reader family's own prompt format
     result = cross_model_scores(reader_ctx, rows)   # rows: samples.jsonl records of the run
     print(format_table(result, run_name, reader_name))
     plot(result, "cross_model.png", title)
+    plot_over_training([(run_name, result)], "cross_model_training.png", title)  # paper's figure
 
-For every logged CoT the reader (any model `load_checkpoint` accepts, with its own tokenizer and
-the run's prompts) gives log P(answer | CoT) - log P(answer | CoT'), CoT' being the base model's
+For every logged CoT the reader (any model `load_checkpoint` accepts, any family, with its own
+tokenizer and the run's prompts written in the reader's own format, as the reference wrote each
+reader's prompts) gives log P(answer | CoT) - log P(answer | CoT'), CoT' being the base model's
 greedy CoT that the run logged beside it: the reader's normalised reward R', set against the
 run's own R = r - b. If the run logged no CoT' (objective.normalize_reward=False) both sides are
 the plain answer log-probs r' and r. Scores are reduced over the answer tokens like the run's
@@ -19,8 +22,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from markovian_jax.data import prompts
 from markovian_jax.training import evaluation
 from markovian_jax.analysis.run_inputs import example
+
+# The paper's cross-model figure smooths each curve over 40 training steps.
+SMOOTHING_WINDOW = 40
+
+
+def reader_prompt_format(reader_path: str) -> str:
+  """The prompt format of the reader's family (`prompts.FAMILY_FORMATS`: Mistral [INST], Qwen
+  ChatML, plain otherwise), read from its config without loading weights."""
+  from markovian_jax.models.loading import resolve_model_path
+  from markovian_jax.planning.shapes import model_config
+  config, _ = model_config(resolve_model_path(reader_path), "float32")
+  return prompts.family_format(config.model_type)
 
 
 @dataclasses.dataclass
@@ -127,5 +143,54 @@ def plot(result: CrossModelResult, path: str, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
   fig.suptitle(title)
+  from markovian_jax.reporting.figures import save_png
+  return save_png(fig, plt, path)
+
+
+def smooth(values: np.ndarray, window: int = SMOOTHING_WINDOW) -> np.ndarray:
+  """Trailing moving average: entry i is the mean of values[max(0, i - window + 1) : i + 1]."""
+  values = np.asarray(values, np.float64)
+  sums = np.cumsum(np.concatenate([[0.0], values]))
+  idx = np.arange(1, values.size + 1)
+  lo = np.maximum(idx - window, 0)
+  return (sums[idx] - sums[lo]) / (idx - lo)
+
+
+def step_means(result: CrossModelResult) -> tuple:
+  """(steps int [S], the run's mean R per step [S], the reader's mean R' per step [S])."""
+  steps = np.unique(result.steps)
+  run = np.array([result.run[result.steps == s].mean() for s in steps])
+  reader = np.array([result.reader[result.steps == s].mean() for s in steps])
+  return steps, run, reader
+
+
+def plot_over_training(results: Sequence[tuple], path: str, title: str,
+                       window: int = SMOOTHING_WINDOW) -> str:
+  """The paper's cross-model figure: over training steps, the reader's R' = lp(a | CoT) -
+  lp(a | CoT') (solid) and the generating run's own normalised reward R (dashed), each averaged
+  per logged step and smoothed over `window` steps; one colour per run of `results`
+  ([(run name, CrossModelResult)]) and, with several runs, their mean (black). Returns `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5))
+  curves = []
+  for k, (name, result) in enumerate(results):
+    steps, run, reader = step_means(result)
+    color = f"C{k % 10}"
+    ax.plot(steps, smooth(reader, window), "-", color=color, label=f"{name}: reader")
+    ax.plot(steps, smooth(run, window), "--", color=color, alpha=0.6, label=f"{name}: generator")
+    curves.append((steps, smooth(reader, window)))
+  if len(curves) > 1:
+    grid = np.unique(np.concatenate([s for s, _ in curves]))
+    mean = np.nanmean([np.interp(grid, s, c, left=np.nan, right=np.nan) for s, c in curves],
+                      axis=0)
+    ax.plot(grid, mean, "k-", lw=2.2, label="mean of runs: reader")
+  ax.axhline(0.0, color="k", lw=0.6)
+  ax.set_xlabel("training step")
+  ax.set_ylabel(f"normalised reward (nats), smoothed over {window} steps")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="best", fontsize=8)
+  ax.set_title(title)
   from markovian_jax.reporting.figures import save_png
   return save_png(fig, plt, path)

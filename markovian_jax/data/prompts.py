@@ -8,6 +8,11 @@ and `{N}` = target_length in the base prompts. The CoT follows the prompt type w
 Chat format (`prompt_format="chat"`): the user turn "{base_prompt} {question}" goes through the
 tokenizer's chat template with the generation prompt, then the assistant text is the same
 "{prompt_type}" / "{prompt_type}{cot} Answer: " continuation.
+Family formats, written literally as the reference writes them for each model type
+(`FAMILY_FORMATS`; Llama, GPT-2 and Phi use the plain format):
+  mistral:  "[INST] {user} [/INST]\n{assistant}"
+  chatml:   "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"  (Qwen2/3,
+            no <think> handling)
 
 The reward scores the answer tokens after the LAST ("Answer", ":") token pair of prefix + answer,
 tokenized jointly: BPE may merge across the boundary, so the span is found by token ids (looked
@@ -42,7 +47,14 @@ PROMPT_TYPES = {"wiki_continuation": "Reasoning Bottleneck:"}
 DEFAULT_PROMPT_TYPE = "Reasoning:"
 ANSWER_HEADER = " Answer: "
 REDACTED = "<Redacted>"
-PROMPT_FORMATS = ("plain", "chat")
+PROMPT_FORMATS = ("plain", "chat", "mistral", "chatml")
+# The reference's format per model family (config.json model_type); others read plain text.
+FAMILY_FORMATS = {"mistral": "mistral", "qwen2": "chatml", "qwen3": "chatml"}
+
+
+def family_format(model_type: str) -> str:
+  """The prompt format the reference used for a model family (`FAMILY_FORMATS`, else plain)."""
+  return FAMILY_FORMATS.get(model_type, "plain")
 
 
 def base_prompt(task: str, cot_length: int, target_length: int = 50) -> str:
@@ -58,6 +70,10 @@ def prompt_type(task: str) -> str:
 def _frame(user_text, assistant_text, prompt_format, tokenizer) -> str:
   if prompt_format == "plain":
     return f"{user_text}\n{assistant_text}"
+  if prompt_format == "mistral":
+    return f"[INST] {user_text} [/INST]\n{assistant_text}"
+  if prompt_format == "chatml":
+    return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n{assistant_text}"
   if prompt_format == "chat":
     if tokenizer is None:
       raise ValueError("prompt_format='chat' needs the tokenizer (for its chat template)")
@@ -84,12 +100,13 @@ def answer_prompt(task: str, question: str, cot: str, cot_length: int, *, markov
 
 
 def encode(tokenizer, text: str, prompt_format: str = "plain") -> list:
-  """Token ids of a prompt: the plain format lets the tokenizer add BOS; a chat template already
-  writes its own special tokens, so none are added then."""
+  """Token ids of a prompt: the plain and family formats let the tokenizer add its BOS (as the
+  reference tokenizes them); a chat template already writes its own special tokens, so none are
+  added then."""
   if prompt_format not in PROMPT_FORMATS:
     raise ValueError(f"unknown prompt_format {prompt_format!r}; choose one of "
                      f"{list(PROMPT_FORMATS)}")
-  return list(tokenizer(text, add_special_tokens=prompt_format == "plain")["input_ids"])
+  return list(tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"])
 
 
 def _single_token(tokenizer, text: str):

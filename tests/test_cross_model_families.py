@@ -1,0 +1,135 @@
+"""Prompts per family and cross-model reading with a reader of another family.
+
+The family formats are checked against the reference's literal strings; a Qwen3 reader (a tiny
+random checkpoint written by transformers, SmolLM2's tokenizer) scores logged CoTs through
+`cross_model_scores` in its own ChatML format, against transformers' log-probs of the literal
+ChatML text (float32 vs float32 torch: atol 2e-5 nats); the paper's figure (smoothing window 40)
+is checked by hand; `analyze cross_model` runs end to end on a SmolLM2 run with that reader.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from markovian_jax.analysis import cross_model
+from markovian_jax.data import prompts
+from tests import helpers
+from tests import test_families
+from tests.run_fixtures import demo_runs  # noqa: F401 (a fixture)
+
+BASE = ("You will be given an arithmetic problem, which you have 10 tokens to work through "
+        "step-by-step. Question:")
+
+
+def test_family_formats_are_the_references_strings():
+  q, cot = "12 + 30", " add them: 42"
+  assert prompts.cot_prompt("arithmetic", q, 10, prompt_format="mistral") == (
+      f"[INST] {BASE} {q} [/INST]\nReasoning:")
+  assert prompts.answer_prompt("arithmetic", q, cot, 10, prompt_format="mistral") == (
+      f"[INST] {BASE} <Redacted> [/INST]\nReasoning:{cot} Answer: ")
+  assert prompts.cot_prompt("arithmetic", q, 10, prompt_format="chatml") == (
+      f"<|im_start|>user\n{BASE} {q}<|im_end|>\n<|im_start|>assistant\nReasoning:")
+  assert prompts.answer_prompt("arithmetic", q, cot, 10, markovian=False,
+                               prompt_format="chatml") == (
+      f"<|im_start|>user\n{BASE} {q}<|im_end|>\n<|im_start|>assistant\nReasoning:{cot} Answer: ")
+  assert {t: prompts.family_format(t) for t in ("llama", "gpt2", "phi3", "mistral", "qwen2",
+                                                "qwen3")} == {
+      "llama": "plain", "gpt2": "plain", "phi3": "plain", "mistral": "mistral",
+      "qwen2": "chatml", "qwen3": "chatml"}
+
+
+@pytest.mark.parametrize("fmt", ["mistral", "chatml"])
+def test_answer_span_by_token_ids_in_family_formats(smollm2_path, fmt):
+  from markovian_jax.models import load_tokenizer
+  tok = load_tokenizer(smollm2_path)
+  prefix = prompts.answer_prompt("arithmetic", "1 + 2", " three", 10, prompt_format=fmt)
+  got = prompts.answer_tokens(tok, prefix, "3", fmt)
+  assert tok.decode(got.ids[got.start:]).strip() == "3"
+  # The family formats keep the tokenizer's own special tokens (its BOS), as the plain one does.
+  assert list(got.ids) == list(tok(prefix + "3")["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def qwen3_reader(tmp_path_factory, smollm2_path):
+  """(directory, torch model, tokenizer) of a tiny random Qwen3 with SmolLM2's tokenizer."""
+  from markovian_jax.models import load_tokenizer
+  tok = load_tokenizer(smollm2_path)
+  path = str(tmp_path_factory.mktemp("qwen3_reader"))
+  model = test_families.torch_model("qwen3", path, vocab_size=len(tok),
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+  tok.save_pretrained(path)
+  return path, model, tok
+
+
+def _torch_answer_logprob(model, tok, text: str) -> float:
+  """Mean log-prob of the tokens after the last ("Answer", ":") pair, found by decoding."""
+  torch = helpers.require("torch")
+  ids = tok(text)["input_ids"]
+  pieces = [tok.decode([i]) for i in ids]
+  start = max(j for j in range(len(ids) - 1)
+              if pieces[j] in ("Answer", " Answer") and pieces[j + 1] == ":") + 2
+  with torch.no_grad():
+    lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+  return float(np.mean([lp[t - 1, ids[t]].item() for t in range(start, len(ids))]))
+
+
+def test_reader_scores_in_its_own_format(qwen3_reader):
+  from markovian_jax.analysis import run_inputs
+  from markovian_jax.configs import base
+  path, model, tok = qwen3_reader
+  fmt = cross_model.reader_prompt_format(path)
+  assert fmt == "chatml"
+  c = base.get_config("arithmetic")
+  c.model.path, c.model.dtype, c.mesh.shape = path, "float32", (1, 1, 1)
+  c.sampling.cot_length = 10
+  c.prompt.format = fmt
+  ctx = run_inputs.load_context(c)
+  rows = [{"step": 3, "question": "12 + 30", "answer": "42", "cots": [" add: 42", " 12, 30"],
+           "base_cot": " hmm, numbers", "normalized": [0.2, -0.1], "rewards": [-1.0, -2.0]}]
+  result = cross_model.cross_model_scores(ctx, rows, batch_size=4)
+  assert result.normalized
+  for i, cot in enumerate(rows[0]["cots"]):
+    text = (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
+            f"Reasoning:{cot} Answer: 42")
+    np.testing.assert_allclose(result.reader_cot[i], _torch_answer_logprob(model, tok, text),
+                               atol=2e-5, rtol=0)
+  base_text = (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
+               f"Reasoning: hmm, numbers Answer: 42")
+  np.testing.assert_allclose(result.reader_base, _torch_answer_logprob(model, tok, base_text),
+                             atol=2e-5, rtol=0)
+
+
+def test_smoothing_and_the_training_figure(tmp_path):
+  values = np.arange(1.0, 101.0)
+  smoothed = cross_model.smooth(values, 40)
+  assert smoothed[0] == 1.0 and smoothed[9] == np.mean(values[:10])
+  assert smoothed[99] == np.mean(values[60:100]) and smoothed[39] == np.mean(values[:40])
+  steps = np.repeat(np.arange(60), 2)
+
+  def result(shift):
+    run = np.sin(steps / 9.0) + shift
+    return cross_model.CrossModelResult(steps, run, run + 0.5, np.full(run.shape, 0.25), True)
+
+  a, b = result(0.0), result(1.0)
+  s, run_means, reader_means = cross_model.step_means(a)
+  assert s.tolist() == list(range(60))
+  np.testing.assert_allclose(reader_means - run_means, 0.25)
+  png = cross_model.plot_over_training([("a", a), ("b", b)], str(tmp_path / "fig.png"), "t")
+  assert os.path.getsize(png) > 10_000
+
+
+@pytest.mark.slow  # a SmolLM2-tokenizer training run and an analyze subprocess
+def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader):
+  from tests.test_cli import run_module
+  path = qwen3_reader[0]
+  proc = run_module("markovian_jax.analyze", "cross_model",
+                    f"--workdir={demo_runs['markovian']}", f"--reader={path}", "--num_cots=2",
+                    timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| 8 (all) |" in proc.stdout
+  analysis = os.path.join(demo_runs["markovian"], "analysis")
+  saved = json.load(open(os.path.join(analysis, "cross_model.json")))
+  assert np.all(np.isfinite(saved["reader_cot"])) and np.all(np.isfinite(saved["reader_base"]))
+  assert os.path.getsize(os.path.join(analysis, "cross_model_training.png")) > 10_000
