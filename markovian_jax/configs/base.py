@@ -69,7 +69,9 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.data.mmlu_train_splits = ("dev", "validation")
 
   c.prompt = ml_collections.ConfigDict()
-  c.prompt.format = "plain"  # plain (reference: text + BOS) | chat (tokenizer chat template)
+  # plain (reference: text + BOS; Llama, GPT-2, Phi) | chatml (Qwen2/3) | mistral ([INST]) |
+  # chat (the tokenizer's chat template)
+  c.prompt.format = "plain"
   c.prompt.markovian = True  # hide the question (<Redacted>) when scoring the answer
 
   c.sampling = ml_collections.ConfigDict()
