@@ -72,6 +72,7 @@ def test_tiny_run_has_every_figure(tmp_path):
   assert dev["measured_copy_tb_s"] > 0 and dev["measured_matmul_bf16_tflops"] > 0
   assert result["versions"]["packages"]["jax"] and result["versions"]["torch"]["torch"]
   assert result["attention"]["used"] == ["einsum"]  # CPU: the preflight says why not cuDNN
+  assert result["attention"]["hlo_agrees"] is True  # and the compiled programs call no cuDNN
   assert "cpu" in result["attention"]["reason"]
   for rid, row in result["rows"].items():
     side, kind, size = rid.split("/")

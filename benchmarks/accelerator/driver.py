@@ -180,7 +180,13 @@ class Run:
                forbidden_modules=sorted(set(forbidden_loaded()) | {
                    m for d in (pre, ours_meta, torch_meta)
                    for m in d.get("forbidden_modules", [])}))
-    res["attention"]["used"] = sorted(set((self.attention.get("ran") or {}).values())) or None
+    att = res["attention"]
+    att["used"] = sorted(set((att.get("ran") or {}).values())) or None
+    # The compiled programs must agree with the resolved kernel: cuDNN calls in the HLO iff
+    # cuDNN was resolved (None until a step row has compiled).
+    calls = [sum(c.values()) for c in att["hlo_cudnn_fmha_calls"].values() if c]
+    att["hlo_agrees"] = None if not calls or not att["used"] else \
+        all((n > 0) == ("cudnn" in att["used"]) for n in calls)
     text = results.table(res)
     results.write_json(self.out / "accelerator.json", res)
     (self.out / "table.txt").write_text(text + "\n")
