@@ -1,10 +1,11 @@
 """An 8B cost model without the hardware: XLA's cost analysis of our compiled 8B programs.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-      python -m benchmarks.cost_model [--out cost_model.json]
+      python -m benchmarks.cost_model [--out cost_model.json] [--model qwen3-4b|qwen3-8b]
 
 (the two variables are set by the script itself when absent). On the CPU backend, from
 `jax.eval_shape` weights (nothing is allocated), it AOT-lowers and compiles, for Llama-3.1-8B
+(or, with --model, the paper's other policy Qwen3-4B, or Qwen3-8B, from their published shapes)
 in bf16 with a rank-8 LoRA on every linear layer:
 
   * one sampler decode step (`llama.forward` of one token per row against the KV cache, then
@@ -250,15 +251,33 @@ def markdown(result: list) -> str:
   return "\n".join(lines)
 
 
+# --model: name -> hub id whose published shapes `planning.shapes` knows offline.
+MODELS = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct", "qwen3-4b": "Qwen/Qwen3-4B",
+          "qwen3-8b": "Qwen/Qwen3-8B"}
+
+
+def model_config(name: str):
+  """The bf16 config of `name` (MODELS) with the einsum attention (XLA:CPU's cost analysis)."""
+  if name == "llama-3.1-8b":
+    return acc.llama31_8b(attention_impl="einsum")
+  from markovian_jax.planning import shapes
+  config, _ = shapes.model_config(MODELS[name], "bfloat16")
+  return config.replace(attention_impl="einsum")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", help="write the rows as JSON here")
   parser.add_argument("--devices", default="1,8", help="layouts (device counts)")
-  parser.add_argument("--layers", type=int, default=32, help="extrapolate to this many layers")
+  parser.add_argument("--layers", type=int, default=None,
+                      help="extrapolate to this many layers (default: the model's)")
   parser.add_argument("--only", choices=("decode", "update"), help="one program kind")
+  parser.add_argument("--model", default="llama-3.1-8b", choices=sorted(MODELS),
+                      help="whose published shapes (Qwen3: the paper's other policy)")
   args = parser.parse_args(argv)
-  config = acc.llama31_8b(attention_impl="einsum").replace(num_layers=args.layers)
-  w = acc.Workload("llama-3.1-8b", config)
+  config = model_config(args.model)
+  config = config.replace(num_layers=args.layers or config.num_layers)
+  w = acc.Workload(args.model, config)
   decode = [] if args.only == "update" else [(8 * w.group + 8, w.step_prompt + w.cot),
                                               (256, w.sampler_prompt + w.sampler_new)]
   questions = [] if args.only == "decode" else list(w.questions)

@@ -9,7 +9,10 @@ bias or a swapped norm). Checks per family:
   - greedy generation through our KV-cache sampler equals transformers' `generate`;
   - KV-cache decode, one token at a time, equals the full recompute;
   - a PEFT adapter we export loads in transformers + peft and reproduces our logits, and reads
-    back into the same adapter (LoRA on each family's own module names).
+    back into the same adapter (LoRA on each family's own module names);
+  - our full-weight writer (plain and with the adapter merged) loads in transformers;
+  - `sample --lora` (GPT-2, Phi-3) prints transformers + peft's greedy continuation;
+  - the Qwen3-4B/8B memory plans, and `train` refusing an unsupported model_type in one line.
 """
 
 import json
@@ -262,6 +265,52 @@ def test_save_hf_round_trips_through_transformers(family, tmp_path):
   positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
   np.testing.assert_allclose(_torch_logits(reloaded.eval(), ids, mask, positions)[mask],
                              _torch_logits(model, ids, mask, positions)[mask], atol=1e-5, rtol=0)
+
+
+def test_merged_export_loads_in_transformers(family, tmp_path):
+  """`export --format=merged`'s writer: base + adapter folded, read by the family's transformers
+  class, gives our base + LoRA logits."""
+  transformers = helpers.require("transformers")
+  _, _, _, config, params = family
+  lora = _random_adapter(config)
+  out = str(tmp_path / "merged")
+  hf.save_merged_hf(config, params, lora, out)
+  merged = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+  ids, mask = _ragged_batch(config.vocab_size, [20, 11], seq=20, seed=6)
+  positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
+  ours = np.asarray(logits(config, params, ids, lora, attention_mask=mask))
+  np.testing.assert_allclose(_torch_logits(merged.eval(), ids, mask, positions)[mask], ours[mask],
+                             atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # a sample subprocess per family
+@pytest.mark.parametrize("name", ["gpt2", "phi3"])
+def test_sample_cli_with_a_peft_adapter(name, tmp_path, smollm2_path):
+  """`sample --checkpoint=<family dir> --lora=<PEFT dir> --temperature=0` prints transformers +
+  peft's greedy continuation."""
+  torch = helpers.require("torch")
+  peft = helpers.require("peft")
+  from markovian_jax.models import load_tokenizer
+  from tests import test_cli
+  tok = load_tokenizer(smollm2_path)
+  path = str(tmp_path / name)
+  model = torch_model(name, path, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+  tok.save_pretrained(path)
+  config, _ = load_checkpoint(path)
+  adapter = str(tmp_path / "adapter")
+  hf.save_peft_adapter(_random_adapter(config), config, adapter)
+  prompt = "The capital of France is"
+  proc = test_cli.run_module("markovian_jax.sample", f"--checkpoint={path}", f"--lora={adapter}",
+                             f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=6",
+                             "--min_new_tokens=6", "--compilation_cache_dir=")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ids = tok(prompt)["input_ids"]
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(model, adapter).eval().generate(
+        torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        pad_token_id=0)[0, len(ids):]
+  assert tok.decode(theirs, skip_special_tokens=True) in proc.stdout
 
 
 def test_lora_targets_follow_the_family():

@@ -160,17 +160,17 @@ def answer_rows(w: Workload, cots: np.ndarray):
 # ------------------------------------------------------------------ FLOP and byte models
 
 def matmul_params(c) -> tuple:
-  """(matmul parameters of one decoder layer, of the head)."""
-  d, f = c.hidden_size, c.intermediate_size
-  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  return d * q + 2 * d * kv + q * d + 3 * d * f, d * c.vocab_size
+  """(matmul parameters of one decoder layer, of the head), from the family's linear layers
+  (`lora.module_table`: q, k, v, o, gate, up, down, or their fused forms)."""
+  from markovian_jax.models import lora as lora_lib
+  layer = sum(n_in * n_out for _, n_in, n_out in lora_lib.module_table(c).values())
+  return layer, c.hidden_size * c.vocab_size
 
 
 def lora_layer_params(c, rank: int) -> int:
-  """LoRA parameters of one layer, all 7 linear layers (a: in x r, b: r x out)."""
-  d, f = c.hidden_size, c.intermediate_size
-  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  return rank * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d))
+  """LoRA parameters of one layer on every linear layer of the family (a: in x r, b: r x out)."""
+  from markovian_jax.models import lora as lora_lib
+  return rank * sum(n_in + n_out for _, n_in, n_out in lora_lib.module_table(c).values())
 
 
 def forward_flops(c, positions: int, projected: int, lora_rank: int = 0) -> float:
@@ -203,7 +203,8 @@ def weight_bytes_per_decode_step(c, lora_rank: int) -> int:
   embedding table: a step gathers B rows of it), plus the fp32 LoRA."""
   layer, head = matmul_params(c)
   itemsize = np.dtype(np_dtype(c.param_dtype)).itemsize
-  norms = (2 * c.num_layers + 1) * c.hidden_size
+  norms = (2 * c.num_layers + 1) * c.hidden_size + (
+      2 * c.num_layers * c.head_dim if c.qk_norm else 0)
   return itemsize * (c.num_layers * layer + head + norms) + \
       4 * c.num_layers * lora_layer_params(c, lora_rank)
 
