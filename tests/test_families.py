@@ -313,6 +313,27 @@ def test_sample_cli_with_a_peft_adapter(name, tmp_path, smollm2_path):
   assert tok.decode(theirs, skip_special_tokens=True) in proc.stdout
 
 
+def test_gpt2_original_upload_layout(tmp_path):
+  """The original `gpt2` upload names its tensors without "transformer." and keeps the causal-mask
+  buffers (h.{i}.attn.bias): both load into the same model."""
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  path = str(tmp_path / "gpt2")
+  torch_model("gpt2", path)
+  config, params = load_checkpoint(path)
+  out = str(tmp_path / "gpt2_upload")
+  shutil.copytree(path, out)
+  tensors = load_file(os.path.join(out, hf.WEIGHTS_NAME))
+  renamed = {k[len("transformer."):]: v for k, v in tensors.items() if k.startswith("transformer.")}
+  assert len(renamed) == len(tensors)
+  for i in range(config.num_layers):
+    renamed[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 128, 128), np.float32))
+  save_file(renamed, os.path.join(out, hf.WEIGHTS_NAME), metadata={"format": "pt"})
+  _, loaded = load_checkpoint(out)
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_lora_targets_follow_the_family():
   def cfg(**kw):
     return LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=12, num_layers=1,
