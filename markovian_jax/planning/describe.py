@@ -21,7 +21,8 @@ def describe(p) -> str:
   extra = f" ({w.rows} + {w.questions} CoT')" if w.reference_rows else ""
   lines = [
       f"plan      {s.task} on mesh (data {d}, fsdp {f}, tensor {t}) = {d * f * t} devices{where}",
-      f"model     {s.model.path}: {c.num_params / 1e9:.2f} B params, {c.param_dtype}, "
+      f"model     {s.model.path}: {c.model_type}, {c.num_params / 1e9:.2f} B params, "
+      f"{c.param_dtype}, "
       f"remat={w.remat} ({p.model_source})",
       f"rows      Q={w.questions} x G={w.group} = {w.rows}, {w.rows // split} per data x fsdp "
       f"shard (score, update); sampler {real} rows{extra} padded to {padded}, "
