@@ -21,6 +21,7 @@ def _run(*args, timeout=600):
   return run_module("markovian_jax.analyze", *args, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_fragility_cli_prints_the_papers_table(demo_runs):
   proc = _run("fragility", f"--workdir={demo_runs['markovian']}",
               f"--compare={demo_runs['non_markovian']}", "--level=both", "--source=logged",
@@ -45,6 +46,7 @@ def test_fragility_cli_prints_the_papers_table(demo_runs):
   assert os.path.isfile(os.path.join(analysis, "fragility.md"))
 
 
+@pytest.mark.slow
 def test_cross_model_cli_with_another_tokenizer_and_model(demo_runs, smollm2_path):
   del smollm2_path  # only its presence: the CLI resolves the package:// path itself
   proc = _run("cross_model", f"--workdir={demo_runs['markovian']}", f"--reader={SMOLLM2}",
@@ -65,6 +67,7 @@ def markovian_ctx(demo_runs):
   return analysis.load_context(analysis.run_config(demo_runs["markovian"]))
 
 
+@pytest.mark.slow
 def test_fragility_scores_invariants(demo_runs, markovian_ctx):
   from markovian_jax.analysis import run_inputs as analysis
   rows = analysis.logged_rows(demo_runs["markovian"], 3)
@@ -114,6 +117,7 @@ def test_compare_pairs_by_question_and_counts_consistency():
   assert "| **Delete** | 50% | +0.5000 | 50.0% | 2 |" in table
 
 
+@pytest.mark.slow
 def test_bad_input(demo_runs, tmp_path):
   no_cots = tmp_path / "no_cots"
   shutil.copytree(demo_runs["markovian"], no_cots, ignore=shutil.ignore_patterns("samples.jsonl"))

@@ -40,6 +40,7 @@ def one_error_line(result) -> str:
   return lines[0]
 
 
+@pytest.mark.slow
 def test_train_cli_runs_refuses_to_mix_runs_and_resumes(tiny_model_dir, tmp_path):
   work = tmp_path / "run"
   done = run_train(*demo_args(tiny_model_dir, work))
@@ -77,6 +78,7 @@ def weightless_model_dir(tiny_model_dir, tmp_path_factory):
     (["--config.lora.init_from=/no/such/adapter"],
      "config.lora.init_from: /no/such/adapter is not a PEFT adapter directory"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_before_the_model_loads(weightless_model_dir, tmp_path,
                                                                 extra, expected):
   line = one_error_line(run_train(*demo_args(weightless_model_dir, tmp_path / "w", *extra),
@@ -85,6 +87,7 @@ def test_bad_input_exits_2_with_one_line_before_the_model_loads(weightless_model
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_malformed_data_record_is_one_line_naming_file_and_line(weightless_model_dir, tmp_path):
   data = tmp_path / "gsm8k"
   data.mkdir()

@@ -81,6 +81,7 @@ def test_slurm_and_open_mpi_come_from_jax_detection(env):
   assert distributed.plan() == Plan("OmpiCluster", None, 4, 3)
 
 
+@pytest.mark.slow
 def test_single_process_stop_on_sigterm_and_sigint():
   before = signal.getsignal(signal.SIGTERM)
   with distributed.StopOnSignal() as stop:
@@ -101,6 +102,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_process_that_never_joins_is_one_clear_error_within_the_timeout(tmp_path):
   """Process 0 of 2 waits for a process 1 that never starts; separately, a process 1 whose
   coordinator never starts. Both end within the 5 s timeout plus start-up, with one line each."""

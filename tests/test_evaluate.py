@@ -143,6 +143,7 @@ def by_question(path, key):
   return {key(s): s for s in read_jsonl(path)}
 
 
+@pytest.mark.slow
 def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   proc, out = base_model_evals["gsm8k"]
   assert_ok(proc)
@@ -177,6 +178,7 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   assert "base:" in proc.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_arc_base_model(base_model_evals, shared_data):
   proc, out = base_model_evals["arc"]
   assert_ok(proc)
@@ -279,6 +281,7 @@ def tiny_args(model_dir, data_dir, *extra) -> list:
           [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()] + list(extra))
 
 
+@pytest.mark.slow
 def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data):
   workdir, trainer, loras = trained_run
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -380,6 +383,7 @@ def test_unknown_task(tmp_path):
   assert_fails(proc, r"config\.task", "unknown task 'nope'")
 
 
+@pytest.mark.slow
 def test_missing_data_file(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -387,6 +391,7 @@ def test_missing_data_file(tmp_path):
   assert_fails(proc, re.escape(str(empty)), r"test\.jsonl")
 
 
+@pytest.mark.slow
 def test_malformed_row_names_file_and_line(shared_data, tmp_path):
   def corrupt(lines):
     lines[2] = lines[2][:40]  # a truncated third record
@@ -396,6 +401,7 @@ def test_malformed_row_names_file_and_line(shared_data, tmp_path):
   assert_fails(proc, re.escape(os.path.join(data, "gsm8k", "test.jsonl") + ":3"), "malformed JSON")
 
 
+@pytest.mark.slow
 def test_empty_gold_answer(shared_data, tmp_path):
   def blank(lines):
     row = json.loads(lines[1])
@@ -407,6 +413,7 @@ def test_empty_gold_answer(shared_data, tmp_path):
   assert_fails(proc, r"test\.jsonl:2", r"empty final answer")
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
   """A second identical run loads its programs from config.compilation_cache_dir."""
   cache = tmp_path / "xla_cache"
@@ -433,6 +440,7 @@ def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
   assert first == second
 
 
+@pytest.mark.slow
 def test_unwritable_compilation_cache_dir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
@@ -441,17 +449,20 @@ def test_unwritable_compilation_cache_dir(tmp_path):
   assert_fails(proc, "config.compilation_cache_dir", "cannot create")
 
 
+@pytest.mark.slow
 def test_unknown_host_allocator(tmp_path):
   proc = run_cli("--config=configs/demo.py", "--base_model", f"--output_dir={tmp_path / 'out'}",
                  "--config.host_allocator=jemalloc")
   assert_fails(proc, "config.host_allocator", "'jemalloc' is not one of")
 
 
+@pytest.mark.slow
 def test_no_model_selected(tmp_path):
   proc = run_cli("--config=configs/gsm8k.py", f"--output_dir={tmp_path}")
   assert_fails(proc, "--checkpoint_dir", "--base_model")
 
 
+@pytest.mark.slow
 def test_checkpoint_dir_without_checkpoints(tmp_path):
   (tmp_path / "ckpt").mkdir()
   proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path / 'ckpt'}")
@@ -460,6 +471,7 @@ def test_checkpoint_dir_without_checkpoints(tmp_path):
   assert_fails(proc, "does not exist", re.escape(str(tmp_path / "nowhere")))
 
 
+@pytest.mark.slow
 def test_step_that_does_not_exist(trained_run, tiny_model_dir, shared_data):
   workdir, _, _ = trained_run
   proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints",
@@ -470,6 +482,7 @@ def test_step_that_does_not_exist(trained_run, tiny_model_dir, shared_data):
 @pytest.mark.parametrize("flags, selected", [([], ["step_2"]), (["--step=1"], ["step_1"]),
                                               (["--all_steps", "--base_model"],
                                                ["base", "step_1", "step_2"])])
+@pytest.mark.slow
 def test_step_selection(trained_run, tiny_model_dir, tmp_path, flags, selected):
   # Models are chosen before the data is read, so a missing data dir stops right after.
   workdir, _, _ = trained_run
@@ -479,6 +492,7 @@ def test_step_selection(trained_run, tiny_model_dir, tmp_path, flags, selected):
   assert_fails(proc, re.escape(str(tmp_path / "nowhere")), "no such file or directory")
 
 
+@pytest.mark.slow
 def test_conflicting_flags(tmp_path):
   proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path}", "--step=1",
                  "--all_steps")

@@ -34,6 +34,7 @@ def _ids(config):
   return np.random.RandomState(0).randint(0, config.vocab_size, (2, 24))
 
 
+@pytest.mark.slow
 def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, ckpt_dir,
                                                                  peft_dir):
   torch = helpers.require("torch")
@@ -58,6 +59,7 @@ def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, 
   np.testing.assert_allclose(their_delta, delta, atol=2e-5 + 0.02 * np.abs(delta).max())
 
 
+@pytest.mark.slow
 def test_sample_and_training_read_the_exported_adapter(tiny_model_dir, ckpt_dir, peft_dir):
   from markovian_jax.sample import sample_texts
   config, _ = load_checkpoint(tiny_model_dir)
@@ -70,6 +72,7 @@ def test_sample_and_training_read_the_exported_adapter(tiny_model_dir, ckpt_dir,
   assert len(rows) == 1 and len(rows[0]["tokens"]) == 4
 
 
+@pytest.mark.slow
 def test_merged_export_equals_base_plus_lora(tiny_model_dir, ckpt_dir, tmp_path):
   record = export.export(ckpt_dir, str(tmp_path / "merged"), fmt="merged", step=2)
   assert record["step"] == 2 and record["format"] == "merged"
@@ -92,6 +95,7 @@ def _events_with_selection(run_dir, scores: dict):
   writer.close()
 
 
+@pytest.mark.slow
 def test_best_uses_the_selection_split_never_the_test_split(demo_runs, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(demo_runs["markovian"], run)
@@ -125,6 +129,7 @@ def _run_export(*args):
   return run_module("markovian_jax.export", *args)
 
 
+@pytest.mark.slow
 def test_export_cli(ckpt_dir, tmp_path):
   done = _run_export(f"--checkpoint_dir={ckpt_dir}", "--step=2", f"--out={tmp_path / 'a'}")
   assert done.returncode == 0, done.stderr[-3000:]
@@ -148,6 +153,7 @@ def test_export_cli(ckpt_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scores, best", [({2: 0.25, 4: 0.75}, 4), ({2: 0.75, 4: 0.25}, 2)])
+@pytest.mark.slow
 def test_best_follows_distinct_stored_scores(demo_runs, tmp_path, scores, best):
   """With distinct selection scores stored beside the checkpoints the best step is the higher
   one, whether it is the latest or the earliest (tied scores could not tell these apart)."""

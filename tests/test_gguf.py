@@ -86,6 +86,7 @@ def _chat_ids(tok, question):
 
 # ------------------------------------------------------------------ SmolLM2 tests
 
+@pytest.mark.slow
 def test_smollm2_config_from_metadata(smollm2):
   config, params = smollm2
   # The file's metadata (ENVIRONMENT.md section 3): 30 layers, d=576, ffn 1536, 9/3 heads, vocab
@@ -102,6 +103,7 @@ def test_smollm2_config_from_metadata(smollm2):
   assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params == 134_515_008
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers_gguf_tokenizer(tokenizer, hf_tokenizer):
   for text in TOKENIZER_STRINGS:
     ours = tokenizer(text)["input_ids"]
@@ -138,6 +140,7 @@ def test_tokenizer_splits_digits_off_like_smollm2(tokenizer, hf_tokenizer):
   assert tokenizer("a  5")["input_ids"] == [81, 256, 37]  # 'a', 'ĠĠ', '5'
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf_model(smollm2, tokenizer, forward, hf_model):
   torch = helpers.require("torch")
   ids = tokenizer("In 1969, Apollo 11 landed on the Moon; the crew walked for about two hours.")[
@@ -153,6 +156,7 @@ def test_logits_match_transformers_gguf_model(smollm2, tokenizer, forward, hf_mo
   assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 def test_greedy_chat_answer_names_paris(smollm2, tokenizer, forward):
   _, params = smollm2
   ids = _chat_ids(tokenizer, "What is the capital of France?")

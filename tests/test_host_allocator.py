@@ -88,6 +88,7 @@ def test_missing_or_unloadable_tcmalloc_continues_on_system_malloc(no_exec, monk
   assert not no_exec
 
 
+@pytest.mark.slow
 def test_a_real_process_restarts_onto_tcmalloc_once():
   if host_allocator.find_tcmalloc() is None:
     helpers.missing(f"tcmalloc is not installed ({host_allocator.INSTALL_HINT})")

@@ -33,6 +33,8 @@ import pytest
 
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # two-process jobs of the real CLIs
+
 STEPS = 4
 TIMEOUT_S = 600
 

@@ -24,6 +24,7 @@ def ppo_trainer(tiny_model_dir, tmp_path_factory):
   return Trainer(c)
 
 
+@pytest.mark.slow
 def test_ppo_first_pass_is_on_policy_and_the_schedule_counts_training_steps(ppo_trainer):
   """The first PPO minibatch sees rho = 1 (no LoRA dropout in PPO's passes), and every update of
   training step s uses the schedule's value at s: warmup to 1e-3 at step 1, then a cosine over
@@ -53,6 +54,7 @@ def ei_trainer(tiny_model_dir, tmp_path_factory):
   return Trainer(c)
 
 
+@pytest.mark.slow
 def test_no_kept_sample_means_no_optimizer_step_and_no_baseline_cot(ei_trainer):
   from markovian_jax.training import optimizer
   before = lora_leaves(ei_trainer)
@@ -169,6 +171,7 @@ def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(tiny_mode
     assert span.strip() == examples[q].answer
 
 
+@pytest.mark.slow
 def test_fragility_hook_logs_the_answer_drop_per_perturbation(pg_trainer):
   """The eval.fragility_every hook: one scalar per perturbation kind and severity; deleting the
   whole CoT and truncating all of it from either end leave the same empty CoT, so they agree."""

@@ -108,6 +108,7 @@ def run_plan(*args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exit_codes():
   fits = run_plan("--config=configs/presets/v5e-8.py")
   assert fits.returncode == 0, fits.stderr[-2000:]
@@ -185,6 +186,7 @@ def _small(remat="full"):
     ((1, 1, 1), "dots", ("update",)),
 ], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) and isinstance(x[0], int)
    else (x if isinstance(x, str) else "+".join(x)))
+@pytest.mark.slow
 def test_plan_agrees_with_memory_analysis(shape, remat, phases):
   from markovian_jax.planning import compile as plan_compile
   from markovian_jax.planning import memory as plan_memory

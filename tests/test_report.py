@@ -92,6 +92,7 @@ def _run_report(*args):
   return run_module("markovian_jax.report", *args)
 
 
+@pytest.mark.slow
 def test_report_cli_on_two_runs_of_the_training_loop(demo_runs):
   proc = _run_report(f"--workdir={demo_runs['parent']}")
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -284,6 +284,7 @@ def test_one_program_serves_any_weights_temperature_and_min_tokens(model, caplog
   assert "sampler: compiling batch=3 bucket=64 new_tokens=8 num_samples=3" in caplog.text
 
 
+@pytest.mark.slow
 def test_sharded_over_the_mesh_matches_one_device(model):
   config, params, lora = model
   mesh = sharding.make_mesh((2, 2, 2))
@@ -339,6 +340,7 @@ def smollm2(smollm2_path, smollm2_model):
   return config, params, load_tokenizer(smollm2_path)
 
 
+@pytest.mark.slow
 def test_greedy_smollm2_matches_transformers_generate(smollm2_path, smollm2):
   torch = helpers.require("torch")
   from transformers import AutoModelForCausalLM
@@ -370,6 +372,7 @@ def test_greedy_smollm2_matches_transformers_generate(smollm2_path, smollm2):
 
 # ------------------------------------------------------------------ the CLI
 
+@pytest.mark.slow
 def test_cli_help_lists_the_flags():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   res = subprocess.run([sys.executable, "-m", "markovian_jax.sample", "--help"], cwd=helpers.REPO,
@@ -380,6 +383,7 @@ def test_cli_help_lists_the_flags():
     assert flag in res.stdout, flag
 
 
+@pytest.mark.slow
 def test_cli_samples_with_and_without_a_peft_adapter(smollm2_path, smollm2, tmp_path):
   from markovian_jax import sample
   from markovian_jax.models import hf

@@ -137,6 +137,7 @@ def _loop_all_gathers(text: str) -> list:
   return out
 
 
+@pytest.mark.slow
 def test_decode_does_not_all_gather_weights(monkeypatch):
   """With fsdp=4 the decode loop moves activations only: its largest all-gather is far below one
   layer's weight matrix. The control, the train layout (rows over data x fsdp, weights split on
@@ -223,6 +224,7 @@ def _row_slices(x: jax.Array) -> dict:
 
 
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.slow
 def test_train_step_splits_rows_and_weights(model_dir, tmp_path, single, shape):
   """Every data x fsdp shard holds its own rows of every row array (shard shapes asserted), the
   base weights shrink by fsdp x tensor per device, and the loss and LoRA gradient before the

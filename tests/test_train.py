@@ -48,6 +48,7 @@ def lora_leaves(trainer):
   return [np.asarray(x) for x in jax.tree.leaves(trainer.lora.params)]
 
 
+@pytest.mark.slow
 def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
   from markovian_jax.runtime import summary
   from markovian_jax.trainer import Trainer
@@ -172,6 +173,7 @@ def test_invalid_config_fails_before_loading(tmp_path):
     Trainer(c)
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_then_stop(tiny_model_dir, tmp_path):
   from markovian_jax.trainer import Trainer, TrainingStopped
   # An update of 1e30 per element overflows the update norm: every update is non-finite.
@@ -185,6 +187,7 @@ def test_non_finite_updates_are_skipped_then_stop(tiny_model_dir, tmp_path):
   assert trainer.ckpt.latest_step() == 2  # the last good state is saved
 
 
+@pytest.mark.slow
 def test_collapse_rollback_then_stop(tiny_model_dir, tmp_path):
   from markovian_jax.trainer import Trainer, TrainingStopped
   # KL >= 0 > -1 always alarms: the run rolls back to its step-1 checkpoint each time, then stops.
@@ -197,6 +200,7 @@ def test_collapse_rollback_then_stop(tiny_model_dir, tmp_path):
   assert trainer.step_num == 2 and trainer.ckpt.all_steps() == [1]
 
 
+@pytest.mark.slow
 def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path):
   """PPO with 2 epochs x 2 minibatches (rows of one question split across minibatches, each
   row then carrying its own prompt) against a frozen initial adapter: the minibatch rows give
