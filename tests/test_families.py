@@ -200,13 +200,18 @@ def test_cache_decode_equals_full_recompute(family):
                            cache_mask=jnp.asarray(np.pad(mask[:, :prefill],
                                                          ((0, 0), (0, t - prefill)))))
   steps = [np.asarray(llama.project(config, params, h))]
+
+  @jax.jit  # one compile for every step: the slot is a traced index, as in the sampler
+  def step(params, tok, tok_mask, pos, cache, index, valid):
+    h, cache = llama.forward(config, params, tok, attention_mask=tok_mask, positions=pos,
+                             cache=cache, cache_index=index, cache_mask=valid)
+    return llama.project(config, params, h), cache
+
   for i in range(prefill, t):
     valid = np.pad(mask[:, :i + 1], ((0, 0), (0, t - i - 1)))
-    h, cache = llama.forward(config, params, jnp.asarray(ids[:, i:i + 1]),
-                             attention_mask=jnp.asarray(mask[:, i:i + 1]),
-                             positions=positions[:, i:i + 1], cache=cache, cache_index=i,
-                             cache_mask=jnp.asarray(valid))
-    steps.append(np.asarray(llama.project(config, params, h)))
+    out, cache = step(params, jnp.asarray(ids[:, i:i + 1]), jnp.asarray(mask[:, i:i + 1]),
+                      positions[:, i:i + 1], cache, jnp.int32(i), jnp.asarray(valid))
+    steps.append(np.asarray(out))
   decoded = np.concatenate(steps, axis=1)
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-4, rtol=0)
 
