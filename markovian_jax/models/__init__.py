@@ -1,4 +1,5 @@
-"""Llama 3.x model, weights loading/export, LoRA and teacher-forced log-probs.
+"""The decoder of every supported family (Llama, Mistral, Qwen2/3, Phi-3, GPT-2: named fields of
+`LlamaConfig`, `config.FAMILIES`), weights loading/export, LoRA and teacher-forced log-probs.
 
 Public contracts:
   load_checkpoint(path, dtype="float32") -> (config, params)
