@@ -3,7 +3,8 @@
   python -m markovian_jax.analyze fragility --workdir=A [--compare=B] [--level=char|token|both]
       [--source=heldout|logged] [--num_examples=N] [--num_cots=32] [--scorer=actor|base]
       [--step=N] [--replacement=bernoulli|exact] [--accuracy] [--seed=0]
-  python -m markovian_jax.analyze cross_model --workdir=A --reader=PATH [--num_cots=32]
+  python -m markovian_jax.analyze cross_model --workdir=A --reader=PATH [--compare=B]
+      [--num_cots=32]
 
 fragility, by default the paper's protocol: each run's own adapter (checkpoint --step, else the
 best by its selection score) samples one CoT for each of --num_examples fresh held-out questions
@@ -19,9 +20,11 @@ severities x kinds, column means) and Table 3 (QA accuracy drop per kind, averag
 severities). The protocol (scorer, checkpoint step, where the CoTs came from, split, n, seed) is
 recorded in the JSON.
 
-cross_model: the reader (any model path `load_checkpoint` accepts, with its own tokenizer) scores
-log P(answer | CoT) - log P(answer | CoT') for every logged CoT; prints its agreement with the
-run's own normalised reward and plots one against the other.
+cross_model: the reader (any model path `load_checkpoint` accepts, any family, with its own
+tokenizer and its family's prompt format) scores log P(answer | CoT) - log P(answer | CoT') for
+every logged CoT; prints its agreement with the run's own normalised reward, plots one against the
+other, and draws the paper's figure over training steps (smoothed over 40 steps), one curve per
+run (A, and B with --compare) and their mean.
 
 Results go to <workdir>/analysis/ (JSON, markdown, PNG). Bad input (no such run, no logged CoTs,
 a reader whose tokenizer cannot be loaded) exits 2 with one line.
@@ -45,7 +48,8 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("workdir", None, "The run directory to analyse (config.workdir).")
   flags.DEFINE_string("compare", None, "fragility: a second run directory (e.g. the "
-                      "prompt.markovian=False run) for the paper's difference table.")
+                      "prompt.markovian=False run) for the paper's difference table; "
+                      "cross_model: a second run the reader reads, drawn beside A.")
   flags.DEFINE_enum("level", "char", ["char", "token", "both"], "fragility: perturb characters "
                     "(the reference), tokens (the paper's text) or both.")
   flags.DEFINE_integer("num_cots", 32, "The last N logged questions (one CoT each for "
@@ -243,20 +247,28 @@ def run_cross_model(f) -> str:
   _check_run(f.workdir)
   if not f.reader:
     raise AnalysisError("cross_model needs --reader (the model that re-reads the CoTs)")
-  rows = analysis.logged_rows(f.workdir, f.num_cots)
-  # The reader reads the run's prompts in its own family's format (the reference's practice).
-  config = analysis.run_config(f.workdir).copy_and_resolve_references()
-  config.prompt.format = cross_model.reader_prompt_format(f.reader)
-  ctx = analysis.load_context(config, model_path=f.reader)
-  result = cross_model.cross_model_scores(ctx, rows, batch_size=f.batch_size)
-  name = os.path.basename(os.path.normpath(f.workdir))
+  workdirs = [f.workdir] + ([f.compare] if f.compare else [])
+  for w in workdirs[1:]:
+    _check_run(w, "--compare")
+  fmt = cross_model.reader_prompt_format(f.reader)
   reader = os.path.basename(os.path.normpath(f.reader))
-  text = cross_model.format_table(result, name, reader)
+  results, tables = [], []
+  for w in workdirs:
+    rows = analysis.logged_rows(w, f.num_cots)
+    # The reader reads the run's prompts in its own family's format (the reference's practice).
+    config = analysis.run_config(w).copy_and_resolve_references()
+    config.prompt.format = fmt
+    ctx = analysis.load_context(config, model_path=f.reader)
+    results.append((os.path.basename(os.path.normpath(w)),
+                    cross_model.cross_model_scores(ctx, rows, batch_size=f.batch_size)))
+    tables.append(cross_model.format_table(results[-1][1], results[-1][0], reader))
+  name, result = results[0]
+  text = "\n\n".join(tables)
   png = os.fspath(epath.Path(f.workdir) / "analysis" / "cross_model.png")
   cross_model.plot(result, png, f"{reader} re-reads the CoTs of {name}")
   cross_model.plot_over_training(
-      [(name, result)], os.fspath(epath.Path(f.workdir) / "analysis" / "cross_model_training.png"),
-      f"{reader} ({config.prompt.format} prompts) reads the CoTs of {name}")
+      results, os.fspath(epath.Path(f.workdir) / "analysis" / "cross_model_training.png"),
+      f"{reader} ({fmt} prompts) reads the CoTs of {', '.join(n for n, _ in results)}")
   _write(f.workdir, "cross_model.json", json.dumps({"reader": f.reader, **result.to_json()}))
   _write(f.workdir, "cross_model.md", text)
   return text + f"\n\nplot: {png}"

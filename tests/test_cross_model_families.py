@@ -125,10 +125,13 @@ def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader):
   from tests.test_cli import run_module
   path = qwen3_reader[0]
   proc = run_module("markovian_jax.analyze", "cross_model",
-                    f"--workdir={demo_runs['markovian']}", f"--reader={path}", "--num_cots=2",
+                    f"--workdir={demo_runs['markovian']}",
+                    f"--compare={demo_runs['non_markovian']}", f"--reader={path}", "--num_cots=2",
                     timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| 8 (all) |" in proc.stdout
+  assert proc.stdout.count("| 8 (all) |") == 2  # each run's table
+  assert "on 8 CoTs of run markovian" in proc.stdout
+  assert "on 8 CoTs of run non_markovian" in proc.stdout
   analysis = os.path.join(demo_runs["markovian"], "analysis")
   saved = json.load(open(os.path.join(analysis, "cross_model.json")))
   assert np.all(np.isfinite(saved["reader_cot"])) and np.all(np.isfinite(saved["reader_base"]))
