@@ -101,6 +101,47 @@ def test_reader_scores_in_its_own_format(qwen3_reader):
                              atol=2e-5, rtol=0)
 
 
+def test_known_reader_scores_order_sign_and_unnormalised_runs(qwen3_reader):
+  """Two questions with different CoT's: each CoT is normalised by its own question's CoT'
+  (rows repeated per CoT in order), R' = r'(CoT) - r'(CoT') (sign), and a run that logged no
+  CoT' (objective.normalize_reward=False) compares plain r' with the run's r. Every score is
+  transformers' log-prob of the literal ChatML text."""
+  from markovian_jax.analysis import run_inputs
+  from markovian_jax.configs import base
+  path, model, tok = qwen3_reader
+  c = base.get_config("arithmetic")
+  c.model.path, c.model.dtype, c.mesh.shape = path, "float32", (1, 1, 1)
+  c.sampling.cot_length = 10
+  c.prompt.format = cross_model.reader_prompt_format(path)
+  ctx = run_inputs.load_context(c)
+
+  def text(cot, answer):
+    return (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
+            f"Reasoning:{cot} Answer: {answer}")
+
+  rows = [{"step": 1, "question": "12 + 30", "answer": "42", "cots": [" add: 42", " 12, 30"],
+           "base_cot": " hmm, numbers", "normalized": [0.2, -0.1], "rewards": [-1.0, -2.0]},
+          {"step": 2, "question": "5 + 6", "answer": "11", "cots": [" so 11"],
+           "base_cot": " five six seven", "normalized": [0.4], "rewards": [-0.5]}]
+  result = cross_model.cross_model_scores(ctx, rows, batch_size=4)
+  cot_lp = [_torch_answer_logprob(model, tok, text(cot, r["answer"]))
+            for r in rows for cot in r["cots"]]
+  base_lp = [_torch_answer_logprob(model, tok, text(r["base_cot"], r["answer"]))
+             for r in rows for _ in r["cots"]]
+  # The checks below can tell the sign and the per-question CoT' apart only if these differ.
+  assert np.abs(np.subtract(cot_lp, base_lp)).min() > 1e-3 and abs(base_lp[0] - base_lp[2]) > 1e-3
+  assert result.normalized and result.steps.tolist() == [1, 1, 2]
+  np.testing.assert_allclose(result.reader_base, base_lp, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(result.reader, np.subtract(cot_lp, base_lp), atol=4e-5, rtol=0)
+  assert result.run.tolist() == [0.2, -0.1, 0.4]
+
+  plain = [{k: v for k, v in r.items() if k != "base_cot"} | {"normalized": None} for r in rows]
+  unnormalised = cross_model.cross_model_scores(ctx, plain, batch_size=4)
+  assert not unnormalised.normalized and np.isnan(unnormalised.reader_base).all()
+  np.testing.assert_allclose(unnormalised.reader, cot_lp, atol=2e-5, rtol=0)
+  assert unnormalised.run.tolist() == [-1.0, -2.0, -0.5]
+
+
 def test_smoothing_and_the_training_figure(tmp_path):
   values = np.arange(1.0, 101.0)
   smoothed = cross_model.smooth(values, 40)
