@@ -92,7 +92,7 @@ def test_missing_or_unloadable_tcmalloc_continues_on_system_malloc(no_exec, monk
 def test_a_real_process_restarts_onto_tcmalloc_once():
   if host_allocator.find_tcmalloc() is None:
     helpers.missing(f"tcmalloc is not installed ({host_allocator.INSTALL_HINT})")
-  code = ("from markovian_jax import host_allocator as h\n"
+  code = ("from markovian_jax.runtime import host_allocator as h\n"
           "print('before', flush=True)\n"
           "print('line', h.ensure('tcmalloc'))\n"
           "print('mapped', h.mapped_tcmalloc())\n")

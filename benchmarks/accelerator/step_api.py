@@ -11,7 +11,7 @@ from benchmarks.accelerator.workload import Workload, answer_rows
 
 
 def step_api(config, w: Workload, mesh, lora):
-  """Every use of `markovian_jax.train_step`, `objectives` and `optimizer` in the benchmarks, so
+  """Every use of `markovian_jax.training.train_step`, `objectives` and `optimizer` in the benchmarks, so
   that a change of those APIs is re-pointed here only.
 
   Returns a namespace:
