@@ -395,3 +395,24 @@ def test_unsupported_tokenizers_name_the_problem(tmp_path):
     load_gguf_tokenizer(_write_tokenizer_gguf(tmp_path / "spm.gguf", "default", model="llama"))
   with pytest.raises(GGUFError, match="pre-tokenizer 'qwen2' is not supported"):
     load_gguf_tokenizer(_write_tokenizer_gguf(tmp_path / "qwen.gguf", "qwen2"))
+
+
+def test_a_tokenizer_is_read_once_per_file_version(tmp_path, monkeypatch):
+  """Each call returns its own tokenizer object (padding set on one does not leak), the header is
+  read once per file, and a file rewritten in place is read again."""
+  from markovian_jax.models import gguf as gguf_lib
+  path = _write_tokenizer_gguf(tmp_path / "tok.gguf", "gpt2")
+  opened = []
+  real_open = gguf_lib._open
+  monkeypatch.setattr(gguf_lib, "_open", lambda p: opened.append(p) or real_open(p))
+  first, second = load_gguf_tokenizer(path), load_gguf_tokenizer(path)
+  assert len(opened) == 1 and first is not second
+  first.padding_side = "left"
+  assert second.padding_side == "right"
+  assert first("the cat 12")["input_ids"] == second("the cat 12")["input_ids"]
+  assert second.chat_template == first.chat_template and second.bos_token == "<|begin|>"
+  # Rewritten with llama.cpp's 'smollm' rule, which splits every digit off.
+  _write_tokenizer_gguf(tmp_path / "tok.gguf", "smollm")
+  third = load_gguf_tokenizer(path)
+  assert len(opened) == 2
+  assert len(third("12")["input_ids"]) == 2 != len(first("12")["input_ids"])

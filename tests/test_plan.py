@@ -241,3 +241,22 @@ def test_plan_through_a_minus_one_mesh():
   assert p.memory.peak > 0 and p.fits is not None
   with pytest.raises(InvalidConfig, match="^config.train.questions_per_step: 12 rows"):
     plan.make_plan(spec, num_devices=8, device_memory_gib=80.0)  # 12 rows over 8 devices
+
+
+def test_measured_prompt_length_is_the_longest_tokenized_prompt(tiny_model_dir):
+  """Repeated questions (a generated task draws the same sum many times) are measured once; the
+  result is the longest CoT prompt the tokenizer makes of any example, counted here one by one."""
+  from markovian_jax import data as data_lib
+  from markovian_jax.data.records import Example
+  from markovian_jax.models import load_tokenizer
+  tok = load_tokenizer(tiny_model_dir)
+  spec = preset_spec("1xh100")
+  questions = ["1 + 2", "what is 17 + 3 + 5 + 11?", "1 + 2", "a longer question " * 7, "9 + 9"]
+  examples = [Example(question=q, answer="3", id=f"t/{i}") for i, q in enumerate(questions * 50)]
+  expected = max(
+      len(tok(data_lib.cot_prompt(spec.task, q, spec.sampling.cot_length,
+                                  target_length=spec.data.target_length,
+                                  prompt_format=spec.prompt.format, tokenizer=tok))["input_ids"])
+      for q in questions)
+  assert plan.prompt_length(spec, tok, examples) == expected
+  assert plan.prompt_length(spec, tok, examples[:3]) < expected  # the long one is not among them

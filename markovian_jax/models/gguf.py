@@ -17,6 +17,7 @@ Meta's published band (low 1, high 4, original context 8192 unless the file stat
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional
 
@@ -337,9 +338,25 @@ def load_gguf_tokenizer(path):
   added tokens; bos/eos/unk/pad, whether BOS/EOS are added, and the chat template come from the
   metadata. Sentencepiece ('llama') and other tokenizer models are rejected.
   """
-  from tokenizers import AddedToken, Tokenizer, decoders, models
+  from tokenizers import Tokenizer
   from transformers import PreTrainedTokenizerFast
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  st = os.stat(path)
+  backend, kwargs = _tokenizer_parts(path, st.st_ino, st.st_size, st.st_mtime_ns)
+  # A new object per call: callers may set padding or truncation on theirs.
+  return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(backend), **dict(kwargs))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_parts(path: str, inode: int, size: int, mtime_ns: int) -> tuple[str, tuple]:
+  """(the `tokenizers` JSON, the special-token keyword arguments) of one version (inode, size,
+  modification time) of a GGUF file. Kept per process: reading the header walks every metadata
+  entry in Python (about 3 s for a 49k-token vocabulary), and a process that builds several runs
+  or readers loads the same tokenizer each time. Errors are raised, not kept."""
+  del inode, size, mtime_ns  # part of the key only: a rewritten file is read again
+  from tokenizers import AddedToken, Tokenizer, decoders, models
   meta = _Metadata(_open(path), path)
   model = meta.get("tokenizer.ggml.model")
   if model != "gpt2":
@@ -388,4 +405,4 @@ def load_gguf_tokenizer(path):
   template = meta.get("tokenizer.chat_template", None)
   if template is not None:
     kwargs["chat_template"] = template
-  return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+  return backend.to_str(), tuple(kwargs.items())

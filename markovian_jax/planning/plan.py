@@ -104,9 +104,12 @@ def prompt_length(spec: RunSpec, tokenizer, examples: Sequence) -> int:
   """The longest CoT prompt of `examples` in tokens (as `RunContext.cot_prompt_ids` builds it)."""
   from markovian_jax import data as data_lib
   s = spec
-  texts = [data_lib.cot_prompt(s.task, ex.question, s.sampling.cot_length,
+  # The prompt depends on the question alone, and a generated task repeats its questions (the
+  # demo's 100,000 sums have 400 distinct texts): each distinct one is tokenized once.
+  questions = sorted({ex.question for ex in examples})
+  texts = [data_lib.cot_prompt(s.task, q, s.sampling.cot_length,
                                target_length=s.data.target_length, prompt_format=s.prompt.format,
-                               tokenizer=tokenizer) for ex in examples]
+                               tokenizer=tokenizer) for q in questions]
   ids = tokenizer(texts, add_special_tokens=s.prompt.format != "chat")["input_ids"]
   return max(len(x) for x in ids)
 
