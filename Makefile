@@ -50,10 +50,15 @@ shellcheck:
 demo: $(VENV)/.installed tcmalloc
 	$(OFFLINE) $(PY) -m markovian_jax.train --config=configs/demo.py
 
+# One pytest worker per core (at most 4), one test module per worker at a time (tests/conftest.py);
+# `make test PYTEST_WORKERS=0` runs in one process.
+PYTEST_WORKERS ?= auto --maxprocesses=4
+PYTEST := $(OFFLINE) $(PY) -m pytest -q tests -n $(PYTEST_WORKERS)
+
 # Everything (what CI runs), with the 25 slowest tests listed.
 test: $(VENV)/.installed-test tcmalloc
-	$(OFFLINE) $(PY) -m pytest -q tests --durations=25
+	$(PYTEST) --durations=25
 
 # The edit-test loop: everything but the tests marked slow (see pyproject.toml's markers).
 test-fast: $(VENV)/.installed-test tcmalloc
-	$(OFFLINE) $(PY) -m pytest -q tests -m "not slow" --durations=10
+	$(PYTEST) -m "not slow" --durations=10

@@ -64,6 +64,31 @@ def tiny_model_dir(tmp_path_factory, smollm2_path):
   return d
 
 
+# Workers (pytest-xdist, `make test`): one module per work unit, so a module-scoped fixture (a
+# multi-process job, a trained run) is built once. The modules that read the session's trained
+# `demo_runs` are one unit together, so those runs are trained by one worker, not by each.
+SHARED_RUNS_SCOPE = "demo_runs"
+
+
+def _modules_sharing_demo_runs(tests_dir: str) -> set:
+  return {f"tests/{name}" for name in sorted(os.listdir(tests_dir))
+          if name.startswith("test_") and name.endswith(".py")
+          and "import demo_runs" in open(os.path.join(tests_dir, name)).read()}
+
+
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest` run has no xdist
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling
+  shared = _modules_sharing_demo_runs(os.path.dirname(os.path.abspath(__file__)))
+
+  class ModuleScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      module = nodeid.split("::", 1)[0]
+      return SHARED_RUNS_SCOPE if module in shared else module
+
+  return ModuleScheduling(config, log)
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _XLA_CACHE:

@@ -34,12 +34,19 @@ def _numbers(row, keys, where):
     assert isinstance(row[k], (int, float)) and math.isfinite(row[k]), f"{where}: {k}={row[k]}"
 
 
-def _bench(out, *flags, timeout=600):
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+  """One compilation cache for this module's benchmark runs: the budget and cut runs reuse the
+  full run's programs (the benchmark's own cache, as a user's second run would)."""
+  return tmp_path_factory.mktemp("bench_xla_cache")
+
+
+def _bench(out, cache, *flags, timeout=600):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no 8 fake devices here
   env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
   return subprocess.run(
       [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}",
-       f"--compile_cache={out.parent / 'xla_cache'}", *flags],
+       f"--compile_cache={cache}", *flags],
       cwd=str(helpers.REPO), env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -53,12 +60,14 @@ def _accounted(result):
 
 
 @pytest.mark.slow
-def test_tiny_run_has_every_figure(tmp_path):
+def test_tiny_run_has_every_figure(tmp_path, bench_cache):
   helpers.require("torch")
   helpers.require("peft")
   out = tmp_path / "bench"
+  cached_before = set(os.listdir(bench_cache))
   # A budget no busy CI machine reaches: this test wants every row (the next one, a cut).
-  proc = _bench(out, "--hbm_tb_s=0.05", "--peak_tflops=0.5", "--budget_s=1500", timeout=1600)
+  proc = _bench(out, bench_cache, "--hbm_tb_s=0.05", "--peak_tflops=0.5", "--budget_s=1500",
+                timeout=1600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.startswith("[versions] ")  # versions first, whatever happens next
   result = json.loads((out / "accelerator.json").read_text())
@@ -100,18 +109,19 @@ def test_tiny_run_has_every_figure(tmp_path):
   for key, ratio in result["ratios"].items():
     _numbers(ratio, ratio.keys(), key)
   assert (out / "table.txt").read_text().startswith("tiny on cpu")
-  assert any((out.parent / "xla_cache").iterdir())  # the persistent compilation cache
+  assert set(os.listdir(bench_cache)) - cached_before  # it wrote its persistent cache
 
 
 @pytest.mark.slow
-def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path):
+def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path,
+                                                                           bench_cache):
   """Priors that make the first rows fit and the rest not, whatever this machine's speed: the
   finished rows stay, each skipped row says why, and the run still exits 0."""
   helpers.require("torch")
   out = tmp_path / "bench"
   huge = 10_000
-  proc = _bench(out, "--questions=1", "--batches=1,4", "--budget_s=400", "--hbm_tb_s=0.05",
-                "--peak_tflops=0.5",
+  proc = _bench(out, bench_cache, "--questions=1", "--batches=1,4", "--budget_s=400",
+                "--hbm_tb_s=0.05", "--peak_tflops=0.5",
                 f"--row_estimates=ours/step/1=1,ours/decode/1=1,ours/decode/4={huge},"
                 f"torch/load={huge}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -127,7 +137,7 @@ def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_p
 
 
 @pytest.mark.slow
-def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path):
+def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path, bench_cache):
   """SIGTERM (what `timeout` sends) after the first row: that row stays, the rest are listed
   as not reached, and the worker that was running is ended with the driver."""
   from benchmarks.accelerator import results
@@ -136,7 +146,7 @@ def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path):
   env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
   driver = subprocess.Popen(
       [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}", "--skip_torch",
-       f"--compile_cache={tmp_path / 'xla_cache'}"], cwd=str(helpers.REPO), env=env,
+       f"--compile_cache={bench_cache}"], cwd=str(helpers.REPO), env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 400
   while time.time() < deadline:

@@ -169,10 +169,12 @@ def test_update_terms_and_their_lora_gradient(model):
     lp, kl, ent = terms(impl, lora_)
     return jnp.sum(lp) - 0.1 * jnp.sum(kl) + 0.01 * jnp.sum(ent)
 
-  for a, e in zip(terms("dot_product", lora), terms("einsum", lora)):
+  # Jitted, as training runs them (op-by-op, every primitive would compile on its own).
+  for a, e in zip(jax.jit(lambda l: terms("dot_product", l))(lora),
+                  jax.jit(lambda l: terms("einsum", l))(lora)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=ATOL, rtol=1e-5)
-  grad = jax.grad(lambda l: loss("dot_product", l))(lora)
-  ref = jax.grad(lambda l: loss("einsum", l))(lora)
+  grad = jax.jit(jax.grad(lambda l: loss("dot_product", l)))(lora)
+  ref = jax.jit(jax.grad(lambda l: loss("einsum", l)))(lora)
   for a, e in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(e).max()))

@@ -66,17 +66,13 @@ def weightless_model_dir(tiny_model_dir, tmp_path_factory):
   return str(d)
 
 
+# A user's process for one mistyped flag and one refused value; the rest of the refusals are
+# checked in-process below (the same code raises them; the CLI prints any of them the same way).
 @pytest.mark.parametrize("extra,expected", [
     (["--config.train.num_step=3"],
      "--config.train.num_step: unknown config key; did you mean --config.train.num_steps?"),
-    (["--config.train.bogus_knob=1"], "--config.train.bogus_knob: unknown config key"),
-    (["--config.train.text_every=0"], "config.train.text_every: must be a positive integer"),
-    (["--config.lora.targets=('q','attention')"], "config.lora.targets: ['q', 'attention']"),
-    (["--config.objective.ppo_minibatches=2"], "config.objective.ppo_minibatches: PPO passes"),
     (["--config.data.path=/no/such/dir", "--config.task=gsm8k"],
      "config.data.path: /no/such/dir: no such file or directory"),
-    (["--config.lora.init_from=/no/such/adapter"],
-     "config.lora.init_from: /no/such/adapter is not a PEFT adapter directory"),
 ])
 @pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_before_the_model_loads(weightless_model_dir, tmp_path,
@@ -84,6 +80,36 @@ def test_bad_input_exits_2_with_one_line_before_the_model_loads(weightless_model
   line = one_error_line(run_train(*demo_args(weightless_model_dir, tmp_path / "w", *extra),
                                   timeout=120))
   assert expected in line, line
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_an_unknown_flag_is_named_with_the_closest_key():
+  from markovian_jax.runtime import cli
+  argv = ["train", "--config=configs/demo.py", "--config.train.bogus_knob=1",
+          "--config.train.num_step=3"]
+  assert cli._explain(argv, KeyError("bogus_knob")).startswith(
+      "--config.train.bogus_knob: unknown config key")  # the first unknown one is named
+  assert cli._explain(argv[:2] + argv[3:], KeyError("num_step")) == (
+      "--config.train.num_step: unknown config key; did you mean --config.train.num_steps?")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"train.text_every": 0}, "config.train.text_every: must be a positive integer"),
+    ({"lora.targets": ("q", "attention")}, "config.lora.targets: ['q', 'attention']"),
+    ({"objective.ppo_minibatches": 2}, "config.objective.ppo_minibatches: PPO passes"),
+    ({"lora.init_from": "/no/such/adapter"},
+     "config.lora.init_from: /no/such/adapter is not a PEFT adapter directory"),
+])
+def test_bad_values_are_refused_before_the_model_loads(weightless_model_dir, tmp_path, overrides,
+                                                       expected):
+  """What the CLI prints as its one `error:` line (any UserError): raised by the Trainer before it
+  reads a weight (this model directory has none) or writes a checkpoint."""
+  from markovian_jax.runtime.errors import UserError
+  from markovian_jax.trainer import Trainer
+  from tests.test_train import make_config
+  with pytest.raises(UserError) as raised:
+    Trainer(make_config(weightless_model_dir, tmp_path / "w", **overrides))
+  assert expected in " ".join(str(raised.value).split()), raised.value
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 

@@ -190,9 +190,10 @@ def test_continuation_logprobs_equal_numpy_on_the_concatenated_rows(model):
   cmask = np.ones((4, 5), bool)
   cmask[3, -2:] = False
   ptok, pmask = batching.pad_left(prompts, 12)
-  out = logprobs.continuation_logprobs(config, params, ptok, pmask, conts, cmask, lora=lora,
-                                       temperature=T, chunk_size=3, with_kl=True,
-                                       with_entropy=True, with_reference=True)
+  # Jitted, as training runs it (op-by-op, every primitive would compile on its own).
+  out = jax.jit(lambda l: logprobs.continuation_logprobs(
+      config, params, ptok, pmask, conts, cmask, lora=l, temperature=T, chunk_size=3,
+      with_kl=True, with_entropy=True, with_reference=True))(lora)
   for r in range(4):
     seq = prompts[r // 2] + conts[r].tolist()
     lp, kl, ent, ref = (x[len(prompts[r // 2]):] for x in _numpy_terms(config, params, lora, seq))
@@ -218,7 +219,7 @@ def test_continuation_logprobs_equal_numpy_on_the_concatenated_rows(model):
                                 temperature=T, with_kl=True)
     return jnp.sum(o.logprobs) + jnp.sum(jnp.where(target, o.kl, 0.0))
 
-  g1, g2 = jax.grad(loss_cont)(lora), jax.grad(loss_full)(lora)
+  g1, g2 = jax.jit(jax.grad(loss_cont))(lora), jax.jit(jax.grad(loss_full))(lora)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
 

@@ -198,11 +198,12 @@ def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
     return jnp.sum(jnp.where(cmask[..., None], h, 0) * ct) + jnp.sum(
         jnp.where(pmask[..., None], hp, 0) * ct_pre)
 
-  (hp, h), (hp_ref, h_ref) = ours(lora), reference(lora)
+  # Jitted, as training runs them (op-by-op, every primitive would compile on its own).
+  (hp, h), (hp_ref, h_ref) = jax.jit(ours)(lora), jax.jit(reference)(lora)
   np.testing.assert_allclose(np.asarray(h)[cmask], np.asarray(h_ref)[cmask], atol=2e-5)
   np.testing.assert_allclose(np.asarray(hp)[pmask], np.asarray(hp_ref)[pmask], atol=2e-5)
-  grad = jax.grad(lambda l: loss(ours, l))(lora)
-  grad_ref = jax.grad(lambda l: loss(reference, l))(lora)
+  grad = jax.jit(jax.grad(lambda l: loss(ours, l)))(lora)
+  grad_ref = jax.jit(jax.grad(lambda l: loss(reference, l)))(lora)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
   with pytest.raises(ValueError, match="Q dividing"):

@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: logging, checkpoints, exact resume, sharding."""
 
+import functools
 import importlib
 import os
 
@@ -235,11 +236,11 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
       answer_span=jnp.ones((q * g, 4), bool), answer_logprobs=jnp.zeros((q * g, 4)),
       baseline_scores=jnp.zeros((q * g,)))
   part = np.array([6, 1, 3, 4])
-  s = trainer.settings
-  whole = train_step.loss_inputs(s, trainer.ctx.params, trainer.lora, batch, None,
-                                 trainer.ref_lora)
-  split = train_step.loss_inputs(s, trainer.ctx.params, trainer.lora, _rows(batch, part, g), None,
-                                 trainer.ref_lora)
+  # Jitted once per batch shape: op-by-op, the model's forward compiles every primitive anew.
+  loss_inputs = jax.jit(functools.partial(train_step.loss_inputs, trainer.settings))
+  whole = loss_inputs(trainer.ctx.params, trainer.lora, batch, None, trainer.ref_lora)
+  split = loss_inputs(trainer.ctx.params, trainer.lora, _rows(batch, part, g), None,
+                      trainer.ref_lora)
   np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part], atol=1e-5)
   np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part], atol=1e-5)
   # Stratified minibatches (M divides G) keep one prompt per question and give the same terms.
@@ -250,7 +251,7 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
     assert [i // g for i in part] == [0, 0, 1, 1]  # G / M rows of each question, question-major
     mb = _rows(batch, part, g, stratified=True)
     assert mb.prompt_tokens.shape == (q, 6)
-    split = train_step.loss_inputs(s, trainer.ctx.params, trainer.lora, mb, None, trainer.ref_lora)
+    split = loss_inputs(trainer.ctx.params, trainer.lora, mb, None, trainer.ref_lora)
     np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part],
                                atol=1e-5)
     np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part],
@@ -295,8 +296,12 @@ def test_scoring_projects_only_the_answer_window(tiny_config):
   assert train_step.answer_window(span[:1], span[2:]) == 8
   args = (tokens, jnp.asarray(mask), jnp.asarray(span), tokens[:2], jnp.asarray(mask[:2]),
           jnp.asarray(span[:2]))
-  full = train_step.score(s, params, lora, None, *args)
-  window = train_step.score(s, params, lora, None, *args, last_n=train_step.answer_window(span))
+  # Jitted (last_n static), as the step runs them: op-by-op, every primitive compiles anew.
+  score = jax.jit(functools.partial(train_step.score, s), static_argnames=("last_n",))
+  loss_inputs = jax.jit(functools.partial(train_step.loss_inputs, s),
+                        static_argnames=("answer_last_n",))
+  full = score(params, lora, None, *args)
+  window = score(params, lora, None, *args, last_n=train_step.answer_window(span))
   for a, b in zip(full, window):
     np.testing.assert_allclose(a, b, atol=1e-6)
   assert np.count_nonzero(np.asarray(full[0])) == span.sum()
@@ -306,7 +311,6 @@ def test_scoring_projects_only_the_answer_window(tiny_config):
       cot_mask=jnp.ones((3, 3), bool), behaviour_logprobs=jnp.zeros((3, 3)),
       answer_tokens=tokens, answer_mask=jnp.asarray(mask), answer_span=jnp.asarray(span),
       answer_logprobs=full[0], baseline_scores=jnp.zeros((3,)))
-  whole = train_step.loss_inputs(s, params, lora, batch, None)
-  windowed = train_step.loss_inputs(s, params, lora, batch, None,
-                                    answer_last_n=train_step.answer_window(span))
+  whole = loss_inputs(params, lora, batch, None)
+  windowed = loss_inputs(params, lora, batch, None, answer_last_n=train_step.answer_window(span))
   np.testing.assert_allclose(whole.answer_logprobs, windowed.answer_logprobs, atol=1e-6)
