@@ -14,6 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+# Compiling is most of what the tests spend (about 70% of the model tests' CPU time), and LLVM's
+# optimisation about a third of that. The test programs are tiny, matmuls call the same Eigen
+# kernels at any level, and without fast-math (XLA's default) LLVM may not reorder float
+# arithmetic, so the values are the optimised build's. Subprocesses inherit the flag.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # One persistent compilation cache for the whole run, inherited by every subprocess a test starts
 # (CLI runs, multi-process jobs): the demo's sampler, scoring and update programs are compiled once,

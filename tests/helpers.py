@@ -17,6 +17,13 @@ STRICT = os.environ.get("MARKOVIAN_STRICT_TESTS", "") not in ("", "0", "false", 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def xla_flags(devices: int) -> str:
+  """This test run's XLA_FLAGS (tests/conftest.py) with `devices` CPU devices instead of 8."""
+  import re
+  rest = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  return " ".join(f"{rest} --xla_force_host_platform_device_count={devices}".split())
+
+
 def missing(reason: str):
   """Skip (or fail under MARKOVIAN_STRICT_TESTS) because a test reference is absent."""
   if STRICT:

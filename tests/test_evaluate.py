@@ -29,10 +29,9 @@ ROW_FIELDS = {"id", "question", "gold", "sample", "cot", "answer_text", "predict
 def run_cli(*args, devices: int = 1, timeout: int = 300, env: Optional[dict] = None
             ) -> subprocess.CompletedProcess:
   """`python -m markovian_jax.evaluate ARGS` from the repo root, offline, on `devices` CPUs."""
-  xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
              TOKENIZERS_PARALLELISM="false",
-             XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}".strip(),
+             XLA_FLAGS=helpers.xla_flags(devices),
              **(env or {}))
   args = list(map(str, args))
   if any(a.startswith("--config=") for a in args) and not any(

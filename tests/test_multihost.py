@@ -66,7 +66,7 @@ class Job:
            if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}")
+               XLA_FLAGS=helpers.xla_flags(devices=8 // n))
     port = _free_port()
     self.logs = [logdir / f"{name}.{rank}.log" for rank in range(n)]
     self.procs = []
