@@ -252,13 +252,13 @@ def run_cross_model(f) -> str:
     _check_run(w, "--compare")
   fmt = cross_model.reader_prompt_format(f.reader)
   reader = os.path.basename(os.path.normpath(f.reader))
-  results, tables = [], []
+  results, tables, ctx = [], [], None
   for w in workdirs:
     rows = analysis.logged_rows(w, f.num_cots)
     # The reader reads the run's prompts in its own family's format (the reference's practice).
     config = analysis.run_config(w).copy_and_resolve_references()
     config.prompt.format = fmt
-    ctx = analysis.load_context(config, model_path=f.reader)
+    ctx = analysis.load_context(config, model_path=f.reader, reuse=ctx)  # one load of the reader
     results.append((os.path.basename(os.path.normpath(w)),
                     cross_model.cross_model_scores(ctx, rows, batch_size=f.batch_size)))
     tables.append(cross_model.format_table(results[-1][1], results[-1][0], reader))

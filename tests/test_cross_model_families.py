@@ -9,6 +9,7 @@ is checked by hand; `analyze cross_model` runs end to end on a SmolLM2 run with 
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -173,6 +174,8 @@ def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader):
   assert proc.stdout.count("| 8 (all) |") == 2  # each run's table
   assert "on 8 CoTs of run markovian" in proc.stdout
   assert "on 8 CoTs of run non_markovian" in proc.stdout
+  # One load of the reader serves both runs (RunContext.create logs each load).
+  assert len(re.findall(r"run_context\.py.*\] model ", proc.stderr)) == 1, proc.stderr[-3000:]
   analysis = os.path.join(demo_runs["markovian"], "analysis")
   saved = json.load(open(os.path.join(analysis, "cross_model.json")))
   assert np.all(np.isfinite(saved["reader_cot"])) and np.all(np.isfinite(saved["reader_base"]))

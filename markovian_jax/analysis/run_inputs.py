@@ -65,10 +65,15 @@ def run_config(workdir: str):
   return config
 
 
-def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] = None):
+def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] = None, *,
+                 reuse=None):
   """A RunContext for the run `config` (its prompts, task, mesh) on its own model, or on
   `model_path` with that model's tokenizer. A tokenizer that cannot be loaded raises
-  AnalysisError before any weights load."""
+  AnalysisError before any weights load. `reuse`: a context of another run whose model settings
+  and mesh are the same (one reader reading two runs); its weights and tokenizer are shared
+  instead of loaded again."""
+  import dataclasses
+
   from markovian_jax.training import config_validation
   from markovian_jax.models import load_tokenizer
   from markovian_jax.training.run_context import RunContext
@@ -78,6 +83,8 @@ def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] 
   if dtype:
     config.model.dtype = dtype
   spec = config_validation.validate(config)
+  if reuse is not None and (reuse.spec.model, reuse.spec.mesh) == (spec.model, spec.mesh):
+    return dataclasses.replace(reuse, config=config, spec=spec)
   try:
     tokenizer = load_tokenizer(spec.model.path)
   except Exception as e:  # noqa: BLE001 - any failure means this model cannot read the CoTs
