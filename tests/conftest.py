@@ -4,6 +4,7 @@ Must run before jax is imported anywhere, hence module-level environment edits.
 """
 
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -79,7 +80,7 @@ SHARED_RUNS_SCOPE = "demo_runs"
 def _modules_sharing_demo_runs(tests_dir: str) -> set:
   return {f"tests/{name}" for name in sorted(os.listdir(tests_dir))
           if name.startswith("test_") and name.endswith(".py")
-          and "import demo_runs" in open(os.path.join(tests_dir, name)).read()}
+          and "import demo_runs" in pathlib.Path(tests_dir, name).read_text()}
 
 
 @pytest.hookimpl(optionalhook=True)  # a plain `pytest` run has no xdist

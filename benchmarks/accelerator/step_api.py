@@ -11,8 +11,8 @@ from benchmarks.accelerator.workload import Workload, answer_rows
 
 
 def step_api(config, w: Workload, mesh, lora):
-  """Every use of `markovian_jax.training.train_step`, `objectives` and `optimizer` in the benchmarks, so
-  that a change of those APIs is re-pointed here only.
+  """Every use of `markovian_jax.training.train_step`, `objectives` and `optimizer` in the
+  benchmarks, so that a change of those APIs is re-pointed here only.
 
   Returns a namespace:
     programs   train_step.Programs (jitted score / targets / update; for AOT lowering)
