@@ -16,6 +16,15 @@ import pytest
 STRICT = os.environ.get("MARKOVIAN_STRICT_TESTS", "") not in ("", "0", "false", "False")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# float32's machine epsilon: one ulp of any normal float32 x is at most F32_EPS |x|, so
+# rtol=ulps(n) lets two float32 programs differ by n ulps of the values compared, whatever their size.
+F32_EPS = 2.0 ** -23
+
+
+def ulps(n: float) -> float:
+  """An rtol of n float32 ulps of the values compared."""
+  return n * F32_EPS
+
 
 def xla_flags(devices: int) -> str:
   """This test run's XLA_FLAGS (tests/conftest.py) with `devices` CPU devices instead of 8."""
