@@ -168,22 +168,28 @@ def test_bad_arguments():
                                            ("digit_replace", P.DIGITS)])
 def test_character_replacement_is_bernoulli_per_character_by_default(kind, alphabet):
   """The reference's rule: each eligible character is redrawn with probability p from its
-  alphabet (possibly itself), so the number changed is Binomial, not exactly p%."""
+  alphabet (possibly itself), so the number changed is Binomial(n, p (1 - 1/|alphabet|)), not
+  exactly p%, nor p% chosen and then redrawn (whose count varies, but far less)."""
+  from scipy import stats
   rng = np.random.default_rng(0)
   text = "".join(rng.choice(list(alphabet + "  .,"), size=4000))
   eligible = [i for i, c in enumerate(text) if c in alphabet]
-  n, counts = len(eligible), []
-  for seed in range(6):
+  others = set(range(len(text))) - set(eligible)
+  n, counts, seeds = len(eligible), [], 40
+  for seed in range(seeds):
     out = P.perturb_text(text, kind, 40, seed=seed)
-    assert len(out) == len(text) and all(out[i] == text[i] for i in range(len(text))
-                                          if i not in set(eligible))
+    assert len(out) == len(text) and all(out[i] == text[i] for i in others)
     counts.append(len(_changed(text, out)))
-  # Changed = redrawn and different: p * (1 - 1/|alphabet|) of the eligible ones on average;
-  # six draws' counts differ (not a fixed p%) and stay within 5 binomial sds of the mean.
-  mean = n * 0.4 * (1 - 1 / len(alphabet))
-  sd = (n * 0.4 * (1 - 0.4)) ** 0.5
-  assert len(set(counts)) > 1 and all(abs(c - mean) < 5 * sd for c in counts), (counts, mean)
+  q = 0.4 * (1 - 1 / len(alphabet))
+  var = n * q * (1 - q)
+  # The mean of 40 draws within 5 standard errors, and their variance within the chi-square
+  # interval of Binomial draws (1e-4 each side). The interval excludes exactly p% (variance 0)
+  # and p% chosen then redrawn uniformly (variance k/|A| (1 - 1/|A|) for k = p% of n).
+  assert abs(np.mean(counts) - n * q) < 5 * (var / seeds) ** 0.5, (np.mean(counts), n * q)
+  low, high = (stats.chi2.ppf(t, seeds - 1) / (seeds - 1) for t in (1e-4, 1 - 1e-4))
+  chosen_var = P.count(n, 40) / len(alphabet) * (1 - 1 / len(alphabet))
+  assert chosen_var * high < var * low  # the check can tell the two apart
+  assert var * low < np.var(counts, ddof=1) < var * high, (np.var(counts, ddof=1), var)
   full = P.perturb_text(text, kind, 100, seed=0)
   kept = sum(full[i] == text[i] for i in eligible)  # redrawn as itself: ~1/|alphabet| of them
   assert 0 < kept < 3 * n / len(alphabet), kept
-  assert P.count(n, 40) not in counts or len(set(counts)) > 1
