@@ -147,12 +147,69 @@ def test_group_advantages_unbiased_std():
     ob.group_advantages(r.reshape(q, g), 4)
 
 
-def test_ema_baseline_sequence():
-  """V_n = sum_j r^(n-j) m_j / sum_j r^(n-j) over past batch means; no baseline on batch 0."""
+def np_ema(history, decay=0.9):
+  """The reference's exponential_weighted_average: sum_j w_j x_j / sum_j w_j, w_j = decay^(n-1-j)
+  over the flattened per-example history x (float64)."""
+  x = np.concatenate([np.ravel(h) for h in history]).astype(np.float64)
+  w = decay ** np.arange(x.size - 1, -1, -1, dtype=np.float64)
+  return float(np.dot(w, x) / w.sum())
+
+
+def test_ema_baseline_weighs_every_example():
+  """`ema`: V = the weighted average of the flattened per-example history (decay per example);
+  no baseline on step 0; the state is jit-compiled once for its static shapes."""
+  rng = _rng(3)
+  decay = 0.9
+  batches = [rng.normal(loc=0.2 * i, size=12).astype(np.float32) for i in range(7)]
+  update = jax.jit(ob.ema_update, static_argnums=2)
+  state = ob.EmaState.init()
+  for i, rewards in enumerate(batches):
+    expected_adv = rewards - (np_ema(batches[:i], decay) if i else 0.0)
+    np.testing.assert_allclose(ob.ema_advantages(rewards, state), expected_adv, rtol=1e-5,
+                               atol=1e-6)
+    state = update(state, rewards, decay)
+    # float32 sums of terms as large as |R|: a few ulps of the weighted mean of |R|.
+    ulp = np.finfo(np.float32).eps * np_ema(np.abs(batches[:i + 1]), decay)
+    np.testing.assert_allclose(float(state.value), np_ema(batches[:i + 1], decay), rtol=0,
+                               atol=16 * ulp)
+    if i == 3:  # a resume mid-run: the checkpoint's JSON carries the whole history
+      state = ob.BaselineState.from_json(ob.BaselineState(state, ob.EiStats.init()).to_json()).ema
+  assert update._cache_size() == 1
+  n = sum(b.size for b in batches)
+  np.testing.assert_allclose(float(state.weight), (1 - decay ** n) / (1 - decay), rtol=1e-6)
+  # [Q, G] rewards enter in row order, as the flat [Q*G] rows.
+  grid = ob.ema_update(ob.EmaState.init(), batches[0].reshape(3, 4), decay)
+  assert grid == ob.ema_update(ob.EmaState.init(), batches[0], decay)
+
+
+def test_ema_baseline_follows_a_reward_jump_within_a_step():
+  """Ten steps of 12 rewards at 0, then one at 5: the last step carries 1 - 0.9^12 = 72% of the
+  weight, so V = 5 * 0.718 / (1 - 0.9^132) = 3.59 (hand-computed); the per-step `ema_batch` gives
+  5 / sum_{k<=10} 0.9^k = 0.73."""
+  zeros, fives = np.zeros(12, np.float32), np.full(12, 5.0, np.float32)
+  state = batch_state = ob.EmaState.init()
+  for rewards in [zeros] * 10 + [fives]:
+    state = ob.ema_update(state, rewards)
+    batch_state = ob.ema_batch_update(batch_state, rewards.mean())
+  np.testing.assert_allclose(float(state.value), 5 * (1 - 0.9 ** 12) / (1 - 0.9 ** 132),
+                             rtol=1e-6)
+  assert 3.58 < float(state.value) < 3.60
+  np.testing.assert_allclose(float(batch_state.value), 5 / sum(0.9 ** k for k in range(11)),
+                             rtol=1e-6)
+  cfg = ob.ObjectiveConfig(baseline="ema", group_size=1)
+  _, carried, metrics = ob.BASELINE_REGISTRY.lookup("ema")(fives, state, cfg)
+  np.testing.assert_allclose(float(metrics["ema_baseline"]), float(state.value))
+  np.testing.assert_allclose(float(carried.value), np_ema([zeros] * 10 + [fives] * 2),
+                             rtol=1e-6)
+
+
+def test_ema_batch_baseline_sequence():
+  """`ema_batch`: V_n = sum_j r^(n-j) m_j / sum_j r^(n-j) over past batch means; no baseline on
+  batch 0."""
   rng = _rng(3)
   decay = 0.9
   batches = [rng.normal(loc=0.2 * i, size=4).astype(np.float32) for i in range(7)]
-  update = jax.jit(ob.ema_update, static_argnums=2)
+  update = jax.jit(ob.ema_batch_update, static_argnums=2)
   state, means = ob.EmaState.init(), []
   for i, rewards in enumerate(batches):
     if i == 0:
@@ -198,7 +255,7 @@ def test_expert_iteration_mask_and_running_stats():
 
 
 def test_baseline_state_json_roundtrip():
-  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), 0.5, 0.9),
+  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), np.array([0.5, 0.25]), 0.9),
                            ob.ei_update(ob.EiStats.init(), np.array([1.0, 2.0, 4.0])))
   d = state.to_json()
   back = ob.BaselineState.from_json(d)
@@ -413,11 +470,11 @@ def test_markovian_loss_matches_numpy(name):
   d = _inputs(10)
   rng = _rng(11)
   history = [rng.normal(loc=-0.5, size=N)]
-  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), history[0].mean(), cfg.ema_decay),
+  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), history[0], cfg.ema_decay),
                            ob.ei_update(ob.EiStats.init(), history[0]))
   loss, (metrics, new_state) = jax.jit(ob.markovian_loss, static_argnums=1)(
       ob.LossInputs(**d), cfg, state)
-  want, parts = np_markovian_loss(d, cfg, ema_v=history[0].mean(), ei_hist=history)
+  want, parts = np_markovian_loss(d, cfg, ema_v=np_ema(history, cfg.ema_decay), ei_hist=history)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5, atol=1e-6)
   adv = parts["adv"]
@@ -446,7 +503,7 @@ def test_markovian_loss_matches_numpy(name):
     assert 0 <= float(metrics["ppo_clip_fraction"]) <= 1
   if cfg.baseline == "ema":
     np.testing.assert_allclose(float(new_state.ema.value),
-                               (0.9 * history[0].mean() + parts["big_r"].mean()) / 1.9, rtol=1e-5)
+                               np_ema(history + [parts["big_r"]], cfg.ema_decay), rtol=1e-5)
   if cfg.ei_std is not None:
     assert 0 < parts["active"].sum() < N  # the case exercises a real selection
     assert int(new_state.ei.count) == 2 * N and int(new_state.ei.batches) == 2
@@ -494,7 +551,7 @@ def _answer_grad(cfg, d, state=None):
 def test_reward_grad_none_gives_exactly_zero_answer_gradient(case):
   d = _inputs(14)
   cfg = ob.ObjectiveConfig(group_size=G, **case)
-  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), -1.0),
+  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), np.full(3, -1.0)),
                            ob.ei_update(ob.EiStats.init(), np.linspace(-3, 0, 9)))
   assert np.all(_answer_grad(cfg, d, state) == 0.0)
   assert np.any(_answer_grad(ob.ObjectiveConfig(group_size=G, reward_grad="paper", **case), d,
@@ -729,11 +786,11 @@ def test_reward_grad_paper_differentiates_every_reward_kind(kind):
 
 def _history_state(cfg, seed=22):
   history = _rng(seed).normal(loc=0.3, size=N)
-  return ob.BaselineState(ob.ema_update(ob.EmaState.init(), history.mean(), cfg.ema_decay),
+  return ob.BaselineState(ob.ema_update(ob.EmaState.init(), history, cfg.ema_decay),
                           ob.ei_update(ob.EiStats.init(), history))
 
 
-@pytest.mark.parametrize("baseline", ["group", "rloo", "ema"])
+@pytest.mark.parametrize("baseline", ["group", "rloo", "ema", "ema_batch"])
 @pytest.mark.parametrize("ei_std", [None, 0.0])
 def test_advantage_targets_jit_matches_eager(baseline, ei_std):
   cfg = ob.ObjectiveConfig(group_size=G, baseline=baseline, ei_std=ei_std, ei_skip_initial=1,

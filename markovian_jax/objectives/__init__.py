@@ -13,7 +13,7 @@ One step's loss, for sequence i and CoT token t (ALGORITHM.md §1.4-1.6):
                                                                    or prob / mean_token_prob)
   R_i   = r_i - b_q(i)     b = base model's score of its greedy CoT'   (rewards.normalized_reward)
   A_i   = (R_i - mean_g R) / (std_g R + 1e-8)  |  G/(G-1) (R_i - mean_g R)  |  R_i - V_ema  |  R_i
-                                                                   (baselines: group|rloo|ema|none)
+                                                          (baselines: group|rloo|ema[_batch]|none)
   l_it  = -lp_it * sg(A_i)                                      (losses: pg)
         | -min(rho_it * A_i, clip(rho_it, 1-eps, 1+eps) * A_i)    (ppo, rho = pi / behaviour)
         + kl_penalty * kl_it - entropy_bonus * H_it              (kl: full | k1 | k2 | k3)
@@ -24,7 +24,7 @@ Modules, one job each:
   registry          Registry: name -> variant tables behind every choice tuple
   reductions        reduce_tokens, masked_mean, aggregate (REDUCTIONS, AGGREGATIONS)
   rewards           answer_reward, normalized_reward (REWARD_KINDS)
-  baselines         group / rloo / ema / none advantages, EmaState, BaselineState (BASELINES)
+  baselines         group / rloo / ema / ema_batch / none advantages, EmaState, BaselineState (BASELINES)
   expert_iteration  EiStats and the running-threshold mask
   kl                sampled KL estimators and the per-token KL term (KL_ESTIMATORS)
   losses            pg / ppo policy losses, the reward-gradient term (OBJECTIVES,
@@ -40,7 +40,8 @@ May import: nothing else in markovian_jax (pure functions of arrays).
 """
 
 from markovian_jax.objectives.baselines import (BASELINE_REGISTRY, BASELINES, BaselineState,
-                                                EmaState, ema_advantages, ema_update,
+                                                EmaState, ema_advantages, ema_batch_update,
+                                                ema_update,
                                                 group_advantages, group_stats, rloo_advantages)
 from markovian_jax.objectives.config import ObjectiveConfig
 from markovian_jax.objectives.expert_iteration import EiStats, ei_mask, ei_threshold, ei_update
@@ -75,6 +76,7 @@ __all__ = [
     # building blocks
     "reduce_tokens", "masked_mean", "aggregate", "answer_reward", "broadcast_to_samples",
     "normalized_reward", "group_stats", "group_advantages", "rloo_advantages", "ema_update",
-    "ema_advantages", "ei_update", "ei_threshold", "ei_mask", "kl_estimate", "kl_per_token",
+    "ema_batch_update", "ema_advantages", "ei_update", "ei_threshold", "ei_mask", "kl_estimate",
+    "kl_per_token",
     "pg_per_token", "ppo_per_token", "ppo_base_per_sequence",
 ]

@@ -4,7 +4,10 @@ N = Q * G samples, question-major (sample i answers question i // G).
 
   group   A_i = (R_i - mean_g R) / (std_g R + eps)     GRPO; std unbiased (divisor G-1) as torch
   rloo    A_i = R_i - mean_{j != i in g} R_j = G / (G-1) * (R_i - mean_g R)   leave-one-out
-  ema     A_i = R_i - V,  V = exponentially weighted mean of past batch means (0 on batch 0)
+  ema     A_i = R_i - V,  V = exponentially weighted mean of every past reward, decay per example
+          (the reference; R_i itself on batch 0)
+  ema_batch  the same over past batch means, decay per batch (a slower baseline; not the
+          reference's)
   none    A_i = R_i
 
 `group` and `rloo` need G >= 2. RLOO's baseline excludes the sample itself, so it is independent
@@ -103,10 +106,11 @@ def rloo_advantages(rewards: jax.Array, group_size: Optional[int] = None) -> jax
 
 
 class EmaState(NamedTuple):
-  """Exponentially weighted mean of past batch-mean rewards (part of the checkpoint).
+  """Exponentially weighted mean of past rewards (part of the checkpoint).
 
-  value: float32 scalar V; weight: float32 scalar sum_k decay^k over the batches seen
-  (0 = no history yet: the "initialized" flag, generalised so the early average is exact).
+  value: float32 scalar V; weight: float32 scalar Z = sum_k decay^k over the items seen (rewards
+  for `ema`, batch means for `ema_batch`; 0 = no history yet: the "initialized" flag, generalised
+  so the early average is exact).
   """
   value: jax.Array
   weight: jax.Array
@@ -116,14 +120,40 @@ class EmaState(NamedTuple):
     return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
 
 
-def ema_update(state: EmaState, batch_mean: jax.Array, decay: float = 0.9) -> EmaState:
-  """Adds one batch mean to the weighted average V_n = sum_j decay^(n-j) m_j / sum_j decay^(n-j).
+def ema_update(state: EmaState, rewards: jax.Array, decay: float = 0.9) -> EmaState:
+  """Appends one step's rewards, in row order, to V = sum_j decay^(n-j) R_j / sum_j decay^(n-j).
 
-  Those normalised weights are the reference's `exponential_weighted_average` (REFERENCE.md §1.6),
-  applied to batch means as ALGORITHM.md §1.5 specifies (the reference weights single examples, so
-  its effective per-batch decay is decay**B). The recursion Z' = decay * Z + 1,
-  V' = V + (m - V) / Z' needs only (V, Z): no history list, exact after a resume, and the first
-  batch gives V = m. Asymptotically it is the usual V' = decay * V + (1 - decay) * m.
+  j runs over every reward seen so far, one example at a time: the reference's
+  `exponential_weighted_average` of its flattened per-example history. With N = 12 rows a step
+  and decay 0.9 the last step carries 1 - 0.9^12 = 72% of the weight, so after the rewards jump
+  the baseline follows within a step or two.
+
+  The N items enter in closed form, Z' = decay^N Z + sum_k decay^k and
+  V' = (decay^N Z V + sum_i decay^(N-1-i) R_i) / Z', which needs only (V, Z) of static shape
+  (no history list, exact after a resume); the first step gives the plain weighted mean.
+
+  Args:
+    state: the EmaState before this step.
+    rewards: [N] (or [Q, G], flattened row-major) float R of this step.
+    decay: r in [0, 1).
+
+  Returns:
+    The updated EmaState (float32).
+  """
+  r = f32(rewards).reshape(-1)
+  powers = jnp.power(jnp.float32(decay), jnp.arange(r.shape[0] - 1, -1, -1, dtype=jnp.float32))
+  carried = jnp.float32(decay) ** r.shape[0] * state.weight
+  weight = carried + jnp.sum(powers)
+  return EmaState((carried * state.value + jnp.dot(powers, r)) / weight, weight)
+
+
+def ema_batch_update(state: EmaState, batch_mean: jax.Array, decay: float = 0.9) -> EmaState:
+  """Adds one batch mean to V_n = sum_j decay^(n-j) m_j / sum_j decay^(n-j), j over batches.
+
+  The `ema_batch` baseline: the decay applies per step, so the last step carries only
+  1 - decay (10%) of the weight, where the reference decays per example (`ema_update`). The
+  recursion Z' = decay * Z + 1, V' = V + (m - V) / Z' needs only (V, Z); the first batch gives
+  V = m.
 
   Args:
     state: the EmaState before this batch.
@@ -139,11 +169,11 @@ def ema_update(state: EmaState, batch_mean: jax.Array, decay: float = 0.9) -> Em
 
 
 def ema_advantages(rewards: jax.Array, state: EmaState) -> jax.Array:
-  """A = R - V with V from *previous* batches; R itself on the first batch (no baseline yet).
+  """A = R - V with V from *previous* steps; R itself on the first step (no baseline yet).
 
   Args:
     rewards: [N] float R.
-    state: EmaState before the current batch is added.
+    state: EmaState before the current step is added.
 
   Returns:
     float32 [N].
@@ -168,10 +198,20 @@ def _rloo(rewards, ema, cfg):
   return rloo_advantages(rewards, cfg.group_size), ema, _zero_std_fraction(rewards, cfg.group_size)
 
 
+def _ema_metrics(ema: EmaState) -> dict:
+  return {"ema_baseline": jnp.where(ema.weight > 0, ema.value, 0.0)}
+
+
 @BASELINE_REGISTRY.register("ema")
 def _ema(rewards, ema, cfg):
-  metrics = {"ema_baseline": jnp.where(ema.weight > 0, ema.value, 0.0)}
-  return ema_advantages(rewards, ema), ema_update(ema, jnp.mean(rewards), cfg.ema_decay), metrics
+  return (ema_advantages(rewards, ema), ema_update(ema, rewards, cfg.ema_decay),
+          _ema_metrics(ema))
+
+
+@BASELINE_REGISTRY.register("ema_batch")
+def _ema_batch(rewards, ema, cfg):
+  return (ema_advantages(rewards, ema), ema_batch_update(ema, jnp.mean(rewards), cfg.ema_decay),
+          _ema_metrics(ema))
 
 
 @BASELINE_REGISTRY.register("none")

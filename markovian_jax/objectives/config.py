@@ -45,7 +45,8 @@ class ObjectiveConfig:
     actor_reward_weight=0 run also switched who scores the reward and reads the answer: here
     those are their own knobs (objective.reward_scorer, eval.reader; variant `no_reward_grad`).
   baseline / group_size / advantage_eps / ema_decay: a BASELINES name (`group` | `rloo` | `ema` |
-    `none`) and its settings.
+    `ema_batch` | `none`) and its settings; ema_decay is per example for `ema` (the reference)
+    and per step for `ema_batch`.
   ei_std / ei_skip_initial: expert iteration threshold k (None = off) and warm-up batches.
   ppo_eps / ppo_log_ratio_clamp / ppo_ratio_reference: clip range, exp guard, `behaviour` | `base`.
   """
