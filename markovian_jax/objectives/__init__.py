@@ -24,7 +24,8 @@ Modules, one job each:
   registry          Registry: name -> variant tables behind every choice tuple
   reductions        reduce_tokens, masked_mean, aggregate (REDUCTIONS, AGGREGATIONS)
   rewards           answer_reward, normalized_reward (REWARD_KINDS)
-  baselines         group / rloo / ema / ema_batch / none advantages, EmaState, BaselineState (BASELINES)
+  baselines         group / rloo / ema / ema_batch / none advantages, EmaState, BaselineState
+                    (BASELINES)
   expert_iteration  EiStats and the running-threshold mask
   kl                sampled KL estimators and the per-token KL term (KL_ESTIMATORS)
   losses            pg / ppo policy losses, the reward-gradient term (OBJECTIVES,

@@ -20,9 +20,9 @@ on the whole batch; jit-able with the config static) and `loss_from_targets` (di
 Metrics are float32 scalars, emitted only where the config makes them meaningful: always
 reward_mean, normalized_reward_mean, advantage_{mean,std,min,max}, loss, pg_loss; kl / entropy /
 behaviour_logprob_diff_{mean,max} when the inputs carry them; frac_reward_zero_std for group
-baselines; ema_baseline for `ema` and `ema_batch`; ei_threshold and active_fraction with expert iteration;
-ppo_ratio_{mean,max}, ppo_seq_ratio_max (the largest per-sequence geometric-mean ratio) and
-ppo_clip_fraction for `ppo`; reward_grad_loss for reward_grad="paper".
+baselines; ema_baseline for `ema` and `ema_batch`; ei_threshold and active_fraction with expert
+iteration; ppo_ratio_{mean,max}, ppo_seq_ratio_max (the largest per-sequence geometric-mean ratio)
+and ppo_clip_fraction for `ppo`; reward_grad_loss for reward_grad="paper".
 """
 
 from __future__ import annotations
