@@ -48,13 +48,14 @@ HEALTHY_COTS = ("First add the tens, then the ones, and the sum of {a} and {b} i
 def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: int = 500,
                   seed: int = 0, ppo_blowup_at=None, repeat_from=None, crash_at=None,
                   accuracy=None, evaluate: bool = True, config: dict = None,
-                  token_ratio_max=None) -> str:
+                  token_ratio_max=None, sequence_ratio: bool = True) -> str:
   """Writes a run directory whose tags follow healthy PPO training (R rising from 0 to 0.8 with
   noise, ratios near 1, varied CoTs, accuracy 0.30 -> 0.45) unless told otherwise:
   ppo_blowup_at: the sequence-level ratio policy/ppo_seq_ratio_max (and the per-token
   policy/ppo_ratio_max) ~25 from that step; token_ratio_max: the per-token maximum alone at that
-  value throughout (multi-epoch PPO), the sequences' ratios near 1; repeat_from: "4444..." CoTs and
-  repetition rate 0.95 from that step; crash_at: R falls to -3 from that step; accuracy:
+  value throughout (multi-epoch PPO), the sequences' ratios near 1; sequence_ratio=False: no
+  policy/ppo_seq_ratio_max at all (a run logged before that tag existed); repeat_from: "4444..."
+  CoTs and repetition rate 0.95 from that step; crash_at: R falls to -3 from that step; accuracy:
   {step: accuracy} replacing the eval curve; evaluate=False: only the step-0 evaluation."""
   from tensorboardX import SummaryWriter
 
@@ -86,7 +87,8 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
             "policy/ppo_clip_fraction": 0.05 * rng.random(),
             "policy/repetition_rate": repetition[i], "guard/nonfinite_update": 0.0}
     for tag, v in tags.items():
-      writer.add_scalar(tag, float(v), step)
+      if sequence_ratio or tag != "policy/ppo_seq_ratio_max":
+        writer.add_scalar(tag, float(v), step)
   curve = accuracy or {e: 0.30 + 0.15 * e / steps for e in range(0, steps + 1, eval_every)}
   if not evaluate:
     curve = {0: curve[0]}

@@ -16,8 +16,8 @@ def _spec(**overrides):
   return config_validation.validate(c)
 
 
-@pytest.mark.parametrize("reference", ["behaviour", "base"])
-def test_ppo_ratio_alarm_reads_the_sequence_ratio(reference):
+@pytest.mark.parametrize("reference,legacy_alarm", [("behaviour", False), ("base", True)])
+def test_ppo_ratio_alarm_reads_the_sequence_ratio(reference, legacy_alarm):
   spec = _spec(**{"objective.kind": "ppo", "objective.ppo_ratio_reference": reference,
                   "objective.ppo_epochs": 4})
   # Multi-epoch PPO: one token's ratio to the sampling policy at 15, sequences' ratios ~1.3.
@@ -27,6 +27,13 @@ def test_ppo_ratio_alarm_reads_the_sequence_ratio(reference):
   alarms = guards.collapse_alarms({"policy/ppo_ratio_max": 21.75,
                                    "policy/ppo_seq_ratio_max": 21.75}, spec)
   assert len(alarms) == 1 and "sequence" in alarms[0] and "21.8 > 10" in alarms[0], alarms
+  # Scalars without the sequence tag (a run logged before it existed), read as the report reads
+  # them: the per-token maximum is the sequence ratio only for the ratio to the base, mean-reduced.
+  legacy = guards.collapse_alarms({"policy/ppo_ratio_max": 21.75}, spec)
+  assert legacy == (["PPO sequence ratio max 21.8 > 10"] if legacy_alarm else []), legacy
+  summed = _spec(**{"objective.kind": "ppo", "objective.ppo_ratio_reference": reference,
+                    "objective.ppo_epochs": 4, "objective.logprob_reduction": "sum"})
+  assert guards.collapse_alarms({"policy/ppo_ratio_max": 21.75}, summed) == []
 
 
 @pytest.mark.parametrize("reduction,kl,alarm", [("mean", 4.0, False), ("mean", 6.0, True),

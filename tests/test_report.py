@@ -152,8 +152,9 @@ def test_best_checkpoint_by_the_selection_split(tmp_path):
   assert "step 100: 0.600 → test 0.376" in open(out.path).read()
 
 
-@pytest.mark.parametrize("reference", ["behaviour", "base"])
-def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, reference):
+@pytest.mark.parametrize("reference,legacy_blowup", [("behaviour", False), ("base", True)])
+def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, reference,
+                                                                   legacy_blowup):
   """Multi-epoch PPO moves single tokens' ratios to the sampling policy far past 10 while each
   sequence's geometric-mean ratio stays near 1: not a collapse. The threshold (10) was set on
   the published runs' sequence-level ratio (21.75 in the collapsed ARC run): that is what fires."""
@@ -163,11 +164,25 @@ def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, ref
   found = _diagnoses(synthetic_run(tmp_path / "blowup", ppo_blowup_at=120, config=cfg))
   assert set(found) == {COLLAPSE_RATIO} and found[COLLAPSE_RATIO].began == 120
   assert "policy/ppo_seq_ratio_max" in found[COLLAPSE_RATIO].detail
+  # A run logged before the sequence tag existed: its per-token maximum is that same quantity
+  # only for the ratio to the base (mean-reduced), and is read only then.
+  legacy = _diagnoses(synthetic_run(tmp_path / "legacy", ppo_blowup_at=120, config=cfg,
+                                    sequence_ratio=False))
+  if legacy_blowup:
+    assert set(legacy) == {COLLAPSE_RATIO} and legacy[COLLAPSE_RATIO].began == 120
+    assert legacy[COLLAPSE_RATIO].detail.startswith("policy/ppo_ratio_max first exceeded 10")
+  else:
+    assert legacy == {}, {k: d.detail for k, d in legacy.items()}
+  summed = _diagnoses(synthetic_run(tmp_path / "summed", ppo_blowup_at=120, sequence_ratio=False,
+                                    config={**cfg, "objective.logprob_reduction": "sum"}))
+  assert summed == {}, {k: d.detail for k, d in summed.items()}
 
 
-def _table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 200):
+def _table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 200,
+               model: str = "llama", full: int = 0):
   """A run directory with eval rows (eval/step_N.jsonl, n questions, the first round(acc * n)
-  correct), their scalars and the selection split's accuracy per step."""
+  correct), their scalars and the selection split's accuracy per step; config.json records the
+  model and the full test size `full` (0: the whole split)."""
   import json
 
   from tensorboardX import SummaryWriter
@@ -187,7 +202,8 @@ def _table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 20
     writer.add_scalar("selection/anchor/accuracy", acc, step)
   writer.close()
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"task": task, "variant": variant, "eval": {"num_examples": n}}, f)
+    json.dump({"task": task, "variant": variant, "model": {"path": model},
+               "eval": {"num_examples": n, "final_num_examples": full}}, f)
   return str(path)
 
 
@@ -207,14 +223,15 @@ def test_results_table_over_a_parent_of_variant_runs(tmp_path):
   table = rt.results_table(runs)
   assert table.columns == ["base", "ei", "markovian", "non_markovian"]
   assert table.tasks == ["gsm8k", "svamp"]
-  m = table.cells[("gsm8k", "markovian")][0]
-  assert (m.step, m.value, m.n, m.how) == (20, 0.60, 200, "selection")
+  assert table.rows == [("gsm8k", "llama"), ("svamp", "llama")]
+  m = table.cells[("gsm8k", "llama", "markovian")][0]
+  assert (m.step, m.value, m.n, m.how, m.source) == (20, 0.60, 200, "selection", "periodic")
   half = 1.96 * (0.6 * 0.4 / 200) ** 0.5
   assert m.low == pytest.approx(0.6 - half, abs=0.01) and m.high == pytest.approx(0.6 + half,
                                                                                     abs=0.01)
-  assert table.cells[("svamp", "markovian")][0].step == 40
-  assert table.cells[("gsm8k", "base")][0].value == 0.2
-  assert ("svamp", "ei") not in table.cells
+  assert table.cells[("svamp", "llama", "markovian")][0].step == 40
+  assert table.cells[("gsm8k", "llama", "base")][0].value == 0.2
+  assert ("svamp", "llama", "ei") not in table.cells
   text = rt.format_results_table(table)
   assert "| Task | Base | EI | Markovian | Non-Markovian |" in text
   row = next(line for line in text.splitlines() if line.startswith("| GSM8K |"))

@@ -129,18 +129,29 @@ def _threshold(run: Run, key: str, default: float) -> float:
   return float(value) if isinstance(value, (int, float)) else default
 
 
+def sequence_ratio_tag(logged: bool, reference: Optional[str], reduction: Optional[str]
+                       ) -> Optional[str]:
+  """The tag that holds the largest per-sequence geometric-mean PPO ratio, the quantity
+  train.collapse_ppo_ratio was set on: policy/ppo_seq_ratio_max when it was `logged`; for runs
+  logged before it existed, policy/ppo_ratio_max only where that is the same quantity (the
+  reference's ratio to the base, objective.ppo_ratio_reference='base', mean-reduced); else None.
+  The per-token maximum is never compared with the threshold: multi-epoch PPO moves single
+  tokens far."""
+  if logged:
+    return "policy/ppo_seq_ratio_max"
+  if reference == "base" and (reduction or "mean") == "mean":
+    return "policy/ppo_ratio_max"
+  return None
+
+
 def _ppo_blowup(run: Run) -> Optional[Diagnosis]:
-  """The largest per-sequence geometric-mean ratio (policy/ppo_seq_ratio_max) above
-  train.collapse_ppo_ratio, the quantity that threshold was set on; the per-token maximum
-  (policy/ppo_ratio_max) is not compared with it: multi-epoch PPO moves single tokens far. Runs
-  logged before the sequence tag existed are read from policy/ppo_ratio_max only where it is that
-  same quantity (the reference's ratio to the base, mean-reduced)."""
-  tag = "policy/ppo_seq_ratio_max"
+  """`sequence_ratio_tag`'s series above train.collapse_ppo_ratio."""
+  tag = sequence_ratio_tag(run.series("policy/ppo_seq_ratio_max")[1].size > 0,
+                           run.config.get("objective.ppo_ratio_reference"),
+                           run.config.get("objective.logprob_reduction"))
+  if tag is None:
+    return None
   steps, v = run.series(tag)
-  if not v.size and (run.config.get("objective.ppo_ratio_reference") == "base"
-                     and run.config.get("objective.logprob_reduction", "mean") == "mean"):
-    tag = "policy/ppo_ratio_max"
-    steps, v = run.series(tag)
   limit = _threshold(run, "train.collapse_ppo_ratio", DEFAULT_PPO_RATIO)
   above = np.flatnonzero(v > limit)
   if not above.size:

@@ -1,8 +1,10 @@
 """Stability guards, run as training hooks: non-finite updates and collapse signals.
 
 A non-finite loss or gradient already leaves the LoRA and optimizer state unchanged inside the
-update (`train_step.update`); `NonFiniteGuard` counts such steps and stops the run, with the last
-good state saved, after `train.nan_patience` in a row. `CollapseGuard` watches the signals of the
+update (`train_step.update`); `NonFiniteGuard` counts such steps and, after `train.nan_patience`
+in a row, stops the run with the last good state saved or (`train.nonfinite_action=rollback`) rolls
+back to the last checkpoint before the step and goes on with fresh data, up to
+`train.max_rollbacks` times in a row. `CollapseGuard` watches the signals of the
 collapse seen in the published runs (CoTs of "4444...", sequence-level PPO ratios of 21x, a
 runaway KL) and, per
 `train.collapse_action`, warns, stops with the state saved, or rolls back to the last checkpoint
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 from absl import logging
 
+from markovian_jax.reporting import diagnoses
 from markovian_jax.training.hooks import StepInfo
 
 COLLAPSE_ACTIONS = ("warn", "stop", "rollback")  # config.train.collapse_action
+NONFINITE_ACTIONS = ("stop", "rollback")  # config.train.nonfinite_action
 
 
 class TrainingStopped(RuntimeError):
@@ -35,14 +39,19 @@ def collapse_alarms(scalars: dict, spec) -> list[str]:
   train.collapse_ppo_ratio applies to policy/ppo_seq_ratio_max, the largest per-sequence
   geometric-mean ratio (the quantity it was set on: the reference's sequence ratio to the base,
   21.75 in its collapsed ARC run), not to the per-token maximum, which multi-epoch PPO moves far
-  from 1 token by token without anything collapsing. train.collapse_kl is nats per CoT token.
+  from 1 token by token without anything collapsing; scalars without it are read as the report
+  reads a run logged before it existed (`diagnoses.sequence_ratio_tag`). train.collapse_kl is
+  nats per CoT token.
   """
   t = spec.train
   alarms = []
   rep = scalars.get("policy/repetition_rate", 0.0)
   if rep > t.collapse_repetition:
     alarms.append(f"repetition rate {rep:.2f} > {t.collapse_repetition}")
-  ratio = scalars.get("policy/ppo_seq_ratio_max", 0.0)
+  o = spec.objective.loss
+  tag = diagnoses.sequence_ratio_tag("policy/ppo_seq_ratio_max" in scalars,
+                                     o.ppo_ratio_reference, o.logprob_reduction)
+  ratio = scalars.get(tag, 0.0)
   if ratio > t.collapse_ppo_ratio:
     alarms.append(f"PPO sequence ratio max {ratio:.1f} > {t.collapse_ppo_ratio:g}")
   kl, scale = scalars.get("policy/kl", 0.0), kl_scale(spec)
@@ -52,24 +61,52 @@ def collapse_alarms(scalars: dict, spec) -> list[str]:
   return alarms
 
 
-class NonFiniteGuard:
-  """Stops the run after `patience` consecutive steps whose update was skipped as non-finite."""
+def roll_back(trainer, info: StepInfo, msg: str, rollbacks: int, max_rollbacks: int,
+              still: str = "failing") -> bool:
+  """Rolls `trainer` back to its last checkpoint before `info.step` (rollback number
+  `rollbacks` in a row); False when there is none. Raises TrainingStopped past `max_rollbacks`."""
+  good = [s for s in trainer.ckpt.all_steps() if s < info.step]
+  if not good:
+    logging.warning(msg + "; no earlier checkpoint to roll back to")
+    return False
+  if rollbacks > max_rollbacks:
+    raise TrainingStopped(msg + f"; still {still} after {max_rollbacks} rollbacks to step "
+                          f"{good[-1]}: stopping")
+  trainer.rollback(good[-1])
+  info.halt = True  # the rolled-back step is neither evaluated nor checkpointed
+  logging.warning(msg + f"; rolled back to step {good[-1]}")
+  return True
 
-  def __init__(self, trainer, patience: int):
+
+class NonFiniteGuard:
+  """Acts after `patience` consecutive steps whose update was skipped as non-finite: stops the
+  run (action "stop") or rolls back to the last checkpoint (action "rollback")."""
+
+  def __init__(self, trainer, patience: int, action: str = "stop", max_rollbacks: int = 3):
     self.trainer, self.patience, self.count = trainer, patience, 0
+    self.action, self.max_rollbacks, self.rollbacks = action, max_rollbacks, 0
 
   def __call__(self, info: StepInfo) -> None:
     if not info.scalars.get("guard/nonfinite_update"):
       self.count = 0
+      if info.step % self.trainer.spec.train.checkpoint_every == 0:
+        self.rollbacks = 0  # a good step that reaches a checkpoint ends a run of rollbacks
       return
     self.count += 1
     logging.warning("step %d: non-finite loss or gradient (loss=%s grad_norm=%s); update skipped "
                     "(%d in a row)", info.step, info.scalars.get("train/loss"),
                     info.scalars.get("train/grad_norm"), self.count)
-    if self.count >= self.patience:
-      self.trainer.save()
-      raise TrainingStopped(f"{self.count} consecutive non-finite updates at step {info.step}: "
-                            "stopping (last good state saved; see config.train.nan_patience)")
+    if self.count < self.patience:
+      return
+    if self.action == "rollback":
+      self.rollbacks += 1
+      if roll_back(self.trainer, info, f"step {info.step}: {self.count} consecutive non-finite "
+                   "updates", self.rollbacks, self.max_rollbacks):
+        self.count = 0
+        return
+    self.trainer.save()
+    raise TrainingStopped(f"{self.count} consecutive non-finite updates at step {info.step}: "
+                          "stopping (last good state saved; see config.train.nan_patience)")
 
 
 class CollapseGuard:
@@ -93,14 +130,6 @@ class CollapseGuard:
     if action == "stop":
       self.trainer.save()
       raise TrainingStopped(msg + " (train.collapse_action=stop; state saved)")
-    good = [s for s in self.trainer.ckpt.all_steps() if s < info.step]
-    if not good:
-      logging.warning(msg + "; no earlier checkpoint to roll back to")
-      return
-    self.rollbacks += 1
-    if self.rollbacks > self.spec.max_rollbacks:
-      raise TrainingStopped(msg + f"; still collapsing after {self.spec.max_rollbacks} rollbacks "
-                            f"to step {good[-1]}: stopping")
-    self.trainer.rollback(good[-1])
-    info.halt = True  # the rolled-back step is neither evaluated nor checkpointed
-    logging.warning(msg + f"; rolled back to step {good[-1]}")
+    if any(s < info.step for s in self.trainer.ckpt.all_steps()):
+      self.rollbacks += 1
+    roll_back(self.trainer, info, msg, self.rollbacks, self.spec.max_rollbacks, "collapsing")
