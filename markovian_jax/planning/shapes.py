@@ -4,9 +4,10 @@
     local directory            its config.json
     .gguf file / package://    the GGUF header (metadata and tensor infos; no tensor is read)
     hub id                     config.json from the local HF cache, else the published shapes of
-                               the Llama 3.x and Qwen3 sizes below, so that the default
-                               meta-llama/Llama-3.1-8B-Instruct and the paper's Qwen3-4B plan on a
-                               machine with no network
+                               the Llama 3.x and Qwen3 sizes (`models.published`), so that the
+                               default meta-llama/Llama-3.1-8B-Instruct and the paper's Qwen3-4B
+                               plan on a machine with no network
+    random:<name>              the shapes that name stands for (`models.random_models`)
 """
 
 from __future__ import annotations
@@ -14,48 +15,8 @@ from __future__ import annotations
 import os
 
 from markovian_jax.runtime.errors import InvalidConfig
-from markovian_jax.models.config import LlamaConfig, RopeScaling
-
-_LLAMA3 = dict(vocab_size=128256, num_kv_heads=8, rope_theta=500000.0,
-               max_position_embeddings=131072, bos_token_id=128000)
-_SCALE8 = RopeScaling(8.0, 1.0, 4.0, 8192)
-_SCALE32 = RopeScaling(32.0, 1.0, 4.0, 8192)
-_SIZES = {
-    "1B": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, head_dim=64,
-               tie_word_embeddings=True, rope_scaling=_SCALE32),
-    "3B": dict(hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
-               head_dim=128, tie_word_embeddings=True, rope_scaling=_SCALE32),
-    "8B": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-               head_dim=128, rope_scaling=_SCALE8),
-    "70B": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
-                head_dim=128, rope_scaling=_SCALE8),
-    "405B": dict(hidden_size=16384, intermediate_size=53248, num_layers=126, num_heads=128,
-                 head_dim=128, rope_scaling=_SCALE8),
-}
-# Published config.json shapes of Meta's Llama 3.x checkpoints (base and Instruct alike).
-KNOWN_HUB_SHAPES = {
-    **{f"meta-llama/Llama-3.2-{s}{v}": _SIZES[s] for s in ("1B", "3B") for v in ("", "-Instruct")},
-    **{f"meta-llama/Llama-3.1-{s}{v}": _SIZES[s] for s in ("8B", "70B", "405B")
-       for v in ("", "-Instruct")},
-    **{f"meta-llama/Meta-Llama-3.1-{s}{v}": _SIZES[s] for s in ("8B", "70B", "405B")
-       for v in ("", "-Instruct")},
-    "meta-llama/Llama-3.3-70B-Instruct": _SIZES["70B"],
-    **{f"meta-llama/Meta-Llama-3-{s}{v}": {**_SIZES[s], "rope_scaling": None,
-                                           "max_position_embeddings": 8192}
-       for s in ("8B", "70B") for v in ("", "-Instruct")},
-}
-
-# Published config.json shapes of Qwen3 (model_type qwen3: per-head q/k RMSNorm, head_dim 128
-# beside hidden sizes that are not 128 x heads); the base and post-trained uploads share them.
-_QWEN3 = dict(vocab_size=151936, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
-              rms_norm_eps=1e-6, max_position_embeddings=40960, bos_token_id=151643,
-              model_type="qwen3", qk_norm=True)
-_QWEN3_SIZES = {
-    "4B": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, tie_word_embeddings=True),
-    "8B": dict(hidden_size=4096, intermediate_size=12288, num_layers=36),
-}
-KNOWN_QWEN3_SHAPES = {f"Qwen/Qwen3-{s}{v}": _QWEN3_SIZES[s] for s in _QWEN3_SIZES
-                      for v in ("", "-Base")}
+from markovian_jax.models import published, random_models
+from markovian_jax.models.config import LlamaConfig
 
 
 def _is_hub_id(path: str) -> bool:
@@ -85,19 +46,18 @@ def model_config(path: str, dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
   `config.model.path`, without reading weights or the network. Raises InvalidConfig naming
   config.model.path when none of the sources above has the model."""
   path = os.fspath(path)
+  if random_models.is_random(path):
+    return random_models.random_config(path, dtype), random_models.describe(path)
   if _is_hub_id(path):
     cached = _cached_config_json(path)
     if cached:
       return LlamaConfig.from_json_file(cached, param_dtype=dtype, dtype=dtype), cached
-    if path in KNOWN_HUB_SHAPES:
-      return (LlamaConfig(**_LLAMA3, **KNOWN_HUB_SHAPES[path], param_dtype=dtype, dtype=dtype),
-              f"published shapes of {path}")
-    if path in KNOWN_QWEN3_SHAPES:
-      return (LlamaConfig(**_QWEN3, **KNOWN_QWEN3_SHAPES[path], param_dtype=dtype, dtype=dtype),
-              f"published shapes of {path}")
+    known = published.hub_config(path, dtype)
+    if known is not None:
+      return known, f"published shapes of {path}"
     raise InvalidConfig(
         f"config.model.path: {path} is a hub id that is neither in the local HF cache nor one of "
-        f"the known Llama 3.x and Qwen3 sizes ({len(KNOWN_HUB_SHAPES) + len(KNOWN_QWEN3_SHAPES)} "
+        f"the known Llama 3.x and Qwen3 sizes ({published.known_ids()} "
         "ids, e.g. meta-llama/Llama-3.1-8B-Instruct, Qwen/Qwen3-4B); give a local directory with "
         "config.json or a .gguf")
   from markovian_jax.models.loading import resolve_model_path
