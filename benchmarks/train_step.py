@@ -12,7 +12,7 @@ alpha=16, dropout 0.1 on every linear layer but the head.
     can be overridden with `--config.key=value`. The trainer's example stream is replaced by one
     that yields the chosen question every step, so both sides see the same prompt.
   * torch: transformers + peft, the model loaded from the same GGUF, doing what the reference does
-    per step (REFERENCE.md section 0), with the same prompt texts (`markovian_jax.data.prompts`):
+    per step (docs/method.md#one-training-step), the same prompts (`markovian_jax.data.prompts`):
       sample   the LoRA model (train mode, so LoRA dropout is on) `generate`s G CoTs
                (do_sample, T=1, min_new_tokens = max_new_tokens = K); the base model (adapter
                disabled) greedily generates one CoT';

@@ -1,7 +1,7 @@
 """The Llama-3 tokenizer, rebuilt offline from the vocabulary that `quicktok-v1` ships.
 
 Meta's tokenizer.json cannot be downloaded here; quicktok ships the same BPE ranks
-(ENVIRONMENT.md §3). We write them as a tiktoken-format file, convert that with transformers'
+(the same token ids). We write them as a tiktoken-format file, convert that with transformers'
 TikTokenConverter, and add what Meta's tokenizer.json has on top: a BOS post-processor, the 3.1
 names of three special tokens and a Llama-3 chat template. Building takes ~4 s, so the result is cached per process.
 """

@@ -1,4 +1,4 @@
-"""Answer extraction on realistic answer-model outputs (REFERENCE.md §4); expected values
+"""Answer extraction on realistic answer-model outputs (docs/method.md#evaluation); expected values
 worked out by hand."""
 
 import pytest

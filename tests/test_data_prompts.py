@@ -1,4 +1,5 @@
-"""Prompt strings against the reference templates (REFERENCE.md §1.3, written out literally here)
+"""Prompt strings against the reference templates (docs/method.md#prompts-and-the-hidden-question;
+written out literally here)
 and the answer-span locator with the Llama-3 and SmolLM2 tokenizers."""
 
 import numpy as np

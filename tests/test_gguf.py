@@ -89,7 +89,7 @@ def _chat_ids(tok, question):
 @pytest.mark.slow
 def test_smollm2_config_from_metadata(smollm2):
   config, params = smollm2
-  # The file's metadata (ENVIRONMENT.md section 3): 30 layers, d=576, ffn 1536, 9/3 heads, vocab
+  # The file's metadata (as gguf.GGUFReader reads it): 30 layers, d=576, ffn 1536, 9/3 heads, vocab
   # 49152, theta 1e5, eps 1e-5, no output.weight; BOS <|im_start|>=1, EOS <|im_end|>=2.
   assert (config.num_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
   assert (config.num_heads, config.num_kv_heads, config.head_dim) == (9, 3, 64)

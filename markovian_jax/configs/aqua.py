@@ -1,4 +1,4 @@
-"""aqua: reference defaults (ALGORITHM.md §1, REFERENCE.md §2)."""
+"""aqua: reference defaults (docs/method.md#tasks)."""
 
 from markovian_jax.configs import base
 

@@ -1,4 +1,4 @@
-"""Every knob of a Markovian training run, with the reference defaults (ALGORITHM.md §1).
+"""Every knob of a Markovian training run, with the reference defaults (docs/method.md).
 
 Task files call `base.task_config(task, arg)` and override what differs. Any key can be overridden on
 the command line: `--config.objective.kl_penalty=0.05`. Unknown keys fail (ConfigDict is locked).
@@ -14,7 +14,7 @@ from markovian_jax.runtime import compilation_cache
 from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.runtime.sharding import MESH_PRESETS  # noqa: F401 (names for config.mesh.preset)
 
-# Reference per-task CoT lengths (REFERENCE.md §2) and eval answer lengths (§4).
+# The reference's per-task CoT lengths and eval answer lengths (docs/method.md#tasks).
 COT_LENGTH = {"gsm8k": 100, "mmlu": 150, "mathqa": 150, "arithmetic": 150}
 ANSWER_MAX_TOKENS = {"svamp": 16, "arithmetic": 16}
 # The paper's final-evaluation sizes: GSM8K test, ARC-Challenge validation (294 with A-D labels),
@@ -271,6 +271,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str = "", options: dict | None 
     elif n in options:
       options[n](c)
     else:
-      raise InvalidConfig(f"--config=...:{n}: {n!r} is not a variant ({list(VARIANTS)}) or an option of "
-                          f"the {task} config ({list(options)})")
+      extra = f"; the {task} config's options: {', '.join(options)}" if options else ""
+      raise InvalidConfig(f"{n!r} is not a known variant (variants: {', '.join(VARIANTS)}"
+                          f"{extra})")
   return c

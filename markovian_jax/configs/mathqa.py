@@ -1,4 +1,4 @@
-"""mathqa: reference defaults (ALGORITHM.md §1, REFERENCE.md §2)."""
+"""mathqa: reference defaults (docs/method.md#tasks)."""
 
 from markovian_jax.configs import base
 

@@ -1,4 +1,4 @@
-"""mmlu: reference defaults (ALGORITHM.md §1, REFERENCE.md §2)."""
+"""mmlu: reference defaults (docs/method.md#tasks)."""
 
 from markovian_jax.configs import base
 

@@ -1,4 +1,4 @@
-"""svamp: reference defaults (ALGORITHM.md §1, REFERENCE.md §2)."""
+"""svamp: reference defaults (docs/method.md#tasks)."""
 
 from markovian_jax.configs import base
 

@@ -1,4 +1,4 @@
-"""Reading a prediction out of the answer model's generated text (REFERENCE.md §4).
+"""Reading a prediction out of the answer model's generated text (docs/method.md#evaluation).
 
 Numeric tasks (gsm8k, svamp, arithmetic):
   simple   if the text has '=', keep what follows the last '='; drop commas; the first number.

@@ -71,7 +71,7 @@ def _svamp_example(row, where: str, split: str, i: int) -> Example:
   question = records.field(row, "Question", where)
   answer = records.field(row, "Answer", where, (int, float, str))
   item_id = row.get("ID") if isinstance(row.get("ID"), str) else f"svamp/{split}/{i}"
-  # The reference showed only Body, dropping the question sentence (REFERENCE.md §7.8).
+  # The reference showed only Body (docs/reference-differences.md#svamp-question).
   return Example(question=f"{body.strip()} {question.strip()}", answer=_gold_number(answer, where),
                  id=item_id)
 

@@ -1,4 +1,4 @@
-"""Prompt templates (REFERENCE.md §1.3) and the answer-span locator (§1.5).
+"""Prompt templates and the answer-span locator (docs/method.md#prompts-and-the-hidden-question).
 
 Plain format (the reference for Llama 3.1: text + the BOS the tokenizer adds, no chat template):
   CoT prompt:     "{base_prompt} {question}\\n{prompt_type}"

@@ -1,5 +1,5 @@
 """wiki_continuation: predict the next `target_length` tokens of an article from its first
-`question_length` tokens (REFERENCE.md §3).
+`question_length` tokens (docs/reference-differences.md#wiki-ranges).
 
 Sources:
 - hub: wikimedia/wikipedia 20231101.en (one `train` split of articles, streamed in index order).

@@ -2,12 +2,12 @@
 
 Pure functions of arrays (jit-friendly; configuration is a hashable frozen dataclass, so it can be
 a static argument). Arithmetic is float32 at least: bf16 inputs are upcast, float64 stays float64
-(jax.enable_x64). Notation (ALGORITHM.md §1):
+(jax.enable_x64). Notation (docs/method.md#notation):
 
   N = Q * G sequences, question-major (sample i answers question i // G); K = CoT tokens;
   A = answer tokens; masks are bool or {0, 1} arrays ("valid token" / "active sequence").
 
-One step's loss, for sequence i and CoT token t (ALGORITHM.md §1.4-1.6):
+One step's loss, for sequence i and CoT token t (docs/method.md#one-training-step):
 
   r_i   = reduce_t log pi(answer_t | <Redacted> prompt, CoT_i)       (rewards: reward_kind logprob;
                                                                    or prob / mean_token_prob)

@@ -1,4 +1,4 @@
-"""Advantage baselines: A_i from the normalised rewards R of one step (ALGORITHM.md §1.5).
+"""Advantage baselines: A_i from the normalised rewards R (docs/method.md#advantages-and-baselines).
 
 N = Q * G samples, question-major (sample i answers question i // G).
 

@@ -25,7 +25,7 @@ __all__ = ["ObjectiveConfig", "OBJECTIVES", "KL_ESTIMATORS", "REDUCTIONS", "AGGR
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """Objective settings (defaults: ALGORITHM.md §1, the reference's "Markovian" run made correct).
+  """Objective settings (defaults: the reference's "Markovian" run made correct; docs/method.md).
 
   Frozen and hashable: pass it as a static argument under jit.
 

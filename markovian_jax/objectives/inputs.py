@@ -5,7 +5,7 @@ Column t of every [N, K] input is about CoT token t: the log-prob (or KL, entrop
 distribution that *produced* CoT token t. In a teacher-forced pass over `[prompt ; CoT]` whose CoT
 ends the sequence, those distributions are the logits at positions `[-K-1:-1]` (position j predicts
 token j+1). The reference's KL took `[-K:]`, one position late: it skipped the distribution of the
-first CoT token and included the one after the last (REFERENCE.md §7.4); do not copy that.
+first CoT token and included the one after the last (docs/reference-differences.md#kl-slice).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Policy-gradient losses and the paper's reward-gradient term (ALGORITHM.md §1.4-1.6).
+"""Policy-gradient losses and the paper's reward-gradient term (docs/method.md#policy-losses).
 
 For sequence i and CoT token t, with A_i the step's advantages (never differentiated):
 
@@ -104,7 +104,7 @@ def ppo_base_per_sequence(seq_logprobs: jax.Array, seq_ref_logprobs: jax.Array,
   With mean-reduced log-probs (the reference) rho_i is a geometric-mean token ratio. It is a trust
   region around the base model rather than PPO: once mean_t log(pi/base) > log(1+eps) = 0.18 nats,
   positive advantages stop pushing, whatever the sampling policy was. The reference run with it
-  collapsed (REFERENCE.md §1.7, §7.5).
+  collapsed (docs/reference-differences.md#ppo-ratio).
 
   Args:
     seq_logprobs: [N] float reduced CoT log-prob under pi, with grad.

@@ -1,4 +1,4 @@
-"""Two-stage evaluation (REFERENCE.md §4), as a library function used by training and the CLI.
+"""Two-stage evaluation (docs/method.md#evaluation), a library function for training and the CLI.
 
 Stage 1: the policy writes a K-token CoT per question (training temperature, or greedy), `n` samples
 each. Stage 2: the reader (policy or base) greedily writes <= `answer_max_tokens` after the answer

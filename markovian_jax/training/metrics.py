@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, by jax device_kind prefix (ANCHORS.md §3).
+# Dense (no sparsity) bf16 peak FLOP/s per chip, by jax device_kind prefix.
 PEAK_FLOPS = {"NVIDIA H100": 989.4e12, "NVIDIA H200": 989.4e12, "TPU v5 lite": 197e12,
               "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
 
