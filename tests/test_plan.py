@@ -230,17 +230,27 @@ def test_workload_is_built_from_the_config(estimator, full):
 
 
 def test_plan_through_a_minus_one_mesh():
-  """mesh.shape (-1, 1, 1) is resolved against the device count given (or present): the rows
-  rule and the memory plan see the resolved mesh."""
+  """mesh.shape with a -1 is resolved against the device count given (or present): the rows
+  rule, the memory plan, the verdict, the fixes and the notes are those of the explicit mesh,
+  on a device that fits the step and on one that does not (so the fixes are computed)."""
+  import dataclasses
   c = importlib.import_module("configs.gsm8k").get_config()
   c.model.path = LLAMA_8B
-  c.mesh.shape = (-1, 1, 1)
-  spec = config_validation.validate(c)
-  p = plan.make_plan(spec, num_devices=4, device_memory_gib=80.0)
-  assert tuple(p.mesh) == (4, 1, 1)
-  assert p.memory.peak > 0 and p.fits is not None
+
+  def make(shape, memory_gib, devices=4):
+    c.mesh.shape = shape
+    return plan.make_plan(config_validation.validate(c), num_devices=devices,
+                          device_memory_gib=memory_gib)
+
+  for shape, explicit in (((-1, 1, 1), (4, 1, 1)), ((-1, 1, 2), (2, 1, 2))):
+    for memory_gib in (80.0, 8.0):
+      p, want = make(shape, memory_gib), make(explicit, memory_gib)
+      assert tuple(p.mesh) == explicit
+      assert dataclasses.replace(p, spec=None) == dataclasses.replace(want, spec=None)
+      assert plan.describe(p) == plan.describe(want)
+      assert p.fits is (memory_gib == 80.0) and bool(p.fixes) is not p.fits, (shape, p.fixes)
   with pytest.raises(InvalidConfig, match="^config.train.questions_per_step: 12 rows"):
-    plan.make_plan(spec, num_devices=8, device_memory_gib=80.0)  # 12 rows over 8 devices
+    make((-1, 1, 1), 80.0, devices=8)  # 12 rows over 8 devices
 
 
 def test_measured_prompt_length_is_the_longest_tokenized_prompt(tiny_model_dir):
