@@ -17,6 +17,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(VENV)/bin/pip install -q -r requirements-test.txt
+	# Mistral's tokenizer files (tests/sentencepiece_vocab.py), kept off the import path: an
+	# importable mistral-common without its deps breaks transformers' loading of Mistral tokenizers.
+	$(VENV)/bin/pip install -q --no-deps --upgrade --target $(VENV)/test-data/mistral-common \
+	  mistral-common==1.13.1
 	touch $@
 
 # tcmalloc, which config.host_allocator restarts train/evaluate onto (on CPU, glibc page-faults

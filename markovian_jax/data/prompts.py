@@ -14,9 +14,13 @@ Family formats, written literally as the reference writes them for each model ty
   chatml:   "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"  (Qwen2/3,
             no <think> handling)
 
-The reward scores the answer tokens after the LAST ("Answer", ":") token pair of prefix + answer,
-tokenized jointly: BPE may merge across the boundary, so the span is found by token ids (looked
-up from the tokenizer, not hard-coded), exactly as the reference does.
+The reward scores the answer tokens after the LAST "Answer:" of prefix + answer, tokenized
+jointly (BPE may merge across the boundary): the same tokens the reference finds by its hard-coded
+("Answer", ":") ids, located here by character offsets so that every vocabulary works
+(`answer_tokens`).
+
+`prompt.format="auto"` (the default) is each model family's format (`FAMILY_FORMATS`, read from
+config.json's model_type), resolved once when the run config is validated; an explicit format wins.
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ PROMPT_TYPES = {"wiki_continuation": "Reasoning Bottleneck:"}
 DEFAULT_PROMPT_TYPE = "Reasoning:"
 ANSWER_HEADER = " Answer: "
 REDACTED = "<Redacted>"
+ANSWER_MARKER = "Answer:"
 PROMPT_FORMATS = ("plain", "chat", "mistral", "chatml")
+# config.prompt.format: the model family's format, resolved before any prompt is built.
+AUTO_FORMAT = "auto"
 # The reference's format per model family (config.json model_type); others read plain text.
 FAMILY_FORMATS = {"mistral": "mistral", "qwen2": "chatml", "qwen3": "chatml"}
 
@@ -55,6 +62,11 @@ FAMILY_FORMATS = {"mistral": "mistral", "qwen2": "chatml", "qwen3": "chatml"}
 def family_format(model_type: str) -> str:
   """The prompt format the reference used for a model family (`FAMILY_FORMATS`, else plain)."""
   return FAMILY_FORMATS.get(model_type, "plain")
+
+
+def resolve_format(prompt_format: str, model_type: str) -> str:
+  """`prompt_format` itself, or the family's format of `model_type` when it is "auto"."""
+  return family_format(model_type) if prompt_format == AUTO_FORMAT else prompt_format
 
 
 def base_prompt(task: str, cot_length: int, target_length: int = 50) -> str:
@@ -99,42 +111,18 @@ def answer_prompt(task: str, question: str, cot: str, cot_length: int, *, markov
   return _frame(user, f"{prompt_type(task)}{cot}{ANSWER_HEADER}", prompt_format, tokenizer)
 
 
+def _encoding(tokenizer, text: str, prompt_format: str, **kwargs):
+  if prompt_format not in PROMPT_FORMATS:
+    raise ValueError(f"unknown prompt_format {prompt_format!r}; choose one of "
+                     f"{list(PROMPT_FORMATS)}")
+  return tokenizer(text, add_special_tokens=prompt_format != "chat", **kwargs)
+
+
 def encode(tokenizer, text: str, prompt_format: str = "plain") -> list:
   """Token ids of a prompt: the plain and family formats let the tokenizer add its BOS (as the
   reference tokenizes them); a chat template already writes its own special tokens, so none are
   added then."""
-  if prompt_format not in PROMPT_FORMATS:
-    raise ValueError(f"unknown prompt_format {prompt_format!r}; choose one of "
-                     f"{list(PROMPT_FORMATS)}")
-  return list(tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"])
-
-
-def _single_token(tokenizer, text: str):
-  ids = tokenizer.encode(text, add_special_tokens=False)
-  return ids[0] if len(ids) == 1 else None
-
-
-def answer_marker_ids(tokenizer) -> tuple[tuple, tuple]:
-  """(ids of "Answer" / " Answer", ids of ":"), each kept only if it is a single token."""
-  answer = tuple(sorted({i for i in (_single_token(tokenizer, "Answer"),
-                                     _single_token(tokenizer, " Answer")) if i is not None}))
-  colon = tuple(i for i in (_single_token(tokenizer, ":"),) if i is not None)
-  if not answer or not colon:
-    raise ValueError(f"{type(tokenizer).__name__}: 'Answer' / ' Answer' / ':' are not single "
-                     "tokens, so the answer span cannot be located by token ids")
-  return answer, colon
-
-
-def answer_start(ids, answer_ids, colon_ids) -> int:
-  """Index of the first token after the last (Answer, :) pair, or -1 if there is none.
-
-  ids: int [T] token ids of one sequence; answer_ids / colon_ids: the marker ids to match.
-  """
-  ids = np.asarray(ids)
-  if ids.size < 2:
-    return -1
-  hits = np.flatnonzero(np.isin(ids[:-1], answer_ids) & np.isin(ids[1:], colon_ids))
-  return int(hits[-1]) + 2 if hits.size else -1
+  return list(_encoding(tokenizer, text, prompt_format)["input_ids"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,21 +140,40 @@ class AnswerTokens:
 
 def answer_tokens(tokenizer, prefix: str, answer: str, prompt_format: str = "plain"
                   ) -> AnswerTokens:
-  """Tokenizes `prefix + answer` and locates the answer span after the last `Answer:` pair.
+  """Tokenizes `prefix + answer` jointly; the answer span is the tokens after its last "Answer:".
 
-  Raises ValueError if the text has no (Answer, :) token pair or the span after it is empty.
+  The span starts at the first token whose character offset (the fast tokenizer's offset mapping)
+  is at or past the end of the last "Answer:" in the text: the same tokens the reference finds
+  after its last ("Answer", ":") token pair, leading space token included. The reference
+  hard-codes that pair's ids per family because they are the ids *inside the text*: in a
+  byte-level BPE vocabulary (Llama 3, Qwen, GPT-2) ":" is the same token alone and after "Answer",
+  but in a SentencePiece (Metaspace) one (Mistral, Llama 2 / Phi-3.5) ":" alone tokenizes as "▁:",
+  which never follows "▁Answer" in a text. Character offsets need no per-vocabulary ids and hold
+  for both, and for a vocabulary that makes "Answer:" one token.
+
+  Raises ValueError if the text has no "Answer:", if one token covers both its colon and what
+  follows (no token boundary to start the span at), or if nothing follows it.
   """
   if not answer.strip():
     raise ValueError(f"empty answer {answer!r}: there is nothing to score after "
                      f"{prefix[-40:]!r}")
-  ids = np.asarray(encode(tokenizer, prefix + answer, prompt_format), dtype=np.int32)
-  start = answer_start(ids, *answer_marker_ids(tokenizer))
-  if start < 0:
-    raise ValueError(f"no ('Answer', ':') token pair in the scored text "
-                     f"{(prefix + answer)[-120:]!r}; the answer prompt must end with ' Answer: '")
-  if start >= ids.size:
-    raise ValueError(f"empty answer span: nothing follows the last 'Answer:' in "
-                     f"{(prefix + answer)[-80:]!r} (answer={answer!r})")
+  text = prefix + answer
+  marker = text.rfind(ANSWER_MARKER)
+  if marker < 0:
+    raise ValueError(f"no {ANSWER_MARKER!r} marker in the scored text {text[-120:]!r}; the "
+                     f"answer prompt must end with {ANSWER_HEADER!r}")
+  end = marker + len(ANSWER_MARKER)
+  enc = _encoding(tokenizer, text, prompt_format, return_offsets_mapping=True)
+  ids = np.asarray(enc["input_ids"], dtype=np.int32)
+  offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+  if np.any((offsets[:, 0] < end) & (offsets[:, 1] > end)):
+    raise ValueError(f"{type(tokenizer).__name__} merges the colon of {ANSWER_MARKER!r} with what "
+                     f"follows it in {text[marker:marker + 40]!r}: no token starts the answer")
+  after = np.flatnonzero(offsets[:, 0] >= end)
+  if not after.size:
+    raise ValueError(f"empty answer span: nothing follows the last {ANSWER_MARKER!r} in "
+                     f"{text[-80:]!r} (answer={answer!r})")
+  start = int(after[0])
   mask = np.zeros(ids.shape, dtype=bool)
   mask[start:] = True
   return AnswerTokens(ids=ids, start=start, mask=mask)
