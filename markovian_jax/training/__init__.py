@@ -2,6 +2,7 @@
 
   specs, config_validation   a run config read once into typed, validated sections (RunSpec);
                              config_session: validate, then the CLI session
+  config_reference           docs/configuration.md, written from the config and the specs
   run_context                what train and evaluate share: examples, mesh, base model, tokenizer
   train_step                 the jitted programs: score, update (and their shardings)
   pipeline                   the step's stages: rollout -> score -> targets -> update -> scalars
