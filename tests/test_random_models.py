@@ -3,6 +3,7 @@ tokenizer (no download), the ids beyond the tokenizer masked out of every softma
 three steps on random:tiny, and the same memory plan as the real checkpoint."""
 
 import importlib
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +66,12 @@ def test_masked_ids_are_never_sampled_and_carry_no_probability():
   assert np.asarray(out.tokens).max() < 100
 
 
-def test_train_random_tiny_three_steps(tmp_path, smollm2_path):
+def test_train_random_tiny_three_steps(tmp_path, smollm2_path, caplog):
   """`train --config.model.path=random:tiny`: three steps with SmolLM2's tokenizer and no model
-  files, finite losses, and an adapter that moved."""
+  files, finite losses, and an adapter that moved; config.model.attention=auto logged its choice
+  (XLA's attention on CPU) and why."""
   del smollm2_path  # the tokenizer's source (skips where the package is absent)
+  caplog.set_level(logging.INFO, logger="markovian_jax.training.run_context")
   from markovian_jax.runtime import summary
   from markovian_jax.trainer import Trainer
   c = make_config("random:tiny", tmp_path / "run", **{
@@ -79,6 +82,8 @@ def test_train_random_tiny_three_steps(tmp_path, smollm2_path):
   losses = summary.read_scalars(str(tmp_path / "run"))["train/loss"]
   assert [s for s, _ in losses] == [1, 2, 3] and all(np.isfinite(v) for _, v in losses)
   assert np.abs(np.asarray(trainer.lora.params["layers"]["attn"]["q"]["b"])).max() > 0
+  assert trainer.ctx.model.attention_impl == "auto"  # CPU's default path, never cuDNN
+  assert "attention: xla (auto: cuDNN attention is GPU only; JAX runs on cpu)" in caplog.text
 
 
 @pytest.mark.parametrize("preset", ["1xh100", "8xh100"])

@@ -42,6 +42,9 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.model.path = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, HF directory, or .gguf file
   c.model.dtype = "bfloat16"  # weights and matmuls; softmax/log-probs are always fp32
   c.model.remat = "full"  # none | full | dots
+  # Self-attention kernel: auto | cudnn | xla (models/attention_choice.py): auto runs a cuDNN
+  # preflight on GPU and falls back to XLA's attention with the reason logged.
+  c.model.attention = "auto"
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8  # r of every adapter pair A [in, r], B [r, out]

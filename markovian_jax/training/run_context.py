@@ -22,6 +22,7 @@ from markovian_jax.training import config_validation
 from markovian_jax.runtime import sharding
 from markovian_jax import data as data_lib
 from markovian_jax.models import LlamaConfig, eos_ids, load_checkpoint, load_tokenizer
+from markovian_jax.models import attention_choice
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,12 @@ class RunContext:
     """Validates `config` (unless its `spec` is given), builds the mesh and loads the model."""
     spec = spec or config_validation.validate(config)
     mesh = mesh or config_validation.make_mesh(spec)
+    attention_choice.check_backend(spec.model.attention)  # before the weights load
     tokenizer = tokenizer or load_tokenizer(spec.model.path)
     model, params = load_checkpoint(spec.model.path, dtype=spec.model.dtype, mesh=mesh)
-    model = model.replace(remat=spec.model.remat)
+    impl, why = attention_choice.resolve(spec.model.attention, model)
+    log.info("%s", why)
+    model = model.replace(remat=spec.model.remat, attention_impl=impl)
     log.info("model %s: %d layers, d=%d, vocab %d, %s; mesh %s", spec.model.path,
              model.num_layers, model.hidden_size, model.vocab_size, spec.model.dtype,
              dict(mesh.shape))

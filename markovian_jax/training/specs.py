@@ -25,6 +25,7 @@ from markovian_jax.data.mcq_tasks import MMLU_HUB_SPLITS
 from markovian_jax.data.prompts import PROMPT_FORMATS
 from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.models import lora as lora_lib
+from markovian_jax.models.attention_choice import CHOICES as ATTENTION_CHOICES
 from markovian_jax.models.config import DTYPES, REMAT_MODES
 from markovian_jax.configs.base import VARIANTS
 
@@ -83,12 +84,14 @@ class ModelSpec(_Section):
   path: str = ""
   dtype: str = "bfloat16"
   remat: str = "full"
+  attention: str = "auto"
 
   def __post_init__(self):
     if not self.path:
-      _bad("model.path", "is empty; give an HF directory, a .gguf file or a hub id")
+      _bad("model.path", "is empty; give an HF directory, a .gguf file, a hub id or random:<name>")
     self.choice("dtype", DTYPES)
     self.choice("remat", REMAT_MODES)
+    self.choice("attention", ATTENTION_CHOICES)
 
 
 @dataclasses.dataclass(frozen=True)
