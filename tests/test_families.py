@@ -18,6 +18,7 @@ bias or a swapped norm). Checks per family:
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,18 +146,17 @@ def test_left_padded_logits_match_torch(family):
                                atol=1e-4, rtol=0)
 
 
+# What sets a family apart in the comparison above, where it has such a feature.
+DISTINGUISHING = {"mistral": dict(sliding_window=None), "phi3": dict(rope_scaling=None),
+                  "qwen3": dict(qk_norm=False)}
+
+
+@pytest.mark.parametrize("family", list(DISTINGUISHING), indirect=True)
 def test_sliding_window_and_longrope_are_what_the_comparison_sees(family):
   """Dropping the family's distinguishing feature changes the logits beyond the tolerance."""
   name, _, _, config, params = family
   ids, _ = _ragged_batch(config.vocab_size, [SEQ])
-  if name == "mistral":
-    changed = config.replace(sliding_window=None)
-  elif name == "phi3":
-    changed = config.replace(rope_scaling=None)
-  elif name == "qwen3":
-    changed = config.replace(qk_norm=False)
-  else:
-    pytest.skip("nothing position-dependent to drop")
+  changed = config.replace(**DISTINGUISHING[name])
   full = np.asarray(logits(config, params, ids))
   other = np.asarray(logits(changed, _drop_unused(changed, params), ids))
   assert np.abs(full - other).max() > 1e-2
@@ -255,8 +255,7 @@ def test_peft_export_reproduces_our_logits_in_transformers(family, tmp_path):
   np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
   back = hf.load_peft_adapter(out, config)
   assert back.targets == lora.targets
-  for x, y in zip(jax.tree.leaves(back.params), jax.tree.leaves(lora.params)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(back.params, lora.params)  # the same tree, leaf for leaf
 
 
 def test_save_hf_round_trips_through_transformers(family, tmp_path):
@@ -335,8 +334,7 @@ def test_gpt2_original_upload_layout(tmp_path):
     renamed[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 128, 128), np.float32))
   save_file(renamed, os.path.join(out, hf.WEIGHTS_NAME), metadata={"format": "pt"})
   _, loaded = load_checkpoint(out)
-  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(loaded, params)  # the same tree, leaf for leaf
 
 
 def test_lora_targets_follow_the_family():
