@@ -3,11 +3,19 @@
   python -m markovian_jax.evaluate --config=configs/gsm8k.py --checkpoint_dir=runs/gsm8k/checkpoints
   python -m markovian_jax.evaluate --config=configs/gsm8k.py --base_model  # no checkpoint
 
-Writes to --output_dir (default: <checkpoint_dir>/../eval, or <workdir>/eval): `summary.json`,
-`<model>.jsonl` (one row per example and CoT sample), TensorBoard scalars under `eval/` at each
-checkpoint's step (the base model at step 0, as in training). Flags, config, checkpoints and data
-are all checked before the model is loaded; bad input exits with status 2 and one `error:` line.
-The adapter's rank, alpha and targets are read from the checkpoint, not from --config.
+Writes to --output_dir (default: <checkpoint_dir>/../eval/final, or <workdir>/eval/final, apart
+from training's periodic eval/step_N.jsonl): `summary.json`, `<model>.jsonl` (one row per example
+and CoT sample), `protocol.json` (what the numbers were read under), TensorBoard scalars under
+`eval/` at each checkpoint's step (the base model at step 0, as in training). The results table
+(`report`) takes its cells from these files. Flags, config, checkpoints and data are all checked
+before the model is loaded; bad input exits with status 2 and one `error:` line. The adapter's
+rank, alpha and targets are read from the checkpoint, not from --config.
+
+A run is evaluated under its own protocol: where --config differs from the run's config.json in
+a protocol key (reporting.runs.RUN_PROTOCOL_KEYS: variant, prompt.markovian, eval.reader,
+prompt.format, model, CoT length and temperature) the command refuses, unless --output_dir sends
+the numbers elsewhere; a directory that holds another protocol's files (protocol.json: those keys,
+the test set's size, CoT samples, temperature, seed) is never written into.
 
 Multi-process (a TPU pod, several GPU hosts): every process runs this same command and evaluates
 its share of each batch; process 0 alone writes the files and prints the table. Directories may be
@@ -104,6 +112,8 @@ def _restore_lora(ckpt, step: int, settings: dict, ctx):
       template.params, sharding.param_shardings(template.params, ctx.mesh)))
   try:
     params = ckpt.restore_lora(step, template.params)
+  except UserError:  # a broken checkpoint names its step itself
+    raise
   except (ValueError, KeyError, TypeError) as e:
     raise EvalError(f"checkpoint step {step} in {ckpt.directory} does not fit model "
                     f"{ctx.config.model.path} with a rank-{settings['rank']} LoRA on "
@@ -153,13 +163,14 @@ def run(config) -> dict:
         spec, checkpointing.absolute(_CKPT.value).parent, tokenizer)
     logging.info("selection set: %d items (%s)", len(selection_set), where)
   out_dir = output_dir(config)
-
-  ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
   kw = dict(num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
             temperature=0.0 if _GREEDY.value else config.eval.temperature,
             reader=config.eval.reader, answer_max_tokens=config.eval.answer_max_tokens,
             answer_first_line=config.eval.answer_first_line,
             batch_size=config.eval.batch_size, seed=config.eval.seed)
+  protocol = check_protocol(config, out_dir, len(examples), kw)
+
+  ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
   writer_process = jax.process_index() == 0
   if writer_process:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +203,11 @@ def run(config) -> dict:
   out = {name: s for name, s in results}
   if writer_process:
     print(evaluation.format_table(results))
-    (out_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    # Earlier models of this same protocol stay (e.g. --base_model once, --best later).
+    earlier = out_dir / "summary.json"
+    kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    (out_dir / "summary.json").write_text(json.dumps({**kept, **out}, indent=2))
+    (out_dir / "protocol.json").write_text(json.dumps(protocol, indent=1))
     print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
   return out
 
@@ -216,14 +231,52 @@ def step_table(selection: list, test: list) -> str:
   return "\n".join(lines)
 
 
-def output_dir(config) -> epath.Path:
-  """--output_dir, else eval/ beside --checkpoint_dir, else <workdir>/eval (local or gs://)."""
+def run_dir(config) -> epath.Path:
+  """The run evaluated: --checkpoint_dir's parent, else config.workdir (local or gs://)."""
   from markovian_jax.runtime import checkpointing
+  if _CKPT.value:
+    return checkpointing.absolute(_CKPT.value).parent
+  return epath.Path(config.workdir)
+
+
+def output_dir(config) -> epath.Path:
+  """--output_dir, else the run's eval/final (reporting.runs.FINAL_EVAL_DIR)."""
+  from markovian_jax.reporting.runs import FINAL_EVAL_DIR
   if _OUT.value:
     return epath.Path(_OUT.value)
-  if _CKPT.value:
-    return checkpointing.absolute(_CKPT.value).parent / "eval"
-  return epath.Path(config.workdir) / "eval"
+  return run_dir(config) / FINAL_EVAL_DIR
+
+
+def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dict:
+  """The protocol of this evaluation (protocol.json). Raises EvalError when --config differs from
+  the evaluated run's config.json in a protocol key and the files would go into the run (no
+  --output_dir), or when `out_dir` holds another protocol's evaluations."""
+  from markovian_jax.reporting import runs as report_runs
+  current = report_runs.flatten(config.to_dict())
+  protocol = {k: current.get(k) for k in report_runs.RUN_PROTOCOL_KEYS}
+  protocol.update(num_examples=test_size, eval_split=config.data.eval_split,
+                  num_samples=kw["num_samples"], cot_temperature=kw["temperature"],
+                  seed=kw["seed"])
+  recorded = epath.Path(run_dir(config)) / "config.json"
+  if recorded.is_file():
+    differ = report_runs.protocol_differences(
+        report_runs.flatten(json.loads(recorded.read_text())), current)
+    if differ:
+      what = ", ".join(f"{k}={theirs!r} (--config: {ours!r})" for k, theirs, ours in differ)
+      if not _OUT.value:
+        raise EvalError(
+            f"the run in {recorded.parent} was trained with {what}: give --config the run's "
+            "values (--config=FILE:VARIANT, --config.KEY=VALUE) so that its cell is read under "
+            "its own protocol, or --output_dir to evaluate it under another one elsewhere")
+      logging.warning("evaluating the run in %s under another protocol than its own: %s",
+                      recorded.parent, what)
+  earlier = report_runs.read_protocol(str(out_dir))
+  changed = [k for k in protocol if k in earlier and earlier[k] != protocol[k]]
+  if changed:
+    what = ", ".join(f"{k} {earlier[k]!r} there, {protocol[k]!r} here" for k in changed)
+    raise EvalError(f"{out_dir} holds evaluations of another protocol ({what}); give another "
+                    "--output_dir (or remove that directory) rather than mixing the two")
+  return protocol
 
 
 def main():

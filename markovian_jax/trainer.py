@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
+from markovian_jax.data import selection as selection_lib
 from markovian_jax.runtime import checkpointing
 from markovian_jax.runtime import cli
 from markovian_jax.training import config_validation
@@ -44,8 +45,9 @@ from markovian_jax.training.run_context import RunContext, fetch, run_splits
 TrainingStopped = guards.TrainingStopped
 
 
-def check_workdir(spec) -> None:
-  """Refuses to start a second run in a workdir that holds one, unless it is a resume."""
+def check_workdir(spec) -> list:
+  """Refuses to start a second run in a workdir that holds one, unless it is a resume with the
+  eval.seed and eval.selection_size the run started with. Returns the saved steps."""
   workdir = epath.Path(spec.workdir)  # local or gs://...
   ckpt_dir = workdir / "checkpoints"
   steps = sorted(int(d.name) for d in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
@@ -61,6 +63,11 @@ def check_workdir(spec) -> None:
         f"config.workdir: {spec.workdir} holds the TensorBoard events of an earlier run but no "
         "checkpoint to resume from; give a new --config.workdir (or delete that directory) to "
         "start over")
+  recorded = workdir / "config.json"
+  if steps and recorded.is_file():
+    selection_lib.check_resume(json.loads(recorded.read_text()), spec.eval.seed,
+                               spec.eval.selection_size, str(recorded))
+  return steps
 
 
 class Trainer:
@@ -69,7 +76,7 @@ class Trainer:
   def __init__(self, config):
     self.config = config
     self.spec = spec = config_validation.validate(config)
-    check_workdir(spec)
+    resuming = bool(check_workdir(spec)) and spec.train.resume
     distributed.sync("workdir checked")  # before process 0 writes the first file there
     t = spec.train
     if spec.lora.init_from and not os.path.isfile(
@@ -89,7 +96,7 @@ class Trainer:
     self.workdir = epath.Path(spec.workdir)
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "selection.json").write_text(json.dumps(self.splits.record(), indent=1))
+      selection_lib.write_record(self.workdir / "selection.json", self.splits, resuming)
     if spec.objective.kind == "ppo" and spec.lora.dropout > 0:
       logging.info("PPO updates run without LoRA dropout (lora.dropout=%s applies to PG): the "
                    "ratio must compare the function the sampler ran", spec.lora.dropout)

@@ -93,6 +93,24 @@ def test_an_unknown_flag_is_named_with_the_closest_key():
       "--config.train.num_step: unknown config key; did you mean --config.train.num_steps?")
 
 
+def test_an_unknown_variant_is_one_line_naming_it_and_the_known_ones():
+  """config_flags wraps the config file's error in its whole traceback; the CLI's line is ours:
+  the flag, the name and the variants there are."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from markovian_jax.configs.base import VARIANTS
+  from markovian_jax.runtime import cli
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  argv = ["train", "--config=configs/demo.py:no_such"]
+  with pytest.raises(flags.Error) as raised:
+    fv(argv)
+  line = cli._explain(argv, raised.value)
+  assert line == ("--config=configs/demo.py:no_such: 'no_such' is not a known variant "
+                  f"(variants: {', '.join(VARIANTS)})"), line
+
+
 @pytest.mark.parametrize("overrides,expected", [
     ({"train.text_every": 0}, "config.train.text_every: must be a positive integer"),
     ({"lora.targets": ("q", "attention")}, "config.lora.targets: ['q', 'attention']"),

@@ -176,7 +176,7 @@ def test_variant_errors_and_the_wiki_temperature_option():
   assert wiki.get_config().sampling.temperature == 1.0  # the reference code's default
   c = wiki.get_config("ei,t1.5")
   assert (c.sampling.temperature, c.variant, c.objective.ei_std) == (1.5, "ei", 1.0)
-  with pytest.raises(InvalidConfig, match="'eii' is not a variant"):
+  with pytest.raises(InvalidConfig, match="'eii' is not a known variant"):
     importlib.import_module("configs.gsm8k").get_config("eii")
   with pytest.raises(InvalidConfig, match="one per run"):
     importlib.import_module("configs.gsm8k").get_config("ei,ema")

@@ -291,7 +291,8 @@ def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data)
   assert_ok(proc)
   models = ["base", "step_1", "step_2"]
   check_table(proc.stdout, models, ["answer_logprob"])
-  out = os.path.join(workdir, "eval")  # the default: next to the checkpoint directory
+  # The default: beside the checkpoint directory, apart from training's periodic eval files.
+  out = os.path.join(workdir, "eval", "final")
   summ = json.loads(open(os.path.join(out, "summary.json")).read())
   assert list(summ) == models
   adapters = {"base": None, "step_1": loras[1], "step_2": loras[2]}

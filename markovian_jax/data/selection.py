@@ -28,6 +28,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
+import logging
 from typing import Callable, Optional, Sequence
 
 from markovian_jax.data.records import DataError, Example
@@ -43,6 +45,11 @@ MAX_CARVE_FRACTION = 0.5
 AUTO_SELECTION_SIZE = 200
 AUTO_CARVE_FRACTION = 0.1
 _GENERATED = ("arithmetic",)  # compared by id only (module docstring)
+# The config keys the selection set and the training stream are drawn with: a resumed run keeps
+# the values it started with (its config.json), or both would change mid-run.
+RESUME_KEYS = ("seed", "selection_size")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +253,12 @@ def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval
     selection_size = auto_size(source.carved, len(train_all))
     source = dataclasses.replace(source, size=selection_size)
   if source.carved:
+    if selection_size > AUTO_CARVE_FRACTION * len(train_all):
+      # An explicit size beyond what auto would carve: said with the numbers, as auto's cap is.
+      log.warning("eval.selection_size=%d carves %.0f%% of the %d %s %r items out of training "
+                  "(auto carves at most %.0f%%, %d items)", selection_size,
+                  100 * selection_size / max(1, len(train_all)), len(train_all), task,
+                  train_split, 100 * AUTO_CARVE_FRACTION, auto_size(True, len(train_all)))
     if selection_size > MAX_CARVE_FRACTION * len(train_all):
       raise DataError(f"a selection carve-out of {selection_size} items would take more than "
                       f"{MAX_CARVE_FRACTION:.0%} of the {len(train_all)} {task} {train_split!r} "
@@ -261,3 +274,32 @@ def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval
       raise DataError(f"the {task} {name} set is empty (selection from {source.describe()})")
   check_disjoint(by_question, train=train, selection=selection, test=test)
   return RunSplits(source, train, selection, test)
+
+
+def check_resume(recorded_config: dict, seed: int, selection_size: int, where: str) -> None:
+  """Raises DataError when a resumed run's eval.seed or eval.selection_size differs from what it
+  started with (`recorded_config`: its config.json, nested; `where`: that file, for the
+  message). The selection set and the training stream are drawn with them."""
+  recorded = recorded_config.get("eval") or {}
+  now = {"seed": seed, "selection_size": selection_size}
+  changed = [k for k in RESUME_KEYS if k in recorded and recorded[k] != now[k]]
+  if changed:
+    what = ", ".join(f"eval.{k}={recorded[k]} (now {now[k]})" for k in changed)
+    raise DataError(f"config.eval.{changed[0]}: the run being resumed started with {what} "
+                    f"({where}); resuming with other values would change its selection set "
+                    "and training stream: keep its values, or start a new --config.workdir")
+
+
+def write_record(path, splits: RunSplits, resuming: bool) -> None:
+  """Writes `splits.record()` to `path` (selection.json, an etils/pathlib path) at a run's start.
+  On resume the run's record stays as it is, never rewritten: the selection set rebuilt now must
+  be the recorded one, else DataError (the data changed under the run)."""
+  if resuming and path.is_file():
+    recorded = json.loads(path.read_text()).get("selection_ids")
+    now = [e.id for e in splits.selection]
+    if recorded != now:
+      raise DataError(f"the selection set rebuilt from this data differs from the one {path} "
+                      "records for the run being resumed; point config.data.path at the data "
+                      "the run trained on")
+    return
+  path.write_text(json.dumps(splits.record(), indent=1))

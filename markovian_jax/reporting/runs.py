@@ -6,8 +6,9 @@ rows, as `Run`.
     run.interval("anchor")                   -> (steps, accuracy, low, high) of an eval method
 
 A run directory is what training writes (train.py): TensorBoard events, config.json,
-samples.jsonl, eval/step_N.jsonl (and eval/selection/step_N.jsonl). Everything but the events is
-optional, and a run that is still being written is read as far as it goes (a JSONL line without
+samples.jsonl, eval/step_N.jsonl (and eval/selection/step_N.jsonl), and what the evaluate CLI
+writes apart from those (FINAL_EVAL_DIR: step_N.jsonl, base.jsonl, protocol.json at the full test
+size). Everything but the events is optional, and a run that is still being written is read as far as it goes (a JSONL line without
 its newline yet is skipped). Paths may be local or URIs (gs://...), read through etils epath as
 the rest of the workdir is.
 """
@@ -27,6 +28,14 @@ from markovian_jax.data import extraction
 from markovian_jax.runtime.errors import UserError
 
 EVENTS_GLOB = "events.out.tfevents.*"
+# The evaluate CLI's files in a run directory: never training's eval/step_N.jsonl (another
+# protocol: training's periodic n), which it would otherwise overwrite.
+FINAL_EVAL_DIR = os.path.join("eval", "final")
+# What a run's numbers are read under besides its checkpoint: the evaluate CLI evaluates a run
+# under its own recorded values of these (config.json), and the results table keys cells by them.
+RUN_PROTOCOL_KEYS = ("task", "model.path", "variant", "prompt.markovian", "prompt.format",
+                     "eval.reader", "sampling.cot_length", "sampling.temperature",
+                     "eval.temperature")
 
 
 class ReportError(UserError):
@@ -85,7 +94,10 @@ def flatten(config: dict, prefix: str = "") -> dict:
 class Run:
   """One run directory, read. scalars: tag -> [(step, value)]; config: the flattened
   config.json ({} when absent); samples: samples.jsonl records; eval_files / selection_files:
-  step -> path of the eval rows of the reported / selection split."""
+  step -> path of the eval rows of the reported / selection split (training's periodic
+  evaluation); final_files: step -> path, and final_base: the base model's rows (or None), of the
+  evaluate CLI's evaluations at the full test size (FINAL_EVAL_DIR), when its protocol.json
+  matches the run's config (`final_protocol`)."""
   path: str
   name: str
   scalars: dict
@@ -93,6 +105,9 @@ class Run:
   samples: list
   eval_files: dict
   selection_files: dict
+  final_files: dict = dataclasses.field(default_factory=dict)
+  final_base: Optional[str] = None
+  final_protocol: dict = dataclasses.field(default_factory=dict)
 
   def series(self, tag: str) -> tuple:
     """(steps int64 [T], values float64 [T]) sorted by step; a step logged twice (a resumed
@@ -109,6 +124,18 @@ class Run:
   @property
   def task(self) -> Optional[str]:
     return self.config.get("task")
+
+  @property
+  def model(self) -> str:
+    """The base model the run trained (config model.path; "?" when not recorded)."""
+    return str(self.config.get("model.path") or "?")
+
+  @property
+  def full_test_size(self) -> Optional[int]:
+    """The task's full test size the run was configured with (eval.final_num_examples; None when
+    not recorded or 0, the whole split)."""
+    n = self.config.get("eval.final_num_examples")
+    return int(n) if isinstance(n, int) and n > 0 else None
 
   @property
   def train_steps(self) -> np.ndarray:
@@ -175,7 +202,36 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
   cfg_path = epath.Path(path) / "config.json"
   if cfg_path.is_file():
     config = flatten(json.loads(cfg_path.read_text()))
+  final_dir = os.path.join(path, FINAL_EVAL_DIR)
+  protocol = read_protocol(final_dir)
+  own = bool(protocol) and not protocol_differences(protocol, config)
+  base = os.path.join(final_dir, "base.jsonl")
   return Run(path=path, name=name or os.path.basename(os.path.normpath(path)), scalars=scalars,
              config=config, samples=read_jsonl(os.path.join(path, "samples.jsonl")),
              eval_files=_step_files(os.path.join(path, "eval")),
-             selection_files=_step_files(os.path.join(path, "eval", "selection")))
+             selection_files=_step_files(os.path.join(path, "eval", "selection")),
+             final_files=_step_files(final_dir) if own else {},
+             final_base=base if own and epath.Path(base).is_file() else None,
+             final_protocol=protocol)
+
+
+def read_protocol(directory: str) -> dict:
+  """The protocol.json the evaluate CLI wrote in `directory` ({} when there is none)."""
+  path = epath.Path(directory) / "protocol.json"
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def protocol_differences(a: dict, b: dict) -> list:
+  """[(key, a's value, b's value)] of the RUN_PROTOCOL_KEYS both flat dicts record and that
+  differ. An unresolved prompt.format (not one of the formats, e.g. a family default still to be
+  resolved) is not compared."""
+  from markovian_jax.data.prompts import PROMPT_FORMATS
+  out = []
+  for key in RUN_PROTOCOL_KEYS:
+    if key not in a or key not in b:
+      continue
+    if key == "prompt.format" and not {a[key], b[key]} <= set(PROMPT_FORMATS):
+      continue
+    if a[key] != b[key]:
+      out.append((key, a[key], b[key]))
+  return out

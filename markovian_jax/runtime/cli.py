@@ -111,11 +111,15 @@ def _explain(argv: list[str], error: Exception) -> str:
   """One line for a flag-parsing failure; names the unknown `--config.` key and the closest one."""
   config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if config_path and overrides:
+  known = None
+  if config_path:
     try:
       known = _flatten(_load_config_file(config_path))
+    except UserError as e:  # our own refusal (e.g. an unknown variant), not config_flags' wrap
+      return f"--config={config_path}: {e}"
     except Exception:  # the config file itself is broken: report the original error
       known = None
+  if config_path and overrides:
     for key in overrides if known else []:
       if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
