@@ -131,6 +131,24 @@ def test_a_carve_out_cannot_take_half_the_train_split():
                          selection_size=11, test_size=5, seed=0)
 
 
+def test_an_explicit_carve_out_beyond_auto_s_share_is_said_with_the_numbers(caplog):
+  """Auto carves at most 10% of the train split; an explicit eval.selection_size above that
+  (and under the 50% refusal) is warned about with the numbers; at 10% or less, nothing."""
+  items = _toy(130)
+  load = lambda split: {"train": items[:100], "test": items[100:]}[split]  # noqa: E731
+  with caplog.at_level("WARNING", logger=selection.__name__):
+    selection.run_splits("gsm8k", load, train_split="train", eval_split="test",
+                         selection_size=10, test_size=5, seed=0)
+  assert not caplog.records
+  with caplog.at_level("WARNING", logger=selection.__name__):
+    s = selection.run_splits("gsm8k", load, train_split="train", eval_split="test",
+                             selection_size=30, test_size=5, seed=0)
+  assert len(s.selection) == 30 and len(s.train) == 70
+  (record,) = caplog.records
+  assert record.getMessage() == ("eval.selection_size=30 carves 30% of the 100 gsm8k 'train' "
+                                 "items out of training (auto carves at most 10%, 10 items)")
+
+
 def test_generated_tasks_are_disjoint_by_id():
   """The demo's sums (2 terms in [1, 20]) repeat across the seeded streams by design; ids keep
   the splits apart and nothing is dropped for a shared question."""
