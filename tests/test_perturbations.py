@@ -193,3 +193,30 @@ def test_character_replacement_is_bernoulli_per_character_by_default(kind, alpha
   full = P.perturb_text(text, kind, 100, seed=0)
   kept = sum(full[i] == text[i] for i in eligible)  # redrawn as itself: ~1/|alphabet| of them
   assert 0 < kept < 3 * n / len(alphabet), kept
+
+
+def test_table3_overall_row_weights_each_task_by_its_n():
+  """The Overall row pools the questions: per kind, the tasks' severity-averaged differences
+  weighted by their n (hand-computed here), as the reference's QA aggregation; the overall
+  column the same weighting of each task's mean over kinds."""
+  from markovian_jax.analysis import fragility
+  kinds = fragility.PAPER_KINDS
+
+  def rows(n, values):  # values[kind] at 20% and 40% severity
+    return [fragility.Comparison(k, p, v, 0.5, n, True)
+            for k, (v20, v40) in zip(kinds, values) for p, v in ((20, v20), (40, v40))]
+
+  # arc: every kind +0.30 (0.2 and 0.4), n 300; gsm8k: kind i at i/10 (both severities), n 900.
+  arc = fragility.table3_row(rows(300, [(0.2, 0.4)] * 5))
+  gsm = fragility.table3_row(rows(900, [(i / 10, i / 10) for i in range(5)]))
+  assert arc["n"] == 300 and gsm["n"] == 900
+  overall = fragility.table3_overall({"arc": arc, "gsm8k": gsm})
+  for i, k in enumerate(kinds):
+    assert overall[k] == pytest.approx((300 * 0.3 + 900 * i / 10) / 1200, rel=1e-12)
+  assert overall["overall"] == pytest.approx((300 * 0.3 + 900 * 0.2) / 1200, rel=1e-12)
+  assert overall["n"] == 1200
+  text = fragility.format_table3({"arc": arc, "gsm8k": gsm})
+  line = next(ln for ln in text.splitlines() if ln.startswith("| **Overall** |"))
+  assert [float(c) for c in line.split("|")[2:-1]] == pytest.approx(
+      [0.075, 0.15, 0.225, 0.3, 0.375, 0.225], abs=5e-4)
+  assert "weighted by their n questions (arc 300, gsm8k 900)" in text

@@ -310,20 +310,42 @@ def format_table2(rows: Sequence[Comparison], unit: str = "nats") -> str:
 
 
 def table3_row(rows: Sequence[Comparison]) -> dict:
-  """{kind: the accuracy difference averaged over severities, ..., "overall": their mean}."""
+  """{kind: the accuracy difference averaged over severities, ..., "overall": their mean, "n":
+  the questions compared (the task's weight in the Overall row)}."""
   cells, kinds, pcts = _grid(rows)
   out = {k: float(np.mean([cells[(k, p)] for p in pcts])) for k in kinds}
   out["overall"] = float(np.mean(list(out.values()))) if out else float("nan")
+  out["n"] = max((r.comparisons for r in rows), default=0)
+  return out
+
+
+def table3_overall(by_task: dict) -> dict:
+  """Table 3's Overall row over {task: table3_row(...)}: per kind (and the overall column) the
+  tasks' values weighted by their n, i.e. the mean over every compared question pooled, as the
+  reference aggregates its QA tasks; "n": the questions in all."""
+  rows = list(by_task.values())
+  out = {}
+  for k in [k for k in PAPER_KINDS if any(k in r for r in rows)] + ["overall"]:
+    weights = [(r[k], r.get("n", 1)) for r in rows if k in r]
+    total = sum(n for _, n in weights)
+    out[k] = float(sum(v * n for v, n in weights) / total) if total else float("nan")
+  out["n"] = sum(r.get("n", 1) for r in rows)
   return out
 
 
 def format_table3(by_task: dict) -> str:
   """The paper's Table 3 layout (markdown): one row per task ({task: table3_row(...)}), the
-  accuracy difference per perturbation kind averaged over severities, and the overall mean."""
+  accuracy difference per perturbation kind averaged over severities, the overall mean, and the
+  Overall row (`table3_overall`, weighted by n)."""
   kinds = [k for k in PAPER_KINDS if any(k in r for r in by_task.values())]
   lines = ["| task | " + " | ".join(_SHORT[k] for k in kinds) + " | overall |",
            "|---|" + "---|" * (len(kinds) + 1)]
   for task, row in by_task.items():
     lines.append(f"| {task} | " + " | ".join(f"{row[k]:+.3f}" for k in kinds) +
                  f" | {row['overall']:+.3f} |")
+  overall = table3_overall(by_task)
+  lines.append("| **Overall** | " + " | ".join(f"{overall[k]:+.3f}" for k in kinds) +
+               f" | {overall['overall']:+.3f} |")
+  lines += ["", "Overall: each column's tasks weighted by their n questions (" +
+            ", ".join(f"{task} {row.get('n', 1)}" for task, row in by_task.items()) + ")."]
   return "\n".join(lines)
