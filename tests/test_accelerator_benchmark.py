@@ -71,8 +71,8 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.startswith("[versions] ")  # versions first, whatever happens next
   result = json.loads((out / "accelerator.json").read_text())
-  assert result["order"] == ["ours/step/2", "ours/step/1", "ours/decode/1", "ours/decode/4",
-                             "torch/step/2", "torch/step/1", "torch/decode/1", "torch/decode/4"]
+  assert result["order"] == ["ours/step/2", "torch/step/2", "ours/step/1", "torch/step/1",
+                             "ours/decode/1", "torch/decode/1", "ours/decode/4", "torch/decode/4"]
   assert list(result["rows"]) == result["order"], (result["skipped"], result["failed"])
   assert result["skipped"] == [] and result["failed"] == []
   assert result["forbidden_modules"] == []
@@ -115,25 +115,36 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
 @pytest.mark.slow
 def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path,
                                                                            bench_cache):
-  """Priors that make the first rows fit and the rest not, whatever this machine's speed: the
-  finished rows stay, each skipped row says why, and the run still exits 0."""
+  """Priors that make the first two rows fit and the rest not, whatever this machine's speed:
+  the run order puts ours' step and torch's at the same Q first, so the cut run holds one
+  ours/torch pair and its ratio; each skipped row says why; the run still exits 0; and an
+  earlier run's files in the same --out are moved aside, not deleted."""
   helpers.require("torch")
   out = tmp_path / "bench"
+  out.mkdir()
+  (out / "accelerator.json").write_text('{"earlier": true}')
   huge = 10_000
   proc = _bench(out, bench_cache, "--questions=1", "--batches=1,4", "--budget_s=400",
                 "--hbm_tb_s=0.05", "--peak_tflops=0.5",
-                f"--row_estimates=ours/step/1=1,ours/decode/1=1,ours/decode/4={huge},"
-                f"torch/load={huge}")
+                f"--row_estimates=ours/step/1=1,torch/load=1,torch/step/1=1,"
+                f"ours/decode/1={huge},torch/decode/1={huge},ours/decode/4={huge},"
+                f"torch/decode/4={huge}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads((out / "accelerator.json").read_text())
   _accounted(result)
-  assert list(result["rows"]) == ["ours/step/1", "ours/decode/1"]
+  assert list(result["rows"]) == ["ours/step/1", "torch/step/1"]
   _numbers(result["rows"]["ours/step/1"], STEP_FIGURES, "step")
-  _numbers(result["rows"]["ours/decode/1"], DECODE_FIGURES + OURS_DECODE, "decode")
+  _numbers(result["rows"]["torch/step/1"], STEP_FIGURES, "torch step")
+  assert list(result["ratios"]) == ["step/1"]
+  _numbers(result["ratios"]["step/1"], ("step_s", "sample_s", "score_s", "update_s"), "ratio")
   skipped = {s["row"]: s["reason"] for s in result["skipped"]}
-  assert list(skipped) == ["ours/decode/4", "torch/step/1", "torch/decode/1", "torch/decode/4"]
+  assert list(skipped) == ["ours/decode/1", "torch/decode/1", "ours/decode/4", "torch/decode/4"]
   assert all(r.startswith("budget: expected") for r in skipped.values()), skipped
   assert "skipped:" in (out / "table.txt").read_text()
+  earlier = [d for d in out.iterdir() if d.name.startswith("earlier-")]
+  assert len(earlier) == 1 and (earlier[0] / "accelerator.json").read_text() == \
+      '{"earlier": true}'
+
 
 
 @pytest.mark.slow
@@ -155,7 +166,15 @@ def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path, bench_ca
       break
     assert driver.poll() is None, driver.stdout.read()[-3000:]
     time.sleep(0.5)
-  workers = _worker_pids(out)
+  # Each row has its own worker: wait for the next row's to be running, so that there is one
+  # for the cut to end (read too early, the list is empty and the check below passes vacuously;
+  # the first row's worker, still exiting, would end by itself).
+  assert data and data.get("rows"), "no row finished in 400 s"
+  finished, workers = set(data["rows"]), []
+  while time.time() < deadline and not workers and driver.poll() is None:
+    workers = [p for p in _worker_pids(out) if _is_running(p) and not _rows(p) & finished]
+    time.sleep(0.1)
+  assert workers, f"no worker of an unfinished row running after {sorted(finished)}"
   driver.send_signal(signal.SIGTERM)
   assert driver.wait(timeout=60) != 0
   result = json.loads((out / "accelerator.json").read_text())
@@ -191,6 +210,15 @@ def _worker_pids(out) -> list:
     if f"--out={out}".encode() in cmd and any(a.startswith(b"--worker=") for a in cmd):
       pids.append(int(pid))
   return pids
+
+
+def _rows(pid) -> set:
+  """The row ids a worker process was given (its --rows argument)."""
+  try:
+    cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+  except OSError:
+    return set()
+  return {r for a in cmd if a.startswith("--rows=") for r in a[len("--rows="):].split(",")}
 
 
 def _is_running(pid) -> bool:

@@ -1,7 +1,9 @@
-"""The driver: versions first, the preflight, then every row in order, each in a worker process
-with a timeout and checked against the budget before it starts; the merged JSON and table are
-rewritten after every row and once more in a `finally`, so a cut at any minute keeps every
-finished row and says which rows did not run and why."""
+"""The driver: versions first, the preflight, then every row in order (ratios first: ours' step
+then torch's at the same Q, then the decode pairs), each checked against the budget before it
+starts; ours in a worker process per row, torch's in one worker that keeps the weights and is
+fed one row at a time. The merged JSON and table are rewritten after every row and once more in
+a `finally`, so a cut at any minute keeps every finished row and says which rows did not run
+and why. A rerun into the same --out moves the earlier files aside, never deletes them."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from benchmarks.accelerator import probes, results
 from benchmarks.accelerator import workload as wl
@@ -87,7 +90,8 @@ def run_worker(args, w: wl.Workload) -> None:
   else:
     from benchmarks.accelerator import peer
     sums = (results.read_json(out / "ours.json") or {}).get("meta", {}).get("weight_sums")
-    peer.worker(w, rows, out / "torch.json", args.deadline, sums, allow_cpu=args.tiny)
+    feed = rows or iter(sys.stdin.readline, "")  # the driver's row ids, one a line
+    peer.worker(w, feed, out / "torch.json", args.deadline, sums, allow_cpu=args.tiny)
     results.RowFile(out / "torch.json").meta(forbidden_modules=forbidden_loaded())
 
 
@@ -108,9 +112,10 @@ def _command(args, worker: str, rows=(), deadline=None, attention=None) -> list:
 _RUNNING = []  # the workers started and not yet waited for: a cut driver ends them
 
 
-def _start(cmd, env: dict) -> subprocess.Popen:
+def _start(cmd, env: dict, stdin=None) -> subprocess.Popen:
   # Its own session: a timeout ends the worker and anything it started, nothing else.
-  proc = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, **env}, start_new_session=True)
+  proc = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, **env}, start_new_session=True,
+                          stdin=stdin, text=True)
   _RUNNING.append(proc)
   return proc
 
@@ -161,7 +166,8 @@ class Run:
     self.start = time.time()
     self.budget = results.Budget(self.start + args.budget_s, w)
     self.skipped, self.versions, self.attention = {}, {}, {}
-    self.order = w.rows("ours") + w.rows("torch")
+    self.order = w.order()
+    self.memory = {}  # the device memory our rows may take while the peer holds its weights
 
   def write(self) -> str:
     part = lambda n: results.read_json(self.out / n)  # noqa: E731
@@ -177,6 +183,7 @@ class Run:
     res.update(workload=self.w.as_dict(), versions=self.versions, preflight=pre,
                attention=self.attention, ours_meta=ours_meta, torch_meta=torch_meta,
                budget_s=self.args.budget_s, wall_s=time.time() - self.start,
+               ours_memory=self.memory,
                forbidden_modules=sorted(set(forbidden_loaded()) | {
                    m for d in (pre, ours_meta, torch_meta)
                    for m in d.get("forbidden_modules", [])}))
@@ -222,50 +229,135 @@ def _preflight(run: Run) -> tuple:
   return pre, probe
 
 
-def _ours_rows(run: Run, attention: str):
-  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                                                          "0.9")}
-  for rid in run.w.rows("ours"):
-    why = run.budget.why_not(rid)
-    if why:
-      run.skipped[rid] = why
-      print(f"[driver] skip {rid}: {why}", flush=True)
-      continue
-    expected = run.budget.expected(rid)
-    limit = min(run.budget.left(), max(3 * expected, expected + 120))
-    t = time.time()
-    code = _finish(_start(_command(run.args, "ours", [rid], run.budget.deadline, attention), env),
-                   limit)
-    took = time.time() - t
-    done = rid in ((results.read_json(run.out / "ours.json") or {}).get("rows", {}))
-    if done:
-      run.budget.finished(rid, took)
-    elif code is None:
-      why = f"timed out after {took:.0f} s (limit {limit:.0f} s, expected {expected:.0f})"
-      results.RowFile(run.out / "ours.json").fail(rid, why)
-    elif code:
-      results.RowFile(run.out / "ours.json").fail(rid, f"worker exit {code} (its log is above)")
-    print(f"[driver] {rid}: {'done' if done else 'not done'} in {took:.0f} s", flush=True)
-    run.write()
+def _ours_env(run: Run) -> dict:
+  """Our row's device memory: 90% of the device, or what the resident peer leaves (its
+  free bytes after a row, less 2 GiB for the CUDA context and fragmentation)."""
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9"))
+  meta = (results.read_json(run.out / "torch.json") or {}).get("meta", {})
+  free, total = meta.get("device_free_bytes"), meta.get("device_total_bytes")
+  if free and total:
+    fraction = min(fraction, max(0.05, (free - 2 * 2 ** 30) / total))
+    run.memory.update(fraction=fraction, peer_free_bytes=free, total_bytes=total)
+  return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}"}
 
 
-def _torch_rows(run: Run):
-  rows = run.w.rows("torch")
-  why = run.budget.why_not("torch/load", run.w.estimate(rows[0]))
+def _ours_row(run: Run, rid: str, attention: str):
+  why = run.budget.why_not(rid)
   if why:
-    for rid in rows:
-      run.skipped[rid] = why + " (with the peer's start)"
+    run.skipped[rid] = why
+    print(f"[driver] skip {rid}: {why}", flush=True)
     return
-  # JAX only makes the weights there: no preallocation, freed buffers go back to the device.
-  env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
+  expected = run.budget.expected(rid)
+  limit = min(run.budget.left(), max(3 * expected, expected + 120))
   t = time.time()
-  code = _finish(_start(_command(run.args, "torch", rows, run.budget.deadline), env),
-                 run.budget.left())
-  data = results.read_json(run.out / "torch.json") or {}
-  for rid in rows:
-    if not any(rid in data.get(k, {}) for k in ("rows", "skipped", "failed")):
-      run.skipped[rid] = (f"the peer worker timed out after {time.time() - t:.0f} s" if code is None
-                          else f"the peer worker ended (exit {code}) before this row")
+  code = _finish(_start(_command(run.args, "ours", [rid], run.budget.deadline, attention),
+                        _ours_env(run)), limit)
+  took = time.time() - t
+  done = rid in ((results.read_json(run.out / "ours.json") or {}).get("rows", {}))
+  if done:
+    run.budget.finished(rid, took)
+  elif code is None:
+    why = f"timed out after {took:.0f} s (limit {limit:.0f} s, expected {expected:.0f})"
+    results.RowFile(run.out / "ours.json").fail(rid, why)
+  elif code:
+    results.RowFile(run.out / "ours.json").fail(rid, f"worker exit {code} (its log is above)")
+  print(f"[driver] {rid}: {'done' if done else 'not done'} in {took:.0f} s", flush=True)
+
+
+class Peer:
+  """The torch worker: started at the first torch row that fits with the peer's start, then fed
+  one row id at a time on its stdin while it keeps the weights, so that its rows alternate with
+  ours. A row is done when it is in torch.json (rows, skipped or failed)."""
+
+  POLL_S = 0.2
+
+  def __init__(self, run: Run):
+    self.run, self.proc, self.gone = run, None, None
+
+  def _state(self, rid: str):
+    data = results.read_json(self.run.out / "torch.json") or {}
+    for key in ("rows", "skipped", "failed"):
+      if rid in data.get(key, {}):
+        return key, data
+    return None, data
+
+  def row(self, rid: str):
+    run = self.run
+    if self.gone:
+      run.skipped[rid] = self.gone
+      return
+    first = self.proc is None
+    why = run.budget.why_not("torch/load", run.w.estimate(rid)) if first else \
+        run.budget.why_not(rid)
+    if why:
+      run.skipped[rid] = why + (" (with the peer's start)" if first else "")
+      print(f"[driver] skip {rid}: {run.skipped[rid]}", flush=True)
+      return
+    expected = run.budget.expected(rid) + (run.budget.expected("torch/load") if first else 0)
+    limit = min(run.budget.left(), max(3 * expected, expected + 120))
+    if first:
+      # JAX only makes the weights there: no preallocation, freed buffers go back to the device.
+      env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
+      self.proc = _start(_command(run.args, "torch", deadline=run.budget.deadline), env,
+                         stdin=subprocess.PIPE)
+    t = time.time()
+    try:
+      self.proc.stdin.write(rid + "\n")
+      self.proc.stdin.flush()
+    except (BrokenPipeError, OSError):
+      pass  # it has ended: the loop below says how
+    while True:
+      state, data = self._state(rid)
+      if state:
+        break
+      code = self.proc.poll()
+      if code is not None:
+        self.gone = f"the peer worker ended (exit {code}) before this row"
+        run.skipped[rid] = self.gone
+        break
+      if time.time() - t > limit:
+        _end(self.proc)
+        self.gone = f"the peer worker was ended at a row's timeout ({limit:.0f} s)"
+        results.RowFile(run.out / "torch.json").fail(
+            rid, f"timed out after {time.time() - t:.0f} s (limit {limit:.0f} s, expected "
+            f"{expected:.0f})")
+        state = "failed"
+        break
+      time.sleep(self.POLL_S)
+    if state == "rows":
+      load = data.get("meta", {}).get("load_s") if first else None
+      if load is not None:
+        run.budget.finished("torch/load", load)
+      run.budget.finished(rid, data["rows"][rid]["row_s"])
+    print(f"[driver] {rid}: {state or 'not done'} in {time.time() - t:.0f} s", flush=True)
+
+  def close(self):
+    if self.proc is not None and self.proc.poll() is None:
+      try:
+        self.proc.stdin.close()  # end of the rows: the worker returns
+      except OSError:
+        pass
+      _finish(self.proc, 60)
+    elif self.proc is not None and self.proc in _RUNNING:
+      _RUNNING.remove(self.proc)
+
+
+def keep_earlier(out: pathlib.Path) -> Optional[pathlib.Path]:
+  """Move an earlier run's files in `out` into out/earlier-<time of its last write>/ (a rerun
+  never deletes them); returns that directory, or None when there were none."""
+  names = [n for n in WORKER_FILES + ("accelerator.json", "table.txt") if (out / n).exists()]
+  if not names:
+    return None
+  stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(max((out / n).stat().st_mtime
+                                                           for n in names)))
+  dest = out / f"earlier-{stamp}"
+  i = 1
+  while dest.exists():
+    dest, i = out / f"earlier-{stamp}-{i}", i + 1
+  dest.mkdir()
+  for n in names:
+    os.replace(out / n, dest / n)
+  return dest
 
 
 def main(argv=None) -> int:
@@ -288,9 +380,11 @@ def main(argv=None) -> int:
   run = Run(args, _workload(args))
   run.versions.update(packages=probes.package_versions(), gpu=probes.gpu_versions())
   print(f"[versions] {json.dumps(run.versions)}", flush=True)  # first: whatever happens next
-  for name in WORKER_FILES + ("accelerator.json", "table.txt"):
-    (out / name).unlink(missing_ok=True)
+  kept = keep_earlier(out)
+  if kept:
+    print(f"[driver] the earlier run's files are in {kept}", flush=True)
   signal.signal(signal.SIGTERM, _on_term)
+  peer = Peer(run)
   try:
     pre, probe = _preflight(run)
     stop = None if args.skip_torch else probes.peer_stop_line(pre.get("platform"), probe)
@@ -301,11 +395,15 @@ def main(argv=None) -> int:
       return 2
     attention, reason = attention_choice(args.attention_impl, pre)
     run.attention.update(requested=args.attention_impl, impl=attention, reason=reason)
-    _ours_rows(run, attention)
-    if args.skip_torch:
-      run.skipped.update({rid: "--skip_torch" for rid in run.w.rows("torch")})
-    else:
-      _torch_rows(run)
+    for rid in run.order:  # the merged JSON and table after every row of either side
+      if rid.startswith("ours/"):
+        _ours_row(run, rid, attention)
+      elif args.skip_torch:
+        run.skipped[rid] = "--skip_torch"
+      else:
+        peer.row(rid)
+      run.write()
+    peer.close()
   finally:
     for proc in list(_RUNNING):
       _end(proc)

@@ -1,9 +1,9 @@
 """The PyTorch peer's rows: transformers' `generate` on the peft model, and the reference's
 Markovian step in transformers + peft (`TorchStep`), on the same weights as ours.
 
-One worker process runs every peer row (the weights are made and copied once), each row
-checked against the budget first, its peak memory reset before it, and the side's JSON
-rewritten after it (`results.RowFile`)."""
+One worker process runs every peer row (the weights are made and copied once), fed one row id
+at a time by the driver (ours' rows run in between, in their own processes), each row's peak
+memory reset before it, and the side's JSON rewritten after it (`results.RowFile`)."""
 
 from __future__ import annotations
 
@@ -148,35 +148,42 @@ def _decode_row(model, w: wl.Workload, b: int, dev) -> dict:
   return row
 
 
-def worker(w: wl.Workload, rows: list, path, deadline: float, ours_sums=None,
+def device_memory(dev) -> dict:
+  """Free and total bytes of the CUDA device after returning torch's cached blocks (what our
+  rows' processes can take while this worker holds the weights); {} on the CPU."""
+  import torch
+  if dev.type != "cuda":
+    return {}
+  torch.cuda.empty_cache()
+  free, total = torch.cuda.mem_get_info(dev)
+  return {"device_free_bytes": int(free), "device_total_bytes": int(total)}
+
+
+def worker(w: wl.Workload, rows, path, deadline: float, ours_sums=None,
            allow_cpu: bool = False) -> None:
-  """Run the peer's `rows` (torch/step/Q, torch/decode/B) in order into the JSON at `path`."""
+  """Run the peer's rows (torch/step/Q, torch/decode/B) into the JSON at `path`, in the order
+  `rows` yields them: the driver feeds one id at a time on stdin once the row before it is in
+  the file, so that ours and torch alternate while this process keeps the weights. The driver
+  decides what fits the budget; this worker runs what it is given."""
   import torch
   import transformers
 
   import peft
+  del deadline  # the driver's; the alarm set in `run_worker` is this process's backstop
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if dev.type == "cpu" and not allow_cpu:  # the driver stops before this; a direct call too
     raise SystemExit("error: torch sees no GPU; the peer runs on the CPU only with --tiny")
   rf = results.RowFile(path)
-  budget = results.Budget(deadline, w)
-  why = budget.why_not("torch/load", w.estimate(rows[0]) if rows else 0.0)
-  if why:
-    for rid in rows:
-      rf.skip(rid, why + " (with the peer's start)")
-    return
   t = now()
   model, check = torch_model(w, dev, ours_sums)
   rf.meta(torch=torch.__version__, transformers=transformers.__version__,
           peft=peft.__version__, device=torch.cuda.get_device_name(dev) if dev.type == "cuda"
           else "cpu", load_s=now() - t, weights_check=check,
-          attn_implementation=model.config._attn_implementation)
-  budget.finished("torch/load", now() - t)
+          attn_implementation=model.config._attn_implementation, **device_memory(dev))
   step = TorchStep(model, w, dev)
   for rid in rows:
-    why = budget.why_not(rid)
-    if why:
-      rf.skip(rid, why)
+    rid = rid.strip()
+    if not rid:
       continue
     kind, size = rid.split("/")[1], int(rid.split("/")[2])
     reset_peak(dev)
@@ -191,12 +198,13 @@ def worker(w: wl.Workload, rows: list, path, deadline: float, ours_sums=None,
         model.eval()
         row = _decode_row(model, w, size, dev)
     except torch.OutOfMemoryError as e:  # recorded, and the other rows still run
-      rf.fail(rid, f"out of memory: {str(e)[:200]}")
       torch.cuda.empty_cache()
+      rf.meta(**device_memory(dev))
+      rf.fail(rid, f"out of memory: {str(e)[:200]}")
       continue
     row["peak_device_bytes"] = torch_peak(dev)
     row["row_s"] = now() - t
+    rf.meta(**device_memory(dev))  # before the row: the driver reads it once the row is there
     rf.row(rid, row)
-    budget.finished(rid, row["row_s"])
     print(f"[torch] {rid}: " + (f"{row['step_s']:.3f} s/step" if kind == "step" else
                                 f"decode {row['decode_tok_s']:.1f} tok/s"), flush=True)

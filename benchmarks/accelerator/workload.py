@@ -43,6 +43,8 @@ def tiny(attention_impl: str = "auto"):
 # from the cost model's compute / memory times, ~20 s per 8B program compile and the torch
 # peer's CPU-side speed; the driver scales them by what the finished rows took). A row id is
 # "<side>/<kind>/<size>"; "torch/load" is the peer worker's start (weights made and copied).
+# The first pair fits the default budget (480 s) with a margin: preflight + ours/step/8 +
+# torch/load + torch/step/8 = 345 s (tests/test_gpu_first_run.py checks the sum).
 ESTIMATES_8B = {"preflight": 45.0, "ours/step/8": 150.0, "ours/step/1": 100.0,
                 "ours/decode/1": 55.0, "ours/decode/256": 80.0, "ours/decode/64": 60.0,
                 "ours/decode/12": 55.0, "torch/load": 60.0, "torch/step/8": 90.0,
@@ -100,6 +102,13 @@ class Workload:
     """Row ids of one side in run order: the steps (Q as given), then decode (B as given)."""
     return [f"{side}/step/{q}" for q in self.questions] + \
         [f"{side}/decode/{b}" for b in self.batches]
+
+  def order(self) -> list:
+    """Every row in run order, ratios first: ours' step then torch's at the same Q, Q as
+    given, then the decode pairs, B as given; a run cut anywhere keeps whole pairs."""
+    return [f"{side}/{kind}/{n}" for kind, sizes in (("step", self.questions),
+                                                      ("decode", self.batches))
+            for n in sizes for side in ("ours", "torch")]
 
   def estimate(self, row: str) -> float:
     """Prior seconds of a row (a size not in the table: the nearest listed size's)."""
