@@ -127,7 +127,13 @@ def test_cells_are_keyed_by_model_and_read_under_the_runs_protocol(tmp_path):
   lrow, qrow = ("gsm8k", "meta-llama/Llama-3.1-8B-Instruct"), ("gsm8k", "Qwen/Qwen3-4B")
   assert table.rows == [lrow, qrow]
   (cell,) = table.cells[lrow + ("markovian",)]
-  assert (cell.value, cell.n, cell.source) == (29 / 50, 50, "test")
+  assert (cell.value, cell.n, cell.source, cell.step) == (29 / 50, 50, "test", 20)
+  # Where step 20's checkpoint is gone (evaluate --best scored step 40, the best saved one),
+  # the cell is step 40's full-size evaluation, not step 20's periodic one.
+  final = os.path.join(llama, report_runs.FINAL_EVAL_DIR)
+  os.rename(os.path.join(final, "step_20.jsonl"), os.path.join(final, "step_40.jsonl"))
+  (cell,) = _table(tmp_path).cells[lrow + ("markovian",)]
+  assert (cell.value, cell.n, cell.source, cell.step) == (29 / 50, 50, "test", 40)
   (cell,) = table.cells[lrow + ("base",)]
   assert (cell.value, cell.n, cell.source) == (11 / 50, 50, "test")
   # Qwen's final files were read under another variant: its periodic cells, and its own Base.

@@ -12,7 +12,9 @@ accuracy of the task's primary extraction method (the mean answer log-prob for w
 bootstrap interval over the questions of that evaluation's rows and n, the number of questions.
 
 The paper's cells are at the task's full test size (eval.final_num_examples): the evaluate CLI's
-rows (runs.FINAL_EVAL_DIR, `evaluate --best`), read under the run's own protocol. Without them a
+rows (runs.FINAL_EVAL_DIR, `evaluate --best`), read under the run's own protocol; the step is then
+the best by selection of the checkpoints it evaluated (a selection step whose checkpoint is gone
+has none). Without them a
 cell comes from training's periodic evaluation (eval/step_N.jsonl, eval.num_examples questions)
 and says so (`(periodic)`); a cell of fewer questions than the full size says that too. A run
 without a selection score gives its last evaluation, marked `(final)`. The Base column is a base
@@ -126,6 +128,10 @@ def run_cell(run: Run) -> Optional[Cell]:
   method = methods[0]
   sel_steps, sel = run.series(run.metric_tag(method, "selection"))
   trained = [(s, v) for s, v in zip(sel_steps.tolist(), sel.tolist()) if s > 0]
+  # Where the evaluate CLI scored checkpoints (`--best`: the best *saved* one; older ones may be
+  # gone), the best of those: a selection step without a checkpoint has no full-size evaluation.
+  evaluated = [(s, v) for s, v in trained if s in run.final_files]
+  trained = evaluated or trained
   if trained:
     best = max(trained, key=lambda sv: (sv[1], -sv[0]))[0]  # the earliest of equal maxima
     return _cell_at(run, method, int(best), "selection")
