@@ -146,7 +146,6 @@ def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_p
       '{"earlier": true}'
 
 
-
 @pytest.mark.slow
 def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path, bench_cache):
   """SIGTERM (what `timeout` sends) after the first row: that row stays, the rest are listed
