@@ -4,7 +4,7 @@
       [--source=heldout|logged] [--num_examples=N] [--num_cots=32] [--scorer=actor|base]
       [--step=N] [--replacement=bernoulli|exact] [--accuracy] [--seed=0]
   python -m markovian_jax.analyze cross_model --workdir=A --reader=PATH [--compare=B]
-      [--num_cots=32]
+      [--num_cots=N] [--smooth_steps=40]
 
 fragility, by default the paper's protocol: each run's own adapter (checkpoint --step, else the
 best by its selection score) samples one CoT for each of --num_examples fresh held-out questions
@@ -22,8 +22,10 @@ recorded in the JSON.
 
 cross_model: the reader (any model path `load_checkpoint` accepts, any family, with its own
 tokenizer and its family's prompt format) scores log P(answer | CoT) - log P(answer | CoT') for
-every logged CoT; prints its agreement with the run's own normalised reward, plots one against the
-other, and draws the paper's figure over training steps (smoothed over 40 steps), one curve per
+every logged CoT (every logged step; --num_cots=N: the last N logged questions); prints its
+agreement with the run's own normalised reward, plots one against the other, and draws the
+paper's figure over training steps (scipy's Savitzky-Golay filter, a cubic over --smooth_steps
+training steps, as the reference's savgol_filter(40, 3) over its every-step log), one curve per
 run (A, and B with --compare) and their mean.
 
 Results go to <workdir>/analysis/ (JSON, markdown, PNG). Bad input (no such run, no logged CoTs,
@@ -41,6 +43,8 @@ from etils import epath
 from markovian_jax.analysis.run_inputs import AnalysisError
 
 COMMANDS = ("fragility", "cross_model")
+# fragility --source=logged: the logged questions it perturbs unless --num_cots says otherwise.
+LOGGED_COTS = 32
 
 
 def _define_flags():
@@ -52,8 +56,11 @@ def _define_flags():
                       "cross_model: a second run the reader reads, drawn beside A.")
   flags.DEFINE_enum("level", "char", ["char", "token", "both"], "fragility: perturb characters "
                     "(the reference), tokens (the paper's text) or both.")
-  flags.DEFINE_integer("num_cots", 32, "The last N logged questions (one CoT each for "
-                       "fragility --source=logged; all G CoTs for cross_model).")
+  flags.DEFINE_integer("num_cots", None, "The last N logged questions: one CoT each for "
+                       f"fragility --source=logged (default {LOGGED_COTS}); all G CoTs for "
+                       "cross_model (default: every logged step, as the paper's figure).")
+  flags.DEFINE_integer("smooth_steps", 40, "cross_model: the figure's Savitzky-Golay window "
+                       "(a cubic), in training steps (the reference's 40).")
   flags.DEFINE_enum("source", "heldout", ["heldout", "logged"], "fragility: CoTs sampled by the "
                     "run's adapter on held-out questions (the paper) or the logged training CoTs.")
   flags.DEFINE_integer("num_examples", None, "fragility --source=heldout: held-out questions "
@@ -118,7 +125,7 @@ def _fragility_run(workdir: str, f, levels: list) -> tuple:
                          f"T={spec.sampling.temperature:g}, one per question",
                     split=spec.data.eval_split, n=len(examples), seed=spec.eval.seed)
   else:
-    rows = analysis.logged_rows(workdir, f.num_cots)
+    rows = analysis.logged_rows(workdir, f.num_cots or LOGGED_COTS)
     examples = [analysis.example(r) for r in rows]
     keys = [(int(r["step"]), r.get("id")) for r in rows]
     cots = [r["cots"][0] for r in rows]
@@ -268,7 +275,8 @@ def run_cross_model(f) -> str:
   cross_model.plot(result, png, f"{reader} re-reads the CoTs of {name}")
   cross_model.plot_over_training(
       results, os.fspath(epath.Path(f.workdir) / "analysis" / "cross_model_training.png"),
-      f"{reader} ({fmt} prompts) reads the CoTs of {', '.join(n for n, _ in results)}")
+      f"{reader} ({fmt} prompts) reads the CoTs of {', '.join(n for n, _ in results)}",
+      window_steps=f.smooth_steps)
   _write(f.workdir, "cross_model.json", json.dumps({"reader": f.reader, **result.to_json()}))
   _write(f.workdir, "cross_model.md", text)
   return text + f"\n\nplot: {png}"
@@ -280,8 +288,8 @@ def main(command: str):
     raise AnalysisError(f"give the analysis first: python -m markovian_jax.analyze "
                         f"{{{'|'.join(COMMANDS)}}} --workdir=...; got {command!r}")
   f = flags.FLAGS
-  if f.num_cots < 1 or f.batch_size < 1:
-    raise AnalysisError("--num_cots and --batch_size must be positive")
+  if (f.num_cots is not None and f.num_cots < 1) or f.batch_size < 1 or f.smooth_steps < 1:
+    raise AnalysisError("--num_cots, --batch_size and --smooth_steps must be positive")
   from markovian_jax.runtime import cli
   with cli.session():
     text = run_fragility(f) if command == "fragility" else run_cross_model(f)

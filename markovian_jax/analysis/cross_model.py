@@ -25,9 +25,12 @@ import numpy as np
 from markovian_jax.data import prompts
 from markovian_jax.training import evaluation
 from markovian_jax.analysis.run_inputs import example
+from markovian_jax.runtime import progress as progress_lib
 
-# The paper's cross-model figure smooths each curve over 40 training steps.
-SMOOTHING_WINDOW = 40
+# The paper's cross-model figure: the reference smooths every logged batch (one per training step)
+# with scipy.signal.savgol_filter(values, 40, 3), i.e. a cubic over 40 training steps.
+SMOOTHING_STEPS = 40
+SMOOTHING_ORDER = 3
 
 
 def reader_prompt_format(reader_path: str) -> str:
@@ -61,9 +64,10 @@ class CrossModelResult:
 
 
 def cross_model_scores(reader_ctx, rows: Sequence[dict], *, lora=None,
-                       reduction: Optional[str] = None, batch_size: int = 32
-                       ) -> CrossModelResult:
-  """Scores every CoT (and each question's CoT') of `rows` with the reader (base + `lora`)."""
+                       reduction: Optional[str] = None, batch_size: int = 32,
+                       progress: progress_lib.Progress = True) -> CrossModelResult:
+  """Scores every CoT (and each question's CoT') of `rows` with the reader (base + `lora`),
+  with one progress bar over both (True: its own; False: none; or a caller's)."""
   reduction = reduction or reader_ctx.spec.objective.loss.logprob_reduction
   normalized = all(r.get("base_cot") is not None and r.get("normalized") for r in rows)
   examples, cots, steps, run = [], [], [], []
@@ -73,14 +77,17 @@ def cross_model_scores(reader_ctx, rows: Sequence[dict], *, lora=None,
     cots += list(r["cots"])
     steps += [int(r["step"])] * len(r["cots"])
     run += list(r["normalized"] if normalized else r["rewards"])
-  reader_cot = evaluation.score_answers(reader_ctx, lora, examples, cots, reduction=reduction,
-                                        batch_size=batch_size)
   reader_base = np.full(len(cots), np.nan)
-  if normalized:
-    per_question = evaluation.score_answers(
-        reader_ctx, lora, [example(r) for r in rows], [r["base_cot"] for r in rows],
-        reduction=reduction, batch_size=batch_size)
-    reader_base = np.repeat(per_question, [len(r["cots"]) for r in rows])
+  total = len(cots) + (len(rows) if normalized else 0)
+  with progress_lib.advancing(progress, total, "cross_model (CoTs, then CoT')"
+                              if normalized else "cross_model (CoTs)") as bar:
+    reader_cot = evaluation.score_answers(reader_ctx, lora, examples, cots, reduction=reduction,
+                                          batch_size=batch_size, progress=bar)
+    if normalized:
+      per_question = evaluation.score_answers(
+          reader_ctx, lora, [example(r) for r in rows], [r["base_cot"] for r in rows],
+          reduction=reduction, batch_size=batch_size, progress=bar)
+      reader_base = np.repeat(per_question, [len(r["cots"]) for r in rows])
   return CrossModelResult(np.asarray(steps), np.asarray(run, np.float64), reader_cot,
                           reader_base, normalized)
 
@@ -147,13 +154,29 @@ def plot(result: CrossModelResult, path: str, title: str) -> str:
   return save_png(fig, plt, path)
 
 
-def smooth(values: np.ndarray, window: int = SMOOTHING_WINDOW) -> np.ndarray:
-  """Trailing moving average: entry i is the mean of values[max(0, i - window + 1) : i + 1]."""
+def smoothing_points(steps: np.ndarray, window_steps: int = SMOOTHING_STEPS) -> int:
+  """Logged points spanning `window_steps` training steps: window_steps / the median spacing of
+  the logged `steps` (train.text_every), rounded, at most their number. The reference logged
+  every step, so its 40-point window is 40 steps; a run logging every 10 steps gets 4 points."""
+  steps = np.unique(np.asarray(steps))
+  if steps.size < 2:
+    return int(steps.size)
+  spacing = float(np.median(np.diff(steps)))
+  return int(min(max(round(window_steps / spacing), 1), steps.size))
+
+
+def smooth(steps: np.ndarray, values: np.ndarray, window_steps: int = SMOOTHING_STEPS
+           ) -> tuple:
+  """(smoothed float64 [S], points): scipy's Savitzky-Golay filter of `values` (one per logged
+  step of `steps`, int [S]) with a cubic over `points` = `smoothing_points` logged steps, as
+  the reference's savgol_filter(values, 40, 3) over its every-step log. A window of no more than
+  SMOOTHING_ORDER points cannot fit the cubic: the values come back as they are (points = 1)."""
+  from scipy.signal import savgol_filter
   values = np.asarray(values, np.float64)
-  sums = np.cumsum(np.concatenate([[0.0], values]))
-  idx = np.arange(1, values.size + 1)
-  lo = np.maximum(idx - window, 0)
-  return (sums[idx] - sums[lo]) / (idx - lo)
+  points = smoothing_points(steps, window_steps)
+  if points <= SMOOTHING_ORDER:
+    return values.copy(), 1
+  return savgol_filter(values, points, SMOOTHING_ORDER), points
 
 
 def step_means(result: CrossModelResult) -> tuple:
@@ -165,22 +188,27 @@ def step_means(result: CrossModelResult) -> tuple:
 
 
 def plot_over_training(results: Sequence[tuple], path: str, title: str,
-                       window: int = SMOOTHING_WINDOW) -> str:
+                       window_steps: int = SMOOTHING_STEPS) -> str:
   """The paper's cross-model figure: over training steps, the reader's R' = lp(a | CoT) -
   lp(a | CoT') (solid) and the generating run's own normalised reward R (dashed), each averaged
-  per logged step and smoothed over `window` steps; one colour per run of `results`
-  ([(run name, CrossModelResult)]) and, with several runs, their mean (black). Returns `path`."""
+  over every logged step's CoTs and smoothed by `smooth` over `window_steps` training steps; one
+  colour per run of `results` ([(run name, CrossModelResult)]) and, with several runs, their mean
+  (black). The y label states the window in training steps and in logged points. Returns
+  `path`."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5))
-  curves = []
+  curves, windows = [], set()
   for k, (name, result) in enumerate(results):
     steps, run, reader = step_means(result)
     color = f"C{k % 10}"
-    ax.plot(steps, smooth(reader, window), "-", color=color, label=f"{name}: reader")
-    ax.plot(steps, smooth(run, window), "--", color=color, alpha=0.6, label=f"{name}: generator")
-    curves.append((steps, smooth(reader, window)))
+    reader_s, points = smooth(steps, reader, window_steps)
+    run_s, _ = smooth(steps, run, window_steps)
+    windows.add(points)
+    ax.plot(steps, reader_s, "-", color=color, label=f"{name}: reader")
+    ax.plot(steps, run_s, "--", color=color, alpha=0.6, label=f"{name}: generator")
+    curves.append((steps, reader_s))
   if len(curves) > 1:
     grid = np.unique(np.concatenate([s for s, _ in curves]))
     mean = np.nanmean([np.interp(grid, s, c, left=np.nan, right=np.nan) for s, c in curves],
@@ -188,7 +216,10 @@ def plot_over_training(results: Sequence[tuple], path: str, title: str,
     ax.plot(grid, mean, "k-", lw=2.2, label="mean of runs: reader")
   ax.axhline(0.0, color="k", lw=0.6)
   ax.set_xlabel("training step")
-  ax.set_ylabel(f"normalised reward (nats), smoothed over {window} steps")
+  points = "/".join(str(p) for p in sorted(windows))
+  smoothing = ("unsmoothed: too few logged steps per window for a cubic" if windows == {1} else
+               f"Savitzky-Golay, cubic over {window_steps} training steps ({points} logged)")
+  ax.set_ylabel(f"normalised reward (nats)\n{smoothing}")
   ax.grid(alpha=0.3)
   ax.legend(loc="best", fontsize=8)
   ax.set_title(title)
