@@ -29,6 +29,7 @@ import numpy as np
 from markovian_jax.training import evaluation
 from markovian_jax.analysis import perturbations
 from markovian_jax.data import extraction
+from markovian_jax.runtime import progress as progress_lib
 
 METRICS = ("logprob", "accuracy")
 
@@ -111,9 +112,11 @@ def heldout_examples(ctx, num: int) -> list:
 
 
 def generate_cots(ctx, lora, examples: Sequence, *, seed: int = 0, batch_size: int = 32,
-                  temperature: Optional[float] = None) -> list:
+                  temperature: Optional[float] = None,
+                  progress: progress_lib.Progress = True) -> list:
   """One CoT per example, sampled by base + `lora` (the run's adapter) at the training
-  temperature (or `temperature`), exactly cot_length tokens as in training: N strings."""
+  temperature (or `temperature`), exactly cot_length tokens as in training: N strings.
+  `progress`: a bar of the questions done (True: its own; False: none; or a caller's)."""
   import jax
 
   from markovian_jax import sampling
@@ -122,16 +125,18 @@ def generate_cots(ctx, lora, examples: Sequence, *, seed: int = 0, batch_size: i
   t = s.temperature if temperature is None else temperature
   rng, out = jax.random.PRNGKey(seed), []
   batch_size = min(batch_size, len(examples))
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch_size - real)  # one batch shape, one compile
-    rng, key = jax.random.split(rng)
-    cot = sampling.generate(ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
-                            max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length,
-                            rng=key, temperature=t, top_k=s.top_k, top_p=s.top_p, lora=lora,
-                            eos_ids=ctx.eos_ids, mesh=ctx.mesh)
-    out += ctx.decode(fetch(cot.tokens))[:real]
+  with progress_lib.advancing(progress, len(examples), "sample CoTs", unit="question") as bar:
+    for start in range(0, len(examples), batch_size):
+      chunk = list(examples[start:start + batch_size])
+      real = len(chunk)
+      chunk = chunk + [chunk[-1]] * (batch_size - real)  # one batch shape, one compile
+      rng, key = jax.random.split(rng)
+      cot = sampling.generate(ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
+                              max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length,
+                              rng=key, temperature=t, top_k=s.top_k, top_p=s.top_p, lora=lora,
+                              eos_ids=ctx.eos_ids, mesh=ctx.mesh)
+      out += ctx.decode(fetch(cot.tokens))[:real]
+      bar.update(real)
   return out
 
 
@@ -153,7 +158,8 @@ def fragility_scores(ctx, lora, examples: Sequence, cots: Sequence[str], *, leve
                      accuracy: bool = False, keys: Optional[list] = None,
                      reduction: Optional[str] = None, batch_size: int = 32,
                      vocab: Optional[perturbations.TokenVocabulary] = None,
-                     replacement: str = "bernoulli") -> FragilityResult:
+                     replacement: str = "bernoulli",
+                     progress: progress_lib.Progress = True) -> FragilityResult:
   """Scores every perturbation of `cots` (N texts, one per example) under base + `lora`.
 
   reduction: over the answer tokens (default: the run's objective.logprob_reduction).
@@ -162,6 +168,8 @@ def fragility_scores(ctx, lora, examples: Sequence, cots: Sequence[str], *, leve
   vocab: the tokenizer's TokenVocabulary for level='token' (built once when None).
   replacement: character-level replacement, `perturbations.REPLACEMENTS` (the reference's
     per-character Bernoulli by default).
+  progress: one bar over all the rows scored and read (True: its own; False: none; or a
+    caller's).
   """
   for kind in kinds:
     perturbations.check(kind, 0)
@@ -172,15 +180,19 @@ def fragility_scores(ctx, lora, examples: Sequence, cots: Sequence[str], *, leve
   flat_examples = [ex for _ in names for ex in examples]
   flat_cots = [c for name in names for c in variants[name]]
   reduction = reduction or ctx.spec.objective.loss.logprob_reduction
-  lp = evaluation.score_answers(ctx, lora, flat_examples, flat_cots, reduction=reduction,
-                                batch_size=batch_size)
+  read = accuracy and (ctx.task in extraction.NUMERIC_TASKS or ctx.task in extraction.MCQ_TASKS)
+  # Rows scored, then (with accuracy) the same rows read: one bar over both passes.
+  with progress_lib.advancing(progress, len(flat_cots) * (1 + read),
+                              f"fragility {level} (score{', read' if read else ''})") as bar:
+    lp = evaluation.score_answers(ctx, lora, flat_examples, flat_cots, reduction=reduction,
+                                  batch_size=batch_size, progress=bar)
+    answers = evaluation.read_answers(ctx, lora, flat_examples, flat_cots,
+                                      answer_max_tokens=ctx.spec.eval.answer_max_tokens,
+                                      batch_size=batch_size, progress=bar) if read else None
   n = len(cots)
   by_name = {name: lp[i * n:(i + 1) * n] for i, name in enumerate(names)}
   correct_by = None
-  if accuracy and (ctx.task in extraction.NUMERIC_TASKS or ctx.task in extraction.MCQ_TASKS):
-    answers = evaluation.read_answers(ctx, lora, flat_examples, flat_cots,
-                                      answer_max_tokens=ctx.spec.eval.answer_max_tokens,
-                                      batch_size=batch_size)
+  if read:
     hits = _correct(ctx, flat_examples, answers)
     correct_by = {name: hits[i * n:(i + 1) * n] for i, name in enumerate(names)}
 

@@ -10,6 +10,7 @@
   presets            hardware presets: mesh, device memory, implied batch
   checkpointing      orbax checkpoints of LoRA, optimizer state and the run's JSON state
   summary            TensorBoard writing from process 0 (local or gs://)
+  progress           the progress bar of long loops (done/total, rate, time left)
 
 May import: nothing else in markovian_jax.
 """

@@ -20,13 +20,13 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from markovian_jax.models import logprobs as lp_lib
 from markovian_jax import sampling
 from markovian_jax import data as data_lib
 from markovian_jax import objectives as obj
 from markovian_jax.data.extraction import mentions_answer
+from markovian_jax.runtime import progress as progress_lib
 from markovian_jax.training.run_context import RunContext, fetch, put
 
 
@@ -90,40 +90,50 @@ def _pad(items: list, size: int) -> list:
 
 
 def score_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[str], *,
-                  reduction: str = "mean", batch_size: int = 32) -> np.ndarray:
+                  reduction: str = "mean", batch_size: int = 32,
+                  progress: progress_lib.Progress = True, desc: str = "score") -> np.ndarray:
   """log P(gold answer | answer prompt with `cot_texts[i]`) under base + `lora` (None = base),
   reduced over the answer tokens by `reduction` ('mean' or 'sum'). The prompt hides the question
-  when the run is Markovian (ctx.answer_prefix). Returns float64 [N]."""
+  when the run is Markovian (ctx.answer_prefix). `progress`: a bar of the rows scored (True: its
+  own, `desc`; False: none; a caller's bar to advance). Returns float64 [N]."""
   if len(examples) != len(cot_texts):
     raise ValueError(f"{len(examples)} examples but {len(cot_texts)} CoTs")
   fn = _answer_logprob_fn(ctx, reduction)
   out = []
-  for start in range(0, len(examples), batch_size):
-    exs = list(examples[start:start + batch_size])
-    real = len(exs)
-    exs, cots = _pad(exs, batch_size), _pad(list(cot_texts[start:start + batch_size]), batch_size)
-    tokens, mask, span = ctx.answer_rows(exs, cots)
-    scores = fn(ctx.params, lora, put(tokens, ctx.mesh), put(mask, ctx.mesh), put(span, ctx.mesh))
-    out.append(fetch(scores)[:real].astype(np.float64))
+  with progress_lib.advancing(progress, len(examples), desc) as bar:
+    for start in range(0, len(examples), batch_size):
+      exs = list(examples[start:start + batch_size])
+      real = len(exs)
+      exs = _pad(exs, batch_size)
+      cots = _pad(list(cot_texts[start:start + batch_size]), batch_size)
+      tokens, mask, span = ctx.answer_rows(exs, cots)
+      scores = fn(ctx.params, lora, put(tokens, ctx.mesh), put(mask, ctx.mesh),
+                  put(span, ctx.mesh))
+      out.append(fetch(scores)[:real].astype(np.float64))
+      bar.update(real)
   return np.concatenate(out) if out else np.zeros(0)
 
 
 def read_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[str], *,
-                 answer_max_tokens: int = 10, batch_size: Optional[int] = None) -> list:
+                 answer_max_tokens: int = 10, batch_size: Optional[int] = None,
+                 progress: progress_lib.Progress = True, desc: str = "read answers") -> list:
   """Stage 2: the reader (base + `lora`, None = base) greedily writes <= `answer_max_tokens`
   after each answer prompt built on `cot_texts[i]`, `batch_size` rows per call (padded to it;
-  None = all rows in one call). Returns N decoded strings."""
+  None = all rows in one call). `progress` as `score_answers`'. Returns N decoded strings."""
   batch_size = batch_size or len(examples)
   out = []
-  for start in range(0, len(examples), batch_size):
-    exs = list(examples[start:start + batch_size])
-    real = len(exs)
-    cots = _pad(list(cot_texts[start:start + batch_size]), batch_size)
-    prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot), ctx.spec.prompt.format)
-                for ex, cot in zip(_pad(exs, batch_size), cots)]
-    ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
-                            temperature=0.0, lora=lora, eos_ids=ctx.eos_ids, mesh=ctx.mesh)
-    out += ctx.decode(fetch(ans.tokens))[:real]
+  with progress_lib.advancing(progress, len(examples), desc) as bar:
+    for start in range(0, len(examples), batch_size):
+      exs = list(examples[start:start + batch_size])
+      real = len(exs)
+      cots = _pad(list(cot_texts[start:start + batch_size]), batch_size)
+      prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot),
+                                  ctx.spec.prompt.format)
+                  for ex, cot in zip(_pad(exs, batch_size), cots)]
+      ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
+                              temperature=0.0, lora=lora, eos_ids=ctx.eos_ids, mesh=ctx.mesh)
+      out += ctx.decode(fetch(ans.tokens))[:real]
+      bar.update(real)
   return out
 
 
@@ -151,8 +161,7 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
   reader_lora = lora if reader == "actor" else None
   rng = jax.random.PRNGKey(seed)
   rows = []
-  bar = tqdm(total=len(examples), desc=desc, disable=not progress or jax.process_index() != 0,
-             leave=False)
+  bar = progress_lib.bar(len(examples), desc, unit="question", leave=False, enabled=progress)
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     real = len(chunk)
@@ -172,7 +181,7 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
       answers = [None] * len(per_row)
     else:
       answers = read_answers(ctx, reader_lora, per_row, cot_texts,
-                             answer_max_tokens=answer_max_tokens)
+                             answer_max_tokens=answer_max_tokens, progress=False)
       scores = None
     for i in range(real * num_samples):
       ex = per_row[i]
