@@ -148,7 +148,9 @@ def test_every_variant_runs_on_every_task(task):
   variant compared with the task's defaults key by key)."""
   from markovian_jax.configs import base
   module = importlib.import_module(f"configs.{task}")
-  default = module.get_config().to_dict()
+  default = module.get_config()
+  config_validation.validate(default)  # which resolves prompt.format=auto, as for each variant
+  default = default.to_dict()
   flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (  # noqa: E731
       flat(v, f"{p}{k}.").items() if isinstance(v, dict) else {f"{p}{k}": v}.items())}
   g, q = default["train"]["group_size"], default["train"]["questions_per_step"]

@@ -88,7 +88,8 @@ def mistral_run(tmp_path_factory):
   model = sentencepiece_vocab.tiny_mistral_dir(
       "v1", str(tmp_path_factory.mktemp("tiny_mistral")))
   workdir = str(tmp_path_factory.mktemp("mistral_run") / "run")
-  return model, workdir, run_train(*demo_args(model, workdir), timeout=600)
+  return model, workdir, run_train(*demo_args(model, workdir, "--config.train.text_every=1"),
+                                   timeout=600)
 
 
 @pytest.mark.slow  # a training subprocess

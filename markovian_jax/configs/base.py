@@ -72,9 +72,10 @@ def get_config(task: str = "gsm8k") -> ml_collections.ConfigDict:
   c.data.mmlu_train_splits = ("dev", "validation")
 
   c.prompt = ml_collections.ConfigDict()
-  # plain (reference: text + BOS; Llama, GPT-2, Phi) | chatml (Qwen2/3) | mistral ([INST]) |
-  # chat (the tokenizer's chat template)
-  c.prompt.format = "plain"
+  # auto (the model family's, as the reference picks it from config.json's model_type; the run's
+  # config.json records the resolved one) | plain (text + BOS; Llama, GPT-2, Phi) |
+  # chatml (Qwen2/3) | mistral ([INST]) | chat (the tokenizer's chat template)
+  c.prompt.format = "auto"
   c.prompt.markovian = True  # hide the question (<Redacted>) when scoring the answer
 
   c.sampling = ml_collections.ConfigDict()

@@ -43,6 +43,33 @@ def resolve_model_path(path) -> str:
                             f"({type(e).__name__}: {e})") from e
 
 
+def model_type(path) -> str:
+  """The family (config.json's `model_type`) of `config.model.path`, without weights or the network:
+  a `random:<name>` or a known hub id from its published shapes, another hub id from the config.json
+  in the local HF cache, a directory from its config.json. A GGUF is "llama", the only architecture
+  its loader reads: its header is not walked for this (seconds for a large vocabulary)."""
+  path = os.fspath(path)
+  if random_models.is_random(path):
+    return random_models.random_config(path).model_type
+  if not (os.path.exists(path) or path.startswith((".", "/", "~", "package://"))
+          or path.count("/") != 1):  # a hub id (see resolve_model_path)
+    from huggingface_hub import try_to_load_from_cache
+    from markovian_jax.models import published
+    cached = try_to_load_from_cache(path, "config.json")
+    if isinstance(cached, str) and os.path.isfile(cached):
+      return LlamaConfig.from_json_file(cached).model_type
+    known = published.hub_config(path)
+    if known is None:
+      raise FileNotFoundError(f"{path}: a hub id with no config.json in the local HF cache, so "
+                              "its model family is unknown")
+    return known.model_type
+  local = resolve_model_path(path)
+  if os.path.isfile(local) and local.endswith(".gguf"):
+    from markovian_jax.models import gguf
+    return gguf._ARCH  # noqa: SLF001
+  return LlamaConfig.from_json_file(os.path.join(local, "config.json")).model_type
+
+
 def _kind(path: str) -> str:
   path = os.fspath(path)
   if os.path.isfile(path) and path.endswith(".gguf"):

@@ -1,6 +1,6 @@
 """The Markovian reward and its normalisation by the base model's score.
 
-For sequence i with answer tokens t (the span after the last `Answer` `:` pair), lp_it =
+For sequence i with answer tokens t (the tokens after the last "Answer:"), lp_it =
 log pi(answer_t | <Redacted> prompt, CoT_i, answer_<t) from unscaled logits, `reward_kind` picks
 
   logprob           r_i = reduce_t lp_it                  (reduce: logprob_reduction; reference)

@@ -11,12 +11,14 @@ lenient path for tiny test models.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Optional, Sequence
 
 from markovian_jax.runtime import cli, presets
 from markovian_jax.runtime import sharding
 from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.data import prompts
 from markovian_jax.training.specs import RunSpec
 
 __all__ = ["InvalidConfig", "validate", "make_mesh", "check_rows"]
@@ -25,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def validate(c) -> RunSpec:
-  """The typed spec of run config `c` (a ConfigDict); raises InvalidConfig naming the key."""
+  """The typed spec of run config `c` (a ConfigDict); raises InvalidConfig naming the key.
+
+  `prompt.format="auto"` is resolved here, once, to the model family's format and written back
+  into `c`, so that everything downstream and the run's recorded config (config.json) name the
+  format its prompts use."""
   spec = RunSpec.read(c)
   n = spec.train.rows
   mb = spec.objective.ppo_minibatches
@@ -34,7 +40,24 @@ def validate(c) -> RunSpec:
                         f"per step (train.questions_per_step x train.group_size)")
   if spec.mesh.known:  # otherwise plan.check applies the rule once the devices are counted
     check_rows(spec)
-  return spec
+  return resolve_prompt_format(c, spec)
+
+
+def resolve_prompt_format(c, spec: RunSpec) -> RunSpec:
+  """`spec` with `prompt.format="auto"` replaced by the format of the model's family (config.json's
+  model_type, `prompts.FAMILY_FORMATS`), also set in `c`; an explicit format is kept."""
+  if spec.prompt.format != prompts.AUTO_FORMAT:
+    return spec
+  from markovian_jax.models.loading import model_type
+  try:
+    family = model_type(spec.model.path)
+  except OSError as e:  # an unsupported family is a ConfigError of its own, raised as it is
+    raise InvalidConfig(f"config.model.path: {e} (prompt.format=auto takes the model family's "
+                        "format: set config.prompt.format to skip this)") from None
+  fmt = prompts.family_format(family)
+  log.info("prompt.format=auto: %r, the format of the %s family", fmt, family)
+  c.prompt.format = fmt
+  return dataclasses.replace(spec, prompt=dataclasses.replace(spec.prompt, format=fmt))
 
 
 def _mesh_words(spec: RunSpec, shape: Sequence[int]) -> str:

@@ -22,7 +22,7 @@ from markovian_jax.runtime import sharding
 from markovian_jax import objectives as obj
 from markovian_jax.data import tasks as tasks_lib
 from markovian_jax.data.mcq_tasks import MMLU_HUB_SPLITS
-from markovian_jax.data.prompts import PROMPT_FORMATS
+from markovian_jax.data.prompts import AUTO_FORMAT, PROMPT_FORMATS
 from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.attention_choice import CHOICES as ATTENTION_CHOICES
@@ -155,11 +155,11 @@ class DataSpec(_Section):
 @dataclasses.dataclass(frozen=True)
 class PromptSpec(_Section):
   SECTION = "prompt"
-  format: str = "plain"
+  format: str = AUTO_FORMAT  # config_validation.validate resolves it to the model family's
   markovian: bool = True
 
   def __post_init__(self):
-    self.choice("format", PROMPT_FORMATS)
+    self.choice("format", (AUTO_FORMAT,) + PROMPT_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
