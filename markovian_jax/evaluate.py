@@ -257,25 +257,10 @@ def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dic
   protocol.update(num_examples=test_size, eval_split=config.data.eval_split,
                   num_samples=kw["num_samples"], cot_temperature=kw["temperature"],
                   seed=kw["seed"])
-  recorded = epath.Path(run_dir(config)) / "config.json"
-  if recorded.is_file():
-    differ = report_runs.protocol_differences(
-        report_runs.flatten(json.loads(recorded.read_text())), current)
-    if differ:
-      what = ", ".join(f"{k}={theirs!r} (--config: {ours!r})" for k, theirs, ours in differ)
-      if not _OUT.value:
-        raise EvalError(
-            f"the run in {recorded.parent} was trained with {what}: give --config the run's "
-            "values (--config=FILE:VARIANT, --config.KEY=VALUE) so that its cell is read under "
-            "its own protocol, or --output_dir to evaluate it under another one elsewhere")
-      logging.warning("evaluating the run in %s under another protocol than its own: %s",
-                      recorded.parent, what)
-  earlier = report_runs.read_protocol(str(out_dir))
-  changed = [k for k in protocol if k in earlier and earlier[k] != protocol[k]]
-  if changed:
-    what = ", ".join(f"{k} {earlier[k]!r} there, {protocol[k]!r} here" for k in changed)
-    raise EvalError(f"{out_dir} holds evaluations of another protocol ({what}); give another "
-                    "--output_dir (or remove that directory) rather than mixing the two")
+  refusal = (report_runs.foreign_protocol(str(run_dir(config)), current, bool(_OUT.value))
+             or report_runs.foreign_directory(str(out_dir), protocol))
+  if refusal:
+    raise EvalError(refusal)
   return protocol
 
 

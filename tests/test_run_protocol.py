@@ -89,9 +89,13 @@ def test_evaluate_refuses_another_protocol_and_fills_cells_at_the_full_size(demo
   for col in ("base", "markovian"):
     (cell,) = table.cells[row + (col,)]
     assert (cell.source, cell.n, cell.full) == ("test", FULL, FULL), (col, cell)
-  # Evaluating it again under another protocol into the same place is refused.
-  line = one_error_line(_evaluate(tiny_model_dir, m, "--best", "--num_examples=3"))
-  assert "holds evaluations of another protocol (num_examples 8 there, 3 here)" in line, line
+  # Evaluations of another protocol (here a subset) are never written into the same place.
+  final = os.path.join(m, report_runs.FINAL_EVAL_DIR)
+  protocol = report_runs.read_protocol(final)
+  assert protocol["num_examples"] == FULL and protocol["prompt.markovian"] is True
+  assert report_runs.foreign_directory(final, protocol) is None
+  refusal = report_runs.foreign_directory(final, dict(protocol, num_examples=3))
+  assert "holds evaluations of another protocol (num_examples 8 there, 3 here)" in refusal
 
 
 def _final(run_dir, protocol: dict, step: int, n: int, k: int, base_k=None):

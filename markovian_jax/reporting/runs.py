@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Optional
 
@@ -219,6 +220,37 @@ def read_protocol(directory: str) -> dict:
   """The protocol.json the evaluate CLI wrote in `directory` ({} when there is none)."""
   path = epath.Path(directory) / "protocol.json"
   return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def foreign_protocol(run_dir: str, config: dict, elsewhere: bool) -> Optional[str]:
+  """Why the evaluate CLI must not evaluate run `run_dir` under flat `config`: the run's
+  config.json differs from it in a protocol key, and the numbers would go into the run (not
+  `elsewhere`, an explicit --output_dir: then only a warning). None when nothing is wrong."""
+  recorded = epath.Path(run_dir) / "config.json"
+  differ = (protocol_differences(flatten(json.loads(recorded.read_text())), config)
+            if recorded.is_file() else [])
+  if not differ:
+    return None
+  what = ", ".join(f"{k}={theirs!r} (--config: {ours!r})" for k, theirs, ours in differ)
+  if elsewhere:
+    logging.warning("evaluating the run in %s under another protocol than its own: %s",
+                    run_dir, what)
+    return None
+  return (f"the run in {run_dir} was trained with {what}: give --config the run's values "
+          "(--config=FILE:VARIANT, --config.KEY=VALUE) so that its cell is read under its own "
+          "protocol, or --output_dir to evaluate it under another one elsewhere")
+
+
+def foreign_directory(out_dir: str, protocol: dict) -> Optional[str]:
+  """Why the evaluate CLI must not write evaluations of `protocol` into `out_dir`: it holds
+  another protocol's (its protocol.json differs in a key both record). None when it may."""
+  earlier = read_protocol(out_dir)
+  changed = [k for k in protocol if k in earlier and earlier[k] != protocol[k]]
+  if not changed:
+    return None
+  what = ", ".join(f"{k} {earlier[k]!r} there, {protocol[k]!r} here" for k in changed)
+  return (f"{out_dir} holds evaluations of another protocol ({what}); give another --output_dir "
+          "(or remove that directory) rather than mixing the two")
 
 
 def protocol_differences(a: dict, b: dict) -> list:
