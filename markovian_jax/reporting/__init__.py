@@ -3,7 +3,7 @@
   runs        TensorBoard scalars, config.json, samples.jsonl and eval rows as a `Run`
   diagnoses   smoothing, milestones, results and automatic diagnoses of failure modes
   figures     the PNG figures (matplotlib, Agg)
-  results_table  the paper's table: tasks x variants at the best checkpoint by selection
+  results_table  the paper's table: (task, model) x variants, full-size cells by selection
   markdown    report.md: summary, hyperparameters, results, dynamics, diagnoses, example CoTs
 
 Reads files only; never loads a model. May import: runtime, configs, data.
