@@ -3,17 +3,17 @@
   python -m markovian_jax.report --workdir=runs/gsm8k          # one run (config.workdir)
   python -m markovian_jax.report --workdir=runs                # every run directly under runs/
 
-Writes into --workdir (local or gs://...): `report.md` and `report_figures/` (one run:
-training.png and eval.png; several: <run>/training.png, <run>/eval.png, compare_reward.png,
-compare_eval.png). report.md
-holds, automatically written: a summary comparing the runs, the paper's results table ((task,
-model) rows x variants at the best checkpoint by selection, at the full test size where `evaluate`
-wrote it, with bootstrap intervals; also written alone as results_table.md, `results_table`), the
-hyperparameters (for several runs those that differ, beside the core ones), the results (final accuracy, the best checkpoint by
-the selection split and its test accuracy, the base model, eval set sizes with a warning under
-~100), the dynamics at milestones scaled to the run length, diagnoses with the step where each
-began (`report_analysis.diagnose`), and example CoTs. A run still being written is reported as far
-as it goes. A directory without TensorBoard events exits 2 with one line.
+Writes into --workdir (local or gs://...): `report.md` and `report_figures/` (one run: training.png
+and eval.png; several: <run>/training.png, <run>/eval.png, compare_reward.png, compare_eval.png).
+report.md holds, automatically written: a summary comparing the runs, the paper's results table
+((task, model) rows x variants at the best checkpoint by selection, at the full test size where
+`evaluate` wrote it, with bootstrap intervals; also written alone as results_table.md,
+`results_table`), the hyperparameters (for several runs those that differ, beside the core ones),
+the results (final accuracy, the best checkpoint by the selection split and its test accuracy, the
+base model, eval set sizes with a warning under ~100), the dynamics at milestones scaled to the run
+length, diagnoses with the step where each began (`report_analysis.diagnose`), and example CoTs. A
+run still being written is reported as far as it goes. A directory without TensorBoard events exits
+2 with one line.
 
 `write_report(workdir)` is the same as a library call (benchmarks/learning.py uses it).
 """

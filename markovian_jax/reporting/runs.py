@@ -5,12 +5,12 @@ rows, as `Run`.
     run.series("answer/normalized_reward")  -> (steps int [T], values float64 [T])
     run.interval("anchor")                   -> (steps, accuracy, low, high) of an eval method
 
-A run directory is what training writes (train.py): TensorBoard events, config.json,
-samples.jsonl, eval/step_N.jsonl (and eval/selection/step_N.jsonl), and what the evaluate CLI
-writes apart from those (FINAL_EVAL_DIR: step_N.jsonl, base.jsonl, protocol.json at the full test
-size). Everything but the events is optional, and a run that is still being written is read as far as it goes (a JSONL line without
-its newline yet is skipped). Paths may be local or URIs (gs://...), read through etils epath as
-the rest of the workdir is.
+A run directory is what training writes (train.py): TensorBoard events, config.json, samples.jsonl,
+eval/step_N.jsonl (and eval/selection/step_N.jsonl), and what the evaluate CLI writes apart from
+those (FINAL_EVAL_DIR: step_N.jsonl, base.jsonl, protocol.json at the full test size). Everything
+but the events is optional, and a run that is still being written is read as far as it goes (a JSONL
+line without its newline yet is skipped). Paths may be local or URIs (gs://...), read through etils
+epath as the rest of the workdir is.
 """
 
 from __future__ import annotations
