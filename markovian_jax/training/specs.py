@@ -270,6 +270,7 @@ class TrainSpec(_Section):
   resume: bool = False
   text_every: int = 10
   nan_patience: int = 5
+  nonfinite_action: str = "stop"
   collapse_action: str = "warn"
   collapse_repetition: float = 0.8
   collapse_ppo_ratio: float = 10.0
@@ -280,6 +281,7 @@ class TrainSpec(_Section):
     self.positive_int("num_steps", "questions_per_step", "group_size", "checkpoint_every",
                       "eval_every", "max_to_keep", "text_every", "nan_patience", "max_rollbacks")
     self.choice("collapse_action", guards.COLLAPSE_ACTIONS)
+    self.choice("nonfinite_action", guards.NONFINITE_ACTIONS)
 
   @property
   def rows(self) -> int:
