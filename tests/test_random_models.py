@@ -82,4 +82,8 @@ def test_plan_of_random_8b_is_the_plan_of_the_real_8b(preset):
   assert (rand.memory.peak, rand.fits, tuple(rand.mesh), rand.fixes, rand.notes, rand.workload) \
       == (real.memory.peak, real.fits, tuple(real.mesh), real.fixes, real.notes, real.workload)
   assert rand.memory.peak > 16e9  # the 8B's weights are in it
+  # What `plan` prints: the same, but for the model line's source.
+  text = lambda p: [ln for ln in plan.describe(p).splitlines()  # noqa: E731
+                    if not ln.startswith("model ")]
+  assert text(rand) == text(real)
   assert "random weights with the published shapes of " + LLAMA_8B in rand.model_source
