@@ -48,6 +48,7 @@ def _evaluate(model_dir, run, *extra):
                     f"--checkpoint_dir={run}/checkpoints", *extra)
 
 
+@pytest.mark.slow  # the demo runs (training loops)
 def test_a_runs_cells_come_from_periodic_evaluation_and_say_so(demo_runs, tmp_path):
   """Before any `evaluate`, a run's cells are training's periodic evaluation (eval.num_examples
   = 4 questions), marked as such, and the Base column too."""
@@ -156,20 +157,24 @@ def _resume_config(model_dir, workdir, **overrides):
 
 
 @pytest.mark.parametrize("key,value", [("eval.seed", 7), ("eval.selection_size", 16)])
-def test_resuming_with_another_selection_seed_or_size_is_refused(demo_runs, tiny_model_dir,
-                                                                 tmp_path, key, value):
+def test_resuming_with_another_selection_seed_or_size_is_refused(tiny_model_dir, tmp_path, key,
+                                                                 value):
+  """Refused from the run's config.json and its checkpoint listing, before anything loads."""
   from markovian_jax.runtime.errors import UserError
   from markovian_jax.trainer import Trainer
-  run = _copy(demo_runs, "markovian", tmp_path)
-  record = open(os.path.join(run, "selection.json")).read()
+  from tests.test_train import make_config
+  run = tmp_path / "run"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(make_config(tiny_model_dir, run).to_dict()))
   with pytest.raises(UserError) as raised:
     Trainer(_resume_config(tiny_model_dir, run, **{key: value}))
   line = " ".join(str(raised.value).split())
   assert line.startswith(f"config.{key}: the run being resumed started with {key}=") and (
       f"(now {value})" in line), line
-  assert open(os.path.join(run, "selection.json")).read() == record
+  assert not (run / "selection.json").exists()
 
 
+@pytest.mark.slow  # the demo runs (training loops)
 def test_resuming_never_rewrites_selection_json(demo_runs, tiny_model_dir, tmp_path):
   """The record is the run's own from its first start: a resume (same seed and size) leaves
   the file byte for byte, and one whose data gives another selection set is refused."""
