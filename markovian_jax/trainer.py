@@ -21,13 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from tqdm import tqdm
 
 from markovian_jax.data import selection as selection_lib
 from markovian_jax.runtime import checkpointing
 from markovian_jax.runtime import cli
 from markovian_jax.training import config_validation
 from markovian_jax.runtime import distributed
+from markovian_jax.runtime import progress
+from markovian_jax.runtime import faults
+from markovian_jax.runtime import workdir_lock
+from markovian_jax.training import resume as resume_lib
 from markovian_jax.training import evaluation
 from markovian_jax.training import guards
 from markovian_jax.training import hooks as hooks_lib
@@ -76,6 +79,8 @@ class Trainer:
   def __init__(self, config):
     self.config = config
     self.spec = spec = config_validation.validate(config)
+    # One run per workdir (a second is refused; a dead run's lock is taken over).
+    self._lock = workdir_lock.acquire(spec.workdir) if jax.process_index() == 0 else None
     resuming = bool(check_workdir(spec)) and spec.train.resume
     distributed.sync("workdir checked")  # before process 0 writes the first file there
     t = spec.train
@@ -138,14 +143,15 @@ class Trainer:
     self.hooks = hooks_lib.Hooks()
     self.add_hook(self._write_scalars, name="scalars")
     self.add_hook(self._write_samples, every=t.text_every, name="samples", at_start=True)
-    self.add_hook(guards.NonFiniteGuard(self, t.nan_patience), name="nonfinite_guard")
+    self.add_hook(guards.NonFiniteGuard(self, t.nan_patience, t.nonfinite_action,
+                                                t.max_rollbacks), name="nonfinite_guard")
     self.add_hook(guards.CollapseGuard(self, spec), name="collapse_guard")
     self.add_hook(self._evaluate_hook, every=t.eval_every, name="eval", at_end=True)
     if spec.eval.fragility_every:
       self.add_hook(self._fragility_hook, every=spec.eval.fragility_every, name="fragility")
     self.add_hook(self._checkpoint_hook, every=t.checkpoint_every, name="checkpoint", at_end=True)
     if t.resume and self.ckpt.latest_step() is not None:
-      self.restore(self.ckpt.latest_step())
+      resume_lib.resume(self)  # the newest complete checkpoint; lost steps' files superseded
     elif t.resume:
       logging.info("resume requested but %s has no checkpoints: starting fresh",
                    self.ckpt.directory)
@@ -165,6 +171,9 @@ class Trainer:
   def save(self, score=None, force=True):
     if self.ckpt.latest_step() == self.step_num:
       return
+    # The events up to this step reach the disk before the checkpoint does: a run killed later
+    # resumes here and must find them (tensorboardX otherwise holds them for up to 2 minutes).
+    self.writer.flush()
     self.ckpt.save(self.step_num, self.lora.params, self.opt_state, self.state_json(),
                    score=score, force=force)
     logging.info("saved checkpoint at step %d", self.step_num)
@@ -193,11 +202,15 @@ class Trainer:
     self.rng, sample_key, update_key = jax.random.split(self.rng, 3)
     timer = pipeline.Timer()
     with timer("sample"):
+      faults.at("sample", self.step_num + 1)  # tests only (MARKOVIAN_TEST_FAULTS)
       ro = pipeline.rollout(ctx, spec, self.lora, self.ref_lora, examples, sample_key)
     with timer("score"):
       sc = pipeline.score(ctx, p, self.lora, self.ref_lora, ro)
       tg, new_state, target_metrics = pipeline.targets(ctx, p, sc, self.baseline_state)
+      if faults.at("loss", self.step_num + 1):  # tests only: a non-finite loss at this step
+        tg = tg._replace(advantages=tg.advantages * jnp.nan)
     with timer("update"):
+      faults.at("update", self.step_num + 1, self.workdir)
       lr = optimizer.learning_rate(spec.optim, spec.train.num_steps, self.step_num)
       batch = pipeline.policy_batch(ctx, ro, sc)
       self.lora, self.opt_state, per_update = pipeline.update(
@@ -253,7 +266,7 @@ class Trainer:
     ro = info.rollout
     res = fragility.fragility_scores(self.ctx, self.lora, ro.row_examples, ro.cot_texts,
                                      severities=(0, 40, 100), seed=info.step,
-                                     batch_size=self.spec.eval.batch_size)
+                                     batch_size=self.spec.eval.batch_size, progress=False)
     self.writer.scalars(info.step, {f"fragility/{k}/p{p}": float(res.effect(k, p).mean())
                                     for k in res.kinds for p in (40, 100)})
 
@@ -271,6 +284,7 @@ class Trainer:
       summ = self._evaluate_on(examples, prefix, folder, f"{name}@{self.step_num}")
       if name == "selection":
         self.last_eval = (self.step_num, evaluation.primary_score(summ))
+        faults.at("eval", self.step_num)  # tests only: between the two evaluations
     return summ
 
   def _evaluate_on(self, examples, prefix: str, folder: epath.Path, desc: str) -> dict:
@@ -315,8 +329,7 @@ class Trainer:
     try:
       if self.step_num == 0:
         self.evaluate()  # the base-model baseline
-      bar = tqdm(total=t.num_steps, initial=self.step_num, desc="train",
-                 disable=jax.process_index() != 0)
+      bar = progress.bar(t.num_steps, "train", unit="step", initial=self.step_num)
       while self.step_num < t.num_steps and not stop.requested(self.step_num):
         s = self.step()
         bar.update(1)
@@ -330,4 +343,6 @@ class Trainer:
     finally:
       stop.uninstall()
       self.writer.close()
+      if self._lock is not None:
+        self._lock.release()
     return self.step_num

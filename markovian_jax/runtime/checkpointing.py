@@ -9,13 +9,26 @@ Multi-process: every process calls `save` and `restore` (orbax writes and reads 
 shards, process 0 the metadata and the JSON state). The directory may be local or a URI such as
 gs://bucket/run/checkpoints (etils epath, which orbax itself uses); it must be one directory that
 every process sees.
+
+Faults: orbax writes each checkpoint into a temporary directory and renames it into place only when
+complete, so a run killed mid-write leaves no half checkpoint among the steps. A checkpoint that was
+complete and is damaged later (a truncated or missing array file, broken JSON) raises
+BrokenCheckpoint naming the step; `set_aside` moves it out of the way without deleting it. A save
+that runs out of disk space raises DiskFull naming the directory and the bytes the checkpoint needs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import hashlib
 import json
+import logging as pylogging
 import os
+import shutil
+import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -25,10 +38,81 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from markovian_jax.runtime.errors import CheckpointError
+from markovian_jax.runtime import faults
+from markovian_jax.runtime.errors import CheckpointError, UserError
 
 
-__all__ = ["CheckpointError", "Checkpointer"]
+__all__ = ["BrokenCheckpoint", "CheckpointError", "Checkpointer", "DiskFull"]
+
+ITEMS = ("lora", "opt_state", "state")
+BROKEN_DIR = "broken_checkpoints"  # beside the checkpoints directory
+
+
+class BrokenCheckpoint(CheckpointError):
+  """A saved checkpoint whose files cannot be read as stored (truncated, missing, broken JSON)."""
+
+  def __init__(self, step: int, directory, reason: str):
+    self.step = step
+    super().__init__(f"checkpoint step {step} in {directory} is broken ({reason})")
+
+
+class DiskFull(UserError, OSError):
+  """A checkpoint that did not fit on its filesystem."""
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  """orbax and TensorStore report a full disk as OSError(ENOSPC) or in their own message."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class _DropStorageErrors(pylogging.Filter):
+  """Drops the log records of a failed read or write that we report ourselves in one line:
+  orbax logs each failed file write with its TensorStore spec, and asyncio a traceback for every
+  parallel read that failed after the first."""
+
+  def filter(self, record) -> bool:
+    text = record.getMessage()
+    return not ("No space left on device" in text or "RESOURCE_EXHAUSTED" in text
+                or "Task exception was never retrieved" in text
+                or "Handler Commit operations" in text or "Save Finalize thread" in text)
+
+
+@contextlib.contextmanager
+def _reported_here():
+  """Within: the storage errors above are not logged (the exception raised names them). A
+  failed read also leaves orbax's other pending reads to die as 'unraisable' exceptions (a
+  traceback each, printed as their coroutines are collected): those are dropped too."""
+  drop = _DropStorageErrors()
+  loggers = [pylogging.getLogger(n) for n in ("absl", "asyncio")]
+  for logger in loggers:
+    logger.addFilter(drop)
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  failed = []  # the caller appends to it when it caught a failure itself
+  try:
+    yield failed
+  except BaseException:
+    failed.append(True)
+    raise
+  finally:
+    if failed:
+      gc.collect()  # abandoned reads end here, not later in someone else's output
+      time.sleep(0.1)
+      gc.collect()
+    sys.unraisablehook = hook
+    for logger in loggers:
+      logger.removeFilter(drop)
+
+
+def _short(e: BaseException) -> str:
+  """The first sentence of an error; TensorStore appends its whole spec to every message."""
+  text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:200]}"
 
 
 def absolute(path) -> epath.Path:
@@ -86,9 +170,72 @@ class Checkpointer:
                               opt_state=ocp.args.StandardSave(opt_state),
                               state=ocp.args.JsonSave(state))
     metrics = None if score is None else {"score": float(score)}
-    saved = self._manager.save(step, args=args, metrics=metrics, force=force)
-    self._manager.wait_until_finished()
+    try:
+      with _reported_here():
+        saved = self._manager.save(step, args=args, metrics=metrics, force=force)
+        faults.at("checkpoint", step, self.directory)  # tests only: mid-write, not finalised
+        self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - anything else is re-raised as it was
+      if not _is_disk_full(e):
+        raise
+      need = sum(np.asarray(x).nbytes for x in jax.tree.leaves((lora_params, opt_state)))
+      need += len(json.dumps(state, default=str))
+      free = ("" if "://" in str(self.directory)
+              else f", {shutil.disk_usage(self.directory).free} free")
+      raise DiskFull(f"checkpoint of step {step} not saved: no space left on device in "
+                     f"{self.directory} (it needs about {need} bytes{free}); the checkpoints "
+                     f"already there are intact: {self.all_steps()}") from e
     return saved
+
+  def _restore(self, step: int, args):
+    """The manager's restore, with a damaged checkpoint reported as BrokenCheckpoint (a
+    checkpoint that reads but does not fit the targets keeps orbax's error)."""
+    with _reported_here() as failed:
+      try:
+        return self._manager.restore(step, args=args)
+      except Exception as e:  # noqa: BLE001
+        error = e
+        failed.append(True)
+      reason = self.broken(step)
+      if reason is not None:
+        error = None  # its traceback holds orbax's abandoned reads: let them go, quietly, here
+    if error is not None:
+      raise error
+    raise BrokenCheckpoint(step, self.directory, reason)
+
+  def broken(self, step: int) -> Optional[str]:
+    """Why checkpoint `step` cannot be read as it was stored, or None when every item reads
+    (arrays as host numpy arrays, independent of the run's shapes and devices)."""
+    root = self.directory / str(step)
+    for item in ITEMS[:2]:
+      try:
+        handler = ocp.PyTreeCheckpointHandler()
+        meta = handler.metadata(root / item).tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
+                                    is_leaf=lambda x: hasattr(x, "shape"))
+        handler.restore(root / item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      except Exception as e:  # noqa: BLE001 - whatever the storage layer raises
+        return f"{item}: {_short(e)}"
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      return f"state: {_short(e)}"
+    return None
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves checkpoint `step` to <workdir>/broken_checkpoints/<step> (kept for the user to
+    inspect or delete; a resumed run would otherwise collide with it when it saves that step).
+    Process 0 moves it; every process then sees the steps without it."""
+    target = self.directory.parent / BROKEN_DIR / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target = target.parent / f"{step}.{len(list(target.parent.iterdir()))}"
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self._manager.reload()
+    return target
 
   def restore(self, step: Optional[int], lora_target, opt_target):
     """Restores into the shapes/dtypes/shardings of the targets (arrays or ShapeDtypeStructs).
@@ -102,7 +249,7 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
                             f"available: {self.all_steps()}")
     as_struct = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
-    out = self._manager.restore(step, args=ocp.args.Composite(
+    out = self._restore(step, ocp.args.Composite(
         lora=ocp.args.StandardRestore(as_struct(lora_target)),
         opt_state=ocp.args.StandardRestore(as_struct(opt_target)),
         state=ocp.args.JsonRestore()))
@@ -113,14 +260,14 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoints in {self.directory}")
-    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+    return self._restore(step, ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
 
   def restore_lora(self, step: Optional[int], lora_target):
     """Only the LoRA tree (evaluation needs no optimizer state)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoints in {self.directory}")
-    return self._manager.restore(step, args=ocp.args.Composite(
+    return self._restore(step, ocp.args.Composite(
         lora=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, lora_target))
     ))["lora"]
 

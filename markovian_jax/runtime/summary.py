@@ -79,6 +79,16 @@ class SummaryWriter:
     if self._writer is not None:
       self._writer.add_text(tag, text, step)
 
+  def purge_after(self, step: int):
+    """Marks a restart at `step`: TensorBoard's readers drop the events of steps > `step` that
+    earlier event files hold (a SessionLog START, what tensorboardX's `purge_step` writes)."""
+    if self._writer is None:
+      return
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    self._writer.file_writer.add_event(
+        Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+    self._writer.flush()
+
   def flush(self):
     if self._writer is not None:
       self._writer.flush()

@@ -139,6 +139,8 @@ def restore_adapter(checkpoint_dir: str, step: int, model_config, settings: Opti
                        dropout=s["dropout"], targets=s["targets"])
   try:
     params = open_checkpoints(checkpoint_dir).restore_lora(step, template.params)
+  except CheckpointError:  # a broken checkpoint says so itself
+    raise
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir} does not fit a rank-"
                           f"{s['rank']} LoRA on {list(s['targets'])} of this model: {e}") from e

@@ -1,0 +1,59 @@
+"""The fault matrix (benchmarks/faults.py), one test per row with fewer trials than the script:
+every trial survived, every resume exact (bit for bit on CPU against an uninterrupted run), no
+file lost."""
+
+import os
+
+import pytest
+
+from benchmarks import faults
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir, tmp_path_factory):
+  return faults.Reference(tiny_model_dir, str(tmp_path_factory.mktemp("faults")))
+
+
+def _check(row: faults.Row, trials: int, exact: bool = True):
+  assert row.trials == trials, row
+  assert row.survived == trials and row.lost == 0, "\n".join(row.notes)
+  if exact:
+    assert row.exact == trials, "\n".join(row.notes)
+
+
+@pytest.mark.slow
+def test_kill9_mid_checkpoint_and_at_random_resumes_exactly(ref, tmp_path):
+  """Two CLI runs killed -9: in the middle of a checkpoint write, and at a random moment."""
+  row = faults.kill9(ref, str(tmp_path), 2, modes=("kill@checkpoint:3", "random"))
+  _check(row, 2)
+
+
+def test_torn_checkpoint_falls_back_and_clis_name_it(ref, tmp_path):
+  row = faults.torn(ref, str(tmp_path), 1, clis=("export",))
+  _check(row, 1)
+
+
+@pytest.mark.slow
+def test_torn_checkpoint_every_kind(ref, tmp_path):
+  row = faults.torn(ref, str(tmp_path), 3, kinds=("missing", "json", "truncated"), clis=())
+  _check(row, 3)
+
+
+def test_full_disk_one_line_previous_checkpoint_intact(ref, tmp_path):
+  _check(faults.disk_full(ref, str(tmp_path), 1), 1)
+
+
+def test_bad_rows_named_before_training(ref, tmp_path):
+  _check(faults.bad_rows(ref, str(tmp_path), 3), 3, exact=False)
+
+
+def test_nonfinite_loss_rolls_back_or_stops(ref, tmp_path):
+  _check(faults.nonfinite(ref, str(tmp_path), 2), 2, exact=False)
+
+
+def test_sigterm_during_eval_and_checkpoint_write(ref, tmp_path):
+  _check(faults.sigterm(ref, str(tmp_path), 2), 2)
+
+
+def test_second_run_refused_stale_lock_taken_over(ref, tmp_path):
+  _check(faults.two_runs(ref, str(tmp_path), 1), 1, exact=False)
