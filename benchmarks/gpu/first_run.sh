@@ -67,19 +67,33 @@ fi
 if [ -d "$wheels" ]; then
   target=()
   if [ "$tiny" = 1 ]; then target=(--target "$run/site"); fi
+  # The image's python may be marked externally managed (PEP 668); the env var is ignored by a
+  # pip too old to know it. Wheel names: pip writes them lower-case, older pips did not.
+  export PIP_BREAK_SYSTEM_PACKAGES=1
+  shopt -s nocaseglob
   missing=()
   for name in ml_collections tensorboardx gguf; do
     if compgen -G "$wheels/${name}-*.whl" >/dev/null; then missing+=("$name"); fi
   done
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} from $wheels (what the image lacks, with their missing deps)"
-    "$py" -m pip install --quiet --no-index --find-links "$wheels" "${target[@]}" \
-      "${missing[@]}" || { echo "error: installing ${missing[*]} from $wheels failed"; exit 2; }
+    if [ "$tiny" = 1 ]; then
+      # A --target sees none of the interpreter's packages: resolve against them first (what the
+      # real install does), then put the packages alone into the target.
+      "$py" -m pip install --quiet --dry-run --no-index --find-links "$wheels" "${missing[@]}" \
+        && "$py" -m pip install --quiet --no-index --no-deps --find-links "$wheels" \
+          "${target[@]}" "${missing[@]}" \
+        || { echo "error: installing ${missing[*]} from $wheels failed"; exit 2; }
+    else
+      "$py" -m pip install --quiet --no-index --find-links "$wheels" "${missing[@]}" \
+        || { echo "error: installing ${missing[*]} from $wheels failed"; exit 2; }
+    fi
   fi
   for whl in "$wheels"/markovian_jax-*.whl; do
     [ -e "$whl" ] || continue
     say "installing $(basename "$whl") (--no-deps: the image's versions stay)"
-    "$py" -m pip install --quiet --no-index --no-deps --force-reinstall "${target[@]}" "$whl" \
+    "$py" -m pip install --quiet --no-index --no-deps --force-reinstall \
+      ${target[@]+"${target[@]}"} "$whl" \
       || { echo "error: installing $whl failed"; exit 2; }
   done
   if [ -d "$wheels/smollm2-tokenizer" ]; then
