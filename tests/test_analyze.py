@@ -262,3 +262,23 @@ def test_fragility_result_round_trips_through_json():
   for k in r.logprobs:
     np.testing.assert_array_equal(back.logprobs[k], r.logprobs[k])
     np.testing.assert_array_equal(back.correct[k], r.correct[k])
+
+
+@pytest.mark.slow
+def test_fragility_scores_show_progress(demo_runs, markovian_ctx, capsys):
+  """Long analyses show progress as training does (one tqdm bar): rows done/total,
+  elapsed<time left, rate; silent when asked. (The shapes of test_fragility_scores_invariants:
+  its compiled scorer serves.)"""
+  from markovian_jax.analysis import run_inputs as analysis
+  rows = analysis.logged_rows(demo_runs["markovian"], 3)
+  examples, cots = [analysis.example(r) for r in rows], [r["cots"][0] for r in rows]
+  kw = dict(severities=(0, 40, 100), seed=3, batch_size=8)
+  capsys.readouterr()
+  shown = fragility.fragility_scores(markovian_ctx, None, examples, cots, **kw)
+  # 3 CoTs x (the original + 5 kinds x 2 severities), all in one bar.
+  err = capsys.readouterr().err
+  assert re.search(r"fragility char \(score\): 100%\|[^|]*\| 33/33 "
+                   r"\[\d\d:\d\d<00:00, +[\d.?]+ ?(row/s|s/row)\]", err), err[-2000:]
+  silent = fragility.fragility_scores(markovian_ctx, None, examples, cots, progress=False, **kw)
+  assert capsys.readouterr().err == ""
+  assert shown.logprobs.keys() == silent.logprobs.keys()
