@@ -145,6 +145,12 @@ def run(config) -> dict:
     logging.info("checkpoints in %s: steps %s", ckpt.directory, ckpt.all_steps())
   models = (["base"] if _BASE.value else []) + [f"step_{s}" for s in steps]
   logging.info("models to evaluate: %s", models)
+  # The run's own protocol (its config.json), before its data is read.
+  from markovian_jax.reporting import runs as report_runs
+  refusal = report_runs.foreign_protocol(str(run_dir(config)),
+                                         report_runs.flatten(config.to_dict()), bool(_OUT.value))
+  if refusal:
+    raise EvalError(refusal)
   tokenizer = load_tokenizer(spec.model.path)
   # The final number: the paper's full test size unless --num_examples says otherwise. Subsets
   # are hash-ranked, so training's periodic test set (eval.num_examples) is a part of this one.
@@ -248,17 +254,15 @@ def output_dir(config) -> epath.Path:
 
 
 def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dict:
-  """The protocol of this evaluation (protocol.json). Raises EvalError when --config differs from
-  the evaluated run's config.json in a protocol key and the files would go into the run (no
-  --output_dir), or when `out_dir` holds another protocol's evaluations."""
+  """The protocol of this evaluation (protocol.json). Raises EvalError when `out_dir` holds
+  another protocol's evaluations."""
   from markovian_jax.reporting import runs as report_runs
   current = report_runs.flatten(config.to_dict())
   protocol = {k: current.get(k) for k in report_runs.RUN_PROTOCOL_KEYS}
   protocol.update(num_examples=test_size, eval_split=config.data.eval_split,
                   num_samples=kw["num_samples"], cot_temperature=kw["temperature"],
                   seed=kw["seed"])
-  refusal = (report_runs.foreign_protocol(str(run_dir(config)), current, bool(_OUT.value))
-             or report_runs.foreign_directory(str(out_dir), protocol))
+  refusal = report_runs.foreign_directory(str(out_dir), protocol)
   if refusal:
     raise EvalError(refusal)
   return protocol
