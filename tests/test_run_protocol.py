@@ -149,6 +149,13 @@ def test_cells_are_keyed_by_model_and_read_under_the_runs_protocol(tmp_path):
   text = rt.format_results_table(table)
   assert "| GSM8K (Llama-3.1-8B-Instruct) | 22.0 [" in text
   assert "| GSM8K (Qwen3-4B) | 10.0 [" in text and "n=10 (periodic)" in text
+  assert "n=50 |" in text and "n=50 (of" not in text
+  # A run configured with a full size of 60 whose evaluation read 50 questions says so.
+  config = json.loads(open(os.path.join(llama, "config.json")).read())
+  config["eval"]["final_num_examples"] = 60
+  open(os.path.join(llama, "config.json"), "w").write(json.dumps(config))
+  text = rt.format_results_table(_table(tmp_path))
+  assert text.count("n=50 (of 60)") == 2, text  # Base and Markovian
 
 
 def _resume_config(model_dir, workdir, **overrides):
