@@ -160,21 +160,80 @@ def test_step_means_and_the_training_figure(tmp_path):
   assert os.path.getsize(png) > 10_000
 
 
-@pytest.mark.slow  # a SmolLM2-tokenizer training run and an analyze subprocess
-def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader):
-  from tests.test_cli import run_module
-  path = qwen3_reader[0]
-  proc = run_module("markovian_jax.analyze", "cross_model",
-                    f"--workdir={demo_runs['markovian']}",
-                    f"--compare={demo_runs['non_markovian']}", f"--reader={path}", "--num_cots=2",
-                    timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("| 8 (all) |") == 2  # each run's table
-  assert "on 8 CoTs of run markovian" in proc.stdout
-  assert "on 8 CoTs of run non_markovian" in proc.stdout
-  # One load of the reader serves both runs (RunContext.create logs each load).
-  assert len(re.findall(r"run_context\.py.*\] model ", proc.stderr)) == 1, proc.stderr[-3000:]
-  analysis = os.path.join(demo_runs["markovian"], "analysis")
-  saved = json.load(open(os.path.join(analysis, "cross_model.json")))
-  assert np.all(np.isfinite(saved["reader_cot"])) and np.all(np.isfinite(saved["reader_base"]))
-  assert os.path.getsize(os.path.join(analysis, "cross_model_training.png")) > 10_000
+def _figure_lines(monkeypatch, call) -> dict:
+  """{path: [(label, x, y)] of every labelled line} of the figures `call()` saves (each still
+  written)."""
+  from markovian_jax.reporting import figures
+  save, drawn = figures.save_png, {}
+
+  def capture(fig, plt, path):
+    drawn[os.path.basename(path)] = [
+        (line.get_label(), np.asarray(line.get_xdata(), np.float64),
+         np.asarray(line.get_ydata(), np.float64))
+        for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")]
+    return save(fig, plt, path)
+  monkeypatch.setattr(figures, "save_png", capture)
+  call()
+  return drawn
+
+
+@pytest.mark.slow  # a SmolLM2-tokenizer training run read by a Qwen3 reader
+def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader, tmp_path, monkeypatch):
+  """`analyze cross_model --compare` on copies of the two demo runs: the reader is loaded once
+  and recorded; the training figure has a reader and a generator curve per run and the runs'
+  mean, drawn from transformers' log-probs of each CoT and CoT' in the reader's ChatML prompt
+  and from the runs' own logged R."""
+  import shutil
+  import types
+
+  from markovian_jax import analyze
+  from markovian_jax.analysis import run_inputs
+  from markovian_jax.training import run_context
+  path, model, tok = qwen3_reader
+  runs = {}
+  for name in ("markovian", "non_markovian"):
+    runs[name] = str(shutil.copytree(demo_runs[name], tmp_path / name,
+                                     ignore=shutil.ignore_patterns("analysis")))
+  loads = []
+  load = run_context.load_checkpoint
+  monkeypatch.setattr(run_context, "load_checkpoint",
+                      lambda *a, **kw: loads.append(a[0]) or load(*a, **kw))
+  f = types.SimpleNamespace(workdir=runs["markovian"], compare=runs["non_markovian"],
+                            reader=path, num_cots=2, batch_size=8, smooth_steps=40)
+  out = {}
+  drawn = _figure_lines(monkeypatch, lambda: out.update(text=analyze.run_cross_model(f)))
+  assert out["text"].count("| 8 (all) |") == 2  # each run's table
+  assert "on 8 CoTs of run markovian" in out["text"]
+  assert "on 8 CoTs of run non_markovian" in out["text"]
+  assert loads == [path]  # one load of the reader serves both runs
+  saved = json.load(open(os.path.join(runs["markovian"], "analysis", "cross_model.json")))
+  assert saved["reader"] == path
+  assert not os.path.exists(os.path.join(runs["non_markovian"], "analysis"))
+
+  # The same figure drawn from independent scores: transformers reads the literal prompts.
+  expected = []
+  for name, workdir in runs.items():
+    config = run_inputs.run_config(workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))][-2:]
+
+    def lp(question, cot, answer):
+      prefix = prompts.answer_prompt(config.task, question, cot, config.sampling.cot_length,
+                                     markovian=config.prompt.markovian, prompt_format="chatml")
+      return _torch_answer_logprob(model, tok, prefix + answer)
+    per_cot = [(r["step"], r["normalized"][i], lp(r["question"], cot, str(r["answer"])),
+                lp(r["question"], r["base_cot"], str(r["answer"])))
+               for r in rows for i, cot in enumerate(r["cots"])]
+    steps, run, reader_cot, reader_base = map(np.asarray, zip(*per_cot))
+    expected.append((name, cross_model.CrossModelResult(steps, run, reader_cot, reader_base,
+                                                        True)))
+  want = _figure_lines(monkeypatch, lambda: cross_model.plot_over_training(
+      expected, str(tmp_path / "expected.png"), "t"))["expected.png"]
+  got = drawn["cross_model_training.png"]
+  assert [label for label, _, _ in got] == [
+      "markovian: reader", "markovian: generator", "non_markovian: reader",
+      "non_markovian: generator", "mean of runs: reader"]
+  assert [label for label, _, _ in want] == [label for label, _, _ in got]
+  for (label, x, y), (_, want_x, want_y) in zip(got, want):
+    np.testing.assert_array_equal(x, want_x, err_msg=label)
+    # R' = a difference of two float32 programs' log-probs (each within 2e-5 nats), then means.
+    np.testing.assert_allclose(y, want_y, atol=4e-5, rtol=0, err_msg=label)
