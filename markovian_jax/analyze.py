@@ -5,6 +5,7 @@
       [--step=N] [--replacement=bernoulli|exact] [--accuracy] [--seed=0]
   python -m markovian_jax.analyze cross_model --workdir=A --reader=PATH [--compare=B]
       [--num_cots=N] [--smooth_steps=40]
+  python -m markovian_jax.analyze table3 --workdir=PARENT [--level=char|token|both]
 
 fragility, by default the paper's protocol: each run's own adapter (checkpoint --step, else the
 best by its selection score) samples one CoT for each of --num_examples fresh held-out questions
@@ -28,6 +29,11 @@ paper's figure over training steps (scipy's Savitzky-Golay filter, a cubic over 
 training steps, as the reference's savgol_filter(40, 3) over its every-step log), one curve per
 run (A, and B with --compare) and their mean.
 
+table3: the paper's Table 3 over tasks from the fragility analyses saved in the runs under PARENT
+(per task one Markovian and one non-Markovian run, analysed by `fragility --compare`): per kind
+the accuracy difference averaged over severities, and the Overall row weighted by each task's n
+(the questions pooled, as the reference aggregates its QA tasks).
+
 Results go to <workdir>/analysis/ (JSON, markdown, PNG). Bad input (no such run, no logged CoTs,
 a reader whose tokenizer cannot be loaded) exits 2 with one line.
 """
@@ -42,7 +48,7 @@ from etils import epath
 
 from markovian_jax.analysis.run_inputs import AnalysisError
 
-COMMANDS = ("fragility", "cross_model")
+COMMANDS = ("fragility", "cross_model", "table3")
 # fragility --source=logged: the logged questions it perturbs unless --num_cots says otherwise.
 LOGGED_COTS = 32
 
@@ -248,6 +254,52 @@ def comparison_tables(runs: list, levels: list) -> list:
   return out
 
 
+def run_table3(f) -> str:
+  """Table 3 over tasks: every run directly under --workdir (a parent of runs) whose `fragility`
+  analysis is saved with accuracy (analysis/fragility_<level>.json), paired per task Markovian
+  with non-Markovian (config.json prompt.markovian); per kind the accuracy differences averaged
+  over severities, and the Overall row weighted by each task's n. Written to
+  <workdir>/analysis/table3.md."""
+  from markovian_jax.analysis import fragility
+  _check_run(f.workdir)
+  levels = ["char", "token"] if f.level == "both" else [f.level]
+  parent = epath.Path(f.workdir)
+  out = []
+  for level in levels:
+    by_task: dict = {}  # task -> {markovian: [(name, result)]}
+    for run in sorted(d for d in parent.iterdir() if d.is_dir()):
+      saved, config = run / "analysis" / f"fragility_{level}.json", run / "config.json"
+      if not (saved.is_file() and config.is_file()):
+        continue
+      d = json.loads(saved.read_text())
+      result = fragility.FragilityResult.from_json(d)
+      if result.correct is None:
+        continue  # scored without --accuracy: no Table 3 numbers
+      markovian = bool(json.loads(config.read_text()).get("prompt", {}).get("markovian", True))
+      task = (d.get("protocol") or {}).get("task") or json.loads(config.read_text()).get("task")
+      by_task.setdefault(task, {}).setdefault(markovian, []).append((run.name, result))
+    rows, pairs = {}, []
+    for task, sides in by_task.items():
+      if len(sides.get(True, [])) != 1 or len(sides.get(False, [])) != 1:
+        found = {k: [n for n, _ in v] for k, v in sides.items()}
+        raise AnalysisError(f"table3: task {task} needs one Markovian and one non-Markovian run "
+                            f"with a saved {level}-level fragility analysis under {f.workdir}; "
+                            f"found Markovian {found.get(True, [])}, non-Markovian "
+                            f"{found.get(False, [])}")
+      (a, ra), (b, rb) = sides[True][0], sides[False][0]
+      rows[task] = fragility.table3_row(fragility.compare(ra, rb, "accuracy"))
+      pairs.append(f"{task}: {a} - {b}")
+    if not rows:
+      raise AnalysisError(f"table3: no run under {f.workdir} has a saved {level}-level fragility "
+                          "analysis with accuracy (run `analyze fragility --workdir=RUN "
+                          "--compare=OTHER` first)")
+    out += [f"## Table 3 ({level} level): Markovian - non-Markovian accuracy drop, averaged over "
+            "severities", "", fragility.format_table3(rows), "", "Runs: " + "; ".join(pairs), ""]
+  text = "\n".join(out)
+  _write(f.workdir, "table3.md", text)
+  return text
+
+
 def run_cross_model(f) -> str:
   from markovian_jax.analysis import run_inputs as analysis
   from markovian_jax.analysis import cross_model
@@ -292,7 +344,8 @@ def main(command: str):
     raise AnalysisError("--num_cots, --batch_size and --smooth_steps must be positive")
   from markovian_jax.runtime import cli
   with cli.session():
-    text = run_fragility(f) if command == "fragility" else run_cross_model(f)
+    text = {"fragility": run_fragility, "cross_model": run_cross_model,
+            "table3": run_table3}[command](f)
   print(text, flush=True)
 
 

@@ -220,3 +220,44 @@ def test_table3_overall_row_weights_each_task_by_its_n():
   assert [float(c) for c in line.split("|")[2:-1]] == pytest.approx(
       [0.075, 0.15, 0.225, 0.3, 0.375, 0.225], abs=5e-4)
   assert "weighted by their n questions (arc 300, gsm8k 900)" in text
+
+
+def test_analyze_table3_over_the_saved_analyses_of_a_parent(tmp_path):
+  """`analyze table3 --workdir=PARENT` pairs each task's Markovian and non-Markovian runs from
+  their saved fragility JSON and weights the Overall row by each task's n (hand-computed)."""
+  import json
+  import types
+
+  from markovian_jax import analyze
+  from markovian_jax.analysis import fragility
+
+  def save(name, task, markovian, n, wrong):
+    """A run whose CoTs all read right unperturbed and `wrong` of n read wrong when perturbed."""
+    keys = [(0, f"{task}/{i}") for i in range(n)]
+    bad = np.arange(n) < wrong
+    correct = {(k, p): (np.ones(n, bool) if p == 0 else ~bad)
+               for k in P.KINDS for p in (0, 20, 40)}
+    logprobs = {k: np.zeros(n) for k in correct}
+    result = fragility.FragilityResult("char", P.KINDS, (0, 20, 40), keys, logprobs, correct)
+    run = tmp_path / name
+    (run / "analysis").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"task": task,
+                                                 "prompt": {"markovian": markovian}}))
+    (run / "analysis" / "fragility_char.json").write_text(
+        json.dumps({"protocol": {"task": task}, **result.to_json()}))
+
+  save("arc_m", "arc", True, 10, 5)        # Markovian loses 0.5, non-Markovian 0.1: +0.4
+  save("arc_nm", "arc", False, 10, 1)
+  save("gsm8k_m", "gsm8k", True, 30, 3)    # 0.1 vs 0.0: +0.1
+  save("gsm8k_nm", "gsm8k", False, 30, 0)
+  text = analyze.run_table3(types.SimpleNamespace(workdir=str(tmp_path), level="char"))
+  rows = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
+          for line in text.splitlines() if line.startswith("| ") and "---" not in line
+          and not line.startswith("| task")}
+  assert rows["arc"] == pytest.approx([0.4] * 6) and rows["gsm8k"] == pytest.approx([0.1] * 6)
+  assert rows["**Overall**"] == pytest.approx([(10 * 0.4 + 30 * 0.1) / 40] * 6)
+  assert (tmp_path / "analysis" / "table3.md").read_text() == text
+  (tmp_path / "gsm8k_nm" / "config.json").write_text(
+      json.dumps({"task": "gsm8k", "prompt": {"markovian": True}}))
+  with pytest.raises(analyze.AnalysisError, match="task gsm8k needs one Markovian and one non"):
+    analyze.run_table3(types.SimpleNamespace(workdir=str(tmp_path), level="char"))
