@@ -556,8 +556,100 @@ def two_runs(ref: Reference, root, trials: int = 1) -> Row:
   return row
 
 
+PEER_BOUND_S = 120  # the survivor of a two-process job must be gone by then
+
+
+def start_job(model_dir, workdir, root, name, **extra) -> list:
+  """A two-process training job on localhost (1 CPU device each, data-parallel mesh)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "device_count" not in f)
+  procs = []
+  for rank in range(2):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip(),
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(rank))
+    env.pop("MARKOVIAN_TEST_FAULTS", None)
+    with open(os.path.join(root, f"{name}.{rank}.log"), "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "markovian_jax.train",
+           *cli_args(model_dir, workdir, **{"mesh.shape": "(2,1,1)", **extra})],
+          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, timeout) -> list:
+  try:
+    return [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True) -> Row:
+  """A two-process job; once its step-2 checkpoint exists, one process is killed -9 (process 1,
+  then 0, alternately). The other must exit within PEER_BOUND_S with one `error:` line and no
+  traceback; the job restarted with resume=True finishes, and (`reference`) its final state equals
+  an uninterrupted two-process job's, bit for bit."""
+  row = Row("multi-process: one of two killed -9")
+  final = None
+  if reference:
+    ref_dir = os.path.join(root, "mp_reference")
+    if not os.path.isdir(os.path.join(ref_dir, "checkpoints", str(STEPS))):
+      shutil.rmtree(ref_dir, ignore_errors=True)
+      _wait(start_job(ref.model_dir, ref_dir, root, "mp_reference"), 900)
+    final = arrays(ref_dir, STEPS)
+  for i in range(trials):
+    victim = (1, 0)[i % 2]
+    workdir = os.path.join(root, f"mp_{i}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    row.trials += 1
+    procs = start_job(ref.model_dir, workdir, root, f"mp_{i}")
+    try:
+      while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+        if any(p.poll() is not None for p in procs):
+          break
+        time.sleep(0.05)
+      procs[victim].kill()
+      t0 = time.monotonic()
+      codes = _wait([procs[1 - victim]], PEER_BOUND_S)
+      took = time.monotonic() - t0
+    finally:
+      _wait(procs, 1)
+    with open(os.path.join(root, f"mp_{i}.{1 - victim}.log")) as f:
+      log = f.read()
+    errors = [l for l in log.splitlines() if l.startswith("error:")]
+    clear = (codes[0] not in (0, None) and took < PEER_BOUND_S and len(errors) == 1
+             and "another process of the job is gone" in errors[0] and "Traceback" not in log)
+    if not clear:
+      row.notes.append(f"mp {i}: process {1 - victim} exit {codes} after {took:.0f}s: "
+                       f"{errors or log[-600:]}")
+    codes = _wait(start_job(ref.model_dir, workdir, root, f"mp_{i}_resumed",
+                            **{"train.resume": True}), 900)
+    done = codes == [0, 0] and os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
+    if not done:
+      row.notes.append(f"mp {i}: the resumed job exited {codes}")
+    row.survived += int(clear and done)
+    if final is not None and done:
+      exact = same_arrays(arrays(workdir, STEPS), final)
+      row.exact += int(exact)
+      if not exact:
+        row.notes.append(f"mp {i}: the resumed job's final state differs from the reference")
+  if final is None:
+    row.exact = -1
+  return row
+
+
 FAULTS = {"kill9": kill9, "torn": torn, "disk": disk_full, "bad_rows": bad_rows,
-          "nonfinite": nonfinite, "sigterm": sigterm, "two_runs": two_runs}
+          "nonfinite": nonfinite, "sigterm": sigterm, "two_runs": two_runs,
+          "multiprocess": multiprocess}
 
 
 def main(argv=None) -> int:
@@ -573,7 +665,7 @@ def main(argv=None) -> int:
   ref = Reference(tiny_model(os.path.join(root, "tiny_model")), root)
   chosen = [f for f in (args.only.split(",") if args.only else FAULTS)]
   trials = {"kill9": args.trials, "torn": 3, "disk": 1, "bad_rows": 3, "nonfinite": 2,
-            "sigterm": 2, "two_runs": 1}
+            "sigterm": 2, "two_runs": 1, "multiprocess": 2}
   rows = []
   for name in chosen:
     t0 = time.monotonic()

@@ -146,6 +146,10 @@ def run(main: Callable[[], None]) -> None:
       main()
     except (UserError, FileNotFoundError) as e:
       fail(e)
+    except Exception as e:  # noqa: BLE001 - a lost process of a job ends this one in one line
+      from markovian_jax.runtime import distributed
+      distributed.exit_if_peer_lost(e)
+      raise
 
   app.run(_main, flags_parser=_parse_flags)
 

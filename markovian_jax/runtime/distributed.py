@@ -187,6 +187,31 @@ def _give_up(message: str) -> None:
   os._exit(EXIT_BAD_INPUT)
 
 
+EXIT_PEER_LOST = 3
+# How a collective or the coordination service reports a process of the job that is gone.
+_PEER_LOST = ("Gloo", "Connection reset by peer", "Connection closed by peer", "UNAVAILABLE",
+              "DEADLINE_EXCEEDED", "heartbeat", "Socket closed", "Broken pipe")
+
+
+def exit_if_peer_lost(error: BaseException) -> None:
+  """Ends this process at once (status 3, one `error:` line) when `error` says that another
+  process of a multi-process job is gone (killed, preempted, its host lost): a traceback and the
+  normal exit, whose shutdown barrier waits for the dead process, would hang instead. The job's
+  last complete checkpoint stays; the line says how to resume. Returns for any other error."""
+  if jax.process_count() < 2:
+    return
+  text = " ".join(str(error).split())
+  if not any(s in text for s in _PEER_LOST):
+    return
+  sys.stdout.flush()
+  print(f"error: process {jax.process_index()} of {jax.process_count()} on "
+        f"{socket.gethostname()}: another process of the job is gone (killed, preempted or its "
+        f"host lost: {text[:160]}); stopping this one too. Restart the whole job with "
+        "--config.train.resume=True: it resumes from the last complete checkpoint",
+        file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)
+
+
 def sync(name: str) -> None:
   """A barrier across all processes (a no-op for one): e.g. every process has read the workdir
   before any of them writes to it."""
