@@ -16,14 +16,18 @@ import pytest
 STRICT = os.environ.get("MARKOVIAN_STRICT_TESTS", "") not in ("", "0", "false", "False")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# float32's machine epsilon: one ulp of any normal float32 x is at most F32_EPS |x|, so
-# rtol=ulps(n) lets two float32 programs differ by n ulps of the values compared, whatever their size.
+# float32's machine epsilon: one ulp of any normal float32 x is at most F32_EPS |x|, so rtol=ulps(n)
+# lets two float32 programs differ by n ulps of the values compared, whatever their size.
 F32_EPS = 2.0 ** -23
 
 
-def ulps(n: float) -> float:
-  """An rtol of n float32 ulps of the values compared."""
-  return n * F32_EPS
+def ulps(n: float, of=None) -> float:
+  """n float32 ulps: an rtol of n ulps of each value compared or, given `of`, an atol of n ulps of
+  max|of| (for values near 0 that carry the rounding of larger terms: a matmul's output, a KL)."""
+  if of is None:
+    return n * F32_EPS
+  import numpy as np
+  return n * F32_EPS * float(np.max(np.abs(np.asarray(of, np.float64))))
 
 
 def xla_flags(devices: int) -> str:
