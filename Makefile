@@ -59,9 +59,17 @@ demo: $(VENV)/.installed tcmalloc
 PYTEST_WORKERS ?= auto --maxprocesses=4
 PYTEST := $(OFFLINE) $(PY) -m pytest -q tests -n $(PYTEST_WORKERS)
 
-# Everything (what CI runs), with the 25 slowest tests listed.
+# The tests compile without LLVM optimisation (tests/conftest.py), which fuses no multiply-adds; the
+# numerics references (their CLI and refusal tests aside) run once more at XLA's default level, as
+# users' programs compile.
+NUMERICS_TESTS := tests/test_step_reference.py tests/test_families.py tests/test_bf16.py \
+  tests/test_bf16_sampler.py -k "not cli and not refuses"
+
+# Everything (what CI runs), with the 25 slowest tests listed; then the numerics references.
 test: $(VENV)/.installed-test tcmalloc
 	$(PYTEST) --durations=25
+	MARKOVIAN_XLA_OPT=default $(OFFLINE) $(PY) -m pytest -q $(NUMERICS_TESTS) -n $(PYTEST_WORKERS) \
+	  --durations=5
 
 # The edit-test loop: everything but the tests marked slow (see pyproject.toml's markers).
 test-fast: $(VENV)/.installed-test tcmalloc

@@ -59,9 +59,18 @@ def test_bf16_sampler_logprobs_match_teacher_forcing():
                                    min_new_tokens=K, rng=3, temperature=TEMPERATURE,
                                    num_samples=G, eos_ids=(2,))
   assert out.logprobs.dtype == jnp.float32
-  # The head's output is float32 in a bfloat16 model (fp32 accumulation, no bf16 rounding).
-  assert llama.project(cfg, params, jnp.ones((1, cfg.hidden_size), jnp.bfloat16)).dtype == (
-      jnp.float32)
+  # The head's output is float32 in a bfloat16 model: bfloat16 operands, float32 accumulation and
+  # result, no bfloat16 rounding (which on this model's logits, |z| < 1, would hide far below the
+  # bounds further down). Against float64 on the same bfloat16 operands (exact products): a float32
+  # dot product of D terms is within D ulps of sum |h_i W_iv| (Higham's gamma_D); one bfloat16
+  # rounding of z is 2^-9 |z|, ~2^-12 of that sum here.
+  h = jnp.asarray(np.random.default_rng(0).normal(size=(16, cfg.hidden_size)), jnp.bfloat16)
+  z = llama.project(cfg, params, h)
+  assert z.dtype == jnp.float32
+  h64 = np.asarray(h, np.float64)
+  w64 = np.asarray(llama.head_weight(cfg, params), np.float64)
+  bound = helpers.ulps(cfg.hidden_size) * (np.abs(h64) @ np.abs(w64))
+  np.testing.assert_array_less(np.abs(np.asarray(z, np.float64) - h64 @ w64), bound)
   sampled = np.asarray(out.logprobs)
 
   p_tokens, p_mask = batching.pad_left(PROMPTS, batching.bucket(max(map(len, PROMPTS)), 8))

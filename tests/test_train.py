@@ -115,8 +115,10 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
   assert resumed.train_stream.state() == straight.train_stream.state()
   np.testing.assert_array_equal(np.asarray(jax.random.key_data(resumed.rng)),
                                 np.asarray(jax.random.key_data(straight.rng)))
+  # The same programs on the same inputs (measured: bit-identical); 16 float32 ulps of each
+  # leaf's largest entry, as Adam's step of an entry near 0 has the size of the others'.
   for a, b in zip(lora_leaves(resumed), lora_leaves(straight)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=0, atol=helpers.ulps(16, of=b))
 
 
 def _step_terms(trainer):
@@ -241,8 +243,11 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
   whole = loss_inputs(trainer.ctx.params, trainer.lora, batch, None, trainer.ref_lora)
   split = loss_inputs(trainer.ctx.params, trainer.lora, _rows(batch, part, g), None,
                       trainer.ref_lora)
-  np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part], atol=1e-5)
-  np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part], atol=1e-5)
+  # Log-probs (~ -6 here) of two float32 programs (other batch shapes): 16 ulps of the values.
+  np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part],
+                             rtol=helpers.ulps(16))
+  np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part],
+                             rtol=helpers.ulps(16))
   # Stratified minibatches (M divides G) keep one prompt per question and give the same terms.
   parts, stratified = minibatch_rows(jax.random.PRNGKey(3), q, g, 2)
   assert stratified
@@ -253,9 +258,9 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
     assert mb.prompt_tokens.shape == (q, 6)
     split = loss_inputs(trainer.ctx.params, trainer.lora, mb, None, trainer.ref_lora)
     np.testing.assert_allclose(split.cot_logprobs, np.asarray(whole.cot_logprobs)[part],
-                               atol=1e-5)
+                               rtol=helpers.ulps(16))
     np.testing.assert_allclose(split.ref_logprobs, np.asarray(whole.ref_logprobs)[part],
-                               atol=1e-5)
+                               rtol=helpers.ulps(16))
   other, _ = minibatch_rows(jax.random.PRNGKey(4), q, g, 2)
   assert [p.tolist() for p in parts] != [p.tolist() for p in other]
   # M does not divide G: a shuffle across questions, still a partition.
@@ -263,7 +268,7 @@ def test_ppo_minibatches_and_initial_adapter_reference(tiny_model_dir, tmp_path)
   assert not stratified
   assert sorted(np.concatenate(parts).tolist()) == list(range(q * g)) and len(parts) == 8
   # The reference is the starting adapter, not the base: the policy starts at KL 0 from it.
-  np.testing.assert_allclose(whole.ref_logprobs, whole.cot_logprobs, atol=1e-5)
+  np.testing.assert_allclose(whole.ref_logprobs, whole.cot_logprobs, rtol=helpers.ulps(16))
 
   initial = [np.asarray(x) for x in jax.tree.leaves(trainer.ref_lora.params)]
   assert trainer.run() == 2
@@ -302,8 +307,8 @@ def test_scoring_projects_only_the_answer_window(tiny_config):
                         static_argnames=("answer_last_n",))
   full = score(params, lora, None, *args)
   window = score(params, lora, None, *args, last_n=train_step.answer_window(span))
-  for a, b in zip(full, window):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  for a, b in zip(full, window):  # log-probs and their means: 16 float32 ulps of the values
+    np.testing.assert_allclose(a, b, rtol=helpers.ulps(16))
   assert np.count_nonzero(np.asarray(full[0])) == span.sum()
   # reward_grad='paper' re-scores the rows with gradient through the same window.
   batch = train_step.PolicyBatch(
@@ -313,4 +318,4 @@ def test_scoring_projects_only_the_answer_window(tiny_config):
       answer_logprobs=full[0], baseline_scores=jnp.zeros((3,)))
   whole = loss_inputs(params, lora, batch, None)
   windowed = loss_inputs(params, lora, batch, None, answer_last_n=train_step.answer_window(span))
-  np.testing.assert_allclose(whole.answer_logprobs, windowed.answer_logprobs, atol=1e-6)
+  np.testing.assert_allclose(whole.answer_logprobs, windowed.answer_logprobs, rtol=helpers.ulps(16))
