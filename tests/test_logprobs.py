@@ -79,11 +79,12 @@ def test_chunked_terms_match_numpy_on_a_ragged_batch(model, batch, scored):
     lp, kl, ent, ref_lp = _numpy_terms(config, params, lora, seq)
     scored_cols = slice(21 - 7, 21)  # the target mask: last 7 columns, all real tokens
     tail = slice(len(seq) - 7, len(seq))
-    np.testing.assert_allclose(np.asarray(out.logprobs[r, scored_cols]), lp[tail], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.ref_logprobs[r, scored_cols]), ref_lp[tail],
-                               atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.kl[r, scored_cols]), kl[tail], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.entropy[r, scored_cols]), ent[tail], atol=1e-4)
+    ulps = dict(rtol=helpers.ulps(ULPS))  # numpy on the same model's float32 logits
+    np.testing.assert_allclose(np.asarray(out.logprobs[r, scored_cols]), lp[tail], **ulps)
+    np.testing.assert_allclose(np.asarray(out.ref_logprobs[r, scored_cols]), ref_lp[tail], **ulps)
+    np.testing.assert_allclose(np.asarray(out.kl[r, scored_cols]), kl[tail], **ulps,
+                               atol=_lp_ulps(out))
+    np.testing.assert_allclose(np.asarray(out.entropy[r, scored_cols]), ent[tail], **ulps)
     for x in (out.logprobs, out.kl, out.entropy, out.ref_logprobs):
       assert float(jnp.abs(x[r, :21 - 7]).max()) == 0.0  # outside the target mask
   assert float(out.kl.min()) >= -1e-6 and float(out.kl.max()) > 1e-3  # the adapter matters
@@ -216,7 +217,8 @@ def test_continuation_logprobs_equal_numpy_on_the_concatenated_rows(model):
     m = cmask[r]
     for name, ours, want in (("lp", out.logprobs, lp), ("kl", out.kl, kl),
                              ("entropy", out.entropy, ent), ("ref", out.ref_logprobs, ref)):
-      np.testing.assert_allclose(np.asarray(ours[r])[m], want[m], atol=2e-4, err_msg=name)
+      np.testing.assert_allclose(np.asarray(ours[r])[m], want[m], rtol=helpers.ulps(ULPS),
+                                 atol=_lp_ulps(out), err_msg=name)  # atol: the KL near 0
       assert not np.asarray(ours[r])[~m].any(), name
 
   full, fmask = batching.pad_left([prompts[r // 2] + conts[r][cmask[r]].tolist() for r in range(4)],
@@ -253,9 +255,10 @@ def test_full_kl_and_entropy_match_numpy_with_masked_vocab():
   p = np.exp(lp)
   kl = np.sum(np.where(p > 0, p * (np.where(p > 0, lp, 0) - lq), 0), -1)
   h = -np.sum(np.where(p > 0, p * np.where(p > 0, lp, 0), 0), -1)
+  # float32 sums of 9 terms against float64 (values 0.4-2): 16 float32 ulps of the values.
   np.testing.assert_allclose(logprobs.full_kl(lp.astype(np.float32), lq.astype(np.float32)), kl,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(logprobs.entropy(lp.astype(np.float32)), h, rtol=1e-5, atol=1e-6)
+                             rtol=helpers.ulps(ULPS))
+  np.testing.assert_allclose(logprobs.entropy(lp.astype(np.float32)), h, rtol=helpers.ulps(ULPS))
   for fn in (lambda z: jnp.sum(logprobs.full_kl(jax.nn.log_softmax(z), lq)),
              lambda z: jnp.sum(logprobs.entropy(jax.nn.log_softmax(z)))):
     g = jax.grad(fn)(zp.astype(np.float32))
