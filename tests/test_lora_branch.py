@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from markovian_jax.models import lora_branch
+from tests import helpers
 
 
 def _plain(h, a, b, scale):
@@ -24,13 +25,16 @@ def test_low_rank_value_and_gradients_match_autodiff(shape):
   def loss(fn, h, a, b):
     return jnp.sum(fn(h, a, b, 1.75) * ct)
 
-  np.testing.assert_allclose(lora_branch.low_rank(h, a, b, 1.75), _plain(h, a, b, 1.75),
-                             rtol=1e-6, atol=1e-5)
+  # Two float32 programs' products and gradients (values up to ~200): elements near 0 carry the
+  # rounding of sums as large as the largest, so 32 float32 ulps of max|value| (measured: <= 2).
+  plain = _plain(h, a, b, 1.75)
+  np.testing.assert_allclose(lora_branch.low_rank(h, a, b, 1.75), plain, rtol=0,
+                             atol=helpers.ulps(32, of=plain))
   ours = jax.grad(lambda *x: loss(lora_branch.low_rank, *x), argnums=(0, 1, 2))(h, a, b)
   ref = jax.grad(lambda *x: loss(_plain, *x), argnums=(0, 1, 2))(h, a, b)
   for name, o, r in zip("hab", ours, ref):
     assert o.shape == r.shape and o.dtype == r.dtype, name
-    np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(o, r, rtol=0, atol=helpers.ulps(32, of=r), err_msg=name)
 
 
 def test_low_rank_mixed_dtypes_keep_each_input_dtype():
@@ -65,14 +69,18 @@ def test_dropout_low_rank_matches_autodiff_of_dropout_then_low_rank(x_dtype):
   ref = jax.grad(lambda *v: loss(False, *v), argnums=(0, 1, 2))(x, a, b)
   for name, o, r in zip("xab", ours, ref):
     assert o.shape == r.shape and o.dtype == r.dtype, name
-    np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(r, np.float32),
-                               rtol=1e-5, atol=1e-4, err_msg=name)
+    r32 = np.asarray(r, np.float32)
+    # float32: 32 ulps of max|value|; a bfloat16 gradient: one bfloat16 rounding of the largest.
+    atol = (helpers.ulps(32, of=r32) if r.dtype == jnp.float32
+            else float(jnp.finfo(r.dtype).eps) * np.abs(r32).max())
+    np.testing.assert_allclose(np.asarray(o, np.float32), r32, rtol=0, atol=atol, err_msg=name)
   # Dropped entries get no gradient; about `rate` of them are dropped.
   keep = np.asarray(lora_branch.keep_mask(k[4], x.shape, rate))
   assert np.all(np.asarray(ours[0])[~keep] == 0) and abs((~keep).mean() - rate) < 0.08
   # Rate 0 is the plain product; rate 1 is refused.
-  np.testing.assert_allclose(lora_branch.dropout_low_rank(k[4], x, a, b, scale, 0.0),
-                             _plain(x.astype(a.dtype), a, b, scale), rtol=1e-5, atol=1e-4)
+  plain = _plain(x.astype(a.dtype), a, b, scale)
+  np.testing.assert_allclose(lora_branch.dropout_low_rank(k[4], x, a, b, scale, 0.0), plain,
+                             rtol=0, atol=helpers.ulps(32, of=plain))
   with pytest.raises(ValueError, match="rate"):
     lora_branch.dropout_low_rank(k[4], x, a, b, scale, 1.0)
 
