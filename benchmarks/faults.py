@@ -593,7 +593,7 @@ def _wait(procs, timeout) -> list:
         p.wait()
 
 
-def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True) -> Row:
+def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True, **extra) -> Row:
   """A two-process job; once its step-2 checkpoint exists, one process is killed -9 (process 1,
   then 0, alternately). The other must exit within PEER_BOUND_S with one `error:` line and no
   traceback; the job restarted with resume=True finishes, and (`reference`) its final state equals
@@ -604,14 +604,14 @@ def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True) 
     ref_dir = os.path.join(root, "mp_reference")
     if not os.path.isdir(os.path.join(ref_dir, "checkpoints", str(STEPS))):
       shutil.rmtree(ref_dir, ignore_errors=True)
-      _wait(start_job(ref.model_dir, ref_dir, root, "mp_reference"), 900)
+      _wait(start_job(ref.model_dir, ref_dir, root, "mp_reference", **extra), 900)
     final = arrays(ref_dir, STEPS)
   for i in range(trials):
     victim = (1, 0)[i % 2]
     workdir = os.path.join(root, f"mp_{i}")
     shutil.rmtree(workdir, ignore_errors=True)
     row.trials += 1
-    procs = start_job(ref.model_dir, workdir, root, f"mp_{i}")
+    procs = start_job(ref.model_dir, workdir, root, f"mp_{i}", **extra)
     try:
       while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
         if any(p.poll() is not None for p in procs):
@@ -632,7 +632,7 @@ def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True) 
       row.notes.append(f"mp {i}: process {1 - victim} exit {codes} after {took:.0f}s: "
                        f"{errors or log[-600:]}")
     codes = _wait(start_job(ref.model_dir, workdir, root, f"mp_{i}_resumed",
-                            **{"train.resume": True}), 900)
+                            **{"train.resume": True, **extra}), 900)
     done = codes == [0, 0] and os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
     if not done:
       row.notes.append(f"mp {i}: the resumed job exited {codes}")
