@@ -91,7 +91,7 @@ def test_analyze_cross_model_reads_every_logged_step_and_shows_progress(tmp_path
   samples.write_text("".join(json.dumps(r) + "\n" for r in logged))
   assert len(logged) == 34
   f = types.SimpleNamespace(workdir=run, compare=None, reader=tiny_model_dir, num_cots=None,
-                            batch_size=34, smooth_steps=40)
+                            batch_size=8, smooth_steps=40)
   text = analyze.run_cross_model(f)
   assert f"on {len(logged)} CoTs of run run" in text
   saved = json.loads((tmp_path / "run" / "analysis" / "cross_model.json").read_text())
