@@ -419,7 +419,8 @@ BAD_ROWS = (
 
 def bad_rows(ref: Reference, root, trials: int = 3) -> Row:
   """A GSM8K-format local file with one bad line (line 3): the run refuses before the model
-  loads, with one line naming the file, the line and the field."""
+  loads, with one line naming the file, the line and the field, and leaves its workdir unlocked."""
+  from markovian_jax.runtime import workdir_lock
   from markovian_jax.runtime.errors import UserError
   from markovian_jax.trainer import Trainer
   row = Row("bad rows in a local data file (JSON, field, answer)")
@@ -436,7 +437,8 @@ def bad_rows(ref: Reference, root, trials: int = 3) -> Row:
       with open(os.path.join(data, f"{split}.jsonl"), "w") as f:
         f.write("".join(rows))
     row.trials += 1
-    c = config(ref.model_dir, os.path.join(root, f"bad_rows_run_{i}"), task="gsm8k",
+    workdir = os.path.join(root, f"bad_rows_run_{i}")
+    c = config(ref.model_dir, workdir, task="gsm8k",
                **{"data.path": data, "eval.selection_size": 2, "eval.num_examples": 2})
     try:
       Trainer(c)
@@ -444,10 +446,11 @@ def bad_rows(ref: Reference, root, trials: int = 3) -> Row:
     except UserError as e:
       msg = str(e)
       where = os.path.join(data, "train.jsonl") + ":3"
-      if where in msg and expect in msg and "\n" not in msg:
+      held = os.path.realpath(os.path.join(workdir, workdir_lock.LOCK_NAME)) in workdir_lock._HELD
+      if where in msg and expect in msg and "\n" not in msg and not held:
         row.survived += 1
       else:
-        row.notes.append(f"bad rows ({kind}): {msg!r}")
+        row.notes.append(f"bad rows ({kind}): {msg!r} (workdir still locked: {held})")
     row.exact = -1
   return row
 

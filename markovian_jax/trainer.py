@@ -77,6 +77,16 @@ class Trainer:
   """Owns the run's state; `step()` is one Markovian step, `run()` the loop with its hooks."""
 
   def __init__(self, config):
+    self._lock = None
+    try:
+      self._start(config)
+    except BaseException:
+      if self._lock is not None:  # a run that did not start leaves its workdir free
+        self._lock.release()
+      raise
+
+  def _start(self, config):
+    """The start-up of the module docstring, in that order."""
     self.config = config
     self.spec = spec = config_validation.validate(config)
     # One run per workdir (a second is refused; a dead run's lock is taken over).
