@@ -3,7 +3,7 @@
 The family formats are checked against the reference's literal strings; a Qwen3 reader (a tiny
 random checkpoint written by transformers, SmolLM2's tokenizer) scores logged CoTs through
 `cross_model_scores` in its own ChatML format, against transformers' log-probs of the literal
-ChatML text (float32 vs float32 torch: atol 2e-5 nats); the figure's per-step means are checked
+ChatML text (float32 vs float32 torch: 16 float32 ulps); the figure's per-step means are checked
 (its curves: test_cross_model_figure.py); `analyze cross_model` runs end to end on a SmolLM2 run
 with that reader.
 """
@@ -96,11 +96,11 @@ def test_reader_scores_in_its_own_format(qwen3_reader):
     text = (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
             f"Reasoning:{cot} Answer: 42")
     np.testing.assert_allclose(result.reader_cot[i], _torch_answer_logprob(model, tok, text),
-                               atol=2e-5, rtol=0)
+                               rtol=helpers.ulps(16))
   base_text = (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
                f"Reasoning: hmm, numbers Answer: 42")
   np.testing.assert_allclose(result.reader_base, _torch_answer_logprob(model, tok, base_text),
-                             atol=2e-5, rtol=0)
+                             rtol=helpers.ulps(16))
 
 
 def test_known_reader_scores_order_sign_and_unnormalised_runs(qwen3_reader):
@@ -133,14 +133,16 @@ def test_known_reader_scores_order_sign_and_unnormalised_runs(qwen3_reader):
   # The checks below can tell the sign and the per-question CoT' apart only if these differ.
   assert np.abs(np.subtract(cot_lp, base_lp)).min() > 1e-3 and abs(base_lp[0] - base_lp[2]) > 1e-3
   assert result.normalized and result.steps.tolist() == [1, 1, 2]
-  np.testing.assert_allclose(result.reader_base, base_lp, atol=2e-5, rtol=0)
-  np.testing.assert_allclose(result.reader, np.subtract(cot_lp, base_lp), atol=4e-5, rtol=0)
+  np.testing.assert_allclose(result.reader_base, base_lp, rtol=helpers.ulps(16))
+  # R' = cot - base: each within 16 ulps of |lp|, so 32 ulps of the log-probs (R' can be ~0).
+  np.testing.assert_allclose(result.reader, np.subtract(cot_lp, base_lp), rtol=0,
+                             atol=helpers.ulps(32, of=base_lp))
   assert result.run.tolist() == [0.2, -0.1, 0.4]
 
   plain = [{k: v for k, v in r.items() if k != "base_cot"} | {"normalized": None} for r in rows]
   unnormalised = cross_model.cross_model_scores(ctx, plain, batch_size=4)
   assert not unnormalised.normalized and np.isnan(unnormalised.reader_base).all()
-  np.testing.assert_allclose(unnormalised.reader, cot_lp, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(unnormalised.reader, cot_lp, rtol=helpers.ulps(16))
   assert unnormalised.run.tolist() == [-1.0, -2.0, -0.5]
 
 
