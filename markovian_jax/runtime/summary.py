@@ -7,6 +7,7 @@ checkpoints do, so one filesystem layer (gcsfs for gs://) serves the whole workd
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from typing import Mapping
 
@@ -50,17 +51,25 @@ def _route_uri_through_epath(logdir: str) -> None:
     record_writer.register_writer_factory(scheme, _EpathFiles())
 
 
+# Event files of one process, numbered: readers take a directory's files in name order, and two
+# files opened in the same second would otherwise share a name (and the second truncate the first).
+_FILES = itertools.count()
+
+
 class SummaryWriter:
   """Scalars, histograms and text under `logdir`; a no-op on processes other than 0."""
 
   def __init__(self, logdir):
     self._writer = None
+    self._logdir = os.fspath(logdir)
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter as _Writer
-      logdir = os.fspath(logdir)
-      _route_uri_through_epath(logdir)
-      epath.Path(logdir).mkdir(parents=True, exist_ok=True)
-      self._writer = _Writer(logdir)
+      _route_uri_through_epath(self._logdir)
+      epath.Path(self._logdir).mkdir(parents=True, exist_ok=True)
+      self._writer = self._open()
+
+  def _open(self):
+    from tensorboardX import SummaryWriter as _Writer
+    return _Writer(self._logdir, filename_suffix=f".{os.getpid()}.{next(_FILES):06d}")
 
   def scalars(self, step: int, values: Mapping[str, float], prefix: str = ""):
     if self._writer is None:
@@ -87,11 +96,15 @@ class SummaryWriter:
     from tensorboardX.proto.event_pb2 import Event, SessionLog
     self._writer.file_writer.add_event(
         Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
-    self._writer.flush()
+    self.flush()
 
   def flush(self):
+    """Everything logged so far is on disk when this returns. tensorboardX's own flush leaves
+    the events its writer thread has not taken from its queue yet (a kill -9 then loses them), so
+    the event file is closed, which drains the queue, and the next events go to a new file."""
     if self._writer is not None:
-      self._writer.flush()
+      self._writer.close()
+      self._writer = self._open()
 
   def close(self):
     if self._writer is not None:
