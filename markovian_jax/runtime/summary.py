@@ -6,8 +6,10 @@ checkpoints do, so one filesystem layer (gcsfs for gs://) serves the whole workd
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
+import logging
 import os
 from typing import Mapping
 
@@ -103,12 +105,23 @@ class SummaryWriter:
     the events its writer thread has not taken from its queue yet (a kill -9 then loses them), so
     the event file is closed, which drains the queue, and the next events go to a new file."""
     if self._writer is not None:
-      self._writer.close()
+      self._close()
       self._writer = self._open()
+
+  def _close(self):
+    """Closes the event file; a full disk is logged, not raised: the checkpoint that follows
+    reports it (checkpointing.DiskFull), and lost scalars must not hide that."""
+    try:
+      self._writer.close()
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+      logging.getLogger(__name__).warning("TensorBoard events not all written: no space left "
+                                          "on device in %s", self._logdir)
 
   def close(self):
     if self._writer is not None:
-      self._writer.close()
+      self._close()
       self._writer = None
 
 
