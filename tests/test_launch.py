@@ -156,7 +156,7 @@ def test_readme_uses_the_launchers_as_they_are():
   assert "../shared" not in _readme_section("Training and evaluation")
 
 
-@pytest.mark.parametrize("name,extra", [("requirements-gpu.txt", "cuda12"),
+@pytest.mark.parametrize("name,extra", [("requirements-gpu.txt", "cuda13"),
                                         ("requirements-tpu.txt", "tpu")])
 def test_accelerator_requirements_parse_and_pin_the_cpu_jax(name, extra):
   import importlib.metadata

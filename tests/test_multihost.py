@@ -257,8 +257,9 @@ def test_one_process_writes_one_set_of_files(runs):
 
 def test_evaluate_on_two_processes_writes_one_summary(runs):
   out = runs["eval_dir"]
+  # protocol.json: what the cells were read under (evaluate refuses to mix protocols in one dir).
   assert sorted(f for f in os.listdir(out) if not f.startswith("events")) == [
-      "step_4.jsonl", "summary.json"]
+      "protocol.json", "step_4.jsonl", "summary.json"]
   assert len([f for f in os.listdir(out) if f.startswith("events")]) == 1
   assert "wrote " in runs["evaluated"].text(0) and "wrote " not in runs["evaluated"].text(1)
   summary = json.loads((out / "summary.json").read_text())

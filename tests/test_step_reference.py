@@ -156,6 +156,8 @@ def make_config(model_dir, **objective):
   c.model.path = model_dir
   c.model.dtype = "float32"
   c.model.remat = "none"
+  # The PyTorch reference builds the plain prompts; "auto" would give a Qwen3 model ChatML.
+  c.prompt.format = "plain"
   c.mesh.shape = (1, 1, 1)
   c.data.arithmetic_terms = 6
   c.sampling.cot_length = K
