@@ -150,7 +150,7 @@ def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path):
   from markovian_jax.trainer import Trainer
   # The wiring: the Trainer must refuse the same config before it loads anything. A Trainer that
   # stopped calling the check would build (or fail elsewhere) and this must fail, not skip.
-  assert "check(" in inspect.getsource(Trainer.__init__), "Trainer.__init__ runs no plan check"
+  assert "check(" in inspect.getsource(Trainer._start), "Trainer._start runs no plan check"
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     Trainer(c)
 
