@@ -264,11 +264,7 @@ def load_hf(path, dtype="float32", mesh=None, rules=None,
   config = LlamaConfig.from_json_file(os.path.join(path, CONFIG_NAME), param_dtype=dtype,
                                       dtype=jnp.dtype(compute_dtype or dtype).name)
   abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract)
-  else:
-    shardings = sharding.param_shardings(abstract, mesh, rules or sharding.DEFAULT_RULES)
+  shardings = sharding.placement(abstract, mesh, rules)
   weight_map = _weight_map(path)
   table = _table(config)
   by_path = {leaf: (name, transposed) for name, leaf, transposed in table}

@@ -86,11 +86,7 @@ def random_params(config: LlamaConfig, mesh=None, rules=None, seed: int = SEED) 
   from markovian_jax.models import llama
   from markovian_jax.runtime import sharding
   abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract)
-  else:
-    shardings = sharding.param_shardings(abstract, mesh, rules or sharding.DEFAULT_RULES)
+  shardings = sharding.placement(abstract, mesh, rules)
   init = jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)
   return init(config, jax.random.PRNGKey(seed))
 

@@ -246,6 +246,15 @@ def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def placement(tree, mesh: Optional[Mesh] = None, rules=None):
+  """Where each leaf of a params tree lives: `param_shardings` on a mesh, else the first local
+  device (a single-device load with no mesh)."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: device, tree)
+  return param_shardings(tree, mesh, rules or DEFAULT_RULES)
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
   """Shards the leading (batch) dim over the batch mesh axes; other dims replicated."""
   return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape, rules)
