@@ -1,6 +1,7 @@
 """The shipped run configs (ml-collections), installed with the package.
 
-  base.py                   every key and its default; get_config(task), with_preset(...)
+  schema.py                 every key, typed: its default and description, written once
+  base.py                   get_config(task) (built from schema.py), variants, with_preset(...)
   <task>.py, demo.py        one file per task (`--config=gsm8k`, `--config=configs/gsm8k.py`)
   presets/<name>.py[:task]  a hardware preset with the batch it implies (`--config=presets/8xh100`)
 

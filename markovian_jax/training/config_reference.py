@@ -1,6 +1,7 @@
 """The configuration reference (docs/configuration.md), written from the code that defines it.
 
     python -m markovian_jax.training.config_reference > docs/configuration.md
+    python -m markovian_jax.training.config_reference --keys [TASK]   # key = default  # what
 
 Each key of `configs/base.get_config` becomes one row: its type (what `--config.x.y=` must
 parse as), its default (the value most tasks get, then the tasks that differ), the choices the
@@ -11,8 +12,7 @@ typed specs accept and a description. Nothing here restates a value:
                `training/specs.py`, `check_choice(..., self.key, CHOICES)` in
                `objectives/config.py`, and `<config or spec>.key not in CHOICES` tests, each
                expression evaluated in its own module
-  description  a spec field's `metadata["description"]` where there is one, else the comment
-               beside (or the comment lines right above) the key's line in `configs/base.py`
+  description  the key's `knob(default, description)` in `configs/schema.py`
 
 `tests/test_docs.py` regenerates the page and fails when the committed file differs.
 """
@@ -23,13 +23,10 @@ import ast
 import collections
 import dataclasses
 import inspect
-import io
 import sys
-import tokenize
 from typing import Any, Iterator
 
-from markovian_jax import objectives
-from markovian_jax.configs import base
+from markovian_jax.configs import base, schema
 from markovian_jax.data import tasks as tasks_lib
 from markovian_jax.objectives import config as objective_config
 from markovian_jax.runtime import presets
@@ -47,45 +44,6 @@ def _leaves(c, prefix: str = "") -> Iterator[tuple[str, Any]]:
       yield from _leaves(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
-
-
-def _assigned_key(node: ast.AST) -> str:
-  """'model.path' for the target `c.model.path` of an assignment, '' for anything else."""
-  parts = []
-  while isinstance(node, ast.Attribute):
-    parts.append(node.attr)
-    node = node.value
-  if isinstance(node, ast.Name) and node.id == "c" and parts:
-    return ".".join(reversed(parts))
-  return ""
-
-
-def base_comments() -> dict[str, str]:
-  """Key -> the comment of its line in `base.get_config` (the block right above, then the one
-  beside), whitespace-joined."""
-  source = inspect.getsource(base.get_config)
-  comments = {}
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      comments[tok.start[0]] = (tok.line[:tok.start[1]].strip() == "",
-                                tok.string.lstrip("#").strip())
-  found = {}
-  for node in ast.walk(ast.parse(source)):
-    if not isinstance(node, ast.Assign) or len(node.targets) != 1:
-      continue
-    key = _assigned_key(node.targets[0])
-    if not key:
-      continue
-    above, line = [], node.lineno - 1
-    while line in comments and comments[line][0]:
-      above.insert(0, comments[line][1])
-      line -= 1
-    beside = [text for ln, (alone, text) in comments.items()
-              if not alone and node.lineno <= ln <= node.end_lineno]
-    text = " ".join(above + beside)
-    if text:
-      found[key] = text
-  return found
 
 
 def _choice_expressions(module) -> dict[tuple[str, str], ast.expr]:
@@ -132,21 +90,12 @@ def choices() -> dict[str, tuple]:
   return out
 
 
-def spec_descriptions() -> dict[str, str]:
-  """Dotted key -> `metadata["description"]` of the spec field that reads it, where given."""
-  out = {}
-  for section in dataclasses.fields(specs.RunSpec):
-    cls = getattr(specs, section.type if isinstance(section.type, str) else "", None)
-    for cls_, prefix in ((cls, f"{section.name}."),
-                         (objectives.ObjectiveConfig if section.name == "objective" else None,
-                          "objective.")):
-      if cls_ is None or not dataclasses.is_dataclass(cls_):
-        continue
-      for f in dataclasses.fields(cls_):
-        if f.metadata.get("description"):
-          out[prefix + f.name] = f.metadata["description"]
-    if section.metadata.get("description"):
-      out[section.name] = section.metadata["description"]
+def descriptions() -> dict[str, str]:
+  """Dotted key -> its description in configs/schema.py."""
+  out = {f.name: f.metadata["description"] for f in dataclasses.fields(schema.Run)}
+  for name, section in schema.SECTIONS.items():
+    out.update({f"{name}.{f.name}": f.metadata["description"]
+                for f in dataclasses.fields(section)})
   return out
 
 
@@ -211,7 +160,7 @@ def _preset_rows() -> list[str]:
 def render() -> str:
   """The whole page, as markdown."""
   defaults = per_task_defaults()
-  described = {**base_comments(), **spec_descriptions()}
+  described = descriptions()
   accepted = choices()
   first = base.get_config("gsm8k")
   lines = [
@@ -252,8 +201,19 @@ def render() -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  sys.stdout.write(render())
+def keys(task: str = "gsm8k") -> str:
+  """Every key of `task`'s config, one a line: `key = default  # description`."""
+  described = descriptions()
+  return "".join(f"{key} = {_shown(value)}  # {described[key]}\n"
+                 for key, value in _leaves(base.get_config(task)))
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["--keys"]:
+    sys.stdout.write(keys(*argv[1:2]))
+  else:
+    sys.stdout.write(render())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Typed, frozen views of a run config: each section of configs/base.py read once and validated.
+"""Typed, frozen views of a run config: each section read once and validated.
 
-    ConfigDict (configs/*.py + --config.x.y overrides)
+    configs/schema.py             each key's type, default and description, written once
+      -> base.get_config(task)    the ConfigDict built from them (+ configs/*.py, --config.x.y)
       -> RunSpec.read(config)       one spec per section; each checks its own keys
       -> config_validation.validate  the rules that span sections
+
+Each section spec here is its configs/schema.py section (the fields, with their defaults) plus
+the checks, which live here because their choice lists come from the packages above configs.
 
 Every error is an `InvalidConfig` whose message starts with the key (`config.lora.targets: ...`).
 The choice lists come from the modules that implement them (tasks from `data.tasks`, objective
@@ -27,6 +31,7 @@ from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.attention_choice import CHOICES as ATTENTION_CHOICES
 from markovian_jax.models.config import DTYPES, REMAT_MODES
+from markovian_jax.configs import schema
 from markovian_jax.configs.base import VARIANTS
 
 LORA_REFERENCES = ("base", "initial_adapter")  # what the KL / baseline reference model is
@@ -79,12 +84,8 @@ class _Section:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec(_Section):
+class ModelSpec(schema.Model, _Section):
   SECTION = "model"
-  path: str = ""
-  dtype: str = "bfloat16"
-  remat: str = "full"
-  attention: str = "auto"
 
   def __post_init__(self):
     if not self.path:
@@ -95,14 +96,8 @@ class ModelSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSpec(_Section):
+class LoraSpec(schema.Lora, _Section):
   SECTION = "lora"
-  rank: int = 8
-  alpha: float = 16.0
-  dropout: float = 0.1
-  targets: tuple = lora_lib.ALL_LINEAR
-  init_from: str = ""
-  reference: str = "base"
 
   def __post_init__(self):
     self.positive_int("rank")
@@ -118,18 +113,8 @@ class LoraSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSpec(_Section):
+class DataSpec(schema.Data, _Section):
   SECTION = "data"
-  path: str = ""
-  train_split: str = "train"
-  eval_split: str = "test"
-  arithmetic_terms: int = 15
-  arithmetic_max: int = 99
-  arc_subset: str = "ARC-Challenge"
-  question_length: int = 50
-  target_length: int = 50
-  mmlu_subject: str = ""
-  mmlu_train_splits: tuple = ("dev", "validation")
 
   def __post_init__(self):
     self.positive_int("arithmetic_terms", "arithmetic_max", "question_length", "target_length")
@@ -153,23 +138,18 @@ class DataSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptSpec(_Section):
+class PromptSpec(schema.Prompt, _Section):
+  """`format` "auto" (AUTO_FORMAT) is resolved to the model family's by
+  config_validation.validate."""
   SECTION = "prompt"
-  format: str = AUTO_FORMAT  # config_validation.validate resolves it to the model family's
-  markovian: bool = True
 
   def __post_init__(self):
     self.choice("format", (AUTO_FORMAT,) + PROMPT_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingSpec(_Section):
+class SamplingSpec(schema.Sampling, _Section):
   SECTION = "sampling"
-  cot_length: int = 50
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  prompt_bucket: int = 64
 
   def __post_init__(self):
     self.positive_int("cot_length", "prompt_bucket")
@@ -182,18 +162,21 @@ class SamplingSpec(_Section):
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec(_Section):
   """The objective section: the loss settings (`loss`, an objectives.ObjectiveConfig, which
-  validates itself) and what the training step does around them."""
+  validates itself) and what the training step does around them. Its keys and their defaults are
+  configs/schema.py's `Objective`: the ones `loss` does not hold are fields here."""
   SECTION = "objective"
   loss: Any = None
-  reward_scorer: str = "actor"
-  ppo_epochs: int = 1
-  ppo_minibatches: int = 1
+  reward_scorer: str = schema.same(schema.Objective, "reward_scorer")
+  ppo_epochs: int = schema.same(schema.Objective, "ppo_epochs")
+  ppo_minibatches: int = schema.same(schema.Objective, "ppo_minibatches")
 
   @classmethod
   def read(cls, section, group_size: int = 12) -> "ObjectiveSpec":
     own = {f.name for f in dataclasses.fields(cls)} - {"loss"}
     loss_fields = {f.name for f in dataclasses.fields(obj.ObjectiveConfig)}
-    kw = {}
+    # A key the section lacks (a run recorded before the key existed) takes the schema's default.
+    kw = {f.name: f.default for f in dataclasses.fields(schema.Objective)
+          if f.name in loss_fields}
     for key in section.keys():
       if key in own:
         continue
@@ -231,17 +214,8 @@ class ObjectiveSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimSpec(_Section):
+class OptimSpec(schema.Optim, _Section):
   SECTION = "optim"
-  lr: float = 1e-4
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.01
-  grad_clip: float = 1.0
-  schedule: str = "constant"
-  warmup_steps: int = 0
-  accumulation_steps: int = 1
 
   def __post_init__(self):
     self.number("lr", 0.0, low_open=True)
@@ -257,25 +231,8 @@ class OptimSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSpec(_Section):
+class TrainSpec(schema.Train, _Section):
   SECTION = "train"
-  num_steps: int = 100000
-  questions_per_step: int = 1
-  group_size: int = 12
-  seed: int = 0
-  checkpoint_every: int = 1000
-  eval_every: int = 1000
-  max_to_keep: int = 3
-  keep_best: bool = True
-  resume: bool = False
-  text_every: int = 10
-  nan_patience: int = 5
-  nonfinite_action: str = "stop"
-  collapse_action: str = "warn"
-  collapse_repetition: float = 0.8
-  collapse_ppo_ratio: float = 10.0
-  collapse_kl: float = 5.0
-  max_rollbacks: int = 3
 
   def __post_init__(self):
     self.positive_int("num_steps", "questions_per_step", "group_size", "checkpoint_every",
@@ -290,19 +247,8 @@ class TrainSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSpec(_Section):
+class EvalSpec(schema.Eval, _Section):
   SECTION = "eval"
-  num_examples: int = 200
-  selection_size: int = 0
-  final_num_examples: int = 0
-  num_samples: int = 1
-  temperature: float = -1.0
-  answer_max_tokens: int = 10
-  reader: str = "actor"
-  answer_first_line: bool = False
-  batch_size: int = 32
-  seed: int = 1234
-  fragility_every: int = 0
 
   def __post_init__(self):
     self.positive_int("num_examples", "num_samples", "answer_max_tokens", "batch_size")
@@ -317,12 +263,8 @@ class EvalSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSpec(_Section):
+class MeshSpec(schema.Mesh, _Section):
   SECTION = "mesh"
-  shape: tuple = (-1, 1, 1)
-  preset: str = ""
-  allow_replication: bool = False
-  device_memory_gib: float = 0.0
 
   def __post_init__(self):
     if self.preset and self.preset not in sharding.MESH_PRESETS:
@@ -367,11 +309,9 @@ class RunSpec:
 
   @classmethod
   def read(cls, c) -> "RunSpec":
-    sections = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "prompt": PromptSpec,
-                "sampling": SamplingSpec, "optim": OptimSpec, "train": TrainSpec,
-                "eval": EvalSpec, "mesh": MeshSpec}
-    top = {"task", "workdir", "compilation_cache_dir", "host_allocator", "objective", "variant",
-           *sections}
+    # The objective's spec reads the group size too (ObjectiveConfig checks a baseline's needs).
+    sections = {k: v for k, v in SECTION_SPECS.items() if k != "objective"}
+    top = {f.name for f in dataclasses.fields(schema.Run)} | set(schema.SECTIONS)
     extra = sorted(set(c.keys()) - top)
     if extra:
       _bad(extra[0], f"unknown key; a run config has {sorted(top)}")
@@ -392,6 +332,12 @@ class RunSpec:
   def eval_temperature(self) -> float:
     """The CoT temperature of evaluation (<0 in the config: the training temperature)."""
     return self.sampling.temperature if self.eval.temperature < 0 else self.eval.temperature
+
+
+# The spec of each schema.SECTIONS section, in the same order.
+SECTION_SPECS = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "prompt": PromptSpec,
+                 "sampling": SamplingSpec, "objective": ObjectiveSpec, "optim": OptimSpec,
+                 "train": TrainSpec, "eval": EvalSpec, "mesh": MeshSpec}
 
 
 def optional(x) -> Optional[str]:
