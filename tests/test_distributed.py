@@ -132,3 +132,54 @@ def test_a_process_that_never_joins_is_one_clear_error_within_the_timeout(tmp_pa
   assert all(distributed.TIMEOUT_ENV in ln and f"within {timeout}s" in ln for ln in lines)
   # JAX itself would abort (no message) only after timeout + 30 s.
   assert elapsed < timeout + 25, elapsed
+
+
+# A two-process job of plain JAX (no model): join, then process 1 either dies by SIGKILL or ends
+# normally; process 0 then blocks in a coordination-service barrier (where JAX itself would wait
+# for its heartbeat timeout and abort with no message) or sleeps past the peer timeout.
+_PEER_JOB = """
+import os, signal, sys, time
+from markovian_jax.runtime import distributed
+distributed.initialize()
+from jax._src import distributed as jax_distributed
+rank, mode = int(os.environ["JAX_PROCESS_ID"]), sys.argv[1]
+if rank == 1:
+  time.sleep(1)
+  if mode == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+  sys.exit(0)
+if mode == "kill":
+  jax_distributed.global_state.client.wait_at_barrier("never", 600_000)
+else:
+  time.sleep(float(os.environ["MARKOVIAN_PEER_TIMEOUT"]) * 2)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_survivor_with_one_line_and_a_finished_one_does_not():
+  """Process 1 killed -9: process 0, blocked in a barrier, exits with status 3 and one `error:`
+  line within the peer timeout plus a beat. Process 1 ending normally (in the job run beside it):
+  process 0 keeps working past twice the timeout and finishes with status 0."""
+  timeout = 4
+  procs = {}
+  for mode in ("kill", "finish"):
+    port = free_port()
+    for rank in (0, 1):
+      env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
+                 **{distributed.PEER_TIMEOUT_ENV: str(timeout)})
+      procs[mode, rank] = subprocess.Popen([sys.executable, "-c", _PEER_JOB, mode],
+                                           cwd=helpers.REPO, text=True, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  outs = {k: p.communicate(timeout=120) for k, p in procs.items()}
+  killed_out, killed_err = outs["kill", 0]
+  assert procs["kill", 1].returncode == -signal.SIGKILL
+  assert procs["kill", 0].returncode == distributed.EXIT_PEER_LOST, killed_err[-3000:]
+  errors = [ln for ln in killed_err.splitlines() if ln.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in killed_err, killed_err[-3000:]
+  assert "process 0 of 2" in errors[0] and "process 1 showed no sign of life" in errors[0]
+  assert "--config.train.resume=True" in errors[0] and "finished" not in killed_out
+  out, err = outs["finish", 0]
+  assert procs["finish", 0].returncode == 0 and "finished" in out, err[-3000:]
+  assert procs["finish", 1].returncode == 0, outs["finish", 1][1][-3000:]

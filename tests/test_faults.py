@@ -57,3 +57,12 @@ def test_sigterm_during_eval_and_checkpoint_write(ref, tmp_path):
 def test_second_run_refused_stale_lock_taken_over(ref, tmp_path):
   _check(faults.two_runs(ref, str(tmp_path), 1), 1, exact=False)
 
+
+@pytest.mark.slow
+def test_one_of_two_processes_killed_the_other_exits_and_the_job_resumes(ref, tmp_path):
+  """Process 1 of a two-process job killed -9: process 0 exits within faults.PEER_BOUND_S with
+  one line, and the restarted job finishes (its exactness against an uninterrupted two-process
+  job is measured by the script, not here: that is one more two-process job)."""
+  row = faults.multiprocess(ref, str(tmp_path), 1, reference=False,
+                            **{"train.eval_every": 100})
+  assert row.trials == 1 and row.survived == 1 and row.lost == 0, "\n".join(row.notes)

@@ -13,6 +13,12 @@ multi-node launch, launch/gpu_multinode.sh) fill in or replace what detection fi
 A job that does not form within MARKOVIAN_DISTRIBUTED_TIMEOUT seconds (default 300) ends each
 waiting process with status 2 and one `error:` line naming it, the coordinator and what to check;
 JAX alone aborts with a C++ stack trace that names neither.
+
+A process of a formed job that dies (kill -9, preemption, a lost host) ends every other process
+within MARKOVIAN_PEER_TIMEOUT seconds (default 60) with status 3 and one `error:` line saying how
+to resume (`PeerWatch`). JAX's own detection (missed heartbeats) aborts the survivors with SIGABRT
+and no message, and its Python callback hook cannot be used (jaxlib 0.10 throws std::bad_cast
+converting the status): our watch runs first, and JAX's heartbeat timeout is set above it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Optional
 
 import jax
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "MARKOVIAN_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
+PEER_TIMEOUT_ENV = "MARKOVIAN_PEER_TIMEOUT"
+DEFAULT_PEER_TIMEOUT_S = 60
 _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # JAX aborts the process this long after our own deadline, so our message comes first.
 _JAX_GRACE_S = 30
@@ -62,18 +71,28 @@ class Plan:
                                   process_id=self.process_id).items() if v is not None}
 
 
-def timeout_s() -> int:
-  """Seconds to wait for every process to join (MARKOVIAN_DISTRIBUTED_TIMEOUT)."""
-  raw = os.environ.get(TIMEOUT_ENV, "")
+def _seconds(name: str, default: int) -> int:
+  raw = os.environ.get(name, "")
   if not raw:
-    return DEFAULT_TIMEOUT_S
+    return default
   try:
     value = int(raw)
   except ValueError:
     value = 0
   if value < 1:
-    raise DistributedError(f"{TIMEOUT_ENV}={raw!r}: not a positive number of seconds")
+    raise DistributedError(f"{name}={raw!r}: not a positive number of seconds")
   return value
+
+
+def timeout_s() -> int:
+  """Seconds to wait for every process to join (MARKOVIAN_DISTRIBUTED_TIMEOUT)."""
+  return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def peer_timeout_s() -> int:
+  """Seconds without a sign of life from another process before this one stops
+  (MARKOVIAN_PEER_TIMEOUT)."""
+  return _seconds(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT_S)
 
 
 def _env_int(name: str, minimum: int) -> Optional[int]:
@@ -164,6 +183,7 @@ def initialize(timeout: Optional[int] = None) -> None:
     log.info("jax.distributed: single process (no multi-process job in the environment)")
     return
   seconds = timeout_s() if timeout is None else timeout
+  peer_seconds = peer_timeout_s()
   log.info("jax.distributed: joining as process %s of %s (from %s), coordinator %s, "
            "timeout %ds", p.process_id, p.num_processes, p.source,
            p.coordinator_address or "from the cluster", seconds)
@@ -171,12 +191,16 @@ def initialize(timeout: Optional[int] = None) -> None:
   watchdog.daemon = True
   watchdog.start()
   try:
-    jax.distributed.initialize(initialization_timeout=seconds + _JAX_GRACE_S, **p.kwargs())
+    # JAX's heartbeat abort (no message) must come after PeerWatch's line.
+    jax.distributed.initialize(initialization_timeout=seconds + _JAX_GRACE_S,
+                               heartbeat_timeout_seconds=peer_seconds + _JAX_GRACE_S,
+                               **p.kwargs())
   finally:
     watchdog.cancel()
   log.info("jax.distributed ready: process %d of %d, %d local / %d global devices",
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count())
+  PeerWatch(peer_seconds).start()
 
 
 def _give_up(message: str) -> None:
@@ -203,13 +227,88 @@ def exit_if_peer_lost(error: BaseException) -> None:
   text = " ".join(str(error).split())
   if not any(s in text for s in _PEER_LOST):
     return
-  sys.stdout.flush()
-  print(f"error: process {jax.process_index()} of {jax.process_count()} on "
-        f"{socket.gethostname()}: another process of the job is gone (killed, preempted or its "
-        f"host lost: {text[:160]}); stopping this one too. Restart the whole job with "
-        "--config.train.resume=True: it resumes from the last complete checkpoint",
-        file=sys.stderr, flush=True)
-  os._exit(EXIT_PEER_LOST)
+  _peer_lost(text[:160])
+
+
+_exit_lock = threading.Lock()
+
+
+def _peer_lost(detail: str) -> None:
+  """The one line and status 3; the first caller (main thread or PeerWatch) wins."""
+  with _exit_lock:
+    sys.stdout.flush()
+    print(f"error: process {jax.process_index()} of {jax.process_count()} on "
+          f"{socket.gethostname()}: another process of the job is gone (killed, preempted or its "
+          f"host lost: {detail}); stopping this one too. Restart the whole job with "
+          "--config.train.resume=True: it resumes from the last complete checkpoint",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_PEER_LOST)
+
+
+class PeerWatch:
+  """A daemon thread that ends this process (`_peer_lost`) when another process of the job has
+  shown no sign of life for `timeout` seconds, or the coordinator is unreachable.
+
+  Signs of life are counters in the coordination service's key-value store: every process bumps
+  its own each `interval` seconds and reads everyone's. A counter that stops moving is a dead (or
+  wholly stalled) process, whatever this process's main thread is blocked in (a collective with
+  the dead peer, a barrier, a compile). A process that ends normally marks itself done first
+  (atexit), so a peer that finishes later is not mistaken for a survivor of a crash.
+  """
+
+  PREFIX = "markovian/alive/"
+
+  def __init__(self, timeout: float, interval: Optional[float] = None):
+    from jax._src import distributed as jax_distributed  # the client: no public accessor
+    self.client = jax_distributed.global_state.client
+    self.timeout = float(timeout)
+    self.interval = interval if interval is not None else min(2.0, self.timeout / 5)
+    self.me = jax.process_index()
+    self.count = jax.process_count()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="PeerWatch", daemon=True)
+
+  def start(self) -> "PeerWatch":
+    import atexit
+    atexit.register(self.finish)
+    self._thread.start()
+    return self
+
+  def finish(self) -> None:
+    """This process ends normally: it stops watching and tells the others it is done."""
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self.client.key_value_set(f"{self.PREFIX}{self.me}", "done", allow_overwrite=True)
+    except Exception:  # noqa: BLE001 -- the coordinator may already be gone; nothing to tell
+      pass
+
+  def _run(self) -> None:
+    last: dict[str, tuple[str, float]] = {}
+    beat = 0
+    while not self._stop.is_set():
+      beat += 1
+      now = time.monotonic()
+      try:
+        self.client.key_value_set(f"{self.PREFIX}{self.me}", str(beat), allow_overwrite=True)
+        seen = dict(self.client.key_value_dir_get(self.PREFIX))
+      except Exception as e:  # noqa: BLE001 -- the coordinator (process 0) is gone
+        if self._stop.is_set():
+          return
+        _peer_lost(f"the coordinator does not answer: {' '.join(str(e).split())[:120]}")
+        return
+      for i in range(self.count):
+        key = f"{self.PREFIX}{i}"
+        if i == self.me or seen.get(key) == "done":
+          continue
+        value = seen.get(key)
+        if value is None or key not in last or last[key][0] != value:
+          last[key] = (value, now)
+        elif now - last[key][1] > self.timeout and not self._stop.is_set():
+          _peer_lost(f"process {i} showed no sign of life for {self.timeout:.0f}s")
+          return
+      self._stop.wait(self.interval)
 
 
 def sync(name: str) -> None:
