@@ -1,30 +1,37 @@
-"""The training run: `Trainer` owns a run's state and sequences the step's stages and hooks.
+"""The training run: `Trainer` holds a run's state and sequences the step's stages and hooks.
+
+    trainer = Trainer(config, default_hooks=False)   # what the train CLI does
+    add_default_hooks(trainer)                        # scalars, samples, guards, eval, checkpoints
+    trainer.add_hook(my_fn, every=50)                 # my_fn(info: hooks.StepInfo)
+    trainer.run()
 
 It sits above the packages it joins (training, planning, analysis); `train.py` is its CLI.
 Start-up, in order, so that bad input fails in seconds: the config (every section checked), the
 workdir (a run there is resumed with train.resume=True, never silently mixed with a new one), the
 tokenizer and the data, then the base model and the LoRA (fresh, PEFT init, or resumed).
-Each step is `pipeline`'s stages: rollout -> score -> targets -> update -> scalars. Everything
-else runs as hooks between steps (`add_hook`): TensorBoard scalars and samples, the stability
-guards, evaluation every `eval_every` steps (and at step 0: the base model), checkpoints every
-`checkpoint_every` steps, at the end and on SIGTERM/SIGINT. Everything lands under config.workdir.
+The run's state is one pytree, `training.state.TrainState` (adapter, optimizer state, rng,
+baseline state, step); the data cursor is the stream's, host-side. Each step is `pipeline`'s
+stages: rollout -> score -> targets -> update -> scalars, from one TrainState to the next.
+Everything else runs as hooks between steps, each given the state and the step's outputs in its
+`StepInfo`: TensorBoard scalars and samples, the stability guards, evaluation every `eval_every`
+steps (and at step 0: the base model), checkpoints every `checkpoint_every` steps, at the end and
+on SIGTERM/SIGINT. Everything lands under config.workdir.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from etils import epath
 
 from markovian_jax.data import selection as selection_lib
 from markovian_jax.runtime import checkpointing
-from markovian_jax.runtime import cli
 from markovian_jax.training import config_validation
 from markovian_jax.runtime import distributed
 from markovian_jax.runtime import progress
@@ -34,9 +41,9 @@ from markovian_jax.training import resume as resume_lib
 from markovian_jax.training import evaluation
 from markovian_jax.training import guards
 from markovian_jax.training import hooks as hooks_lib
-from markovian_jax import objectives as obj
 from markovian_jax.training import optimizer
 from markovian_jax.training import pipeline
+from markovian_jax.training import state as state_lib
 from markovian_jax.runtime import summary
 from markovian_jax.training import train_step
 from markovian_jax.planning import plan as memory_plan
@@ -74,12 +81,21 @@ def check_workdir(spec) -> list:
 
 
 class Trainer:
-  """Owns the run's state; `step()` is one Markovian step, `run()` the loop with its hooks."""
+  """Sequences one run. `state` (a `training.state.TrainState`: adapter, optimizer state, rng,
+  baseline state, step) is everything its steps change on the device, `train_stream` the host-side
+  data cursor; `advance(state, examples)` is the step function, `step()` one step of the run,
+  `run()` the loop with its hooks.
 
-  def __init__(self, config):
+  `Trainer(config)` wires the default hooks (`add_default_hooks`); with `default_hooks=False` the
+  caller wires them (the train CLI does, and may add its own with `add_hook`).
+  """
+
+  def __init__(self, config, *, default_hooks: bool = True):
     self._lock = None
     try:
       self._start(config)
+      if default_hooks:
+        add_default_hooks(self)
     except BaseException:
       if self._lock is not None:  # a run that did not start leaves its workdir free
         self._lock.release()
@@ -127,23 +143,17 @@ class Trainer:
       lora = init_lora(self.ctx.model, jax.random.PRNGKey(t.seed + 1), rank=spec.lora.rank,
                        alpha=spec.lora.alpha, dropout=spec.lora.dropout,
                        targets=spec.lora.targets)
-    self.lora_sh = train_step.tree_shardings(lora, self.mesh)
-    self.lora = jax.device_put(lora, self.lora_sh)
+    lora_sh = train_step.tree_shardings(lora, self.mesh)
+    lora = jax.device_put(lora, lora_sh)
     # The KL/baseline reference: LoRA off, or a frozen copy of the starting adapter.
-    # A copy: the update donates (deletes) the buffers of self.lora.
-    self.ref_lora = (jax.tree.map(jnp.copy, self.lora) if spec.lora.reference == "initial_adapter"
+    # A copy: the update donates (deletes) the buffers of the state's adapter.
+    self.ref_lora = (jax.tree.map(jnp.copy, lora) if spec.lora.reference == "initial_adapter"
                      else None)
-    opt_state = self.tx.init(self.lora)
-    self.opt_sh = train_step.tree_shardings(opt_state, self.mesh)
-    self.opt_state = jax.device_put(opt_state, self.opt_sh)
-    self.programs = train_step.Programs(self.settings, self.tx, self.mesh, self.lora_sh,
-                                        self.opt_sh)
-
-    self.step_num = 0
-    self.rng = jax.random.PRNGKey(t.seed)
-    self.baseline_state = obj.BaselineState.init()
-    self.last_eval = None
-    self.last_rollout = self.last_scores = self.last_targets = self.last_updates = None
+    opt_state = self.tx.init(lora)
+    opt_sh = train_step.tree_shardings(opt_state, self.mesh)
+    self.programs = train_step.Programs(self.settings, self.tx, self.mesh, lora_sh, opt_sh)
+    self.state = state_lib.TrainState.create(lora, jax.device_put(opt_state, opt_sh), t.seed)
+    self.last_info = None  # the StepInfo of the latest step
     self.ckpt = checkpointing.Checkpointer(self.workdir / "checkpoints",
                                            max_to_keep=t.max_to_keep, keep_best=t.keep_best)
     self.writer = summary.SummaryWriter(self.workdir)
@@ -151,17 +161,9 @@ class Trainer:
       with (self.workdir / "config.json").open("w") as f:
         json.dump(config.to_dict(), f, indent=1, default=str)
     self.hooks = hooks_lib.Hooks()
-    self.add_hook(self._write_scalars, name="scalars")
-    self.add_hook(self._write_samples, every=t.text_every, name="samples", at_start=True)
-    self.add_hook(guards.NonFiniteGuard(self, t.nan_patience, t.nonfinite_action,
-                                                t.max_rollbacks), name="nonfinite_guard")
-    self.add_hook(guards.CollapseGuard(self, spec), name="collapse_guard")
-    self.add_hook(self._evaluate_hook, every=t.eval_every, name="eval", at_end=True)
-    if spec.eval.fragility_every:
-      self.add_hook(self._fragility_hook, every=spec.eval.fragility_every, name="fragility")
-    self.add_hook(self._checkpoint_hook, every=t.checkpoint_every, name="checkpoint", at_end=True)
     if t.resume and self.ckpt.latest_step() is not None:
-      resume_lib.resume(self)  # the newest complete checkpoint; lost steps' files superseded
+      # The newest complete checkpoint; what the lost steps wrote is superseded.
+      resume_lib.resume(self.ckpt, self.restore, self.workdir, self.writer)
     elif t.resume:
       logging.info("resume requested but %s has no checkpoints: starting fresh",
                    self.ckpt.directory)
@@ -171,32 +173,58 @@ class Trainer:
     return self.hooks.add(fn, every, name=name, at_start=at_start, at_end=at_end)
 
   # ------------------------------------------------------------------ state
-  def state_json(self) -> dict:
-    return {"step": self.step_num, "data": self.train_stream.state(),
-            "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-            "baseline": self.baseline_state.to_json(), "config": self.config.to_dict(),
-            "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                     "dropout": self.lora.dropout}}
+  # Views of `state` for callers that read one part; the step writes `state` whole.
+  @property
+  def lora(self):
+    return self.state.lora
 
-  def save(self, score=None, force=True):
-    if self.ckpt.latest_step() == self.step_num:
+  @lora.setter
+  def lora(self, value):
+    self.state = self.state.replace(lora=value)
+
+  @property
+  def step_num(self) -> int:
+    return self.state.step
+
+  @step_num.setter
+  def step_num(self, value: int):
+    self.state = self.state.replace(step=int(value))
+
+  @property
+  def opt_state(self):
+    return self.state.opt_state
+
+  @property
+  def rng(self):
+    return self.state.rng
+
+  @property
+  def baseline_state(self):
+    return self.state.baseline
+
+  def state_json(self) -> dict:
+    """The checkpoint's JSON state of the run now (`training.state.checkpoint_json`)."""
+    return state_lib.checkpoint_json(self.state, self.train_stream.state(),
+                                     self.config.to_dict())
+
+  def save(self, score=None, force=True, *, state=None):
+    """Checkpoints `state` (the run's current one by default) with the data cursor; a step
+    already saved is not saved again. `score`: the step's selection score (keep_best)."""
+    state = self.state if state is None else state
+    if self.ckpt.latest_step() == state.step:
       return
     # The events up to this step reach the disk before the checkpoint does: a run killed later
     # resumes here and must find them (tensorboardX otherwise holds them for up to 2 minutes).
     self.writer.flush()
-    self.ckpt.save(self.step_num, self.lora.params, self.opt_state, self.state_json(),
-                   score=score, force=force)
-    logging.info("saved checkpoint at step %d", self.step_num)
+    state_lib.save(self.ckpt, state, data=self.train_stream.state(),
+                   config=self.config.to_dict(), score=score, force=force)
+    logging.info("saved checkpoint at step %d", state.step)
 
   def restore(self, step: int):
-    params, opt_state, state = self.ckpt.restore(step, self.lora.params, self.opt_state)
-    self.lora = self.lora.replace(params=params)
-    self.opt_state = opt_state
-    self.step_num = int(state["step"])
-    self.train_stream.restore(state["data"])
-    self.rng = jnp.asarray(np.asarray(state["rng"], np.uint32))
-    self.baseline_state = obj.BaselineState.from_json(state["baseline"])
-    logging.info("restored step %d from %s", self.step_num, self.ckpt.directory)
+    """The run as checkpoint `step` saved it: the state and the data cursor."""
+    self.state, saved = state_lib.restore(self.ckpt, step, like=self.state)
+    self.train_stream.restore(saved["data"])
+    logging.info("restored step %d from %s", self.state.step, self.ckpt.directory)
 
   def rollback(self, step: int):
     """Back to checkpoint `step`, keeping the data cursor: fresh data rather than a replay."""
@@ -206,107 +234,75 @@ class Trainer:
 
   # ------------------------------------------------------------------ one step
   def step(self) -> dict:
-    """One Markovian step (pipeline stages); returns its TensorBoard scalars."""
+    """One Markovian step on the stream's next questions: advances `state`, keeps the step's
+    `StepInfo` in `last_info`, returns its TensorBoard scalars."""
+    examples = self.train_stream.take(self.spec.train.questions_per_step)
+    self.state, self.last_info = self.advance(self.state, examples)
+    return self.last_info.scalars
+
+  def advance(self, state: state_lib.TrainState, examples
+              ) -> tuple[state_lib.TrainState, hooks_lib.StepInfo]:
+    """The step function: the state after one step (pipeline stages) on `examples` from
+    `state`, and the step's outputs as the hooks' StepInfo. The adapter and optimizer buffers of
+    `state` are donated to the update: only the returned state may be used afterwards."""
     spec, ctx, p = self.spec, self.ctx, self.programs
-    examples = self.train_stream.take(spec.train.questions_per_step)
-    self.rng, sample_key, update_key = jax.random.split(self.rng, 3)
+    step = state.step + 1
+    rng, sample_key, update_key = jax.random.split(state.rng, 3)
     timer = pipeline.Timer()
     with timer("sample"):
-      faults.at("sample", self.step_num + 1)  # tests only (MARKOVIAN_TEST_FAULTS)
-      ro = pipeline.rollout(ctx, spec, self.lora, self.ref_lora, examples, sample_key)
+      faults.at("sample", step)  # tests only (MARKOVIAN_TEST_FAULTS)
+      ro = pipeline.rollout(ctx, spec, state.lora, self.ref_lora, examples, sample_key)
     with timer("score"):
-      sc = pipeline.score(ctx, p, self.lora, self.ref_lora, ro)
-      tg, new_state, target_metrics = pipeline.targets(ctx, p, sc, self.baseline_state)
-      if faults.at("loss", self.step_num + 1):  # tests only: a non-finite loss at this step
+      sc = pipeline.score(ctx, p, state.lora, self.ref_lora, ro)
+      tg, baseline, target_metrics = pipeline.targets(ctx, p, sc, state.baseline)
+      if faults.at("loss", step):  # tests only: a non-finite loss at this step
         tg = tg._replace(advantages=tg.advantages * jnp.nan)
     with timer("update"):
-      faults.at("update", self.step_num + 1, self.workdir)
-      lr = optimizer.learning_rate(spec.optim, spec.train.num_steps, self.step_num)
+      faults.at("update", step, self.workdir)
+      lr = optimizer.learning_rate(spec.optim, spec.train.num_steps, state.step)
       batch = pipeline.policy_batch(ctx, ro, sc)
-      self.lora, self.opt_state, per_update = pipeline.update(
-          ctx, spec, p, self.lora, self.opt_state, batch, tg, update_key, self.ref_lora, lr,
+      lora, opt_state, per_update = pipeline.update(
+          ctx, spec, p, state.lora, state.opt_state, batch, tg, update_key, self.ref_lora, lr,
           sc.window)
       per_update = [{k: float(v) for k, v in m.items()} for m in per_update]
-    if not any(m["nonfinite"] for m in per_update):
-      self.baseline_state = new_state
-    self.step_num += 1
-    self.last_rollout, self.last_scores = ro, sc
-    self.last_targets, self.last_updates = tg, per_update
+    if any(m["nonfinite"] for m in per_update):
+      baseline = state.baseline  # a skipped update leaves the baseline where it was
+    new = state.replace(lora=lora, opt_state=opt_state, rng=rng, baseline=baseline, step=step)
     scalars = pipeline.scalars(spec, ctx, ro, sc, target_metrics, per_update, timer.times)
     if not per_update:  # expert iteration kept nothing: report the schedule's value
       scalars["train/learning_rate"] = lr
-    return scalars
+    return new, hooks_lib.StepInfo(step, scalars, state=new, rollout=ro, scores=sc, targets=tg,
+                                   updates=per_update)
 
-  # ------------------------------------------------------------------ hooks
-  def _write_scalars(self, info: hooks_lib.StepInfo):
-    self.writer.scalars(info.step, info.scalars)
-    self.writer.histogram(info.step, "train/advantages", fetch(self.last_targets.advantages))
+  # ------------------------------------------------------------------ evaluation, export
+  def evaluate(self, state=None) -> dict:
+    """`evaluate_state`'s test summary (of the run's current state by default)."""
+    return self.evaluate_state(state).summary
 
-  def _write_samples(self, info: hooks_lib.StepInfo):
-    """The step's CoTs: three as TensorBoard text, all of them in samples.jsonl (one line per
-    question: CoTs, rewards r, normalised rewards R, the reference's CoT' and its score b)."""
-    ro = info.rollout
-    cots = "\n\n".join(f"**CoT {i}**: {t}" for i, t in enumerate(ro.cot_texts[:3]))
-    base = "" if ro.base_texts is None else f"**Baseline CoT'**: {ro.base_texts[0]}\n\n"
-    self.writer.text(info.step, "samples", (
-        f"**Question**: {ro.examples[0].question}\n\n{cots}\n\n{base}"
-        f"**Answer**: {ro.examples[0].answer}"))
-    r = fetch(self.last_scores.rewards).astype(float)  # a collective: before process 0 alone
-    if jax.process_index() != 0:
-      return
-    g = ro.group_size
-    b = self.last_scores.base_scores
-    with (self.workdir / "samples.jsonl").open("a") as f:
-      for q, ex in enumerate(ro.examples):
-        rows = slice(q * g, (q + 1) * g)
-        f.write(json.dumps({
-            "step": info.step, "task": self.spec.task, "id": ex.id, "question": ex.question,
-            "answer": ex.answer, "cots": ro.cot_texts[rows], "rewards": r[rows].tolist(),
-            "normalized": None if b is None else (r[rows] - float(b[q])).tolist(),
-            "base_cot": None if ro.base_texts is None else ro.base_texts[q],
-            "base_score": None if b is None else float(b[q])}) + "\n")
+  def evaluate_state(self, state=None) -> hooks_lib.Evaluation:
+    """Evaluates the adapter of `state` (the run's current one by default) on the selection split
+    (scalars `selection/`, rows under eval/selection/; its primary score ranks checkpoints for
+    keep_best) and on the reported test split (scalars `eval/`, rows under eval/)."""
+    state = self.state if state is None else state
+    step = state.step
+    selection = self._evaluate_on(state, self.selection_examples, "selection/",
+                                  self.workdir / "eval" / "selection", f"selection@{step}")
+    score = evaluation.primary_score(selection)
+    faults.at("eval", step)  # tests only: between the two evaluations
+    test = self._evaluate_on(state, self.eval_examples, "eval/", self.workdir / "eval",
+                             f"test@{step}")
+    return hooks_lib.Evaluation(step, score, test)
 
-  def _evaluate_hook(self, info: hooks_lib.StepInfo):
-    self.evaluate()
-
-  def _fragility_hook(self, info: hooks_lib.StepInfo):
-    """fragility/<kind>/p<percent>: the mean drop in the answer log-prob (under the current
-    policy) when the step's CoTs are perturbed; a CoT the answer really depends on drops more."""
-    from markovian_jax.analysis import fragility
-    ro = info.rollout
-    res = fragility.fragility_scores(self.ctx, self.lora, ro.row_examples, ro.cot_texts,
-                                     severities=(0, 40, 100), seed=info.step,
-                                     batch_size=self.spec.eval.batch_size, progress=False)
-    self.writer.scalars(info.step, {f"fragility/{k}/p{p}": float(res.effect(k, p).mean())
-                                    for k in res.kinds for p in (40, 100)})
-
-  def _checkpoint_hook(self, info: hooks_lib.StepInfo):
-    score = self.last_eval[1] if self.last_eval and self.last_eval[0] == info.step else None
-    self.save(score=score)
-
-  def evaluate(self) -> dict:
-    """Evaluates the current adapter on the selection split (scalars `selection/`, rows under
-    eval/selection/; its primary score ranks checkpoints for keep_best) and on the reported test
-    split (scalars `eval/`, rows under eval/). Returns the test summary."""
-    for name, examples, prefix, folder in (
-        ("selection", self.selection_examples, "selection/", self.workdir / "eval" / "selection"),
-        ("test", self.eval_examples, "eval/", self.workdir / "eval")):
-      summ = self._evaluate_on(examples, prefix, folder, f"{name}@{self.step_num}")
-      if name == "selection":
-        self.last_eval = (self.step_num, evaluation.primary_score(summ))
-        faults.at("eval", self.step_num)  # tests only: between the two evaluations
-    return summ
-
-  def _evaluate_on(self, examples, prefix: str, folder: epath.Path, desc: str) -> dict:
+  def _evaluate_on(self, state, examples, prefix: str, folder: epath.Path, desc: str) -> dict:
     e = self.spec.eval
     summ, rows = evaluation.evaluate(
-        self.ctx, self.lora, examples, num_samples=e.num_samples,
+        self.ctx, state.lora, examples, num_samples=e.num_samples,
         temperature=e.temperature, reader=e.reader, answer_max_tokens=e.answer_max_tokens,
         answer_first_line=e.answer_first_line, batch_size=e.batch_size, seed=e.seed,
         desc=desc)
-    self.writer.scalars(self.step_num, evaluation.scalars(summ), prefix=prefix)
+    self.writer.scalars(state.step, evaluation.scalars(summ), prefix=prefix)
     if jax.process_index() == 0:
-      path = folder / f"step_{self.step_num}.jsonl"
+      path = folder / f"step_{state.step}.jsonl"
       path.parent.mkdir(parents=True, exist_ok=True)
       with path.open("w") as f:
         for row in rows:
@@ -318,16 +314,17 @@ class Trainer:
     """Writes the current adapter in PEFT form to <workdir>/adapter (loads in transformers +
     peft and in `sample --lora`)."""
     out = self.workdir / "adapter"
-    params = jax.tree.map(fetch, self.lora.params)  # every process joins the gather
+    lora = self.state.lora
+    params = jax.tree.map(fetch, lora.params)  # every process joins the gather
     if jax.process_index() == 0:
       # The PEFT writer takes a local directory; a gs:// workdir gets a copy through epath.
       with tempfile.TemporaryDirectory() as local:
-        hf.save_peft_adapter(self.lora.replace(params=params), self.ctx.model, local,
+        hf.save_peft_adapter(lora.replace(params=params), self.ctx.model, local,
                              base_model_name_or_path=self.spec.model.path)
         out.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(local):
           (out / name).write_bytes(epath.Path(local, name).read_bytes())
-      logging.info("wrote the step-%d adapter (PEFT) to %s", self.step_num, out)
+      logging.info("wrote the step-%d adapter (PEFT) to %s", self.state.step, out)
     return out
 
   # ------------------------------------------------------------------ loop
@@ -337,16 +334,16 @@ class Trainer:
     stop = distributed.StopOnSignal()
     stop.install()
     try:
-      if self.step_num == 0:
+      if self.state.step == 0:
         self.evaluate()  # the base-model baseline
-      bar = progress.bar(t.num_steps, "train", unit="step", initial=self.step_num)
-      while self.step_num < t.num_steps and not stop.requested(self.step_num):
+      bar = progress.bar(t.num_steps, "train", unit="step", initial=self.state.step)
+      while self.state.step < t.num_steps and not stop.requested(self.state.step):
         s = self.step()
         bar.update(1)
         bar.set_postfix(reward=f"{s.get('answer/normalized_reward', s['answer/logprob']):.3f}",
                         loss=f"{s.get('train/loss', float('nan')):.3f}")
-        self.hooks.run(hooks_lib.StepInfo(self.step_num, s, self.last_rollout,
-                                          last=self.step_num == t.num_steps))
+        self.last_info.last = self.last_info.step == t.num_steps
+        self.hooks.run(self.last_info)
       bar.close()
       self.save()
       self.export_adapter()
@@ -355,4 +352,89 @@ class Trainer:
       self.writer.close()
       if self._lock is not None:
         self._lock.release()
-    return self.step_num
+    return self.state.step
+
+
+# ------------------------------------------------------------------ the default hooks
+def add_default_hooks(trainer: Trainer) -> None:
+  """Wires the run's default hooks on `trainer`, in this order (a guard that rolls back halts the
+  round before the step is evaluated or checkpointed; the checkpoint saves the evaluation's
+  score): TensorBoard scalars every step, samples every train.text_every steps (and after the
+  first), the non-finite and collapse guards, evaluation every train.eval_every steps (and at
+  the end), fragility every eval.fragility_every steps (when set), a checkpoint every
+  train.checkpoint_every steps (and at the end). Each hook is given what it needs, not the
+  Trainer."""
+  spec, t, writer = trainer.spec, trainer.spec.train, trainer.writer
+  recovery = dict(save=trainer.save, rollback=trainer.rollback,
+                  saved_steps=trainer.ckpt.all_steps)
+  trainer.add_hook(functools.partial(write_scalars, writer), name="scalars")
+  trainer.add_hook(functools.partial(write_samples, writer, trainer.workdir, spec.task),
+                   every=t.text_every, name="samples", at_start=True)
+  trainer.add_hook(guards.NonFiniteGuard(checkpoint_every=t.checkpoint_every,
+                                         patience=t.nan_patience, action=t.nonfinite_action,
+                                         max_rollbacks=t.max_rollbacks, **recovery),
+                   name="nonfinite_guard")
+  trainer.add_hook(guards.CollapseGuard(spec, write_scalars=writer.scalars, **recovery),
+                   name="collapse_guard")
+  trainer.add_hook(functools.partial(evaluate_hook, trainer.evaluate_state), every=t.eval_every,
+                   name="eval", at_end=True)
+  if spec.eval.fragility_every:
+    trainer.add_hook(functools.partial(fragility_hook, trainer.ctx, spec.eval.batch_size,
+                                       writer.scalars),
+                     every=spec.eval.fragility_every, name="fragility")
+  trainer.add_hook(functools.partial(checkpoint_hook, trainer.save), every=t.checkpoint_every,
+                   name="checkpoint", at_end=True)
+
+
+def write_scalars(writer, info: hooks_lib.StepInfo):
+  """The step's TensorBoard scalars and its advantages' histogram."""
+  writer.scalars(info.step, info.scalars)
+  writer.histogram(info.step, "train/advantages", fetch(info.targets.advantages))
+
+
+def write_samples(writer, workdir, task: str, info: hooks_lib.StepInfo):
+  """The step's CoTs: three as TensorBoard text, all of them in <workdir>/samples.jsonl (one line
+  per question: CoTs, rewards r, normalised rewards R, the reference's CoT' and its score b)."""
+  ro, sc = info.rollout, info.scores
+  cots = "\n\n".join(f"**CoT {i}**: {t}" for i, t in enumerate(ro.cot_texts[:3]))
+  base = "" if ro.base_texts is None else f"**Baseline CoT'**: {ro.base_texts[0]}\n\n"
+  writer.text(info.step, "samples", (
+      f"**Question**: {ro.examples[0].question}\n\n{cots}\n\n{base}"
+      f"**Answer**: {ro.examples[0].answer}"))
+  r = fetch(sc.rewards).astype(float)  # a collective: before process 0 alone
+  if jax.process_index() != 0:
+    return
+  g = ro.group_size
+  b = sc.base_scores
+  with (epath.Path(workdir) / "samples.jsonl").open("a") as f:
+    for q, ex in enumerate(ro.examples):
+      rows = slice(q * g, (q + 1) * g)
+      f.write(json.dumps({
+          "step": info.step, "task": task, "id": ex.id, "question": ex.question,
+          "answer": ex.answer, "cots": ro.cot_texts[rows], "rewards": r[rows].tolist(),
+          "normalized": None if b is None else (r[rows] - float(b[q])).tolist(),
+          "base_cot": None if ro.base_texts is None else ro.base_texts[q],
+          "base_score": None if b is None else float(b[q])}) + "\n")
+
+
+def evaluate_hook(evaluate_state, info: hooks_lib.StepInfo):
+  """Evaluates the step's state; the result rides in `info.eval` to the checkpoint hook."""
+  info.eval = evaluate_state(info.state)
+
+
+def fragility_hook(ctx, batch_size: int, write_scalars_fn, info: hooks_lib.StepInfo):
+  """fragility/<kind>/p<percent>: the mean drop in the answer log-prob (under the step's policy)
+  when the step's CoTs are perturbed; a CoT the answer really depends on drops more."""
+  from markovian_jax.analysis import fragility
+  ro = info.rollout
+  res = fragility.fragility_scores(ctx, info.state.lora, ro.row_examples, ro.cot_texts,
+                                   severities=(0, 40, 100), seed=info.step,
+                                   batch_size=batch_size, progress=False)
+  write_scalars_fn(info.step, {f"fragility/{k}/p{p}": float(res.effect(k, p).mean())
+                               for k in res.kinds for p in (40, 100)})
+
+
+def checkpoint_hook(save, info: hooks_lib.StepInfo):
+  """Saves the step's state, with the selection score when it was evaluated this round."""
+  score = info.eval.score if info.eval is not None and info.eval.step == info.step else None
+  save(score=score, state=info.state)

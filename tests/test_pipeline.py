@@ -32,7 +32,7 @@ def test_ppo_first_pass_is_on_policy_and_the_schedule_counts_training_steps(ppo_
   want = [0.0, 1e-3, 0.75e-3]
   for step in range(3):
     s = ppo_trainer.step()
-    updates = ppo_trainer.last_updates
+    updates = ppo_trainer.last_info.updates
     assert len(updates) == 4 and s["train/updates"] == 4
     assert abs(s["train/learning_rate"] - want[step]) < 1e-9
     assert all(abs(u["learning_rate"] - want[step]) < 1e-9 for u in updates)
@@ -68,7 +68,7 @@ def test_no_kept_sample_means_no_optimizer_step_and_no_baseline_cot(ei_trainer):
     np.testing.assert_array_equal(a, b)
   assert s["train/learning_rate"] == optimizer.learning_rate(ei_trainer.spec.optim, 4, 0)
   # Without normalisation no CoT' is sampled or scored, and nothing about one is logged.
-  assert ei_trainer.last_rollout.base_tokens is None
+  assert ei_trainer.last_info.rollout.base_tokens is None
   assert not [t for t in s if "baseline" in t or "normalized" in t]
 
 
@@ -175,16 +175,12 @@ def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(tiny_mode
 def test_fragility_hook_logs_the_answer_drop_per_perturbation(pg_trainer):
   """The eval.fragility_every hook: one scalar per perturbation kind and severity; deleting the
   whole CoT and truncating all of it from either end leave the same empty CoT, so they agree."""
-  from markovian_jax.training import hooks
+  from markovian_jax.trainer import fragility_hook
   t = pg_trainer
-  s = t.step()
+  t.step()
   logged = {}
-  writer, t.writer = t.writer, types.SimpleNamespace(
-      scalars=lambda step, values, prefix="": logged.update(values))
-  try:
-    t._fragility_hook(hooks.StepInfo(t.step_num, s, t.last_rollout))
-  finally:
-    t.writer = writer
+  fragility_hook(t.ctx, t.spec.eval.batch_size, lambda step, values: logged.update(values),
+                 t.last_info)
   sc = {k: v for k, v in logged.items() if k.startswith("fragility/")}
   assert len(sc) == 10 and all(np.isfinite(v) for v in sc.values())
   whole = [sc[f"fragility/{k}/p100"] for k in ("delete", "truncate_front", "truncate_back")]

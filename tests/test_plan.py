@@ -2,7 +2,6 @@
 CLI's exit codes, and agreement with the compiler's memory_analysis() on small configs."""
 
 import importlib
-import inspect
 import json
 import os
 import shutil
@@ -139,7 +138,7 @@ def weightless_8b(tiny_model_dir, tmp_path_factory):
   return str(d)
 
 
-def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path):
+def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path, monkeypatch):
   from tests.test_train import make_config
   c = make_config(weightless_8b, tmp_path, **{"mesh.shape": (8, 1, 1), "train.group_size": 8,
                                               "mesh.device_memory_gib": 16.0,
@@ -148,11 +147,20 @@ def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path):
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     plan.check(spec, log=False)
   from markovian_jax.trainer import Trainer
-  # The wiring: the Trainer must refuse the same config before it loads anything. A Trainer that
-  # stopped calling the check would build (or fail elsewhere) and this must fail, not skip.
-  assert "check(" in inspect.getsource(Trainer._start), "Trainer._start runs no plan check"
+  from markovian_jax.training.run_context import RunContext
+  # The wiring: the Trainer refuses the same config through the plan check, before it loads the
+  # model. A Trainer that stopped calling the check (or called it after the load) reaches the
+  # load, which fails here with an AssertionError, not the plan's InvalidConfig.
+  checked, real = [], plan.check
+  monkeypatch.setattr(plan, "check", lambda *a, **k: checked.append(1) or real(*a, **k))
+
+  def load(*args, **kwargs):
+    raise AssertionError("the Trainer loaded the base model before the plan check refused it")
+
+  monkeypatch.setattr(RunContext, "create", load)
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     Trainer(c)
+  assert checked == [1]
 
 
 # ------------------------------------------------------------------ against the compiler

@@ -9,9 +9,14 @@ collapse seen in the published runs (CoTs of "4444...", sequence-level PPO ratio
 runaway KL) and, per
 `train.collapse_action`, warns, stops with the state saved, or rolls back to the last checkpoint
 before the step (moving on to fresh data) up to `train.max_rollbacks` times in a row.
+
+The guards know nothing of the Trainer: they are given the callables they act through (save the
+current state, roll back to a checkpoint, list the checkpointed steps, write a scalar).
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 from absl import logging
 
@@ -61,18 +66,20 @@ def collapse_alarms(scalars: dict, spec) -> list[str]:
   return alarms
 
 
-def roll_back(trainer, info: StepInfo, msg: str, rollbacks: int, max_rollbacks: int,
+def roll_back(info: StepInfo, msg: str, rollbacks: int, max_rollbacks: int, *,
+              rollback: Callable[[int], None], saved_steps: Callable[[], list],
               still: str = "failing") -> bool:
-  """Rolls `trainer` back to its last checkpoint before `info.step` (rollback number
-  `rollbacks` in a row); False when there is none. Raises TrainingStopped past `max_rollbacks`."""
-  good = [s for s in trainer.ckpt.all_steps() if s < info.step]
+  """Rolls the run back to its last checkpoint before `info.step` (rollback number `rollbacks` in
+  a row) by calling `rollback(step)`; False when `saved_steps()` holds none before it. Raises
+  TrainingStopped past `max_rollbacks`."""
+  good = [s for s in saved_steps() if s < info.step]
   if not good:
     logging.warning(msg + "; no earlier checkpoint to roll back to")
     return False
   if rollbacks > max_rollbacks:
     raise TrainingStopped(msg + f"; still {still} after {max_rollbacks} rollbacks to step "
                           f"{good[-1]}: stopping")
-  trainer.rollback(good[-1])
+  rollback(good[-1])
   info.halt = True  # the rolled-back step is neither evaluated nor checkpointed
   logging.warning(msg + f"; rolled back to step {good[-1]}")
   return True
@@ -80,16 +87,24 @@ def roll_back(trainer, info: StepInfo, msg: str, rollbacks: int, max_rollbacks: 
 
 class NonFiniteGuard:
   """Acts after `patience` consecutive steps whose update was skipped as non-finite: stops the
-  run (action "stop") or rolls back to the last checkpoint (action "rollback")."""
+  run (action "stop") or rolls back to the last checkpoint (action "rollback").
 
-  def __init__(self, trainer, patience: int, action: str = "stop", max_rollbacks: int = 3):
-    self.trainer, self.patience, self.count = trainer, patience, 0
+  save(): checkpoints the run's current state. rollback(step): restores checkpoint `step`,
+  keeping the data cursor. saved_steps(): the checkpointed steps, ascending. checkpoint_every:
+  train.checkpoint_every (a good step that reaches a checkpoint ends a run of rollbacks).
+  """
+
+  def __init__(self, *, save: Callable[[], Any], rollback: Callable[[int], None],
+               saved_steps: Callable[[], list], checkpoint_every: int, patience: int,
+               action: str = "stop", max_rollbacks: int = 3):
+    self.save, self.rollback, self.saved_steps = save, rollback, saved_steps
+    self.checkpoint_every, self.patience, self.count = checkpoint_every, patience, 0
     self.action, self.max_rollbacks, self.rollbacks = action, max_rollbacks, 0
 
   def __call__(self, info: StepInfo) -> None:
     if not info.scalars.get("guard/nonfinite_update"):
       self.count = 0
-      if info.step % self.trainer.spec.train.checkpoint_every == 0:
+      if info.step % self.checkpoint_every == 0:
         self.rollbacks = 0  # a good step that reaches a checkpoint ends a run of rollbacks
       return
     self.count += 1
@@ -100,25 +115,34 @@ class NonFiniteGuard:
       return
     if self.action == "rollback":
       self.rollbacks += 1
-      if roll_back(self.trainer, info, f"step {info.step}: {self.count} consecutive non-finite "
-                   "updates", self.rollbacks, self.max_rollbacks):
+      if roll_back(info, f"step {info.step}: {self.count} consecutive non-finite updates",
+                   self.rollbacks, self.max_rollbacks, rollback=self.rollback,
+                   saved_steps=self.saved_steps):
         self.count = 0
         return
-    self.trainer.save()
+    self.save()
     raise TrainingStopped(f"{self.count} consecutive non-finite updates at step {info.step}: "
                           "stopping (last good state saved; see config.train.nan_patience)")
 
 
 class CollapseGuard:
-  """Acts on collapse signals as `train.collapse_action` says (module docstring)."""
+  """Acts on collapse signals as `train.collapse_action` says (module docstring).
 
-  def __init__(self, trainer, spec):
-    """spec: the run's RunSpec (thresholds in spec.train, the KL's units from the objective)."""
-    self.trainer, self.run_spec, self.spec, self.rollbacks = trainer, spec, spec.train, 0
+  spec: the run's RunSpec (thresholds in spec.train, the KL's units from the objective).
+  write_scalars(step, {tag: value}): logs guard/collapse_alarm (1.0 on a step that alarmed).
+  save, rollback, saved_steps: as `NonFiniteGuard`'s.
+  """
+
+  def __init__(self, spec, *, write_scalars: Callable[[int, dict], Any],
+               save: Callable[[], Any], rollback: Callable[[int], None],
+               saved_steps: Callable[[], list]):
+    self.run_spec, self.spec, self.rollbacks = spec, spec.train, 0
+    self.write_scalars, self.save = write_scalars, save
+    self.rollback, self.saved_steps = rollback, saved_steps
 
   def __call__(self, info: StepInfo) -> None:
     alarms = collapse_alarms(info.scalars, self.run_spec)
-    self.trainer.writer.scalars(info.step, {"guard/collapse_alarm": float(bool(alarms))})
+    self.write_scalars(info.step, {"guard/collapse_alarm": float(bool(alarms))})
     if not alarms:
       self.rollbacks = 0
       return
@@ -128,8 +152,9 @@ class CollapseGuard:
       logging.warning(msg)
       return
     if action == "stop":
-      self.trainer.save()
+      self.save()
       raise TrainingStopped(msg + " (train.collapse_action=stop; state saved)")
-    if any(s < info.step for s in self.trainer.ckpt.all_steps()):
+    if any(s < info.step for s in self.saved_steps()):
       self.rollbacks += 1
-    roll_back(self.trainer, info, msg, self.rollbacks, self.spec.max_rollbacks, "collapsing")
+    roll_back(info, msg, self.rollbacks, self.spec.max_rollbacks, rollback=self.rollback,
+              saved_steps=self.saved_steps, still="collapsing")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Callable
 
 import jax
 from absl import logging
@@ -30,24 +31,27 @@ SUPERSEDED = "superseded"
 _EVAL_FILE = re.compile(r"step_(\d+)\.jsonl$")
 
 
-def resume(trainer) -> int:
-  """Restores `trainer` from its newest complete checkpoint and returns its step."""
-  for step in reversed(trainer.ckpt.all_steps()):
+def resume(ckpt, restore: Callable[[int], None], workdir, writer) -> int:
+  """Restores the run from the newest complete checkpoint of `ckpt` (a
+  `checkpointing.Checkpointer`) by calling `restore(step)`, moves aside what later steps wrote
+  under `workdir` and purges `writer`'s (`summary.SummaryWriter`) events past it; returns the
+  step."""
+  for step in reversed(ckpt.all_steps()):
     try:
-      trainer.restore(step)
+      restore(step)
     except checkpointing.BrokenCheckpoint as e:
-      moved = trainer.ckpt.set_aside(step)
+      moved = ckpt.set_aside(step)
       logging.warning("%s: moved to %s (kept, not deleted); resuming from the checkpoint before "
                       "it", e, moved)
       continue
     if jax.process_index() == 0:
-      discard_after(trainer.workdir, step)
-      trainer.writer.purge_after(step)
+      discard_after(workdir, step)
+      writer.purge_after(step)
     distributed.sync("resume files")
     return step
   raise checkpointing.CheckpointError(
-      f"config.train.resume: no complete checkpoint in {trainer.ckpt.directory} (the broken ones "
-      f"are in {trainer.ckpt.directory.parent / checkpointing.BROKEN_DIR}); give a new "
+      f"config.train.resume: no complete checkpoint in {ckpt.directory} (the broken ones "
+      f"are in {ckpt.directory.parent / checkpointing.BROKEN_DIR}); give a new "
       "--config.workdir to start over")
 
 
