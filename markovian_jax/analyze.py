@@ -159,18 +159,13 @@ def _saved_results(workdir: str, f, levels: list, config):
   """({level: FragilityResult}, protocol) saved by an earlier run of this command with the same
   protocol (`--reuse`), or None when any level is missing or differs."""
   from markovian_jax.analysis import fragility
-  from markovian_jax.training import export
+  from markovian_jax.analysis import run_inputs
   want = {"task": config.task, "scorer": f.scorer, "replacement": f.replacement,
           "perturbation_seed": f.seed}
   if f.source == "heldout":
     n = config.eval.final_num_examples if f.num_examples is None else f.num_examples
     want.update(split=config.data.eval_split, seed=config.eval.seed)
-    ckpt = os.path.join(workdir, "checkpoints")
-    try:
-      want["checkpoint_step"] = (export.choose_step(ckpt, f.step) if f.step is not None
-                                 else export.choose_step(ckpt, best=True))[0]
-    except export.ExportError:
-      want["checkpoint_step"] = export.choose_step(ckpt)[0]
+    want["checkpoint_step"] = run_inputs.checkpoint_step(workdir, f.step)[0]
   out, protocol = {}, None
   for level in levels:
     path = epath.Path(workdir) / "analysis" / f"fragility_{level}.json"

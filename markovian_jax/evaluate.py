@@ -8,8 +8,9 @@ from training's periodic eval/step_N.jsonl): `summary.json`, `<model>.jsonl` (on
 and CoT sample), `protocol.json` (what the numbers were read under), TensorBoard scalars under
 `eval/` at each checkpoint's step (the base model at step 0, as in training). The results table
 (`report`) takes its cells from these files. Flags, config, checkpoints and data are all checked
-before the model is loaded; bad input exits with status 2 and one `error:` line. The adapter's
-rank, alpha and targets are read from the checkpoint, not from --config.
+before the model is loaded; bad input exits with status 2 and one `error:` line. The step is chosen
+and the adapter restored by `training.checkpoint_choice` (as export and analyze do): its rank,
+alpha and targets are those the run recorded, not --config's.
 
 A run is evaluated under its own protocol: where --config differs from the run's config.json in
 a protocol key (reporting.runs.RUN_PROTOCOL_KEYS: variant, prompt.markovian, eval.reader,
@@ -68,57 +69,27 @@ def _check_flags():
       raise EvalError(f"--{flag.name} must be a positive integer, got {flag.value}")
 
 
-def _steps_to_evaluate(ckpt) -> list:
-  steps = ckpt.all_steps()
-  if not steps:
-    raise EvalError(f"no checkpoints in {ckpt.directory}")
+def _steps_to_evaluate() -> list:
+  """The saved steps the flags select (checkpoint_choice: --step, --best or the latest)."""
+  from markovian_jax.training import checkpoint_choice
+  saved = checkpoint_choice.saved_steps(_CKPT.value)
+  logging.info("checkpoints in %s: steps %s", _CKPT.value, saved)
   if _ALL.value:
-    return steps
-  if _BEST.value:
-    from markovian_jax.training import export
-    step, reason = export.best_step(str(ckpt.directory))
-    logging.info("--best: step %d (%s)", step, reason)
-    return [step]
-  step = _STEP.value if _STEP.value is not None else steps[-1]
-  if step not in steps:
-    raise EvalError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
+    return saved
+  step, reason = checkpoint_choice.choose_step(_CKPT.value, _STEP.value, _BEST.value)
+  logging.info("checkpoint step %d: %s", step, reason)
   return [step]
 
 
-def _lora_settings(ckpt, step: int, config) -> dict:
-  """The adapter's shape as the run saved it (its rank may differ from this config's)."""
-  state = ckpt.restore_state(step)
-  saved = state.get("lora") or {}
-  saved_config = (state.get("config") or {}).get("lora") or {}
-  settings = dict(rank=int(saved.get("rank", config.lora.rank)),
-                  alpha=float(saved.get("alpha", config.lora.alpha)),
-                  targets=tuple(saved_config.get("targets", config.lora.targets)))
-  trained_on = (state.get("config") or {}).get("model", {}).get("path")
-  if trained_on and trained_on != config.model.path:
+def _lora_settings(step: int, config) -> dict:
+  """The adapter's settings as the run recorded them (its rank may differ from this config's;
+  --config only fills what an old checkpoint does not record)."""
+  from markovian_jax.training import checkpoint_choice
+  settings = checkpoint_choice.adapter_settings(_CKPT.value, step, config)
+  if settings["model"] and settings["model"] != config.model.path:
     logging.warning("checkpoint step %d was trained on model %s; evaluating it on %s", step,
-                    trained_on, config.model.path)
+                    settings["model"], config.model.path)
   return settings
-
-
-def _restore_lora(ckpt, step: int, settings: dict, ctx):
-  import jax
-
-  from markovian_jax.runtime import sharding
-  from markovian_jax.models import init_lora
-  template = init_lora(ctx.model, jax.random.PRNGKey(0), rank=settings["rank"],
-                       alpha=settings["alpha"], dropout=0.0, targets=settings["targets"])
-  # Restored straight onto the mesh, where the base params live.
-  template = template.replace(params=jax.device_put(
-      template.params, sharding.param_shardings(template.params, ctx.mesh)))
-  try:
-    params = ckpt.restore_lora(step, template.params)
-  except UserError:  # a broken checkpoint names its step itself
-    raise
-  except (ValueError, KeyError, TypeError) as e:
-    raise EvalError(f"checkpoint step {step} in {ckpt.directory} does not fit model "
-                    f"{ctx.config.model.path} with a rank-{settings['rank']} LoRA on "
-                    f"{list(settings['targets'])}: {e}") from e
-  return template.replace(params=params)
 
 
 def run(config) -> dict:
@@ -126,6 +97,7 @@ def run(config) -> dict:
   import jax
 
   from markovian_jax.runtime import checkpointing
+  from markovian_jax.training import checkpoint_choice
   from markovian_jax.training import config_validation
   from markovian_jax.training import evaluation
   from markovian_jax.runtime import summary
@@ -135,14 +107,10 @@ def run(config) -> dict:
   # Everything that can be wrong with the input is checked before the model is loaded.
   _check_flags()
   spec = config_validation.validate(config)
-  ckpt, steps, settings = None, [], {}
+  steps, settings = [], {}
   if _CKPT.value:
-    if not checkpointing.absolute(_CKPT.value).is_dir():
-      raise EvalError(f"--checkpoint_dir {_CKPT.value} does not exist")
-    ckpt = checkpointing.Checkpointer(_CKPT.value, create=False)
-    steps = _steps_to_evaluate(ckpt)
-    settings = {step: _lora_settings(ckpt, step, config) for step in steps}
-    logging.info("checkpoints in %s: steps %s", ckpt.directory, ckpt.all_steps())
+    steps = _steps_to_evaluate()
+    settings = {step: _lora_settings(step, config) for step in steps}
   models = (["base"] if _BASE.value else []) + [f"step_{s}" for s in steps]
   logging.info("models to evaluate: %s", models)
   # The run's own protocol (its config.json), before its data is read.
@@ -189,7 +157,9 @@ def run(config) -> dict:
     for name in models:
       # The base model is logged at step 0, as the training loop does.
       step = 0 if name == "base" else int(name[len("step_"):])
-      lora = None if name == "base" else _restore_lora(ckpt, step, settings[step], ctx)
+      # Restored straight onto the mesh, where the base params live.
+      lora = None if name == "base" else checkpoint_choice.restore_adapter(
+          _CKPT.value, step, ctx.model, settings[step], mesh=ctx.mesh)
       for split, items, prefix, sub in sets:
         desc = name if split == "test" else f"{name} {split}"
         summ, rows = evaluation.evaluate(ctx, lora, items, desc=desc, **kw)

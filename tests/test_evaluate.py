@@ -468,7 +468,7 @@ def test_checkpoint_dir_without_checkpoints(tmp_path):
   proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path / 'ckpt'}")
   assert_fails(proc, "no checkpoints in", re.escape(str(tmp_path / "ckpt")))
   proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path / 'nowhere'}")
-  assert_fails(proc, "does not exist", re.escape(str(tmp_path / "nowhere")))
+  assert_fails(proc, "no such directory", re.escape(str(tmp_path / "nowhere")))
 
 
 @pytest.mark.slow
@@ -476,7 +476,7 @@ def test_step_that_does_not_exist(trained_run, tiny_model_dir, shared_data):
   workdir, _, _ = trained_run
   proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints",
                             "--step=7"))
-  assert_fails(proc, "no checkpoint for step 7", r"available: \[1, 2\]")
+  assert_fails(proc, "--step 7: no checkpoint for that step", r"saved steps: \[1, 2\]")
 
 
 @pytest.mark.parametrize("flags, selected", [([], ["step_2"]), (["--step=1"], ["step_1"]),

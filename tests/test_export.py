@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from markovian_jax.training import export
+from markovian_jax.training import checkpoint_choice, export
 from markovian_jax.models import hf, load_checkpoint, logits
 from tests import helpers
 from tests.test_cli import one_error_line, run_module
@@ -41,7 +41,7 @@ def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, 
   peft = helpers.require("peft")
   transformers = helpers.require("transformers")
   config, params = load_checkpoint(tiny_model_dir)
-  lora = export.restore_adapter(ckpt_dir, 4, config)
+  lora = checkpoint_choice.restore_adapter(ckpt_dir, 4, config)
   assert (lora.rank, lora.alpha) == (8, 16.0)
   ids = _ids(config)
   ours, ours_base = (np.asarray(logits(config, params, ids, a)) for a in (lora, None))
@@ -65,7 +65,7 @@ def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, 
 def test_sample_and_training_read_the_exported_adapter(tiny_model_dir, ckpt_dir, peft_dir):
   from markovian_jax.sample import sample_texts
   config, _ = load_checkpoint(tiny_model_dir)
-  restored = export.restore_adapter(ckpt_dir, 4, config)
+  restored = checkpoint_choice.restore_adapter(ckpt_dir, 4, config)
   loaded = hf.load_peft_adapter(peft_dir, config)  # what sample --lora and lora.init_from read
   assert sorted(loaded.targets) == sorted(restored.targets)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, restored.params)
@@ -79,7 +79,7 @@ def test_merged_export_equals_base_plus_lora(tiny_model_dir, ckpt_dir, tmp_path)
   record = export.export(ckpt_dir, str(tmp_path / "merged"), fmt="merged", step=2)
   assert record["step"] == 2 and record["format"] == "merged"
   config, params = load_checkpoint(tiny_model_dir)
-  lora = export.restore_adapter(ckpt_dir, 2, config)
+  lora = checkpoint_choice.restore_adapter(ckpt_dir, 2, config)
   merged_config, merged = load_checkpoint(str(tmp_path / "merged"))
   assert merged_config == config
   ids = _ids(config)
@@ -108,10 +108,10 @@ def test_best_uses_the_selection_split_never_the_test_split(demo_runs, tmp_path)
     shutil.rmtree(metrics)
   for events in run.glob("events.out.tfevents*"):
     events.unlink()
-  with pytest.raises(export.ExportError, match="--best: none of the saved steps"):
-    export.best_step(ckpt)
+  with pytest.raises(checkpoint_choice.NoSelectionScore, match="--best: none of the saved steps"):
+    checkpoint_choice.best_step(ckpt)
   _events_with_selection(run, {0: 0.9, 2: 0.5, 3: 0.8, 4: 0.25})  # 0 and 3 were not saved
-  step, why = export.best_step(ckpt)
+  step, why = checkpoint_choice.best_step(ckpt)
   assert step == 2 and "selection/anchor/accuracy = 0.5000" in why
 
 
@@ -124,7 +124,7 @@ def test_best_prefers_the_score_stored_with_the_checkpoint(tmp_path):
     manager.save(step, args=ocp.args.Composite(state=ocp.args.JsonSave({"step": step})),
                  metrics={"score": score})
   manager.wait_until_finished()
-  step, why = export.best_step(str(tmp_path))
+  step, why = checkpoint_choice.best_step(str(tmp_path))
   assert step == 2 and "stored with the checkpoint (0.7000)" in why  # ties: the earliest
 
 
@@ -147,7 +147,7 @@ def test_export_cli(ckpt_dir, tmp_path):
   best = _run_export(f"--checkpoint_dir={ckpt_dir}", "--best", f"--out={tmp_path / 'c'}")
   assert best.returncode == 0, best.stderr[-3000:]
   record = json.loads((tmp_path / "c" / "export.json").read_text())
-  assert record["step"] == export.best_step(ckpt_dir)[0]
+  assert record["step"] == checkpoint_choice.best_step(ckpt_dir)[0]
   line = one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", f"--out={tmp_path / 'a'}"))
   assert "--out" in line and "not empty" in line
   line = one_error_line(_run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}",
@@ -166,7 +166,7 @@ def test_best_follows_distinct_stored_scores(demo_runs, tmp_path, scores, best):
   for step, score in scores.items():
     (run / "checkpoints" / str(step) / "metrics" / "metrics").write_text(
         json_lib.dumps({"score": score}))
-  step, why = export.best_step(str(run / "checkpoints"))
+  step, why = checkpoint_choice.best_step(str(run / "checkpoints"))
   assert step == best and f"({scores[best]:.4f})" in why
   done = _run_export(f"--checkpoint_dir={run / 'checkpoints'}", "--best",
                      f"--out={tmp_path / 'out'}")

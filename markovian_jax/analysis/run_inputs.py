@@ -6,7 +6,11 @@ its logged CoTs (samples.jsonl).
     ctx = load_context(config, model_path=None)    # the run's model, or a reader
     lora = run_adapter(workdir, ctx, step=None)    # its latest (or `step`) checkpoint's LoRA
     lora, step, why = checkpoint_adapter(workdir, ctx)  # the best by selection (or `step`)
+    step, why = checkpoint_step(workdir)           # the same choice, nothing restored
     rows = logged_rows(workdir, num=32)            # the last 32 logged questions
+
+The step is chosen and the adapter restored (with the settings the run recorded) by
+`training.checkpoint_choice`, as evaluate and export do.
 """
 
 from __future__ import annotations
@@ -95,40 +99,32 @@ def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] 
 
 def run_adapter(workdir: str, ctx, step: Optional[int] = None):
   """The LoRA of the run's checkpoint `step` (default: the latest), placed on ctx's mesh."""
-  import jax
-
-  from markovian_jax.training import export
-  from markovian_jax.runtime import sharding
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  chosen, _ = export.choose_step(ckpt_dir, step)
-  lora = export.restore_adapter(ckpt_dir, chosen, ctx.model)
-  params = jax.device_put(lora.params, sharding.param_shardings(lora.params, ctx.mesh))
-  logging.info("adapter of step %d from %s", chosen, ckpt_dir)
-  return lora.replace(params=params)
+  lora, _, _ = _adapter(workdir, ctx, step, best=False)
+  return lora
 
 
 def checkpoint_adapter(workdir: str, ctx, step: Optional[int] = None) -> tuple:
   """(LoRA on ctx's mesh, step, how it was chosen): checkpoint `step`, or by default the best
   step by the run's selection (validation) score, the latest when no step has one."""
-  import jax
+  return _adapter(workdir, ctx, step, best=step is None)
 
-  from markovian_jax.training import export
-  from markovian_jax.runtime import sharding
+
+def checkpoint_step(workdir: str, step: Optional[int] = None) -> tuple:
+  """(step, how it was chosen) as `checkpoint_adapter` chooses it, without restoring."""
+  from markovian_jax.training import checkpoint_choice
+  return tuple(checkpoint_choice.choose_step(os.path.join(workdir, "checkpoints"), step,
+                                             best=step is None, latest_if_unscored=True))
+
+
+def _adapter(workdir: str, ctx, step: Optional[int], best: bool) -> tuple:
+  """(LoRA restored onto ctx's mesh, step, how it was chosen)."""
+  from markovian_jax.training import checkpoint_choice
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if step is not None:
-    chosen, reason = export.choose_step(ckpt_dir, step)
-  else:
-    try:
-      chosen, reason = export.choose_step(ckpt_dir, best=True)
-      reason = f"best by selection: {reason}"
-    except export.ExportError as e:
-      chosen, reason = export.choose_step(ckpt_dir)
-      logging.warning("%s: no selection score (%s); using %s", workdir, e, reason)
-      reason = f"{reason} (no selection score)"
-  lora = export.restore_adapter(ckpt_dir, chosen, ctx.model)
-  params = jax.device_put(lora.params, sharding.param_shardings(lora.params, ctx.mesh))
+  chosen, reason = checkpoint_choice.choose_step(ckpt_dir, step, best=best,
+                                                 latest_if_unscored=True)
+  lora = checkpoint_choice.restore_adapter(ckpt_dir, chosen, ctx.model, mesh=ctx.mesh)
   logging.info("adapter of step %d from %s (%s)", chosen, ckpt_dir, reason)
-  return lora.replace(params=params), chosen, reason
+  return lora, chosen, reason
 
 
 def logged_rows(workdir: str, num: Optional[int] = None) -> list:
