@@ -6,7 +6,10 @@ own dataclass (objectives.ObjectiveConfig, whose defaults the library's callers 
 configuration reference. A key added to one view and not the others fails here.
 """
 
+import ast
 import dataclasses
+import importlib
+import pathlib
 
 import pytest
 
@@ -56,9 +59,10 @@ def test_the_built_config_holds_every_schema_key_at_its_default(task):
 
 def test_task_defaults_differ_only_where_the_schema_says():
   """A key without `by_task` has one default for every task; a task override names a task."""
+  built = {task: _leaves(base.get_config(task)) for task in tasks_lib.TASKS}
   for key, f in _schema_keys().items():
     by_task = f.metadata["by_task"]
-    values = {task: _leaves(base.get_config(task))[key] for task in tasks_lib.TASKS}
+    values = {task: built[task][key] for task in tasks_lib.TASKS}
     if by_task is None:
       assert set(values.values()) == {f.default}, key
     elif not callable(by_task):
@@ -156,3 +160,25 @@ def test_a_key_added_to_the_config_only_is_refused_naming_it():
   c.planted = 1
   with pytest.raises(specs.InvalidConfig, match=r"^config\.planted: unknown key"):
     specs.RunSpec.read(c)
+
+
+TASK_FILES = sorted(p for p in (pathlib.Path(base.__file__).parent).glob("*.py")
+                    if p.stem not in ("__init__", "base", "schema"))
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=lambda p: p.stem)
+def test_task_files_set_only_what_differs_from_the_defaults(path):
+  """Each `c.<key> = <literal>` of a task file changes its task's default (a repeated default
+  would be a second place to edit when the default changes)."""
+  c = importlib.import_module(f"markovian_jax.configs.{path.stem}").get_config()
+  defaults = _leaves(base.get_config(c.task))
+  set_ = {}
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+      key = ast.unparse(node.targets[0]).removeprefix("c.")
+      try:
+        set_[key] = ast.literal_eval(node.value)
+      except ValueError:  # computed, not a literal
+        continue
+  repeated = {k: v for k, v in set_.items() if defaults[k] == v}
+  assert not repeated, f"{path.name} sets its task's defaults: {repeated}"

@@ -22,13 +22,11 @@ def get_config(arg: str = ""):
   c.optim.lr = 3e-4
   c.train.num_steps = 80
   c.train.group_size = 8
-  c.train.questions_per_step = 1
   c.train.checkpoint_every = 20
   c.train.eval_every = 40
   c.train.text_every = 5
   c.eval.num_examples = 32
   c.eval.selection_size = 32
-  c.eval.batch_size = 32
   c.eval.answer_max_tokens = 8
   c.mesh.shape = (1, 1, 1)
   return base.apply_arg(c, arg)
