@@ -104,7 +104,16 @@ def test_demo_like_run_logs_checkpoints_and_evaluates(tiny_model_dir, tmp_path):
 def test_resume_is_exact(tiny_model_dir, tmp_path):
   from markovian_jax.trainer import Trainer
   straight = Trainer(make_config(tiny_model_dir, tmp_path / "a", **{"train.eval_every": 100}))
+  seen = []  # after the default hooks: what a hook is handed
+  straight.add_hook(lambda info: seen.append((info.step, info.state.step, info.eval,
+                                              len(info.updates), info.targets is not None,
+                                              len(info.rollout.cot_texts))), name="spy")
   straight.run()
+  # Each step's own state and outputs; the evaluation hook's result rides to the later hooks
+  # only in the round it ran (train.eval_every=100: at the end).
+  assert [x[:2] for x in seen] == [(s, s) for s in (1, 2, 3, 4)]
+  assert all(x[3] == 1 and x[4] and x[5] == 4 for x in seen)  # PG: one update; Q * G = 1 * 4
+  assert [x[2] is None for x in seen] == [True, True, True, False] and seen[-1][2].step == 4
   first = Trainer(make_config(tiny_model_dir, tmp_path / "b", **{"train.eval_every": 100,
                                                                   "train.num_steps": 2}))
   first.run()
@@ -119,6 +128,69 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
   # leaf's largest entry, as Adam's step of an entry near 0 has the size of the others'.
   for a, b in zip(lora_leaves(resumed), lora_leaves(straight)):
     np.testing.assert_allclose(a, b, rtol=0, atol=helpers.ulps(16, of=b))
+
+
+def test_train_state_checkpoints_as_one_pytree_in_the_readers_layout(tmp_path):
+  """A TrainState saved and restored comes back leaf for leaf, bit for bit, with its step, key
+  and baseline; on disk it keeps the layout the readers use (orbax items lora / opt_state /
+  state; the JSON keys step, data, rng, baseline, config, lora {rank, alpha, dropout}), read
+  here by orbax's own handler (benchmarks/faults.py's `arrays`) and json, not by our restore. A
+  checkpoint written item by item through the Checkpointer, as runs before the TrainState wrote
+  them, restores alike."""
+  import json
+  from benchmarks import faults
+  from markovian_jax import objectives as obj
+  from markovian_jax.models import LoraAdapter
+  from markovian_jax.runtime import checkpointing
+  from markovian_jax.training import config_validation, optimizer
+  from markovian_jax.training import state as state_lib
+  c = importlib.import_module("configs.demo").get_config()
+  tx = optimizer.make_optimizer(config_validation.validate(c).optim)
+  rng = np.random.default_rng(0)
+
+  def adapter():  # two layers, one target; jitted optimizer calls: one compilation each
+    ab = {k: jnp.asarray(rng.normal(size=shape), jnp.float32)
+          for k, shape in (("a", (2, 8, 4)), ("b", (2, 4, 8)))}
+    return LoraAdapter({"layers": {"attn": {"q": ab}}}, rank=4, alpha=8.0, dropout=0.1)
+
+  init = jax.jit(tx.init)
+  lora = adapter()
+  updates, opt = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, lora), init(lora), lora)
+  baseline = {"ema_value": -1.25, "ema_weight": 0.75, "ei_count": 6, "ei_mean": -2.5,
+              "ei_m2": 3.0, "ei_batches": 2}
+  state = state_lib.TrainState(
+      lora=jax.tree.map(lambda p, u: p + u, lora, updates), opt_state=opt,
+      rng=jnp.asarray([7, 11], jnp.uint32), baseline=obj.BaselineState.from_json(baseline),
+      step=7)
+  fresh = adapter()
+  like = state_lib.TrainState.create(fresh, init(fresh), seed=0)
+  ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", keep_best=False)
+  state_lib.save(ckpt, state, data={"epoch": 1, "index": 3}, config={"task": "x"})
+
+  root = tmp_path / "checkpoints" / "7"
+  assert {"lora", "opt_state", "state"} <= set(os.listdir(root))
+  saved = json.loads((root / "state" / "metadata").read_text())
+  assert list(saved) == ["step", "data", "rng", "baseline", "config", "lora"]
+  assert saved["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.1} and saved["step"] == 7
+  assert saved["rng"] == np.asarray(state.rng).tolist()
+  assert {k: saved["baseline"][k] for k in baseline} == baseline
+  on_disk = faults.arrays(tmp_path, 7)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.lora.params):
+    np.testing.assert_array_equal(on_disk["lora" + jax.tree_util.keystr(path)], leaf)
+
+  def same(restored, data):
+    assert data["data"] == {"epoch": 1, "index": 3} and restored.step == 7
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+      assert np.asarray(a).dtype == np.asarray(b).dtype
+      assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+  same(*state_lib.restore(ckpt, 7, like=like))
+  # The item-by-item form of the runs before the TrainState, with the same JSON dict.
+  ckpt.save(8, state.lora.params, state.opt_state, dict(saved, step=8))
+  restored, data = state_lib.restore(ckpt, 8, like=like)
+  same(restored.replace(step=7), data)
+  assert restored.step == 8
 
 
 def _step_terms(trainer):
