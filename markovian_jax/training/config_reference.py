@@ -173,7 +173,9 @@ def render() -> str:
       "it. Set any of them on the command line as `--config.<key>=<value>` (the value must parse "
       "as the type shown); a key that does not exist, or a value outside its choices, stops the "
       "command before anything loads, naming the key. Defaults that depend on the task show the "
-      "value most tasks get, then the tasks that differ.",
+      "value most tasks get, then the tasks that differ. Each key, its default and its "
+      "description are written once, in `configs/schema.py`; `python -m "
+      "markovian_jax.training.config_reference --keys [TASK]` lists them in a terminal.",
       "",
   ]
   by_section = collections.OrderedDict()
