@@ -122,7 +122,7 @@ def test_configuration_reference_is_current():
 
 def test_configuration_reference_lists_every_key_with_its_choices():
   """Every key of the built config has a row; choices come from the validators, e.g. the
-  registered baselines, and descriptions from base.py's comments."""
+  registered baselines, and descriptions from configs/schema.py."""
   page = config_reference.render()
   for key, _ in config_reference._leaves(base.get_config("gsm8k")):
     assert f"| `{key}` |" in page, key
