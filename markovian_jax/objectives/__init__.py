@@ -33,6 +33,11 @@ Modules, one job each:
   inputs            LossInputs, Targets
   config            ObjectiveConfig
   step              advantage_targets, loss_from_targets, markovian_loss
+  answer_likelihood the answer-likelihood family's pieces (scores, no-reasoning subtraction,
+                    transforms, shaping, advantages, the std filter, answer-term weights)
+  methods           METHODS (VeriFree, RLPR, JEPO, LaTRO, NOVER, VR-CLI, DRO and their
+                    `_markovian` twins), MethodConfig, method_targets, method_loss
+                    (docs/answer-likelihood.md)
 
 The exact full-vocabulary KL and entropy are computed with the log-probs, in
 `markovian_jax.models.logprobs` (`full_kl`, `entropy`), and arrive here as LossInputs.kl / .entropy.
@@ -60,6 +65,9 @@ from markovian_jax.objectives.registry import Registry, check_choice
 from markovian_jax.objectives.rewards import (REWARD_KIND_REGISTRY, REWARD_KINDS, answer_reward,
                                               broadcast_to_samples, normalized_reward)
 from markovian_jax.objectives.step import advantage_targets, loss_from_targets, markovian_loss
+from markovian_jax.objectives.methods import (METHOD_NAMES, METHODS, MethodConfig, MethodTargets,
+                                              method_config, method_loss,
+                                              method_loss_from_targets, method_targets)
 
 __all__ = [
     # choice tuples
@@ -80,4 +88,7 @@ __all__ = [
     "ema_batch_update", "ema_advantages", "ei_update", "ei_threshold", "ei_mask", "kl_estimate",
     "kl_per_token",
     "pg_per_token", "ppo_per_token", "ppo_base_per_sequence",
+    # the answer-likelihood family
+    "METHODS", "METHOD_NAMES", "MethodConfig", "MethodTargets", "method_config", "method_targets",
+    "method_loss_from_targets", "method_loss",
 ]

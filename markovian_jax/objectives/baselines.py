@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from markovian_jax.objectives.expert_iteration import EiStats
 from markovian_jax.objectives.reductions import f32
@@ -223,20 +224,30 @@ def _none(rewards, ema, cfg):
 BASELINES = tuple(BASELINE_REGISTRY)
 
 
+# A fresh EmaState as numpy scalars: a NamedTuple default is built at import time, before the
+# test or launcher has configured JAX's devices.
+_NO_EMA = EmaState(np.zeros((), np.float32), np.zeros((), np.float32))
+
+
 class BaselineState(NamedTuple):
-  """Cross-step state of the objective: the EMA baseline and the expert-iteration statistics."""
+  """Cross-step state of the objective: the EMA baseline, the expert-iteration statistics and the
+  EMA of the groups' reward std that the answer-likelihood `std_ema` filter keeps
+  (objectives/answer_likelihood.py; untouched, and saved as zeros, by every other setting)."""
   ema: EmaState
   ei: EiStats
+  filter_std: EmaState = _NO_EMA
 
   @classmethod
   def init(cls) -> "BaselineState":
-    return cls(EmaState.init(), EiStats.init())
+    return cls(EmaState.init(), EiStats.init(), EmaState.init())
 
   def to_json(self) -> dict:
     """Plain Python numbers, for the checkpoint's JSON state."""
     return {"ema_value": float(self.ema.value), "ema_weight": float(self.ema.weight),
             "ei_count": int(self.ei.count), "ei_mean": float(self.ei.mean),
-            "ei_m2": float(self.ei.m2), "ei_batches": int(self.ei.batches)}
+            "ei_m2": float(self.ei.m2), "ei_batches": int(self.ei.batches),
+            "filter_std_value": float(self.filter_std.value),
+            "filter_std_weight": float(self.filter_std.weight)}
 
   @classmethod
   def from_json(cls, d: dict) -> "BaselineState":
@@ -245,5 +256,7 @@ class BaselineState(NamedTuple):
     if missing:
       raise ValueError(f"baseline state is missing keys {missing}")
     f, i = (lambda v: jnp.asarray(v, jnp.float32)), (lambda v: jnp.asarray(v, jnp.int32))
+    # Checkpoints written before the filter existed have no filter_std_*: a fresh filter EMA.
     return cls(EmaState(f(d["ema_value"]), f(d["ema_weight"])),
-               EiStats(i(d["ei_count"]), f(d["ei_mean"]), f(d["ei_m2"]), i(d["ei_batches"])))
+               EiStats(i(d["ei_count"]), f(d["ei_mean"]), f(d["ei_m2"]), i(d["ei_batches"])),
+               EmaState(f(d.get("filter_std_value", 0.0)), f(d.get("filter_std_weight", 0.0))))

@@ -34,6 +34,10 @@ class LossInputs:
     (`markovian_jax.models.logprobs.entropy`).
   baseline_scores: [N] or [Q] float b (normalize_reward): `answer_reward` of the base model's
     greedy CoT' with the config's logprob_reduction and reward_kind.
+  no_reasoning_logprobs: [Q, A] or [N, A] float, the answer's log-probs with no CoT (or, for DRO,
+    with the CoT masked), under the scorer the answer-likelihood method names; column t is answer
+    token t, as in answer_logprobs (objectives/answer_likelihood.py). Never differentiated.
+  no_reasoning_mask: bool or {0, 1}, no_reasoning_logprobs' shape: its answer span.
   """
   cot_logprobs: jax.Array
   cot_mask: jax.Array
@@ -44,6 +48,8 @@ class LossInputs:
   kl: Optional[jax.Array] = None
   entropy: Optional[jax.Array] = None
   baseline_scores: Optional[jax.Array] = None
+  no_reasoning_logprobs: Optional[jax.Array] = None
+  no_reasoning_mask: Optional[jax.Array] = None
 
 
 class Targets(NamedTuple):

@@ -88,7 +88,7 @@ def advantage_targets(rewards: jax.Array, baseline_scores: Optional[jax.Array],
   mu, scale = losses.reward_standardisation(r, cfg)
   metrics.update(advantage_mean=jnp.mean(adv), advantage_std=jnp.std(adv),
                  advantage_min=jnp.min(adv), advantage_max=jnp.max(adv))
-  return Targets(adv, active, mu, scale), BaselineState(ema, ei), metrics
+  return Targets(adv, active, mu, scale), state._replace(ema=ema, ei=ei), metrics
 
 
 def _check_inputs(inputs: LossInputs, targets: Targets) -> None:
