@@ -8,12 +8,15 @@ and eval.png; several: <run>/training.png, <run>/eval.png, compare_reward.png, c
 report.md holds, automatically written: a summary comparing the runs, the paper's results table
 ((task, model) rows x variants at the best checkpoint by selection, at the full test size where
 `evaluate` wrote it, with bootstrap intervals; also written alone as results_table.md,
-`results_table`), the hyperparameters (for several runs those that differ, beside the core ones),
-the results (final accuracy, the best checkpoint by the selection split and its test accuracy, the
-base model, eval set sizes with a warning under ~100), the dynamics at milestones scaled to the run
-length, diagnoses with the step where each began (`report_analysis.diagnose`), and example CoTs. A
-run still being written is reported as far as it goes. A directory without TensorBoard events exits
-2 with one line.
+`results_table`), for several runs the methods compared (one row per variant, its seeds pooled:
+accuracy at the best checkpoint by selection with the interval of the seeds' mean, answer
+log-prob, CoT length, steps; also written alone as methods_table.md, `methods_table`), the
+hyperparameters (for several runs those that differ, beside the core ones), the results (final
+accuracy, the best checkpoint by the selection split and its test accuracy, the base model, eval
+set sizes with a warning under ~100), the dynamics at milestones scaled to the run length,
+diagnoses with the step where each began (`report_analysis.diagnose`), and example CoTs. A run
+still being written is reported as far as it goes. A directory without TensorBoard events exits 2
+with one line.
 
 `write_report(workdir)` is the same as a library call (benchmarks/learning.py uses it).
 """
@@ -32,10 +35,12 @@ from etils import epath
 
 from markovian_jax.reporting import diagnoses as ra
 from markovian_jax.reporting import figures as rf
+from markovian_jax.reporting import methods_table as mt
 from markovian_jax.reporting import results_table as rt
 from markovian_jax.reporting import runs as report_runs
 
 FIGURES_DIR = "report_figures"
+METHODS_TABLE = "methods_table.md"
 # Always in the hyperparameter table (when present); for several runs, every differing key too.
 CORE_KEYS = ("task", "model.path", "prompt.markovian", "objective.kind",
              "objective.normalize_reward", "objective.baseline", "objective.kl_penalty",
@@ -257,11 +262,14 @@ def markdown(workdir: str, runs: Sequence[report_runs.Run], figures: dict, examp
            f"Generated {now} from {len(runs)} run(s) under `{os.path.abspath(workdir)}`.",
            "## Summary", _summary(runs, results, diagnoses),
            "## Results table (the paper's layout)",
-           rt.format_results_table(rt.results_table(runs)),
-           "## Hyperparameters", _hyperparameters(runs),
-           "## Results", _results(runs, results),
-           "## Dynamics at milestones", _dynamics(runs),
-           "## Diagnoses", _diagnoses(runs, diagnoses), "## Figures"]
+           rt.format_results_table(rt.results_table(runs))]
+  if len(runs) > 1:
+    parts += ["## Methods compared (variants, seeds pooled)",
+              mt.format_method_table(mt.method_table(runs), runs)]
+  parts += ["## Hyperparameters", _hyperparameters(runs),
+            "## Results", _results(runs, results),
+            "## Dynamics at milestones", _dynamics(runs),
+            "## Diagnoses", _diagnoses(runs, diagnoses), "## Figures"]
   for name in [""] + [r.name for r in runs]:
     for path in figures.get(name, []):
       rel = os.path.relpath(path, workdir)
@@ -291,4 +299,7 @@ def write_report(workdir: str, examples: int = 2) -> Report:
   # The paper's results table alone, to paste or diff between sweeps.
   epath.Path(os.path.join(workdir, "results_table.md")).write_text(
       rt.format_results_table(rt.results_table(runs)) + "\n")
+  if not single:
+    epath.Path(os.path.join(workdir, METHODS_TABLE)).write_text(
+        mt.format_method_table(mt.method_table(runs), runs) + "\n")
   return Report(path, [p for v in figures.values() for p in v], runs)

@@ -50,7 +50,9 @@ class Cell:
   """One run's number: value with its bootstrap interval [low, high] over n questions, at
   `step`, chosen by `how` ('selection', 'final' or 'base'); `run`: the run's name; `source`:
   'test' (the evaluate CLI's rows) or 'periodic' (training's periodic evaluation); `full`: the
-  task's full test size the run was configured with (None when unknown)."""
+  task's full test size the run was configured with (None when unknown); `scores`: float64 [n],
+  the per-question scores the value averages (None when it is a logged value: no rows kept), for
+  intervals over several runs (methods_table)."""
   value: float
   low: float
   high: float
@@ -60,13 +62,14 @@ class Cell:
   run: str
   source: str = "periodic"
   full: Optional[int] = None
+  scores: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def bootstrap_interval(per_question: np.ndarray, seed: int = 0,
+def bootstrap_interval(scores: np.ndarray, seed: int = 0,
                        samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
-  """The 95% percentile bootstrap interval of the mean of `per_question` (float [n]): questions
-  resampled with replacement `samples` times (seeded). NaNs for n < 2."""
-  x = np.asarray(per_question, np.float64)
+  """The 95% percentile bootstrap interval of the mean of `scores` (float [n], one per question):
+  questions resampled with replacement `samples` times (seeded). NaNs for n < 2."""
+  x = np.asarray(scores, np.float64)
   if x.size < 2:
     return float("nan"), float("nan")
   rng = np.random.default_rng(seed)
@@ -74,7 +77,7 @@ def bootstrap_interval(per_question: np.ndarray, seed: int = 0,
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _per_question(rows: list, method: str) -> np.ndarray:
+def per_question(rows: list, method: str) -> np.ndarray:
   """The score of each question (its samples averaged) in an eval file's rows."""
   by_id: dict = {}
   for r in rows:
@@ -89,12 +92,12 @@ def _per_question(rows: list, method: str) -> np.ndarray:
 
 def _cell_from(path: str, run: Run, method: str, step: int, how: str, source: str
                ) -> Optional[Cell]:
-  scores = _per_question(read_jsonl(path), method)
+  scores = per_question(read_jsonl(path), method)
   if not scores.size:
     return None
   low, high = bootstrap_interval(scores, seed=step)
   return Cell(float(scores.mean()), low, high, int(scores.size), step, how, run.name, source,
-              run.full_test_size)
+              run.full_test_size, scores)
 
 
 def _cell_at(run: Run, method: str, step: int, how: str) -> Optional[Cell]:
