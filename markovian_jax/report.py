@@ -3,6 +3,9 @@
   python -m markovian_jax.report --workdir=runs/gsm8k          # one run (config.workdir)
   python -m markovian_jax.report --workdir=runs                # every run below, compared
 
+A parent's report adds results_table.md (the paper's table) and methods_table.md (one row per
+variant, seeds pooled: a method beside its _markovian twin).
+
 What the report holds: `markovian_jax.reporting`.
 """
 
