@@ -89,6 +89,35 @@ class SampleOutput:
   lengths: jax.Array
 
 
+@struct.dataclass
+class _LoopState:
+  """The decode loop's carry. R = decode rows (B * G samples, then the B greedy reference rows
+  when `_Mode.reference_rows`, then filler rows up to a multiple of the data axis), S = P + N
+  cache slots, N = max_new_tokens, V = vocabulary size.
+
+  Attributes:
+    step: int32 []: the index of the token that the next `select` writes, 0 .. N - 1.
+    cache: (keys [L, R, Hkv, Dh, S], values [L, R, Hkv, S, Dh]) in the compute dtype.
+    slots: bool [R, S]: which cache slots hold a token (the prompt's real ones, then each decoded
+      token as it is written).
+    logits: float32 [R, V]: the logits that select the token at `step`.
+    positions: int32 [R]: the rotary position of the token at `step` (counted over real tokens).
+    done: bool [R]: the row has emitted an EOS id (filler rows: from the start).
+    lengths: int32 [R]: tokens emitted before `step`, up to and including the EOS.
+    tokens: int32 [R, N]: the selected tokens; the pad id from the end of the row on.
+    logprobs: float32 [R, N]: their log-probs; 0 from the end of the row on.
+  """
+  step: jax.Array
+  cache: tuple
+  slots: jax.Array
+  logits: jax.Array
+  positions: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+
+
 def compile_count() -> int:
   """Number of sampler programs compiled (traced) so far in this process."""
   return sum(_COMPILES.values())
@@ -304,42 +333,47 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   pad_id = mode.eos_ids[0] if mode.eos_ids else 0
   eos = jnp.asarray(mode.eos_ids, jnp.int32)
 
-  def select(i, logits, done, out_tok, out_lp):
+  def select(state: _LoopState) -> tuple[jax.Array, _LoopState]:
+    """Selects the token at `state.step` into tokens / logprobs / lengths / done; returns it
+    (int32 [R]) with the updated state (step, cache, slots, logits and positions unchanged)."""
+    i, done = state.step, state.done
     # One uniform per sampled row, drawn as without reference rows (which are greedy).
     u = jax.random.uniform(jax.random.fold_in(rng, i), (b * g,), jnp.float32)
     u = jnp.pad(u, (0, rows - b * g))
-    tok, lp = _select(mode, logits, u, temperature, top_p, i < min_new_tokens, greedy_rows)
+    tok, lp = _select(mode, state.logits, u, temperature, top_p, i < min_new_tokens, greedy_rows)
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
-    out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, tok[:, None], i, axis=1)
-    out_lp = jax.lax.dynamic_update_slice_in_dim(out_lp, lp[:, None], i, axis=1)
-    length_inc = (~done).astype(jnp.int32)
+    out_tok = jax.lax.dynamic_update_slice_in_dim(state.tokens, tok[:, None], i, axis=1)
+    out_lp = jax.lax.dynamic_update_slice_in_dim(state.logprobs, lp[:, None], i, axis=1)
+    lengths = state.lengths + (~done).astype(jnp.int32)
     if mode.eos_ids:
       done = done | jnp.isin(tok, eos)
-    return tok, done, out_tok, out_lp, length_inc
+    return tok, state.replace(done=done, lengths=lengths, tokens=out_tok, logprobs=out_lp)
 
-  def body(state):
-    i, cache, slots, logits, pos, done, lengths, out_tok, out_lp = state
-    tok, done, out_tok, out_lp, inc = select(i, logits, done, out_tok, out_lp)
-    slots = jax.lax.dynamic_update_slice_in_dim(slots, jnp.ones((rows, 1), bool), p + i, axis=1)
-    hidden, cache = llama.forward(c, params, tok[:, None], positions=pos[:, None], lora=lora,
-                                  cache=cache, cache_index=p + i, cache_mask=slots,
-                                  lora_row_scale=row_scale)
+  def body(state: _LoopState) -> _LoopState:
+    tok, state = select(state)
+    i = state.step
+    slots = jax.lax.dynamic_update_slice_in_dim(state.slots, jnp.ones((rows, 1), bool), p + i,
+                                                axis=1)
+    hidden, cache = llama.forward(c, params, tok[:, None], positions=state.positions[:, None],
+                                  lora=lora, cache=state.cache, cache_index=p + i,
+                                  cache_mask=slots, lora_row_scale=row_scale)
     logits = llama.project(c, params, hidden[:, 0])
-    return i + 1, cache, slots, logits, pos + 1, done, lengths + inc, out_tok, out_lp
+    return state.replace(step=i + 1, cache=cache, slots=slots, logits=logits,
+                         positions=state.positions + 1)
 
-  def cond(state):
-    i, done = state[0], state[5]
-    return (i < n - 1) & ~jnp.all(done)
+  def cond(state: _LoopState) -> jax.Array:
+    return (state.step < n - 1) & ~jnp.all(state.done)
 
   # Filler rows are done from the start: they emit pads and never hold the early exit back.
-  init = (jnp.int32(0), cache, slots, logits, pos, jnp.arange(rows) >= real,
-          jnp.zeros((rows,), jnp.int32), jnp.full((rows, n), pad_id, jnp.int32),
-          jnp.zeros((rows, n), jnp.float32))
-  i, _, _, logits, _, done, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
+  init = _LoopState(step=jnp.int32(0), cache=cache, slots=slots, logits=logits, positions=pos,
+                    done=jnp.arange(rows) >= real, lengths=jnp.zeros((rows,), jnp.int32),
+                    tokens=jnp.full((rows, n), pad_id, jnp.int32),
+                    logprobs=jnp.zeros((rows, n), jnp.float32))
+  state = jax.lax.while_loop(cond, body, init)
   # The last token needs no forward pass after it (and after an early exit this writes pads).
-  _, _, out_tok, out_lp, inc = select(i, logits, done, out_tok, out_lp)
-  out = SampleOutput(tokens=out_tok, logprobs=out_lp, lengths=lengths + inc)
+  _, state = select(state)
+  out = SampleOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths)
   part = lambda lo, hi: jax.tree.map(  # noqa: E731
       lambda x: _constrain(x[lo:hi], mode.mesh, _rows_sharding), out)
   if mode.reference_rows:
