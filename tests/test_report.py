@@ -104,6 +104,15 @@ def test_report_cli_on_two_runs_of_the_training_loop(demo_runs):
   assert "| prompt.markovian | True | False |" in text
   assert "first_number" in text and "CoT contains answer" in text
   assert "Training CoTs at step 1" in text and "Held-out CoTs at step 4" in text
+  # The methods compared, from what the trainer wrote: K from its config.json (CoTs are exactly
+  # sampling.cot_length tokens), its answer/logprob, its steps.
+  import json
+  k = json.load(open(os.path.join(demo_runs["markovian"], "config.json")))["sampling"][
+      "cot_length"]
+  methods = open(os.path.join(parent, "methods_table.md")).read()
+  assert "## Methods compared" in text and methods.strip() in text
+  assert "| Answer log-prob (train, last steps) | CoT tokens (K fixed) | Steps |" in methods
+  assert f"| {float(k):.1f} | 4 |" in methods
   # One run alone: the report lands in that run's directory.
   single = _run_report(f"--workdir={demo_runs['markovian']}")
   assert single.returncode == 0, single.stderr[-3000:]

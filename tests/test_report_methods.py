@@ -218,10 +218,12 @@ def test_interval_of_logged_values_without_rows():
 
 
 def test_variant_order_keeps_the_papers_and_pairs_twins():
-  assert mt.variant_order(["x_markovian", "non_markovian", "rlpr", "markovian", "x", "ei",
-                           "rlpr_markovian", "lone_markovian"]) == [
-      "ei", "markovian", "non_markovian", "x", "x_markovian", "rlpr", "rlpr_markovian",
-      "lone_markovian"]
+  """The paper's columns first, then named variants as configs.base.VARIANTS lists them
+  (ppo_base after paper_reward_grad), then unnamed ones by first appearance, twins adjacent."""
+  assert mt.variant_order(["zz_markovian", "ppo_base", "non_markovian", "aa", "markovian", "zz",
+                           "ei", "aa_markovian", "lone_markovian", "paper_reward_grad"]) == [
+      "ei", "markovian", "non_markovian", "paper_reward_grad", "ppo_base", "zz", "zz_markovian",
+      "aa", "aa_markovian", "lone_markovian"]
 
 
 def test_report_of_a_parent_holds_the_methods_table(parent, monkeypatch):

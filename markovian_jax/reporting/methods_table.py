@@ -25,8 +25,9 @@ the standard deviation across seeds) and the number of runs. Per run:
                 marked `K fixed`.
   steps         the last training step logged.
 
-Variants are ordered as the results table's (the paper's first) with each method followed by its
-`_markovian` twin, so that a method and its twin sit on adjacent rows.
+Variants are ordered as the results table's (the paper's first), then as configs.base.VARIANTS
+names them, with each method followed by its `_markovian` twin, so that a method and its twin sit
+on adjacent rows.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from markovian_jax.configs.base import TABLE_VARIANTS
+from markovian_jax.configs.base import TABLE_VARIANTS, VARIANTS
 from markovian_jax.reporting import results_table as rt
 from markovian_jax.reporting.diagnoses import window_for
 from markovian_jax.reporting.runs import Run, read_jsonl
@@ -131,11 +132,19 @@ def _stem(variant: str) -> str:
 
 
 def variant_order(variants: Sequence[str]) -> list:
-  """The paper's variants in their table order, then the others by first appearance, each
-  `<m>` followed by its twin `<m>_markovian` (which is never placed apart from it)."""
+  """The paper's variants in their table order, then the other named variants in the order
+  configs.base.VARIANTS defines them, then the rest by first appearance; each `<m>` followed by
+  its twin `<m>_markovian` (which is never placed apart from it)."""
   out = [v for v in TABLE_VARIANTS if v in variants]
   rest = [v for v in variants if v not in TABLE_VARIANTS]
-  for stem in dict.fromkeys(_stem(v) for v in rest):
+  stems = list(dict.fromkeys(_stem(v) for v in rest))
+  named = list(VARIANTS)
+
+  def rank(stem: str) -> tuple:
+    known = [named.index(v) for v in (stem, stem + MARKOVIAN_SUFFIX) if v in named]
+    return (min(known), 0) if known else (len(named), stems.index(stem))
+
+  for stem in sorted(stems, key=rank):
     out += [v for v in (stem, stem + MARKOVIAN_SUFFIX) if v in rest]
   return out
 
