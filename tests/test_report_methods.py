@@ -22,7 +22,7 @@ N = 200  # questions per evaluation
 def _run(path, variant, seed, test_acc: dict, selection: dict, tail_logprob, *, steps=40,
          tail_cot_length=None, cot_k=None, row_extra=None, config=None):
   """A run directory: `steps` training steps whose answer/logprob is -9 but for its last
-  len(tail_logprob) steps (those values), train/cot_length_mean likewise from tail_cot_length
+  len(tail_logprob) steps (those values), policy/cot_length likewise from tail_cot_length
   (else not logged); eval/step_N.jsonl of N questions, the first round(acc * N) correct, per
   `test_acc`; the selection accuracy per `selection`; row_extra: {step: {key: [value per
   question]}} added to that step's rows. config.json records task gsm8k, the variant, train.seed
@@ -38,7 +38,7 @@ def _run(path, variant, seed, test_acc: dict, selection: dict, tail_logprob, *, 
     if tail_cot_length is not None:
       length = (tail_cot_length[len(tail_cot_length) - 1 - back] if back < len(tail_cot_length)
                 else 99.0)
-      writer.add_scalar("train/cot_length_mean", length, step)
+      writer.add_scalar("policy/cot_length", length, step)
   for step, acc in test_acc.items():
     k = round(acc * N)
     extra = (row_extra or {}).get(step, {})

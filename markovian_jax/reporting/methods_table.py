@@ -20,9 +20,8 @@ the standard deviation across seeds) and the number of runs. Per run:
                 objective.logprob_reduction; a tenth of the run, 1 to 50 steps).
   CoT length    tokens per CoT, by the same rule: the evaluation rows' `cot_length` (or the
                 eval/cot_length scalar) at that step, else the last training steps of
-                answer/cot_length or train/cot_length_mean, else sampling.cot_length K when the
-                run records it: the trainer samples exactly K tokens (EOS is blocked before K),
-                marked `K fixed`.
+                policy/cot_length, else sampling.cot_length K when the run records it: the
+                trainer samples exactly K tokens (EOS is blocked before K), marked `K fixed`.
   steps         the last training step logged.
 
 Variants are ordered as the results table's (the paper's first), then as configs.base.VARIANTS
@@ -49,7 +48,8 @@ ANSWER_LOGPROB_EVAL_TAG = "eval/answer_logprob"
 ANSWER_LOGPROB_TRAIN_TAG = "answer/logprob"
 COT_LENGTH_ROW_KEY = "cot_length"
 COT_LENGTH_EVAL_TAG = "eval/cot_length"
-COT_LENGTH_TRAIN_TAGS = ("answer/cot_length", "train/cot_length_mean")
+# An answer-likelihood method's mean CoT length per step (its lengths from the CoT mask).
+COT_LENGTH_TRAIN_TAGS = ("policy/cot_length",)
 # Where a run lives or how it is resumed, not what it does: pooled runs may differ in these.
 _NOT_COMPARED = ("workdir", "compilation_cache_dir", "host_allocator", "train.resume")
 # How each reading's source is named in a header (all cells alike) or beside a cell (mixed).
@@ -354,7 +354,7 @@ def format_method_table(groups: Sequence[Group], runs: Sequence[Run] = ()) -> st
            "summed, objective.logprob_reduction=sum), and CoT tokens, are read at that best "
            "step's evaluation where it holds them (eval at best), else as the mean of the last "
            "tenth (1 to 50) of the logged training steps (train, last steps: answer/logprob, the "
-           "training scorer's; answer/cot_length or train/cot_length_mean); each run scores the "
+           "training scorer's; policy/cot_length); each run scores the "
            "answer in its own context (question visible, or hidden for a Markovian run), so the "
            "log-probs of a method and its twin are not the same quantity. K fixed: no length "
            "logged, the trainer samples exactly sampling.cot_length tokens (EOS blocked before "
