@@ -70,6 +70,30 @@ VARIANTS = {
                  "model, clipped at 1 +- 0.2, replacing the KL term (it collapsed there)",
                  {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"}),
 }
+# The answer-likelihood family (docs/answer-likelihood.md): each method as its paper ran it (the
+# scorer sees the question) and its Markovian twin (it does not). Value: the reward scorer of the
+# method's objectives.METHODS entry in objective.reward_scorer terms (NOVER's EMA-lagged copy is
+# refused by the config check; tests/test_answer_likelihood_wiring.py holds the two tables equal).
+ANSWER_LIKELIHOOD_SCORERS = {"verifree": "actor", "rlpr": "actor", "jepo": "actor",
+                             "latro": "actor", "nover": "actor", "vrcli": "base", "dro": "actor"}
+
+
+def _answer_likelihood_variant(method: str, markovian: bool):
+  name = method + ("_markovian" if markovian else "")
+  shown = "hidden from" if markovian else "shown to"
+  return (f"answer-likelihood method {method} (docs/answer-likelihood.md), the question {shown} "
+          f"its scorer and the reader",
+          {"objective.method": name, "prompt.markovian": markovian,
+           "objective.normalize_reward": False,
+           "objective.reward_scorer": ANSWER_LIKELIHOOD_SCORERS[method]})
+
+
+for _method in ANSWER_LIKELIHOOD_SCORERS:
+  for _markovian in (False, True):
+    VARIANTS[_method + ("_markovian" if _markovian else "")] = _answer_likelihood_variant(
+        _method, _markovian)
+del _method, _markovian
+
 # The paper's results-table columns in its order (after the base model's column).
 TABLE_VARIANTS = ("ei", "no_reward_grad", "unnormalised", "ema", "markovian", "non_markovian")
 

@@ -173,6 +173,10 @@ class Objective:
       "sequence_mean", "sequence_mean (each CoT weighs the same) | token_mean (each token)")
   kl_clamp: float = knob(20.0, "|log-ratio| bound inside the k1/k2/k3 estimators")
   reward_sigma_floor: float = knob(1e-2, "floor of sigma in the paper's reward-gradient term")
+  method: str = knob(
+      "", "an answer-likelihood method (docs/answer-likelihood.md): verifree | rlpr | jepo | "
+      "latro | nover | vrcli | dro, or <method>_markovian (its scorer does not see the question); "
+      "\"\" = the Markovian objective. Set by the config variants of the same names")
 
 
 @dataclasses.dataclass(frozen=True)

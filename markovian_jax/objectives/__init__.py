@@ -66,7 +66,7 @@ from markovian_jax.objectives.rewards import (REWARD_KIND_REGISTRY, REWARD_KINDS
                                               broadcast_to_samples, normalized_reward)
 from markovian_jax.objectives.step import advantage_targets, loss_from_targets, markovian_loss
 from markovian_jax.objectives.methods import (METHOD_NAMES, METHODS, MethodConfig, MethodTargets,
-                                              method_config, method_loss,
+                                              method_config, method_loss, method_of,
                                               method_loss_from_targets, method_targets)
 
 __all__ = [
@@ -90,5 +90,5 @@ __all__ = [
     "pg_per_token", "ppo_per_token", "ppo_base_per_sequence",
     # the answer-likelihood family
     "METHODS", "METHOD_NAMES", "MethodConfig", "MethodTargets", "method_config", "method_targets",
-    "method_loss_from_targets", "method_loss",
+    "method_loss_from_targets", "method_loss", "method_of",
 ]

@@ -49,6 +49,10 @@ class ObjectiveConfig:
     and per step for `ema_batch`.
   ei_std / ei_skip_initial: expert iteration threshold k (None = off) and warm-up batches.
   ppo_eps / ppo_log_ratio_clamp / ppo_ratio_reference: clip range, exp guard, `behaviour` | `base`.
+  method: "" (the Markovian objective above) or an answer-likelihood method name
+    (objectives/methods.py METHOD_NAMES; docs/answer-likelihood.md): its MethodConfig
+    (`methods.method_of`) then decides rewards, advantages and the answer term, and its policy
+    loss is this config with the method's settings.
   """
   kind: str = "pg"
   kl_penalty: float = 0.1
@@ -71,6 +75,7 @@ class ObjectiveConfig:
   ppo_eps: float = 0.2
   ppo_log_ratio_clamp: Optional[float] = 20.0
   ppo_ratio_reference: str = "behaviour"
+  method: str = ""
 
   def __post_init__(self):
     check_choice("objective kind", self.kind, OBJECTIVES)
@@ -81,6 +86,10 @@ class ObjectiveConfig:
     check_choice("reward_grad", self.reward_grad, REWARD_GRADS)
     check_choice("baseline", self.baseline, BASELINES)
     check_choice("ppo_ratio_reference", self.ppo_ratio_reference, PPO_RATIO_REFERENCES)
+    if self.method:
+      # Imported here: methods.py builds on this module.
+      from markovian_jax.objectives import methods
+      methods.split_name(self.method)
 
     def need(ok: bool, field: str, what: str):
       if not ok:

@@ -22,6 +22,7 @@ EMA rides in BaselineState.filter_std, checkpointed) and `method_loss_from_targe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -202,6 +203,15 @@ def method_config(name: str, objective: Optional[ObjectiveConfig] = None,
   if fields.get("kl_penalty") is not None:
     policy["kl_penalty"] = fields["kl_penalty"]
   return MethodConfig(**fields, objective=dataclasses.replace(objective, **policy))
+
+
+@functools.lru_cache(maxsize=None)
+def method_of(objective: ObjectiveConfig) -> Optional[MethodConfig]:
+  """The MethodConfig that `objective.method` names, with `objective`'s other settings as its
+  policy loss; None for the Markovian objective (method ""). Static: call it at trace time."""
+  if not objective.method:
+    return None
+  return method_config(objective.method, dataclasses.replace(objective, method=""))
 
 
 # ----------------------------------------------------------------------------- the step

@@ -68,6 +68,12 @@ class Scores:
   answer_logprobs float32 [N, A] and rewards float32 [N] (device, under the scorer).
   base_scores float32 [Q] (host) b of the reference's CoT', or None when not normalising;
   baseline_rows float32 [N]: b of each row's question (zeros when not normalising).
+  With an answer-likelihood method (objective.method; docs/answer-likelihood.md), what its
+  targets read: cot_logprobs float32 [N, K] (the sampler's) and cot_mask bool [N, K] (host);
+  no_reasoning_logprobs float32 [Q, W] (device) / no_reasoning_span bool [Q, W] (host), the answer
+  after an empty CoT, and ref_cot_logprobs float32 [N, K] (device), the reference's log-probs of
+  the CoT tokens; each None when the method does not read it. W = `window`: every answer span
+  ends its row, so the last W columns of any two rows hold the same answer tokens.
   """
   answer_tokens: np.ndarray
   answer_mask: np.ndarray
@@ -77,6 +83,11 @@ class Scores:
   rewards: jax.Array
   base_scores: Optional[np.ndarray]
   baseline_rows: np.ndarray
+  cot_logprobs: Optional[np.ndarray] = None
+  cot_mask: Optional[np.ndarray] = None
+  no_reasoning_logprobs: Optional[jax.Array] = None
+  no_reasoning_span: Optional[np.ndarray] = None
+  ref_cot_logprobs: Optional[jax.Array] = None
 
 
 def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.Array
@@ -110,18 +121,36 @@ def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.
 
 
 def score(ctx: RunContext, programs: train_step.Programs, lora, ref_lora, ro: Rollout) -> Scores:
-  """Builds each row's answer row (question hidden when prompt.markovian) and scores it."""
+  """Builds each row's answer row (question hidden when prompt.markovian) and scores it.
+
+  An answer-likelihood method also scores the answer after an empty CoT (its no-reasoning
+  score, when its no-reasoning subtraction reads one) and, for LaTRO's KL-in-reward, the
+  reference's log-probs of the CoT tokens."""
+  method = obj.method_of(ctx.spec.objective.loss)
   tokens, mask, span = ctx.answer_rows(ro.row_examples, ro.cot_texts)
   base_rows = (None, None, None)
   spans = [span]
   if ro.base_texts is not None:
     base_rows = ctx.answer_rows(ro.examples, ro.base_texts)
     spans.append(base_rows[2])
+  elif method is not None and method.needs_no_reasoning:
+    # The method's masked / absent reasoning: the same answer prompt with nothing as the CoT.
+    base_rows = ctx.answer_rows(ro.examples, [""] * len(ro.examples))
+    spans.append(base_rows[2])
   window = train_step.answer_window(*spans)
   mesh = ctx.mesh
   dev = lambda x: None if x is None else put(x, mesh)  # noqa: E731
   answer_lp, r, b = programs.score(ctx.params, lora, ref_lora, dev(tokens), dev(mask), dev(span),
                                    *[dev(x) for x in base_rows], last_n=window)
+  if method is not None:
+    ref_cot = None
+    if "kl_to_reference" in method.shaping:
+      ref_cot = programs.reference_cot(ctx.params, ref_lora, dev(ro.prompt_tokens),
+                                       dev(ro.prompt_mask), dev(ro.cot_tokens), dev(ro.cot_mask))
+    return Scores(tokens, mask, span, window, answer_lp, r, None,
+                  np.zeros(len(ro.cot_texts), np.float32), ro.behaviour_logprobs, ro.cot_mask,
+                  None if b is None else b[:, -window:],
+                  None if b is None else base_rows[2][:, -window:], ref_cot)
   base_scores = None if b is None else fetch(b)
   rows = (np.zeros(len(ro.cot_texts), np.float32) if base_scores is None
           else np.repeat(base_scores, ro.group_size).astype(np.float32))
@@ -130,7 +159,18 @@ def score(ctx: RunContext, programs: train_step.Programs, lora, ref_lora, ro: Ro
 
 def targets(ctx: RunContext, programs: train_step.Programs, sc: Scores,
             state: obj.BaselineState):
-  """(Targets, BaselineState after this step, metrics): the step's advantages, jitted."""
+  """(Targets, BaselineState after this step, metrics): the step's advantages, jitted. With an
+  answer-likelihood method: (objectives.MethodTargets, ...) from its pieces."""
+  if obj.method_of(ctx.spec.objective.loss) is not None:
+    w = sc.window
+    d = lambda x: None if x is None else put(np.asarray(x), ctx.mesh)  # noqa: E731
+    nr = sc.no_reasoning_logprobs
+    inputs = obj.LossInputs(
+        cot_logprobs=d(sc.cot_logprobs), cot_mask=d(sc.cot_mask),
+        answer_logprobs=sc.answer_logprobs[:, -w:], answer_mask=d(sc.answer_span[:, -w:]),
+        ref_logprobs=sc.ref_cot_logprobs, no_reasoning_logprobs=nr,
+        no_reasoning_mask=None if nr is None else d(sc.no_reasoning_span))
+    return programs.method_targets(inputs, state)
   b = None if sc.base_scores is None else put(sc.baseline_rows, ctx.mesh)
   return programs.targets(sc.rewards, b, state)
 
@@ -191,12 +231,15 @@ def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state
   moment or weight-decay change), as the reference skips the step.
   """
   o = spec.objective
-  if o.loss.ei_std is not None and not bool(fetch(tg.active).any()):
+  method = obj.method_of(o.loss)
+  filters = o.loss.ei_std is not None or (method is not None and method.filter != "none")
+  if filters and not bool(fetch(tg.active).any()):
     return lora, opt_state, []
   lr = np.float32(lr)
-  # The window is static: only the paper's reward gradient reads it, so only then may its
-  # changes compile another update program.
-  window = window if o.loss.reward_grad == "paper" else None
+  # The window is static: only the paper's reward gradient and a method's answer term read it,
+  # so only then may its changes compile another update program.
+  rescored = o.loss.reward_grad == "paper" or (method is not None and method.has_answer_term)
+  window = window if rescored else None
   if o.kind != "ppo":
     lora, opt_state, m = programs.update(ctx.params, lora, opt_state, batch, tg,
                                          jax.random.fold_in(key, 0), ref_lora, lr,
@@ -236,6 +279,11 @@ _TAGS = {
 # The same quantity as an answer/ tag (the rewards are logged from the scores themselves).
 _DUPLICATES = ("reward_mean", "normalized_reward_mean")
 _MAXIMA = ("ppo_ratio_max", "ppo_seq_ratio_max", "behaviour_logprob_diff_max")
+# An answer-likelihood method's own reward, score and no-reasoning score, and the CoT length the
+# methods' comparison reports (docs/answer-likelihood.md).
+_METHOD_TAGS = {"reward_mean": "answer/method_reward", "score_mean": "answer/method_score",
+                "no_reasoning_score_mean": "answer/no_reasoning_score",
+                "cot_length_mean": "policy/cot_length", "answer_loss": "train/answer_loss"}
 
 
 def _mean_updates(per_update: list[dict]) -> dict:
@@ -269,8 +317,11 @@ def scalars(spec, ctx: RunContext, ro: Rollout, sc: Scores, target_metrics: dict
   if sc.base_scores is not None:
     out[f"answer/baseline_{kind}"] = float(np.mean(sc.base_scores))
     out["answer/normalized_reward"] = float(np.mean(r - sc.baseline_rows))
+  method = spec.objective.loss.method
   for key, v in target_metrics.items():
-    if key not in _DUPLICATES:
+    if method and key in _METHOD_TAGS:
+      out[_METHOD_TAGS[key]] = float(v)
+    elif key not in _DUPLICATES:
       out[_TAGS.get(key, f"train/{key}")] = float(v)
   for key, v in _mean_updates(per_update).items():
     out[_TAGS.get(key, f"train/{key}")] = v

@@ -207,6 +207,32 @@ class ObjectiveSpec(_Section):
     if self.loss.reward_grad == "paper" and self.reward_scorer != "actor":
       _bad("objective.reward_grad", "'paper' differentiates the actor's answer log-prob, so it "
            "needs objective.reward_scorer='actor'")
+    if self.loss.method:
+      self._check_method()
+
+  def _check_method(self):
+    """An answer-likelihood method (docs/answer-likelihood.md) decides its own reward: the keys
+    that would change it must be at the values it sets (the config variants of its name do)."""
+    m = self.loss.method
+    try:
+      method = obj.method_of(self.loss)
+    except ValueError as e:
+      _bad("objective.method", str(e))
+    if method.scorer == "ema":
+      _bad("objective.method", f"{m!r} is not wired yet: its scorer and KL reference is an "
+           "EMA-lagged copy of the policy, which the trainer does not keep (its pieces and their "
+           "tests are in objectives/answer_likelihood.py)")
+    if self.reward_scorer != method.scorer:
+      _bad("objective.reward_scorer", f"{m!r} scores with the {method.scorer!r} model; set "
+           f"objective.reward_scorer={method.scorer!r} (the variant {m!r} does)")
+    if method.has_answer_term and method.scorer != "actor":
+      _bad("objective.method", f"{m!r}'s answer term differentiates the actor's answer log-prob")
+    if self.loss.normalize_reward or self.loss.reward_grad != "none":
+      key = ("objective.normalize_reward" if self.loss.normalize_reward
+             else "objective.reward_grad")
+      _bad(key, f"{m!r} subtracts its own no-reasoning score and has its own answer term: set "
+           "objective.normalize_reward=False and objective.reward_grad='none' (the variant "
+           f"{m!r} does)")
 
   @property
   def kind(self) -> str:
@@ -325,6 +351,13 @@ class RunSpec:
       _bad("variant", f"unknown {c.variant!r}; choose one of {list(VARIANTS)} (or '')")
     read = {name: spec.read(c[name]) for name, spec in sections.items()}
     objective = ObjectiveSpec.read(c.objective, read["train"].group_size)
+    if objective.loss.method:
+      # Whom the scorer shows the question is prompt.markovian's job, for every row it builds.
+      hidden = obj.method_of(objective.loss).markovian
+      if read["prompt"].markovian != hidden:
+        _bad("prompt.markovian", f"objective.method={objective.loss.method!r} "
+             f"{'hides' if hidden else 'shows'} the question from its scorer: set "
+             f"prompt.markovian={hidden} (the variant {objective.loss.method!r} does)")
     return cls(task=c.task, workdir=str(c.workdir),
                compilation_cache_dir=str(c.compilation_cache_dir),
                host_allocator=c.host_allocator, objective=objective, **read)

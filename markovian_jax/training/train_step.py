@@ -105,19 +105,37 @@ def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, a
   Args:
     lora: the policy adapter; ref_lora: the reference adapter (None = base model).
     answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT', or
-      None when the reward is not normalised (no CoT' is sampled then).
+      None when the reward is not normalised (no CoT' is sampled then). With an answer-likelihood
+      method (objective.method) base_* are instead its no-reasoning rows (the answer prompt with
+      an empty CoT), scored by the method's no_reasoning_scorer.
     last_n: `answer_window` of the spans (static), or None to project every position.
   Returns:
-    (answer_logprobs float32 [N, A] under the scorer, r float32 [N], b float32 [Q] or None).
+    (answer_logprobs float32 [N, A] under the scorer, r float32 [N], b float32 [Q] or None; with
+    a method, b is the no-reasoning rows' per-token log-probs float32 [Q, A'], 0 off the span).
   """
   scorer = lora if s.reward_scorer == "actor" else ref_lora
   ans = jax.lax.stop_gradient(
       answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n))
   b = None
-  if base_tokens is not None:
+  method = obj.method_of(s.objective)
+  if base_tokens is not None and method is not None:
+    nr_scorer = lora if method.no_reasoning_scorer == "actor" else ref_lora
+    b = jax.lax.stop_gradient(
+        answer_logprobs(s, params, nr_scorer, base_tokens, base_mask, base_span, last_n))
+  elif base_tokens is not None:
     base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span, last_n)
     b = jax.lax.stop_gradient(rewards(s, base, base_span))
   return ans, rewards(s, ans, answer_span), b
+
+
+def reference_cot_logprobs(s: StepSettings, params, ref_lora, prompt_tokens, prompt_mask,
+                           cot_tokens, cot_mask):
+  """float32 [N, K]: the reference's log-probs of the sampled CoT tokens at the sampling
+  temperature, no gradient (LaTRO's reward folds the sequence log-ratio to it in)."""
+  out = lp_lib.continuation_logprobs(
+      s.model, params, prompt_tokens, prompt_mask, cot_tokens, cot_mask, lora=ref_lora,
+      temperature=s.temperature, chunk_size=s.logprob_chunk)
+  return jax.lax.stop_gradient(out.logprobs)
 
 
 def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
@@ -133,7 +151,8 @@ def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
       lora=lora, temperature=s.temperature, chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
       with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref,
       reference_lora=ref_lora)
-  if cfg.reward_grad == "paper":
+  method = obj.method_of(cfg)
+  if cfg.reward_grad == "paper" or (method is not None and method.has_answer_term):
     answers = answer_logprobs(s, params, lora, batch.answer_tokens, batch.answer_mask,
                               batch.answer_span, answer_last_n)
   else:
@@ -148,8 +167,12 @@ def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
 def loss_and_grads(s: StepSettings, params, lora, batch: PolicyBatch, targets: obj.Targets,
                    dropout_rng=None, ref_lora=None, answer_last_n: Optional[int] = None):
   """(loss float32 scalar, metrics dict, gradient w.r.t. `lora`: a LoRA-shaped tree)."""
+  method = obj.method_of(s.objective)
+
   def loss_fn(lora_):
     inputs = loss_inputs(s, params, lora_, batch, dropout_rng, ref_lora, answer_last_n)
+    if method is not None:
+      return obj.method_loss_from_targets(inputs, targets, method)
     return obj.loss_from_targets(inputs, targets, s.objective)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
@@ -197,6 +220,8 @@ class Programs:
 
   score(params, lora, ref_lora, answer rows..., base rows... or None, last_n=) -> `score`
   targets(r [N], b [N] or None, baseline_state) -> objectives.advantage_targets
+  method_targets(LossInputs, baseline_state) -> objectives.method_targets (objective.method set)
+  reference_cot(params, ref_lora, prompt rows, CoT rows) -> `reference_cot_logprobs` (the same)
   update(params, lora, opt_state, batch, targets, dropout_rng, ref_lora, lr, answer_last_n=)
     -> `update`; donates the LoRA and optimizer state and keeps their shardings.
   Batch arrays are sharded on their leading dim by the caller (`run_context.put`).
@@ -209,6 +234,12 @@ class Programs:
         lambda p, l, ref, *rows, last_n=None: score(s, p, l, ref, *rows, last_n=last_n),
         static_argnames=("last_n",))
     self.targets = jax.jit(lambda r, b, state: obj.advantage_targets(r, b, s.objective, state))
+    method = obj.method_of(s.objective)
+    if method is not None:
+      self.method_targets = jax.jit(
+          lambda inputs, state: obj.method_targets(inputs, method, state))
+      self.reference_cot = jax.jit(
+          lambda p, ref, *rows: reference_cot_logprobs(s, p, ref, *rows))
     self.update = jax.jit(
         lambda p, l, o, b, t, r, ref, lr, answer_last_n=None: update(
             s, tx, p, l, o, b, t, r, ref, lr, answer_last_n),
