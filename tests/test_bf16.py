@@ -238,7 +238,7 @@ def test_bf16_continuation_logprobs_are_float32_log_softmax(monkeypatch):
   """Under a bfloat16 model, `continuation_logprobs` is the float64 log-softmax of the float32
   logits of its own (bfloat16) predicting states: the log-probs are float32 (README), not
   bfloat16 (one rounding of |lp| ~ 6 is ~0.01)."""
-  from markovian_jax.models import llama, logprobs
+  from markovian_jax.models import decoder, logprobs
   from markovian_jax.sampling import batching
   cfg = helpers.tiny_config(dtype="bfloat16", param_dtype="bfloat16")
   params32, lora = helpers.random_model(helpers.tiny_config())
@@ -267,7 +267,7 @@ def test_bf16_continuation_logprobs_are_float32_log_softmax(monkeypatch):
   assert got.dtype == np.float32 and hidden.dtype == jnp.bfloat16
   # The float32 logits, exactly: bfloat16 products are exact in float64, sums of D = 64 of them too
   # (to 2^-52); float32 accumulation is within D ulps of that.
-  w = np.asarray(llama.head_weight(cfg, params).astype(jnp.bfloat16), np.float64)
+  w = np.asarray(decoder.head_weight(cfg, params).astype(jnp.bfloat16), np.float64)
   z = (hidden.astype(np.float64) @ w) / TEMPERATURE
   z = z - z.max(-1, keepdims=True)
   lp = z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -38,15 +38,15 @@ PROMPTS = [[1, 17, 250, 3, 99, 41, 7], [1, 400, 12, 5]]
 
 def _sigma_z(config, params) -> float:
   """sqrt(K_F) u max|g| max_v ||W_v||: the logits' rounding scale (tests/test_bf16.py)."""
-  from markovian_jax.models import llama
-  head = np.asarray(llama.head_weight(config, params), np.float32)  # [D, V]
+  from markovian_jax.models import decoder
+  head = np.asarray(decoder.head_weight(config, params), np.float32)  # [D, V]
   g = np.asarray(params["final_norm"]["scale"], np.float32)
   k_f = 22 * config.num_layers + 1
   return float(np.sqrt(k_f) * U * np.abs(g).max() * np.linalg.norm(head, axis=0).max())
 
 
 def test_bf16_sampler_logprobs_match_teacher_forcing():
-  from markovian_jax.models import llama, logprobs
+  from markovian_jax.models import decoder, logprobs
   from markovian_jax.sampling import batching, generate_with_reference
   cfg32 = helpers.tiny_config()
   params32, lora = helpers.random_model(cfg32)
@@ -65,10 +65,10 @@ def test_bf16_sampler_logprobs_match_teacher_forcing():
   # dot product of D terms is within D ulps of sum |h_i W_iv| (Higham's gamma_D); one bfloat16
   # rounding of z is 2^-9 |z|, ~2^-12 of that sum here.
   h = jnp.asarray(np.random.default_rng(0).normal(size=(16, cfg.hidden_size)), jnp.bfloat16)
-  z = llama.project(cfg, params, h)
+  z = decoder.project(cfg, params, h)
   assert z.dtype == jnp.float32
   h64 = np.asarray(h, np.float64)
-  w64 = np.asarray(llama.head_weight(cfg, params), np.float64)
+  w64 = np.asarray(decoder.head_weight(cfg, params), np.float64)
   bound = helpers.ulps(cfg.hidden_size) * (np.abs(h64) @ np.abs(w64))
   np.testing.assert_array_less(np.abs(np.asarray(z, np.float64) - h64 @ w64), bound)
   sampled = np.asarray(out.logprobs)

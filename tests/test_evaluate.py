@@ -262,11 +262,11 @@ def target_logprob(trainer, lora, example, cot: str) -> float:
   """Mean log-prob (nats/token) of the target after the answer prompt: one unpadded forward pass,
   log-softmax and gather in numpy."""
   from markovian_jax import data as data_lib
-  from markovian_jax.models import llama
+  from markovian_jax.models import decoder
   ctx = trainer.ctx
   row = data_lib.answer_tokens(ctx.tokenizer, ctx.answer_prefix(example, cot), example.answer,
                                trainer.config.prompt.format)
-  logits = np.asarray(llama.logits(ctx.model, ctx.params, row.ids[None], lora=lora)[0],
+  logits = np.asarray(decoder.logits(ctx.model, ctx.params, row.ids[None], lora=lora)[0],
                       np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax.models import (ConfigError, LlamaConfig, init_lora, load_checkpoint, logits,
+from markovian_jax.models import (ConfigError, DecoderConfig, init_lora, load_checkpoint, logits,
                                   positions_from_mask)
-from markovian_jax.models import hf, llama
+from markovian_jax.models import hf, decoder
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.sampling import generate
 from tests import helpers
@@ -68,7 +68,7 @@ def _family_config(family: str):
                                    n_positions=128, initializer_range=0.08, bos_token_id=1,
                                    eos_token_id=2)
   if family == "llama":
-    return transformers.LlamaConfig(**_COMMON, tie_word_embeddings=False)
+    return transformers.DecoderConfig(**_COMMON, tie_word_embeddings=False)
   raise ValueError(family)
 
 
@@ -164,7 +164,7 @@ def test_sliding_window_and_longrope_are_what_the_comparison_sees(family):
 
 
 def _drop_unused(config, params):
-  want = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  want = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda w, p: p, want, _subtree(params, want))
 
 
@@ -192,21 +192,21 @@ def test_cache_decode_equals_full_recompute(family):
   ids, mask = _ragged_batch(config.vocab_size, [24, 15], seq=24, seed=3)
   full = np.asarray(logits(config, params, ids, attention_mask=mask))
   b, t = ids.shape
-  cache = tuple(jnp.zeros(s, jnp.float32) for s in llama.cache_shape(config, b, t))
+  cache = tuple(jnp.zeros(s, jnp.float32) for s in decoder.cache_shape(config, b, t))
   positions = positions_from_mask(jnp.asarray(mask))
   prefill = 10
-  h, cache = llama.forward(config, params, jnp.asarray(ids[:, :prefill]),
+  h, cache = decoder.forward(config, params, jnp.asarray(ids[:, :prefill]),
                            attention_mask=jnp.asarray(mask[:, :prefill]),
                            positions=positions[:, :prefill], cache=cache, cache_index=0,
                            cache_mask=jnp.asarray(np.pad(mask[:, :prefill],
                                                          ((0, 0), (0, t - prefill)))))
-  steps = [np.asarray(llama.project(config, params, h))]
+  steps = [np.asarray(decoder.project(config, params, h))]
 
   @jax.jit  # one compile for every step: the slot is a traced index, as in the sampler
   def step(params, tok, tok_mask, pos, cache, index, valid):
-    h, cache = llama.forward(config, params, tok, attention_mask=tok_mask, positions=pos,
+    h, cache = decoder.forward(config, params, tok, attention_mask=tok_mask, positions=pos,
                              cache=cache, cache_index=index, cache_mask=valid)
-    return llama.project(config, params, h), cache
+    return decoder.project(config, params, h), cache
 
   for i in range(prefill, t):
     valid = np.pad(mask[:, :i + 1], ((0, 0), (0, t - i - 1)))
@@ -342,7 +342,7 @@ def test_gpt2_original_upload_layout(tmp_path):
 
 def test_lora_targets_follow_the_family():
   def cfg(**kw):
-    return LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=12, num_layers=1,
+    return DecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=12, num_layers=1,
                        num_heads=2, num_kv_heads=1, head_dim=4, **kw)
   assert set(lora_lib.target_shapes(cfg(), lora_lib.ALL_LINEAR)) == {
       ("attn", n) for n in "qkvo"} | {("mlp", n) for n in ("gate", "up", "down")}
@@ -359,7 +359,7 @@ def test_lora_targets_follow_the_family():
 def test_unsupported_model_type_names_the_supported_families():
   with pytest.raises(ConfigError, match="model_type='gemma3'.*supported model types: llama, "
                                         "mistral, qwen2, qwen3, phi3, gpt2"):
-    LlamaConfig.from_hf({"model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"]})
+    DecoderConfig.from_hf({"model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"]})
 
 
 @pytest.mark.parametrize("hub_id, num_params, tied", [("Qwen/Qwen3-4B", 4_022_468_096, True),

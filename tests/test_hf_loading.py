@@ -41,7 +41,7 @@ def _torch_llama(tmp_path_factory, name, tie=False, max_shard_size="200KB"):
   torch = helpers.require("torch")
   transformers = helpers.require("transformers")
   c = helpers.tiny_config(tie_word_embeddings=tie)
-  hf_config = transformers.LlamaConfig(
+  hf_config = transformers.DecoderConfig(
       vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
       num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,

@@ -8,7 +8,7 @@ import pytest
 
 from markovian_jax.sampling import batching
 from markovian_jax.models import logprobs
-from markovian_jax.models import llama, logits
+from markovian_jax.models import decoder, logits
 from tests import helpers
 
 T = 0.8
@@ -117,7 +117,7 @@ def test_reference_terms_without_an_adapter(model, batch, scored):
   np.testing.assert_allclose(np.asarray(base.ref_logprobs), np.asarray(base.logprobs),
                              rtol=helpers.ulps(ULPS))
   # Precomputed reference hidden states give the same terms as computing them inside.
-  ref_hidden, _ = llama.forward(config, params, tokens, attention_mask=mask)
+  ref_hidden, _ = decoder.forward(config, params, tokens, attention_mask=mask)
   given = scored(lora, tokens, mask, target, ref_hidden)
   inside = scored(lora, tokens, mask, target)
   np.testing.assert_allclose(np.asarray(given.kl), np.asarray(inside.kl), rtol=helpers.ulps(ULPS),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from markovian_jax.runtime import sharding
-from markovian_jax.models import (ConfigError, LlamaConfig, init_lora, init_params, logits, merge)
+from markovian_jax.models import (ConfigError, DecoderConfig, init_lora, init_params, logits, merge)
 from markovian_jax.models import rope
 from markovian_jax.models.lora import num_params
 from tests import helpers
@@ -48,7 +48,7 @@ def _perturbed_lora(config, seed=2):
 def test_llama31_8b_shapes_without_allocation(tmp_path):
   path = tmp_path / "config.json"
   path.write_text(json.dumps(LLAMA31_8B_CONFIG))
-  config = LlamaConfig.from_json_file(str(path), param_dtype="bfloat16", dtype="bfloat16")
+  config = DecoderConfig.from_json_file(str(path), param_dtype="bfloat16", dtype="bfloat16")
   assert config.rope_scaling.factor == 8.0 and config.rope_theta == 500000.0
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
@@ -63,7 +63,7 @@ def test_llama3_rope_scaling_matches_hand_computation():
   # Original context 128, low 1, high 4: wavelengths > 128 are divided by 8, < 32 kept, and
   # 62.8 lies in the medium band, interpolated with smooth = (128 / 62.8 - 1) / (4 - 1).
   from markovian_jax.models import RopeScaling
-  cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+  cfg = DecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
                     num_kv_heads=1, head_dim=8, rope_theta=10000.0,
                     rope_scaling=RopeScaling(8.0, 1.0, 4.0, 128))
   base = np.array([1.0, 0.1, 0.01, 0.001])
@@ -152,30 +152,30 @@ def test_mesh_shape_resolution_and_errors():
 
 def test_config_errors():
   with pytest.raises(ConfigError, match="model_type='gemma3'"):
-    LlamaConfig.from_hf({"model_type": "gemma3", "vocab_size": 8})
+    DecoderConfig.from_hf({"model_type": "gemma3", "vocab_size": 8})
   with pytest.raises(ConfigError, match="missing required keys"):
-    LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 8})
+    DecoderConfig.from_hf({"model_type": "llama", "vocab_size": 8})
   bad_rope = dict(LLAMA31_8B_CONFIG, rope_scaling={"rope_type": "yarn", "factor": 4.0})
   with pytest.raises(ConfigError, match="yarn"):
-    LlamaConfig.from_hf(bad_rope)
+    DecoderConfig.from_hf(bad_rope)
   with pytest.raises(FileNotFoundError):
-    LlamaConfig.from_json_file("/nonexistent/config.json")
+    DecoderConfig.from_json_file("/nonexistent/config.json")
 
 
 def test_both_rope_layouts_give_the_same_config():
   v5 = dict(LLAMA31_8B_CONFIG)
   scaling = v5.pop("rope_scaling")
   v5["rope_parameters"] = {**scaling, "rope_theta": v5.pop("rope_theta")}
-  assert LlamaConfig.from_hf(v5) == LlamaConfig.from_hf(LLAMA31_8B_CONFIG)
+  assert DecoderConfig.from_hf(v5) == DecoderConfig.from_hf(LLAMA31_8B_CONFIG)
   # to_hf round-trips.
-  c = LlamaConfig.from_hf(LLAMA31_8B_CONFIG)
-  assert LlamaConfig.from_hf(c.to_hf()) == c
+  c = DecoderConfig.from_hf(LLAMA31_8B_CONFIG)
+  assert DecoderConfig.from_hf(c.to_hf()) == c
 
 
 def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
   """G continuations of Q ragged prompts through the shared-prefix path give the hidden states,
   and the LoRA gradient, of `forward` on [prompt; continuation] rows (fp32)."""
-  from markovian_jax.models import llama
+  from markovian_jax.models import decoder
   config, params, _ = model
   lora = _perturbed_lora(config)
   q, g, p, t = 2, 3, 9, 6
@@ -192,12 +192,12 @@ def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
   ct_pre = jnp.asarray(rng.normal(size=(q, p, config.hidden_size)), jnp.float32)
 
   def ours(lora):
-    hp, h = llama.forward_with_prefix(config, params, prefix, pmask, cont, attention_mask=cmask,
+    hp, h = decoder.forward_with_prefix(config, params, prefix, pmask, cont, attention_mask=cmask,
                                       lora=lora)
     return hp, h
 
   def reference(lora):
-    h, _ = llama.forward(config, params, full, attention_mask=fmask, lora=lora)
+    h, _ = decoder.forward(config, params, full, attention_mask=fmask, lora=lora)
     return h[::g, :p], h[:, p:]
 
   def loss(fn, lora):
@@ -216,4 +216,4 @@ def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
   with pytest.raises(ValueError, match="Q dividing"):
-    llama.forward_with_prefix(config, params, prefix, pmask, cont[:5])
+    decoder.forward_with_prefix(config, params, prefix, pmask, cont[:5])

@@ -173,9 +173,9 @@ TOTAL_MARGIN = 0.2
 
 
 def _small(remat="full"):
-  from markovian_jax.models.config import LlamaConfig
+  from markovian_jax.models.config import DecoderConfig
   from markovian_jax.planning.memory import Workload
-  model = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4,
+  model = DecoderConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4,
                       num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=1024,
                       param_dtype="float32", dtype="float32", remat=remat, eos_token_ids=(2,))
   w = Workload(questions=2, group=4, cot=64, prompt=64, answer=96, window=8, remat=remat)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax.models import ConfigError, llama, random_models
+from markovian_jax.models import ConfigError, decoder, random_models
 from markovian_jax.planning import plan
 from markovian_jax.training import config_validation
 from tests import helpers
@@ -46,15 +46,15 @@ def test_masked_ids_are_never_sampled_and_carry_no_probability():
   tokens stay below usable_vocab."""
   from markovian_jax import sampling
   c = helpers.tiny_config(param_dtype="float32", dtype="float32", usable_vocab=100)
-  params = llama.init_params(c, jax.random.PRNGKey(0))
+  params = decoder.init_params(c, jax.random.PRNGKey(0))
   head = np.asarray(params["lm_head"]["kernel"]).copy()
   head[:, 100:] *= 50.0  # unmasked, ids >= 100 would win nearly every draw
   params["lm_head"]["kernel"] = jnp.asarray(head)
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 100, (2, 12)), jnp.int32)
-  logits = jax.jit(llama.logits, static_argnums=0)
+  logits = jax.jit(decoder.logits, static_argnums=0)
   got = np.asarray(logits(c, params, tokens))
   raw = np.asarray(logits(c.replace(usable_vocab=None), params, tokens), np.float64)
-  assert (got[..., 100:] == llama.MASKED_LOGIT).all()
+  assert (got[..., 100:] == decoder.MASKED_LOGIT).all()
   ref = raw[..., :100] - np.log(np.exp(raw[..., :100] - raw[..., :100].max(-1, keepdims=True))
                                 .sum(-1, keepdims=True)) - raw[..., :100].max(-1, keepdims=True)
   lsm = np.asarray(jax.nn.log_softmax(jnp.asarray(got), axis=-1), np.float64)

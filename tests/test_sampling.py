@@ -15,7 +15,7 @@ from markovian_jax import sampling
 from markovian_jax.sampling import batching
 from markovian_jax.models import logprobs
 from markovian_jax.runtime import sharding
-from markovian_jax.models import init_lora, llama, logits
+from markovian_jax.models import init_lora, decoder, logits
 from tests import helpers
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]  # ragged: left padding differs per row
@@ -46,7 +46,7 @@ def constant_model(model):
   p["layers"]["mlp"]["down"]["kernel"] = jnp.zeros_like(p["layers"]["mlp"]["down"]["kernel"])
   emb = p["embed"]["embedding"]
   p["embed"]["embedding"] = jnp.broadcast_to(emb[0], emb.shape)
-  h = llama.forward(config, p, jnp.asarray([[3]]))[0][0, 0]
+  h = decoder.forward(config, p, jnp.asarray([[3]]))[0][0, 0]
   z = np.asarray(2.5 * jax.random.normal(jax.random.PRNGKey(9), (config.vocab_size,)), np.float64)
   return _with_logits(p, h, z), h, z
 

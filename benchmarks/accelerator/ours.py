@@ -93,12 +93,12 @@ class Ours:
   def meta(self) -> dict:
     import jax
 
-    from markovian_jax.models import llama
+    from markovian_jax.models import decoder
     return {"device_kind": self.device.device_kind, "platform": self.device.platform,
             "jax": jax.__version__, "init_s": self.init_s,
             "weight_sums": leaf_sums(self.params),
             "attention_impl": self.c.attention_impl,
-            "self_attention_kernel": {str(t): llama.attention_kernel(self.c, t) for t in sorted(
+            "self_attention_kernel": {str(t): decoder.attention_kernel(self.c, t) for t in sorted(
                 {self.w.step_prompt, self.w.answer_len, self.w.cache_slots - self.w.sampler_new})},
             "decode_and_prefix_kernel": "einsum"}
 

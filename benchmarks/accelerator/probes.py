@@ -91,7 +91,7 @@ def attention_preflight(w: wl.Workload, kernel: str = "cudnn", gpu_only: bool = 
   import jax
   import jax.numpy as jnp
 
-  from markovian_jax.models import llama
+  from markovian_jax.models import decoder
   c = w.config
   if gpu_only and jax.default_backend() != "gpu":
     return {"ok": False, "layouts": [], "reason": f"{jax.default_backend()} backend: cuDNN "
@@ -105,7 +105,7 @@ def attention_preflight(w: wl.Workload, kernel: str = "cudnn", gpu_only: bool = 
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
 
     def run(kernel):
-      f = lambda q, k, v: llama._dot_product_attention(kernel, q, k, v, mask)  # noqa: E731
+      f = lambda q, k, v: decoder._dot_product_attention(kernel, q, k, v, mask)  # noqa: E731
       out = jax.jit(f)(q, k, v)
       g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2), (0, 1, 2)))(
           q, k, v) if grad else ()

@@ -21,8 +21,8 @@ SAMPLER_BUCKET = 64  # `sampling.generate`'s default prompt bucket: the cache ha
 
 
 def llama31_8b(attention_impl: str = "auto", layers: int = 32):
-  from markovian_jax.models import LlamaConfig, RopeScaling
-  return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+  from markovian_jax.models import DecoderConfig, RopeScaling
+  return DecoderConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                      num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128,
                      rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
                      max_position_embeddings=131072, bos_token_id=128000,
@@ -31,8 +31,8 @@ def llama31_8b(attention_impl: str = "auto", layers: int = 32):
 
 
 def tiny(attention_impl: str = "auto"):
-  from markovian_jax.models import LlamaConfig
-  return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+  from markovian_jax.models import DecoderConfig
+  return DecoderConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                      max_position_embeddings=512, bos_token_id=1, eos_token_ids=(2,),
                      param_dtype="bfloat16", dtype="bfloat16", remat="full",
@@ -64,7 +64,7 @@ class Workload:
   Answer: {a}"), built from token ids on both sides. `questions` and `batches` are in run
   order: the rows that matter most first."""
   name: str
-  config: object  # LlamaConfig
+  config: object  # DecoderConfig
   batches: tuple = (1, 256, 64, 12)
   sampler_prompt: int = 256
   sampler_new: int = 100

@@ -2,7 +2,7 @@
 
   auto    on a GPU, a small preflight compiles and runs cuDNN's flash attention (forward and
           gradient, the model's heads and dtype) and compares it with XLA's; it passes: cuDNN
-          where it can run (`LlamaConfig.attention_impl="auto"`), it fails at trace, lowering,
+          where it can run (`DecoderConfig.attention_impl="auto"`), it fails at trace, lowering,
           compile or run time, or disagrees: XLA's attention, with the reason logged. Elsewhere:
           XLA's attention (the backend's default path), with the reason logged.
   cudnn   cuDNN's, after the same preflight; on a backend without it, or when the preflight
@@ -10,7 +10,7 @@
   xla     XLA's attention (`jax.nn.dot_product_attention`'s XLA implementation on GPU; the
           backend's default path elsewhere, the einsum path on CPU).
 
-The preflight exists because `llama._dot_product_attention`'s own fallback catches only what
+The preflight exists because `decoder._dot_product_attention`'s own fallback catches only what
 cuDNN refuses while tracing; a failure when XLA compiles the cuDNN call would otherwise end the
 run at its first step.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 from markovian_jax.runtime.errors import InvalidConfig
 
 CHOICES = ("auto", "cudnn", "xla")
@@ -31,7 +31,7 @@ def _gpu(backend: str) -> bool:
   return backend in ("gpu", "cuda", "rocm")
 
 
-def preflight(config: LlamaConfig, rows: int = PREFLIGHT_ROWS, length: int = PREFLIGHT_LENGTH,
+def preflight(config: DecoderConfig, rows: int = PREFLIGHT_ROWS, length: int = PREFLIGHT_LENGTH,
               kernel: str = "cudnn") -> Optional[str]:
   """None when `kernel`'s attention lowers, compiles and runs (forward, and the gradient of all
   three inputs) on [rows, length] of the model's heads in its compute dtype, and agrees with
@@ -39,7 +39,7 @@ def preflight(config: LlamaConfig, rows: int = PREFLIGHT_ROWS, length: int = PRE
   import jax
   import jax.numpy as jnp
 
-  from markovian_jax.models import llama
+  from markovian_jax.models import decoder
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   dtype = jnp.dtype(config.dtype)
   q = jax.random.normal(keys[0], (rows, length, config.num_heads, config.head_dim), dtype)
@@ -48,7 +48,7 @@ def preflight(config: LlamaConfig, rows: int = PREFLIGHT_ROWS, length: int = PRE
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (rows, length, length))
 
   def program(kernel):
-    f = lambda q, k, v: llama._dot_product_attention(kernel, q, k, v, mask)  # noqa: E731
+    f = lambda q, k, v: decoder._dot_product_attention(kernel, q, k, v, mask)  # noqa: E731
     loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)  # noqa: E731
     return jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)))
 
@@ -80,8 +80,8 @@ def check_backend(requested: str, backend: Optional[str] = None) -> None:
                         f"{backend}; use 'auto' or 'xla'")
 
 
-def resolve(requested: str, config: LlamaConfig, backend: Optional[str] = None) -> tuple:
-  """(LlamaConfig.attention_impl, what ran and why: one line for the log) for
+def resolve(requested: str, config: DecoderConfig, backend: Optional[str] = None) -> tuple:
+  """(DecoderConfig.attention_impl, what ran and why: one line for the log) for
   `config.model.attention=requested` on `backend` (default: JAX's). Raises InvalidConfig for
   `cudnn` where it cannot run."""
   import jax

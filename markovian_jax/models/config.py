@@ -1,7 +1,7 @@
 """Decoder model configuration for the supported families, read from HF `config.json`.
 
-One model implementation (`llama.py`) runs every family; what sets a family apart is a handful of
-named fields of `LlamaConfig` (`FAMILIES` lists each family's values):
+One model implementation (`decoder.py`) runs every family; what sets a family apart is a handful of
+named fields of `DecoderConfig` (`FAMILIES` lists each family's values):
 
     family   model_type  fields that differ from Llama
     Llama    llama       (attention_bias / mlp_bias when the checkpoint sets them)
@@ -15,7 +15,7 @@ named fields of `LlamaConfig` (`FAMILIES` lists each family's values):
 Published Llama 3.1 checkpoints keep `rope_theta` at the top level and the llama3 frequency
 scaling under `rope_scaling`; transformers 5 writes both under `rope_parameters`. Reading only one
 layout silently drops the scaling, which gives a model that is right up to the original context and
-wrong beyond it, so `LlamaConfig.from_hf` accepts both and rejects rope types it does not implement.
+wrong beyond it, so `DecoderConfig.from_hf` accepts both and rejects rope types it does not implement.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ConfigError(UserError, ValueError):
   """A model config that cannot describe a model we can run (the CLIs print it as one line)."""
 
 
-# Layer norm kinds (`LlamaConfig.norm_kind`): RMSNorm with a scale, or LayerNorm with scale and bias.
+# Layer norm kinds (`DecoderConfig.norm_kind`): RMSNorm with a scale, or LayerNorm with scale and bias.
 NORM_KINDS = ("rms", "layer")
 # Position encodings (`position_kind`): rotary on q/k, or a learned table added to the embeddings.
 POSITION_KINDS = ("rope", "learned")
@@ -64,8 +64,8 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
-# How attention is computed (`LlamaConfig.attention_impl`; resolved per call by
-# `llama.attention_kernel`):
+# How attention is computed (`DecoderConfig.attention_impl`; resolved per call by
+# `decoder.attention_kernel`):
 #   auto         the einsum path on CPU; jax.nn.dot_product_attention on accelerators, with cuDNN
 #                flash attention on GPU where cuDNN can run it (bf16/fp16) and XLA's otherwise;
 #   einsum       always the einsum path (the reference implementation; CPU's fastest);
@@ -97,7 +97,7 @@ class LongRopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class DecoderConfig:
   """Static architecture description. Frozen and hashable so it can be a static jit argument.
 
   The fields after `attention_impl` name what sets a family apart (`FAMILIES`); their defaults
@@ -125,7 +125,7 @@ class LlamaConfig:
   remat: str = "full"
   # Attention kernel: one of ATTENTION_IMPLS (see there). Softmax is fp32 in every kernel.
   attention_impl: str = "auto"
-  # Ids at or above it get a logit of `llama.MASKED_LOGIT` (never sampled, ~0 probability in every
+  # Ids at or above it get a logit of `decoder.MASKED_LOGIT` (never sampled, ~0 probability in every
   # log-prob): a model whose tokenizer covers fewer ids than its embedding, as the `random:<name>`
   # models with a smaller tokenizer (`random_models`). None = every id.
   usable_vocab: Optional[int] = None
@@ -163,7 +163,7 @@ class LlamaConfig:
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ConfigError(f"sliding_window={self.sliding_window} must be positive")
 
-  def replace(self, **kw) -> "LlamaConfig":
+  def replace(self, **kw) -> "DecoderConfig":
     return dataclasses.replace(self, **kw)
 
   @property
@@ -182,7 +182,7 @@ class LlamaConfig:
 
   # ---------------------------------------------------------------- HF interop
   @classmethod
-  def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
+  def from_hf(cls, hf: dict, **overrides) -> "DecoderConfig":
     """Builds a config from a parsed HF `config.json` dict (either rope layout) of any family in
     `FAMILIES`; anything else is a ConfigError naming the supported model types."""
     archs = hf.get("architectures") or []
@@ -254,7 +254,7 @@ class LlamaConfig:
     return cls(**kw)
 
   @classmethod
-  def from_json_file(cls, path: str, **overrides) -> "LlamaConfig":
+  def from_json_file(cls, path: str, **overrides) -> "DecoderConfig":
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no config.json at {path}")
     with open(path) as f:

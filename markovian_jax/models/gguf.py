@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from markovian_jax.models import rope
-from markovian_jax.models.config import ConfigError, LlamaConfig, RopeScaling
-from markovian_jax.models.llama import init_params
+from markovian_jax.models.config import ConfigError, DecoderConfig, RopeScaling
+from markovian_jax.models.decoder import init_params
 
 _MAGIC = b"GGUF"
 _ARCH = "llama"
@@ -132,7 +132,7 @@ def _check_architecture(meta: _Metadata):
 
 # ------------------------------------------------------------------ config
 
-def _llama3_scaling_from_freqs(meta: _Metadata, base: LlamaConfig, divisors: np.ndarray
+def _llama3_scaling_from_freqs(meta: _Metadata, base: DecoderConfig, divisors: np.ndarray
                                ) -> RopeScaling:
   """The llama3 `RopeScaling` whose per-frequency divisors equal the `rope_freqs` tensor."""
   if divisors.shape != (base.head_dim // 2,):
@@ -152,7 +152,7 @@ def _llama3_scaling_from_freqs(meta: _Metadata, base: LlamaConfig, divisors: np.
   return candidate
 
 
-def _config(meta: _Metadata, tensors: dict, param_dtype: str, compute_dtype: str) -> LlamaConfig:
+def _config(meta: _Metadata, tensors: dict, param_dtype: str, compute_dtype: str) -> DecoderConfig:
   _check_architecture(meta)
   key = lambda name, default=_REQUIRED: meta.get(f"{_ARCH}.{name}", default)  # noqa: E731
   if key("expert_count", 0):
@@ -182,7 +182,7 @@ def _config(meta: _Metadata, tensors: dict, param_dtype: str, compute_dtype: str
     if token is not None and int(token) not in eos_ids:
       eos_ids.append(int(token))
   bos = meta.get("tokenizer.ggml.bos_token_id", None)
-  config = LlamaConfig(
+  config = DecoderConfig(
       vocab_size=int(vocab), hidden_size=hidden,
       intermediate_size=int(key("feed_forward_length")), num_layers=int(key("block_count")),
       num_heads=heads, num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=head_dim,
@@ -225,7 +225,7 @@ def _check_shape(name: str, w: np.ndarray, expected: tuple, path: str):
                     f"needs {tuple(expected)}")
 
 
-def _fill_layer(out: np.ndarray, w: np.ndarray, kind: str, config: LlamaConfig):
+def _fill_layer(out: np.ndarray, w: np.ndarray, kind: str, config: DecoderConfig):
   """Writes one layer's GGUF weight `w` (numpy `[out, in]`, or `[D]` for norms) into `out`."""
   if kind in ("attn_q", "attn_k"):
     heads = config.num_heads if kind == "attn_q" else config.num_kv_heads
@@ -239,7 +239,7 @@ def _fill_layer(out: np.ndarray, w: np.ndarray, kind: str, config: LlamaConfig):
     out[...] = w
 
 
-def _layer_leaf(config: LlamaConfig, tensors: dict, path: str, sub: tuple, shape: tuple,
+def _layer_leaf(config: DecoderConfig, tensors: dict, path: str, sub: tuple, shape: tuple,
                 dtype) -> np.ndarray:
   """One stacked `[L, ...]` leaf, filled layer by layer (one host copy in the storage dtype)."""
   kind = _LAYER_TENSORS[sub]
@@ -262,7 +262,7 @@ def _global_leaf(tensors: dict, path: str, sub: tuple, shape: tuple, dtype) -> n
   return np.ascontiguousarray(w.T if transpose else w, dtype=dtype)
 
 
-def _check_no_unused(tensors: dict, config: LlamaConfig, path: str):
+def _check_no_unused(tensors: dict, config: DecoderConfig, path: str):
   used = {_ROPE_FREQS, *(_GLOBAL_TENSORS.values())}
   used.update(f"blk.{i}.{kind}.weight" for i in range(config.num_layers)
               for kind in _LAYER_TENSORS.values())
@@ -274,7 +274,7 @@ def _check_no_unused(tensors: dict, config: LlamaConfig, path: str):
 
 
 def load_gguf(path, dtype: str = "float32", mesh=None, rules=None,
-              compute_dtype: Optional[str] = None) -> tuple[LlamaConfig, dict]:
+              compute_dtype: Optional[str] = None) -> tuple[DecoderConfig, dict]:
   """Loads `(config, params)` from a llama-architecture `.gguf` file.
 
   Args:
@@ -285,7 +285,7 @@ def load_gguf(path, dtype: str = "float32", mesh=None, rules=None,
     rules: logical-axis rules for the mesh (default `sharding.DEFAULT_RULES`).
     compute_dtype: matmul dtype (default: `dtype`).
   Returns:
-    (LlamaConfig, params) with params laid out as documented in `markovian_jax.models.llama`.
+    (DecoderConfig, params) with params laid out as documented in `markovian_jax.models.decoder`.
   """
   path = os.fspath(path)
   reader = _open(path)

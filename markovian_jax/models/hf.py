@@ -58,9 +58,9 @@ from safetensors.numpy import save_file
 
 from markovian_jax.runtime import sharding
 from markovian_jax.runtime.errors import CheckpointError
-from markovian_jax.models import llama
+from markovian_jax.models import decoder
 from markovian_jax.models import lora as lora_lib
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -101,12 +101,12 @@ _GPT2_OTHER = {"embed/embedding": "transformer.wte.weight",
 _IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
 
-def _modules(config: LlamaConfig) -> dict:
+def _modules(config: DecoderConfig) -> dict:
   """{(module, name): HF module path with "{i}"} in this family's naming."""
   return _GPT2_MODULES if config.model_type == "gpt2" else _LLAMA_MODULES
 
 
-def _hf_name(config: LlamaConfig, leaf_path: str) -> tuple[str, bool]:
+def _hf_name(config: DecoderConfig, leaf_path: str) -> tuple[str, bool]:
   """(HF tensor name with "{i}" for a stacked leaf, HF stores the transpose) of one of our leaves."""
   gpt2 = config.model_type == "gpt2"
   parts = leaf_path.split("/")
@@ -123,14 +123,14 @@ def _hf_name(config: LlamaConfig, leaf_path: str) -> tuple[str, bool]:
   return other, leaf_path == "lm_head/kernel"
 
 
-def _table(config: LlamaConfig) -> list:
+def _table(config: DecoderConfig) -> list:
   """[(HF name with "{i}", our leaf path, transposed)] for every leaf of this config's params."""
-  abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)]
   return [(name, p, transposed) for p in paths for name, transposed in (_hf_name(config, p),)]
 
 
-def _canonical_names(weight_map: dict, config: LlamaConfig) -> dict:
+def _canonical_names(weight_map: dict, config: DecoderConfig) -> dict:
   """{canonical HF name: name in the checkpoint}. GPT-2 checkpoints saved from `GPT2Model` (the
   original `gpt2` upload) lack the "transformer." prefix that `GPT2LMHeadModel` writes."""
   if config.model_type != "gpt2":
@@ -171,7 +171,7 @@ def _weight_map(path: str) -> dict:
   raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
-def _check_no_unexpected(names: dict, table: list, config: LlamaConfig, path: str):
+def _check_no_unexpected(names: dict, table: list, config: DecoderConfig, path: str):
   """A tensor we would not read means the checkpoint is not the model its config describes.
   names: {canonical HF name: name in the checkpoint}; table: `_table(config)`."""
   expected = {t.format(i=i) for t, _, _ in table
@@ -189,7 +189,7 @@ def _check_no_unexpected(names: dict, table: list, config: LlamaConfig, path: st
         "config.json describes")
 
 
-def _resolve(leaf_path: str, shape: tuple, config: LlamaConfig, by_path: dict, names: dict,
+def _resolve(leaf_path: str, shape: tuple, config: DecoderConfig, by_path: dict, names: dict,
              weight_map: dict, files: dict, keys: dict, path: str) -> _Source:
   """Finds and shape-checks the HF tensors of one leaf (before any data is read)."""
   template, transposed = by_path[leaf_path]
@@ -243,7 +243,7 @@ def _build(source: _Source, abstract: jax.ShapeDtypeStruct, leaf_sharding) -> ja
 
 
 def load_hf(path, dtype="float32", mesh=None, rules=None,
-            compute_dtype=None) -> tuple[LlamaConfig, dict]:
+            compute_dtype=None) -> tuple[DecoderConfig, dict]:
   """Loads `(config, params)` from an HF directory of any supported family (config.json +
   safetensors); an unsupported model_type is a ConfigError before any tensor is opened.
 
@@ -255,15 +255,15 @@ def load_hf(path, dtype="float32", mesh=None, rules=None,
     mesh, rules: place each leaf on its `NamedSharding` from `sharding.param_shardings`; without a
       mesh every leaf goes to the first local device.
   Returns:
-    (LlamaConfig, params tree in the layout of `llama.init_params`, leaves in `dtype`).
+    (DecoderConfig, params tree in the layout of `decoder.init_params`, leaves in `dtype`).
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"HF model directory does not exist: {path}")
   dtype = jnp.dtype(dtype).name
-  config = LlamaConfig.from_json_file(os.path.join(path, CONFIG_NAME), param_dtype=dtype,
+  config = DecoderConfig.from_json_file(os.path.join(path, CONFIG_NAME), param_dtype=dtype,
                                       dtype=jnp.dtype(compute_dtype or dtype).name)
-  abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   shardings = sharding.placement(abstract, mesh, rules)
   weight_map = _weight_map(path)
   table = _table(config)
@@ -317,7 +317,7 @@ def _parse_size(size: Union[int, str]) -> int:
   return int(float(match.group(1)) * 1000 ** " KMG".index(match.group(2) or " "))
 
 
-def _hf_tensors(config: LlamaConfig, params: dict) -> list:
+def _hf_tensors(config: DecoderConfig, params: dict) -> list:
   """[(HF name, shape, dtype, thunk returning the numpy tensor)] in table order."""
   out = []
   leaves = {sharding.path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -336,7 +336,7 @@ def _hf_tensors(config: LlamaConfig, params: dict) -> list:
   return out
 
 
-def save_hf(config: LlamaConfig, params: dict, out_dir, tokenizer=None,
+def save_hf(config: DecoderConfig, params: dict, out_dir, tokenizer=None,
             max_shard_size: Union[int, str] = "5GB"):
   """Writes an HF directory of the config's family that its transformers class loads.
 
@@ -385,7 +385,7 @@ def save_hf(config: LlamaConfig, params: dict, out_dir, tokenizer=None,
     tokenizer.save_pretrained(out_dir)
 
 
-def save_merged_hf(config: LlamaConfig, params: dict, lora: lora_lib.LoraAdapter, out_dir,
+def save_merged_hf(config: DecoderConfig, params: dict, lora: lora_lib.LoraAdapter, out_dir,
                    tokenizer=None, max_shard_size: Union[int, str] = "5GB"):
   """`save_hf` of the base with the adapter folded into its kernels: a plain Llama that any runtime
   loads."""
@@ -405,7 +405,7 @@ _PEFT_NEUTRAL = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in
                  "alora_invocation_tokens": None, "use_bdlora": None}
 
 
-def _peft_target_modules(config: LlamaConfig, targeted) -> list:
+def _peft_target_modules(config: DecoderConfig, targeted) -> list:
   """PEFT `target_modules` for our targeted (module, name) pairs: the HF short names ('q_proj',
   'qkv_proj', 'c_attn'), or the last two components ('attn.c_proj') where a short name also
   matches a module of this family that is not targeted (GPT-2's two c_proj)."""
@@ -419,7 +419,7 @@ def _peft_target_modules(config: LlamaConfig, targeted) -> list:
   return sorted(out)
 
 
-def _peft_keys(config: LlamaConfig) -> dict:
+def _peft_keys(config: DecoderConfig) -> dict:
   """{adapter tensor name: ((module, name), layer, 'a' | 'b')} of every LoRA tensor a PEFT adapter
   of this family may hold."""
   modules = _modules(config)
@@ -432,7 +432,7 @@ def _peft_keys(config: LlamaConfig) -> dict:
   return out
 
 
-def peft_tensors(lora: lora_lib.LoraAdapter, config: LlamaConfig) -> dict:
+def peft_tensors(lora: lora_lib.LoraAdapter, config: DecoderConfig) -> dict:
   """{PEFT adapter key: numpy [r, in] (A) or [out, r] (B)} of an adapter (or of any tree of its
   layout, e.g. its gradient), named as the family's PEFT adapter names them."""
   shapes = lora_lib.target_shapes(config, lora.targets)
@@ -451,7 +451,7 @@ def peft_tensors(lora: lora_lib.LoraAdapter, config: LlamaConfig) -> dict:
   return tensors
 
 
-def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
+def save_peft_adapter(lora: lora_lib.LoraAdapter, config: DecoderConfig, out_dir,
                       base_model_name_or_path: Optional[str] = None):
   """Writes a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that
   `peft.PeftModel.from_pretrained(<the family's transformers model>, out_dir)` loads. Tensors
@@ -480,7 +480,7 @@ def save_peft_adapter(lora: lora_lib.LoraAdapter, config: LlamaConfig, out_dir,
     json.dump(adapter_config, f, indent=2)
 
 
-def _read_adapter_config(path: str, config: LlamaConfig) -> dict:
+def _read_adapter_config(path: str, config: DecoderConfig) -> dict:
   file = os.path.join(path, ADAPTER_CONFIG_NAME)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {path}")
@@ -503,7 +503,7 @@ def _read_adapter_config(path: str, config: LlamaConfig) -> dict:
   return cfg
 
 
-def load_peft_adapter(path, config: LlamaConfig, dtype="float32", mesh=None,
+def load_peft_adapter(path, config: DecoderConfig, dtype="float32", mesh=None,
                       rules=None) -> lora_lib.LoraAdapter:
   """Reads a PEFT LoRA adapter directory into a `LoraAdapter`.
 

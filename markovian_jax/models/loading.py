@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from markovian_jax.models import random_models
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
@@ -57,7 +57,7 @@ def model_type(path) -> str:
     from markovian_jax.models import published
     cached = try_to_load_from_cache(path, "config.json")
     if isinstance(cached, str) and os.path.isfile(cached):
-      return LlamaConfig.from_json_file(cached).model_type
+      return DecoderConfig.from_json_file(cached).model_type
     known = published.hub_config(path)
     if known is None:
       raise FileNotFoundError(f"{path}: a hub id with no config.json in the local HF cache, so "
@@ -67,7 +67,7 @@ def model_type(path) -> str:
   if os.path.isfile(local) and local.endswith(".gguf"):
     from markovian_jax.models import gguf
     return gguf._ARCH  # noqa: SLF001
-  return LlamaConfig.from_json_file(os.path.join(local, "config.json")).model_type
+  return DecoderConfig.from_json_file(os.path.join(local, "config.json")).model_type
 
 
 def _kind(path: str) -> str:
@@ -83,7 +83,7 @@ def _kind(path: str) -> str:
 
 
 def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
-                    compute_dtype: Optional[str] = None) -> tuple[LlamaConfig, dict]:
+                    compute_dtype: Optional[str] = None) -> tuple[DecoderConfig, dict]:
   """Loads `(config, params)` from an HF Llama directory or a `.gguf` file.
 
   Weights are cast to `dtype` (also the compute dtype unless `compute_dtype` is given). With a
@@ -114,7 +114,7 @@ def load_tokenizer(path):
   return hf.load_hf_tokenizer(path)
 
 
-def eos_ids(config: LlamaConfig, tokenizer) -> tuple:
+def eos_ids(config: DecoderConfig, tokenizer) -> tuple:
   """Every id that ends a generation: the model config's EOS ids, then the tokenizer's EOS when
   the config lacks it (a Llama-3 Instruct config lists <|eot_id|>; its tokenizer <|end_of_text|>)."""
   ids = tuple(config.eos_token_ids)

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from markovian_jax.models import llama
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models import decoder
+from markovian_jax.models.config import DecoderConfig
 
 
 # Per chunk, fp32 logits up to this size (policy + reference) are kept for the backward pass
@@ -45,7 +45,7 @@ class TokenLogprobs:
   ref_logprobs: Optional[jax.Array] = None
 
 
-def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
+def token_logprobs(config: DecoderConfig, params: dict, tokens: jax.Array,
                    attention_mask: jax.Array, *, target_mask: Optional[jax.Array] = None,
                    lora=None, temperature: float = 1.0, chunk_size: int = 64,
                    dropout_rng: Optional[jax.Array] = None, with_kl: bool = False,
@@ -68,7 +68,7 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
     with_reference: the reference's log-probs of the same tokens.
     reference_lora: the reference adapter (None = the base model).
     reference_hidden: optional precomputed reference hidden states [B, T, D] (the output of
-      `llama.forward` with `reference_lora`), e.g. shared by several calls; no gradient flows.
+      `decoder.forward` with `reference_lora`), e.g. shared by several calls; no gradient flows.
     last_n: only the last `last_n` tokens can be scored (others are 0); the vocabulary projection,
       the dominant cost for a short CoT after a long prompt, then runs on those positions only.
   Returns:
@@ -90,13 +90,13 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
                      f"{tokens.shape}")
 
   t = float(temperature) if temperature and temperature > 0 else 1.0
-  hidden, _ = llama.forward(config, params, tokens, attention_mask=attention_mask, lora=lora,
+  hidden, _ = decoder.forward(config, params, tokens, attention_mask=attention_mask, lora=lora,
                             dropout_rng=dropout_rng)
   ref_hidden = None
   if need_ref:
     ref_hidden = reference_hidden
     if ref_hidden is None:
-      ref_hidden, _ = llama.forward(config, params, tokens, attention_mask=attention_mask,
+      ref_hidden, _ = decoder.forward(config, params, tokens, attention_mask=attention_mask,
                                     lora=reference_lora)
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
 
@@ -113,14 +113,14 @@ def token_logprobs(config: LlamaConfig, params: dict, tokens: jax.Array,
   return TokenLogprobs(**{k: place(v) for k, v in outs.items()})
 
 
-def continuation_logprobs(config: LlamaConfig, params: dict, prefix_tokens: jax.Array,
+def continuation_logprobs(config: DecoderConfig, params: dict, prefix_tokens: jax.Array,
                           prefix_mask: jax.Array, tokens: jax.Array, attention_mask: jax.Array,
                           *, lora=None, temperature: float = 1.0, chunk_size: int = 64,
                           dropout_rng: Optional[jax.Array] = None, with_kl: bool = False,
                           with_entropy: bool = False, with_reference: bool = False,
                           reference_lora=None) -> TokenLogprobs:
   """`token_logprobs` of G continuations per prompt, each prompt computed once
-  (`llama.forward_with_prefix`): the policy terms of G sampled CoTs per question.
+  (`decoder.forward_with_prefix`): the policy terms of G sampled CoTs per question.
 
   Args:
     prefix_tokens: int32 [Q, P] left-padded prompts; prefix_mask: bool [Q, P].
@@ -139,7 +139,7 @@ def continuation_logprobs(config: LlamaConfig, params: dict, prefix_tokens: jax.
 
   def predictors(lora_, rng):
     """[B, T, D]: the hidden state that predicts each continuation token."""
-    hp, h = llama.forward_with_prefix(config, params, prefix_tokens, prefix_mask, tokens,
+    hp, h = decoder.forward_with_prefix(config, params, prefix_tokens, prefix_mask, tokens,
                                       attention_mask=attention_mask, lora=lora_, dropout_rng=rng)
     last = jnp.repeat(hp[:, -1:], g, axis=0)  # left padding: the prompt's last token is real
     return jnp.concatenate([last, h[:, :-1]], axis=1)
@@ -211,12 +211,12 @@ def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, 
     return x.reshape(b, -1, c, *x.shape[2:]).swapaxes(0, 1)
 
   def one(h, rh, target):
-    logp = jax.nn.log_softmax(llama.project(config, params, h) / t, axis=-1)
+    logp = jax.nn.log_softmax(decoder.project(config, params, h) / t, axis=-1)
     out = {"logprobs": jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]}
     if with_entropy:
       out["entropy"] = entropy(logp)
     if need_ref:
-      ref = jax.nn.log_softmax(llama.project(config, params, rh) / t, axis=-1)
+      ref = jax.nn.log_softmax(decoder.project(config, params, rh) / t, axis=-1)
       if with_kl:
         out["kl"] = full_kl(logp, ref)
       if with_reference:

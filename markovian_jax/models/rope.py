@@ -12,10 +12,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from markovian_jax.models.config import LlamaConfig, LongRopeScaling
+from markovian_jax.models.config import DecoderConfig, LongRopeScaling
 
 
-def inverse_frequencies(config: LlamaConfig, long: bool = False) -> np.ndarray:
+def inverse_frequencies(config: DecoderConfig, long: bool = False) -> np.ndarray:
   """float64 [head_dim // 2]: per-pair rotation frequencies, llama3-scaled when configured; with
   longrope, divided by the short factors (or, with `long`, the long ones)."""
   dim = config.head_dim
@@ -38,7 +38,7 @@ def inverse_frequencies(config: LlamaConfig, long: bool = False) -> np.ndarray:
   return np.where(medium, smoothed, scaled)
 
 
-def rope_tables(config: LlamaConfig, positions: jnp.ndarray):
+def rope_tables(config: DecoderConfig, positions: jnp.ndarray):
   """cos, sin: float32 [B, T, head_dim] for int32 positions [B, T].
 
   longrope picks its long factors when any position of the call is past the original context

@@ -25,7 +25,7 @@ from markovian_jax.training import optimizer
 from markovian_jax.runtime import sharding
 from markovian_jax.training import train_step
 from markovian_jax.models import lora as lora_lib
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 from markovian_jax.planning.memory import Workload, lora_shapes, param_shapes
 
 
@@ -42,7 +42,7 @@ def _scalar(mesh, dtype, shape=()):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.replicated(mesh))
 
 
-def abstract_state(spec, c: LlamaConfig, mesh, w: Workload):
+def abstract_state(spec, c: DecoderConfig, mesh, w: Workload):
   """(params, LoRA adapter, optimizer state, tx) as sharded ShapeDtypeStructs."""
   params = param_shapes(c)
   params = _abstract(params, sharding.param_shardings(params, mesh))
@@ -56,7 +56,7 @@ def abstract_state(spec, c: LlamaConfig, mesh, w: Workload):
   return params, lora, opt, tx
 
 
-def compile_phases(spec, c: LlamaConfig, mesh, w: Workload, phases=("sample", "score", "update"),
+def compile_phases(spec, c: DecoderConfig, mesh, w: Workload, phases=("sample", "score", "update"),
                    eos_ids=(2,)) -> dict:
   """{phase: jax.stages.Compiled} of the step's programs for workload `w` on `mesh`."""
   params, lora, opt, tx = abstract_state(spec, c, mesh, w)

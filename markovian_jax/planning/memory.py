@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from markovian_jax.runtime import sharding
 from markovian_jax.models.logprobs import SAVED_LOGITS_BYTES
 from markovian_jax.models import lora as lora_lib
-from markovian_jax.models.config import REMAT_MODES, LlamaConfig
-from markovian_jax.models.llama import init_params
+from markovian_jax.models.config import REMAT_MODES, DecoderConfig
+from markovian_jax.models.decoder import init_params
 
 GIB = 2 ** 30
 
@@ -88,12 +88,12 @@ class MemoryPlan:
 # ------------------------------------------------------------------ trees
 
 @functools.lru_cache(maxsize=8)
-def param_shapes(c: LlamaConfig):
+def param_shapes(c: DecoderConfig):
   """The base params tree as ShapeDtypeStructs (nothing allocated)."""
   return jax.eval_shape(lambda: init_params(c, jax.random.PRNGKey(0)))
 
 
-def lora_shapes(c: LlamaConfig, rank: int, targets) -> lora_lib.LoraAdapter:
+def lora_shapes(c: DecoderConfig, rank: int, targets) -> lora_lib.LoraAdapter:
   return jax.eval_shape(lambda: lora_lib.init_lora(c, jax.random.PRNGKey(0), rank=rank,
                                                    targets=tuple(targets)))
 
@@ -130,7 +130,7 @@ class _Dims:
   vocab: int
 
   @classmethod
-  def of(cls, c: LlamaConfig, mesh, rules) -> "_Dims":
+  def of(cls, c: DecoderConfig, mesh, rules) -> "_Dims":
     def split(axis: str, n: int) -> int:
       return sharding.shard_shape((axis,), (n,), mesh, rules)[0]
     return cls(d=c.hidden_size, q=split("q_heads", c.num_heads) * c.head_dim,
@@ -174,7 +174,7 @@ def _rows_on(n: int, split: int) -> int:
 
 # ------------------------------------------------------------------ phases
 
-def plan(c: LlamaConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPlan:
+def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPlan:
   """The per-device memory plan of workload `w` for model `c` on `mesh` (a Mesh, {axis: size} or
   (data, fsdp, tensor)). `optimizer_state`: an abstract AdamW state of the LoRA (default: two fp32
   moments of it)."""
@@ -277,7 +277,7 @@ def plan(c: LlamaConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPlan:
   return MemoryPlan(items, by_remat)
 
 
-def _logits_bytes(c: LlamaConfig, w: Workload, td: _Dims, n_dev: int) -> int:
+def _logits_bytes(c: DecoderConfig, w: Workload, td: _Dims, n_dev: int) -> int:
   """`logprobs._project_chunks`: chunks of `chunk` positions, each [rows, chunk, V] in fp32.
   A chunk over SAVED_LOGITS_BYTES (global) is recomputed in the backward (one chunk live);
   below it every chunk's residuals stay for the backward."""

@@ -32,7 +32,7 @@ from markovian_jax.runtime import presets
 from markovian_jax.runtime import sharding
 from markovian_jax.training import train_step
 from markovian_jax.runtime.errors import InvalidConfig
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 from markovian_jax.planning.memory import GIB, MemoryPlan, Workload, param_shapes, plan as memory_plan
 from markovian_jax.planning.shapes import model_config
 from markovian_jax.training.specs import RunSpec
@@ -51,7 +51,7 @@ LOGPROB_CHUNK = train_step.StepSettings.__dataclass_fields__["logprob_chunk"].de
 @dataclasses.dataclass
 class Plan:
   spec: RunSpec
-  model: LlamaConfig
+  model: DecoderConfig
   model_source: str
   mesh: tuple  # (data, fsdp, tensor)
   workload: Workload
@@ -146,7 +146,7 @@ def _resolve_mesh(spec: RunSpec, num_devices: Optional[int]) -> tuple:
     raise InvalidConfig(f"config.{key}: {e}") from None
 
 
-def check_weights(spec: RunSpec, c: LlamaConfig, shape: Sequence[int]) -> None:
+def check_weights(spec: RunSpec, c: DecoderConfig, shape: Sequence[int]) -> None:
   """Raises InvalidConfig (warns with mesh.allow_replication) when a base weight does not split
   over fsdp / tensor as the mesh intends."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(c)):
@@ -169,7 +169,7 @@ def _fits(c, w, shape, budget) -> Optional[float]:
   return peak if peak <= budget else None
 
 
-def _splits(c: LlamaConfig, w: Workload, shape: tuple) -> bool:
+def _splits(c: DecoderConfig, w: Workload, shape: tuple) -> bool:
   """Whether `shape` splits the rows and the base weights as it intends."""
   if w.rows % presets.row_split(shape):
     return False
@@ -179,7 +179,7 @@ def _splits(c: LlamaConfig, w: Workload, shape: tuple) -> bool:
       for path, x in jax.tree_util.tree_leaves_with_path(param_shapes(c)))
 
 
-def _fixes(c: LlamaConfig, w: Workload, shape: tuple, budget: float) -> list:
+def _fixes(c: DecoderConfig, w: Workload, shape: tuple, budget: float) -> list:
   """The single knobs that make the step fit, in the order a user should try them: remat, the
   base split over more devices (a factor moved from data to tensor, or to fsdp), fewer
   questions per step, a smaller log-prob chunk."""

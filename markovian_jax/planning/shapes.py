@@ -16,7 +16,7 @@ import os
 
 from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.models import published, random_models
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 
 
 def _is_hub_id(path: str) -> bool:
@@ -24,7 +24,7 @@ def _is_hub_id(path: str) -> bool:
           and path.count("/") == 1)
 
 
-def _from_gguf(path: str, dtype: str) -> LlamaConfig:
+def _from_gguf(path: str, dtype: str) -> DecoderConfig:
   from markovian_jax.models import gguf
   # The loader's own header reading (metadata and tensor infos; the tensors stay unread).
   reader = gguf._open(path)  # noqa: SLF001
@@ -41,8 +41,8 @@ def _cached_config_json(repo: str):
   return hit if isinstance(hit, str) and os.path.isfile(hit) else None
 
 
-def model_config(path: str, dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
-  """(LlamaConfig with param/compute dtype `dtype`, where the shapes came from) for
+def model_config(path: str, dtype: str = "bfloat16") -> tuple[DecoderConfig, str]:
+  """(DecoderConfig with param/compute dtype `dtype`, where the shapes came from) for
   `config.model.path`, without reading weights or the network. Raises InvalidConfig naming
   config.model.path when none of the sources above has the model."""
   path = os.fspath(path)
@@ -51,7 +51,7 @@ def model_config(path: str, dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
   if _is_hub_id(path):
     cached = _cached_config_json(path)
     if cached:
-      return LlamaConfig.from_json_file(cached, param_dtype=dtype, dtype=dtype), cached
+      return DecoderConfig.from_json_file(cached, param_dtype=dtype, dtype=dtype), cached
     known = published.hub_config(path, dtype)
     if known is not None:
       return known, f"published shapes of {path}"
@@ -66,6 +66,6 @@ def model_config(path: str, dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
     return _from_gguf(local, dtype), f"GGUF header of {local}"
   config_json = os.path.join(local, "config.json")
   if os.path.isfile(config_json):
-    return LlamaConfig.from_json_file(config_json, param_dtype=dtype, dtype=dtype), config_json
+    return DecoderConfig.from_json_file(config_json, param_dtype=dtype, dtype=dtype), config_json
   raise InvalidConfig(f"config.model.path: {path}: no config.json or .gguf file there to plan "
                       "from")

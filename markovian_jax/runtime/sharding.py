@@ -103,7 +103,7 @@ DECODE_RULES: Mapping[str, Optional[tuple]] = {
 # Mesh shapes (data, fsdp, tensor) by hardware, selected with config.mesh.preset (`presets`).
 MESH_PRESETS = {name: p.mesh for name, p in presets.PRESETS.items()}
 
-# Keys [L, B, Hkv, Dh, S] and values [L, B, Hkv, S, Dh] (models/llama.py: cache_shape).
+# Keys [L, B, Hkv, Dh, S] and values [L, B, Hkv, S, Dh] (models/decoder.py: cache_shape).
 KEY_CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "head_dim", "cache_seq")
 VALUE_CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 

@@ -67,8 +67,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from markovian_jax.sampling import batching
 from markovian_jax.runtime import sharding
-from markovian_jax.models import llama
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models import decoder
+from markovian_jax.models.config import DecoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def compile_count() -> int:
 @dataclasses.dataclass(frozen=True)
 class _Mode:
   """Everything static about one sampler program (hashable: a jit static argument)."""
-  config: LlamaConfig
+  config: DecoderConfig
   max_new_tokens: int
   num_samples: int
   greedy: bool
@@ -316,12 +316,12 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   # Prefill: one forward over the distinct prompts, into a cache that holds only the prompt.
   dtype = jnp.dtype(c.dtype)
   cache = tuple(_constrain(jnp.zeros(shape, dtype), mode.mesh, spec)
-                for shape, spec in zip(llama.cache_shape(c, tokens.shape[0], p), _cache_specs()))
-  positions = llama.positions_from_mask(mask)
-  hidden, cache = llama.forward(c, params, tokens, attention_mask=mask, positions=positions,
+                for shape, spec in zip(decoder.cache_shape(c, tokens.shape[0], p), _cache_specs()))
+  positions = decoder.positions_from_mask(mask)
+  hidden, cache = decoder.forward(c, params, tokens, attention_mask=mask, positions=positions,
                                 lora=lora, cache=cache, cache_index=0, cache_mask=mask,
                                 lora_row_scale=prefill_scale)
-  logits = llama.project(c, params, hidden[:, -1])
+  logits = decoder.project(c, params, hidden[:, -1])
 
   # Share it among the G samples and make room for the N new tokens.
   room = ([(0, 0)] * 4 + [(0, n)], [(0, 0)] * 3 + [(0, n), (0, 0)])  # slots: last / 4th axis
@@ -355,10 +355,10 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
     i = state.step
     slots = jax.lax.dynamic_update_slice_in_dim(state.slots, jnp.ones((rows, 1), bool), p + i,
                                                 axis=1)
-    hidden, cache = llama.forward(c, params, tok[:, None], positions=state.positions[:, None],
+    hidden, cache = decoder.forward(c, params, tok[:, None], positions=state.positions[:, None],
                                   lora=lora, cache=state.cache, cache_index=p + i,
                                   cache_mask=slots, lora_row_scale=row_scale)
-    logits = llama.project(c, params, hidden[:, 0])
+    logits = decoder.project(c, params, hidden[:, 0])
     return state.replace(step=i + 1, cache=cache, slots=slots, logits=logits,
                          positions=state.positions + 1)
 
@@ -435,7 +435,7 @@ def _params_mesh(params) -> Optional[Mesh]:
   return None
 
 
-def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rng=None,
+def generate(config: DecoderConfig, params, prompt_ids, *, max_new_tokens: int, rng=None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, lora=None,
              min_new_tokens: int = 0, eos_ids: Sequence[int] = (), prompt_mask=None,
              num_samples: int = 1, bucket: int = 64, top_p_window: int = TOP_P_WINDOW,
@@ -512,7 +512,7 @@ def generate(config: LlamaConfig, params, prompt_ids, *, max_new_tokens: int, rn
                    jnp.float32(top_p), jnp.int32(min_new_tokens), mode=mode)
 
 
-def generate_with_reference(config: LlamaConfig, params, prompt_ids, *, lora,
+def generate_with_reference(config: DecoderConfig, params, prompt_ids, *, lora,
                             max_new_tokens: int, rng=None, temperature: float = 1.0,
                             top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
                             eos_ids: Sequence[int] = (), prompt_mask=None, num_samples: int = 1,

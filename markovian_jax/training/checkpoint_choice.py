@@ -34,7 +34,7 @@ from absl import logging
 
 from markovian_jax.runtime.errors import CheckpointError
 
-# The adapter's settings and where each lives in a checkpoint's state (Trainer.state_json): the
+# The adapter's settings and where each lives in a checkpoint's state (training.state.checkpoint_json): the
 # "lora" entry for the shape of the adapter, the saved config for the rest.
 _LORA_KEYS = ("rank", "alpha", "dropout")
 _CONFIG_KEYS = {"targets": ("lora", "targets"), "model": ("model", "path"),
@@ -162,7 +162,7 @@ def choose_step(checkpoint_dir, step: Optional[int] = None, best: bool = False, 
 
 
 def recorded_settings(state: Mapping[str, Any]) -> dict:
-  """What a checkpoint's state (Trainer.state_json) records of its adapter and base model: any of
+  """What a checkpoint's state (training.state.checkpoint_json) records of its adapter and base model: any of
   rank, alpha, dropout, targets, model (path), dtype; a key the state lacks is absent. The one
   reader of the state's layout."""
   lora = state.get("lora") or {}
@@ -218,7 +218,7 @@ def adapter_settings(checkpoint_dir, step: int, config=None) -> dict:
 
 def restore_adapter(checkpoint_dir, step: int, model_config, settings: Optional[dict] = None, *,
                     mesh=None, config=None):
-  """The LoRA of checkpoint `step` as a `LoraAdapter` for `model_config` (a LlamaConfig), with
+  """The LoRA of checkpoint `step` as a `LoraAdapter` for `model_config` (a DecoderConfig), with
   the settings the run recorded (`adapter_settings(checkpoint_dir, step, config)` unless given),
   restored straight onto `mesh` (param_shardings) or, without one, the first local device. Raises
   BrokenCheckpoint for a damaged checkpoint and CheckpointError for one that does not fit the

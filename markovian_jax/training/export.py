@@ -42,11 +42,11 @@ best_step = checkpoint_choice.best_step
 
 
 def _model_config(path: str):
-  """The LlamaConfig of a base model; only an HF directory's is read without its weights."""
-  from markovian_jax.models import LlamaConfig, load_checkpoint, resolve_model_path
+  """The DecoderConfig of a base model; only an HF directory's is read without its weights."""
+  from markovian_jax.models import DecoderConfig, load_checkpoint, resolve_model_path
   local = resolve_model_path(path)
   if os.path.isfile(os.path.join(local, "config.json")):
-    return LlamaConfig.from_json_file(os.path.join(local, "config.json")), None
+    return DecoderConfig.from_json_file(os.path.join(local, "config.json")), None
   config, params = load_checkpoint(local)
   return config, params
 

@@ -21,7 +21,7 @@ from markovian_jax.sampling import batching
 from markovian_jax.training import config_validation
 from markovian_jax.runtime import sharding
 from markovian_jax import data as data_lib
-from markovian_jax.models import LlamaConfig, eos_ids, load_checkpoint, load_tokenizer
+from markovian_jax.models import DecoderConfig, eos_ids, load_checkpoint, load_tokenizer
 from markovian_jax.models import attention_choice
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class RunContext:
   config: object  # the run's ml_collections.ConfigDict
   spec: object  # its specs.RunSpec
   mesh: jax.sharding.Mesh
-  model: LlamaConfig
+  model: DecoderConfig
   params: dict
   tokenizer: object
   eos_ids: tuple

@@ -29,7 +29,7 @@ from markovian_jax.models import logprobs as lp_lib
 from markovian_jax import objectives as obj
 from markovian_jax.training import optimizer
 from markovian_jax.runtime import sharding
-from markovian_jax.models import LlamaConfig
+from markovian_jax.models import DecoderConfig
 
 
 
@@ -63,7 +63,7 @@ class PolicyBatch:
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
   """Static settings of the jitted functions (hashable)."""
-  model: LlamaConfig
+  model: DecoderConfig
   objective: obj.ObjectiveConfig
   temperature: float
   reward_scorer: str = "actor"

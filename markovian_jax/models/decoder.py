@@ -1,5 +1,5 @@
 """The decoder of every supported family (Llama, Mistral, Qwen2/3, Phi-3, GPT-2) in Flax linen,
-with a functional boundary. A family is a set of named `LlamaConfig` fields (`config.FAMILIES`):
+with a functional boundary. A family is a set of named `DecoderConfig` fields (`config.FAMILIES`):
 biases, q/k norm, norm kind, position kind, MLP kind, fused q|k|v and gate|up kernels, sliding
 window; the layer code branches on them at trace time, so one scan and one LoRA layout serve all.
 
@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from markovian_jax.models import lora_branch, rope
-from markovian_jax.models.config import LlamaConfig
+from markovian_jax.models.config import DecoderConfig
 
 Cache = Tuple[jnp.ndarray, jnp.ndarray]  # keys [L, B, Hkv, Dh, S], values [L, B, Hkv, S, Dh]
 
@@ -90,7 +90,7 @@ class LayerNorm(nn.Module):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def norm(c: LlamaConfig, name: str) -> nn.Module:
+def norm(c: DecoderConfig, name: str) -> nn.Module:
   """The family's layer norm (`config.norm_kind`)."""
   cls = LayerNorm if c.norm_kind == "layer" else RMSNorm
   return cls(c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name)
@@ -133,7 +133,7 @@ class Linear(nn.Module):
 class Attention(nn.Module):
   """own_only: the tokens attend only to themselves (causally, within `mask`): no cache history
   before them and no shared prefix. Only then can `jax.nn.dot_product_attention` run it."""
-  config: LlamaConfig
+  config: DecoderConfig
   lora_kw: dict
   own_only: bool = False
 
@@ -206,7 +206,7 @@ class Attention(nn.Module):
     return dense(c.hidden_size, "o", c.out_bias)(out), cache, new_kv
 
 
-def attention_kernel(config: LlamaConfig, t: int) -> str:
+def attention_kernel(config: DecoderConfig, t: int) -> str:
   """Which kernel runs self-attention over `t` tokens: "einsum", "xla" or "cudnn" (the two
   implementations of `jax.nn.dot_product_attention`), from `config.attention_impl` and the
   default backend (see `config.ATTENTION_IMPLS`). Under "auto", "cudnn" is a first choice:
@@ -251,7 +251,7 @@ def _dot_product_attention(kernel: str, q, k, v, mask, fallback: bool = False):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def _attend_with_prefix(c: LlamaConfig, q, own_scores, v, prefix, dtype):
+def _attend_with_prefix(c: DecoderConfig, q, own_scores, v, prefix, dtype):
   """Attention over a shared prefix's keys followed by the row's own (causally masked) keys.
 
   Row r of the batch continues prefix row r // G, so the G continuations of one prompt read its
@@ -284,7 +284,7 @@ def _attend_with_prefix(c: LlamaConfig, q, own_scores, v, prefix, dtype):
 
 
 class MLP(nn.Module):
-  config: LlamaConfig
+  config: DecoderConfig
   lora_kw: dict
 
   @nn.compact
@@ -306,7 +306,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  config: LlamaConfig
+  config: DecoderConfig
   lora_kw: dict
   return_kv: bool = False
   own_only: bool = False  # see Attention
@@ -346,9 +346,9 @@ def attention_mask(key_mask, t: int, cache_index=0, sliding_window=None):
   return causal[None] & key_mask[:, None, :].astype(bool)
 
 
-class Llama(nn.Module):
+class Decoder(nn.Module):
   """Returns final-norm hidden states `[B, T, D]` (compute dtype) and the updated cache."""
-  config: LlamaConfig
+  config: DecoderConfig
   lora_scale: float = 0.0
   lora_dropout: float = 0.0
   train: bool = False
@@ -414,14 +414,14 @@ def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def init_params(config: LlamaConfig, rng: jax.Array) -> dict:
+def init_params(config: DecoderConfig, rng: jax.Array) -> dict:
   """Random weights (normal 0.02, unit norms) in `config.param_dtype`. Use under `jax.eval_shape`
   to get the parameter shapes without allocating."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Llama(config).init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
+  return Decoder(config).init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
 
 
-def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
+def forward(config: DecoderConfig, params: dict, tokens: jnp.ndarray, *,
             attention_mask: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None,
             lora=None, cache: Optional[Cache] = None, cache_index=0, cache_mask=None,
             dropout_rng: Optional[jax.Array] = None, lora_row_scale=None):
@@ -449,12 +449,12 @@ def forward(config: LlamaConfig, params: dict, tokens: jnp.ndarray, *,
   if key_mask is None:
     raise ValueError("forward() with a cache needs cache_mask [B, S]")
   variables, kw, rngs = _variables(params, lora, dropout_rng)
-  return Llama(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
+  return Decoder(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
                                    rngs=rngs, lora_row_scale=lora_row_scale)
 
 
 def _variables(params, lora, dropout_rng):
-  """(variables, Llama kwargs, rngs) of one apply."""
+  """(variables, Decoder kwargs, rngs) of one apply."""
   variables, kw = {"params": params}, {}
   if lora is not None:
     variables["lora"] = lora.params
@@ -462,7 +462,7 @@ def _variables(params, lora, dropout_rng):
   return variables, kw, ({"dropout": dropout_rng} if dropout_rng is not None else None)
 
 
-def forward_with_prefix(config: LlamaConfig, params: dict, prefix_tokens: jnp.ndarray,
+def forward_with_prefix(config: DecoderConfig, params: dict, prefix_tokens: jnp.ndarray,
                         prefix_mask: jnp.ndarray, tokens: jnp.ndarray, *,
                         attention_mask: Optional[jnp.ndarray] = None, lora=None,
                         dropout_rng: Optional[jax.Array] = None):
@@ -493,25 +493,25 @@ def forward_with_prefix(config: LlamaConfig, params: dict, prefix_tokens: jnp.nd
   if dropout_rng is not None:
     rng_pre, rng_own = jax.random.split(dropout_rng)
   variables, model_kw, rngs = _variables(params, lora, rng_pre)
-  model = Llama(config, **model_kw)
+  model = Decoder(config, **model_kw)
   prefix_mask = prefix_mask.astype(bool)
   hp, _, (pk, pv) = model.apply(variables, prefix_tokens, positions_from_mask(prefix_mask),
                                 prefix_mask, rngs=rngs, return_kv=True)
   start = jnp.repeat(jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32), b // nq)
   positions = start[:, None] + positions_from_mask(attention_mask)
   variables, model_kw, rngs = _variables(params, lora, rng_own)
-  h, _ = Llama(config, **model_kw).apply(variables, tokens, positions, attention_mask,
+  h, _ = Decoder(config, **model_kw).apply(variables, tokens, positions, attention_mask,
                                          prefix=(pk, pv, prefix_mask), rngs=rngs)
   return hp, h
 
 
-def cache_shape(config: LlamaConfig, batch: int, slots: int):
+def cache_shape(config: DecoderConfig, batch: int, slots: int):
   """(keys shape [L, B, Hkv, Dh, S], values shape [L, B, Hkv, S, Dh]) of a KV cache."""
   lead = (config.num_layers, batch, config.num_kv_heads)
   return lead + (config.head_dim, slots), lead + (slots, config.head_dim)
 
 
-def head_weight(config: LlamaConfig, params: dict) -> jnp.ndarray:
+def head_weight(config: DecoderConfig, params: dict) -> jnp.ndarray:
   """[D, V] output projection (the transposed embedding when tied)."""
   if config.tie_word_embeddings:
     return params["embed"]["embedding"].T
@@ -521,7 +521,7 @@ def head_weight(config: LlamaConfig, params: dict) -> jnp.ndarray:
 MASKED_LOGIT = -1e9  # far below any real logit, yet finite: KL terms stay 0 * finite = 0
 
 
-def project(config: LlamaConfig, params: dict, hidden: jnp.ndarray) -> jnp.ndarray:
+def project(config: DecoderConfig, params: dict, hidden: jnp.ndarray) -> jnp.ndarray:
   """float32 logits [..., V] from hidden states [..., D] (matmul in compute dtype, fp32
   accumulate); ids from `config.usable_vocab` on get MASKED_LOGIT."""
   w = head_weight(config, params).astype(config.dtype)
@@ -531,7 +531,7 @@ def project(config: LlamaConfig, params: dict, hidden: jnp.ndarray) -> jnp.ndarr
   return out
 
 
-def logits(config: LlamaConfig, params: dict, token_ids: jnp.ndarray, lora=None, *,
+def logits(config: DecoderConfig, params: dict, token_ids: jnp.ndarray, lora=None, *,
            attention_mask: Optional[jnp.ndarray] = None,
            positions: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """float32 [B, T, V] causal logits for int32 `token_ids` [B, T] (positions 0..T-1 by default)."""
