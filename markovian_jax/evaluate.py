@@ -37,18 +37,32 @@ from markovian_jax.runtime.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Orbax checkpoint directory of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-_ALL = flags.DEFINE_bool("all_steps", False, "Evaluate every saved step on the selection "
-                         "(validation) and the test split; writes steps.md, one row per step.")
-_BEST = flags.DEFINE_bool("best", False, "Evaluate the step with the best validation score "
-                          "(stored with the checkpoints; never the test split).")
-_BASE = flags.DEFINE_bool("base_model", False,
-                          "Also evaluate the base model (alone when no --checkpoint_dir).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "CoT samples per question "
-                                    "(default config.eval.num_samples).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Test questions to evaluate (default "
-                                     "config.eval.final_num_examples: the paper's full test "
-                                     "size; 0 there = the whole eval split). The selection set "
-                                     "of --all_steps is the run's own (selection.json).")
+_ALL = flags.DEFINE_bool(
+  "all_steps",
+  False,
+  "Evaluate every saved step on the selection "
+  "(validation) and the test split; writes steps.md, one row per step.",
+)
+_BEST = flags.DEFINE_bool(
+  "best",
+  False,
+  "Evaluate the step with the best validation score "
+  "(stored with the checkpoints; never the test split).",
+)
+_BASE = flags.DEFINE_bool(
+  "base_model", False, "Also evaluate the base model (alone when no --checkpoint_dir)."
+)
+_NUM_SAMPLES = flags.DEFINE_integer(
+  "num_samples", None, "CoT samples per question (default config.eval.num_samples)."
+)
+_NUM_EXAMPLES = flags.DEFINE_integer(
+  "num_examples",
+  None,
+  "Test questions to evaluate (default "
+  "config.eval.final_num_examples: the paper's full test "
+  "size; 0 there = the whole eval split). The selection set "
+  "of --all_steps is the run's own (selection.json).",
+)
 _GREEDY = flags.DEFINE_bool("greedy_cot", False, "Greedy CoTs instead of the training temperature.")
 _OUT = flags.DEFINE_string("output_dir", None, "Where to write summary.json and the JSONL rows.")
 
@@ -72,6 +86,7 @@ def _check_flags():
 def _steps_to_evaluate() -> list:
   """The saved steps the flags select (checkpoint_choice: --step, --best or the latest)."""
   from markovian_jax.training import checkpoint_choice
+
   saved = checkpoint_choice.saved_steps(_CKPT.value)
   logging.info("checkpoints in %s: steps %s", _CKPT.value, saved)
   if _ALL.value:
@@ -85,10 +100,15 @@ def _lora_settings(step: int, config) -> dict:
   """The adapter's settings as the run recorded them (its rank may differ from this config's;
   --config only fills what an old checkpoint does not record)."""
   from markovian_jax.training import checkpoint_choice
+
   settings = checkpoint_choice.adapter_settings(_CKPT.value, step, config)
   if settings["model"] and settings["model"] != config.model.path:
-    logging.warning("checkpoint step %d was trained on model %s; evaluating it on %s", step,
-                    settings["model"], config.model.path)
+    logging.warning(
+      "checkpoint step %d was trained on model %s; evaluating it on %s",
+      step,
+      settings["model"],
+      config.model.path,
+    )
   return settings
 
 
@@ -96,12 +116,9 @@ def run(config) -> dict:
   """Evaluates the models the flags select on `config`'s eval split; returns {model: summary}."""
   import jax
 
-  from markovian_jax.runtime import checkpointing
-  from markovian_jax.training import checkpoint_choice
-  from markovian_jax.training import config_validation
-  from markovian_jax.training import evaluation
-  from markovian_jax.runtime import summary
   from markovian_jax.models import load_tokenizer
+  from markovian_jax.runtime import checkpointing, summary
+  from markovian_jax.training import checkpoint_choice, config_validation, evaluation
   from markovian_jax.training.run_context import RunContext, read_examples
 
   # Everything that can be wrong with the input is checked before the model is loaded.
@@ -115,8 +132,10 @@ def run(config) -> dict:
   logging.info("models to evaluate: %s", models)
   # The run's own protocol (its config.json), before its data is read.
   from markovian_jax.reporting import runs as report_runs
-  refusal = report_runs.foreign_protocol(str(run_dir(config)),
-                                         report_runs.flatten(config.to_dict()), bool(_OUT.value))
+
+  refusal = report_runs.foreign_protocol(
+    str(run_dir(config)), report_runs.flatten(config.to_dict()), bool(_OUT.value)
+  )
   if refusal:
     raise EvalError(refusal)
   tokenizer = load_tokenizer(spec.model.path)
@@ -124,24 +143,33 @@ def run(config) -> dict:
   # are hash-ranked, so training's periodic test set (eval.num_examples) is a part of this one.
   test_size = _NUM_EXAMPLES.value or spec.eval.final_num_examples
   from markovian_jax.data import selection as selection_lib
+
   split = read_examples(spec, spec.data.eval_split, tokenizer)
-  examples = selection_lib.eval_subset(split, test_size or len(split), spec.eval.seed,
-                                       selection_lib.strata(spec.task))
-  logging.info("test set: %d of the %d %s %r items", len(examples), len(split), spec.task,
-               spec.data.eval_split)
+  examples = selection_lib.eval_subset(
+    split, test_size or len(split), spec.eval.seed, selection_lib.strata(spec.task)
+  )
+  logging.info(
+    "test set: %d of the %d %s %r items", len(examples), len(split), spec.task, spec.data.eval_split
+  )
   selection_set = None
   if _ALL.value:
     # The run's own selection set (selection.json), whatever the sizes of this command.
     from markovian_jax.training.run_context import recorded_selection
+
     selection_set, where = recorded_selection(
-        spec, checkpointing.absolute(_CKPT.value).parent, tokenizer)
+      spec, checkpointing.absolute(_CKPT.value).parent, tokenizer
+    )
     logging.info("selection set: %d items (%s)", len(selection_set), where)
   out_dir = output_dir(config)
-  kw = dict(num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
-            temperature=0.0 if _GREEDY.value else config.eval.temperature,
-            reader=config.eval.reader, answer_max_tokens=config.eval.answer_max_tokens,
-            answer_first_line=config.eval.answer_first_line,
-            batch_size=config.eval.batch_size, seed=config.eval.seed)
+  kw = dict(
+    num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
+    temperature=0.0 if _GREEDY.value else config.eval.temperature,
+    reader=config.eval.reader,
+    answer_max_tokens=config.eval.answer_max_tokens,
+    answer_first_line=config.eval.answer_first_line,
+    batch_size=config.eval.batch_size,
+    seed=config.eval.seed,
+  )
   protocol = check_protocol(config, out_dir, len(examples), kw)
 
   ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
@@ -156,10 +184,15 @@ def run(config) -> dict:
   try:
     for name in models:
       # The base model is logged at step 0, as the training loop does.
-      step = 0 if name == "base" else int(name[len("step_"):])
+      step = 0 if name == "base" else int(name[len("step_") :])
       # Restored straight onto the mesh, where the base params live.
-      lora = None if name == "base" else checkpoint_choice.restore_adapter(
-          _CKPT.value, step, ctx.model, settings[step], mesh=ctx.mesh)
+      lora = (
+        None
+        if name == "base"
+        else checkpoint_choice.restore_adapter(
+          _CKPT.value, step, ctx.model, settings[step], mesh=ctx.mesh
+        )
+      )
       for split, items, prefix, sub in sets:
         desc = name if split == "test" else f"{name} {split}"
         summ, rows = evaluation.evaluate(ctx, lora, items, desc=desc, **kw)
@@ -192,9 +225,11 @@ def step_table(selection: list, test: list) -> str:
   """A markdown table, one row per model: each extractor's selection and test accuracy, the
   model with the best selection score marked (the checkpoint an honest report picks)."""
   from markovian_jax.training import evaluation
+
   sel, tst = dict(selection), dict(test)
-  methods = [k[:-len("/accuracy")] for k in evaluation.scalars(test[0][1])
-             if k.endswith("/accuracy")]
+  methods = [
+    k[: -len("/accuracy")] for k in evaluation.scalars(test[0][1]) if k.endswith("/accuracy")
+  ]
   best = max(sel, key=lambda n: evaluation.primary_score(sel[n]))
   head = ["model"] + [f"{m} {split}" for m in methods for split in ("selection", "test")]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -210,6 +245,7 @@ def step_table(selection: list, test: list) -> str:
 def run_dir(config) -> epath.Path:
   """The run evaluated: --checkpoint_dir's parent, else config.workdir (local or gs://)."""
   from markovian_jax.runtime import checkpointing
+
   if _CKPT.value:
     return checkpointing.absolute(_CKPT.value).parent
   return epath.Path(config.workdir)
@@ -218,6 +254,7 @@ def run_dir(config) -> epath.Path:
 def output_dir(config) -> epath.Path:
   """--output_dir, else the run's eval/final (reporting.runs.FINAL_EVAL_DIR)."""
   from markovian_jax.reporting.runs import FINAL_EVAL_DIR
+
   if _OUT.value:
     return epath.Path(_OUT.value)
   return run_dir(config) / FINAL_EVAL_DIR
@@ -227,11 +264,16 @@ def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dic
   """The protocol of this evaluation (protocol.json). Raises EvalError when `out_dir` holds
   another protocol's evaluations."""
   from markovian_jax.reporting import runs as report_runs
+
   current = report_runs.flatten(config.to_dict())
   protocol = {k: current.get(k) for k in report_runs.RUN_PROTOCOL_KEYS}
-  protocol.update(num_examples=test_size, eval_split=config.data.eval_split,
-                  num_samples=kw["num_samples"], cot_temperature=kw["temperature"],
-                  seed=kw["seed"])
+  protocol.update(
+    num_examples=test_size,
+    eval_split=config.data.eval_split,
+    num_samples=kw["num_samples"],
+    cot_temperature=kw["temperature"],
+    seed=kw["seed"],
+  )
   refusal = report_runs.foreign_directory(str(out_dir), protocol)
   if refusal:
     raise EvalError(refusal)
@@ -240,6 +282,7 @@ def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dic
 
 def main():
   from markovian_jax.training import config_validation
+
   with config_validation.config_session(_CONFIG.value, "configs/gsm8k.py"):
     run(_CONFIG.value)
 

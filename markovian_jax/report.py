@@ -14,18 +14,25 @@ from __future__ import annotations
 from markovian_jax.reporting.markdown import write_report
 from markovian_jax.runtime import cli
 
+
 def _define_flags():
   """The CLI's flags, defined only when run as a program so that importing this module (e.g.
   from benchmarks/learning.py, which has its own --workdir) defines none."""
   from absl import flags
-  flags.DEFINE_string("workdir", None, "A run directory, or a directory whose subdirectories "
-                      "are runs; the report is written into it.")
+
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "A run directory, or a directory whose subdirectories are runs; the report is written into it.",
+  )
   flags.DEFINE_integer("examples", 2, "Example questions shown per logged step.")
 
 
 def main():
   from absl import flags
+
   from markovian_jax.runtime.errors import UserError
+
   f = flags.FLAGS
   if not f.workdir:
     raise UserError("--workdir is required (a run directory or a parent of runs)")

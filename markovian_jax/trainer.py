@@ -25,31 +25,35 @@ import json
 import os
 import tempfile
 
-import jax
-import jax.numpy as jnp
 from absl import logging
 from etils import epath
+import jax
+import jax.numpy as jnp
 
-from markovian_jax.data import selection as selection_lib
-from markovian_jax.runtime import checkpointing
-from markovian_jax.training import config_validation
-from markovian_jax.runtime import distributed
-from markovian_jax.runtime import progress
-from markovian_jax.runtime import faults
-from markovian_jax.runtime import workdir_lock
-from markovian_jax.training import resume as resume_lib
-from markovian_jax.training import evaluation
-from markovian_jax.training import guards
-from markovian_jax.training import hooks as hooks_lib
-from markovian_jax.training import optimizer
-from markovian_jax.training import pipeline
-from markovian_jax.training import state as state_lib
-from markovian_jax.runtime import summary
-from markovian_jax.training import train_step
-from markovian_jax.planning import plan as memory_plan
 from markovian_jax.data import ExampleStream
-from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.data import selection as selection_lib
 from markovian_jax.models import hf, init_lora, load_tokenizer
+from markovian_jax.planning import plan as memory_plan
+from markovian_jax.runtime import (
+  checkpointing,
+  distributed,
+  faults,
+  progress,
+  summary,
+  workdir_lock,
+)
+from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.training import (
+  config_validation,
+  evaluation,
+  guards,
+  optimizer,
+  pipeline,
+  train_step,
+)
+from markovian_jax.training import hooks as hooks_lib
+from markovian_jax.training import resume as resume_lib
+from markovian_jax.training import state as state_lib
 from markovian_jax.training.run_context import RunContext, fetch, run_splits
 
 TrainingStopped = guards.TrainingStopped
@@ -60,23 +64,27 @@ def check_workdir(spec) -> list:
   eval.seed and eval.selection_size the run started with. Returns the saved steps."""
   workdir = epath.Path(spec.workdir)  # local or gs://...
   ckpt_dir = workdir / "checkpoints"
-  steps = sorted(int(d.name) for d in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
-                 if d.name.isdigit())
+  steps = sorted(
+    int(d.name) for d in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else []) if d.name.isdigit()
+  )
   events = list(workdir.glob("events.out.tfevents.*")) if workdir.is_dir() else []
   if steps and not spec.train.resume:
     raise InvalidConfig(
-        f"config.train.resume: {ckpt_dir} already holds checkpoints of steps {steps}; set "
-        "--config.train.resume=True to continue that run, or give a new --config.workdir to "
-        "start over")
+      f"config.train.resume: {ckpt_dir} already holds checkpoints of steps {steps}; set "
+      "--config.train.resume=True to continue that run, or give a new --config.workdir to "
+      "start over"
+    )
   if events and not steps:
     raise InvalidConfig(
-        f"config.workdir: {spec.workdir} holds the TensorBoard events of an earlier run but no "
-        "checkpoint to resume from; give a new --config.workdir (or delete that directory) to "
-        "start over")
+      f"config.workdir: {spec.workdir} holds the TensorBoard events of an earlier run but no "
+      "checkpoint to resume from; give a new --config.workdir (or delete that directory) to "
+      "start over"
+    )
   recorded = workdir / "config.json"
   if steps and recorded.is_file():
-    selection_lib.check_resume(json.loads(recorded.read_text()), spec.eval.seed,
-                               spec.eval.selection_size, str(recorded))
+    selection_lib.check_resume(
+      json.loads(recorded.read_text()), spec.eval.seed, spec.eval.selection_size, str(recorded)
+    )
   return steps
 
 
@@ -111,10 +119,12 @@ class Trainer:
     distributed.sync("workdir checked")  # before process 0 writes the first file there
     t = spec.train
     if spec.lora.init_from and not os.path.isfile(
-        os.path.join(spec.lora.init_from, "adapter_config.json")):
+      os.path.join(spec.lora.init_from, "adapter_config.json")
+    ):
       raise checkpointing.CheckpointError(
-          f"config.lora.init_from: {spec.lora.init_from} is not a PEFT adapter directory (no "
-          "adapter_config.json)")
+        f"config.lora.init_from: {spec.lora.init_from} is not a PEFT adapter directory (no "
+        "adapter_config.json)"
+      )
     tokenizer = load_tokenizer(spec.model.path)
     # Three disjoint sets: train, selection (checkpoint choice, keep_best) and the reported test.
     self.splits = run_splits(spec, tokenizer)
@@ -129,33 +139,45 @@ class Trainer:
       self.workdir.mkdir(parents=True, exist_ok=True)
       selection_lib.write_record(self.workdir / "selection.json", self.splits, resuming)
     if spec.objective.kind == "ppo" and spec.lora.dropout > 0:
-      logging.info("PPO updates run without LoRA dropout (lora.dropout=%s applies to PG): the "
-                   "ratio must compare the function the sampler ran", spec.lora.dropout)
+      logging.info(
+        "PPO updates run without LoRA dropout (lora.dropout=%s applies to PG): the "
+        "ratio must compare the function the sampler ran",
+        spec.lora.dropout,
+      )
     self.settings = train_step.StepSettings(
-        model=self.ctx.model, objective=spec.objective.loss,
-        temperature=float(spec.sampling.temperature),
-        reward_scorer=spec.objective.reward_scorer)
+      model=self.ctx.model,
+      objective=spec.objective.loss,
+      temperature=float(spec.sampling.temperature),
+      reward_scorer=spec.objective.reward_scorer,
+    )
     self.tx = optimizer.make_optimizer(spec.optim)
 
     if spec.lora.init_from:
       lora = hf.load_peft_adapter(spec.lora.init_from, self.ctx.model)
     else:
-      lora = init_lora(self.ctx.model, jax.random.PRNGKey(t.seed + 1), rank=spec.lora.rank,
-                       alpha=spec.lora.alpha, dropout=spec.lora.dropout,
-                       targets=spec.lora.targets)
+      lora = init_lora(
+        self.ctx.model,
+        jax.random.PRNGKey(t.seed + 1),
+        rank=spec.lora.rank,
+        alpha=spec.lora.alpha,
+        dropout=spec.lora.dropout,
+        targets=spec.lora.targets,
+      )
     lora_sh = train_step.tree_shardings(lora, self.mesh)
     lora = jax.device_put(lora, lora_sh)
     # The KL/baseline reference: LoRA off, or a frozen copy of the starting adapter.
     # A copy: the update donates (deletes) the buffers of the state's adapter.
-    self.ref_lora = (jax.tree.map(jnp.copy, lora) if spec.lora.reference == "initial_adapter"
-                     else None)
+    self.ref_lora = (
+      jax.tree.map(jnp.copy, lora) if spec.lora.reference == "initial_adapter" else None
+    )
     opt_state = self.tx.init(lora)
     opt_sh = train_step.tree_shardings(opt_state, self.mesh)
     self.programs = train_step.Programs(self.settings, self.tx, self.mesh, lora_sh, opt_sh)
     self.state = state_lib.TrainState.create(lora, jax.device_put(opt_state, opt_sh), t.seed)
     self.last_info = None  # the StepInfo of the latest step
-    self.ckpt = checkpointing.Checkpointer(self.workdir / "checkpoints",
-                                           max_to_keep=t.max_to_keep, keep_best=t.keep_best)
+    self.ckpt = checkpointing.Checkpointer(
+      self.workdir / "checkpoints", max_to_keep=t.max_to_keep, keep_best=t.keep_best
+    )
     self.writer = summary.SummaryWriter(self.workdir)
     if jax.process_index() == 0:  # the run's full config, for reports and analyses
       with (self.workdir / "config.json").open("w") as f:
@@ -165,8 +187,9 @@ class Trainer:
       # The newest complete checkpoint; what the lost steps wrote is superseded.
       resume_lib.resume(self.ckpt, self.restore, self.workdir, self.writer)
     elif t.resume:
-      logging.info("resume requested but %s has no checkpoints: starting fresh",
-                   self.ckpt.directory)
+      logging.info(
+        "resume requested but %s has no checkpoints: starting fresh", self.ckpt.directory
+      )
 
   def add_hook(self, fn, every: int = 1, *, name=None, at_start=False, at_end=False):
     """Runs `fn(info: hooks.StepInfo)` after every `every`-th step (see `hooks`)."""
@@ -204,8 +227,7 @@ class Trainer:
 
   def state_json(self) -> dict:
     """The checkpoint's JSON state of the run now (`training.state.checkpoint_json`)."""
-    return state_lib.checkpoint_json(self.state, self.train_stream.state(),
-                                     self.config.to_dict())
+    return state_lib.checkpoint_json(self.state, self.train_stream.state(), self.config.to_dict())
 
   def save(self, score=None, force=True, *, state=None):
     """Checkpoints `state` (the run's current one by default) with the data cursor; a step
@@ -216,8 +238,14 @@ class Trainer:
     # The events up to this step reach the disk before the checkpoint does: a run killed later
     # resumes here and must find them (tensorboardX otherwise holds them for up to 2 minutes).
     self.writer.flush()
-    state_lib.save(self.ckpt, state, data=self.train_stream.state(),
-                   config=self.config.to_dict(), score=score, force=force)
+    state_lib.save(
+      self.ckpt,
+      state,
+      data=self.train_stream.state(),
+      config=self.config.to_dict(),
+      score=score,
+      force=force,
+    )
     logging.info("saved checkpoint at step %d", state.step)
 
   def restore(self, step: int):
@@ -240,8 +268,9 @@ class Trainer:
     self.state, self.last_info = self.advance(self.state, examples)
     return self.last_info.scalars
 
-  def advance(self, state: state_lib.TrainState, examples
-              ) -> tuple[state_lib.TrainState, hooks_lib.StepInfo]:
+  def advance(
+    self, state: state_lib.TrainState, examples
+  ) -> tuple[state_lib.TrainState, hooks_lib.StepInfo]:
     """The step function: the state after one step (pipeline stages) on `examples` from
     `state`, and the step's outputs as the hooks' StepInfo. The adapter and optimizer buffers of
     `state` are donated to the update: only the returned state may be used afterwards."""
@@ -262,8 +291,18 @@ class Trainer:
       lr = optimizer.learning_rate(spec.optim, spec.train.num_steps, state.step)
       batch = pipeline.policy_batch(ctx, ro, sc)
       lora, opt_state, per_update = pipeline.update(
-          ctx, spec, p, state.lora, state.opt_state, batch, tg, update_key, self.ref_lora, lr,
-          sc.window)
+        ctx,
+        spec,
+        p,
+        state.lora,
+        state.opt_state,
+        batch,
+        tg,
+        update_key,
+        self.ref_lora,
+        lr,
+        sc.window,
+      )
       per_update = [{k: float(v) for k, v in m.items()} for m in per_update]
     if any(m["nonfinite"] for m in per_update):
       baseline = state.baseline  # a skipped update leaves the baseline where it was
@@ -271,8 +310,9 @@ class Trainer:
     scalars = pipeline.scalars(spec, ctx, ro, sc, target_metrics, per_update, timer.times)
     if not per_update:  # expert iteration kept nothing: report the schedule's value
       scalars["train/learning_rate"] = lr
-    return new, hooks_lib.StepInfo(step, scalars, state=new, rollout=ro, scores=sc, targets=tg,
-                                   updates=per_update)
+    return new, hooks_lib.StepInfo(
+      step, scalars, state=new, rollout=ro, scores=sc, targets=tg, updates=per_update
+    )
 
   # ------------------------------------------------------------------ evaluation, export
   def evaluate(self, state=None) -> dict:
@@ -285,21 +325,35 @@ class Trainer:
     keep_best) and on the reported test split (scalars `eval/`, rows under eval/)."""
     state = self.state if state is None else state
     step = state.step
-    selection = self._evaluate_on(state, self.selection_examples, "selection/",
-                                  self.workdir / "eval" / "selection", f"selection@{step}")
+    selection = self._evaluate_on(
+      state,
+      self.selection_examples,
+      "selection/",
+      self.workdir / "eval" / "selection",
+      f"selection@{step}",
+    )
     score = evaluation.primary_score(selection)
     faults.at("eval", step)  # tests only: between the two evaluations
-    test = self._evaluate_on(state, self.eval_examples, "eval/", self.workdir / "eval",
-                             f"test@{step}")
+    test = self._evaluate_on(
+      state, self.eval_examples, "eval/", self.workdir / "eval", f"test@{step}"
+    )
     return hooks_lib.Evaluation(step, score, test)
 
   def _evaluate_on(self, state, examples, prefix: str, folder: epath.Path, desc: str) -> dict:
     e = self.spec.eval
     summ, rows = evaluation.evaluate(
-        self.ctx, state.lora, examples, num_samples=e.num_samples,
-        temperature=e.temperature, reader=e.reader, answer_max_tokens=e.answer_max_tokens,
-        answer_first_line=e.answer_first_line, batch_size=e.batch_size, seed=e.seed,
-        desc=desc)
+      self.ctx,
+      state.lora,
+      examples,
+      num_samples=e.num_samples,
+      temperature=e.temperature,
+      reader=e.reader,
+      answer_max_tokens=e.answer_max_tokens,
+      answer_first_line=e.answer_first_line,
+      batch_size=e.batch_size,
+      seed=e.seed,
+      desc=desc,
+    )
     self.writer.scalars(state.step, evaluation.scalars(summ), prefix=prefix)
     if jax.process_index() == 0:
       path = folder / f"step_{state.step}.jsonl"
@@ -319,8 +373,12 @@ class Trainer:
     if jax.process_index() == 0:
       # The PEFT writer takes a local directory; a gs:// workdir gets a copy through epath.
       with tempfile.TemporaryDirectory() as local:
-        hf.save_peft_adapter(lora.replace(params=params), self.ctx.model, local,
-                             base_model_name_or_path=self.spec.model.path)
+        hf.save_peft_adapter(
+          lora.replace(params=params),
+          self.ctx.model,
+          local,
+          base_model_name_or_path=self.spec.model.path,
+        )
         out.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(local):
           (out / name).write_bytes(epath.Path(local, name).read_bytes())
@@ -340,8 +398,10 @@ class Trainer:
       while self.state.step < t.num_steps and not stop.requested(self.state.step):
         s = self.step()
         bar.update(1)
-        bar.set_postfix(reward=f"{s.get('answer/normalized_reward', s['answer/logprob']):.3f}",
-                        loss=f"{s.get('train/loss', float('nan')):.3f}")
+        bar.set_postfix(
+          reward=f"{s.get('answer/normalized_reward', s['answer/logprob']):.3f}",
+          loss=f"{s.get('train/loss', float('nan')):.3f}",
+        )
         self.last_info.last = self.last_info.step == t.num_steps
         self.hooks.run(self.last_info)
       bar.close()
@@ -365,25 +425,45 @@ def add_default_hooks(trainer: Trainer) -> None:
   train.checkpoint_every steps (and at the end). Each hook is given what it needs, not the
   Trainer."""
   spec, t, writer = trainer.spec, trainer.spec.train, trainer.writer
-  recovery = dict(save=trainer.save, rollback=trainer.rollback,
-                  saved_steps=trainer.ckpt.all_steps)
+  recovery = dict(save=trainer.save, rollback=trainer.rollback, saved_steps=trainer.ckpt.all_steps)
   trainer.add_hook(functools.partial(write_scalars, writer), name="scalars")
-  trainer.add_hook(functools.partial(write_samples, writer, trainer.workdir, spec.task),
-                   every=t.text_every, name="samples", at_start=True)
-  trainer.add_hook(guards.NonFiniteGuard(checkpoint_every=t.checkpoint_every,
-                                         patience=t.nan_patience, action=t.nonfinite_action,
-                                         max_rollbacks=t.max_rollbacks, **recovery),
-                   name="nonfinite_guard")
-  trainer.add_hook(guards.CollapseGuard(spec, write_scalars=writer.scalars, **recovery),
-                   name="collapse_guard")
-  trainer.add_hook(functools.partial(evaluate_hook, trainer.evaluate_state), every=t.eval_every,
-                   name="eval", at_end=True)
+  trainer.add_hook(
+    functools.partial(write_samples, writer, trainer.workdir, spec.task),
+    every=t.text_every,
+    name="samples",
+    at_start=True,
+  )
+  trainer.add_hook(
+    guards.NonFiniteGuard(
+      checkpoint_every=t.checkpoint_every,
+      patience=t.nan_patience,
+      action=t.nonfinite_action,
+      max_rollbacks=t.max_rollbacks,
+      **recovery,
+    ),
+    name="nonfinite_guard",
+  )
+  trainer.add_hook(
+    guards.CollapseGuard(spec, write_scalars=writer.scalars, **recovery), name="collapse_guard"
+  )
+  trainer.add_hook(
+    functools.partial(evaluate_hook, trainer.evaluate_state),
+    every=t.eval_every,
+    name="eval",
+    at_end=True,
+  )
   if spec.eval.fragility_every:
-    trainer.add_hook(functools.partial(fragility_hook, trainer.ctx, spec.eval.batch_size,
-                                       writer.scalars),
-                     every=spec.eval.fragility_every, name="fragility")
-  trainer.add_hook(functools.partial(checkpoint_hook, trainer.save), every=t.checkpoint_every,
-                   name="checkpoint", at_end=True)
+    trainer.add_hook(
+      functools.partial(fragility_hook, trainer.ctx, spec.eval.batch_size, writer.scalars),
+      every=spec.eval.fragility_every,
+      name="fragility",
+    )
+  trainer.add_hook(
+    functools.partial(checkpoint_hook, trainer.save),
+    every=t.checkpoint_every,
+    name="checkpoint",
+    at_end=True,
+  )
 
 
 def write_scalars(writer, info: hooks_lib.StepInfo):
@@ -398,9 +478,14 @@ def write_samples(writer, workdir, task: str, info: hooks_lib.StepInfo):
   ro, sc = info.rollout, info.scores
   cots = "\n\n".join(f"**CoT {i}**: {t}" for i, t in enumerate(ro.cot_texts[:3]))
   base = "" if ro.base_texts is None else f"**Baseline CoT'**: {ro.base_texts[0]}\n\n"
-  writer.text(info.step, "samples", (
+  writer.text(
+    info.step,
+    "samples",
+    (
       f"**Question**: {ro.examples[0].question}\n\n{cots}\n\n{base}"
-      f"**Answer**: {ro.examples[0].answer}"))
+      f"**Answer**: {ro.examples[0].answer}"
+    ),
+  )
   r = fetch(sc.rewards).astype(float)  # a collective: before process 0 alone
   if jax.process_index() != 0:
     return
@@ -409,12 +494,23 @@ def write_samples(writer, workdir, task: str, info: hooks_lib.StepInfo):
   with (epath.Path(workdir) / "samples.jsonl").open("a") as f:
     for q, ex in enumerate(ro.examples):
       rows = slice(q * g, (q + 1) * g)
-      f.write(json.dumps({
-          "step": info.step, "task": task, "id": ex.id, "question": ex.question,
-          "answer": ex.answer, "cots": ro.cot_texts[rows], "rewards": r[rows].tolist(),
-          "normalized": None if b is None else (r[rows] - float(b[q])).tolist(),
-          "base_cot": None if ro.base_texts is None else ro.base_texts[q],
-          "base_score": None if b is None else float(b[q])}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "step": info.step,
+            "task": task,
+            "id": ex.id,
+            "question": ex.question,
+            "answer": ex.answer,
+            "cots": ro.cot_texts[rows],
+            "rewards": r[rows].tolist(),
+            "normalized": None if b is None else (r[rows] - float(b[q])).tolist(),
+            "base_cot": None if ro.base_texts is None else ro.base_texts[q],
+            "base_score": None if b is None else float(b[q]),
+          }
+        )
+        + "\n"
+      )
 
 
 def evaluate_hook(evaluate_state, info: hooks_lib.StepInfo):
@@ -426,12 +522,22 @@ def fragility_hook(ctx, batch_size: int, write_scalars_fn, info: hooks_lib.StepI
   """fragility/<kind>/p<percent>: the mean drop in the answer log-prob (under the step's policy)
   when the step's CoTs are perturbed; a CoT the answer really depends on drops more."""
   from markovian_jax.analysis import fragility
+
   ro = info.rollout
-  res = fragility.fragility_scores(ctx, info.state.lora, ro.row_examples, ro.cot_texts,
-                                   severities=(0, 40, 100), seed=info.step,
-                                   batch_size=batch_size, progress=False)
-  write_scalars_fn(info.step, {f"fragility/{k}/p{p}": float(res.effect(k, p).mean())
-                               for k in res.kinds for p in (40, 100)})
+  res = fragility.fragility_scores(
+    ctx,
+    info.state.lora,
+    ro.row_examples,
+    ro.cot_texts,
+    severities=(0, 40, 100),
+    seed=info.step,
+    batch_size=batch_size,
+    progress=False,
+  )
+  write_scalars_fn(
+    info.step,
+    {f"fragility/{k}/p{p}": float(res.effect(k, p).mean()) for k in res.kinds for p in (40, 100)},
+  )
 
 
 def checkpoint_hook(save, info: hooks_lib.StepInfo):

@@ -37,6 +37,16 @@ tensorboardX or gguf (`forbidden_modules` in the JSON).
 from benchmarks.accelerator.ours import init_adapter, init_params_on_device  # noqa: F401
 from benchmarks.accelerator.step_api import step_api  # noqa: F401
 from benchmarks.accelerator.workload import (  # noqa: F401
-    Workload, answer_rows, decode_step_bytes, forward_flops, kv_bytes_per_slot,
-    llama31_8b, lora_layer_params, matmul_params, prompts, tiny, update_model_flops,
-    weight_bytes_per_decode_step)
+  Workload,
+  answer_rows,
+  decode_step_bytes,
+  forward_flops,
+  kv_bytes_per_slot,
+  llama31_8b,
+  lora_layer_params,
+  matmul_params,
+  prompts,
+  tiny,
+  update_model_flops,
+  weight_bytes_per_decode_step,
+)

@@ -28,37 +28,54 @@ KILL_GRACE_S = 10.0
 
 
 def parse(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.accelerator",
-                              description="Our sampler and Markovian step against transformers "
-                              "+ peft on the visible accelerator (Llama-3.1-8B shapes).")
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.accelerator",
+    description="Our sampler and Markovian step against transformers "
+    "+ peft on the visible accelerator (Llama-3.1-8B shapes).",
+  )
   p.add_argument("--out", required=True, help="directory for the JSON files and the table")
   p.add_argument("--tiny", action="store_true", help="a tiny model (CPU, CI)")
-  p.add_argument("--budget_s", type=float, default=480.0,
-                 help="seconds for the whole run (default 480: a margin under a 540 s limit); "
-                 "a row expected not to finish in what is left is skipped, with the reason")
+  p.add_argument(
+    "--budget_s",
+    type=float,
+    default=480.0,
+    help="seconds for the whole run (default 480: a margin under a 540 s limit); "
+    "a row expected not to finish in what is left is skipped, with the reason",
+  )
   p.add_argument("--skip_torch", action="store_true", help="only our side")
   p.add_argument("--batches", help="decode batch sizes in run order, e.g. 1,256,64,12")
   p.add_argument("--questions", help="questions per step in run order, e.g. 8,1")
   p.add_argument("--repeats", type=int, help="timed calls per row after the first")
-  p.add_argument("--row_estimates", help="seconds that replace rows' prior estimates, e.g. "
-                 "ours/step/8=40,torch/load=90 (say, from a first run's row_s on this machine)")
-  p.add_argument("--attention_impl", default="auto",
-                 choices=("auto", "einsum", "dot_product", "cudnn"),
-                 help="auto: cuDNN if the preflight passes, else XLA's attention (on GPU)")
+  p.add_argument(
+    "--row_estimates",
+    help="seconds that replace rows' prior estimates, e.g. "
+    "ours/step/8=40,torch/load=90 (say, from a first run's row_s on this machine)",
+  )
+  p.add_argument(
+    "--attention_impl",
+    default="auto",
+    choices=("auto", "einsum", "dot_product", "cudnn"),
+    help="auto: cuDNN if the preflight passes, else XLA's attention (on GPU)",
+  )
   p.add_argument("--hbm_tb_s", type=float, help="datasheet HBM bandwidth (default: by name)")
   p.add_argument("--peak_tflops", type=float, help="datasheet bf16 peak (default: by name)")
-  p.add_argument("--compile_cache", default=str(CACHE_DIR),
-                 help="persistent compilation cache directory ('' disables)")
-  p.add_argument("--worker", choices=("preflight", "torch_probe", "ours", "torch"),
-                 help=argparse.SUPPRESS)
+  p.add_argument(
+    "--compile_cache",
+    default=str(CACHE_DIR),
+    help="persistent compilation cache directory ('' disables)",
+  )
+  p.add_argument(
+    "--worker", choices=("preflight", "torch_probe", "ours", "torch"), help=argparse.SUPPRESS
+  )
   p.add_argument("--rows", help=argparse.SUPPRESS)
   p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
 def _workload(args) -> wl.Workload:
-  return wl.make_workload(args.tiny, args.attention_impl, args.batches, args.questions,
-                          args.repeats, args.row_estimates)
+  return wl.make_workload(
+    args.tiny, args.attention_impl, args.batches, args.questions, args.repeats, args.row_estimates
+  )
 
 
 def forbidden_loaded() -> list:
@@ -85,10 +102,12 @@ def run_worker(args, w: wl.Workload) -> None:
     results.write_json(out / "torch_probe.json", data)
   elif args.worker == "ours":
     from benchmarks.accelerator import ours
+
     ours.worker(w, rows, out / "ours.json", args.deadline)
     results.RowFile(out / "ours.json").meta(forbidden_modules=forbidden_loaded())
   else:
     from benchmarks.accelerator import peer
+
     sums = (results.read_json(out / "ours.json") or {}).get("meta", {}).get("weight_sums")
     feed = rows or iter(sys.stdin.readline, "")  # the driver's row ids, one a line
     peer.worker(w, feed, out / "torch.json", args.deadline, sums, allow_cpu=args.tiny)
@@ -96,9 +115,15 @@ def run_worker(args, w: wl.Workload) -> None:
 
 
 def _command(args, worker: str, rows=(), deadline=None, attention=None) -> list:
-  cmd = [sys.executable, "-m", "benchmarks.accelerator", f"--worker={worker}",
-         f"--out={args.out}", f"--attention_impl={attention or args.attention_impl}",
-         f"--compile_cache={args.compile_cache}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.accelerator",
+    f"--worker={worker}",
+    f"--out={args.out}",
+    f"--attention_impl={attention or args.attention_impl}",
+    f"--compile_cache={args.compile_cache}",
+  ]
   for flag in ("batches", "questions", "repeats", "row_estimates"):
     if getattr(args, flag):
       cmd.append(f"--{flag}={getattr(args, flag)}")
@@ -114,8 +139,9 @@ _RUNNING = []  # the workers started and not yet waited for: a cut driver ends t
 
 def _start(cmd, env: dict, stdin=None) -> subprocess.Popen:
   # Its own session: a timeout ends the worker and anything it started, nothing else.
-  proc = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, **env}, start_new_session=True,
-                          stdin=stdin, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=str(REPO), env={**os.environ, **env}, start_new_session=True, stdin=stdin, text=True
+  )
   _RUNNING.append(proc)
   return proc
 
@@ -173,27 +199,44 @@ class Run:
     part = lambda n: results.read_json(self.out / n)  # noqa: E731
     pre = part("preflight.json") or {}
     dev = results.device_figures(pre, self.args.hbm_tb_s, self.args.peak_tflops)
-    res = results.merge(self.w, {"ours": part("ours.json"), "torch": part("torch.json")}, dev,
-                        self.order, self.skipped)
+    res = results.merge(
+      self.w,
+      {"ours": part("ours.json"), "torch": part("torch.json")},
+      dev,
+      self.order,
+      self.skipped,
+    )
     ours_meta = (part("ours.json") or {}).get("meta", {})
     torch_meta = (part("torch.json") or {}).get("meta", {})
     self.attention["ran"] = ours_meta.get("self_attention_kernel")
     self.attention["hlo_cudnn_fmha_calls"] = {
-        r: row.get("hlo_cudnn_fmha_calls") for r, row in res["rows"].items() if "/step/" in r}
-    res.update(workload=self.w.as_dict(), versions=self.versions, preflight=pre,
-               attention=self.attention, ours_meta=ours_meta, torch_meta=torch_meta,
-               budget_s=self.args.budget_s, wall_s=time.time() - self.start,
-               ours_memory=self.memory,
-               forbidden_modules=sorted(set(forbidden_loaded()) | {
-                   m for d in (pre, ours_meta, torch_meta)
-                   for m in d.get("forbidden_modules", [])}))
+      r: row.get("hlo_cudnn_fmha_calls") for r, row in res["rows"].items() if "/step/" in r
+    }
+    res.update(
+      workload=self.w.as_dict(),
+      versions=self.versions,
+      preflight=pre,
+      attention=self.attention,
+      ours_meta=ours_meta,
+      torch_meta=torch_meta,
+      budget_s=self.args.budget_s,
+      wall_s=time.time() - self.start,
+      ours_memory=self.memory,
+      forbidden_modules=sorted(
+        set(forbidden_loaded())
+        | {m for d in (pre, ours_meta, torch_meta) for m in d.get("forbidden_modules", [])}
+      ),
+    )
     att = res["attention"]
     att["used"] = sorted(set((att.get("ran") or {}).values())) or None
     # The compiled programs must agree with the resolved kernel: cuDNN calls in the HLO iff
     # cuDNN was resolved (None until a step row has compiled).
     calls = [sum(c.values()) for c in att["hlo_cudnn_fmha_calls"].values() if c]
-    att["hlo_agrees"] = None if not calls or not att["used"] else \
-        all((n > 0) == ("cudnn" in att["used"]) for n in calls)
+    att["hlo_agrees"] = (
+      None
+      if not calls or not att["used"]
+      else all((n > 0) == ("cudnn" in att["used"]) for n in calls)
+    )
     text = results.table(res)
     results.write_json(self.out / "accelerator.json", res)
     (self.out / "table.txt").write_text(text + "\n")
@@ -209,11 +252,15 @@ def _preflight(run: Run) -> tuple:
   """(preflight dict, torch probe dict or None): both workers at once, versions printed."""
   args = run.args
   end = run.budget.deadline
-  procs = {"preflight": _start(_command(args, "preflight", deadline=end),
-                               {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})}
+  procs = {
+    "preflight": _start(
+      _command(args, "preflight", deadline=end), {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    )
+  }
   if not args.skip_torch:
-    procs["torch_probe"] = _start(_command(args, "torch_probe", deadline=end),
-                                  {"JAX_PLATFORMS": "cpu"})
+    procs["torch_probe"] = _start(
+      _command(args, "torch_probe", deadline=end), {"JAX_PLATFORMS": "cpu"}
+    )
   timeout = min(run.budget.left(), 3 * run.w.estimate("preflight") + 60)
   for name, proc in procs.items():
     code = _finish(proc, timeout)
@@ -221,9 +268,25 @@ def _preflight(run: Run) -> tuple:
       print(f"[driver] {name} worker ended with {code} (None: timed out)", flush=True)
   pre = results.read_json(run.out / "preflight.json") or {}
   probe = results.read_json(run.out / "torch_probe.json") if not args.skip_torch else None
-  run.versions.update(jax={k: v for k, v in pre.items() if k in (
-      "jax", "jaxlib", "platform", "device_kind", "device_count", "platform_version", "cudnn",
-      "cuda_runtime", "cuda_driver")}, torch=probe)
+  run.versions.update(
+    jax={
+      k: v
+      for k, v in pre.items()
+      if k
+      in (
+        "jax",
+        "jaxlib",
+        "platform",
+        "device_kind",
+        "device_count",
+        "platform_version",
+        "cudnn",
+        "cuda_runtime",
+        "cuda_driver",
+      )
+    },
+    torch=probe,
+  )
   print(f"[versions] jax sees {run.versions['jax']}", flush=True)
   print(f"[versions] torch {probe}", flush=True)
   return pre, probe
@@ -236,7 +299,7 @@ def _ours_env(run: Run) -> dict:
   meta = (results.read_json(run.out / "torch.json") or {}).get("meta", {})
   free, total = meta.get("device_free_bytes"), meta.get("device_total_bytes")
   if free and total:
-    fraction = min(fraction, max(0.05, (free - 2 * 2 ** 30) / total))
+    fraction = min(fraction, max(0.05, (free - 2 * 2**30) / total))
     run.memory.update(fraction=fraction, peer_free_bytes=free, total_bytes=total)
   return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}"}
 
@@ -250,8 +313,9 @@ def _ours_row(run: Run, rid: str, attention: str):
   expected = run.budget.expected(rid)
   limit = min(run.budget.left(), max(3 * expected, expected + 120))
   t = time.time()
-  code = _finish(_start(_command(run.args, "ours", [rid], run.budget.deadline, attention),
-                        _ours_env(run)), limit)
+  code = _finish(
+    _start(_command(run.args, "ours", [rid], run.budget.deadline, attention), _ours_env(run)), limit
+  )
   took = time.time() - t
   done = rid in ((results.read_json(run.out / "ours.json") or {}).get("rows", {}))
   if done:
@@ -287,8 +351,9 @@ class Peer:
       run.skipped[rid] = self.gone
       return
     first = self.proc is None
-    why = run.budget.why_not("torch/load", run.w.estimate(rid)) if first else \
-        run.budget.why_not(rid)
+    why = (
+      run.budget.why_not("torch/load", run.w.estimate(rid)) if first else run.budget.why_not(rid)
+    )
     if why:
       run.skipped[rid] = why + (" (with the peer's start)" if first else "")
       print(f"[driver] skip {rid}: {run.skipped[rid]}", flush=True)
@@ -298,8 +363,9 @@ class Peer:
     if first:
       # JAX only makes the weights there: no preallocation, freed buffers go back to the device.
       env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
-      self.proc = _start(_command(run.args, "torch", deadline=run.budget.deadline), env,
-                         stdin=subprocess.PIPE)
+      self.proc = _start(
+        _command(run.args, "torch", deadline=run.budget.deadline), env, stdin=subprocess.PIPE
+      )
     t = time.time()
     try:
       self.proc.stdin.write(rid + "\n")
@@ -319,8 +385,9 @@ class Peer:
         _end(self.proc)
         self.gone = f"the peer worker was ended at a row's timeout ({limit:.0f} s)"
         results.RowFile(run.out / "torch.json").fail(
-            rid, f"timed out after {time.time() - t:.0f} s (limit {limit:.0f} s, expected "
-            f"{expected:.0f})")
+          rid,
+          f"timed out after {time.time() - t:.0f} s (limit {limit:.0f} s, expected {expected:.0f})",
+        )
         state = "failed"
         break
       time.sleep(self.POLL_S)
@@ -348,8 +415,7 @@ def keep_earlier(out: pathlib.Path) -> Optional[pathlib.Path]:
   names = [n for n in WORKER_FILES + ("accelerator.json", "table.txt") if (out / n).exists()]
   if not names:
     return None
-  stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(max((out / n).stat().st_mtime
-                                                           for n in names)))
+  stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(max((out / n).stat().st_mtime for n in names)))
   dest = out / f"earlier-{stamp}"
   i = 1
   while dest.exists():
@@ -369,8 +435,9 @@ def main(argv=None) -> int:
     # triple the compile time of the programs (the update's from ~6 s to ~17 s on 2 cores).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                 + " --xla_backend_optimization_level=0").strip()
+      os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+      ).strip()
   if args.compile_cache:
     pathlib.Path(args.compile_cache).mkdir(parents=True, exist_ok=True)
   if args.worker:
@@ -408,6 +475,9 @@ def main(argv=None) -> int:
     for proc in list(_RUNNING):
       _end(proc)
     text = run.write()
-    print("\n" + text + f"\n\nwall {time.time() - run.start:.0f} s; every figure in "
-          f"{out / 'accelerator.json'}", flush=True)
+    print(
+      "\n" + text + f"\n\nwall {time.time() - run.start:.0f} s; every figure in "
+      f"{out / 'accelerator.json'}",
+      flush=True,
+    )
   return 0

@@ -22,6 +22,7 @@ class CompileClock:
 
   def __init__(self):
     import jax
+
     self.seconds, self.count = 0.0, 0
     jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
@@ -50,6 +51,7 @@ def init_params_on_device(config, seed: int = 0):
   import jax
 
   from markovian_jax.models import init_params
+
   return jax.jit(init_params, static_argnums=0)(config, jax.random.PRNGKey(seed))
 
 
@@ -57,8 +59,10 @@ def init_adapter(config, w: wl.Workload):
   import jax
 
   from markovian_jax.models import init_lora
-  return init_lora(config, jax.random.PRNGKey(1), rank=w.lora_rank, alpha=w.lora_alpha,
-                   dropout=w.lora_dropout)
+
+  return init_lora(
+    config, jax.random.PRNGKey(1), rank=w.lora_rank, alpha=w.lora_alpha, dropout=w.lora_dropout
+  )
 
 
 def leaf_sums(params) -> dict:
@@ -67,9 +71,11 @@ def leaf_sums(params) -> dict:
   import jax.numpy as jnp
 
   from markovian_jax.runtime import sharding
+
   sums = jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x.astype(jnp.float32)), p))(params)
-  return {sharding.path_str(path): float(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+  return {
+    sharding.path_str(path): float(v) for path, v in jax.tree_util.tree_leaves_with_path(sums)
+  }
 
 
 class Ours:
@@ -79,6 +85,7 @@ class Ours:
     import jax
 
     from markovian_jax.runtime import sharding
+
     self.w, self.c = w, w.config
     self.clock = CompileClock()
     self.device = jax.devices()[0]
@@ -94,28 +101,39 @@ class Ours:
     import jax
 
     from markovian_jax.models import decoder
-    return {"device_kind": self.device.device_kind, "platform": self.device.platform,
-            "jax": jax.__version__, "init_s": self.init_s,
-            "weight_sums": leaf_sums(self.params),
-            "attention_impl": self.c.attention_impl,
-            "self_attention_kernel": {str(t): decoder.attention_kernel(self.c, t) for t in sorted(
-                {self.w.step_prompt, self.w.answer_len, self.w.cache_slots - self.w.sampler_new})},
-            "decode_and_prefix_kernel": "einsum"}
+
+    return {
+      "device_kind": self.device.device_kind,
+      "platform": self.device.platform,
+      "jax": jax.__version__,
+      "init_s": self.init_s,
+      "weight_sums": leaf_sums(self.params),
+      "attention_impl": self.c.attention_impl,
+      "self_attention_kernel": {
+        str(t): decoder.attention_kernel(self.c, t)
+        for t in sorted(
+          {self.w.step_prompt, self.w.answer_len, self.w.cache_slots - self.w.sampler_new}
+        )
+      },
+      "decode_and_prefix_kernel": "einsum",
+    }
 
   def _aot(self, q: int) -> dict:
     """Compile the scorer and the update for Q questions ahead of time, in threads (XLA compiles
     outside the GIL) while the caller samples. Returns {name: future of Compiled}."""
     import jax
+
     api = self.api
     batch, targets = api.abstract_batch(q)
-    ua = api.update_args(self.params, self.lora, self.opt_state, batch, targets,
-                         jax.random.PRNGKey(0))
+    ua = api.update_args(
+      self.params, self.lora, self.opt_state, batch, targets, jax.random.PRNGKey(0)
+    )
     sa = api.abstract_score(q, self.params, self.lora)
     pool = concurrent.futures.ThreadPoolExecutor(2)
-    futures = {"update": pool.submit(lambda: api.programs.update.lower(
-        *ua.args, **ua.static).compile()),
-               "score": pool.submit(lambda: api.programs.score.lower(
-                   *sa.args, **sa.static).compile())}
+    futures = {
+      "update": pool.submit(lambda: api.programs.update.lower(*ua.args, **ua.static).compile()),
+      "score": pool.submit(lambda: api.programs.score.lower(*sa.args, **sa.static).compile()),
+    }
     pool.shutdown(wait=False)
     return futures
 
@@ -139,8 +157,9 @@ class Ours:
     row["compile_s"] = {k: runs[0][k + "_compile_s"] for k in ("sample", "score", "update")}
     row["aot_compile_wall_s"] = aot["wall_s"]
     row["compiles_in_timed_steps"] = sum(r["compiles"] for r in runs[1:])
-    row["hlo_cudnn_fmha_calls"] = {k: probes.cudnn_fmha_calls(aot[k].as_text())
-                                   for k in ("score", "update")}
+    row["hlo_cudnn_fmha_calls"] = {
+      k: probes.cudnn_fmha_calls(aot[k].as_text()) for k in ("score", "update")
+    }
     row["peak_device_bytes"] = peak_device_bytes(self.device)
     return row
 
@@ -149,12 +168,22 @@ class Ours:
     import jax
 
     from markovian_jax import sampling
+
     c, w, api = self.c, self.w, self.api
     marks = [(now(), self.clock.read())]
     out, ref = sampling.generate_with_reference(
-        c, self.params, p_tokens, prompt_mask=p_mask, lora=self.lora, max_new_tokens=w.cot,
-        min_new_tokens=w.cot, num_samples=w.group, temperature=1.0, rng=seed,
-        eos_ids=c.eos_token_ids)
+      c,
+      self.params,
+      p_tokens,
+      prompt_mask=p_mask,
+      lora=self.lora,
+      max_new_tokens=w.cot,
+      min_new_tokens=w.cot,
+      num_samples=w.group,
+      temperature=1.0,
+      rng=seed,
+      eos_ids=c.eos_token_ids,
+    )
     cot, behaviour = np.asarray(out.tokens), np.asarray(out.logprobs)
     base = np.asarray(ref.tokens)
     if before_score:
@@ -165,12 +194,16 @@ class Ours:
     tg = jax.block_until_ready(api.targets(r, b))
     marks.append((now(), self.clock.read()))
     batch = api.batch(p_tokens, p_mask, cot, behaviour, ans, ans_lp, b)
-    self.lora, self.opt_state, metrics = api.update(self.params, self.lora, self.opt_state,
-                                                    batch, tg, jax.random.PRNGKey(seed))
+    self.lora, self.opt_state, metrics = api.update(
+      self.params, self.lora, self.opt_state, batch, tg, jax.random.PRNGKey(seed)
+    )
     metrics = {k: float(v) for k, v in metrics.items()}
     marks.append((now(), self.clock.read()))
-    res = {"reward": float(np.mean(np.asarray(r))), "loss": metrics.get("loss", math.nan),
-           "compiles": marks[-1][1][1] - marks[0][1][1]}
+    res = {
+      "reward": float(np.mean(np.asarray(r))),
+      "loss": metrics.get("loss", math.nan),
+      "compiles": marks[-1][1][1] - marks[0][1][1],
+    }
     for name, (t0, c0), (t1, c1) in zip(("sample", "score", "update"), marks, marks[1:]):
       res[name + "_s"] = t1 - t0
       res[name + "_compile_s"] = c1[0] - c0[0]
@@ -179,14 +212,24 @@ class Ours:
 
   def decode_row(self, b: int) -> dict:
     from markovian_jax import sampling
+
     c, w = self.c, self.w
     tokens = wl.prompts(w, b, w.sampler_prompt, seed=b)
     mask = np.ones(tokens.shape, bool)
 
     def run(n, seed):
-      o = sampling.generate(c, self.params, tokens, prompt_mask=mask, lora=self.lora,
-                            max_new_tokens=n, min_new_tokens=n, temperature=1.0, rng=seed,
-                            eos_ids=c.eos_token_ids)
+      o = sampling.generate(
+        c,
+        self.params,
+        tokens,
+        prompt_mask=mask,
+        lora=self.lora,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        temperature=1.0,
+        rng=seed,
+        eos_ids=c.eos_token_ids,
+      )
       return np.asarray(o.tokens)
 
     def first(n):
@@ -226,7 +269,7 @@ def worker(w: wl.Workload, rows: list, path, deadline: float) -> None:
   budget = results.Budget(deadline, w)
   for i, rid in enumerate(rows):
     why = i and budget.why_not(rid)  # the first row was admitted by the driver, which knows
-    if why:                          # how long the earlier rows' processes took
+    if why:  # how long the earlier rows' processes took
       rf.skip(rid, why)
       continue
     kind, size = rid.split("/")[1], int(rid.split("/")[2])
@@ -239,5 +282,12 @@ def worker(w: wl.Workload, rows: list, path, deadline: float) -> None:
     row["row_s"] = now() - t
     rf.row(rid, row)
     budget.finished(rid, row["row_s"])
-    print(f"[ours] {rid}: " + (f"{row['step_s']:.3f} s/step" if kind == "step" else
-                               f"decode {row['decode_tok_s']:.1f} tok/s"), flush=True)
+    print(
+      f"[ours] {rid}: "
+      + (
+        f"{row['step_s']:.3f} s/step"
+        if kind == "step"
+        else f"decode {row['decode_tok_s']:.1f} tok/s"
+      ),
+      flush=True,
+    )

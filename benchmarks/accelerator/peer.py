@@ -22,14 +22,22 @@ def now() -> float:
 
 def _torch_generate(model, tokens, n: int, w: wl.Workload, seed: int, sample: bool):
   import torch
+
   torch.manual_seed(seed)
   eos = list(w.config.eos_token_ids)
-  kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else \
-      dict(do_sample=False)
+  kw = (
+    dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+  )
   with torch.no_grad():  # not inference_mode: the update differentiates through these tokens
-    out = model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens),
-                         max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
-                         pad_token_id=eos[0], **kw)
+    out = model.generate(
+      input_ids=tokens,
+      attention_mask=torch.ones_like(tokens),
+      max_new_tokens=n,
+      min_new_tokens=n,
+      eos_token_id=eos,
+      pad_token_id=eos[0],
+      **kw,
+    )
   sync(tokens.device)
   assert out.shape[1] == tokens.shape[1] + n, out.shape
   return out
@@ -41,7 +49,8 @@ def _checkpointing(model, on: bool):
   if hasattr(model, "activation_checkpointing_enable"):
     if on:
       model.activation_checkpointing_enable(
-          activation_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing_kwargs={"use_reentrant": False}
+      )
     else:
       model.activation_checkpointing_disable()
   elif on:
@@ -69,10 +78,12 @@ class TorchStep:
 
   def __init__(self, model, w: wl.Workload, dev):
     import torch
+
     self.torch, self.model, self.w, self.dev = torch, model, w, dev
     self.trainable = [p for p in model.parameters() if p.requires_grad]
-    self.opt = torch.optim.AdamW(self.trainable, lr=w.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=0.01)
+    self.opt = torch.optim.AdamW(
+      self.trainable, lr=w.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
+    )
     self.checkpointing = w.config.remat != "none"
 
   def _answer_logprob(self, rows):
@@ -124,14 +135,19 @@ class TorchStep:
     finally:
       _checkpointing(model.base_model.model, False)
     t3 = now()
-    return {"sample_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
-            "reward": float(r.mean()), "loss": float(loss)}
-
-
+    return {
+      "sample_s": t1 - t0,
+      "score_s": t2 - t1,
+      "update_s": t3 - t2,
+      "step_s": t3 - t0,
+      "reward": float(r.mean()),
+      "loss": float(loss),
+    }
 
 
 def _decode_row(model, w: wl.Workload, b: int, dev) -> dict:
   import torch
+
   tokens = torch.as_tensor(wl.prompts(w, b, w.sampler_prompt, seed=b), device=dev)
   row = {}
   for n, key in ((w.sampler_new, "full"), (1, "prefill")):
@@ -152,6 +168,7 @@ def device_memory(dev) -> dict:
   """Free and total bytes of the CUDA device after returning torch's cached blocks (what our
   rows' processes can take while this worker holds the weights); {} on the CPU."""
   import torch
+
   if dev.type != "cuda":
     return {}
   torch.cuda.empty_cache()
@@ -159,16 +176,17 @@ def device_memory(dev) -> dict:
   return {"device_free_bytes": int(free), "device_total_bytes": int(total)}
 
 
-def worker(w: wl.Workload, rows, path, deadline: float, ours_sums=None,
-           allow_cpu: bool = False) -> None:
+def worker(
+  w: wl.Workload, rows, path, deadline: float, ours_sums=None, allow_cpu: bool = False
+) -> None:
   """Run the peer's rows (torch/step/Q, torch/decode/B) into the JSON at `path`, in the order
   `rows` yields them: the driver feeds one id at a time on stdin once the row before it is in
   the file, so that ours and torch alternate while this process keeps the weights. The driver
   decides what fits the budget; this worker runs what it is given."""
+  import peft
   import torch
   import transformers
 
-  import peft
   del deadline  # the driver's; the alarm set in `run_worker` is this process's backstop
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if dev.type == "cpu" and not allow_cpu:  # the driver stops before this; a direct call too
@@ -176,10 +194,16 @@ def worker(w: wl.Workload, rows, path, deadline: float, ours_sums=None,
   rf = results.RowFile(path)
   t = now()
   model, check = torch_model(w, dev, ours_sums)
-  rf.meta(torch=torch.__version__, transformers=transformers.__version__,
-          peft=peft.__version__, device=torch.cuda.get_device_name(dev) if dev.type == "cuda"
-          else "cpu", load_s=now() - t, weights_check=check,
-          attn_implementation=model.config._attn_implementation, **device_memory(dev))
+  rf.meta(
+    torch=torch.__version__,
+    transformers=transformers.__version__,
+    peft=peft.__version__,
+    device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    load_s=now() - t,
+    weights_check=check,
+    attn_implementation=model.config._attn_implementation,
+    **device_memory(dev),
+  )
   step = TorchStep(model, w, dev)
   for rid in rows:
     rid = rid.strip()
@@ -191,8 +215,7 @@ def worker(w: wl.Workload, rows, path, deadline: float, ours_sums=None,
     try:
       if kind == "step":
         p_tokens = wl.prompts(w, size, w.step_prompt, seed=100 + size)
-        row = wl.summarise_step(w, size, [step.run(p_tokens, seed=i)
-                                          for i in range(1 + w.repeats)])
+        row = wl.summarise_step(w, size, [step.run(p_tokens, seed=i) for i in range(1 + w.repeats)])
         row["gradient_checkpointing"] = step.checkpointing
       else:
         model.eval()
@@ -206,5 +229,12 @@ def worker(w: wl.Workload, rows, path, deadline: float, ours_sums=None,
     row["row_s"] = now() - t
     rf.meta(**device_memory(dev))  # before the row: the driver reads it once the row is there
     rf.row(rid, row)
-    print(f"[torch] {rid}: " + (f"{row['step_s']:.3f} s/step" if kind == "step" else
-                                f"decode {row['decode_tok_s']:.1f} tok/s"), flush=True)
+    print(
+      f"[torch] {rid}: "
+      + (
+        f"{row['step_s']:.3f} s/step"
+        if kind == "step"
+        else f"decode {row['decode_tok_s']:.1f} tok/s"
+      ),
+      flush=True,
+    )

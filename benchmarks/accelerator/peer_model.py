@@ -14,18 +14,21 @@ from benchmarks.accelerator import workload as wl
 
 def sync(dev):
   import torch
+
   if dev.type == "cuda":
     torch.cuda.synchronize(dev)
 
 
 def reset_peak(dev):
   import torch
+
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats(dev)
 
 
 def torch_peak(dev) -> Optional[int]:
   import torch
+
   return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
 
 
@@ -36,13 +39,14 @@ def torch_model(w: wl.Workload, dev, ours_sums: Optional[dict]):
   program: the same numbers), then copied into torch one stacked leaf at a time through DLPack,
   each JAX leaf freed after its copy (this worker runs JAX with the platform allocator, so a
   freed buffer goes back to the device)."""
+  import peft
   import torch
   import transformers
 
-  import peft
   c = w.config
-  hf = {k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type",
-                                                         "torch_dtype")}
+  hf = {
+    k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")
+  }
   hf_config = transformers.DecoderConfig(**hf, attn_implementation="sdpa")
   default = torch.get_default_dtype()
   torch.set_default_dtype(torch.bfloat16)
@@ -71,9 +75,16 @@ def torch_model(w: wl.Workload, dev, ours_sums: Optional[dict]):
   rel = max(abs(mine[k] - ours[k]) / max(abs(ours[k]), 1.0) for k in ours)
 
   lora = ours_side.init_adapter(c, w)
-  model = peft.get_peft_model(model, peft.LoraConfig(
-      r=w.lora_rank, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout,
-      target_modules="all-linear", task_type="CAUSAL_LM"))
+  model = peft.get_peft_model(
+    model,
+    peft.LoraConfig(
+      r=w.lora_rank,
+      lora_alpha=w.lora_alpha,
+      lora_dropout=w.lora_dropout,
+      target_modules="all-linear",
+      task_type="CAUSAL_LM",
+    ),
+  )
   _copy_lora(model, lora, dev)
   return model, {"weight_sums_max_rel_diff": rel, "leaves": len(mine)}
 
@@ -82,31 +93,38 @@ def _named_leaves(params):
   import jax
 
   from markovian_jax.runtime import sharding
+
   return [(sharding.path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def _to_torch(x, dev):
   import torch
+
   t = torch.from_dlpack(x)
   return t if t.device == dev else t.to(dev)
 
 
-_HF_LAYER = {"attn_norm/scale": ("input_layernorm", False),
-             "mlp_norm/scale": ("post_attention_layernorm", False),
-             "attn/q/kernel": ("self_attn.q_proj", True),
-             "attn/k/kernel": ("self_attn.k_proj", True),
-             "attn/v/kernel": ("self_attn.v_proj", True),
-             "attn/o/kernel": ("self_attn.o_proj", True),
-             "mlp/gate/kernel": ("mlp.gate_proj", True), "mlp/up/kernel": ("mlp.up_proj", True),
-             "mlp/down/kernel": ("mlp.down_proj", True)}
+_HF_LAYER = {
+  "attn_norm/scale": ("input_layernorm", False),
+  "mlp_norm/scale": ("post_attention_layernorm", False),
+  "attn/q/kernel": ("self_attn.q_proj", True),
+  "attn/k/kernel": ("self_attn.k_proj", True),
+  "attn/v/kernel": ("self_attn.v_proj", True),
+  "attn/o/kernel": ("self_attn.o_proj", True),
+  "mlp/gate/kernel": ("mlp.gate_proj", True),
+  "mlp/up/kernel": ("mlp.up_proj", True),
+  "mlp/down/kernel": ("mlp.down_proj", True),
+}
 
 
 def _hf_targets(model, c) -> dict:
   """{our leaf path: [(torch parameter, layer index or None, transpose)]}."""
   m = model.model
-  out = {"embed/embedding": [(m.embed_tokens.weight, None, False)],
-         "final_norm/scale": [(m.norm.weight, None, False)],
-         "lm_head/kernel": [(model.lm_head.weight, None, True)]}
+  out = {
+    "embed/embedding": [(m.embed_tokens.weight, None, False)],
+    "final_norm/scale": [(m.norm.weight, None, False)],
+    "lm_head/kernel": [(model.lm_head.weight, None, True)],
+  }
   for leaf, (name, transpose) in _HF_LAYER.items():
     module = lambda i, n=name: m.layers[i].get_submodule(n)  # noqa: E731
     out["layers/" + leaf] = [(module(i).weight, i, transpose) for i in range(c.num_layers)]
@@ -116,6 +134,7 @@ def _hf_targets(model, c) -> dict:
 def _copy_lora(model, lora, dev):
   """Our adapter into peft's: lora_A.weight [r, in] = a[l].T, lora_B.weight [out, r] = b[l].T."""
   import torch
+
   layers = lora.params["layers"]
   pattern = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj$")
   copied = 0
@@ -132,5 +151,3 @@ def _copy_lora(model, lora, dev):
     copied += 1
   if copied != 7 * len(layers["attn"]["q"]["a"]):
     raise RuntimeError(f"copied {copied} LoRA pairs into peft, expected 7 per layer")
-
-

@@ -101,12 +101,14 @@ def device_figures(pre: dict, hbm_tb_s: Optional[float], peak_tflops: Optional[f
   """Datasheet bandwidth / peak (by device name, or the flags) beside the ones measured in the
   same run by the preflight (a device-to-device copy, a bf16 matmul)."""
   kind = pre.get("device_kind", "unknown")
-  return {"kind": kind, "platform": pre.get("platform"),
-          "hbm_tb_s": hbm_tb_s if hbm_tb_s is not None else wl.lookup(wl.HBM_TB_S, kind),
-          "peak_bf16_tflops": peak_tflops if peak_tflops is not None else
-          wl.lookup(wl.PEAK_TFLOPS, kind),
-          "measured_copy_tb_s": pre.get("copy_tb_s"),
-          "measured_matmul_bf16_tflops": pre.get("matmul_tflops")}
+  return {
+    "kind": kind,
+    "platform": pre.get("platform"),
+    "hbm_tb_s": hbm_tb_s if hbm_tb_s is not None else wl.lookup(wl.HBM_TB_S, kind),
+    "peak_bf16_tflops": peak_tflops if peak_tflops is not None else wl.lookup(wl.PEAK_TFLOPS, kind),
+    "measured_copy_tb_s": pre.get("copy_tb_s"),
+    "measured_matmul_bf16_tflops": pre.get("matmul_tflops"),
+  }
 
 
 def _decode_figures(w: wl.Workload, side: str, row: dict, dev: dict) -> dict:
@@ -120,11 +122,15 @@ def _decode_figures(w: wl.Workload, side: str, row: dict, dev: dict) -> dict:
   ideal = wl.decode_step_bytes(c, b, valid, w.lora_rank)
   steps = row["decode_steps_s"]
   frac = lambda tb_s, nbytes: None if not tb_s else steps * nbytes / (tb_s * 1e12)  # noqa: E731
-  return {"kernel_cache_slots": slots, "decode_step_bytes": own, "ideal_step_bytes": ideal,
-          "roofline_steps_s": None if not dev["hbm_tb_s"] else dev["hbm_tb_s"] * 1e12 / own,
-          "hbm_roofline_fraction": frac(dev["hbm_tb_s"], own),
-          "measured_bw_roofline_fraction": frac(dev["measured_copy_tb_s"], own),
-          "ideal_roofline_fraction": frac(dev["hbm_tb_s"], ideal)}
+  return {
+    "kernel_cache_slots": slots,
+    "decode_step_bytes": own,
+    "ideal_step_bytes": ideal,
+    "roofline_steps_s": None if not dev["hbm_tb_s"] else dev["hbm_tb_s"] * 1e12 / own,
+    "hbm_roofline_fraction": frac(dev["hbm_tb_s"], own),
+    "measured_bw_roofline_fraction": frac(dev["measured_copy_tb_s"], own),
+    "ideal_roofline_fraction": frac(dev["hbm_tb_s"], ideal),
+  }
 
 
 def _step_figures(w: wl.Workload, side: str, row: dict, dev: dict) -> dict:
@@ -135,32 +141,35 @@ def _step_figures(w: wl.Workload, side: str, row: dict, dev: dict) -> dict:
   useful = wl.update_model_flops(c, w, q)
   out = {"update_model_flops": useful, "update_tflop_s": useful / row["update_s"] / 1e12}
   out["update_mfu"] = _ratio(out["update_tflop_s"], dev["peak_bf16_tflops"])
-  out["update_mfu_vs_measured_matmul"] = _ratio(out["update_tflop_s"],
-                                                dev["measured_matmul_bf16_tflops"])
+  out["update_mfu_vs_measured_matmul"] = _ratio(
+    out["update_tflop_s"], dev["measured_matmul_bf16_tflops"]
+  )
   if side == "torch":
     executed = wl.update_model_flops(c, w, q, prompt_per_row=True)
     out["update_executed_model_flops"] = executed
-    out["update_executed_mfu"] = _ratio(executed / row["update_s"] / 1e12,
-                                        dev["peak_bf16_tflops"])
+    out["update_executed_mfu"] = _ratio(executed / row["update_s"] / 1e12, dev["peak_bf16_tflops"])
   return out
 
 
 DEFINITIONS = {
-    "decode_tok_s": "B * (N - 1) / (t[N new tokens] - t[1 new token])",
-    "prefill_tok_s": "B * P / t[1 new token]", "tok_s": "B * N / t[N new tokens]",
-    "hbm_roofline_fraction": "decode steps/s / (datasheet HBM bandwidth / bytes the kernel "
-    "reads per step: weights a step reads (not the embedding table; fp32 LoRA) + B * "
-    "kernel_cache_slots * 2*L*Hkv*Dh*2)",
-    "measured_bw_roofline_fraction": "the same against the copy bandwidth measured this run",
-    "ideal_roofline_fraction": "the same with only the valid slots (P + N/2 on average)",
-    "cot_tok_s": "Q * G * K sampled CoT tokens / step time",
-    "update_mfu": "useful model FLOPs of the update (each prompt once per question, remat not "
-    "counted) / update time / datasheet dense bf16 peak; for torch this is useful work only: "
-    "it runs the prompt once per CoT row (update_executed_mfu counts that)",
-    "update_mfu_vs_measured_matmul": "the same against the bf16 matmul peak measured this run",
-    "peak_device_bytes": "the row's own peak (its own process for ours; reset before the row "
-    "for torch); None on CPU",
-    "ratios.decode": "ours / torch throughput", "ratios.step": "torch / ours time"}
+  "decode_tok_s": "B * (N - 1) / (t[N new tokens] - t[1 new token])",
+  "prefill_tok_s": "B * P / t[1 new token]",
+  "tok_s": "B * N / t[N new tokens]",
+  "hbm_roofline_fraction": "decode steps/s / (datasheet HBM bandwidth / bytes the kernel "
+  "reads per step: weights a step reads (not the embedding table; fp32 LoRA) + B * "
+  "kernel_cache_slots * 2*L*Hkv*Dh*2)",
+  "measured_bw_roofline_fraction": "the same against the copy bandwidth measured this run",
+  "ideal_roofline_fraction": "the same with only the valid slots (P + N/2 on average)",
+  "cot_tok_s": "Q * G * K sampled CoT tokens / step time",
+  "update_mfu": "useful model FLOPs of the update (each prompt once per question, remat not "
+  "counted) / update time / datasheet dense bf16 peak; for torch this is useful work only: "
+  "it runs the prompt once per CoT row (update_executed_mfu counts that)",
+  "update_mfu_vs_measured_matmul": "the same against the bf16 matmul peak measured this run",
+  "peak_device_bytes": "the row's own peak (its own process for ours; reset before the row "
+  "for torch); None on CPU",
+  "ratios.decode": "ours / torch throughput",
+  "ratios.step": "torch / ours time",
+}
 
 
 def merge(w: wl.Workload, parts: dict, dev: dict, order: list, skipped: dict) -> dict:
@@ -171,8 +180,9 @@ def merge(w: wl.Workload, parts: dict, dev: dict, order: list, skipped: dict) ->
     data = data or {}
     for rid, row in data.get("rows", {}).items():
       kind = rid.split("/")[1]
-      extra = _decode_figures(w, side, row, dev) if kind == "decode" else \
-          _step_figures(w, side, row, dev)
+      extra = (
+        _decode_figures(w, side, row, dev) if kind == "decode" else _step_figures(w, side, row, dev)
+      )
       rows[rid] = {**row, **extra}
     failed.update(data.get("failed", {}))
     skip.update(data.get("skipped", {}))
@@ -185,14 +195,23 @@ def merge(w: wl.Workload, parts: dict, dev: dict, order: list, skipped: dict) ->
     o, t = rows.get(f"ours/{kind}/{size}"), rows.get(f"torch/{kind}/{size}")
     if side != "ours" or not o or not t:
       continue
-    keys = ("decode_tok_s", "prefill_tok_s", "tok_s") if kind == "decode" else \
-        ("step_s", "sample_s", "score_s", "update_s")
-    ratios[f"{kind}/{size}"] = {k: _ratio(o[k], t[k]) if kind == "decode" else _ratio(t[k], o[k])
-                                for k in keys}
-  return {"order": order, "rows": {r: rows[r] for r in order if r in rows},
-          "skipped": [{"row": r, "reason": skip[r]} for r in order if r in skip and r not in rows],
-          "failed": [{"row": r, "reason": failed[r]} for r in order if r in failed],
-          "ratios": ratios, "device": dev, "definitions": DEFINITIONS}
+    keys = (
+      ("decode_tok_s", "prefill_tok_s", "tok_s")
+      if kind == "decode"
+      else ("step_s", "sample_s", "score_s", "update_s")
+    )
+    ratios[f"{kind}/{size}"] = {
+      k: _ratio(o[k], t[k]) if kind == "decode" else _ratio(t[k], o[k]) for k in keys
+    }
+  return {
+    "order": order,
+    "rows": {r: rows[r] for r in order if r in rows},
+    "skipped": [{"row": r, "reason": skip[r]} for r in order if r in skip and r not in rows],
+    "failed": [{"row": r, "reason": failed[r]} for r in order if r in failed],
+    "ratios": ratios,
+    "device": dev,
+    "definitions": DEFINITIONS,
+  }
 
 
 def _fmt(x, spec=".1f", none="-"):
@@ -207,38 +226,46 @@ def table(result: dict) -> str:
   """The merged result as text: device and versions, one line per finished row, then the
   skipped and failed rows with their reasons."""
   dev, att = result["device"], result.get("attention", {})
-  lines = [f"{result['workload']['name']} on {dev['kind']}: HBM datasheet {dev['hbm_tb_s']} TB/s"
-           f", measured copy {_fmt(dev['measured_copy_tb_s'], '.3g')} TB/s; bf16 peak datasheet "
-           f"{dev['peak_bf16_tflops']} TFLOP/s, measured matmul "
-           f"{_fmt(dev['measured_matmul_bf16_tflops'], '.3g')} TFLOP/s",
-           f"attention: requested {att.get('requested')}, ran {att.get('used')}"
-           + (f" ({att['reason']})" if att.get("reason") else ""), "",
-           "decode          | tok/s    | prefill tok/s | % roofline (own floor / measured bw / "
-           "ideal) | peak GB | ours/torch"]
+  lines = [
+    f"{result['workload']['name']} on {dev['kind']}: HBM datasheet {dev['hbm_tb_s']} TB/s"
+    f", measured copy {_fmt(dev['measured_copy_tb_s'], '.3g')} TB/s; bf16 peak datasheet "
+    f"{dev['peak_bf16_tflops']} TFLOP/s, measured matmul "
+    f"{_fmt(dev['measured_matmul_bf16_tflops'], '.3g')} TFLOP/s",
+    f"attention: requested {att.get('requested')}, ran {att.get('used')}"
+    + (f" ({att['reason']})" if att.get("reason") else ""),
+    "",
+    "decode          | tok/s    | prefill tok/s | % roofline (own floor / measured bw / "
+    "ideal) | peak GB | ours/torch",
+  ]
   for rid, r in result["rows"].items():
     if "/decode/" not in rid:
       continue
     ratio = result["ratios"].get("decode/" + rid.split("/")[2], {}).get("decode_tok_s")
     peak = r.get("peak_device_bytes")
     lines.append(
-        f"{rid:<16}| {r['decode_tok_s']:8.1f} | {r['prefill_tok_s']:13.1f} | "
-        f"{_pct(r['hbm_roofline_fraction'])} / {_pct(r['measured_bw_roofline_fraction'])} / "
-        f"{_pct(r['ideal_roofline_fraction'])} | {_fmt(peak and peak / 1e9, '.2f')} | "
-        f"{_fmt(ratio if rid.startswith('ours') else None, '.2f')}")
-  lines += ["", "step          | step s | sample s | score s | update s | update MFU (datasheet / "
-            "measured matmul) | peak GB | torch/ours step"]
+      f"{rid:<16}| {r['decode_tok_s']:8.1f} | {r['prefill_tok_s']:13.1f} | "
+      f"{_pct(r['hbm_roofline_fraction'])} / {_pct(r['measured_bw_roofline_fraction'])} / "
+      f"{_pct(r['ideal_roofline_fraction'])} | {_fmt(peak and peak / 1e9, '.2f')} | "
+      f"{_fmt(ratio if rid.startswith('ours') else None, '.2f')}"
+    )
+  lines += [
+    "",
+    "step          | step s | sample s | score s | update s | update MFU (datasheet / "
+    "measured matmul) | peak GB | torch/ours step",
+  ]
   for rid, r in result["rows"].items():
     if "/step/" not in rid:
       continue
     ratio = result["ratios"].get("step/" + rid.split("/")[2], {}).get("step_s")
     peak = r.get("peak_device_bytes")
     lines.append(
-        f"{rid:<14}| {r['step_s']:6.3f} | {r['sample_s']:8.3f} | {r['score_s']:7.3f} | "
-        f"{r['update_s']:8.3f} | {_pct(r['update_mfu'])} / "
-        f"{_pct(r['update_mfu_vs_measured_matmul'])}"
-        + (" (useful work)" if rid.startswith("torch") else "")
-        + f" | {_fmt(peak and peak / 1e9, '.2f')} | "
-        f"{_fmt(ratio if rid.startswith('ours') else None, '.2f')}")
+      f"{rid:<14}| {r['step_s']:6.3f} | {r['sample_s']:8.3f} | {r['score_s']:7.3f} | "
+      f"{r['update_s']:8.3f} | {_pct(r['update_mfu'])} / "
+      f"{_pct(r['update_mfu_vs_measured_matmul'])}"
+      + (" (useful work)" if rid.startswith("torch") else "")
+      + f" | {_fmt(peak and peak / 1e9, '.2f')} | "
+      f"{_fmt(ratio if rid.startswith('ours') else None, '.2f')}"
+    )
   for key in ("skipped", "failed"):
     if result[key]:
       lines += ["", f"{key}:"] + [f"  {s['row']}: {s['reason']}" for s in result[key]]

@@ -36,16 +36,25 @@ def step_api(config, w: Workload, mesh, lora):
   import jax.numpy as jnp
 
   from markovian_jax import objectives as obj
-  from markovian_jax.training import optimizer
   from markovian_jax.runtime import sharding
-  from markovian_jax.training import train_step
+  from markovian_jax.training import optimizer, train_step
 
   settings = train_step.StepSettings(
-      model=config, objective=obj.ObjectiveConfig(group_size=w.group, kl_penalty=w.kl_penalty),
-      temperature=1.0)
-  optim = types.SimpleNamespace(lr=w.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-                                grad_clip=1.0, accumulation_steps=1, schedule="constant",
-                                warmup_steps=0)
+    model=config,
+    objective=obj.ObjectiveConfig(group_size=w.group, kl_penalty=w.kl_penalty),
+    temperature=1.0,
+  )
+  optim = types.SimpleNamespace(
+    lr=w.lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.01,
+    grad_clip=1.0,
+    accumulation_steps=1,
+    schedule="constant",
+    warmup_steps=0,
+  )
   tx = optimizer.make_optimizer(optim)
   lora_sh = train_step.tree_shardings(lora, mesh)
   opt_sh = train_step.tree_shardings(jax.eval_shape(tx.init, lora), mesh)
@@ -63,10 +72,17 @@ def step_api(config, w: Workload, mesh, lora):
 
   def batch(p_tokens, p_mask, cot, behaviour, ans, ans_lp, b):
     return train_step.PolicyBatch(
-        prompt_tokens=put(p_tokens), prompt_mask=put(p_mask), cot_tokens=put(cot),
-        cot_mask=put(np.ones(cot.shape, bool)), behaviour_logprobs=put(behaviour),
-        answer_tokens=put(ans[0]), answer_mask=put(ans[1]), answer_span=put(ans[2]),
-        answer_logprobs=ans_lp, baseline_scores=put(jnp.repeat(b, w.group)))
+      prompt_tokens=put(p_tokens),
+      prompt_mask=put(p_mask),
+      cot_tokens=put(cot),
+      cot_mask=put(np.ones(cot.shape, bool)),
+      behaviour_logprobs=put(behaviour),
+      answer_tokens=put(ans[0]),
+      answer_mask=put(ans[1]),
+      answer_span=put(ans[2]),
+      answer_logprobs=ans_lp,
+      baseline_scores=put(jnp.repeat(b, w.group)),
+    )
 
   def update_args(params, lora_, opt_state, batch_, tg, key):
     args = (params, lora_, opt_state, batch_, tg, key, None, lr)
@@ -83,30 +99,55 @@ def step_api(config, w: Workload, mesh, lora):
   def abstract_batch(q):
     n, k, a, p = q * w.group, w.cot, w.answer_len, w.step_prompt
     sds = lambda shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dt, sharding=sharding.batch_sharding(mesh, shape))
+      shape, dt, sharding=sharding.batch_sharding(mesh, shape)
+    )
     i32, f32, bool_ = jnp.int32, jnp.float32, jnp.bool_
     batch_ = train_step.PolicyBatch(
-        prompt_tokens=sds((q, p), i32), prompt_mask=sds((q, p), bool_),
-        cot_tokens=sds((n, k), i32), cot_mask=sds((n, k), bool_),
-        behaviour_logprobs=sds((n, k), f32), answer_tokens=sds((n, a), i32),
-        answer_mask=sds((n, a), bool_), answer_span=sds((n, a), bool_),
-        answer_logprobs=sds((n, a), f32), baseline_scores=sds((n,), f32))
-    tg = jax.eval_shape(lambda r, b: programs.targets(r, b, obj.BaselineState.init())[0],
-                        sds((n,), f32), sds((n,), f32))
+      prompt_tokens=sds((q, p), i32),
+      prompt_mask=sds((q, p), bool_),
+      cot_tokens=sds((n, k), i32),
+      cot_mask=sds((n, k), bool_),
+      behaviour_logprobs=sds((n, k), f32),
+      answer_tokens=sds((n, a), i32),
+      answer_mask=sds((n, a), bool_),
+      answer_span=sds((n, a), bool_),
+      answer_logprobs=sds((n, a), f32),
+      baseline_scores=sds((n,), f32),
+    )
+    tg = jax.eval_shape(
+      lambda r, b: programs.targets(r, b, obj.BaselineState.init())[0],
+      sds((n,), f32),
+      sds((n,), f32),
+    )
     return batch_, jax.tree.map(lambda x: sds(x.shape, x.dtype), tg)
 
   def abstract_score(q, params_, lora_):
     n, a = q * w.group, w.answer_len
     sds = lambda shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dt, sharding=sharding.batch_sharding(mesh, shape))
-    rows = lambda m: (sds((m, a), jnp.int32), sds((m, a), jnp.bool_),  # noqa: E731
-                      sds((m, a), jnp.bool_))
+      shape, dt, sharding=sharding.batch_sharding(mesh, shape)
+    )
+    rows = lambda m: (
+      sds((m, a), jnp.int32),
+      sds((m, a), jnp.bool_),  # noqa: E731
+      sds((m, a), jnp.bool_),
+    )
     # The span's position is fixed by the row layout, so the window is known before sampling.
     span = answer_rows(w, np.zeros((1, w.cot), np.int32))[2]
-    return types.SimpleNamespace(args=(params_, lora_, None, *rows(n), *rows(q)),
-                                 static=dict(last_n=train_step.answer_window(span, span)))
+    return types.SimpleNamespace(
+      args=(params_, lora_, None, *rows(n), *rows(q)),
+      static=dict(last_n=train_step.answer_window(span, span)),
+    )
 
-  return types.SimpleNamespace(programs=programs, tx=tx, score=score, targets=targets,
-                               batch=batch, update=update, update_args=update_args, place=place,
-                               opt_shardings=opt_sh, abstract_batch=abstract_batch,
-                               abstract_score=abstract_score)
+  return types.SimpleNamespace(
+    programs=programs,
+    tx=tx,
+    score=score,
+    targets=targets,
+    batch=batch,
+    update=update,
+    update_args=update_args,
+    place=place,
+    opt_shardings=opt_sh,
+    abstract_batch=abstract_batch,
+    abstract_score=abstract_score,
+  )

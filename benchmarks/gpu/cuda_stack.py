@@ -26,22 +26,37 @@ PYTHON_VERSION = "3.12"
 PLATFORMS = ["manylinux2014_x86_64"] + [f"manylinux_2_{v}_x86_64" for v in range(17, 41)]
 REQUIREMENTS = ("requirements-gpu.txt", "benchmarks/requirements-peers.txt")
 # A library of the stack -> the distributions that ship it (CUDA-major-suffixed or not).
-LIBRARIES = {"cudnn": r"nvidia-cudnn(-cu\d+)?", "nccl": r"nvidia-nccl(-cu\d+)?",
-             "cuda runtime": r"nvidia-cuda-runtime(-cu\d+)?"}
+LIBRARIES = {
+  "cudnn": r"nvidia-cudnn(-cu\d+)?",
+  "nccl": r"nvidia-nccl(-cu\d+)?",
+  "cuda runtime": r"nvidia-cuda-runtime(-cu\d+)?",
+}
 
 
 def target_flags(python_version: str = PYTHON_VERSION) -> list:
   """pip flags that resolve for another interpreter and platform (binary wheels only)."""
-  return (["--python-version", python_version, "--only-binary=:all:"]
-          + [f for p in PLATFORMS for f in ("--platform", p)])
+  return ["--python-version", python_version, "--only-binary=:all:"] + [
+    f for p in PLATFORMS for f in ("--platform", p)
+  ]
 
 
 def resolve(report: str, requirements=REQUIREMENTS) -> None:
   """pip's resolver report of `requirements` for Python 3.12 x86-64, installing nothing (pip
   needs a --target for foreign platforms; --dry-run writes nothing there)."""
-  cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--report", report, "--target", os.path.join(os.path.dirname(report), "never-written"),
-         *target_flags()]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pip",
+    "install",
+    "--dry-run",
+    "--ignore-installed",
+    "--quiet",
+    "--report",
+    report,
+    "--target",
+    os.path.join(os.path.dirname(report), "never-written"),
+    *target_flags(),
+  ]
   for r in requirements:
     cmd += ["-r", os.path.join(REPO, r)]
   subprocess.run(cmd, check=True, cwd=REPO)
@@ -55,8 +70,10 @@ def stacks(report: dict) -> dict:
   """{library: sorted "name==version" resolved for it} and {"cuda majors": sorted majors} from a
   pip installation report (its `install` list)."""
   dists = {_normal(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
-  out = {lib: sorted(f"{n}=={v}" for n, v in dists.items() if re.fullmatch(pattern, n))
-         for lib, pattern in LIBRARIES.items()}
+  out = {
+    lib: sorted(f"{n}=={v}" for n, v in dists.items() if re.fullmatch(pattern, n))
+    for lib, pattern in LIBRARIES.items()
+  }
   majors = {m.group(1) for n in dists if (m := re.fullmatch(r"nvidia-.*-cu(\d+)", n))}
   majors |= {v.split(".")[0] for n, v in dists.items() if n == "nvidia-cuda-runtime"}
   majors |= {m.group(1) for n in dists if (m := re.fullmatch(r"jax-cuda(\d+)-plugin", n))}
@@ -67,16 +84,21 @@ def stacks(report: dict) -> dict:
 def problems(found: dict) -> list:
   """What breaks "one CUDA stack": a library resolved to no or several distributions, or
   distributions of several CUDA majors."""
-  out = [f"{lib}: {len(d)} distributions {d}" for lib, d in found.items()
-         if lib in LIBRARIES and lib != "cuda runtime" and len(d) != 1]
+  out = [
+    f"{lib}: {len(d)} distributions {d}"
+    for lib, d in found.items()
+    if lib in LIBRARIES and lib != "cuda runtime" and len(d) != 1
+  ]
   if len(found["cuda majors"]) != 1:
     out.append(f"CUDA majors {found['cuda majors']}: expected one")
   return out
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.cuda_stack",
-                              description="one cuDNN, one NCCL, one CUDA major in pip's report")
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.gpu.cuda_stack",
+    description="one cuDNN, one NCCL, one CUDA major in pip's report",
+  )
   p.add_argument("--report", default=os.path.join(REPO, "build", "cuda-stack.json"))
   p.add_argument("--resolve", action="store_true", help="run pip's resolver first (~3 GB here)")
   args = p.parse_args(argv)

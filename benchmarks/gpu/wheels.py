@@ -26,13 +26,12 @@ import sys
 from benchmarks.gpu import cuda_stack
 
 REPO = cuda_stack.REPO
-LIMIT_BYTES = 64 * 2 ** 20
+LIMIT_BYTES = 64 * 2**20
 TOKENIZER_DIR = "smollm2-tokenizer"
 # What the image lacks, pinned as requirements.txt pins them.
 MISSING = ("ml-collections", "tensorboardX", "gguf")
 # Dependencies of MISSING that any image with jax and transformers already has.
-ON_THE_IMAGE = ("numpy", "absl-py", "pyyaml", "tqdm", "packaging", "protobuf",
-                "typing-extensions")
+ON_THE_IMAGE = ("numpy", "absl-py", "pyyaml", "tqdm", "packaging", "protobuf", "typing-extensions")
 
 
 def pins(names=MISSING) -> list:
@@ -57,16 +56,44 @@ def build(out: str) -> int:
   for name in os.listdir(out):
     if name.endswith(".whl"):
       os.remove(os.path.join(out, name))
-  subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", out,
-                  *cuda_stack.target_flags(), *pins()], check=True, cwd=REPO)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--quiet",
+      "--dest",
+      out,
+      *cuda_stack.target_flags(),
+      *pins(),
+    ],
+    check=True,
+    cwd=REPO,
+  )
   for name in os.listdir(out):
     if name.endswith(".whl") and _dist(name) in {cuda_stack._normal(n) for n in ON_THE_IMAGE}:
       os.remove(os.path.join(out, name))
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                  "--no-build-isolation", "--wheel-dir", out, REPO], check=True, cwd=REPO)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--quiet",
+      "--no-deps",
+      "--no-build-isolation",
+      "--wheel-dir",
+      out,
+      REPO,
+    ],
+    check=True,
+    cwd=REPO,
+  )
   tok = os.path.join(out, TOKENIZER_DIR)
   shutil.rmtree(tok, ignore_errors=True)
   from markovian_jax.models import random_models
+
   random_models.save_tokenizer(tok)
   return folder_bytes(out)
 
@@ -79,10 +106,11 @@ def main(argv=None) -> int:
   for name in sorted(os.listdir(args.out)):
     path = os.path.join(args.out, name)
     print(f"{folder_bytes(path) if os.path.isdir(path) else os.path.getsize(path):>10}  {name}")
-  print(f"{size / 2 ** 20:.1f} MiB in {args.out} (limit {LIMIT_BYTES / 2 ** 20:.0f} MiB)")
+  print(f"{size / 2**20:.1f} MiB in {args.out} (limit {LIMIT_BYTES / 2**20:.0f} MiB)")
   if size >= LIMIT_BYTES:
-    print(f"error: {args.out} is {size / 2 ** 20:.1f} MiB, over the 64 MiB that travels",
-          file=sys.stderr)
+    print(
+      f"error: {args.out} is {size / 2**20:.1f} MiB, over the 64 MiB that travels", file=sys.stderr
+    )
     return 2
   return 0
 

@@ -26,10 +26,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from markovian_jax.training import evaluation
 from markovian_jax.analysis import perturbations
 from markovian_jax.data import extraction
 from markovian_jax.runtime import progress as progress_lib
+from markovian_jax.training import evaluation
 
 METRICS = ("logprob", "accuracy")
 
@@ -42,6 +42,7 @@ class FragilityResult:
   pairing runs. logprobs: {(kind, percent): float64 [N]}; correct: the same of bool [N], or None
   without accuracy. Severity 0 is the unperturbed CoT, shared by every kind.
   """
+
   level: str
   kinds: tuple
   severities: tuple
@@ -62,29 +63,51 @@ class FragilityResult:
   @classmethod
   def from_json(cls, d: dict) -> "FragilityResult":
     """The result `to_json` wrote (keys come back as tuples where they were lists)."""
+
     def table(src):
-      return {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])): np.asarray(v, np.float64)
-              for k, v in src.items()}
+      return {
+        (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])): np.asarray(v, np.float64)
+        for k, v in src.items()
+      }
+
     correct = None
     if "accuracy" in d:
       correct = {k: v.astype(bool) for k, v in table(d["accuracy"]).items()}
-    return cls(d["level"], tuple(d["kinds"]), tuple(d["severities"]),
-               [tuple(k) if isinstance(k, list) else k for k in d["keys"]],
-               table(d["logprob"]), correct)
+    return cls(
+      d["level"],
+      tuple(d["kinds"]),
+      tuple(d["severities"]),
+      [tuple(k) if isinstance(k, list) else k for k in d["keys"]],
+      table(d["logprob"]),
+      correct,
+    )
 
   def to_json(self) -> dict:
-    out = {"level": self.level, "kinds": list(self.kinds), "severities": list(self.severities),
-           "keys": [list(k) if isinstance(k, tuple) else k for k in self.keys],
-           "logprob": {f"{k}/{p}": v.tolist() for (k, p), v in self.logprobs.items()}}
+    out = {
+      "level": self.level,
+      "kinds": list(self.kinds),
+      "severities": list(self.severities),
+      "keys": [list(k) if isinstance(k, tuple) else k for k in self.keys],
+      "logprob": {f"{k}/{p}": v.tolist() for (k, p), v in self.logprobs.items()},
+    }
     if self.correct is not None:
-      out["accuracy"] = {f"{k}/{p}": np.asarray(v, float).tolist()
-                         for (k, p), v in self.correct.items()}
+      out["accuracy"] = {
+        f"{k}/{p}": np.asarray(v, float).tolist() for (k, p), v in self.correct.items()
+      }
     return out
 
 
-def perturbed_cots(cots: Sequence[str], kinds: Sequence[str], severities: Sequence[int], *,
-                   level: str = "char", seed: int = 0, tokenizer=None, vocab=None,
-                   replacement: str = "bernoulli") -> dict:
+def perturbed_cots(
+  cots: Sequence[str],
+  kinds: Sequence[str],
+  severities: Sequence[int],
+  *,
+  level: str = "char",
+  seed: int = 0,
+  tokenizer=None,
+  vocab=None,
+  replacement: str = "bernoulli",
+) -> dict:
   """{(kind, percent): N texts} for every kind and non-zero severity, plus ('original', 0)."""
   if level == "token" and vocab is None:
     vocab = perturbations.TokenVocabulary.from_tokenizer(tokenizer)
@@ -92,28 +115,48 @@ def perturbed_cots(cots: Sequence[str], kinds: Sequence[str], severities: Sequen
   for kind in kinds:
     for pct in severities:
       if pct:
-        out[(kind, pct)] = [perturbations.perturb(c, kind, pct, seed, level=level,
-                                                  tokenizer=tokenizer, vocab=vocab,
-                                                  replacement=replacement) for c in cots]
+        out[(kind, pct)] = [
+          perturbations.perturb(
+            c,
+            kind,
+            pct,
+            seed,
+            level=level,
+            tokenizer=tokenizer,
+            vocab=vocab,
+            replacement=replacement,
+          )
+          for c in cots
+        ]
   return out
 
 
 # ------------------------------------------------------------------ the paper's protocol inputs
+
 
 def heldout_examples(ctx, num: int) -> list:
   """The paper's fresh held-out questions: a seeded subset (eval.seed, MMLU stratified) of `num`
   items of the run's eval split (wiki: its held-out article range; QA: the test split); 0 = all."""
   from markovian_jax.data import selection
   from markovian_jax.training.run_context import read_examples
+
   spec = ctx.spec
   split = read_examples(spec, spec.data.eval_split, ctx.tokenizer)
-  return selection.eval_subset(split, num or len(split), spec.eval.seed,
-                               selection.strata(spec.task))
+  return selection.eval_subset(
+    split, num or len(split), spec.eval.seed, selection.strata(spec.task)
+  )
 
 
-def generate_cots(ctx, lora, examples: Sequence, *, seed: int = 0, batch_size: int = 32,
-                  temperature: Optional[float] = None,
-                  progress: progress_lib.Progress = True) -> list:
+def generate_cots(
+  ctx,
+  lora,
+  examples: Sequence,
+  *,
+  seed: int = 0,
+  batch_size: int = 32,
+  temperature: Optional[float] = None,
+  progress: progress_lib.Progress = True,
+) -> list:
   """One CoT per example, sampled by base + `lora` (the run's adapter) at the training
   temperature (or `temperature`), exactly cot_length tokens as in training: N strings.
   `progress`: a bar of the questions done (True: its own; False: none; or a caller's)."""
@@ -121,20 +164,31 @@ def generate_cots(ctx, lora, examples: Sequence, *, seed: int = 0, batch_size: i
 
   from markovian_jax import sampling
   from markovian_jax.training.run_context import fetch
+
   s = ctx.spec.sampling
   t = s.temperature if temperature is None else temperature
   rng, out = jax.random.PRNGKey(seed), []
   batch_size = min(batch_size, len(examples))
   with progress_lib.advancing(progress, len(examples), "sample CoTs", unit="question") as bar:
     for start in range(0, len(examples), batch_size):
-      chunk = list(examples[start:start + batch_size])
+      chunk = list(examples[start : start + batch_size])
       real = len(chunk)
       chunk = chunk + [chunk[-1]] * (batch_size - real)  # one batch shape, one compile
       rng, key = jax.random.split(rng)
-      cot = sampling.generate(ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
-                              max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length,
-                              rng=key, temperature=t, top_k=s.top_k, top_p=s.top_p, lora=lora,
-                              eos_ids=ctx.eos_ids, mesh=ctx.mesh)
+      cot = sampling.generate(
+        ctx.model,
+        ctx.params,
+        [ctx.cot_prompt_ids(ex) for ex in chunk],
+        max_new_tokens=ctx.cot_length,
+        min_new_tokens=ctx.cot_length,
+        rng=key,
+        temperature=t,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        lora=lora,
+        eos_ids=ctx.eos_ids,
+        mesh=ctx.mesh,
+      )
       out += ctx.decode(fetch(cot.tokens))[:real]
       bar.update(real)
   return out
@@ -152,14 +206,24 @@ def _correct(ctx, examples: Sequence, answers: Sequence[str]) -> np.ndarray:
   return np.asarray(hits, bool)
 
 
-def fragility_scores(ctx, lora, examples: Sequence, cots: Sequence[str], *, level: str = "char",
-                     kinds: Sequence[str] = perturbations.KINDS,
-                     severities: Sequence[int] = perturbations.SEVERITIES, seed: int = 0,
-                     accuracy: bool = False, keys: Optional[list] = None,
-                     reduction: Optional[str] = None, batch_size: int = 32,
-                     vocab: Optional[perturbations.TokenVocabulary] = None,
-                     replacement: str = "bernoulli",
-                     progress: progress_lib.Progress = True) -> FragilityResult:
+def fragility_scores(
+  ctx,
+  lora,
+  examples: Sequence,
+  cots: Sequence[str],
+  *,
+  level: str = "char",
+  kinds: Sequence[str] = perturbations.KINDS,
+  severities: Sequence[int] = perturbations.SEVERITIES,
+  seed: int = 0,
+  accuracy: bool = False,
+  keys: Optional[list] = None,
+  reduction: Optional[str] = None,
+  batch_size: int = 32,
+  vocab: Optional[perturbations.TokenVocabulary] = None,
+  replacement: str = "bernoulli",
+  progress: progress_lib.Progress = True,
+) -> FragilityResult:
   """Scores every perturbation of `cots` (N texts, one per example) under base + `lora`.
 
   reduction: over the answer tokens (default: the run's objective.logprob_reduction).
@@ -174,40 +238,70 @@ def fragility_scores(ctx, lora, examples: Sequence, cots: Sequence[str], *, leve
   for kind in kinds:
     perturbations.check(kind, 0)
   severities = tuple(sorted({0, *severities}))
-  variants = perturbed_cots(cots, kinds, severities, level=level, seed=seed,
-                            tokenizer=ctx.tokenizer, vocab=vocab, replacement=replacement)
+  variants = perturbed_cots(
+    cots,
+    kinds,
+    severities,
+    level=level,
+    seed=seed,
+    tokenizer=ctx.tokenizer,
+    vocab=vocab,
+    replacement=replacement,
+  )
   names = list(variants)
   flat_examples = [ex for _ in names for ex in examples]
   flat_cots = [c for name in names for c in variants[name]]
   reduction = reduction or ctx.spec.objective.loss.logprob_reduction
   read = accuracy and (ctx.task in extraction.NUMERIC_TASKS or ctx.task in extraction.MCQ_TASKS)
   # Rows scored, then (with accuracy) the same rows read: one bar over both passes.
-  with progress_lib.advancing(progress, len(flat_cots) * (1 + read),
-                              f"fragility {level} (score{', read' if read else ''})") as bar:
-    lp = evaluation.score_answers(ctx, lora, flat_examples, flat_cots, reduction=reduction,
-                                  batch_size=batch_size, progress=bar)
-    answers = evaluation.read_answers(ctx, lora, flat_examples, flat_cots,
-                                      answer_max_tokens=ctx.spec.eval.answer_max_tokens,
-                                      batch_size=batch_size, progress=bar) if read else None
+  with progress_lib.advancing(
+    progress, len(flat_cots) * (1 + read), f"fragility {level} (score{', read' if read else ''})"
+  ) as bar:
+    lp = evaluation.score_answers(
+      ctx, lora, flat_examples, flat_cots, reduction=reduction, batch_size=batch_size, progress=bar
+    )
+    answers = (
+      evaluation.read_answers(
+        ctx,
+        lora,
+        flat_examples,
+        flat_cots,
+        answer_max_tokens=ctx.spec.eval.answer_max_tokens,
+        batch_size=batch_size,
+        progress=bar,
+      )
+      if read
+      else None
+    )
   n = len(cots)
-  by_name = {name: lp[i * n:(i + 1) * n] for i, name in enumerate(names)}
+  by_name = {name: lp[i * n : (i + 1) * n] for i, name in enumerate(names)}
   correct_by = None
   if read:
     hits = _correct(ctx, flat_examples, answers)
-    correct_by = {name: hits[i * n:(i + 1) * n] for i, name in enumerate(names)}
+    correct_by = {name: hits[i * n : (i + 1) * n] for i, name in enumerate(names)}
 
   def table(source):
-    return {(k, p): source[("original", 0) if p == 0 else (k, p)] for k in kinds
-            for p in severities}
-  return FragilityResult(level, tuple(kinds), severities, list(keys or range(n)), table(by_name),
-                         None if correct_by is None else table(correct_by))
+    return {
+      (k, p): source[("original", 0) if p == 0 else (k, p)] for k in kinds for p in severities
+    }
+
+  return FragilityResult(
+    level,
+    tuple(kinds),
+    severities,
+    list(keys or range(n)),
+    table(by_name),
+    None if correct_by is None else table(correct_by),
+  )
 
 
 # ------------------------------------------------------------------ two runs
 
+
 @dataclasses.dataclass
 class Comparison:
   """One row of the paper's table: A minus B at (kind, percent)."""
+
   kind: str
   percent: int
   mean_difference: float  # mean over comparisons of effect_A - effect_B
@@ -234,29 +328,39 @@ def compare(a: FragilityResult, b: FragilityResult, metric: str = "logprob") -> 
       else:
         diff = ea[:, None] - eb[None, :]
         wins = np.mean((diff > 0) + 0.5 * (diff == 0))
-        rows.append(Comparison(kind, pct, float(ea.mean() - eb.mean()), float(wins), diff.size,
-                               False))
+        rows.append(
+          Comparison(kind, pct, float(ea.mean() - eb.mean()), float(wins), diff.size, False)
+        )
   return rows
 
 
-_TITLES = {"delete": "Delete", "truncate_front": "Truncate Front", "truncate_back": "Truncate Back",
-           "digit_replace": "Digit Replace", "char_replace": "Character Replace"}
+_TITLES = {
+  "delete": "Delete",
+  "truncate_front": "Truncate Front",
+  "truncate_back": "Truncate Back",
+  "digit_replace": "Digit Replace",
+  "char_replace": "Character Replace",
+}
 
 
-def format_comparison(rows: Sequence[Comparison], metric: str = "logprob",
-                      names: tuple = ("A", "B")) -> str:
+def format_comparison(
+  rows: Sequence[Comparison], metric: str = "logprob", names: tuple = ("A", "B")
+) -> str:
   """The paper's Table 1 layout (markdown)."""
   unit = "nats" if metric == "logprob" else "accuracy"
-  lines = [f"| Perturbation Type | Degree | Mean Effect Difference ({unit}, {names[0]} - "
-           f"{names[1]}) | Overall Consistency | Total Comparisons |",
-           "|---|---|---|---|---|"]
+  lines = [
+    f"| Perturbation Type | Degree | Mean Effect Difference ({unit}, {names[0]} - "
+    f"{names[1]}) | Overall Consistency | Total Comparisons |",
+    "|---|---|---|---|---|",
+  ]
   last = None
   for r in rows:
     title = f"**{_TITLES[r.kind]}**" if r.kind != last else ""
     last = r.kind
     n = f"{r.comparisons:,}" + ("" if r.paired else " (unpaired)")
-    lines.append(f"| {title} | {r.percent}% | {r.mean_difference:+.4f} | "
-                 f"{100 * r.consistency:.1f}% | {n} |")
+    lines.append(
+      f"| {title} | {r.percent}% | {r.mean_difference:+.4f} | {100 * r.consistency:.1f}% | {n} |"
+    )
   return "\n".join(lines)
 
 
@@ -266,23 +370,30 @@ def format_run(result: FragilityResult, metric: str = "logprob") -> str:
   pcts = [p for p in result.severities if p]
   base = result.values(metric, result.kinds[0], 0).mean()
   what = "log-prob drop (nats)" if metric == "logprob" else "accuracy drop"
-  lines = [f"{result.level}-level perturbations of {len(result.keys)} CoTs; unperturbed mean "
-           f"{'log-prob' if metric == 'logprob' else 'accuracy'} {base:.4f}; cells: mean {what}",
-           "", "| Perturbation | " + " | ".join(f"{p}%" for p in pcts) + " |",
-           "|---|" + "---|" * len(pcts)]
+  lines = [
+    f"{result.level}-level perturbations of {len(result.keys)} CoTs; unperturbed mean "
+    f"{'log-prob' if metric == 'logprob' else 'accuracy'} {base:.4f}; cells: mean {what}",
+    "",
+    "| Perturbation | " + " | ".join(f"{p}%" for p in pcts) + " |",
+    "|---|" + "---|" * len(pcts),
+  ]
   for kind in result.kinds:
     cells = [f"{result.effect(kind, p, metric).mean():+.4f}" for p in pcts]
     lines.append(f"| {_TITLES[kind]} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-
 # ------------------------------------------------------------------ the paper's tables
 
 # The paper's column order (Table 2) and short names.
 PAPER_KINDS = ("char_replace", "delete", "digit_replace", "truncate_back", "truncate_front")
-_SHORT = {"char_replace": "CharRep", "delete": "Delete", "digit_replace": "DigitRep",
-          "truncate_back": "TruncBack", "truncate_front": "TruncFront"}
+_SHORT = {
+  "char_replace": "CharRep",
+  "delete": "Delete",
+  "digit_replace": "DigitRep",
+  "truncate_back": "TruncBack",
+  "truncate_front": "TruncFront",
+}
 
 
 def markovian_first(runs: Sequence[tuple]) -> tuple:
@@ -304,20 +415,28 @@ def format_table2(rows: Sequence[Comparison], unit: str = "nats") -> str:
   """The paper's Table 2 layout (markdown): severities (rows) x perturbation kinds (columns) of
   the mean difference of effects, a mean column per severity and a column-mean row."""
   cells, kinds, pcts = _grid(rows)
-  lines = ["| severity | " + " | ".join(_SHORT[k] for k in kinds) + " | mean |",
-           "|---|" + "---|" * (len(kinds) + 1)]
+  lines = [
+    "| severity | " + " | ".join(_SHORT[k] for k in kinds) + " | mean |",
+    "|---|" + "---|" * (len(kinds) + 1),
+  ]
   for p in pcts:
     vals = [cells[(k, p)] for k in kinds]
-    lines.append(f"| {p}% | " + " | ".join(f"{v:+.3f}" for v in vals) +
-                 f" | {np.mean(vals):+.3f} |")
+    lines.append(
+      f"| {p}% | " + " | ".join(f"{v:+.3f}" for v in vals) + f" | {np.mean(vals):+.3f} |"
+    )
   means = [np.mean([cells[(k, p)] for p in pcts]) for k in kinds]
-  lines.append("| column mean | " + " | ".join(f"{v:+.3f}" for v in means) +
-               f" | {np.mean(means):+.3f} |")
+  lines.append(
+    "| column mean | " + " | ".join(f"{v:+.3f}" for v in means) + f" | {np.mean(means):+.3f} |"
+  )
   lines.append("")
-  lines.append(f"Cells: Markovian drop - non-Markovian drop ({unit}); positive = the Markovian "
-               "CoT matters more. Signs of the column means: " +
-               ", ".join(f"{_SHORT[k]} {'+' if v > 0 else '-' if v < 0 else '0'}"
-                         for k, v in zip(kinds, means)) + ".")
+  lines.append(
+    f"Cells: Markovian drop - non-Markovian drop ({unit}); positive = the Markovian "
+    "CoT matters more. Signs of the column means: "
+    + ", ".join(
+      f"{_SHORT[k]} {'+' if v > 0 else '-' if v < 0 else '0'}" for k, v in zip(kinds, means)
+    )
+    + "."
+  )
   return "\n".join(lines)
 
 
@@ -350,14 +469,24 @@ def format_table3(by_task: dict) -> str:
   accuracy difference per perturbation kind averaged over severities, the overall mean, and the
   Overall row (`table3_overall`, weighted by n)."""
   kinds = [k for k in PAPER_KINDS if any(k in r for r in by_task.values())]
-  lines = ["| task | " + " | ".join(_SHORT[k] for k in kinds) + " | overall |",
-           "|---|" + "---|" * (len(kinds) + 1)]
+  lines = [
+    "| task | " + " | ".join(_SHORT[k] for k in kinds) + " | overall |",
+    "|---|" + "---|" * (len(kinds) + 1),
+  ]
   for task, row in by_task.items():
-    lines.append(f"| {task} | " + " | ".join(f"{row[k]:+.3f}" for k in kinds) +
-                 f" | {row['overall']:+.3f} |")
+    lines.append(
+      f"| {task} | " + " | ".join(f"{row[k]:+.3f}" for k in kinds) + f" | {row['overall']:+.3f} |"
+    )
   overall = table3_overall(by_task)
-  lines.append("| **Overall** | " + " | ".join(f"{overall[k]:+.3f}" for k in kinds) +
-               f" | {overall['overall']:+.3f} |")
-  lines += ["", "Overall: each column's tasks weighted by their n questions (" +
-            ", ".join(f"{task} {row.get('n', 1)}" for task, row in by_task.items()) + ")."]
+  lines.append(
+    "| **Overall** | "
+    + " | ".join(f"{overall[k]:+.3f}" for k in kinds)
+    + f" | {overall['overall']:+.3f} |"
+  )
+  lines += [
+    "",
+    "Overall: each column's tasks weighted by their n questions ("
+    + ", ".join(f"{task} {row.get('n', 1)}" for task, row in by_task.items())
+    + ").",
+  ]
   return "\n".join(lines)

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import string
-import zlib
 from typing import Callable, Optional, Sequence
+import zlib
 
 import numpy as np
 
@@ -46,8 +46,11 @@ ALPHANUMERIC = string.ascii_letters + string.digits  # the reference's char_repl
 def check(kind: str, percent: int) -> None:
   if kind not in KINDS:
     raise ValueError(f"unknown perturbation {kind!r}; choose one of {list(KINDS)}")
-  if isinstance(percent, bool) or not isinstance(percent, (int, np.integer)) or not (
-      0 <= percent <= 100):
+  if (
+    isinstance(percent, bool)
+    or not isinstance(percent, (int, np.integer))
+    or not (0 <= percent <= 100)
+  ):
     raise ValueError(f"severity must be an integer percent in [0, 100], got {percent!r}")
 
 
@@ -56,21 +59,27 @@ def count(n: int, percent: int) -> int:
   return (n * int(percent) + 50) // 100
 
 
-def _edit(units: list, kind: str, percent: int, rng: np.random.Generator,
-          eligible: Sequence[int], replace: Optional[Callable[[object, int], object]]) -> list:
+def _edit(
+  units: list,
+  kind: str,
+  percent: int,
+  rng: np.random.Generator,
+  eligible: Sequence[int],
+  replace: Optional[Callable[[object, int], object]],
+) -> list:
   """`units` with `kind` applied. eligible: the positions a replacement may change;
   replace(unit, draw) -> a different unit, `draw` a seeded integer."""
   n = len(units)
   if kind == "truncate_front":
-    return units[count(n, percent):]
+    return units[count(n, percent) :]
   if kind == "truncate_back":
-    return units[:n - count(n, percent)]
+    return units[: n - count(n, percent)]
   # One seeded order of the candidates, and one draw per candidate, both made for all of them
   # so that a higher severity extends a lower one.
   candidates = range(n) if kind == "delete" else eligible
   order = rng.permutation(len(candidates))
   draws = rng.integers(0, 1 << 30, size=len(candidates))
-  chosen = order[:count(len(candidates), percent)]
+  chosen = order[: count(len(candidates), percent)]
   if kind == "delete":
     drop = set(chosen.tolist())
     return [u for i, u in enumerate(units) if i not in drop]
@@ -83,12 +92,12 @@ def _edit(units: list, kind: str, percent: int, rng: np.random.Generator,
 def _other_in(alphabet: Sequence) -> Callable[[object, int], object]:
   """replace(unit, draw): a member of `alphabet` other than `unit`, picked by `draw`."""
   index = {a: i for i, a in enumerate(alphabet)}
-  return lambda unit, draw: alphabet[(index[unit] + 1 + draw % (len(alphabet) - 1))
-                                     % len(alphabet)]
+  return lambda unit, draw: alphabet[(index[unit] + 1 + draw % (len(alphabet) - 1)) % len(alphabet)]
 
 
-def _bernoulli(units: list, percent: int, rng: np.random.Generator, eligible: Sequence[int],
-               alphabet: Sequence) -> list:
+def _bernoulli(
+  units: list, percent: int, rng: np.random.Generator, eligible: Sequence[int], alphabet: Sequence
+) -> list:
   """Each eligible unit replaced with probability percent/100 by a uniform draw from `alphabet`
   (possibly itself). One uniform and one draw per eligible unit, whatever the severity: nested."""
   u = rng.random(len(eligible))
@@ -100,8 +109,9 @@ def _bernoulli(units: list, percent: int, rng: np.random.Generator, eligible: Se
   return out
 
 
-def perturb_text(text: str, kind: str, percent: int, seed: int = 0,
-                 replacement: str = "bernoulli") -> str:
+def perturb_text(
+  text: str, kind: str, percent: int, seed: int = 0, replacement: str = "bernoulli"
+) -> str:
   """`text` with `kind` applied at `percent` severity, character by character; `replacement`
   (REPLACEMENTS) says how the replace kinds choose the characters they change."""
   check(kind, percent)
@@ -126,6 +136,7 @@ class TokenVocabulary:
   digit_groups: {id: int64 [D] the digit tokens with the same leading space and as many digits};
     its keys are the tokens that `digit_replace` changes.
   """
+
   ordinary: np.ndarray
   digit_groups: dict
 
@@ -151,11 +162,13 @@ def _other_id(pool_of: Callable[[int], np.ndarray]) -> Callable[[int, int], int]
     pool = pool_of(unit)
     others = pool[pool != unit]
     return unit if others.size == 0 else int(others[draw % others.size])
+
   return replace
 
 
-def perturb_tokens(ids: Sequence[int], kind: str, percent: int, seed: int = 0, *,
-                   vocab: TokenVocabulary) -> list:
+def perturb_tokens(
+  ids: Sequence[int], kind: str, percent: int, seed: int = 0, *, vocab: TokenVocabulary
+) -> list:
   """Token ids `ids` (int [T]) with `kind` applied at `percent` severity, token by token."""
   check(kind, percent)
   units = [int(i) for i in ids]
@@ -173,9 +186,17 @@ def perturb_tokens(ids: Sequence[int], kind: str, percent: int, seed: int = 0, *
   return _edit(units, kind, percent, rng, eligible, replace)
 
 
-def perturb(cot: str, kind: str, percent: int, seed: int = 0, *, level: str = "char",
-            tokenizer=None, vocab: Optional[TokenVocabulary] = None,
-            replacement: str = "bernoulli") -> str:
+def perturb(
+  cot: str,
+  kind: str,
+  percent: int,
+  seed: int = 0,
+  *,
+  level: str = "char",
+  tokenizer=None,
+  vocab: Optional[TokenVocabulary] = None,
+  replacement: str = "bernoulli",
+) -> str:
   """A CoT text perturbed at `level`: 'char' edits the text (`replacement` as perturb_text);
   'token' encodes it with `tokenizer` (no special tokens), edits the ids with `vocab` and decodes
   them back."""

@@ -34,10 +34,10 @@ def _merge(config, values: dict, prefix: str = "") -> None:
   """Sets `config`'s keys from a nested dict; keys this version does not know are skipped (a run
   written by an older or newer version still loads)."""
   import ml_collections
+
   for key, value in values.items():
     if key not in config:
-      logging.warning("config.json: %s%s is not a config key of this version; ignored",
-                      prefix, key)
+      logging.warning("config.json: %s%s is not a config key of this version; ignored", prefix, key)
       continue
     current = config[key]
     if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
@@ -48,29 +48,34 @@ def _merge(config, values: dict, prefix: str = "") -> None:
     try:
       config[key] = value
     except (TypeError, ValueError) as e:
-      logging.warning("config.json: %s%s=%r does not fit this version (%s); default kept",
-                      prefix, key, value, e)
+      logging.warning(
+        "config.json: %s%s=%r does not fit this version (%s); default kept", prefix, key, value, e
+      )
 
 
 def run_config(workdir: str):
   """The run's ConfigDict: its config.json over configs/base.py's defaults for its task."""
   path = epath.Path(workdir) / "config.json"
   if not path.is_file():
-    raise AnalysisError(f"--workdir {workdir}: no config.json (written by training at start); "
-                        "is this a run directory?")
+    raise AnalysisError(
+      f"--workdir {workdir}: no config.json (written by training at start); "
+      "is this a run directory?"
+    )
   values = json.loads(path.read_text())
   try:
     from markovian_jax.configs import base
   except ImportError:  # outside the repository: the file alone
     import ml_collections
+
     return ml_collections.ConfigDict(values)
   config = base.get_config(values.get("task", "gsm8k"))
   _merge(config, values)
   return config
 
 
-def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] = None, *,
-                 reuse=None):
+def load_context(
+  config, model_path: Optional[str] = None, dtype: Optional[str] = None, *, reuse=None
+):
   """A RunContext for the run `config` (its prompts, task, mesh) on its own model, or on
   `model_path` with that model's tokenizer. A tokenizer that cannot be loaded raises
   AnalysisError before any weights load. `reuse`: a context of another run whose model settings
@@ -78,9 +83,10 @@ def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] 
   instead of loaded again."""
   import dataclasses
 
-  from markovian_jax.training import config_validation
   from markovian_jax.models import load_tokenizer
+  from markovian_jax.training import config_validation
   from markovian_jax.training.run_context import RunContext
+
   config = config.copy_and_resolve_references()
   if model_path:
     config.model.path = model_path
@@ -92,8 +98,9 @@ def load_context(config, model_path: Optional[str] = None, dtype: Optional[str] 
   try:
     tokenizer = load_tokenizer(spec.model.path)
   except Exception as e:  # noqa: BLE001 - any failure means this model cannot read the CoTs
-    raise AnalysisError(f"model {spec.model.path}: cannot load its tokenizer "
-                        f"({type(e).__name__}: {e})") from e
+    raise AnalysisError(
+      f"model {spec.model.path}: cannot load its tokenizer ({type(e).__name__}: {e})"
+    ) from e
   return RunContext.create(config, spec=spec, tokenizer=tokenizer)
 
 
@@ -112,16 +119,20 @@ def checkpoint_adapter(workdir: str, ctx, step: Optional[int] = None) -> tuple:
 def checkpoint_step(workdir: str, step: Optional[int] = None) -> tuple:
   """(step, how it was chosen) as `checkpoint_adapter` chooses it, without restoring."""
   from markovian_jax.training import checkpoint_choice
-  return tuple(checkpoint_choice.choose_step(os.path.join(workdir, "checkpoints"), step,
-                                             best=step is None, latest_if_unscored=True))
+
+  return tuple(
+    checkpoint_choice.choose_step(
+      os.path.join(workdir, "checkpoints"), step, best=step is None, latest_if_unscored=True
+    )
+  )
 
 
 def _adapter(workdir: str, ctx, step: Optional[int], best: bool) -> tuple:
   """(LoRA restored onto ctx's mesh, step, how it was chosen)."""
   from markovian_jax.training import checkpoint_choice
+
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  chosen, reason = checkpoint_choice.choose_step(ckpt_dir, step, best=best,
-                                                 latest_if_unscored=True)
+  chosen, reason = checkpoint_choice.choose_step(ckpt_dir, step, best=best, latest_if_unscored=True)
   lora = checkpoint_choice.restore_adapter(ckpt_dir, chosen, ctx.model, mesh=ctx.mesh)
   logging.info("adapter of step %d from %s (%s)", chosen, ckpt_dir, reason)
   return lora, chosen, reason
@@ -130,10 +141,13 @@ def _adapter(workdir: str, ctx, step: Optional[int], best: bool) -> tuple:
 def logged_rows(workdir: str, num: Optional[int] = None) -> list:
   """The last `num` (all when None) question records of samples.jsonl, in logged order."""
   from markovian_jax.reporting.runs import read_jsonl
+
   rows = [r for r in read_jsonl(os.path.join(workdir, "samples.jsonl")) if r.get("cots")]
   if not rows:
-    raise AnalysisError(f"--workdir {workdir}: no logged CoTs (samples.jsonl is missing or "
-                        "empty; training writes it every train.text_every steps)")
+    raise AnalysisError(
+      f"--workdir {workdir}: no logged CoTs (samples.jsonl is missing or "
+      "empty; training writes it every train.text_every steps)"
+    )
   return rows[-num:] if num else rows
 
 

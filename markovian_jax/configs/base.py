@@ -26,6 +26,7 @@ def with_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Con
   """`c` on hardware preset `preset`, with the smallest questions_per_step whose Q x G rows split
   over its data x fsdp devices (G stays the task's; presets.py lists the batches)."""
   from markovian_jax.runtime import presets
+
   if preset not in presets.PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}")
   c.mesh.preset = preset
@@ -40,58 +41,88 @@ def with_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Con
 # "Markovian" column (the reference code's algorithm). Each entry: (what the
 # column is, the keys it sets). A value may be a function of the task's config.
 
+
 def _non_parallel(c):
   # The reference's non-parallel mode: a batch of G different questions, one CoT each.
-  return {"train.questions_per_step": c.train.group_size * c.train.questions_per_step,
-          "train.group_size": 1}
+  return {
+    "train.questions_per_step": c.train.group_size * c.train.questions_per_step,
+    "train.group_size": 1,
+  }
 
 
 VARIANTS = {
-    "markovian": ("the defaults: the question hidden from the reader (<Redacted>), group "
-                  "baseline, reward scored by the actor", {}),
-    "non_markovian": ("the reader sees the question as well as the CoT",
-                      {"prompt.markovian": False}),
-    "no_reward_grad": ("the reference's actor_reward_weight=0 run: the frozen base model scores "
-                       "the reward and reads the answer in evaluation (the reference's reward "
-                       "gradient was zero either way)",
-                       {"objective.reward_scorer": "base", "eval.reader": "base"}),
-    "unnormalised": ("no CoT' baseline subtracted from the reward (gradient-identical to "
-                     "markovian under the group baseline: a measure of seed noise)",
-                     {"objective.normalize_reward": False}),
-    "ema": ("the reference's non-parallel mode: G different questions a step, one CoT each, "
-            "advantage = R - exponentially weighted mean of past rewards (decay 0.9 per example)",
-            {"objective.baseline": "ema", "_": _non_parallel}),
-    "ei": ("expert iteration: only CoTs whose R exceeds the mean + 1 std of past rewards are "
-           "trained on, nothing in the first 25 steps", {"objective.ei_std": 1.0}),
-    "paper_reward_grad": ("the paper's objective: the reward's gradient through the actor's "
-                          "answer log-prob, weight 1", {"objective.reward_grad": "paper",
-                                                        "objective.actor_reward_weight": 1.0}),
-    "ppo_base": ("the reference's PPO, for reproduction: a per-sequence ratio to the frozen base "
-                 "model, clipped at 1 +- 0.2, replacing the KL term (it collapsed there)",
-                 {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"}),
+  "markovian": (
+    "the defaults: the question hidden from the reader (<Redacted>), group "
+    "baseline, reward scored by the actor",
+    {},
+  ),
+  "non_markovian": ("the reader sees the question as well as the CoT", {"prompt.markovian": False}),
+  "no_reward_grad": (
+    "the reference's actor_reward_weight=0 run: the frozen base model scores "
+    "the reward and reads the answer in evaluation (the reference's reward "
+    "gradient was zero either way)",
+    {"objective.reward_scorer": "base", "eval.reader": "base"},
+  ),
+  "unnormalised": (
+    "no CoT' baseline subtracted from the reward (gradient-identical to "
+    "markovian under the group baseline: a measure of seed noise)",
+    {"objective.normalize_reward": False},
+  ),
+  "ema": (
+    "the reference's non-parallel mode: G different questions a step, one CoT each, "
+    "advantage = R - exponentially weighted mean of past rewards (decay 0.9 per example)",
+    {"objective.baseline": "ema", "_": _non_parallel},
+  ),
+  "ei": (
+    "expert iteration: only CoTs whose R exceeds the mean + 1 std of past rewards are "
+    "trained on, nothing in the first 25 steps",
+    {"objective.ei_std": 1.0},
+  ),
+  "paper_reward_grad": (
+    "the paper's objective: the reward's gradient through the actor's answer log-prob, weight 1",
+    {"objective.reward_grad": "paper", "objective.actor_reward_weight": 1.0},
+  ),
+  "ppo_base": (
+    "the reference's PPO, for reproduction: a per-sequence ratio to the frozen base "
+    "model, clipped at 1 +- 0.2, replacing the KL term (it collapsed there)",
+    {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"},
+  ),
 }
 # The answer-likelihood family (docs/answer-likelihood.md): each method as its paper ran it (the
 # scorer sees the question) and its Markovian twin (it does not). Value: the reward scorer of the
 # method's objectives.METHODS entry in objective.reward_scorer terms (NOVER's EMA-lagged copy is
 # refused by the config check; tests/test_answer_likelihood_wiring.py holds the two tables equal).
-ANSWER_LIKELIHOOD_SCORERS = {"verifree": "actor", "rlpr": "actor", "jepo": "actor",
-                             "latro": "actor", "nover": "actor", "vrcli": "base", "dro": "actor"}
+ANSWER_LIKELIHOOD_SCORERS = {
+  "verifree": "actor",
+  "rlpr": "actor",
+  "jepo": "actor",
+  "latro": "actor",
+  "nover": "actor",
+  "vrcli": "base",
+  "dro": "actor",
+}
 
 
 def _answer_likelihood_variant(method: str, markovian: bool):
   name = method + ("_markovian" if markovian else "")
   shown = "hidden from" if markovian else "shown to"
-  return (f"answer-likelihood method {method} (docs/answer-likelihood.md), the question {shown} "
-          f"its scorer and the reader",
-          {"objective.method": name, "prompt.markovian": markovian,
-           "objective.normalize_reward": False,
-           "objective.reward_scorer": ANSWER_LIKELIHOOD_SCORERS[method]})
+  return (
+    f"answer-likelihood method {method} (docs/answer-likelihood.md), the question {shown} "
+    f"its scorer and the reader",
+    {
+      "objective.method": name,
+      "prompt.markovian": markovian,
+      "objective.normalize_reward": False,
+      "objective.reward_scorer": ANSWER_LIKELIHOOD_SCORERS[method],
+    },
+  )
 
 
 for _method in ANSWER_LIKELIHOOD_SCORERS:
   for _markovian in (False, True):
     VARIANTS[_method + ("_markovian" if _markovian else "")] = _answer_likelihood_variant(
-        _method, _markovian)
+      _method, _markovian
+    )
 del _method, _markovian
 
 # The paper's results-table columns in its order (after the base model's column).
@@ -116,14 +147,14 @@ def apply_variant(c: ml_collections.ConfigDict, name: str) -> ml_collections.Con
   return c
 
 
-def task_config(task: str, arg: str = "", options: dict | None = None
-                ) -> ml_collections.ConfigDict:
+def task_config(task: str, arg: str = "", options: dict | None = None) -> ml_collections.ConfigDict:
   """The config of `task` with the `:arg` of `--config=FILE:arg` applied (`apply_arg`)."""
   return apply_arg(get_config(task), arg, options)
 
 
-def apply_arg(c: ml_collections.ConfigDict, arg: str = "", options: dict | None = None
-              ) -> ml_collections.ConfigDict:
+def apply_arg(
+  c: ml_collections.ConfigDict, arg: str = "", options: dict | None = None
+) -> ml_collections.ConfigDict:
   """`c` with the `:arg` of `--config=FILE:arg` applied: comma-separated names, each a VARIANTS
   name (at most one) or one of the config file's `options` ({name: fn(c)}, applied in place)."""
   task = c.task
@@ -139,6 +170,5 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str = "", options: dict | None 
       options[n](c)
     else:
       extra = f"; the {task} config's options: {', '.join(options)}" if options else ""
-      raise InvalidConfig(f"{n!r} is not a known variant (variants: {', '.join(VARIANTS)}"
-                          f"{extra})")
+      raise InvalidConfig(f"{n!r} is not a known variant (variants: {', '.join(VARIANTS)}{extra})")
   return c

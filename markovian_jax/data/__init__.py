@@ -9,16 +9,41 @@
 May import: runtime.
 """
 
-from markovian_jax.data.extraction import (extract_all, extract_letter, extract_numeric,
-                                           is_correct, normalize_number)
-from markovian_jax.data.prompts import (AnswerTokens, answer_prompt, answer_tokens, base_prompt,
-                                        cot_prompt, encode)
+from markovian_jax.data.extraction import (
+  extract_all,
+  extract_letter,
+  extract_numeric,
+  is_correct,
+  normalize_number,
+)
+from markovian_jax.data.prompts import (
+  AnswerTokens,
+  answer_prompt,
+  answer_tokens,
+  base_prompt,
+  cot_prompt,
+  encode,
+)
 from markovian_jax.data.records import DataError, Example
 from markovian_jax.data.stream import ExampleStream
 from markovian_jax.data.tasks import TASKS, load_task, task_kind
 
 __all__ = [
-    "extract_all", "extract_letter", "extract_numeric", "is_correct", "normalize_number",
-    "AnswerTokens", "answer_prompt", "answer_tokens", "base_prompt", "cot_prompt", "encode",
-    "DataError", "Example", "ExampleStream", "TASKS", "load_task", "task_kind",
+  "extract_all",
+  "extract_letter",
+  "extract_numeric",
+  "is_correct",
+  "normalize_number",
+  "AnswerTokens",
+  "answer_prompt",
+  "answer_tokens",
+  "base_prompt",
+  "cot_prompt",
+  "encode",
+  "DataError",
+  "Example",
+  "ExampleStream",
+  "TASKS",
+  "load_task",
+  "task_kind",
 ]

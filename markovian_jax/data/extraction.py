@@ -92,8 +92,9 @@ def extract_numeric(text: str, method: str = "anchor", *, robust: bool = True) -
         return normalize_number(last)
     m = re.search(num, text)
     return normalize_number(m.group(0)) if m else None
-  raise ValueError(f"unknown numeric extraction method {method!r}; choose one of "
-                   f"{list(NUMERIC_METHODS)}")
+  raise ValueError(
+    f"unknown numeric extraction method {method!r}; choose one of {list(NUMERIC_METHODS)}"
+  )
 
 
 def extract_letter(text: str, method: str = "word_boundary", num_choices: int = 4) -> Optional[str]:
@@ -124,13 +125,16 @@ def methods(task: str) -> tuple:
     return NUMERIC_METHODS
   if task in MCQ_TASKS:
     return MCQ_METHODS
-  raise ValueError(f"task {task!r} has no answer extraction (known: "
-                   f"{list(NUMERIC_TASKS) + list(MCQ_TASKS)}; wiki_continuation is scored by "
-                   "log-probability)")
+  raise ValueError(
+    f"task {task!r} has no answer extraction (known: "
+    f"{list(NUMERIC_TASKS) + list(MCQ_TASKS)}; wiki_continuation is scored by "
+    "log-probability)"
+  )
 
 
-def extract_all(task: str, text: str, num_choices: Optional[int] = None, *,
-                robust: bool = True) -> dict:
+def extract_all(
+  task: str, text: str, num_choices: Optional[int] = None, *, robust: bool = True
+) -> dict:
   """Every method's prediction side by side: {method: prediction or None}, primary method first.
 
   num_choices: for MCQ items with a non-standard number of options (a few ARC items have 3 or 5),
@@ -160,9 +164,11 @@ def mentions_answer(task: str, text: str, gold: str) -> bool:
       raise ValueError(f"gold answer {gold!r} of task {task!r} is not a number")
     # Thousands separators only between digit groups, so "3, 4" stays two numbers.
     flat = re.sub(r"(?<=\d),(?=\d{3}\b)", "", _clean(text))
-    return any(normalize_number(m) is not None and
-               decimal.Decimal(normalize_number(m)) == decimal.Decimal(target)
-               for m in re.findall(r"(?<![\d.])" + _NUMBER, flat))
+    return any(
+      normalize_number(m) is not None
+      and decimal.Decimal(normalize_number(m)) == decimal.Decimal(target)
+      for m in re.findall(r"(?<![\d.])" + _NUMBER, flat)
+    )
   if task in MCQ_TASKS:
     letter = re.escape(gold.strip().upper())
     return re.search(rf"(?<![A-Za-z]){letter}(?![A-Za-z])", text) is not None

@@ -27,11 +27,14 @@ def format_mcq(question: str, choices: Sequence[str]) -> str:
 def _mcq(question: str, choices: Sequence[str], letter: str, where: str, item_id: str) -> Example:
   if not choices:
     raise DataError(f"{where}: item has no answer options")
-  if letter not in LETTERS[:len(choices)]:
-    raise DataError(f"{where}: gold answer {letter!r} is not one of the {len(choices)} options "
-                    f"{list(LETTERS[:len(choices)])}")
-  return Example(question=format_mcq(question, choices), answer=letter, choices=tuple(choices),
-                 id=item_id)
+  if letter not in LETTERS[: len(choices)]:
+    raise DataError(
+      f"{where}: gold answer {letter!r} is not one of the {len(choices)} options "
+      f"{list(LETTERS[: len(choices)])}"
+    )
+  return Example(
+    question=format_mcq(question, choices), answer=letter, choices=tuple(choices), id=item_id
+  )
 
 
 def _check_split(task: str, split: str, splits) -> None:
@@ -50,8 +53,9 @@ def _arc_subset(subset: str) -> str:
   for s in ARC_SUBSETS:
     if subset.lower() in (s.lower(), s.lower()[4:]):
       return s
-  raise DataError(f"arc: unknown subset {subset!r}; choose one of {list(ARC_SUBSETS)} "
-                  "(or 'challenge' / 'easy')")
+  raise DataError(
+    f"arc: unknown subset {subset!r}; choose one of {list(ARC_SUBSETS)} (or 'challenge' / 'easy')"
+  )
 
 
 def _arc_letter(label: str, labels: Sequence[str], where: str) -> str:
@@ -74,15 +78,16 @@ def _arc_example(row, where: str, item_id: str) -> Example:
     choices = records.field(row, "choices", where, dict)
     labels = records.field(choices, "label", where, list)
     texts = records.field(choices, "text", where, list)
-  expected = [LETTERS[:len(labels)], [str(i + 1) for i in range(len(labels))]]
+  expected = [LETTERS[: len(labels)], [str(i + 1) for i in range(len(labels))]]
   if list(labels) not in [list(e) for e in expected]:
     raise DataError(f"{where}: choice labels {labels} are neither A, B, ... nor 1, 2, ...")
   letter = _arc_letter(records.field(row, "answerKey", where), labels, where)
   return _mcq(stem, [t.strip() for t in texts], letter, where, item_id)
 
 
-def load_arc(split: str, path: Optional[str] = None, *, subset: str = "ARC-Challenge"
-             ) -> list[Example]:
+def load_arc(
+  split: str, path: Optional[str] = None, *, subset: str = "ARC-Challenge"
+) -> list[Example]:
   """ARC. Splits: train / validation (the release's Dev) / test. Challenge: 1,119 / 299 / 1,172;
   Easy: 2,251 / 570 / 2,376. `path`: the release's directory (holding ARC-Challenge/ and
   ARC-Easy/), one subset's directory, or one .jsonl file."""
@@ -120,8 +125,10 @@ def _mmlu_local(split: str, path: str, subject: Optional[str]) -> list[Example]:
   else:
     directory = os.path.join(path, MMLU_DIRS[split])
     if not os.path.isdir(directory):
-      raise FileNotFoundError(f"{directory}: MMLU {split} directory not found "
-                              f"(expected <subject>_{MMLU_DIRS[split]}.csv files)")
+      raise FileNotFoundError(
+        f"{directory}: MMLU {split} directory not found "
+        f"(expected <subject>_{MMLU_DIRS[split]}.csv files)"
+      )
     pattern = f"{subject or '*'}_{MMLU_DIRS[split]}.csv"
     files = sorted(glob.glob(os.path.join(directory, pattern)))
     if not files:
@@ -130,7 +137,7 @@ def _mmlu_local(split: str, path: str, subject: Optional[str]) -> list[Example]:
   out = []
   for file in files:
     name = os.path.basename(file)
-    subj = name[:-len(suffix)] if name.endswith(suffix) else os.path.splitext(name)[0]
+    subj = name[: -len(suffix)] if name.endswith(suffix) else os.path.splitext(name)[0]
     for i, (where, row) in enumerate(records.read_csv_rows(file)):
       if len(row) != 6:
         raise DataError(f"{where}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
@@ -149,13 +156,25 @@ def _mmlu_hub(split: str, subject: Optional[str]) -> list[Example]:
     answer = records.field(row, "answer", where, int)
     if not 0 <= answer < len(choices):
       raise DataError(f"{where}: answer index {answer} out of range for {len(choices)} choices")
-    out.append(_mcq(records.field(row, "question", where), choices, LETTERS[answer], where,
-                    f"mmlu/{subj or 'auxiliary'}/{split}/{i}"))
+    out.append(
+      _mcq(
+        records.field(row, "question", where),
+        choices,
+        LETTERS[answer],
+        where,
+        f"mmlu/{subj or 'auxiliary'}/{split}/{i}",
+      )
+    )
   return out
 
 
-def load_mmlu(split: str, path: Optional[str] = None, *, subject: Optional[str] = None,
-              train_splits: Sequence[str] = MMLU_TRAIN_SPLITS) -> list[Example]:
+def load_mmlu(
+  split: str,
+  path: Optional[str] = None,
+  *,
+  subject: Optional[str] = None,
+  train_splits: Sequence[str] = MMLU_TRAIN_SPLITS,
+) -> list[Example]:
   """MMLU (57 subjects, or one `subject`). Splits: dev (5 per subject), validation, test, and
   train = the concatenation of `train_splits` (default dev + validation; add "auxiliary_train"
   on the hub). Report on test; the reference trained and reported on validation.
@@ -164,15 +183,19 @@ def load_mmlu(split: str, path: Optional[str] = None, *, subject: Optional[str] 
   if split == "train":
     bad = [s for s in train_splits if s not in MMLU_HUB_SPLITS or s == "test"]
     if bad or not train_splits:
-      raise DataError(f"mmlu: train_splits {list(train_splits)} must be a non-empty subset of "
-                      f"{[s for s in MMLU_HUB_SPLITS if s != 'test']}")
+      raise DataError(
+        f"mmlu: train_splits {list(train_splits)} must be a non-empty subset of "
+        f"{[s for s in MMLU_HUB_SPLITS if s != 'test']}"
+      )
     return [e for s in train_splits for e in load_mmlu(s, path, subject=subject)]
   _check_split("mmlu", split, ("train",) + MMLU_HUB_SPLITS)
   if path is None:
     return _mmlu_hub(split, subject)
   if split == "auxiliary_train" and not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: MMLU auxiliary_train is not part of the local release; "
-                            "load it from the hub (path=None) or pass the CSV file itself")
+    raise FileNotFoundError(
+      f"{path}: MMLU auxiliary_train is not part of the local release; "
+      "load it from the hub (path=None) or pass the CSV file itself"
+    )
   return _mmlu_local(split, path, subject)
 
 
@@ -192,30 +215,34 @@ def load_aqua(split: str, path: Optional[str] = None) -> list[Example]:
   elif os.path.isfile(path):
     rows = records.read_json_records(path)
   else:
-    rows = records.read_json_records(records.first_existing(path, AQUA_FILES[split],
-                                                            f"aqua {split}"))
+    rows = records.read_json_records(
+      records.first_existing(path, AQUA_FILES[split], f"aqua {split}")
+    )
   out = []
   for i, (where, row) in enumerate(rows):
     options = records.field(row, "options", where, list)
     choices = [_OPTION_PREFIX.sub("", str(o).strip()) for o in options]
     letter = records.field(row, "correct", where).strip()
-    out.append(_mcq(records.field(row, "question", where), choices, letter, where,
-                    f"aqua/{split}/{i}"))
+    out.append(
+      _mcq(records.field(row, "question", where), choices, letter, where, f"aqua/{split}/{i}")
+    )
   return out
 
 
 # ----------------------------------------------------------------------------------------------
 # MathQA: the release's {train,dev,test}.json (JSON arrays: Problem, options, correct, ...) or the
 # math-evaluation-harness subset test.jsonl (problem, options, correct); hub allenai/math_qa.
-MATHQA_FILES = {"train": ("train.json", "train.jsonl"),
-                "validation": ("dev.json", "dev.jsonl", "validation.jsonl"),
-                "test": ("test.json", "test.jsonl")}
+MATHQA_FILES = {
+  "train": ("train.json", "train.jsonl"),
+  "validation": ("dev.json", "dev.jsonl", "validation.jsonl"),
+  "test": ("test.json", "test.jsonl"),
+}
 _MATHQA_OPTION = re.compile(r"([a-e])\s*\)\s*(.*?)\s*(?=,\s*[a-e]\s*\)|$)")
 _MATHQA_ITEM = re.compile(r"^\s*([a-e])\s*\)\s*(.*?)\s*$")
 
 
 def parse_mathqa_options(options: str, where: str) -> list[str]:
-  """"a ) 12 , b ) 16 , ..." (or the list form "['a ) 12', ...]") -> ["12", "16", ...].
+  """ "a ) 12 , b ) 16 , ..." (or the list form "['a ) 12', ...]") -> ["12", "16", ...].
 
   The reference's parser expected "a)" without the space and split on every comma, which breaks
   on this data ("a ) 1,600"); we split only before the next label."""
@@ -232,7 +259,7 @@ def parse_mathqa_options(options: str, where: str) -> list[str]:
   else:
     pairs = _MATHQA_OPTION.findall(text)
   letters = [p[0] for p in pairs]
-  if not pairs or letters != list("abcde"[:len(letters)]):
+  if not pairs or letters != list("abcde"[: len(letters)]):
     raise DataError(f"{where}: cannot parse MathQA options {options!r:.100} (labels {letters})")
   return [p[1] for p in pairs]
 
@@ -246,8 +273,9 @@ def load_mathqa(split: str, path: Optional[str] = None) -> list[Example]:
   elif os.path.isfile(path):
     rows = records.read_json_records(path)
   else:
-    rows = records.read_json_records(records.first_existing(path, MATHQA_FILES[split],
-                                                            f"mathqa {split}"))
+    rows = records.read_json_records(
+      records.first_existing(path, MATHQA_FILES[split], f"mathqa {split}")
+    )
   out = []
   for i, (where, row) in enumerate(rows):
     key = "Problem" if isinstance(row, dict) and "Problem" in row else "problem"

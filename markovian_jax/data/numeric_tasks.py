@@ -72,8 +72,9 @@ def _svamp_example(row, where: str, split: str, i: int) -> Example:
   answer = records.field(row, "Answer", where, (int, float, str))
   item_id = row.get("ID") if isinstance(row.get("ID"), str) else f"svamp/{split}/{i}"
   # The reference showed only Body (docs/reference-differences.md#svamp-question).
-  return Example(question=f"{body.strip()} {question.strip()}", answer=_gold_number(answer, where),
-                 id=item_id)
+  return Example(
+    question=f"{body.strip()} {question.strip()}", answer=_gold_number(answer, where), id=item_id
+  )
 
 
 def _svamp_test_ids(ids) -> set:
@@ -99,14 +100,18 @@ def load_svamp(split: str, path: Optional[str] = None) -> list[Example]:
         out.append(_svamp_example(row, where, s, i))
     return out
   file = path if os.path.isfile(path) else records.first_existing(path, SVAMP_FILES, "svamp")
-  examples = [_svamp_example(row, where, "all", i)
-              for i, (where, row) in enumerate(records.read_json_records(file))]
+  examples = [
+    _svamp_example(row, where, "all", i)
+    for i, (where, row) in enumerate(records.read_json_records(file))
+  ]
   if split == "all":
     return examples
   ids = [e.id for e in examples]
   if len(set(ids)) != len(ids):
-    raise DataError(f"{file}: SVAMP item IDs are not unique, so no train/test partition can be "
-                    "derived; use split='all'")
+    raise DataError(
+      f"{file}: SVAMP item IDs are not unique, so no train/test partition can be "
+      "derived; use split='all'"
+    )
   test_ids = _svamp_test_ids(ids)
   return [e for e in examples if (e.id in test_ids) == (split == "test")]
 
@@ -116,9 +121,16 @@ ARITHMETIC_SPLITS = {"train": 0, "validation": 1, "test": 2}
 ARITHMETIC_DEFAULT_SIZE = {"train": 100_000, "validation": 200, "test": 200}
 
 
-def load_arithmetic(split: str, path: Optional[str] = None, *, num_terms: int = 15,
-                    min_value: int = 1, max_value: int = 99, num_examples: Optional[int] = None,
-                    seed: int = 0) -> list[Example]:
+def load_arithmetic(
+  split: str,
+  path: Optional[str] = None,
+  *,
+  num_terms: int = 15,
+  min_value: int = 1,
+  max_value: int = 99,
+  num_examples: Optional[int] = None,
+  seed: int = 0,
+) -> list[Example]:
   """Sums of `num_terms` integers uniform in [min_value, max_value], joined by " + ".
 
   The reference: 15 terms in [1, 99]; 200 test problems. Default sizes: train 100,000 /
@@ -127,14 +139,20 @@ def load_arithmetic(split: str, path: Optional[str] = None, *, num_terms: int = 
   if path:
     raise DataError(f"arithmetic is generated from a seed and reads no files (got path={path!r})")
   if split not in ARITHMETIC_SPLITS:
-    raise DataError(f"arithmetic: unknown split {split!r}; choose one of "
-                    f"{sorted(ARITHMETIC_SPLITS)}")
+    raise DataError(
+      f"arithmetic: unknown split {split!r}; choose one of {sorted(ARITHMETIC_SPLITS)}"
+    )
   if num_terms < 1 or min_value > max_value:
-    raise DataError(f"arithmetic: need num_terms >= 1 and min_value <= max_value, got "
-                    f"num_terms={num_terms}, range [{min_value}, {max_value}]")
+    raise DataError(
+      f"arithmetic: need num_terms >= 1 and min_value <= max_value, got "
+      f"num_terms={num_terms}, range [{min_value}, {max_value}]"
+    )
   n = ARITHMETIC_DEFAULT_SIZE[split] if num_examples is None else int(num_examples)
   rng = np.random.default_rng([seed, ARITHMETIC_SPLITS[split]])
   terms = rng.integers(min_value, max_value, size=(n, num_terms), endpoint=True)
-  return [Example(question=" + ".join(map(str, row)), answer=str(sum(row)),
-                  id=f"arithmetic/{split}/{seed}/{i}")
-          for i, row in enumerate(terms.tolist())]
+  return [
+    Example(
+      question=" + ".join(map(str, row)), answer=str(sum(row)), id=f"arithmetic/{split}/{seed}/{i}"
+    )
+    for i, row in enumerate(terms.tolist())
+  ]

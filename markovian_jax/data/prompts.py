@@ -30,22 +30,38 @@ import dataclasses
 import numpy as np
 
 BASE_PROMPTS = {
-    "wiki_continuation": ("Compress your understanding of this text into {K} tokens, then predict "
-                          "the next {N} tokens.\n\nText:"),
-    "arithmetic": ("You will be given an arithmetic problem, which you have {K} tokens to work "
-                   "through step-by-step. Question:"),
-    "gsm8k": ("You will be given a reasoning problem, which you have {K} tokens to work through "
-              "step-by-step. Question:"),
-    "svamp": ("You will be given a reasoning problem, which you have {K} tokens to work through "
-              "step-by-step. Question:"),
-    "aqua": ("You will be given a multiple choice algebra word problem. Use {K} tokens to think "
-             "step-by-step, then select the correct option. Question:"),
-    "mathqa": ("You will be given a multiple choice math word problem. Use {K} tokens to think "
-               "step-by-step, then select the correct option. Question:"),
-    "mmlu": ("You will be given a multiple choice question. Use {K} tokens to think through the "
-             "problem step-by-step, then select the correct answer. Question:"),
-    "arc": ("You will be given a multiple choice science question. Use {K} tokens to think "
-            "step-by-step, then select the correct letter. Question:"),
+  "wiki_continuation": (
+    "Compress your understanding of this text into {K} tokens, then predict "
+    "the next {N} tokens.\n\nText:"
+  ),
+  "arithmetic": (
+    "You will be given an arithmetic problem, which you have {K} tokens to work "
+    "through step-by-step. Question:"
+  ),
+  "gsm8k": (
+    "You will be given a reasoning problem, which you have {K} tokens to work through "
+    "step-by-step. Question:"
+  ),
+  "svamp": (
+    "You will be given a reasoning problem, which you have {K} tokens to work through "
+    "step-by-step. Question:"
+  ),
+  "aqua": (
+    "You will be given a multiple choice algebra word problem. Use {K} tokens to think "
+    "step-by-step, then select the correct option. Question:"
+  ),
+  "mathqa": (
+    "You will be given a multiple choice math word problem. Use {K} tokens to think "
+    "step-by-step, then select the correct option. Question:"
+  ),
+  "mmlu": (
+    "You will be given a multiple choice question. Use {K} tokens to think through the "
+    "problem step-by-step, then select the correct answer. Question:"
+  ),
+  "arc": (
+    "You will be given a multiple choice science question. Use {K} tokens to think "
+    "step-by-step, then select the correct letter. Question:"
+  ),
 }
 PROMPT_TYPES = {"wiki_continuation": "Reasoning Bottleneck:"}
 DEFAULT_PROMPT_TYPE = "Reasoning:"
@@ -89,22 +105,38 @@ def _frame(user_text, assistant_text, prompt_format, tokenizer) -> str:
   if prompt_format == "chat":
     if tokenizer is None:
       raise ValueError("prompt_format='chat' needs the tokenizer (for its chat template)")
-    head = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                         tokenize=False, add_generation_prompt=True)
+    head = tokenizer.apply_chat_template(
+      [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
     return head + assistant_text
-  raise ValueError(f"unknown prompt_format {prompt_format!r}; choose one of "
-                   f"{list(PROMPT_FORMATS)}")
+  raise ValueError(f"unknown prompt_format {prompt_format!r}; choose one of {list(PROMPT_FORMATS)}")
 
 
-def cot_prompt(task: str, question: str, cot_length: int, *, target_length: int = 50,
-               prompt_format: str = "plain", tokenizer=None) -> str:
+def cot_prompt(
+  task: str,
+  question: str,
+  cot_length: int,
+  *,
+  target_length: int = 50,
+  prompt_format: str = "plain",
+  tokenizer=None,
+) -> str:
   """The text the policy continues with its K-token CoT."""
   user = f"{base_prompt(task, cot_length, target_length)} {question}"
   return _frame(user, prompt_type(task), prompt_format, tokenizer)
 
 
-def answer_prompt(task: str, question: str, cot: str, cot_length: int, *, markovian: bool = True,
-                  target_length: int = 50, prompt_format: str = "plain", tokenizer=None) -> str:
+def answer_prompt(
+  task: str,
+  question: str,
+  cot: str,
+  cot_length: int,
+  *,
+  markovian: bool = True,
+  target_length: int = 50,
+  prompt_format: str = "plain",
+  tokenizer=None,
+) -> str:
   """The prefix after which the answer is scored (or generated at eval)."""
   q = REDACTED if markovian else question
   user = f"{base_prompt(task, cot_length, target_length)} {q}"
@@ -113,8 +145,9 @@ def answer_prompt(task: str, question: str, cot: str, cot_length: int, *, markov
 
 def _encoding(tokenizer, text: str, prompt_format: str, **kwargs):
   if prompt_format not in PROMPT_FORMATS:
-    raise ValueError(f"unknown prompt_format {prompt_format!r}; choose one of "
-                     f"{list(PROMPT_FORMATS)}")
+    raise ValueError(
+      f"unknown prompt_format {prompt_format!r}; choose one of {list(PROMPT_FORMATS)}"
+    )
   return tokenizer(text, add_special_tokens=prompt_format != "chat", **kwargs)
 
 
@@ -133,13 +166,15 @@ class AnswerTokens:
   start: index of the first answer token; the answer span is ids[start:].
   mask: bool [T], True on the answer span.
   """
+
   ids: np.ndarray
   start: int
   mask: np.ndarray
 
 
-def answer_tokens(tokenizer, prefix: str, answer: str, prompt_format: str = "plain"
-                  ) -> AnswerTokens:
+def answer_tokens(
+  tokenizer, prefix: str, answer: str, prompt_format: str = "plain"
+) -> AnswerTokens:
   """Tokenizes `prefix + answer` jointly; the answer span is the tokens after its last "Answer:".
 
   The span starts at the first token whose character offset (the fast tokenizer's offset mapping)
@@ -155,24 +190,29 @@ def answer_tokens(tokenizer, prefix: str, answer: str, prompt_format: str = "pla
   follows (no token boundary to start the span at), or if nothing follows it.
   """
   if not answer.strip():
-    raise ValueError(f"empty answer {answer!r}: there is nothing to score after "
-                     f"{prefix[-40:]!r}")
+    raise ValueError(f"empty answer {answer!r}: there is nothing to score after {prefix[-40:]!r}")
   text = prefix + answer
   marker = text.rfind(ANSWER_MARKER)
   if marker < 0:
-    raise ValueError(f"no {ANSWER_MARKER!r} marker in the scored text {text[-120:]!r}; the "
-                     f"answer prompt must end with {ANSWER_HEADER!r}")
+    raise ValueError(
+      f"no {ANSWER_MARKER!r} marker in the scored text {text[-120:]!r}; the "
+      f"answer prompt must end with {ANSWER_HEADER!r}"
+    )
   end = marker + len(ANSWER_MARKER)
   enc = _encoding(tokenizer, text, prompt_format, return_offsets_mapping=True)
   ids = np.asarray(enc["input_ids"], dtype=np.int32)
   offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
   if np.any((offsets[:, 0] < end) & (offsets[:, 1] > end)):
-    raise ValueError(f"{type(tokenizer).__name__} merges the colon of {ANSWER_MARKER!r} with what "
-                     f"follows it in {text[marker:marker + 40]!r}: no token starts the answer")
+    raise ValueError(
+      f"{type(tokenizer).__name__} merges the colon of {ANSWER_MARKER!r} with what "
+      f"follows it in {text[marker : marker + 40]!r}: no token starts the answer"
+    )
   after = np.flatnonzero(offsets[:, 0] >= end)
   if not after.size:
-    raise ValueError(f"empty answer span: nothing follows the last {ANSWER_MARKER!r} in "
-                     f"{text[-80:]!r} (answer={answer!r})")
+    raise ValueError(
+      f"empty answer span: nothing follows the last {ANSWER_MARKER!r} in "
+      f"{text[-80:]!r} (answer={answer!r})"
+    )
   start = int(after[0])
   mask = np.zeros(ids.shape, dtype=bool)
   mask[start:] = True

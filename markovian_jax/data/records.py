@@ -29,6 +29,7 @@ class Example:
   choices: the option texts of an MCQ item, in letter order; None otherwise.
   id: a stable name for the item ("gsm8k/test/0"), for per-example logs.
   """
+
   question: str
   answer: str
   choices: Optional[tuple] = None
@@ -54,8 +55,10 @@ def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
       try:
         yield where, json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON line in {name} ({e.msg.removesuffix(' at')} at column {e.colno})") \
-            from None
+        raise DataError(
+          f"{where}: malformed JSON line in {name} "
+          f"({e.msg.removesuffix(' at')} at column {e.colno})"
+        ) from None
 
 
 def read_json_array(path: str) -> Iterator[tuple[str, Any]]:
@@ -63,7 +66,9 @@ def read_json_array(path: str) -> Iterator[tuple[str, Any]]:
     try:
       items = json.load(f)
     except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+      raise DataError(
+        f"{path}:{e.lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+      ) from None
   if not isinstance(items, list):
     raise DataError(f"{path}: expected a JSON array of records, got {type(items).__name__}")
   for i, item in enumerate(items):
@@ -88,8 +93,9 @@ def read_csv_rows(path: str) -> Iterator[tuple[str, list]]:
       except StopIteration:
         return
       except csv.Error as e:
-        raise DataError(f"{path}: row {row_no + 1} (line {reader.line_num}): malformed CSV ({e})") \
-            from None
+        raise DataError(
+          f"{path}: row {row_no + 1} (line {reader.line_num}): malformed CSV ({e})"
+        ) from None
       row_no += 1
       yield f"{path}: row {row_no} (line {reader.line_num})", row
 
@@ -103,8 +109,10 @@ def field(record: Any, key: str, where: str, kind=str):
   value = record[key]
   if not isinstance(value, kind) or isinstance(value, bool):
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    raise DataError(f"{where}: field {key!r} should be {'/'.join(k.__name__ for k in kinds)}, "
-                    f"got {type(value).__name__} {value!r:.60}")
+    raise DataError(
+      f"{where}: field {key!r} should be {'/'.join(k.__name__ for k in kinds)}, "
+      f"got {type(value).__name__} {value!r:.60}"
+    )
   return value
 
 
@@ -113,13 +121,16 @@ def hub_rows(hub_id: str, config: Optional[str], split: str, **kwargs) -> Iterat
   try:
     import datasets
   except ImportError as e:
-    raise DataError(f"loading {hub_id} from the HF hub needs the `datasets` package ({e}); "
-                    "or pass a local path") from None
+    raise DataError(
+      f"loading {hub_id} from the HF hub needs the `datasets` package ({e}); or pass a local path"
+    ) from None
   try:
     ds = datasets.load_dataset(hub_id, config, split=split, **kwargs)
   except Exception as e:  # the hub raises many types (offline, gated, missing split...)
-    raise DataError(f"could not load {hub_id} (config {config!r}, split {split!r}) from the HF "
-                    f"hub: {type(e).__name__}: {e}. Pass a local path instead (data.path) or "
-                    "check HF_HUB_OFFLINE / HF_DATASETS_OFFLINE.") from e
+    raise DataError(
+      f"could not load {hub_id} (config {config!r}, split {split!r}) from the HF "
+      f"hub: {type(e).__name__}: {e}. Pass a local path instead (data.path) or "
+      "check HF_HUB_OFFLINE / HF_DATASETS_OFFLINE."
+    ) from e
   for i, row in enumerate(ds):
     yield f"{hub_id} ({config or 'default'}) {split} row {i}", row

@@ -35,9 +35,14 @@ from typing import Callable, Optional, Sequence
 from markovian_jax.data.records import DataError, Example
 
 # The task's own held-out split for checkpoint selection; gsm8k and svamp have none.
-VALIDATION_SPLITS = {"arc": "validation", "mmlu": "validation", "aqua": "validation",
-                     "mathqa": "validation", "arithmetic": "validation",
-                     "wiki_continuation": "validation"}
+VALIDATION_SPLITS = {
+  "arc": "validation",
+  "mmlu": "validation",
+  "aqua": "validation",
+  "mathqa": "validation",
+  "arithmetic": "validation",
+  "wiki_continuation": "validation",
+}
 # A carve-out may take at most this fraction of the train split.
 MAX_CARVE_FRACTION = 0.5
 # selection_size=0 (auto): AUTO_SELECTION_SIZE items, and a carve-out no more than
@@ -60,6 +65,7 @@ class SelectionSource:
   carved: True when the set is a seeded carve-out of the train split, removed from training.
   size: how many examples selection evaluates. seed: the subset / carve-out seed.
   """
+
   task: str
   split: str
   carved: bool
@@ -68,8 +74,10 @@ class SelectionSource:
 
   def describe(self) -> str:
     if self.carved:
-      return (f"a seeded carve-out (seed {self.seed}) of {self.size} items of the {self.task} "
-              f"{self.split!r} split, removed from training")
+      return (
+        f"a seeded carve-out (seed {self.seed}) of {self.size} items of the {self.task} "
+        f"{self.split!r} split, removed from training"
+      )
     if self.size == 0:
       return f"the {self.task} {self.split!r} split (auto size, seed {self.seed})"
     return f"the {self.task} {self.split!r} split ({self.size} items, seed {self.seed})"
@@ -87,8 +95,15 @@ def _parts(task: str, split: str, task_options: dict) -> set:
   return {split}
 
 
-def selection_source(task: str, *, train_split: str, eval_split: str, size: int, seed: int,
-                     task_options: Optional[dict] = None) -> SelectionSource:
+def selection_source(
+  task: str,
+  *,
+  train_split: str,
+  eval_split: str,
+  size: int,
+  seed: int,
+  task_options: Optional[dict] = None,
+) -> SelectionSource:
   """The task's validation split when it is kept apart from `train_split` and `eval_split`,
   otherwise a carve-out of `train_split`. size 0 = auto (`auto_size`, once the split is read)."""
   if size < 0:
@@ -151,8 +166,12 @@ def _allocate(sizes: dict, n: int, seed: int) -> dict:
   return {s: min(take[s], sizes[s]) for s in sizes}
 
 
-def eval_subset(examples: Sequence[Example], n: int, seed: int,
-                stratify_by: Optional[Callable[[Example], str]] = None) -> list:
+def eval_subset(
+  examples: Sequence[Example],
+  n: int,
+  seed: int,
+  stratify_by: Optional[Callable[[Example], str]] = None,
+) -> list:
   """A seeded sample of `n` examples, in their original order (all of them when n >= len).
 
   Items are ranked by a hash of (seed, id); the lowest-ranked n are taken, per stratum when
@@ -171,7 +190,7 @@ def eval_subset(examples: Sequence[Example], n: int, seed: int,
     quota = _allocate({s: len(v) for s, v in groups.items()}, n, seed)
     chosen = set()
     for s, members in groups.items():
-      chosen.update(sorted(members, key=ranks.__getitem__)[:quota[s]])
+      chosen.update(sorted(members, key=ranks.__getitem__)[: quota[s]])
   return [ex for i, ex in enumerate(examples) if i in chosen]
 
 
@@ -179,13 +198,17 @@ def _question_key(ex: Example) -> str:
   return " ".join(ex.question.split()).casefold()
 
 
-def _without(examples: Sequence[Example], *others: Sequence[Example],
-             by_question: bool = True) -> list:
+def _without(
+  examples: Sequence[Example], *others: Sequence[Example], by_question: bool = True
+) -> list:
   """`examples` minus any whose id (or, with `by_question`, question text) is in `others`."""
   ids = {e.id for o in others for e in o if e.id}
   questions = {_question_key(e) for o in others for e in o} if by_question else set()
-  return [e for e in examples if (not e.id or e.id not in ids)
-          and not (by_question and _question_key(e) in questions)]
+  return [
+    e
+    for e in examples
+    if (not e.id or e.id not in ids) and not (by_question and _question_key(e) in questions)
+  ]
 
 
 def check_disjoint(by_question: bool = True, **sets: Sequence[Example]) -> None:
@@ -193,17 +216,17 @@ def check_disjoint(by_question: bool = True, **sets: Sequence[Example]) -> None:
   `by_question`, a question text)."""
   names = list(sets)
   for i, a in enumerate(names):
-    for b in names[i + 1:]:
+    for b in names[i + 1 :]:
       shared = len(sets[a]) - len(_without(sets[a], sets[b], by_question=by_question))
       if shared:
         what = "id or question" if by_question else "id"
-        raise DataError(f"{shared} item(s) of the {a} set also appear in the {b} set "
-                        f"(same {what})")
+        raise DataError(f"{shared} item(s) of the {a} set also appear in the {b} set (same {what})")
 
 
 @dataclasses.dataclass
 class RunSplits:
   """The example sets of a run; see the module docstring."""
+
   source: SelectionSource
   train: list
   selection: list
@@ -211,9 +234,13 @@ class RunSplits:
 
   def record(self) -> dict:
     """JSON for `<workdir>/selection.json`: the source and the ids of every evaluated item."""
-    return {"selection": self.source.to_json(), "description": self.source.describe(),
-            "num_train": len(self.train), "selection_ids": [e.id for e in self.selection],
-            "test_ids": [e.id for e in self.test]}
+    return {
+      "selection": self.source.to_json(),
+      "description": self.source.describe(),
+      "num_train": len(self.train),
+      "selection_ids": [e.id for e in self.selection],
+      "test_ids": [e.id for e in self.test],
+    }
 
 
 def from_record(record: dict, load: Callable[[str], list]) -> list:
@@ -222,20 +249,31 @@ def from_record(record: dict, load: Callable[[str], list]) -> list:
   data no longer holds one of them (a different data.path or file)."""
   split, ids = record["selection"]["split"], record["selection_ids"]
   if not ids or not all(ids):
-    raise DataError("selection.json lists items without ids; the selection set cannot be "
-                    "rebuilt from it")
+    raise DataError(
+      "selection.json lists items without ids; the selection set cannot be rebuilt from it"
+    )
   by_id = {e.id: e for e in load(split)}
   missing = [i for i in ids if i not in by_id]
   if missing:
-    raise DataError(f"{len(missing)} of the {len(ids)} selection items recorded in "
-                    f"selection.json (e.g. {missing[0]!r}) are not in the {split!r} split of "
-                    "this data; point config.data.path at the data the run trained on")
+    raise DataError(
+      f"{len(missing)} of the {len(ids)} selection items recorded in "
+      f"selection.json (e.g. {missing[0]!r}) are not in the {split!r} split of "
+      "this data; point config.data.path at the data the run trained on"
+    )
   return [by_id[i] for i in ids]
 
 
-def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval_split: str,
-               selection_size: int, test_size: int, seed: int,
-               task_options: Optional[dict] = None) -> RunSplits:
+def run_splits(
+  task: str,
+  load: Callable[[str], list],
+  *,
+  train_split: str,
+  eval_split: str,
+  selection_size: int,
+  test_size: int,
+  seed: int,
+  task_options: Optional[dict] = None,
+) -> RunSplits:
   """Loads and separates a run's train, selection and test sets.
 
   load: split name -> every example of that split (e.g. `run_context.read_examples` without a
@@ -244,8 +282,14 @@ def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval
     split (then removed from it). Raises DataError when a carve-out would take more than
     MAX_CARVE_FRACTION of the train split, or when a set ends up empty.
   """
-  source = selection_source(task, train_split=train_split, eval_split=eval_split,
-                            size=selection_size, seed=seed, task_options=task_options)
+  source = selection_source(
+    task,
+    train_split=train_split,
+    eval_split=eval_split,
+    size=selection_size,
+    seed=seed,
+    task_options=task_options,
+  )
   by, by_question = strata(task), task not in _GENERATED
   test = eval_subset(load(eval_split), test_size, seed, by)
   train_all = _without(load(train_split), test, by_question=by_question)
@@ -255,14 +299,23 @@ def run_splits(task: str, load: Callable[[str], list], *, train_split: str, eval
   if source.carved:
     if selection_size > AUTO_CARVE_FRACTION * len(train_all):
       # An explicit size beyond what auto would carve: said with the numbers, as auto's cap is.
-      log.warning("eval.selection_size=%d carves %.0f%% of the %d %s %r items out of training "
-                  "(auto carves at most %.0f%%, %d items)", selection_size,
-                  100 * selection_size / max(1, len(train_all)), len(train_all), task,
-                  train_split, 100 * AUTO_CARVE_FRACTION, auto_size(True, len(train_all)))
+      log.warning(
+        "eval.selection_size=%d carves %.0f%% of the %d %s %r items out of training "
+        "(auto carves at most %.0f%%, %d items)",
+        selection_size,
+        100 * selection_size / max(1, len(train_all)),
+        len(train_all),
+        task,
+        train_split,
+        100 * AUTO_CARVE_FRACTION,
+        auto_size(True, len(train_all)),
+      )
     if selection_size > MAX_CARVE_FRACTION * len(train_all):
-      raise DataError(f"a selection carve-out of {selection_size} items would take more than "
-                      f"{MAX_CARVE_FRACTION:.0%} of the {len(train_all)} {task} {train_split!r} "
-                      "items; lower the selection size")
+      raise DataError(
+        f"a selection carve-out of {selection_size} items would take more than "
+        f"{MAX_CARVE_FRACTION:.0%} of the {len(train_all)} {task} {train_split!r} "
+        "items; lower the selection size"
+      )
     selection = eval_subset(train_all, selection_size, seed, by)
     train = _without(train_all, selection, by_question=by_question)
   else:
@@ -285,9 +338,11 @@ def check_resume(recorded_config: dict, seed: int, selection_size: int, where: s
   changed = [k for k in RESUME_KEYS if k in recorded and recorded[k] != now[k]]
   if changed:
     what = ", ".join(f"eval.{k}={recorded[k]} (now {now[k]})" for k in changed)
-    raise DataError(f"config.eval.{changed[0]}: the run being resumed started with {what} "
-                    f"({where}); resuming with other values would change its selection set "
-                    "and training stream: keep its values, or start a new --config.workdir")
+    raise DataError(
+      f"config.eval.{changed[0]}: the run being resumed started with {what} "
+      f"({where}); resuming with other values would change its selection set "
+      "and training stream: keep its values, or start a new --config.workdir"
+    )
 
 
 def write_record(path, splits: RunSplits, resuming: bool) -> None:
@@ -298,8 +353,10 @@ def write_record(path, splits: RunSplits, resuming: bool) -> None:
     recorded = json.loads(path.read_text()).get("selection_ids")
     now = [e.id for e in splits.selection]
     if recorded != now:
-      raise DataError(f"the selection set rebuilt from this data differs from the one {path} "
-                      "records for the run being resumed; point config.data.path at the data "
-                      "the run trained on")
+      raise DataError(
+        f"the selection set rebuilt from this data differs from the one {path} "
+        "records for the run being resumed; point config.data.path at the data "
+        "the run trained on"
+      )
     return
   path.write_text(json.dumps(splits.record(), indent=1))

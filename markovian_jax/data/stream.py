@@ -35,8 +35,10 @@ def _fingerprint(examples: Sequence[Example]) -> str:
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
   """The permutation of range(num_examples) visited in `epoch`."""
+
   def key(i):
     return hashlib.blake2b(f"{seed}/{epoch}/{i}".encode(), digest_size=8).digest()
+
   return sorted(range(num_examples), key=key)
 
 
@@ -50,8 +52,15 @@ class ExampleStream:
     shuffle: False visits the examples in list order every epoch (still sharded).
   """
 
-  def __init__(self, examples: Sequence[Example], seed: int, *, process_index: int = 0,
-               process_count: int = 1, shuffle: bool = True):
+  def __init__(
+    self,
+    examples: Sequence[Example],
+    seed: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+  ):
     if not examples:
       raise DataError("ExampleStream needs at least one example")
     if not 0 <= process_index < process_count:
@@ -82,7 +91,7 @@ class ExampleStream:
       n = len(self._examples)
       order = epoch_order(n, self._seed, self._epoch) if self._shuffle else list(range(n))
       k = self._process_count
-      self._order = order[self._process_index:self._per_process * k:k]
+      self._order = order[self._process_index : self._per_process * k : k]
     return self._order
 
   def __iter__(self):
@@ -103,28 +112,42 @@ class ExampleStream:
 
   def state(self) -> dict:
     """The cursor, JSON-able: save it with the checkpoint (the same on every process)."""
-    return {"epoch": self._epoch, "index": self._index, "seed": self._seed,
-            "shuffle": self._shuffle, "num_examples": len(self._examples),
-            "process_count": self._process_count, "fingerprint": self._fingerprint}
+    return {
+      "epoch": self._epoch,
+      "index": self._index,
+      "seed": self._seed,
+      "shuffle": self._shuffle,
+      "num_examples": len(self._examples),
+      "process_count": self._process_count,
+      "fingerprint": self._fingerprint,
+    }
 
   def restore(self, state: dict) -> None:
     """Continues from `state()`; refuses a state saved for different data or settings, since the
     order would silently differ."""
     try:
-      saved = {k: state[k] for k in ("epoch", "index", "seed", "num_examples", "process_count",
-                                     "fingerprint")}
+      saved = {
+        k: state[k]
+        for k in ("epoch", "index", "seed", "num_examples", "process_count", "fingerprint")
+      }
     except (KeyError, TypeError) as e:
       raise DataError(f"not an ExampleStream state (missing {e}): {state!r:.200}") from None
     mine = self.state()
     for key in ("seed", "num_examples", "process_count", "fingerprint"):
       if saved[key] != mine[key]:
-        raise DataError(f"data stream state was saved with {key}={saved[key]!r}, but this stream "
-                        f"has {key}={mine[key]!r}; the data order would not match the saved run")
+        raise DataError(
+          f"data stream state was saved with {key}={saved[key]!r}, but this stream "
+          f"has {key}={mine[key]!r}; the data order would not match the saved run"
+        )
     if state.get("shuffle", True) != self._shuffle:
-      raise DataError(f"data stream state was saved with shuffle={state.get('shuffle')}, this "
-                      f"stream has shuffle={self._shuffle}")
+      raise DataError(
+        f"data stream state was saved with shuffle={state.get('shuffle')}, this "
+        f"stream has shuffle={self._shuffle}"
+      )
     epoch, index = int(saved["epoch"]), int(saved["index"])
     if epoch < 0 or not 0 <= index <= self._per_process:
-      raise DataError(f"data stream state has an invalid cursor epoch={epoch}, index={index} "
-                      f"(epoch length {self._per_process})")
+      raise DataError(
+        f"data stream state has an invalid cursor epoch={epoch}, index={index} "
+        f"(epoch length {self._per_process})"
+      )
     self._epoch, self._index, self._order = epoch, index, None

@@ -39,18 +39,26 @@ from markovian_jax.data import mcq_tasks, numeric_tasks, wiki
 from markovian_jax.data.records import DataError, Example
 
 _LOADERS: dict[str, Callable[..., list[Example]]] = {
-    "gsm8k": numeric_tasks.load_gsm8k,
-    "svamp": numeric_tasks.load_svamp,
-    "arithmetic": numeric_tasks.load_arithmetic,
-    "arc": mcq_tasks.load_arc,
-    "mmlu": mcq_tasks.load_mmlu,
-    "aqua": mcq_tasks.load_aqua,
-    "mathqa": mcq_tasks.load_mathqa,
-    "wiki_continuation": wiki.load_wiki_continuation,
+  "gsm8k": numeric_tasks.load_gsm8k,
+  "svamp": numeric_tasks.load_svamp,
+  "arithmetic": numeric_tasks.load_arithmetic,
+  "arc": mcq_tasks.load_arc,
+  "mmlu": mcq_tasks.load_mmlu,
+  "aqua": mcq_tasks.load_aqua,
+  "mathqa": mcq_tasks.load_mathqa,
+  "wiki_continuation": wiki.load_wiki_continuation,
 }
 TASKS = tuple(_LOADERS)
-_KINDS = {"gsm8k": "numeric", "svamp": "numeric", "arithmetic": "numeric", "arc": "mcq",
-          "mmlu": "mcq", "aqua": "mcq", "mathqa": "mcq", "wiki_continuation": "continuation"}
+_KINDS = {
+  "gsm8k": "numeric",
+  "svamp": "numeric",
+  "arithmetic": "numeric",
+  "arc": "mcq",
+  "mmlu": "mcq",
+  "aqua": "mcq",
+  "mathqa": "mcq",
+  "wiki_continuation": "continuation",
+}
 # Directory names of the tasks in a benchmark folder such as ../shared/data.
 _LOCAL_DIRS = {"wiki_continuation": ("wikitext2", "wikitext-2", "wiki_continuation")}
 

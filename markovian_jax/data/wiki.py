@@ -26,12 +26,17 @@ from markovian_jax.data import records
 from markovian_jax.data.records import DataError, Example
 
 HUB_ID, HUB_CONFIG = "wikimedia/wikipedia", "20231101.en"
-HUB_RANGES = {"test": ((10000, 15200),), "validation": ((15200, 22400),),
-              "train": ((0, 10000), (22400, None))}
+HUB_RANGES = {
+  "test": ((10000, 15200),),
+  "validation": ((15200, 22400),),
+  "train": ((0, 10000), (22400, None)),
+}
 HUB_DEFAULT_SIZE = {"train": 20000, "validation": 256, "test": 1024}
-WIKITEXT_FILES = {"train": ("train.txt", "wiki.train.tokens", "wiki.train.raw"),
-                  "validation": ("valid.txt", "wiki.valid.tokens", "wiki.valid.raw"),
-                  "test": ("test.txt", "wiki.test.tokens", "wiki.test.raw")}
+WIKITEXT_FILES = {
+  "train": ("train.txt", "wiki.train.tokens", "wiki.train.raw"),
+  "validation": ("valid.txt", "wiki.valid.tokens", "wiki.valid.raw"),
+  "test": ("test.txt", "wiki.test.tokens", "wiki.test.raw"),
+}
 _TITLE = re.compile(r"^= [^=].* =$")
 # Tokenizing whole articles is slow; a prefix this many characters per needed token is plenty,
 # and is trusted only when the needed tokens end well before the cut (a cut can only change the
@@ -59,10 +64,11 @@ def split_wikitext(lines: Iterable[str]) -> list[tuple[str, str]]:
 
 def _cut(text: str, tokenizer, question_length: int, target_length: int):
   need = question_length + target_length
-  prefix = text[:need * _CHARS_PER_TOKEN]
+  prefix = text[: need * _CHARS_PER_TOKEN]
   for candidate in (prefix, text) if len(prefix) < len(text) else (text,):
-    offsets = tokenizer(candidate, add_special_tokens=False,
-                        return_offsets_mapping=True)["offset_mapping"]
+    offsets = tokenizer(candidate, add_special_tokens=False, return_offsets_mapping=True)[
+      "offset_mapping"
+    ]
     if len(offsets) < need:
       continue
     end = offsets[need - 1][1]
@@ -72,15 +78,23 @@ def _cut(text: str, tokenizer, question_length: int, target_length: int):
   return None
 
 
-def continuation_examples(articles: Iterable[tuple[str, str]], tokenizer, question_length: int,
-                          target_length: int, num_examples: Optional[int]) -> list[Example]:
+def continuation_examples(
+  articles: Iterable[tuple[str, str]],
+  tokenizer,
+  question_length: int,
+  target_length: int,
+  num_examples: Optional[int],
+) -> list[Example]:
   """(id, text) articles -> context/target examples, skipping articles that are too short."""
   if tokenizer is None:
-    raise DataError("wiki_continuation needs tokenizer=... (contexts and targets are cut by "
-                    "token count)")
+    raise DataError(
+      "wiki_continuation needs tokenizer=... (contexts and targets are cut by token count)"
+    )
   if question_length < 1 or target_length < 1:
-    raise DataError(f"wiki_continuation: question_length and target_length must be >= 1, got "
-                    f"{question_length}, {target_length}")
+    raise DataError(
+      f"wiki_continuation: question_length and target_length must be >= 1, got "
+      f"{question_length}, {target_length}"
+    )
   out = []
   for item_id, text in articles:
     if num_examples is not None and len(out) >= num_examples:
@@ -94,29 +108,37 @@ def continuation_examples(articles: Iterable[tuple[str, str]], tokenizer, questi
 def _hub_articles(split: str) -> Iterator[tuple[str, str]]:
   ranges = HUB_RANGES[split]
   last = max(stop or float("inf") for _, stop in ranges)
-  for index, (where, row) in enumerate(records.hub_rows(HUB_ID, HUB_CONFIG, "train",
-                                                        streaming=True)):
+  for index, (where, row) in enumerate(
+    records.hub_rows(HUB_ID, HUB_CONFIG, "train", streaming=True)
+  ):
     if index >= last:
       return
     if any(start <= index and (stop is None or index < stop) for start, stop in ranges):
       yield f"wikipedia/{index}", records.field(row, "text", where)
 
 
-def load_wiki_continuation(split: str, path: Optional[str] = None, *, tokenizer=None,
-                           question_length: int = 50, target_length: int = 50,
-                           num_examples: Optional[int] = None) -> list[Example]:
+def load_wiki_continuation(
+  split: str,
+  path: Optional[str] = None,
+  *,
+  tokenizer=None,
+  question_length: int = 50,
+  target_length: int = 50,
+  num_examples: Optional[int] = None,
+) -> list[Example]:
   """Context/target pairs. num_examples: a cap (local default: every long-enough article; hub
   default: train 20,000 / validation 256 / test 1,024)."""
   if split not in WIKITEXT_FILES:
-    raise DataError(f"wiki_continuation: unknown split {split!r}; choose one of "
-                    f"{sorted(WIKITEXT_FILES)}")
+    raise DataError(
+      f"wiki_continuation: unknown split {split!r}; choose one of {sorted(WIKITEXT_FILES)}"
+    )
   if tokenizer is None:
-    raise DataError("wiki_continuation needs tokenizer=... (contexts and targets are cut by "
-                    "token count)")
+    raise DataError(
+      "wiki_continuation needs tokenizer=... (contexts and targets are cut by token count)"
+    )
   if path is None:
     n = HUB_DEFAULT_SIZE[split] if num_examples is None else num_examples
-    return continuation_examples(_hub_articles(split), tokenizer, question_length,
-                                 target_length, n)
+    return continuation_examples(_hub_articles(split), tokenizer, question_length, target_length, n)
   if os.path.isfile(path):
     file = path
   elif os.path.isdir(path):
@@ -128,6 +150,10 @@ def load_wiki_continuation(split: str, path: Optional[str] = None, *, tokenizer=
   if not articles:
     raise DataError(f"{file}: no ' = Title = ' heading lines, so no articles were found")
   name = os.path.basename(file)
-  return continuation_examples(((f"wikitext/{name}/{i}", body) for i, (_, body)
-                                in enumerate(articles)), tokenizer, question_length,
-                               target_length, num_examples)
+  return continuation_examples(
+    ((f"wikitext/{name}/{i}", body) for i, (_, body) in enumerate(articles)),
+    tokenizer,
+    question_length,
+    target_length,
+    num_examples,
+  )

@@ -9,17 +9,49 @@ May import: runtime.
 """
 
 from markovian_jax.models.config import ConfigError, DecoderConfig, RopeScaling
-from markovian_jax.models.decoder import (forward, head_weight, init_params, logits,
-                                        positions_from_mask, project)
+from markovian_jax.models.decoder import (
+  forward,
+  head_weight,
+  init_params,
+  logits,
+  positions_from_mask,
+  project,
+)
+from markovian_jax.models.hf import (
+  CheckpointError,
+  load_peft_adapter,
+  save_hf,
+  save_merged_hf,
+  save_peft_adapter,
+)
+from markovian_jax.models.loading import (
+  eos_ids,
+  load_checkpoint,
+  load_tokenizer,
+  resolve_model_path,
+)
 from markovian_jax.models.lora import LoraAdapter, init_lora, merge
-from markovian_jax.models.loading import (eos_ids, load_checkpoint, load_tokenizer,
-                                          resolve_model_path)
-from markovian_jax.models.hf import (CheckpointError, load_peft_adapter, save_hf, save_merged_hf,
-                                     save_peft_adapter)
 
 __all__ = [
-    "ConfigError", "DecoderConfig", "RopeScaling", "forward", "head_weight", "init_params", "logits",
-    "positions_from_mask", "project", "LoraAdapter", "init_lora", "merge", "load_checkpoint",
-    "load_tokenizer", "resolve_model_path", "eos_ids", "CheckpointError", "load_peft_adapter", "save_hf",
-    "save_merged_hf", "save_peft_adapter",
+  "ConfigError",
+  "DecoderConfig",
+  "RopeScaling",
+  "forward",
+  "head_weight",
+  "init_params",
+  "logits",
+  "positions_from_mask",
+  "project",
+  "LoraAdapter",
+  "init_lora",
+  "merge",
+  "load_checkpoint",
+  "load_tokenizer",
+  "resolve_model_path",
+  "eos_ids",
+  "CheckpointError",
+  "load_peft_adapter",
+  "save_hf",
+  "save_merged_hf",
+  "save_peft_adapter",
 ]

@@ -31,8 +31,12 @@ def _gpu(backend: str) -> bool:
   return backend in ("gpu", "cuda", "rocm")
 
 
-def preflight(config: DecoderConfig, rows: int = PREFLIGHT_ROWS, length: int = PREFLIGHT_LENGTH,
-              kernel: str = "cudnn") -> Optional[str]:
+def preflight(
+  config: DecoderConfig,
+  rows: int = PREFLIGHT_ROWS,
+  length: int = PREFLIGHT_LENGTH,
+  kernel: str = "cudnn",
+) -> Optional[str]:
   """None when `kernel`'s attention lowers, compiles and runs (forward, and the gradient of all
   three inputs) on [rows, length] of the model's heads in its compute dtype, and agrees with
   XLA's implementation; else the reason, naming the stage that failed."""
@@ -40,11 +44,14 @@ def preflight(config: DecoderConfig, rows: int = PREFLIGHT_ROWS, length: int = P
   import jax.numpy as jnp
 
   from markovian_jax.models import decoder
+
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   dtype = jnp.dtype(config.dtype)
   q = jax.random.normal(keys[0], (rows, length, config.num_heads, config.head_dim), dtype)
-  k, v = (jax.random.normal(kk, (rows, length, config.num_kv_heads, config.head_dim), dtype)
-          for kk in keys[1:])
+  k, v = (
+    jax.random.normal(kk, (rows, length, config.num_kv_heads, config.head_dim), dtype)
+    for kk in keys[1:]
+  )
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (rows, length, length))
 
   def program(kernel):
@@ -74,10 +81,12 @@ def preflight(config: DecoderConfig, rows: int = PREFLIGHT_ROWS, length: int = P
 def check_backend(requested: str, backend: Optional[str] = None) -> None:
   """Raises InvalidConfig for `cudnn` on a backend without cuDNN (nothing is compiled)."""
   import jax
+
   backend = backend or jax.default_backend()
   if requested == "cudnn" and not _gpu(backend):
-    raise InvalidConfig(f"config.model.attention: 'cudnn' needs a GPU, and JAX runs on "
-                        f"{backend}; use 'auto' or 'xla'")
+    raise InvalidConfig(
+      f"config.model.attention: 'cudnn' needs a GPU, and JAX runs on {backend}; use 'auto' or 'xla'"
+    )
 
 
 def resolve(requested: str, config: DecoderConfig, backend: Optional[str] = None) -> tuple:
@@ -85,6 +94,7 @@ def resolve(requested: str, config: DecoderConfig, backend: Optional[str] = None
   `config.model.attention=requested` on `backend` (default: JAX's). Raises InvalidConfig for
   `cudnn` where it cannot run."""
   import jax
+
   backend = backend or jax.default_backend()
   if requested not in CHOICES:
     raise InvalidConfig(f"config.model.attention: {requested!r} is not one of {list(CHOICES)}")
@@ -99,8 +109,9 @@ def resolve(requested: str, config: DecoderConfig, backend: Optional[str] = None
   took = f"preflight {time.perf_counter() - t:.1f} s"
   if requested == "cudnn":
     if why:
-      raise InvalidConfig(f"config.model.attention: 'cudnn' failed its preflight ({why}); use "
-                          "'auto' or 'xla'")
+      raise InvalidConfig(
+        f"config.model.attention: 'cudnn' failed its preflight ({why}); use 'auto' or 'xla'"
+      )
     return "cudnn", f"attention: cudnn (requested; {took} passed)"
   if why:
     return xla, f"attention: xla (auto: {why}; {took})"

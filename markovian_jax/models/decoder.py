@@ -75,6 +75,7 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
   """LayerNorm with scale and bias (GPT-2), computed in fp32 as torch does, output in `dtype`."""
+
   eps: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -100,6 +101,7 @@ class Linear(nn.Module):
   """Projection (with a bias when `use_bias`); adds `scale * dropout(x) @ a @ b` when a LoRA pair
   is present (`lora_branch`: hashed dropout masks, a VJP that XLA:CPU runs without big
   transposes)."""
+
   features: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -114,14 +116,16 @@ class Linear(nn.Module):
     kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.param_dtype)
     y = jnp.dot(x, kernel.astype(self.dtype))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
-                         self.param_dtype).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
+        self.dtype
+      )
     if self.has_variable("lora", "a"):
       a = self.get_variable("lora", "a")
       b = self.get_variable("lora", "b")
       if self.train and self.lora_dropout > 0:
-        delta = lora_branch.dropout_low_rank(self.make_rng("dropout"), x, a, b, self.lora_scale,
-                                             self.lora_dropout)
+        delta = lora_branch.dropout_low_rank(
+          self.make_rng("dropout"), x, a, b, self.lora_scale, self.lora_dropout
+        )
       else:
         delta = lora_branch.low_rank(x.astype(a.dtype), a, b, self.lora_scale)
       if row_scale is not None:
@@ -133,22 +137,34 @@ class Linear(nn.Module):
 class Attention(nn.Module):
   """own_only: the tokens attend only to themselves (causally, within `mask`): no cache history
   before them and no shared prefix. Only then can `jax.nn.dot_product_attention` run it."""
+
   config: DecoderConfig
   lora_kw: dict
   own_only: bool = False
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache: Optional[Cache], cache_index, layer_index,
-               prefix=None, row_scale=None):
+  def __call__(
+    self,
+    x,
+    cos,
+    sin,
+    mask,
+    cache: Optional[Cache],
+    cache_index,
+    layer_index,
+    prefix=None,
+    row_scale=None,
+  ):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     dense = lambda n, name, bias: functools.partial(  # noqa: E731
-        Linear(n, dtype, pdtype, name=name, use_bias=bias, **self.lora_kw), row_scale=row_scale)
+      Linear(n, dtype, pdtype, name=name, use_bias=bias, **self.lora_kw), row_scale=row_scale
+    )
     b, t, _ = x.shape
     nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     if c.fused_qkv:
       qkv = dense(nq + 2 * nkv, "qkv", c.qkv_bias)(x)
-      q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+      q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
     else:
       q, k, v = (dense(n, name, c.qkv_bias)(x) for n, name in ((nq, "q"), (nkv, "k"), (nkv, "v")))
     q = q.reshape(b, t, c.num_heads, c.head_dim)
@@ -166,10 +182,12 @@ class Attention(nn.Module):
       # Keys are stored [L, B, Hkv, Dh, S] and values [L, B, Hkv, S, Dh]: the operand layouts of
       # the two attention matmuls, so a decode step reads the cache without transposing it.
       ck, cv = cache
-      ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1)[None].astype(ck.dtype),
-                                        (layer_index, 0, 0, 0, cache_index))
-      cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype),
-                                        (layer_index, 0, 0, cache_index, 0))
+      ck = jax.lax.dynamic_update_slice(
+        ck, k.transpose(0, 2, 3, 1)[None].astype(ck.dtype), (layer_index, 0, 0, 0, cache_index)
+      )
+      cv = jax.lax.dynamic_update_slice(
+        cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype), (layer_index, 0, 0, cache_index, 0)
+      )
       cache = (ck, cv)
     kernel = attention_kernel(c, t) if self.own_only and prefix is None else "einsum"
     if kernel != "einsum":
@@ -178,8 +196,11 @@ class Attention(nn.Module):
         # (rounded through the cache's dtype, as the einsum path reads them back).
         k, v = k.astype(ck.dtype).astype(dtype), v.astype(cv.dtype).astype(dtype)
       out = _dot_product_attention(kernel, q, k, v, mask, fallback=c.attention_impl == "auto")
-      return (dense(c.hidden_size, "o", c.out_bias)(out.reshape(b, t, c.num_heads * c.head_dim)),
-              cache, new_kv)
+      return (
+        dense(c.hidden_size, "o", c.out_bias)(out.reshape(b, t, c.num_heads * c.head_dim)),
+        cache,
+        new_kv,
+      )
     if cache is not None:
       kt = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False).astype(dtype)
       vt = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False).astype(dtype)
@@ -187,7 +208,7 @@ class Attention(nn.Module):
       qh = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
       qh = qh.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
       scores = jnp.matmul(qh, kt, preferred_element_type=jnp.float32)
-      scores = scores.reshape(b, c.num_kv_heads, groups, t, -1) * (c.head_dim ** -0.5)
+      scores = scores.reshape(b, c.num_kv_heads, groups, t, -1) * (c.head_dim**-0.5)
       scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
       probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
       out = jnp.matmul(probs.reshape(b, c.num_kv_heads, groups * t, -1), vt)
@@ -196,7 +217,7 @@ class Attention(nn.Module):
       return dense(c.hidden_size, "o", c.out_bias)(out), cache, new_kv
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores * (c.head_dim ** -0.5), _MASKED)
+    scores = jnp.where(mask[:, None, None, :, :], scores * (c.head_dim**-0.5), _MASKED)
     if prefix is None:
       probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
       out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -222,8 +243,12 @@ def attention_kernel(config: DecoderConfig, t: int) -> str:
   if backend == "cpu":
     return "einsum"
   # cuDNN flash attention: fp16/bf16 only, and an even length (its backward with a mask).
-  if (backend in ("gpu", "cuda") and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
-      and t >= 2 and t % 2 == 0):
+  if (
+    backend in ("gpu", "cuda")
+    and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+    and t >= 2
+    and t % 2 == 0
+  ):
     return "cudnn"
   return "xla"
 
@@ -243,8 +268,9 @@ def _dot_product_attention(kernel: str, q, k, v, mask, fallback: bool = False):
     try:
       # is_causal lets cuDNN skip the blocks above the diagonal; `mask` repeats it with the key
       # padding, so the result is the same either way.
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                          implementation="cudnn")
+      return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, implementation="cudnn"
+      )
     except (NotImplementedError, ValueError, RuntimeError):
       if not fallback:
         raise
@@ -275,7 +301,7 @@ def _attend_with_prefix(c: DecoderConfig, q, own_scores, v, prefix, dtype):
     # Prefix slot j and the continuation's token i (slot p + i) are p + i - j apart.
     apart = p + jnp.arange(t)[:, None] - jnp.arange(p)[None, :]
     visible = visible & (apart < c.sliding_window)
-  pre = jnp.where(visible, pre * (c.head_dim ** -0.5), _MASKED)
+  pre = jnp.where(visible, pre * (c.head_dim**-0.5), _MASKED)
   scores = jnp.concatenate([pre.reshape(b, *pre.shape[2:]), own_scores], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   p_pre = probs[..., :p].reshape(nq, g, *probs.shape[1:-1], p)
@@ -291,12 +317,19 @@ class MLP(nn.Module):
   def __call__(self, x, row_scale=None):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    dense = lambda n, name: Linear(n, dtype, pdtype, name=name,  # noqa: E731
-                                   use_bias=c.mlp_bias, **self.lora_kw)
+    dense = lambda n, name: Linear(
+      n,
+      dtype,
+      pdtype,
+      name=name,  # noqa: E731
+      use_bias=c.mlp_bias,
+      **self.lora_kw,
+    )
     f = c.intermediate_size
     if c.mlp_kind == "gelu_tanh":
-      return dense(c.hidden_size, "down")(nn.gelu(dense(f, "up")(x, row_scale), approximate=True),
-                                          row_scale)
+      return dense(c.hidden_size, "down")(
+        nn.gelu(dense(f, "up")(x, row_scale), approximate=True), row_scale
+      )
     if c.fused_gate_up:
       gate_up = dense(2 * f, "gate_up")(x, row_scale)
       gate, up = gate_up[..., :f], gate_up[..., f:]
@@ -317,11 +350,11 @@ class DecoderLayer(nn.Module):
     x, cache = carry
     layer_index, prefix_kv = xs
     c = self.config
-    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
     h = norm(c, "attn_norm")(x)
     h, cache, kv = Attention(c, self.lora_kw, self.own_only, name="attn")(
-        h, cos, sin, mask, cache, cache_index, layer_index, prefix, row_scale)
+      h, cos, sin, mask, cache, cache_index, layer_index, prefix, row_scale
+    )
     x = x + h
     h = norm(c, "mlp_norm")(x)
     x = x + MLP(c, self.lora_kw, name="mlp")(h, row_scale)
@@ -329,8 +362,8 @@ class DecoderLayer(nn.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "full": None,  # save nothing: recompute the whole layer in the backward pass
+  "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
@@ -348,14 +381,24 @@ def attention_mask(key_mask, t: int, cache_index=0, sliding_window=None):
 
 class Decoder(nn.Module):
   """Returns final-norm hidden states `[B, T, D]` (compute dtype) and the updated cache."""
+
   config: DecoderConfig
   lora_scale: float = 0.0
   lora_dropout: float = 0.0
   train: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions, key_mask, cache: Optional[Cache] = None, cache_index=0,
-               prefix=None, return_kv: bool = False, lora_row_scale=None):
+  def __call__(
+    self,
+    tokens,
+    positions,
+    key_mask,
+    cache: Optional[Cache] = None,
+    cache_index=0,
+    prefix=None,
+    return_kv: bool = False,
+    lora_row_scale=None,
+  ):
     """lora_row_scale: optional float32 [B] multiplying each row's adapter branch (0 runs that
     row on the base model: one batch can mix the policy and the reference).
     prefix: optional (keys, values [L, Q, P, Hkv, Dh], mask bool [Q, P]) that row r attends
@@ -363,11 +406,23 @@ class Decoder(nn.Module):
     every layer's keys (after RoPE) and values of these tokens, [L, B, T, Hkv, Dh] each."""
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, param_dtype=pdtype,
-                 dtype=dtype, name="embed")(tokens)
+    x = nn.Embed(
+      c.vocab_size,
+      c.hidden_size,
+      embedding_init=_INIT,
+      param_dtype=pdtype,
+      dtype=dtype,
+      name="embed",
+    )(tokens)
     if c.position_kind == "learned":
-      x = x + nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=_INIT,
-                       param_dtype=pdtype, dtype=dtype, name="pos_embed")(positions)
+      x = x + nn.Embed(
+        c.max_position_embeddings,
+        c.hidden_size,
+        embedding_init=_INIT,
+        param_dtype=pdtype,
+        dtype=dtype,
+        name="pos_embed",
+      )(positions)
       cos = sin = None
     else:
       cos, sin = rope.rope_tables(c, positions)
@@ -376,20 +431,32 @@ class Decoder(nn.Module):
     if c.remat != "none":
       layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
     layers = nn.scan(
-        layer_cls, variable_axes={"params": 0, "lora": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * 6 + (0,),
-        length=c.num_layers)
+      layer_cls,
+      variable_axes={"params": 0, "lora": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * 6 + (0,),
+      length=c.num_layers,
+    )
     lora_kw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, train=self.train)
     prefix_kv, prefix_mask = (None, None) if prefix is None else (prefix[:2], prefix[2])
     # Whether these tokens see only themselves (what dot_product_attention can run): no prefix,
     # and no cache or a prefill from slot 0 of a cache exactly as long as the tokens.
-    own_only = prefix is None and (cache is None or (
-        isinstance(cache_index, int) and cache_index == 0
-        and cache[0].shape[-1] == tokens.shape[1]))
+    own_only = prefix is None and (
+      cache is None
+      or (
+        isinstance(cache_index, int) and cache_index == 0 and cache[0].shape[-1] == tokens.shape[1]
+      )
+    )
     (x, cache), kv = layers(c, lora_kw, return_kv, own_only, name="layers")(
-        (x, cache), cos, sin, mask, cache_index, prefix_mask, lora_row_scale,
-        (jnp.arange(c.num_layers), prefix_kv))
+      (x, cache),
+      cos,
+      sin,
+      mask,
+      cache_index,
+      prefix_mask,
+      lora_row_scale,
+      (jnp.arange(c.num_layers), prefix_kv),
+    )
     x = norm(c, "final_norm")(x)
     if not c.tie_word_embeddings:
       # Declared here so init() builds it; applied by `project`, which callers chunk over the vocab.
@@ -409,6 +476,7 @@ class LMHead(nn.Module):
 
 # ------------------------------------------------------------------ functional API
 
+
 def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
   """int32 [B, T]: 0, 1, 2... counted over real tokens, so a left-padded row starts at 0."""
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -421,10 +489,20 @@ def init_params(config: DecoderConfig, rng: jax.Array) -> dict:
   return Decoder(config).init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
 
 
-def forward(config: DecoderConfig, params: dict, tokens: jnp.ndarray, *,
-            attention_mask: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None,
-            lora=None, cache: Optional[Cache] = None, cache_index=0, cache_mask=None,
-            dropout_rng: Optional[jax.Array] = None, lora_row_scale=None):
+def forward(
+  config: DecoderConfig,
+  params: dict,
+  tokens: jnp.ndarray,
+  *,
+  attention_mask: Optional[jnp.ndarray] = None,
+  positions: Optional[jnp.ndarray] = None,
+  lora=None,
+  cache: Optional[Cache] = None,
+  cache_index=0,
+  cache_mask=None,
+  dropout_rng: Optional[jax.Array] = None,
+  lora_row_scale=None,
+):
   """Runs the decoder.
 
   Args:
@@ -449,8 +527,16 @@ def forward(config: DecoderConfig, params: dict, tokens: jnp.ndarray, *,
   if key_mask is None:
     raise ValueError("forward() with a cache needs cache_mask [B, S]")
   variables, kw, rngs = _variables(params, lora, dropout_rng)
-  return Decoder(config, **kw).apply(variables, tokens, positions, key_mask, cache, cache_index,
-                                   rngs=rngs, lora_row_scale=lora_row_scale)
+  return Decoder(config, **kw).apply(
+    variables,
+    tokens,
+    positions,
+    key_mask,
+    cache,
+    cache_index,
+    rngs=rngs,
+    lora_row_scale=lora_row_scale,
+  )
 
 
 def _variables(params, lora, dropout_rng):
@@ -462,10 +548,17 @@ def _variables(params, lora, dropout_rng):
   return variables, kw, ({"dropout": dropout_rng} if dropout_rng is not None else None)
 
 
-def forward_with_prefix(config: DecoderConfig, params: dict, prefix_tokens: jnp.ndarray,
-                        prefix_mask: jnp.ndarray, tokens: jnp.ndarray, *,
-                        attention_mask: Optional[jnp.ndarray] = None, lora=None,
-                        dropout_rng: Optional[jax.Array] = None):
+def forward_with_prefix(
+  config: DecoderConfig,
+  params: dict,
+  prefix_tokens: jnp.ndarray,
+  prefix_mask: jnp.ndarray,
+  tokens: jnp.ndarray,
+  *,
+  attention_mask: Optional[jnp.ndarray] = None,
+  lora=None,
+  dropout_rng: Optional[jax.Array] = None,
+):
   """Runs G continuations of each of Q prompts, computing each prompt once.
 
   The result equals `forward` on the concatenated rows `[prefix_tokens[r // G], tokens[r]]`
@@ -485,8 +578,10 @@ def forward_with_prefix(config: DecoderConfig, params: dict, prefix_tokens: jnp.
   """
   nq, b = prefix_tokens.shape[0], tokens.shape[0]
   if prefix_mask.shape != prefix_tokens.shape or b % nq:
-    raise ValueError(f"prefix {prefix_tokens.shape} / mask {prefix_mask.shape} must be [Q, P] "
-                     f"with Q dividing the {b} continuation rows")
+    raise ValueError(
+      f"prefix {prefix_tokens.shape} / mask {prefix_mask.shape} must be [Q, P] "
+      f"with Q dividing the {b} continuation rows"
+    )
   if attention_mask is None:
     attention_mask = jnp.ones(tokens.shape, bool)
   rng_pre = rng_own = None
@@ -495,13 +590,20 @@ def forward_with_prefix(config: DecoderConfig, params: dict, prefix_tokens: jnp.
   variables, model_kw, rngs = _variables(params, lora, rng_pre)
   model = Decoder(config, **model_kw)
   prefix_mask = prefix_mask.astype(bool)
-  hp, _, (pk, pv) = model.apply(variables, prefix_tokens, positions_from_mask(prefix_mask),
-                                prefix_mask, rngs=rngs, return_kv=True)
+  hp, _, (pk, pv) = model.apply(
+    variables,
+    prefix_tokens,
+    positions_from_mask(prefix_mask),
+    prefix_mask,
+    rngs=rngs,
+    return_kv=True,
+  )
   start = jnp.repeat(jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32), b // nq)
   positions = start[:, None] + positions_from_mask(attention_mask)
   variables, model_kw, rngs = _variables(params, lora, rng_own)
-  h, _ = Decoder(config, **model_kw).apply(variables, tokens, positions, attention_mask,
-                                         prefix=(pk, pv, prefix_mask), rngs=rngs)
+  h, _ = Decoder(config, **model_kw).apply(
+    variables, tokens, positions, attention_mask, prefix=(pk, pv, prefix_mask), rngs=rngs
+  )
   return hp, h
 
 
@@ -531,10 +633,22 @@ def project(config: DecoderConfig, params: dict, hidden: jnp.ndarray) -> jnp.nda
   return out
 
 
-def logits(config: DecoderConfig, params: dict, token_ids: jnp.ndarray, lora=None, *,
-           attention_mask: Optional[jnp.ndarray] = None,
-           positions: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+def logits(
+  config: DecoderConfig,
+  params: dict,
+  token_ids: jnp.ndarray,
+  lora=None,
+  *,
+  attention_mask: Optional[jnp.ndarray] = None,
+  positions: Optional[jnp.ndarray] = None,
+) -> jnp.ndarray:
   """float32 [B, T, V] causal logits for int32 `token_ids` [B, T] (positions 0..T-1 by default)."""
-  hidden, _ = forward(config, params, jnp.asarray(token_ids, jnp.int32),
-                      attention_mask=attention_mask, positions=positions, lora=lora)
+  hidden, _ = forward(
+    config,
+    params,
+    jnp.asarray(token_ids, jnp.int32),
+    attention_mask=attention_mask,
+    positions=positions,
+    lora=lora,
+  )
   return project(config, params, hidden)

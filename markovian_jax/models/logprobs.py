@@ -23,35 +23,46 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from markovian_jax.models import decoder
 from markovian_jax.models.config import DecoderConfig
 
-
 # Per chunk, fp32 logits up to this size (policy + reference) are kept for the backward pass
 # instead of being recomputed (SmolLM2, 12 x 50 positions: 236 MB).
-SAVED_LOGITS_BYTES = 256 * 2 ** 20
+SAVED_LOGITS_BYTES = 256 * 2**20
 
 
 @struct.dataclass
 class TokenLogprobs:
   """float32 [B, T] each; `kl`, `entropy`, `ref_logprobs` are None unless requested."""
+
   logprobs: jax.Array
   kl: Optional[jax.Array] = None
   entropy: Optional[jax.Array] = None
   ref_logprobs: Optional[jax.Array] = None
 
 
-def token_logprobs(config: DecoderConfig, params: dict, tokens: jax.Array,
-                   attention_mask: jax.Array, *, target_mask: Optional[jax.Array] = None,
-                   lora=None, temperature: float = 1.0, chunk_size: int = 64,
-                   dropout_rng: Optional[jax.Array] = None, with_kl: bool = False,
-                   with_entropy: bool = False, with_reference: bool = False,
-                   reference_lora=None, reference_hidden: Optional[jax.Array] = None,
-                   last_n: Optional[int] = None) -> TokenLogprobs:
+def token_logprobs(
+  config: DecoderConfig,
+  params: dict,
+  tokens: jax.Array,
+  attention_mask: jax.Array,
+  *,
+  target_mask: Optional[jax.Array] = None,
+  lora=None,
+  temperature: float = 1.0,
+  chunk_size: int = 64,
+  dropout_rng: Optional[jax.Array] = None,
+  with_kl: bool = False,
+  with_entropy: bool = False,
+  with_reference: bool = False,
+  reference_lora=None,
+  reference_hidden: Optional[jax.Array] = None,
+  last_n: Optional[int] = None,
+) -> TokenLogprobs:
   """Per-token log-probs under base + `lora` with temperature-scaled logits.
 
   Args:
@@ -75,8 +86,9 @@ def token_logprobs(config: DecoderConfig, params: dict, tokens: jax.Array,
     TokenLogprobs of float32 [B, T] arrays, aligned as in the module docstring.
   """
   if tokens.ndim != 2 or attention_mask.shape != tokens.shape:
-    raise ValueError(f"tokens {tokens.shape} must be [B, T] and match attention_mask "
-                     f"{attention_mask.shape}")
+    raise ValueError(
+      f"tokens {tokens.shape} must be [B, T] and match attention_mask {attention_mask.shape}"
+    )
   if target_mask is not None and target_mask.shape != tokens.shape:
     raise ValueError(f"target_mask {target_mask.shape} must match tokens {tokens.shape}")
   if chunk_size < 1:
@@ -86,39 +98,68 @@ def token_logprobs(config: DecoderConfig, params: dict, tokens: jax.Array,
     raise ValueError(f"need at least 2 positions to score a token, got T={n}")
   need_ref = with_kl or with_reference
   if reference_hidden is not None and reference_hidden.shape[:2] != tokens.shape:
-    raise ValueError(f"reference_hidden {reference_hidden.shape} must be [B, T, D] for tokens "
-                     f"{tokens.shape}")
+    raise ValueError(
+      f"reference_hidden {reference_hidden.shape} must be [B, T, D] for tokens {tokens.shape}"
+    )
 
   t = float(temperature) if temperature and temperature > 0 else 1.0
-  hidden, _ = decoder.forward(config, params, tokens, attention_mask=attention_mask, lora=lora,
-                            dropout_rng=dropout_rng)
+  hidden, _ = decoder.forward(
+    config, params, tokens, attention_mask=attention_mask, lora=lora, dropout_rng=dropout_rng
+  )
   ref_hidden = None
   if need_ref:
     ref_hidden = reference_hidden
     if ref_hidden is None:
-      ref_hidden, _ = decoder.forward(config, params, tokens, attention_mask=attention_mask,
-                                    lora=reference_lora)
+      ref_hidden, _ = decoder.forward(
+        config, params, tokens, attention_mask=attention_mask, lora=reference_lora
+      )
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
 
   start = 0 if last_n is None else max(0, n - 1 - int(last_n))
   rh = None if ref_hidden is None else ref_hidden[:, start:-1]
-  outs = _project_chunks(config, params, hidden[:, start:-1], rh, tokens[:, 1 + start:], t,
-                         chunk_size, with_entropy, with_kl, with_reference)
+  outs = _project_chunks(
+    config,
+    params,
+    hidden[:, start:-1],
+    rh,
+    tokens[:, 1 + start :],
+    t,
+    chunk_size,
+    with_entropy,
+    with_kl,
+    with_reference,
+  )
   real = attention_mask.astype(bool)
   valid = real & jnp.pad(real[:, :-1], [(0, 0), (1, 0)])
   if target_mask is not None:
     valid = valid & target_mask.astype(bool)
-  place = lambda x: None if x is None else jnp.where(  # noqa: E731
-      valid, jnp.pad(x, [(0, 0), (1 + start, 0)]), 0.0)
+  place = lambda x: (
+    None
+    if x is None
+    else jnp.where(  # noqa: E731
+      valid, jnp.pad(x, [(0, 0), (1 + start, 0)]), 0.0
+    )
+  )
   return TokenLogprobs(**{k: place(v) for k, v in outs.items()})
 
 
-def continuation_logprobs(config: DecoderConfig, params: dict, prefix_tokens: jax.Array,
-                          prefix_mask: jax.Array, tokens: jax.Array, attention_mask: jax.Array,
-                          *, lora=None, temperature: float = 1.0, chunk_size: int = 64,
-                          dropout_rng: Optional[jax.Array] = None, with_kl: bool = False,
-                          with_entropy: bool = False, with_reference: bool = False,
-                          reference_lora=None) -> TokenLogprobs:
+def continuation_logprobs(
+  config: DecoderConfig,
+  params: dict,
+  prefix_tokens: jax.Array,
+  prefix_mask: jax.Array,
+  tokens: jax.Array,
+  attention_mask: jax.Array,
+  *,
+  lora=None,
+  temperature: float = 1.0,
+  chunk_size: int = 64,
+  dropout_rng: Optional[jax.Array] = None,
+  with_kl: bool = False,
+  with_entropy: bool = False,
+  with_reference: bool = False,
+  reference_lora=None,
+) -> TokenLogprobs:
   """`token_logprobs` of G continuations per prompt, each prompt computed once
   (`decoder.forward_with_prefix`): the policy terms of G sampled CoTs per question.
 
@@ -132,15 +173,24 @@ def continuation_logprobs(config: DecoderConfig, params: dict, prefix_tokens: ja
     tokens[:, :t] (column 0 is predicted by the prompt's last position); 0 on padding.
   """
   if tokens.ndim != 2 or attention_mask.shape != tokens.shape:
-    raise ValueError(f"tokens {tokens.shape} must be [B, T] and match attention_mask "
-                     f"{attention_mask.shape}")
+    raise ValueError(
+      f"tokens {tokens.shape} must be [B, T] and match attention_mask {attention_mask.shape}"
+    )
   g = tokens.shape[0] // prefix_tokens.shape[0]
   t = float(temperature) if temperature and temperature > 0 else 1.0
 
   def predictors(lora_, rng):
     """[B, T, D]: the hidden state that predicts each continuation token."""
-    hp, h = decoder.forward_with_prefix(config, params, prefix_tokens, prefix_mask, tokens,
-                                      attention_mask=attention_mask, lora=lora_, dropout_rng=rng)
+    hp, h = decoder.forward_with_prefix(
+      config,
+      params,
+      prefix_tokens,
+      prefix_mask,
+      tokens,
+      attention_mask=attention_mask,
+      lora=lora_,
+      dropout_rng=rng,
+    )
     last = jnp.repeat(hp[:, -1:], g, axis=0)  # left padding: the prompt's last token is real
     return jnp.concatenate([last, h[:, :-1]], axis=1)
 
@@ -148,11 +198,13 @@ def continuation_logprobs(config: DecoderConfig, params: dict, prefix_tokens: ja
   ref_hidden = None
   if with_kl or with_reference:
     ref_hidden = jax.lax.stop_gradient(predictors(reference_lora, None))
-  outs = _project_chunks(config, params, hidden, ref_hidden, tokens, t, chunk_size, with_entropy,
-                         with_kl, with_reference)
+  outs = _project_chunks(
+    config, params, hidden, ref_hidden, tokens, t, chunk_size, with_entropy, with_kl, with_reference
+  )
   valid = attention_mask.astype(bool)
-  return TokenLogprobs(**{k: None if v is None else jnp.where(valid, v, 0.0)
-                          for k, v in outs.items()})
+  return TokenLogprobs(
+    **{k: None if v is None else jnp.where(valid, v, 0.0) for k, v in outs.items()}
+  )
 
 
 def _support(logp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -190,8 +242,9 @@ def entropy(logp: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.where(support, p * logp, 0.0), axis=-1)
 
 
-def _project_chunks(config, params, hidden, ref_hidden, targets, t, chunk_size, with_entropy,
-                    with_kl, with_reference) -> dict:
+def _project_chunks(
+  config, params, hidden, ref_hidden, targets, t, chunk_size, with_entropy, with_kl, with_reference
+) -> dict:
   """Log-probs (and KL, entropy, reference log-probs) of `targets` from predicting states.
 
   Args:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from markovian_jax.models.config import DecoderConfig
 
@@ -33,6 +33,7 @@ FUSED_TARGETS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 @struct.dataclass
 class LoraAdapter:
   """LoRA weights (a pytree of `a`/`b` leaves) plus the static hyper-parameters that shape them."""
+
   params: dict
   rank: int = struct.field(pytree_node=False)
   alpha: float = struct.field(pytree_node=False)
@@ -75,8 +76,9 @@ def target_shapes(config: DecoderConfig, targets: Sequence[str] = ALL_LINEAR) ->
   known = set(ALL_LINEAR) | set(FUSED_TARGETS)
   unknown = sorted(set(targets) - known)
   if unknown or not targets:
-    raise ValueError(f"unknown LoRA targets {unknown or list(targets)}; choose from "
-                     f"{list(ALL_LINEAR)}")
+    raise ValueError(
+      f"unknown LoRA targets {unknown or list(targets)}; choose from {list(ALL_LINEAR)}"
+    )
   names = set()
   for t in targets:
     fused = next((f for f, parts in FUSED_TARGETS.items() if t in parts and f in table), None)
@@ -85,24 +87,35 @@ def target_shapes(config: DecoderConfig, targets: Sequence[str] = ALL_LINEAR) ->
     elif t in FUSED_TARGETS:  # a fused name on a family that keeps the parts apart
       names.update(p for p in FUSED_TARGETS[t] if p in table)
   if not names:
-    raise ValueError(f"LoRA targets {list(targets)} name no linear layer of this "
-                     f"{config.model_type} model (it has {sorted(table)})")
+    raise ValueError(
+      f"LoRA targets {list(targets)} name no linear layer of this "
+      f"{config.model_type} model (it has {sorted(table)})"
+    )
   return {(table[n][0], n): table[n][1:] for n in sorted(names)}
 
 
-def init_lora(config: DecoderConfig, rng: jax.Array, *, rank: int = 8, alpha: float = 16.0,
-              dropout: float = 0.1, targets: Sequence[str] = ALL_LINEAR,
-              dtype=jnp.float32) -> LoraAdapter:
-  """A fresh adapter: `a` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), `b` = 0."""
+def init_lora(
+  config: DecoderConfig,
+  rng: jax.Array,
+  *,
+  rank: int = 8,
+  alpha: float = 16.0,
+  dropout: float = 0.1,
+  targets: Sequence[str] = ALL_LINEAR,
+  dtype=jnp.float32,
+) -> LoraAdapter:
+  """A fresh adapter: `a` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))),
+  `b` = 0."""
   if rank <= 0:
     raise ValueError(f"LoRA rank must be positive, got {rank}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
   layers: dict = {}
   shapes = target_shapes(config, targets)
-  for key, ((module, name), (n_in, n_out)) in zip(jax.random.split(rng, len(shapes)),
-                                                  sorted(shapes.items())):
-    bound = n_in ** -0.5
+  for key, ((module, name), (n_in, n_out)) in zip(
+    jax.random.split(rng, len(shapes)), sorted(shapes.items())
+  ):
+    bound = n_in**-0.5
     a = jax.random.uniform(key, (config.num_layers, n_in, rank), dtype, -bound, bound)
     b = jnp.zeros((config.num_layers, rank, n_out), dtype)
     layers.setdefault(module, {})[name] = {"a": a, "b": b}
@@ -112,7 +125,9 @@ def init_lora(config: DecoderConfig, rng: jax.Array, *, rank: int = 8, alpha: fl
 def delta(lora: LoraAdapter, module: str, name: str) -> jnp.ndarray:
   """float32 [L, in, out]: the dense weight update `scale * a @ b` of one target."""
   p = lora.params["layers"][module][name]
-  return jnp.einsum("lir,lro->lio", p["a"].astype(jnp.float32), p["b"].astype(jnp.float32)) * lora.scale
+  return (
+    jnp.einsum("lir,lro->lio", p["a"].astype(jnp.float32), p["b"].astype(jnp.float32)) * lora.scale
+  )
 
 
 def merge(params: dict, lora: LoraAdapter) -> dict:

@@ -64,7 +64,7 @@ def _keep(seed: jax.Array, shape: tuple, rate: float) -> jax.Array:
     size *= d
   idx = jax.lax.iota(jnp.uint32, size).reshape(shape)  # wraps past 2**32 entries
   h = _mix(_mix(idx * jnp.uint32(_GOLDEN) ^ seed[0]) + seed[1])
-  threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
+  threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
   return h >= jnp.uint32(threshold)
 
 
@@ -84,8 +84,9 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
   return x if rate == 0 else _drop(x, _seed(key), rate)
 
 
-def dropout_low_rank(key: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
-                     rate: float) -> jax.Array:
+def dropout_low_rank(
+  key: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, scale: float, rate: float
+) -> jax.Array:
   """`low_rank(dropout(key, x, rate).astype(a.dtype), a, b, scale)`, with the same mask and
   values, whose backward redraws the mask instead of keeping it and the dropped-out x.
 

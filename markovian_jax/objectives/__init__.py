@@ -45,50 +45,133 @@ The exact full-vocabulary KL and entropy are computed with the log-probs, in
 May import: nothing else in markovian_jax (pure functions of arrays).
 """
 
-from markovian_jax.objectives.baselines import (BASELINE_REGISTRY, BASELINES, BaselineState,
-                                                EmaState, ema_advantages, ema_batch_update,
-                                                ema_update,
-                                                group_advantages, group_stats, rloo_advantages)
+from markovian_jax.objectives.baselines import (
+  BASELINE_REGISTRY,
+  BASELINES,
+  BaselineState,
+  EmaState,
+  ema_advantages,
+  ema_batch_update,
+  ema_update,
+  group_advantages,
+  group_stats,
+  rloo_advantages,
+)
 from markovian_jax.objectives.config import ObjectiveConfig
 from markovian_jax.objectives.expert_iteration import EiStats, ei_mask, ei_threshold, ei_update
 from markovian_jax.objectives.inputs import LossInputs, Targets
-from markovian_jax.objectives.kl import (KL_ESTIMATORS, SAMPLED_KL_ESTIMATORS,
-                                         SAMPLED_KL_REGISTRY, kl_estimate, kl_per_token)
-from markovian_jax.objectives.losses import (OBJECTIVES, POLICY_LOSS_REGISTRY,
-                                             PPO_RATIO_REFERENCES, PPO_RATIO_REGISTRY,
-                                             REWARD_GRAD_REGISTRY, REWARD_GRADS, PolicyTerm,
-                                             pg_per_token, ppo_base_per_sequence, ppo_per_token)
-from markovian_jax.objectives.reductions import (AGGREGATION_REGISTRY, AGGREGATIONS,
-                                                 REDUCTION_REGISTRY, REDUCTIONS, aggregate,
-                                                 masked_mean, reduce_tokens)
+from markovian_jax.objectives.kl import (
+  KL_ESTIMATORS,
+  SAMPLED_KL_ESTIMATORS,
+  SAMPLED_KL_REGISTRY,
+  kl_estimate,
+  kl_per_token,
+)
+from markovian_jax.objectives.losses import (
+  OBJECTIVES,
+  POLICY_LOSS_REGISTRY,
+  PPO_RATIO_REFERENCES,
+  PPO_RATIO_REGISTRY,
+  REWARD_GRAD_REGISTRY,
+  REWARD_GRADS,
+  PolicyTerm,
+  pg_per_token,
+  ppo_base_per_sequence,
+  ppo_per_token,
+)
+from markovian_jax.objectives.methods import (
+  METHOD_NAMES,
+  METHODS,
+  MethodConfig,
+  MethodTargets,
+  method_config,
+  method_loss,
+  method_loss_from_targets,
+  method_of,
+  method_targets,
+)
+from markovian_jax.objectives.reductions import (
+  AGGREGATION_REGISTRY,
+  AGGREGATIONS,
+  REDUCTION_REGISTRY,
+  REDUCTIONS,
+  aggregate,
+  masked_mean,
+  reduce_tokens,
+)
 from markovian_jax.objectives.registry import Registry, check_choice
-from markovian_jax.objectives.rewards import (REWARD_KIND_REGISTRY, REWARD_KINDS, answer_reward,
-                                              broadcast_to_samples, normalized_reward)
+from markovian_jax.objectives.rewards import (
+  REWARD_KIND_REGISTRY,
+  REWARD_KINDS,
+  answer_reward,
+  broadcast_to_samples,
+  normalized_reward,
+)
 from markovian_jax.objectives.step import advantage_targets, loss_from_targets, markovian_loss
-from markovian_jax.objectives.methods import (METHOD_NAMES, METHODS, MethodConfig, MethodTargets,
-                                              method_config, method_loss, method_of,
-                                              method_loss_from_targets, method_targets)
 
 __all__ = [
-    # choice tuples
-    "OBJECTIVES", "KL_ESTIMATORS", "SAMPLED_KL_ESTIMATORS", "REDUCTIONS", "AGGREGATIONS",
-    "BASELINES", "REWARD_GRADS", "PPO_RATIO_REFERENCES", "REWARD_KINDS",
-    # registries
-    "Registry", "check_choice", "BASELINE_REGISTRY", "REWARD_KIND_REGISTRY",
-    "POLICY_LOSS_REGISTRY", "PPO_RATIO_REGISTRY", "REWARD_GRAD_REGISTRY", "SAMPLED_KL_REGISTRY",
-    "REDUCTION_REGISTRY", "AGGREGATION_REGISTRY",
-    # configuration, containers, state
-    "ObjectiveConfig", "LossInputs", "Targets", "BaselineState", "EmaState", "EiStats",
-    "PolicyTerm",
-    # the step
-    "advantage_targets", "loss_from_targets", "markovian_loss",
-    # building blocks
-    "reduce_tokens", "masked_mean", "aggregate", "answer_reward", "broadcast_to_samples",
-    "normalized_reward", "group_stats", "group_advantages", "rloo_advantages", "ema_update",
-    "ema_batch_update", "ema_advantages", "ei_update", "ei_threshold", "ei_mask", "kl_estimate",
-    "kl_per_token",
-    "pg_per_token", "ppo_per_token", "ppo_base_per_sequence",
-    # the answer-likelihood family
-    "METHODS", "METHOD_NAMES", "MethodConfig", "MethodTargets", "method_config", "method_targets",
-    "method_loss_from_targets", "method_loss", "method_of",
+  # choice tuples
+  "OBJECTIVES",
+  "KL_ESTIMATORS",
+  "SAMPLED_KL_ESTIMATORS",
+  "REDUCTIONS",
+  "AGGREGATIONS",
+  "BASELINES",
+  "REWARD_GRADS",
+  "PPO_RATIO_REFERENCES",
+  "REWARD_KINDS",
+  # registries
+  "Registry",
+  "check_choice",
+  "BASELINE_REGISTRY",
+  "REWARD_KIND_REGISTRY",
+  "POLICY_LOSS_REGISTRY",
+  "PPO_RATIO_REGISTRY",
+  "REWARD_GRAD_REGISTRY",
+  "SAMPLED_KL_REGISTRY",
+  "REDUCTION_REGISTRY",
+  "AGGREGATION_REGISTRY",
+  # configuration, containers, state
+  "ObjectiveConfig",
+  "LossInputs",
+  "Targets",
+  "BaselineState",
+  "EmaState",
+  "EiStats",
+  "PolicyTerm",
+  # the step
+  "advantage_targets",
+  "loss_from_targets",
+  "markovian_loss",
+  # building blocks
+  "reduce_tokens",
+  "masked_mean",
+  "aggregate",
+  "answer_reward",
+  "broadcast_to_samples",
+  "normalized_reward",
+  "group_stats",
+  "group_advantages",
+  "rloo_advantages",
+  "ema_update",
+  "ema_batch_update",
+  "ema_advantages",
+  "ei_update",
+  "ei_threshold",
+  "ei_mask",
+  "kl_estimate",
+  "kl_per_token",
+  "pg_per_token",
+  "ppo_per_token",
+  "ppo_base_per_sequence",
+  # the answer-likelihood family
+  "METHODS",
+  "METHOD_NAMES",
+  "MethodConfig",
+  "MethodTargets",
+  "method_config",
+  "method_targets",
+  "method_loss_from_targets",
+  "method_loss",
+  "method_of",
 ]

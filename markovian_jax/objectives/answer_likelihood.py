@@ -43,8 +43,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from markovian_jax.objectives.baselines import (ema_batch_update, group_advantages,
-                                                group_stats, rloo_advantages)
+from markovian_jax.objectives.baselines import (
+  ema_batch_update,
+  group_advantages,
+  group_stats,
+  rloo_advantages,
+)
 from markovian_jax.objectives.reductions import f32, masked_mean, reduce_tokens
 from markovian_jax.objectives.registry import Registry
 
@@ -69,13 +73,15 @@ def per_sample(x: jax.Array, n: int, g: int) -> jax.Array:
     return x
   if x.shape[0] * g == n:
     return jnp.repeat(x, g, axis=0)
-  raise ValueError(f"{x.shape[0]} rows match neither the {n} samples nor the {n // g} questions "
-                   f"of group size {g}")
+  raise ValueError(
+    f"{x.shape[0]} rows match neither the {n} samples nor the {n // g} questions of group size {g}"
+  )
 
 
 # ----------------------------------------------------------------------------- token weights
 # fn(lp [N, A] f32, valid [N, A] bool, g) -> [Q, A] f32 weights, shared by a question's rows and
 # its no-reasoning row (column t is answer token t in both).
+
 
 @TOKEN_WEIGHT_REGISTRY.register("uniform")
 def _uniform_weights(lp, valid, g):
@@ -105,6 +111,7 @@ TOKEN_WEIGHTINGS = tuple(TOKEN_WEIGHT_REGISTRY)
 
 # ----------------------------------------------------------------------------- scores
 # fn(lp [M, A] f32, valid [M, A] bool, w [M, A] f32, cot_len [M] f32, cfg) -> [M] f32.
+
 
 @LENGTH_NORM_REGISTRY.register("none")
 def _no_length_norm(cot_len):
@@ -151,8 +158,9 @@ def _perplexity(lp, valid, w, cot_len, cfg):
 SCORES = tuple(SCORE_REGISTRY)
 
 
-def answer_scores(lp: jax.Array, valid: jax.Array, weights: jax.Array, cot_len: jax.Array,
-                  cfg) -> jax.Array:
+def answer_scores(
+  lp: jax.Array, valid: jax.Array, weights: jax.Array, cot_len: jax.Array, cfg
+) -> jax.Array:
   """s [M] float32 of `cfg.score` (module docstring).
 
   Args:
@@ -168,6 +176,7 @@ def answer_scores(lp: jax.Array, valid: jax.Array, weights: jax.Array, cot_len: 
 
 # ----------------------------------------------------------------------------- base subtraction
 # fn(s [N], s0 [N] or None, cfg) -> r [N]. s0: the score of the answer with no reasoning.
+
 
 @BASE_REGISTRY.register("none", needs_no_reasoning=False)
 def _no_base(s, s0, cfg):
@@ -202,6 +211,7 @@ BASES = tuple(BASE_REGISTRY)
 # ----------------------------------------------------------------------------- transforms
 # fn(r [N], cfg) -> [N].
 
+
 @TRANSFORM_REGISTRY.register("identity")
 def _identity(r, cfg):
   del cfg
@@ -221,7 +231,7 @@ def group_ranks(x: jax.Array, g: int, higher_is_better: bool) -> jax.Array:
   """rank_i in 0..G-1 within each question's group, 0 for the best; ties go to the earlier row
   (a stable sort, as NOVER's Python `sorted`). [N] -> [N] float32."""
   xg = _groups(x if higher_is_better else -x, g)
-  better = xg[:, None, :] > xg[:, :, None]       # [Q, i, j]: j beats i
+  better = xg[:, None, :] > xg[:, :, None]  # [Q, i, j]: j beats i
   idx = jnp.arange(g)
   tie_before = (xg[:, None, :] == xg[:, :, None]) & (idx[None, :] < idx[:, None])[None]
   return jnp.sum(better | tie_before, axis=-1).astype(jnp.float32).reshape(x.shape)
@@ -239,6 +249,7 @@ TRANSFORMS = tuple(TRANSFORM_REGISTRY)
 
 # ----------------------------------------------------------------------------- shaping
 # fn(s [N] raw score, inputs, cfg) -> [N], added to the transformed reward.
+
 
 @SHAPING_REGISTRY.register("kl_to_reference", needs=("ref_logprobs",))
 def _kl_to_reference(s, inputs, cfg):
@@ -276,6 +287,7 @@ def cot_lengths(cot_mask: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- advantages
 # fn(R [N], cfg) -> A [N].
 
+
 @ADVANTAGE_REGISTRY.register("rloo")
 def _rloo(r, cfg):
   return rloo_advantages(r, cfg.group_size)
@@ -298,7 +310,7 @@ def log_mean_exp_loo(lsum: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:
   In log space throughout: l are sequence log-probs of tens of nats, whose exp underflows."""
   lg = _groups(lsum, g)
   full = jax.nn.logsumexp(lg, axis=1, keepdims=True) - jnp.log(g)
-  others = jnp.where(jnp.eye(g, dtype=bool)[None], -jnp.inf, lg[:, None, :])   # [Q, i, j]
+  others = jnp.where(jnp.eye(g, dtype=bool)[None], -jnp.inf, lg[:, None, :])  # [Q, i, j]
   loo = jax.nn.logsumexp(others, axis=-1) - jnp.log(g - 1)
   return jnp.broadcast_to(full, lg.shape).reshape(lsum.shape), loo.reshape(lsum.shape)
 
@@ -319,6 +331,7 @@ ADVANTAGES = tuple(ADVANTAGE_REGISTRY)
 # ----------------------------------------------------------------------------- filters
 # fn(R [N], state EmaState, cfg) -> (active [N] bool, EmaState, metrics).
 
+
 @FILTER_REGISTRY.register("none")
 def _no_filter(r, state, cfg):
   del cfg
@@ -335,9 +348,15 @@ def _std_ema_filter(r, state, cfg):
   active = std >= threshold
   q_std = std.reshape(-1, cfg.group_size)[:, 0]
   new = ema_batch_update(state, jnp.mean(q_std), cfg.filter_decay)
-  return active, new, {"filter_threshold": jnp.where(state.weight > 0, threshold, 0.0),
-                       "filter_std_ema": new.value,
-                       "active_fraction": jnp.mean(active.astype(jnp.float32))}
+  return (
+    active,
+    new,
+    {
+      "filter_threshold": jnp.where(state.weight > 0, threshold, 0.0),
+      "filter_std_ema": new.value,
+      "active_fraction": jnp.mean(active.astype(jnp.float32)),
+    },
+  )
 
 
 FILTERS = tuple(FILTER_REGISTRY)
@@ -375,8 +394,12 @@ def _constant_weight(r, lsum, cfg):
 ANSWER_WEIGHTS = tuple(ANSWER_WEIGHT_REGISTRY)
 
 
-def answer_term(answer_logprobs: jax.Array, answer_mask: jax.Array, weights: jax.Array,
-                active: Optional[jax.Array] = None) -> jax.Array:
+def answer_term(
+  answer_logprobs: jax.Array,
+  answer_mask: jax.Array,
+  weights: jax.Array,
+  active: Optional[jax.Array] = None,
+) -> jax.Array:
   """float32 scalar -mean_{i active} sg(v_i) sum_t lp_it, differentiable through lp [N, A]."""
   lsum = reduce_tokens(answer_logprobs, answer_mask, "sum")
   return -masked_mean(jax.lax.stop_gradient(f32(weights)) * lsum, active)

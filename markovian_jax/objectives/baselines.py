@@ -70,12 +70,15 @@ def group_stats(x: jax.Array, group_size: Optional[int] = None) -> tuple[jax.Arr
   mean = jnp.mean(groups, axis=1, keepdims=True)
   std = jnp.std(groups, axis=1, ddof=1, keepdims=True)
   shape = jnp.shape(x)
-  return (jnp.broadcast_to(mean, groups.shape).reshape(shape),
-          jnp.broadcast_to(std, groups.shape).reshape(shape))
+  return (
+    jnp.broadcast_to(mean, groups.shape).reshape(shape),
+    jnp.broadcast_to(std, groups.shape).reshape(shape),
+  )
 
 
-def group_advantages(rewards: jax.Array, group_size: Optional[int] = None,
-                     eps: float = 1e-8) -> jax.Array:
+def group_advantages(
+  rewards: jax.Array, group_size: Optional[int] = None, eps: float = 1e-8
+) -> jax.Array:
   """GRPO advantages (module docstring); a group whose rewards are all equal gets A = 0.
 
   Args:
@@ -113,6 +116,7 @@ class EmaState(NamedTuple):
   for `ema`, batch means for `ema_batch`; 0 = no history yet: the "initialized" flag, generalised
   so the early average is exact).
   """
+
   value: jax.Array
   weight: jax.Array
 
@@ -205,14 +209,16 @@ def _ema_metrics(ema: EmaState) -> dict:
 
 @BASELINE_REGISTRY.register("ema")
 def _ema(rewards, ema, cfg):
-  return (ema_advantages(rewards, ema), ema_update(ema, rewards, cfg.ema_decay),
-          _ema_metrics(ema))
+  return (ema_advantages(rewards, ema), ema_update(ema, rewards, cfg.ema_decay), _ema_metrics(ema))
 
 
 @BASELINE_REGISTRY.register("ema_batch")
 def _ema_batch(rewards, ema, cfg):
-  return (ema_advantages(rewards, ema), ema_batch_update(ema, jnp.mean(rewards), cfg.ema_decay),
-          _ema_metrics(ema))
+  return (
+    ema_advantages(rewards, ema),
+    ema_batch_update(ema, jnp.mean(rewards), cfg.ema_decay),
+    _ema_metrics(ema),
+  )
 
 
 @BASELINE_REGISTRY.register("none")
@@ -233,6 +239,7 @@ class BaselineState(NamedTuple):
   """Cross-step state of the objective: the EMA baseline, the expert-iteration statistics and the
   EMA of the groups' reward std that the answer-likelihood `std_ema` filter keeps
   (objectives/answer_likelihood.py; untouched, and saved as zeros, by every other setting)."""
+
   ema: EmaState
   ei: EiStats
   filter_std: EmaState = _NO_EMA
@@ -243,20 +250,28 @@ class BaselineState(NamedTuple):
 
   def to_json(self) -> dict:
     """Plain Python numbers, for the checkpoint's JSON state."""
-    return {"ema_value": float(self.ema.value), "ema_weight": float(self.ema.weight),
-            "ei_count": int(self.ei.count), "ei_mean": float(self.ei.mean),
-            "ei_m2": float(self.ei.m2), "ei_batches": int(self.ei.batches),
-            "filter_std_value": float(self.filter_std.value),
-            "filter_std_weight": float(self.filter_std.weight)}
+    return {
+      "ema_value": float(self.ema.value),
+      "ema_weight": float(self.ema.weight),
+      "ei_count": int(self.ei.count),
+      "ei_mean": float(self.ei.mean),
+      "ei_m2": float(self.ei.m2),
+      "ei_batches": int(self.ei.batches),
+      "filter_std_value": float(self.filter_std.value),
+      "filter_std_weight": float(self.filter_std.weight),
+    }
 
   @classmethod
   def from_json(cls, d: dict) -> "BaselineState":
-    missing = sorted({"ema_value", "ema_weight", "ei_count", "ei_mean", "ei_m2", "ei_batches"}
-                     - set(d))
+    missing = sorted(
+      {"ema_value", "ema_weight", "ei_count", "ei_mean", "ei_m2", "ei_batches"} - set(d)
+    )
     if missing:
       raise ValueError(f"baseline state is missing keys {missing}")
     f, i = (lambda v: jnp.asarray(v, jnp.float32)), (lambda v: jnp.asarray(v, jnp.int32))
     # Checkpoints written before the filter existed have no filter_std_*: a fresh filter EMA.
-    return cls(EmaState(f(d["ema_value"]), f(d["ema_weight"])),
-               EiStats(i(d["ei_count"]), f(d["ei_mean"]), f(d["ei_m2"]), i(d["ei_batches"])),
-               EmaState(f(d.get("filter_std_value", 0.0)), f(d.get("filter_std_weight", 0.0))))
+    return cls(
+      EmaState(f(d["ema_value"]), f(d["ema_weight"])),
+      EiStats(i(d["ei_count"]), f(d["ei_mean"]), f(d["ei_m2"]), i(d["ei_batches"])),
+      EmaState(f(d.get("filter_std_value", 0.0)), f(d.get("filter_std_weight", 0.0))),
+    )

@@ -13,14 +13,27 @@ from typing import Optional
 
 from markovian_jax.objectives.baselines import BASELINE_REGISTRY, BASELINES
 from markovian_jax.objectives.kl import KL_ESTIMATORS
-from markovian_jax.objectives.losses import (OBJECTIVES, PPO_RATIO_REFERENCES,
-                                             REWARD_GRAD_REGISTRY, REWARD_GRADS)
+from markovian_jax.objectives.losses import (
+  OBJECTIVES,
+  PPO_RATIO_REFERENCES,
+  REWARD_GRAD_REGISTRY,
+  REWARD_GRADS,
+)
 from markovian_jax.objectives.reductions import AGGREGATIONS, REDUCTIONS
 from markovian_jax.objectives.registry import check_choice
 from markovian_jax.objectives.rewards import REWARD_KINDS
 
-__all__ = ["ObjectiveConfig", "OBJECTIVES", "KL_ESTIMATORS", "REDUCTIONS", "AGGREGATIONS",
-           "BASELINES", "REWARD_GRADS", "PPO_RATIO_REFERENCES", "REWARD_KINDS"]
+__all__ = [
+  "ObjectiveConfig",
+  "OBJECTIVES",
+  "KL_ESTIMATORS",
+  "REDUCTIONS",
+  "AGGREGATIONS",
+  "BASELINES",
+  "REWARD_GRADS",
+  "PPO_RATIO_REFERENCES",
+  "REWARD_KINDS",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +67,7 @@ class ObjectiveConfig:
     (`methods.method_of`) then decides rewards, advantages and the answer term, and its policy
     loss is this config with the method's settings.
   """
+
   kind: str = "pg"
   kl_penalty: float = 0.1
   kl_estimator: str = "full"
@@ -89,6 +103,7 @@ class ObjectiveConfig:
     if self.method:
       # Imported here: methods.py builds on this module.
       from markovian_jax.objectives import methods
+
       methods.split_name(self.method)
 
     def need(ok: bool, field: str, what: str):
@@ -97,11 +112,21 @@ class ObjectiveConfig:
 
     def finite(field):
       v = getattr(self, field)
-      need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), field,
-           "must be a finite number")
+      need(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        field,
+        "must be a finite number",
+      )
 
-    for f in ("kl_penalty", "entropy_bonus", "actor_reward_weight", "reward_sigma_floor",
-              "advantage_eps", "ema_decay", "ppo_eps"):
+    for f in (
+      "kl_penalty",
+      "entropy_bonus",
+      "actor_reward_weight",
+      "reward_sigma_floor",
+      "advantage_eps",
+      "ema_decay",
+      "ppo_eps",
+    ):
       finite(f)
     for f in ("group_size", "ei_skip_initial"):
       v = getattr(self, f)
@@ -109,16 +134,22 @@ class ObjectiveConfig:
     need(self.kl_penalty >= 0, "kl_penalty", "must be >= 0")
     need(self.actor_reward_weight >= 0, "actor_reward_weight", "must be >= 0")
     if self.reward_grad == "none" and self.actor_reward_weight != 1.0:
-      need(False, "actor_reward_weight",
-           "weighs the reward-gradient term, which only reward_grad='paper' adds (set "
-           "objective.reward_grad='paper'); with reward_grad='none' every weight trains the same. "
-           "The reference's weight-0 run (frozen model scores the reward and reads the answer) "
-           "is objective.reward_scorer='base' with eval.reader='base' (config variant "
-           "no_reward_grad)")
+      need(
+        False,
+        "actor_reward_weight",
+        "weighs the reward-gradient term, which only reward_grad='paper' adds (set "
+        "objective.reward_grad='paper'); with reward_grad='none' every weight trains the same. "
+        "The reference's weight-0 run (frozen model scores the reward and reads the answer) "
+        "is objective.reward_scorer='base' with eval.reader='base' (config variant "
+        "no_reward_grad)",
+      )
     if self.reward_grad != "none" and self.actor_reward_weight == 0:
-      need(False, "actor_reward_weight",
-           f"0 turns off the term reward_grad={self.reward_grad!r} adds; set "
-           "objective.reward_grad='none' instead")
+      need(
+        False,
+        "actor_reward_weight",
+        f"0 turns off the term reward_grad={self.reward_grad!r} adds; set "
+        "objective.reward_grad='none' instead",
+      )
     need(self.reward_sigma_floor >= 0, "reward_sigma_floor", "must be >= 0")
     need(self.advantage_eps >= 0, "advantage_eps", "must be >= 0")
     need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
@@ -128,12 +159,17 @@ class ObjectiveConfig:
     for f in ("kl_clamp", "ppo_log_ratio_clamp"):
       v = getattr(self, f)
       need(v is None or (isinstance(v, (int, float)) and v > 0), f, "must be None or > 0")
-    need(self.ei_std is None or (isinstance(self.ei_std, (int, float))
-                                 and math.isfinite(self.ei_std)), "ei_std",
-         "must be None (off) or a finite number of standard deviations")
+    need(
+      self.ei_std is None or (isinstance(self.ei_std, (int, float)) and math.isfinite(self.ei_std)),
+      "ei_std",
+      "must be None (off) or a finite number of standard deviations",
+    )
     for field, least in self._group_needs():
-      need(self.group_size >= least, "group_size",
-           f"{field}={getattr(self, field)!r} needs >= {least} samples per question")
+      need(
+        self.group_size >= least,
+        "group_size",
+        f"{field}={getattr(self, field)!r} needs >= {least} samples per question",
+      )
 
   def _group_needs(self) -> list[tuple[str, int]]:
     # Variants that standardise or average within a question's group declare how many samples

@@ -27,6 +27,7 @@ class EiStats(NamedTuple):
   deviations from the mean (Welford/Chan: no catastrophic cancellation of sum-of-squares over
   millions of rewards); batches: int32 scalar, batches seen (for the warm-up skip).
   """
+
   count: jax.Array
   mean: jax.Array
   m2: jax.Array
@@ -34,8 +35,12 @@ class EiStats(NamedTuple):
 
   @classmethod
   def init(cls) -> "EiStats":
-    return cls(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-               jnp.zeros((), jnp.int32))
+    return cls(
+      jnp.zeros((), jnp.int32),
+      jnp.zeros((), jnp.float32),
+      jnp.zeros((), jnp.float32),
+      jnp.zeros((), jnp.int32),
+    )
 
 
 def ei_update(stats: EiStats, rewards: jax.Array) -> EiStats:

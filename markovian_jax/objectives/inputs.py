@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 
 @struct.dataclass
@@ -39,6 +39,7 @@ class LossInputs:
     token t, as in answer_logprobs (objectives/answer_likelihood.py). Never differentiated.
   no_reasoning_mask: bool or {0, 1}, no_reasoning_logprobs' shape: its answer span.
   """
+
   cot_logprobs: jax.Array
   cot_mask: jax.Array
   answer_logprobs: jax.Array
@@ -62,6 +63,7 @@ class Targets(NamedTuple):
   reward_mean, reward_scale: float32 [N], the group's mu and max(sigma, floor) + eps of r for
     reward_grad="paper" (0 and 1 otherwise).
   """
+
   advantages: jax.Array
   active: jax.Array
   reward_mean: jax.Array

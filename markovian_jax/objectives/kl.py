@@ -52,8 +52,9 @@ SAMPLED_KL_ESTIMATORS = tuple(SAMPLED_KL_REGISTRY)
 KL_ESTIMATORS = ("full",) + SAMPLED_KL_ESTIMATORS
 
 
-def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3",
-                clamp: Optional[float] = 20.0) -> jax.Array:
+def kl_estimate(
+  logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3", clamp: Optional[float] = 20.0
+) -> jax.Array:
   """A sampled per-token KL(pi || ref) estimate at the sampled tokens (module docstring).
 
   `clamp` bounds |d| before the estimator: k3 has exp(-d), which overflows float32 for d < -88

@@ -42,12 +42,14 @@ class PolicyTerm(NamedTuple):
   """A policy loss: float32 scalar `loss` (aggregated over the active sequences), its float32
   scalar `metrics`, and `standalone` (static bool): True when it replaces the KL, entropy and
   reward-gradient terms."""
+
   loss: jax.Array
   metrics: dict
   standalone: bool = False
 
 
 # ----------------------------------------------------------------------------- per-token terms
+
 
 def pg_per_token(logprobs: jax.Array, advantages: jax.Array) -> jax.Array:
   """REINFORCE: l_it = -lp_it * sg(A_i); aggregated with `mean` it is -mean_t(lp_it) * A_i.
@@ -62,9 +64,13 @@ def pg_per_token(logprobs: jax.Array, advantages: jax.Array) -> jax.Array:
   return -f32(logprobs) * jax.lax.stop_gradient(f32(advantages))[:, None]
 
 
-def ppo_per_token(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
-                  eps: float = 0.2, log_ratio_clamp: Optional[float] = 20.0
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ppo_per_token(
+  logprobs: jax.Array,
+  old_logprobs: jax.Array,
+  advantages: jax.Array,
+  eps: float = 0.2,
+  log_ratio_clamp: Optional[float] = 20.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Clipped surrogate per token against the behaviour (sampling) policy.
 
   Where the clipped branch is the smaller objective (A > 0 and rho > 1+eps, or A < 0 and
@@ -95,10 +101,13 @@ def ppo_per_token(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.
   return jnp.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
-def ppo_base_per_sequence(seq_logprobs: jax.Array, seq_ref_logprobs: jax.Array,
-                          advantages: jax.Array, eps: float = 0.2,
-                          log_ratio_clamp: Optional[float] = 20.0
-                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ppo_base_per_sequence(
+  seq_logprobs: jax.Array,
+  seq_ref_logprobs: jax.Array,
+  advantages: jax.Array,
+  eps: float = 0.2,
+  log_ratio_clamp: Optional[float] = 20.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The reference's PPO, for reproduction only: one ratio per sequence against the frozen base.
 
   With mean-reduced log-probs (the reference) rho_i is a geometric-mean token ratio. It is a trust
@@ -114,9 +123,9 @@ def ppo_base_per_sequence(seq_logprobs: jax.Array, seq_ref_logprobs: jax.Array,
   Returns:
     (per-sequence loss float32 [N], ratio float32 [N], clipped bool [N]).
   """
-  per_token, ratio, clipped = ppo_per_token(f32(seq_logprobs)[:, None],
-                                            f32(seq_ref_logprobs)[:, None], advantages, eps,
-                                            log_ratio_clamp)
+  per_token, ratio, clipped = ppo_per_token(
+    f32(seq_logprobs)[:, None], f32(seq_ref_logprobs)[:, None], advantages, eps, log_ratio_clamp
+  )
   return per_token[:, 0], ratio[:, 0], clipped[:, 0]
 
 
@@ -138,19 +147,26 @@ def _ppo(inputs: LossInputs, targets: Targets, cfg, agg: Aggregate) -> PolicyTer
 @PPO_RATIO_REGISTRY.register("behaviour")
 def _ppo_behaviour(inputs: LossInputs, targets: Targets, cfg, agg: Aggregate) -> PolicyTerm:
   require(inputs, "behaviour_logprobs", "kind='ppo'")
-  tok, ratio, clipped = ppo_per_token(inputs.cot_logprobs, inputs.behaviour_logprobs,
-                                      targets.advantages, cfg.ppo_eps, cfg.ppo_log_ratio_clamp)
+  tok, ratio, clipped = ppo_per_token(
+    inputs.cot_logprobs,
+    inputs.behaviour_logprobs,
+    targets.advantages,
+    cfg.ppo_eps,
+    cfg.ppo_log_ratio_clamp,
+  )
   valid = jnp.asarray(inputs.cot_mask).astype(bool)
-  metrics = dict(ppo_ratio_mean=masked_mean(ratio, valid),
-                 ppo_ratio_max=jnp.max(jnp.where(valid, ratio, 0.0)),
-                 ppo_seq_ratio_max=sequence_ratio_max(inputs.cot_logprobs,
-                                                      inputs.behaviour_logprobs, valid),
-                 ppo_clip_fraction=masked_mean(clipped, valid & targets.active[:, None]))
+  metrics = dict(
+    ppo_ratio_mean=masked_mean(ratio, valid),
+    ppo_ratio_max=jnp.max(jnp.where(valid, ratio, 0.0)),
+    ppo_seq_ratio_max=sequence_ratio_max(inputs.cot_logprobs, inputs.behaviour_logprobs, valid),
+    ppo_clip_fraction=masked_mean(clipped, valid & targets.active[:, None]),
+  )
   return PolicyTerm(agg(tok), metrics)
 
 
-def sequence_ratio_max(logprobs: jax.Array, other_logprobs: jax.Array, mask: jax.Array
-                       ) -> jax.Array:
+def sequence_ratio_max(
+  logprobs: jax.Array, other_logprobs: jax.Array, mask: jax.Array
+) -> jax.Array:
   """float32 scalar max_i exp(mean_t (lp_it - other_it)): the largest per-sequence geometric-mean
   token ratio, the quantity of the reference's PPO ratio (and of the collapse threshold set on
   it), whatever the ratio's reference and logprob_reduction. [N, K] log-probs, [N, K] mask."""
@@ -164,13 +180,18 @@ def _ppo_base(inputs: LossInputs, targets: Targets, cfg, agg: Aggregate) -> Poli
   require(inputs, "ref_logprobs", "ppo_ratio_reference='base'")
   red = cfg.logprob_reduction
   seq_loss, ratio, clipped = ppo_base_per_sequence(
-      reduce_tokens(inputs.cot_logprobs, inputs.cot_mask, red),
-      reduce_tokens(inputs.ref_logprobs, inputs.cot_mask, red),
-      targets.advantages, cfg.ppo_eps, cfg.ppo_log_ratio_clamp)
-  metrics = dict(ppo_ratio_mean=jnp.mean(ratio), ppo_ratio_max=jnp.max(ratio),
-                 ppo_seq_ratio_max=sequence_ratio_max(inputs.cot_logprobs, inputs.ref_logprobs,
-                                                      inputs.cot_mask),
-                 ppo_clip_fraction=jnp.mean(clipped.astype(jnp.float32)))
+    reduce_tokens(inputs.cot_logprobs, inputs.cot_mask, red),
+    reduce_tokens(inputs.ref_logprobs, inputs.cot_mask, red),
+    targets.advantages,
+    cfg.ppo_eps,
+    cfg.ppo_log_ratio_clamp,
+  )
+  metrics = dict(
+    ppo_ratio_mean=jnp.mean(ratio),
+    ppo_ratio_max=jnp.max(ratio),
+    ppo_seq_ratio_max=sequence_ratio_max(inputs.cot_logprobs, inputs.ref_logprobs, inputs.cot_mask),
+    ppo_clip_fraction=jnp.mean(clipped.astype(jnp.float32)),
+  )
   return PolicyTerm(masked_mean(seq_loss, targets.active), metrics, standalone=True)
 
 

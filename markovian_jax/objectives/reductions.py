@@ -93,8 +93,13 @@ def _token_mean(per_token, valid, active, reduction):
 AGGREGATIONS = tuple(AGGREGATION_REGISTRY)
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "sequence_mean",
-              reduction: str = "mean", seq_mask: Optional[jax.Array] = None) -> jax.Array:
+def aggregate(
+  per_token: jax.Array,
+  mask: jax.Array,
+  mode: str = "sequence_mean",
+  reduction: str = "mean",
+  seq_mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """Loss aggregation of a per-token term into a scalar (module docstring).
 
   Every mode divides by at least 1, so an empty selection (expert iteration keeping nothing)

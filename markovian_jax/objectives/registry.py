@@ -43,8 +43,10 @@ class Registry(dict):
 
   def register(self, name: str, **meta) -> Callable[[Callable], Callable]:
     """Decorator: `@REGISTRY.register("name", **meta)` adds the function and returns it as is."""
+
     def decorate(fn: Callable) -> Callable:
       return self.add(name, fn, **meta)
+
     return decorate
 
   def lookup(self, name: str) -> Any:

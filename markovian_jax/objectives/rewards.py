@@ -55,8 +55,9 @@ def _mean_token_prob(logprobs: jax.Array, valid: jax.Array, reduction: str) -> j
 REWARD_KINDS = tuple(REWARD_KIND_REGISTRY)
 
 
-def answer_reward(answer_logprobs: jax.Array, answer_mask: jax.Array, reduction: str = "mean",
-                  kind: str = "logprob") -> jax.Array:
+def answer_reward(
+  answer_logprobs: jax.Array, answer_mask: jax.Array, reduction: str = "mean", kind: str = "logprob"
+) -> jax.Array:
   """The Markovian reward r_i of each row (module docstring); the one place r and b are computed.
 
   Args:
@@ -84,12 +85,18 @@ def broadcast_to_samples(per_question: jax.Array, n: int, group_size: int) -> ja
     return x
   if x.shape[0] * group_size == n:
     return jnp.repeat(x, group_size)
-  raise ValueError(f"{x.shape[0]} values match neither the {n} samples nor the "
-                   f"{n // max(group_size, 1)} questions of group size {group_size}")
+  raise ValueError(
+    f"{x.shape[0]} values match neither the {n} samples nor the "
+    f"{n // max(group_size, 1)} questions of group size {group_size}"
+  )
 
 
-def normalized_reward(rewards: jax.Array, baseline_scores: Optional[jax.Array],
-                      normalize: bool = True, group_size: int = 1) -> jax.Array:
+def normalized_reward(
+  rewards: jax.Array,
+  baseline_scores: Optional[jax.Array],
+  normalize: bool = True,
+  group_size: int = 1,
+) -> jax.Array:
   """R = r - b when `normalize`, else r.
 
   Args:
@@ -106,6 +113,8 @@ def normalized_reward(rewards: jax.Array, baseline_scores: Optional[jax.Array],
   if not normalize:
     return r
   if baseline_scores is None:
-    raise ValueError("normalize_reward=True needs baseline_scores (the base model's score of the "
-                     "greedy CoT' per question)")
+    raise ValueError(
+      "normalize_reward=True needs baseline_scores (the base model's score of the "
+      "greedy CoT' per question)"
+    )
   return r - broadcast_to_samples(baseline_scores, r.shape[0], group_size)

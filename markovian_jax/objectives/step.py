@@ -42,9 +42,12 @@ from markovian_jax.objectives.reductions import aggregate, f32, masked_mean
 from markovian_jax.objectives.rewards import answer_reward, normalized_reward
 
 
-def advantage_targets(rewards: jax.Array, baseline_scores: Optional[jax.Array],
-                      cfg: ObjectiveConfig, state: Optional[BaselineState] = None
-                      ) -> tuple[Targets, BaselineState, dict]:
+def advantage_targets(
+  rewards: jax.Array,
+  baseline_scores: Optional[jax.Array],
+  cfg: ObjectiveConfig,
+  state: Optional[BaselineState] = None,
+) -> tuple[Targets, BaselineState, dict]:
   """Advantages, the expert-iteration mask and the reward standardisation for one step.
 
   jit-compatible with `cfg` static (`jax.jit(advantage_targets, static_argnums=2)`): every branch
@@ -68,9 +71,12 @@ def advantage_targets(rewards: jax.Array, baseline_scores: Optional[jax.Array],
   n = r.shape[0]
   if cfg.uses_groups and n % cfg.group_size:
     raise ValueError(f"{n} samples do not split into groups of {cfg.group_size}")
-  big_r = normalized_reward(r, None if baseline_scores is None
-                            else jax.lax.stop_gradient(baseline_scores),
-                            cfg.normalize_reward, cfg.group_size)
+  big_r = normalized_reward(
+    r,
+    None if baseline_scores is None else jax.lax.stop_gradient(baseline_scores),
+    cfg.normalize_reward,
+    cfg.group_size,
+  )
   metrics = {"reward_mean": jnp.mean(r), "normalized_reward_mean": jnp.mean(big_r)}
 
   adv, ema, baseline_metrics = BASELINE_REGISTRY.lookup(cfg.baseline)(big_r, state.ema, cfg)
@@ -86,8 +92,12 @@ def advantage_targets(rewards: jax.Array, baseline_scores: Optional[jax.Array],
     metrics.update(ei_threshold=threshold, active_fraction=jnp.mean(active.astype(jnp.float32)))
 
   mu, scale = losses.reward_standardisation(r, cfg)
-  metrics.update(advantage_mean=jnp.mean(adv), advantage_std=jnp.std(adv),
-                 advantage_min=jnp.min(adv), advantage_max=jnp.max(adv))
+  metrics.update(
+    advantage_mean=jnp.mean(adv),
+    advantage_std=jnp.std(adv),
+    advantage_min=jnp.min(adv),
+    advantage_max=jnp.max(adv),
+  )
   return Targets(adv, active, mu, scale), state._replace(ema=ema, ei=ei), metrics
 
 
@@ -100,14 +110,16 @@ def _check_inputs(inputs: LossInputs, targets: Targets) -> None:
     check_shape(name, getattr(inputs, name), shape)
   check_shape("answer_mask", inputs.answer_mask, jnp.shape(inputs.answer_logprobs))
   if jnp.shape(inputs.answer_logprobs)[0] != n:
-    raise ValueError(f"answer_logprobs has {jnp.shape(inputs.answer_logprobs)[0]} rows, "
-                     f"cot_logprobs {n}")
+    raise ValueError(
+      f"answer_logprobs has {jnp.shape(inputs.answer_logprobs)[0]} rows, cot_logprobs {n}"
+    )
   for name, x in zip(Targets._fields, targets):
     check_shape(f"targets.{name}", x, (n,))
 
 
-def loss_from_targets(inputs: LossInputs, targets: Targets, cfg: ObjectiveConfig
-                      ) -> tuple[jax.Array, dict]:
+def loss_from_targets(
+  inputs: LossInputs, targets: Targets, cfg: ObjectiveConfig
+) -> tuple[jax.Array, dict]:
   """The differentiable loss of one (mini)batch given the step's Targets.
 
   Every term is averaged over the active (expert-iteration) sequences, as the reference masks the
@@ -161,9 +173,9 @@ def loss_from_targets(inputs: LossInputs, targets: Targets, cfg: ObjectiveConfig
   return total, metrics
 
 
-def markovian_loss(inputs: LossInputs, cfg: ObjectiveConfig,
-                   state: Optional[BaselineState] = None
-                   ) -> tuple[jax.Array, tuple[dict, BaselineState]]:
+def markovian_loss(
+  inputs: LossInputs, cfg: ObjectiveConfig, state: Optional[BaselineState] = None
+) -> tuple[jax.Array, tuple[dict, BaselineState]]:
   """The whole objective of one batch: `advantage_targets` then `loss_from_targets`.
 
   For `jax.value_and_grad(..., has_aux=True)`: differentiate w.r.t. whatever produced
@@ -180,8 +192,9 @@ def markovian_loss(inputs: LossInputs, cfg: ObjectiveConfig,
     (loss, (metrics, new_state)): float32 scalar loss, dict of float32 scalars (both functions'
     metrics, step module docstring), and the BaselineState to carry to the next step.
   """
-  r = answer_reward(inputs.answer_logprobs, inputs.answer_mask, cfg.logprob_reduction,
-                    cfg.reward_kind)
+  r = answer_reward(
+    inputs.answer_logprobs, inputs.answer_mask, cfg.logprob_reduction, cfg.reward_kind
+  )
   targets, new_state, metrics = advantage_targets(r, inputs.baseline_scores, cfg, state)
   loss, loss_metrics = loss_from_targets(inputs, targets, cfg)
   return loss, ({**metrics, **loss_metrics}, new_state)

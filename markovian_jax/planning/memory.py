@@ -19,21 +19,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+
 import jax
 import jax.numpy as jnp
 
-from markovian_jax.runtime import sharding
-from markovian_jax.models.logprobs import SAVED_LOGITS_BYTES
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.config import REMAT_MODES, DecoderConfig
 from markovian_jax.models.decoder import init_params
+from markovian_jax.models.logprobs import SAVED_LOGITS_BYTES
+from markovian_jax.runtime import sharding
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
   """The shapes one step handles (`plan.workload` reads them from a RunSpec)."""
+
   questions: int  # Q
   group: int  # G
   cot: int  # K, CoT tokens
@@ -87,6 +89,7 @@ class MemoryPlan:
 
 # ------------------------------------------------------------------ trees
 
+
 @functools.lru_cache(maxsize=8)
 def param_shapes(c: DecoderConfig):
   """The base params tree as ShapeDtypeStructs (nothing allocated)."""
@@ -94,8 +97,9 @@ def param_shapes(c: DecoderConfig):
 
 
 def lora_shapes(c: DecoderConfig, rank: int, targets) -> lora_lib.LoraAdapter:
-  return jax.eval_shape(lambda: lora_lib.init_lora(c, jax.random.PRNGKey(0), rank=rank,
-                                                   targets=tuple(targets)))
+  return jax.eval_shape(
+    lambda: lora_lib.init_lora(c, jax.random.PRNGKey(0), rank=rank, targets=tuple(targets))
+  )
 
 
 def leaf_bytes(tree, mesh, rules=sharding.DEFAULT_RULES) -> list:
@@ -118,9 +122,11 @@ def tree_bytes(tree, mesh, rules=sharding.DEFAULT_RULES) -> int:
 
 # ------------------------------------------------------------------ activations
 
+
 @dataclasses.dataclass(frozen=True)
 class _Dims:
   """Per-device widths of one layer's activations in a layout."""
+
   d: int  # model dim (activations keep it whole)
   q: int  # query width Hq * Dh / split
   kv: int  # key (= value) width
@@ -133,10 +139,16 @@ class _Dims:
   def of(cls, c: DecoderConfig, mesh, rules) -> "_Dims":
     def split(axis: str, n: int) -> int:
       return sharding.shard_shape((axis,), (n,), mesh, rules)[0]
-    return cls(d=c.hidden_size, q=split("q_heads", c.num_heads) * c.head_dim,
-               kv=split("kv_heads", c.num_kv_heads) * c.head_dim,
-               f=split("mlp", c.intermediate_size), heads=split("q_heads", c.num_heads),
-               kv_heads=split("kv_heads", c.num_kv_heads), vocab=split("vocab", c.vocab_size))
+
+    return cls(
+      d=c.hidden_size,
+      q=split("q_heads", c.num_heads) * c.head_dim,
+      kv=split("kv_heads", c.num_kv_heads) * c.head_dim,
+      f=split("mlp", c.intermediate_size),
+      heads=split("q_heads", c.num_heads),
+      kv_heads=split("kv_heads", c.num_kv_heads),
+      vocab=split("vocab", c.vocab_size),
+    )
 
 
 def _every_activation(dims: _Dims, wb: int, rows: int, t: int, keys: int) -> int:
@@ -174,6 +186,7 @@ def _rows_on(n: int, split: int) -> int:
 
 # ------------------------------------------------------------------ phases
 
+
 def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPlan:
   """The per-device memory plan of workload `w` for model `c` on `mesh` (a Mesh, {axis: size} or
   (data, fsdp, tensor)). `optimizer_state`: an abstract AdamW state of the LoRA (default: two fp32
@@ -189,10 +202,14 @@ def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPla
   weights = tree_bytes(params, sizes)
   lora = lora_shapes(c, w.lora_rank, w.lora_targets)
   lora_b = tree_bytes(lora.params, sizes)
-  opt_b = (tree_bytes(optimizer_state, sizes) if optimizer_state is not None else 2 * lora_b)
+  opt_b = tree_bytes(optimizer_state, sizes) if optimizer_state is not None else 2 * lora_b
   add("persistent", "base weights", weights, _layout_note(params, sizes))
-  add("persistent", "LoRA params (fp32)", lora_b, f"rank {w.lora_rank}, "
-      f"{lora_lib.num_params(lora.params):,} params")
+  add(
+    "persistent",
+    "LoRA params (fp32)",
+    lora_b,
+    f"rank {w.lora_rank}, {lora_lib.num_params(lora.params):,} params",
+  )
   add("persistent", "AdamW state (fp32)", opt_b, "2 moments")
   if w.ref_adapter:
     add("persistent", "reference adapter", lora_b, "lora.reference=initial_adapter")
@@ -214,38 +231,55 @@ def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPla
   prompts = 2 * w.questions if w.reference_rows else w.questions
   prefill_rows = sharding.pad_rows(prompts, sizes, dec) // sharding.batch_split(sizes, dec)
   if sizes["fsdp"] > 1:
-    add("sample", "weights in decode layout", tree_bytes(params, sizes, dec),
-        "fsdp joins tensor: resharded once per call")
+    add(
+      "sample",
+      "weights in decode layout",
+      tree_bytes(params, sizes, dec),
+      "fsdp joins tensor: resharded once per call",
+    )
   cache = 2 * lay * r_dev * dd.kv * slots * wb
-  add("sample", "KV cache", cache, f"{rows} rows ({real} real) x {slots} slots, {r_dev} per "
-      "device")
+  add("sample", "KV cache", cache, f"{rows} rows ({real} real) x {slots} slots, {r_dev} per device")
   # Three stages, one after the other: the prefill, its cache copied to every row, the decode.
   # (The prefill is split over data; copying it to the rows gathers it whole.)
   dec_slice = tree_bytes(layers, sizes, dec) // lay
   prefill_cache = 2 * lay * prefill_rows * dd.kv * w.prompt * wb
   stages = {
-      "prefill": prefill_cache + dec_slice + 2 * prefill_rows * w.prompt * dd.d * wb
-                 + _layer_peak(dd, wb, prefill_rows, w.prompt, w.prompt),
-      "cache copy": 2 * lay * prompts * dd.kv * w.prompt * wb + cache * w.prompt // slots + cache,
-      "decode step": cache + dec_slice + 4 * r_dev * c.vocab_size * 4,
+    "prefill": prefill_cache
+    + dec_slice
+    + 2 * prefill_rows * w.prompt * dd.d * wb
+    + _layer_peak(dd, wb, prefill_rows, w.prompt, w.prompt),
+    "cache copy": 2 * lay * prompts * dd.kv * w.prompt * wb + cache * w.prompt // slots + cache,
+    "decode step": cache + dec_slice + 4 * r_dev * c.vocab_size * 4,
   }
   if sizes["fsdp"] > 1:  # the reshard is an all-to-all: a stacked leaf's pieces in and out
     stages["reshard"] = 2 * max(leaf_bytes(params, sizes))
   stage = max(stages, key=stages.get)
-  add("sample", f"{stage} beyond the cache", stages[stage] - cache,
-      "stages: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in stages.items()))
+  add(
+    "sample",
+    f"{stage} beyond the cache",
+    stages[stage] - cache,
+    "stages: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in stages.items()),
+  )
 
   # score (train_step.score) ---------------------------------------------------
   split = sharding.batch_split(sizes)
   n_dev = _rows_on(w.rows, split)
   q_dev = _rows_on(w.questions, split)
   ans_rows = n_dev + (q_dev if w.base_rows else 0)
-  add("score", "hidden states", 2 * ans_rows * w.answer * td.d * wb,
-      f"{n_dev} answer rows + {q_dev if w.base_rows else 0} CoT' rows x {w.answer}")
+  add(
+    "score",
+    "hidden states",
+    2 * ans_rows * w.answer * td.d * wb,
+    f"{n_dev} answer rows + {q_dev if w.base_rows else 0} CoT' rows x {w.answer}",
+  )
   layer = train_slice + _layer_peak(td, wb, max(n_dev, q_dev), w.answer, w.answer)
   window = 3 * ans_rows * w.window * td.vocab * 4
-  add("score", "one layer" if layer >= window else "window logits (fp32)", max(layer, window),
-      f"weights + activations {layer / GIB:.2f}, then the window's logits {window / GIB:.2f}")
+  add(
+    "score",
+    "one layer" if layer >= window else "window logits (fp32)",
+    max(layer, window),
+    f"weights + activations {layer / GIB:.2f}, then the window's logits {window / GIB:.2f}",
+  )
 
   # update (train_step.update) -------------------------------------------------
   mb_rows = w.rows // w.minibatches
@@ -255,13 +289,19 @@ def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPla
   keys = w.prompt + w.cot
   by_remat = {}
   for mode in REMAT_MODES:
-    saved = lay * (_saved_per_layer(mode, td, wb, n_dev, w.cot, keys)
-                   + _saved_per_layer(mode, td, wb, p_dev, w.prompt, w.prompt))
+    saved = lay * (
+      _saved_per_layer(mode, td, wb, n_dev, w.cot, keys)
+      + _saved_per_layer(mode, td, wb, p_dev, w.prompt, w.prompt)
+    )
     if w.reward_grad:
       saved += lay * _saved_per_layer(mode, td, wb, n_dev, w.answer, w.answer)
     by_remat[mode] = saved
-  add("update", f"saved activations (remat={w.remat})", by_remat[w.remat],
-      f"{n_dev} CoT rows x {w.cot} + {p_dev} prompts x {w.prompt} per device")
+  add(
+    "update",
+    f"saved activations (remat={w.remat})",
+    by_remat[w.remat],
+    f"{n_dev} CoT rows x {w.cot} + {p_dev} prompts x {w.prompt} per device",
+  )
   add("update", "prompt keys/values + gradients", 4 * lay * p_dev * w.prompt * td.kv * wb)
   hidden = (2 if w.kl_full else 1) * n_dev * w.cot * td.d * wb
   add("update", "policy + reference hidden states", 2 * hidden)
@@ -270,8 +310,9 @@ def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPla
   backward = train_slice + 6 * _layer_peak(td, wb, n_dev, w.cot, keys)
   logits = _logits_bytes(c, w, td, n_dev) + head
   if logits >= backward:
-    add("update", "logits chunks (fp32)", logits,
-        f"> a layer's backward ({backward / GIB:.2f} GiB)")
+    add(
+      "update", "logits chunks (fp32)", logits, f"> a layer's backward ({backward / GIB:.2f} GiB)"
+    )
   else:
     add("update", "one layer's backward", backward, f"> the logits ({logits / GIB:.2f} GiB)")
   return MemoryPlan(items, by_remat)

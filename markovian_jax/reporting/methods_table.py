@@ -62,6 +62,7 @@ class Reading:
   step by selection), 'train' (the mean of the last logged training steps) or 'fixed' (the
   configured CoT length the trainer forces); `unit`: '' or 'sum' (a log-prob summed over the
   answer tokens, objective.logprob_reduction='sum', rather than their mean)."""
+
   value: float
   source: str
   unit: str = ""
@@ -72,6 +73,7 @@ class Group:
   """The runs (seeds) of one (task, model, variant), read per run: `accuracy` holds the cells of
   the runs that have one, `logprob` and `cot_length` the readings of those that have one;
   `steps` one per run; `differ`: config keys the runs differ in besides seeds."""
+
   task: str
   model: str
   variant: str
@@ -98,8 +100,9 @@ def spread(values: Sequence[float]) -> tuple:
   return float(x.mean()), float(x.min()), float(x.max()), sd
 
 
-def seed_mean_interval(cells: Sequence[rt.Cell], seed: int = 0,
-                       samples: int = rt.BOOTSTRAP_SAMPLES) -> tuple:
+def seed_mean_interval(
+  cells: Sequence[rt.Cell], seed: int = 0, samples: int = rt.BOOTSTRAP_SAMPLES
+) -> tuple:
   """The 95% interval of the mean of the cells' values (one per seed). One cell: its own
   interval. Several with per-question scores: a percentile bootstrap that resamples each seed's
   questions (with replacement, `samples` times, seeded) and averages the seeds' means. Otherwise
@@ -127,7 +130,7 @@ def seed_mean_interval(cells: Sequence[rt.Cell], seed: int = 0,
 
 def _stem(variant: str) -> str:
   if variant.endswith(MARKOVIAN_SUFFIX) and len(variant) > len(MARKOVIAN_SUFFIX):
-    return variant[:-len(MARKOVIAN_SUFFIX)]
+    return variant[: -len(MARKOVIAN_SUFFIX)]
   return variant
 
 
@@ -152,7 +155,7 @@ def variant_order(variants: Sequence[str]) -> list:
 def _trailing_mean(run: Run, tag: str) -> float:
   """The mean of `tag` over its last logged steps (a tenth of them, 1 to 50); NaN if absent."""
   _, v = run.series(tag)
-  return float(v[-window_for(v.size):].mean()) if v.size else float("nan")
+  return float(v[-window_for(v.size) :].mean()) if v.size else float("nan")
 
 
 def _rows_at(run: Run, cell: Optional[rt.Cell]) -> list:
@@ -216,8 +219,13 @@ def cot_length(run: Run, cell: Optional[rt.Cell]) -> Optional[Reading]:
 def _differing(runs: Sequence[Run]) -> list:
   """Config keys the runs differ in, leaving out seeds and where the runs live."""
   keys = sorted({k for r in runs for k in r.config})
-  return [k for k in keys if not k.startswith(_NOT_COMPARED) and k.rsplit(".", 1)[-1] != "seed"
-          and len({json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}) > 1]
+  return [
+    k
+    for k in keys
+    if not k.startswith(_NOT_COMPARED)
+    and k.rsplit(".", 1)[-1] != "seed"
+    and len({json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}) > 1
+  ]
 
 
 def method_table(runs: Sequence[Run]) -> list:
@@ -227,8 +235,13 @@ def method_table(runs: Sequence[Run]) -> list:
   for run in runs:
     by_key.setdefault((run.task or "?", run.model, rt.variant_of(run)), []).append(run)
   seen = list(dict.fromkeys(k[0] for k in by_key))
-  tasks = sorted(seen, key=lambda t: (list(rt.TASK_NAMES).index(t) if t in rt.TASK_NAMES
-                                      else len(rt.TASK_NAMES), seen.index(t)))
+  tasks = sorted(
+    seen,
+    key=lambda t: (
+      list(rt.TASK_NAMES).index(t) if t in rt.TASK_NAMES else len(rt.TASK_NAMES),
+      seen.index(t),
+    ),
+  )
   models = list(dict.fromkeys(k[1] for k in by_key))
   groups = []
   for task in tasks:
@@ -239,15 +252,25 @@ def method_table(runs: Sequence[Run]) -> list:
         cells = [rt.run_cell(r) for r in members]
         lps = [answer_logprob(r, c) for r, c in zip(members, cells)]
         lengths = [cot_length(r, c) for r, c in zip(members, cells)]
-        groups.append(Group(
-            task, model, variant, [r.name for r in members],
-            [r.config.get("train.seed") for r in members], [r.last_step for r in members],
-            [c for c in cells if c is not None], [x for x in lps if x is not None],
-            [x for x in lengths if x is not None], _differing(members)))
+        groups.append(
+          Group(
+            task,
+            model,
+            variant,
+            [r.name for r in members],
+            [r.config.get("train.seed") for r in members],
+            [r.last_step for r in members],
+            [c for c in cells if c is not None],
+            [x for x in lps if x is not None],
+            [x for x in lengths if x is not None],
+            _differing(members),
+          )
+        )
   return groups
 
 
 # ------------------------------------------------------------------ formatting
+
 
 def _pooled(values: Sequence[float], digits: int, scale: float = 1.0, sd: bool = False) -> str:
   """'mean' for one value, 'mean (min to max)' for several ('mean (sd s; min to max)' with sd)."""
@@ -265,8 +288,9 @@ def _header_source(readings: Sequence[Reading]) -> Optional[str]:
   return next(iter(found)) if len(found) == 1 else None
 
 
-def _reading_cell(readings: Sequence[Reading], runs: int, digits: int, shared: Optional[str]
-                  ) -> str:
+def _reading_cell(
+  readings: Sequence[Reading], runs: int, digits: int, shared: Optional[str]
+) -> str:
   if not readings:
     return "n/a"
   groups: dict = {}
@@ -295,8 +319,7 @@ def _accuracy_cells(g: Group) -> tuple:
   low, high = g.interval
   ns = sorted({c.n for c in g.accuracy})
   n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]} to {ns[-1]}"
-  bounds = (f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}] " if math.isfinite(low)
-            else "")
+  bounds = f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}] " if math.isfinite(low) else ""
   return text, bounds + n
 
 
@@ -319,52 +342,78 @@ def format_method_table(groups: Sequence[Group], runs: Sequence[Run] = ()) -> st
   several_models = len({g.model for g in groups}) > 1
   lp_source = _header_source([r for g in groups for r in g.logprob])
   len_source = _header_source([r for g in groups for r in g.cot_length])
-  header = ["Task", "Variant", "Runs", "Test accuracy (best by selection)",
-            "95% interval of the mean",
-            "Answer log-prob" + (f" ({SOURCES[lp_source]})" if lp_source else ""),
-            "CoT tokens" + (f" ({SOURCES[len_source]})" if len_source else ""), "Steps"]
+  header = [
+    "Task",
+    "Variant",
+    "Runs",
+    "Test accuracy (best by selection)",
+    "95% interval of the mean",
+    "Answer log-prob" + (f" ({SOURCES[lp_source]})" if lp_source else ""),
+    "CoT tokens" + (f" ({SOURCES[len_source]})" if len_source else ""),
+    "Steps",
+  ]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   notes = []
   for g in groups:
-    task = rt.TASK_NAMES.get(g.task, g.task) + (f" ({rt._model_name(g.model)})"
-                                                if several_models else "")
+    task = rt.TASK_NAMES.get(g.task, g.task) + (
+      f" ({rt._model_name(g.model)})" if several_models else ""
+    )
     accuracy, interval = _accuracy_cells(g)
     lo, hi = min(g.steps), max(g.steps)
-    lines.append("| " + " | ".join([
-        task, rt.VARIANT_NAMES.get(g.variant, g.variant), str(len(g.runs)), accuracy, interval,
-        _reading_cell(g.logprob, len(g.runs), 3, lp_source),
-        _reading_cell(g.cot_length, len(g.runs), 1, len_source),
-        str(lo) if lo == hi else f"{lo} to {hi}"]) + " |")
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          task,
+          rt.VARIANT_NAMES.get(g.variant, g.variant),
+          str(len(g.runs)),
+          accuracy,
+          interval,
+          _reading_cell(g.logprob, len(g.runs), 3, lp_source),
+          _reading_cell(g.cot_length, len(g.runs), 1, len_source),
+          str(lo) if lo == hi else f"{lo} to {hi}",
+        ]
+      )
+      + " |"
+    )
     label = f"{task} {g.variant}"
     if g.differ:
-      notes.append(f"{label}: its runs differ in " + ", ".join(f"`{k}`" for k in g.differ[:8])
-                   + (" …" if len(g.differ) > 8 else "") + " besides the seed: they are pooled "
-                   "as seeds all the same")
+      notes.append(
+        f"{label}: its runs differ in "
+        + ", ".join(f"`{k}`" for k in g.differ[:8])
+        + (" …" if len(g.differ) > 8 else "")
+        + " besides the seed: they are pooled "
+        "as seeds all the same"
+      )
     seeds = [s for s in g.seeds if s is not None]
     if len(set(seeds)) < len(seeds):
       notes.append(f"{label}: runs share a train.seed ({', '.join(map(str, g.seeds))})")
   text = "\n".join(lines)
-  text += ("\n\nOne row per variant (a method, its `_markovian` twin on the next row); Runs: its "
-           "runs, pooled as seeds: mean (for accuracy sd across seeds; min to max). Test "
-           "accuracy: the results table's cell of each run (primary extraction method, %; wiki: "
-           "mean answer log-prob, nats/token) at its best checkpoint by the selection split; "
-           "(periodic): training's periodic evaluation, not the full test set; 95% interval of "
-           "the mean: questions resampled within each run (one run: its own interval), n: "
-           "questions per run. Answer log-prob: log P(gold answer | CoT) per answer token ((sum): "
-           "summed, objective.logprob_reduction=sum), and CoT tokens, are read at that best "
-           "step's evaluation where it holds them (eval at best), else as the mean of the last "
-           "tenth (1 to 50) of the logged training steps (train, last steps: answer/logprob, the "
-           "training scorer's; policy/cot_length); each run scores the "
-           "answer in its own context (question visible, or hidden for a Markovian run), so the "
-           "log-probs of a method and its twin are not the same quantity. K fixed: no length "
-           "logged, the trainer samples exactly sampling.cot_length tokens (EOS blocked before "
-           "K); n/a: not logged. Steps: the last training step logged.")
+  text += (
+    "\n\nOne row per variant (a method, its `_markovian` twin on the next row); Runs: its "
+    "runs, pooled as seeds: mean (for accuracy sd across seeds; min to max). Test "
+    "accuracy: the results table's cell of each run (primary extraction method, %; wiki: "
+    "mean answer log-prob, nats/token) at its best checkpoint by the selection split; "
+    "(periodic): training's periodic evaluation, not the full test set; 95% interval of "
+    "the mean: questions resampled within each run (one run: its own interval), n: "
+    "questions per run. Answer log-prob: log P(gold answer | CoT) per answer token ((sum): "
+    "summed, objective.logprob_reduction=sum), and CoT tokens, are read at that best "
+    "step's evaluation where it holds them (eval at best), else as the mean of the last "
+    "tenth (1 to 50) of the logged training steps (train, last steps: answer/logprob, the "
+    "training scorer's; policy/cot_length); each run scores the "
+    "answer in its own context (question visible, or hidden for a Markovian run), so the "
+    "log-probs of a method and its twin are not the same quantity. K fixed: no length "
+    "logged, the trainer samples exactly sampling.cot_length tokens (EOS blocked before "
+    "K); n/a: not logged. Steps: the last training step logged."
+  )
   temps = _eval_temperatures(runs)
   if temps:
     greedy = temps == [0.0]
-    text += ("\nEvaluation CoTs drawn at temperature " + ", ".join(f"{t:g}" for t in temps)
-             + (" (greedy)." if greedy else " (sampled; eval.temperature=0 gives greedy "
-                                            "accuracy)."))
+    text += (
+      "\nEvaluation CoTs drawn at temperature "
+      + ", ".join(f"{t:g}" for t in temps)
+      + (" (greedy)." if greedy else " (sampled; eval.temperature=0 gives greedy accuracy).")
+    )
   if notes:
     text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
   return text

@@ -36,12 +36,26 @@ from markovian_jax.configs.base import TABLE_VARIANTS
 from markovian_jax.reporting.runs import Run, read_jsonl
 
 BOOTSTRAP_SAMPLES = 2000
-TASK_NAMES = {"gsm8k": "GSM8K", "arc": "ARC-Challenge", "mmlu": "MMLU", "svamp": "SVAMP",
-              "arithmetic": "Arithmetic", "wiki_continuation": "Wiki (nats/token)",
-              "aqua": "AQuA", "mathqa": "MathQA"}
-VARIANT_NAMES = {"ei": "EI", "no_reward_grad": "No Reward Grad", "unnormalised": "Unnormalised",
-                 "ema": "EMA", "markovian": "Markovian", "non_markovian": "Non-Markovian",
-                 "paper_reward_grad": "Paper reward grad", "ppo_base": "PPO (ratio to base)"}
+TASK_NAMES = {
+  "gsm8k": "GSM8K",
+  "arc": "ARC-Challenge",
+  "mmlu": "MMLU",
+  "svamp": "SVAMP",
+  "arithmetic": "Arithmetic",
+  "wiki_continuation": "Wiki (nats/token)",
+  "aqua": "AQuA",
+  "mathqa": "MathQA",
+}
+VARIANT_NAMES = {
+  "ei": "EI",
+  "no_reward_grad": "No Reward Grad",
+  "unnormalised": "Unnormalised",
+  "ema": "EMA",
+  "markovian": "Markovian",
+  "non_markovian": "Non-Markovian",
+  "paper_reward_grad": "Paper reward grad",
+  "ppo_base": "PPO (ratio to base)",
+}
 BASE = "base"
 
 
@@ -53,6 +67,7 @@ class Cell:
   task's full test size the run was configured with (None when unknown); `scores`: float64 [n],
   the per-question scores the value averages (None when it is a logged value: no rows kept), for
   intervals over several runs (methods_table)."""
+
   value: float
   low: float
   high: float
@@ -65,8 +80,9 @@ class Cell:
   scores: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def bootstrap_interval(scores: np.ndarray, seed: int = 0,
-                       samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+def bootstrap_interval(
+  scores: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES
+) -> tuple[float, float]:
   """The 95% percentile bootstrap interval of the mean of `scores` (float [n], one per question):
   questions resampled with replacement `samples` times (seeded). NaNs for n < 2."""
   x = np.asarray(scores, np.float64)
@@ -90,14 +106,25 @@ def per_question(rows: list, method: str) -> np.ndarray:
   return np.asarray([np.mean(v) for v in by_id.values()], np.float64)
 
 
-def _cell_from(path: str, run: Run, method: str, step: int, how: str, source: str
-               ) -> Optional[Cell]:
+def _cell_from(
+  path: str, run: Run, method: str, step: int, how: str, source: str
+) -> Optional[Cell]:
   scores = per_question(read_jsonl(path), method)
   if not scores.size:
     return None
   low, high = bootstrap_interval(scores, seed=step)
-  return Cell(float(scores.mean()), low, high, int(scores.size), step, how, run.name, source,
-              run.full_test_size, scores)
+  return Cell(
+    float(scores.mean()),
+    low,
+    high,
+    int(scores.size),
+    step,
+    how,
+    run.name,
+    source,
+    run.full_test_size,
+    scores,
+  )
 
 
 def _cell_at(run: Run, method: str, step: int, how: str) -> Optional[Cell]:
@@ -118,8 +145,17 @@ def _cell_at(run: Run, method: str, step: int, how: str) -> Optional[Cell]:
   if step not in at:
     return None
   i = at[step]
-  return Cell(float(v[i]), float(lo[i]), float(hi[i]), run.eval_size() or 0, step, how, run.name,
-              "periodic", run.full_test_size)
+  return Cell(
+    float(v[i]),
+    float(lo[i]),
+    float(hi[i]),
+    run.eval_size() or 0,
+    step,
+    how,
+    run.name,
+    "periodic",
+    run.full_test_size,
+  )
 
 
 def run_cell(run: Run) -> Optional[Cell]:
@@ -188,17 +224,26 @@ def results_table(runs: Sequence[Run]) -> ResultsTable:
       if base is not None:
         cells[row + (BASE,)] = [base]
         break
-  order = [v for v in TABLE_VARIANTS if v in variants] + [v for v in variants
-                                                          if v not in TABLE_VARIANTS]
-  known = sorted(rows, key=lambda r: (list(TASK_NAMES).index(r[0]) if r[0] in TASK_NAMES
-                                      else len(TASK_NAMES), rows.index(r)))
+  order = [v for v in TABLE_VARIANTS if v in variants] + [
+    v for v in variants if v not in TABLE_VARIANTS
+  ]
+  known = sorted(
+    rows,
+    key=lambda r: (
+      list(TASK_NAMES).index(r[0]) if r[0] in TASK_NAMES else len(TASK_NAMES),
+      rows.index(r),
+    ),
+  )
   return ResultsTable(known, [BASE] + order, cells)
 
 
 def _fmt(cell: Cell, task: str) -> str:
   scale, digits = (1.0, 3) if task == "wiki_continuation" else (100.0, 1)
-  bounds = ("" if not math.isfinite(cell.low) else
-            f" [{scale * cell.low:.{digits}f}, {scale * cell.high:.{digits}f}]")
+  bounds = (
+    ""
+    if not math.isfinite(cell.low)
+    else f" [{scale * cell.low:.{digits}f}, {scale * cell.high:.{digits}f}]"
+  )
   mark = " (final)" if cell.how == "final" else ""
   if cell.source == "periodic":
     mark += " (periodic)"
@@ -208,8 +253,7 @@ def _fmt(cell: Cell, task: str) -> str:
 
 
 def _overlap(a: Cell, b: Cell) -> bool:
-  return (math.isfinite(a.low) and math.isfinite(b.low)
-          and a.low <= b.high and b.low <= a.high)
+  return math.isfinite(a.low) and math.isfinite(b.low) and a.low <= b.high and b.low <= a.high
 
 
 def _model_name(path: str) -> str:
@@ -233,23 +277,29 @@ def format_results_table(table: ResultsTable) -> str:
       periodic |= any(c.source == "periodic" for c in cells)
       row.append(" / ".join(_fmt(c, task) for c in cells) or "–")
       if len(cells) == 1 and previous is not None and _overlap(previous[1], cells[0]):
-        notes.append(f"{label}: {previous[0]} and {name} overlap (95% "
-                     "intervals): their difference is within the noise of n")
+        notes.append(
+          f"{label}: {previous[0]} and {name} overlap (95% "
+          "intervals): their difference is within the noise of n"
+        )
       previous = (name, cells[0]) if len(cells) == 1 else None
     lines.append(f"| {label} | " + " | ".join(row) + " |")
   text = "\n".join(lines)
   if table.models and not several:
     text += f"\n\nModel: {table.models[0]}."
-  text += ("\n\nCells: test accuracy (%) of the primary extraction method (wiki: mean answer "
-           "log-prob, nats/token) at each run's best checkpoint by the selection split, 95% "
-           "bootstrap interval over the n questions, at the task's full test size "
-           "(eval.final_num_examples, `evaluate --best`); Base: the base model's evaluation "
-           "(`evaluate --base_model`); (final): no selection score, the last evaluation; "
-           "(of N): fewer questions than the full test size N.")
+  text += (
+    "\n\nCells: test accuracy (%) of the primary extraction method (wiki: mean answer "
+    "log-prob, nats/token) at each run's best checkpoint by the selection split, 95% "
+    "bootstrap interval over the n questions, at the task's full test size "
+    "(eval.final_num_examples, `evaluate --best`); Base: the base model's evaluation "
+    "(`evaluate --base_model`); (final): no selection score, the last evaluation; "
+    "(of N): fewer questions than the full test size N."
+  )
   if periodic:
-    text += ("\n(periodic): training's periodic evaluation (eval.num_examples questions, step 0 "
-             "for Base), not the full test set: run `evaluate --best` (and `--base_model`) on "
-             "the run for the paper's cell.")
+    text += (
+      "\n(periodic): training's periodic evaluation (eval.num_examples questions, step 0 "
+      "for Base), not the full test set: run `evaluate --best` (and `--base_model`) on "
+      "the run for the paper's cell."
+    )
   if notes:
     text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
   return text

@@ -21,11 +21,11 @@ import logging
 import os
 from typing import Optional
 
-import numpy as np
 from etils import epath
+import numpy as np
 
-from markovian_jax.runtime import summary
 from markovian_jax.data import extraction
+from markovian_jax.runtime import summary
 from markovian_jax.runtime.errors import UserError
 
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -34,9 +34,17 @@ EVENTS_GLOB = "events.out.tfevents.*"
 FINAL_EVAL_DIR = os.path.join("eval", "final")
 # What a run's numbers are read under besides its checkpoint: the evaluate CLI evaluates a run
 # under its own recorded values of these (config.json), and the results table keys cells by them.
-RUN_PROTOCOL_KEYS = ("task", "model.path", "variant", "prompt.markovian", "prompt.format",
-                     "eval.reader", "sampling.cot_length", "sampling.temperature",
-                     "eval.temperature")
+RUN_PROTOCOL_KEYS = (
+  "task",
+  "model.path",
+  "variant",
+  "prompt.markovian",
+  "prompt.format",
+  "eval.reader",
+  "sampling.cot_length",
+  "sampling.temperature",
+  "eval.temperature",
+)
 
 
 class ReportError(UserError):
@@ -52,11 +60,16 @@ def find_runs(workdir: str) -> list:
     raise ReportError(f"--workdir {workdir}: no such directory")
   if any(root.glob(EVENTS_GLOB)):
     return [os.fspath(workdir)]
-  runs = sorted(os.path.join(os.fspath(workdir), d.name) for d in root.iterdir()
-                if d.is_dir() and any(d.glob(EVENTS_GLOB)))
+  runs = sorted(
+    os.path.join(os.fspath(workdir), d.name)
+    for d in root.iterdir()
+    if d.is_dir() and any(d.glob(EVENTS_GLOB))
+  )
   if not runs:
-    raise ReportError(f"--workdir {workdir}: no TensorBoard events ({EVENTS_GLOB}) in it or in "
-                      "its subdirectories; give a run directory (config.workdir) or their parent")
+    raise ReportError(
+      f"--workdir {workdir}: no TensorBoard events ({EVENTS_GLOB}) in it or in "
+      "its subdirectories; give a run directory (config.workdir) or their parent"
+    )
   return runs
 
 
@@ -65,8 +78,11 @@ def read_jsonl(path: str) -> list:
   file = epath.Path(path)
   if not file.is_file():
     return []
-  return [json.loads(line) for line in file.read_text().splitlines(keepends=True)
-          if line.endswith("\n") and line.strip()]
+  return [
+    json.loads(line)
+    for line in file.read_text().splitlines(keepends=True)
+    if line.endswith("\n") and line.strip()
+  ]
 
 
 def _step_files(directory: str) -> dict:
@@ -74,7 +90,7 @@ def _step_files(directory: str) -> dict:
   folder = epath.Path(directory)
   out = {}
   for path in folder.glob("step_*.jsonl") if folder.is_dir() else []:
-    stem = path.name[len("step_"):-len(".jsonl")]
+    stem = path.name[len("step_") : -len(".jsonl")]
     if stem.isdigit():
       out[int(stem)] = os.path.join(directory, path.name)
   return dict(sorted(out.items()))
@@ -99,6 +115,7 @@ class Run:
   evaluation); final_files: step -> path, and final_base: the base model's rows (or None), of the
   evaluate CLI's evaluations at the full test size (FINAL_EVAL_DIR), when its protocol.json
   matches the run's config (`final_protocol`)."""
+
   path: str
   name: str
   scalars: dict
@@ -154,8 +171,11 @@ class Run:
   def methods(self, prefix: str = "eval") -> list:
     """The extraction methods with an accuracy under `prefix`/, primary first when the task is
     known (else alphabetical); ['answer_logprob'] for wiki continuation."""
-    found = sorted(t[len(prefix) + 1:-len("/accuracy")] for t in self.scalars
-                   if t.startswith(prefix + "/") and t.endswith("/accuracy"))
+    found = sorted(
+      t[len(prefix) + 1 : -len("/accuracy")]
+      for t in self.scalars
+      if t.startswith(prefix + "/") and t.endswith("/accuracy")
+    )
     if not found and self.has(f"{prefix}/answer_logprob"):
       return ["answer_logprob"]
     try:
@@ -207,13 +227,18 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
   protocol = read_protocol(final_dir)
   own = bool(protocol) and not protocol_differences(protocol, config)
   base = os.path.join(final_dir, "base.jsonl")
-  return Run(path=path, name=name or os.path.basename(os.path.normpath(path)), scalars=scalars,
-             config=config, samples=read_jsonl(os.path.join(path, "samples.jsonl")),
-             eval_files=_step_files(os.path.join(path, "eval")),
-             selection_files=_step_files(os.path.join(path, "eval", "selection")),
-             final_files=_step_files(final_dir) if own else {},
-             final_base=base if own and epath.Path(base).is_file() else None,
-             final_protocol=protocol)
+  return Run(
+    path=path,
+    name=name or os.path.basename(os.path.normpath(path)),
+    scalars=scalars,
+    config=config,
+    samples=read_jsonl(os.path.join(path, "samples.jsonl")),
+    eval_files=_step_files(os.path.join(path, "eval")),
+    selection_files=_step_files(os.path.join(path, "eval", "selection")),
+    final_files=_step_files(final_dir) if own else {},
+    final_base=base if own and epath.Path(base).is_file() else None,
+    final_protocol=protocol,
+  )
 
 
 def read_protocol(directory: str) -> dict:
@@ -227,18 +252,24 @@ def foreign_protocol(run_dir: str, config: dict, elsewhere: bool) -> Optional[st
   config.json differs from it in a protocol key, and the numbers would go into the run (not
   `elsewhere`, an explicit --output_dir: then only a warning). None when nothing is wrong."""
   recorded = epath.Path(run_dir) / "config.json"
-  differ = (protocol_differences(flatten(json.loads(recorded.read_text())), config)
-            if recorded.is_file() else [])
+  differ = (
+    protocol_differences(flatten(json.loads(recorded.read_text())), config)
+    if recorded.is_file()
+    else []
+  )
   if not differ:
     return None
   what = ", ".join(f"{k}={theirs!r} (--config: {ours!r})" for k, theirs, ours in differ)
   if elsewhere:
-    logging.warning("evaluating the run in %s under another protocol than its own: %s",
-                    run_dir, what)
+    logging.warning(
+      "evaluating the run in %s under another protocol than its own: %s", run_dir, what
+    )
     return None
-  return (f"the run in {run_dir} was trained with {what}: give --config the run's values "
-          "(--config=FILE:VARIANT, --config.KEY=VALUE) so that its cell is read under its own "
-          "protocol, or --output_dir to evaluate it under another one elsewhere")
+  return (
+    f"the run in {run_dir} was trained with {what}: give --config the run's values "
+    "(--config=FILE:VARIANT, --config.KEY=VALUE) so that its cell is read under its own "
+    "protocol, or --output_dir to evaluate it under another one elsewhere"
+  )
 
 
 def foreign_directory(out_dir: str, protocol: dict) -> Optional[str]:
@@ -249,8 +280,10 @@ def foreign_directory(out_dir: str, protocol: dict) -> Optional[str]:
   if not changed:
     return None
   what = ", ".join(f"{k} {earlier[k]!r} there, {protocol[k]!r} here" for k in changed)
-  return (f"{out_dir} holds evaluations of another protocol ({what}); give another --output_dir "
-          "(or remove that directory) rather than mixing the two")
+  return (
+    f"{out_dir} holds evaluations of another protocol ({what}); give another --output_dir "
+    "(or remove that directory) rather than mixing the two"
+  )
 
 
 def protocol_differences(a: dict, b: dict) -> list:
@@ -258,6 +291,7 @@ def protocol_differences(a: dict, b: dict) -> list:
   differ. An unresolved prompt.format (not one of the formats, e.g. a family default still to be
   resolved) is not compared."""
   from markovian_jax.data.prompts import PROMPT_FORMATS
+
   out = []
   for key in RUN_PROTOCOL_KEYS:
     if key not in a or key not in b:

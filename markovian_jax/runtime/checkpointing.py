@@ -31,16 +31,15 @@ import sys
 import time
 from typing import Any, Optional
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from markovian_jax.runtime import faults
 from markovian_jax.runtime.errors import CheckpointError, UserError
-
 
 __all__ = ["BrokenCheckpoint", "CheckpointError", "Checkpointer", "DiskFull"]
 
@@ -78,9 +77,13 @@ class _DropStorageErrors(pylogging.Filter):
 
   def filter(self, record) -> bool:
     text = record.getMessage()
-    return not ("No space left on device" in text or "RESOURCE_EXHAUSTED" in text
-                or "Task exception was never retrieved" in text
-                or "Handler Commit operations" in text or "Save Finalize thread" in text)
+    return not (
+      "No space left on device" in text
+      or "RESOURCE_EXHAUSTED" in text
+      or "Task exception was never retrieved" in text
+      or "Handler Commit operations" in text
+      or "Save Finalize thread" in text
+    )
 
 
 @contextlib.contextmanager
@@ -130,8 +133,9 @@ def _check_same_everywhere(state: dict) -> None:
   if jax.process_count() == 1:
     return
   digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).digest()
-  multihost_utils.assert_equal(np.frombuffer(digest, np.uint8),
-                               "the run state to checkpoint differs between processes")
+  multihost_utils.assert_equal(
+    np.frombuffer(digest, np.uint8), "the run state to checkpoint differs between processes"
+  )
 
 
 def _score(metrics) -> float:
@@ -141,20 +145,24 @@ def _score(metrics) -> float:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with our three items: lora, opt_state, state."""
 
-  def __init__(self, directory, *, max_to_keep: int = 3, keep_best: bool = True,
-               create: bool = True):
+  def __init__(
+    self, directory, *, max_to_keep: int = 3, keep_best: bool = True, create: bool = True
+  ):
     self.directory = absolute(directory)
     keep = [policies.LatestN(n=max_to_keep)]
     if keep_best:
-      keep.append(policies.BestN(get_metric_fn=_score, n=1,
-                                 keep_checkpoints_without_metrics=False))
+      keep.append(policies.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False))
     # best_fn makes orbax write each step's metrics to disk, so the score survives a restart and
     # `export --best` can read it; which steps are kept is the preservation policy's alone.
     options = ocp.CheckpointManagerOptions(
-        create=create, preservation_policy=policies.AnyPreservationPolicy(keep), best_fn=_score,
-        best_mode="max")
+      create=create,
+      preservation_policy=policies.AnyPreservationPolicy(keep),
+      best_fn=_score,
+      best_mode="max",
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("lora", "opt_state", "state"))
+      self.directory, options=options, item_names=("lora", "opt_state", "state")
+    )
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -162,13 +170,22 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, lora_params, opt_state, state: dict[str, Any],
-           score: Optional[float] = None, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    lora_params,
+    opt_state,
+    state: dict[str, Any],
+    score: Optional[float] = None,
+    force: bool = False,
+  ) -> bool:
     """Saves collectively (every process calls it). `score`: validation metric, higher is better."""
     _check_same_everywhere(state)
-    args = ocp.args.Composite(lora=ocp.args.StandardSave(lora_params),
-                              opt_state=ocp.args.StandardSave(opt_state),
-                              state=ocp.args.JsonSave(state))
+    args = ocp.args.Composite(
+      lora=ocp.args.StandardSave(lora_params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      state=ocp.args.JsonSave(state),
+    )
     metrics = None if score is None else {"score": float(score)}
     try:
       with _reported_here():
@@ -180,11 +197,14 @@ class Checkpointer:
         raise
       need = sum(np.asarray(x).nbytes for x in jax.tree.leaves((lora_params, opt_state)))
       need += len(json.dumps(state, default=str))
-      free = ("" if "://" in str(self.directory)
-              else f", {shutil.disk_usage(self.directory).free} free")
-      raise DiskFull(f"checkpoint of step {step} not saved: no space left on device in "
-                     f"{self.directory} (it needs about {need} bytes{free}); the checkpoints "
-                     f"already there are intact: {self.all_steps()}") from e
+      free = (
+        "" if "://" in str(self.directory) else f", {shutil.disk_usage(self.directory).free} free"
+      )
+      raise DiskFull(
+        f"checkpoint of step {step} not saved: no space left on device in "
+        f"{self.directory} (it needs about {need} bytes{free}); the checkpoints "
+        f"already there are intact: {self.all_steps()}"
+      ) from e
     return saved
 
   def _restore(self, step: int, args):
@@ -211,8 +231,11 @@ class Checkpointer:
       try:
         handler = ocp.PyTreeCheckpointHandler()
         meta = handler.metadata(root / item).tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
-                                    is_leaf=lambda x: hasattr(x, "shape"))
+        restore_args = jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+          meta,
+          is_leaf=lambda x: hasattr(x, "shape"),
+        )
         handler.restore(root / item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
       except Exception as e:  # noqa: BLE001 - whatever the storage layer raises
         return f"{item}: {_short(e)}"
@@ -246,13 +269,18 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoints in {self.directory}")
     if step not in self.all_steps():
-      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                            f"available: {self.all_steps()}")
+      raise CheckpointError(
+        f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
+      )
     as_struct = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
-    out = self._restore(step, ocp.args.Composite(
+    out = self._restore(
+      step,
+      ocp.args.Composite(
         lora=ocp.args.StandardRestore(as_struct(lora_target)),
         opt_state=ocp.args.StandardRestore(as_struct(opt_target)),
-        state=ocp.args.JsonRestore()))
+        state=ocp.args.JsonRestore(),
+      ),
+    )
     return out["lora"], out["opt_state"], out["state"]
 
   def restore_state(self, step: Optional[int] = None) -> dict:
@@ -267,9 +295,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoints in {self.directory}")
-    return self._restore(step, ocp.args.Composite(
+    return self._restore(
+      step,
+      ocp.args.Composite(
         lora=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, lora_target))
-    ))["lora"]
+      ),
+    )["lora"]
 
   def close(self):
     self._manager.close()

@@ -25,7 +25,6 @@ from absl import app, flags, logging
 from markovian_jax.runtime.errors import EXIT_BAD_INPUT, UserError
 
 
-
 class Stopped(UserError):
   """A run that stopped itself for a reason the user must act on (e.g. a training guard)."""
 
@@ -50,8 +49,9 @@ def _flatten(config, prefix: str = "") -> list[str]:
 
 # The configs installed with the package (markovian_jax/configs); found by path, not imported,
 # so that this module stays below the configs it locates.
-PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs")
+PACKAGED_CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
+)
 
 
 def config_path(value: str) -> str:
@@ -61,7 +61,7 @@ def config_path(value: str) -> str:
   file, sep, arg = value.partition(":")
   if not file or os.path.exists(file):
     return value
-  name = file[len("configs/"):] if file.startswith("configs/") else file
+  name = file[len("configs/") :] if file.startswith("configs/") else file
   name = name if name.endswith(".py") else f"{name}.py"
   packaged = os.path.join(PACKAGED_CONFIGS, name)
   if os.path.isfile(packaged) and os.path.basename(name) != "__init__.py":
@@ -89,8 +89,10 @@ def _resolve_config_flags(argv: list[str]) -> list[str]:
       resolved = config_path(value)
       file = resolved.partition(":")[0]
       if not os.path.isfile(file):
-        fail(f"--config={value}: no such config file, and no packaged config of that name "
-             f"(packaged: {', '.join(packaged_config_names())})")
+        fail(
+          f"--config={value}: no such config file, and no packaged config of that name "
+          f"(packaged: {', '.join(packaged_config_names())})"
+        )
       a = f"--config={resolved}"
     out.append(a)
   return out
@@ -110,7 +112,7 @@ def _load_config_file(path: str):
 def _explain(argv: list[str], error: Exception) -> str:
   """One line for a flag-parsing failure; names the unknown `--config.` key and the closest one."""
   config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   known = None
   if config_path:
     try:
@@ -139,6 +141,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[], None]) -> None:
   """Runs `main()` as an absl app; UserError (and FileNotFoundError) exit 2 with one line."""
+
   def _main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
@@ -148,6 +151,7 @@ def run(main: Callable[[], None]) -> None:
       fail(e)
     except Exception as e:  # noqa: BLE001 - a lost process of a job ends this one in one line
       from markovian_jax.runtime import distributed
+
       distributed.exit_if_peer_lost(e)
       raise
 
@@ -162,8 +166,11 @@ def quiet_library_logging() -> None:
 
 
 @contextlib.contextmanager
-def session(allocator: Optional[str] = None, cache_dir: Optional[str] = None,
-            cache_key: str = "config.compilation_cache_dir"):
+def session(
+  allocator: Optional[str] = None,
+  cache_dir: Optional[str] = None,
+  cache_key: str = "config.compilation_cache_dir",
+):
   """Process start-up shared by the CLIs, in the order it must happen.
 
   1. logging; 2. the host allocator (`allocator`: config.host_allocator; may re-execute this
@@ -171,9 +178,8 @@ def session(allocator: Optional[str] = None, cache_dir: Optional[str] = None,
   describes a multi-process job; 4. the persistent compilation cache (`cache_dir`, '' = off).
   On exit it logs how many programs the cache loaded and compiled.
   """
-  from markovian_jax.runtime import compilation_cache
-  from markovian_jax.runtime import distributed
-  from markovian_jax.runtime import host_allocator
+  from markovian_jax.runtime import compilation_cache, distributed, host_allocator
+
   quiet_library_logging()
   if allocator:
     host_allocator.ensure(allocator)

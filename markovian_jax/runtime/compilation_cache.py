@@ -51,12 +51,16 @@ def enable(path: str, setting: str = "config.compilation_cache_dir") -> Optional
     os.makedirs(directory, exist_ok=True)
     writable = os.access(directory, os.W_OK)
   except OSError as e:
-    raise InvalidConfig(f"{setting}={path!r}: cannot create {directory} "
-                        f"({e}); set it to a writable directory, or to '' to turn the cache "
-                        "off") from e
+    raise InvalidConfig(
+      f"{setting}={path!r}: cannot create {directory} "
+      f"({e}); set it to a writable directory, or to '' to turn the cache "
+      "off"
+    ) from e
   if not writable:
-    raise InvalidConfig(f"{setting}={path!r}: {directory} is not writable; "
-                        "set it to a writable directory, or to '' to turn the cache off")
+    raise InvalidConfig(
+      f"{setting}={path!r}: {directory} is not writable; "
+      "set it to a writable directory, or to '' to turn the cache off"
+    )
   jax.config.update("jax_compilation_cache_dir", directory)
   if _MIN_SECS_ENV not in os.environ:
     # JAX's default (1 s) skips the small-model programs (the demo's scoring and sampling ones

@@ -60,15 +60,22 @@ class Plan:
   source: what described the job ("JAX_* variables", or a jax cluster class such as
   "SlurmCluster"). num_processes / process_id: ints when known before joining.
   """
+
   source: str
   coordinator_address: Optional[str]
   num_processes: Optional[int]
   process_id: Optional[int]
 
   def kwargs(self) -> dict:
-    return {k: v for k, v in dict(coordinator_address=self.coordinator_address,
-                                  num_processes=self.num_processes,
-                                  process_id=self.process_id).items() if v is not None}
+    return {
+      k: v
+      for k, v in dict(
+        coordinator_address=self.coordinator_address,
+        num_processes=self.num_processes,
+        process_id=self.process_id,
+      ).items()
+      if v is not None
+    }
 
 
 def _seconds(name: str, default: int) -> int:
@@ -115,6 +122,7 @@ def detected_cluster():
   it: there is no public "would you join?" call), so the two cannot disagree.
   """
   from jax._src import clusters  # pylint: disable=g-import-not-at-top
+
   for env in clusters.ClusterEnv._cluster_types:  # noqa: SLF001
     if not env.opt_in_only_method and env.is_env_present():
       return env
@@ -139,9 +147,11 @@ def plan() -> Optional[Plan]:
     given = [k for k in _EXPLICIT if os.environ.get(k)]
     if given:
       missing = [k for k in _EXPLICIT if k not in given]
-      raise DistributedError(f"{', '.join(given)} set but {', '.join(missing)} not, and no "
-                             "cluster environment (SLURM, Open MPI, Cloud TPU) to fill them in: "
-                             f"set all of {', '.join(_EXPLICIT)}, or none")
+      raise DistributedError(
+        f"{', '.join(given)} set but {', '.join(missing)} not, and no "
+        "cluster environment (SLURM, Open MPI, Cloud TPU) to fill them in: "
+        f"set all of {', '.join(_EXPLICIT)}, or none"
+      )
     return None
   count = cluster.get_process_count() if count is None else count
   index = cluster.get_process_id() if index is None else index
@@ -155,17 +165,24 @@ def _not_formed(p: Plan, seconds: int) -> str:
   where = f"process {p.process_id} of {p.num_processes} on {socket.gethostname()}"
   coordinator = p.coordinator_address or f"the coordinator {p.source} names"
   if p.process_id == 0:
-    others = ("process 1" if p.num_processes == 2 else
-              f"at least one of processes 1..{p.num_processes - 1}")
-    who = (f"{others} did not join: it never started, crashed before joining, or cannot reach "
-           f"{coordinator}")
+    others = (
+      "process 1" if p.num_processes == 2 else f"at least one of processes 1..{p.num_processes - 1}"
+    )
+    who = (
+      f"{others} did not join: it never started, crashed before joining, or cannot reach "
+      f"{coordinator}"
+    )
   else:
-    who = (f"this process could not complete the join at {coordinator}: process 0 (which runs "
-           "the coordinator) or another process never started, crashed, or is unreachable")
-  return (f"jax.distributed: the {p.num_processes}-process job did not form within {seconds}s "
-          f"({where}, from {p.source}); {who}. Start the same command on every host (each logs "
-          "'jax.distributed: joining as process i of n'), check that the coordinator's host and "
-          f"port are reachable from all hosts, or raise {TIMEOUT_ENV}")
+    who = (
+      f"this process could not complete the join at {coordinator}: process 0 (which runs "
+      "the coordinator) or another process never started, crashed, or is unreachable"
+    )
+  return (
+    f"jax.distributed: the {p.num_processes}-process job did not form within {seconds}s "
+    f"({where}, from {p.source}); {who}. Start the same command on every host (each logs "
+    "'jax.distributed: joining as process i of n'), check that the coordinator's host and "
+    f"port are reachable from all hosts, or raise {TIMEOUT_ENV}"
+  )
 
 
 def initialize(timeout: Optional[int] = None) -> None:
@@ -175,8 +192,11 @@ def initialize(timeout: Optional[int] = None) -> None:
   in time ends this process with exit status 2 and one `error:` line (see `_not_formed`).
   """
   if jax.distributed.is_initialized():
-    log.info("jax.distributed: already initialised (process %d of %d)", jax.process_index(),
-             jax.process_count())
+    log.info(
+      "jax.distributed: already initialised (process %d of %d)",
+      jax.process_index(),
+      jax.process_count(),
+    )
     return
   p = plan()
   if p is None:
@@ -184,22 +204,33 @@ def initialize(timeout: Optional[int] = None) -> None:
     return
   seconds = timeout_s() if timeout is None else timeout
   peer_seconds = peer_timeout_s()
-  log.info("jax.distributed: joining as process %s of %s (from %s), coordinator %s, "
-           "timeout %ds", p.process_id, p.num_processes, p.source,
-           p.coordinator_address or "from the cluster", seconds)
+  log.info(
+    "jax.distributed: joining as process %s of %s (from %s), coordinator %s, timeout %ds",
+    p.process_id,
+    p.num_processes,
+    p.source,
+    p.coordinator_address or "from the cluster",
+    seconds,
+  )
   watchdog = threading.Timer(seconds, _give_up, args=(_not_formed(p, seconds),))
   watchdog.daemon = True
   watchdog.start()
   try:
     # JAX's heartbeat abort (no message) must come after PeerWatch's line.
-    jax.distributed.initialize(initialization_timeout=seconds + _JAX_GRACE_S,
-                               heartbeat_timeout_seconds=peer_seconds + _JAX_GRACE_S,
-                               **p.kwargs())
+    jax.distributed.initialize(
+      initialization_timeout=seconds + _JAX_GRACE_S,
+      heartbeat_timeout_seconds=peer_seconds + _JAX_GRACE_S,
+      **p.kwargs(),
+    )
   finally:
     watchdog.cancel()
-  log.info("jax.distributed ready: process %d of %d, %d local / %d global devices",
-           jax.process_index(), jax.process_count(), jax.local_device_count(),
-           jax.device_count())
+  log.info(
+    "jax.distributed ready: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   PeerWatch(peer_seconds).start()
 
 
@@ -213,8 +244,16 @@ def _give_up(message: str) -> None:
 
 EXIT_PEER_LOST = 3
 # How a collective or the coordination service reports a process of the job that is gone.
-_PEER_LOST = ("Gloo", "Connection reset by peer", "Connection closed by peer", "UNAVAILABLE",
-              "DEADLINE_EXCEEDED", "heartbeat", "Socket closed", "Broken pipe")
+_PEER_LOST = (
+  "Gloo",
+  "Connection reset by peer",
+  "Connection closed by peer",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "heartbeat",
+  "Socket closed",
+  "Broken pipe",
+)
 
 
 def exit_if_peer_lost(error: BaseException) -> None:
@@ -237,11 +276,14 @@ def _peer_lost(detail: str) -> None:
   """The one line and status 3; the first caller (main thread or PeerWatch) wins."""
   with _exit_lock:
     sys.stdout.flush()
-    print(f"error: process {jax.process_index()} of {jax.process_count()} on "
-          f"{socket.gethostname()}: another process of the job is gone (killed, preempted or its "
-          f"host lost: {detail}); stopping this one too. Restart the whole job with "
-          "--config.train.resume=True: it resumes from the last complete checkpoint",
-          file=sys.stderr, flush=True)
+    print(
+      f"error: process {jax.process_index()} of {jax.process_count()} on "
+      f"{socket.gethostname()}: another process of the job is gone (killed, preempted or its "
+      f"host lost: {detail}); stopping this one too. Restart the whole job with "
+      "--config.train.resume=True: it resumes from the last complete checkpoint",
+      file=sys.stderr,
+      flush=True,
+    )
     os._exit(EXIT_PEER_LOST)
 
 
@@ -260,6 +302,7 @@ class PeerWatch:
 
   def __init__(self, timeout: float, interval: Optional[float] = None):
     from jax._src import distributed as jax_distributed  # the client: no public accessor
+
     self.client = jax_distributed.global_state.client
     self.timeout = float(timeout)
     self.interval = interval if interval is not None else min(2.0, self.timeout / 5)
@@ -270,6 +313,7 @@ class PeerWatch:
 
   def start(self) -> "PeerWatch":
     import atexit
+
     atexit.register(self.finish)
     self._thread.start()
     return self
@@ -339,8 +383,10 @@ class StopOnSignal:
     self._multi = jax.process_count() > 1
     if self._multi:
       if jax.config.jax_enable_preemption_service is False:
-        raise DistributedError("jax_enable_preemption_service is off: a SIGTERM on one process "
-                               "could not stop the others at the same step; turn it back on")
+        raise DistributedError(
+          "jax_enable_preemption_service is off: a SIGTERM on one process "
+          "could not stop the others at the same step; turn it back on"
+        )
       self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._forward)}
     else:
       self._previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}

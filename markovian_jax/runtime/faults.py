@@ -45,8 +45,9 @@ def parse(text: str) -> list[Fault]:
     action, _, rest = item.partition("@")
     point, _, step = rest.partition(":")
     if action not in ACTIONS or point not in POINTS or not step.isdigit():
-      raise ValueError(f"{ENV}: {item!r} is not action@point:step with action in {ACTIONS} and "
-                       f"point in {POINTS}")
+      raise ValueError(
+        f"{ENV}: {item!r} is not action@point:step with action in {ACTIONS} and point in {POINTS}"
+      )
     faults.append(Fault(action, point, int(step)))
   return faults
 

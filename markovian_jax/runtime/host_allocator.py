@@ -107,19 +107,25 @@ def _decide(setting: str) -> tuple[str, bool]:
     return "system malloc (as configured)", True
   accelerator = accelerator_host()
   if accelerator:
-    return (f"system malloc: an accelerator host ({accelerator}), where XLA's temporaries live "
-            "in device memory; tcmalloc only helps CPU hosts"), True
+    return (
+      f"system malloc: an accelerator host ({accelerator}), where XLA's temporaries live "
+      "in device memory; tcmalloc only helps CPU hosts"
+    ), True
   mapped = mapped_tcmalloc()
   if mapped:
     return f"tcmalloc ({mapped})", True
   if os.environ.get(_REEXECUTED):
-    return (f"system malloc: tcmalloc was preloaded ({os.environ.get('LD_PRELOAD', '')!r}) but "
-            "is not mapped; on CPU every call then page-faults its temporaries in again"), False
+    return (
+      f"system malloc: tcmalloc was preloaded ({os.environ.get('LD_PRELOAD', '')!r}) but "
+      "is not mapped; on CPU every call then page-faults its temporaries in again"
+    ), False
   library = find_tcmalloc()
   if library is None:
-    return ("system malloc: tcmalloc is not installed, so on CPU every call page-faults its "
-            f"temporaries in again (about 2 s per SmolLM2 update); install it with "
-            f"{INSTALL_HINT}, or set {_KEY}=system to silence this"), False
+    return (
+      "system malloc: tcmalloc is not installed, so on CPU every call page-faults its "
+      f"temporaries in again (about 2 s per SmolLM2 update); install it with "
+      f"{INSTALL_HINT}, or set {_KEY}=system to silence this"
+    ), False
   env = dict(os.environ, LD_PRELOAD=preload_value(library, os.environ.get("LD_PRELOAD", "")))
   env[_REEXECUTED] = "1"
   sys.stdout.flush()

@@ -52,7 +52,9 @@ _H100 = dict(chip="H100 80GB", memory_gib=79.6, gpu=True)  # 81559 MiB as nvidia
 _V5E = dict(chip="TPU v5e", memory_gib=16.0)
 _V5P = dict(chip="TPU v5p", memory_gib=95.0)
 
-PRESETS = {p.name: p for p in (
+PRESETS = {
+  p.name: p
+  for p in (
     Preset("1xh100", (1, 1, 1), **_H100),
     Preset("8xh100", (8, 1, 1), **_H100),
     Preset("2x8xh100", (16, 1, 1), hosts=2, **_H100),
@@ -62,7 +64,8 @@ PRESETS = {p.name: p for p in (
     Preset("v5p-64", (32, 1, 1), hosts=8, **_V5P),
     Preset("1xgpu", (1, 1, 1)),
     Preset("cpu", (-1, 1, 1)),
-)}
+  )
+}
 
 
 def gpu_fraction() -> float:

@@ -18,12 +18,26 @@ from tqdm import tqdm
 Progress = Union[bool, tqdm]
 
 
-def bar(total: int, desc: str, *, unit: str = "row", initial: int = 0, leave: bool = True,
-        enabled: bool = True) -> tqdm:
+def bar(
+  total: int,
+  desc: str,
+  *,
+  unit: str = "row",
+  initial: int = 0,
+  leave: bool = True,
+  enabled: bool = True,
+) -> tqdm:
   """A progress bar of `total` `unit`s (disabled off process 0 or when not `enabled`)."""
   import jax
-  return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave,
-              disable=not enabled or jax.process_index() != 0)
+
+  return tqdm(
+    total=total,
+    desc=desc,
+    unit=unit,
+    initial=initial,
+    leave=leave,
+    disable=not enabled or jax.process_index() != 0,
+  )
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@
 2. `DEFAULT_RULES`: logical axis -> mesh axes of the `('data', 'fsdp', 'tensor')` mesh.
 
     logical axis   mesh axes          why
-    batch          (data, fsdp)       data parallelism; FSDP is data parallelism with sharded weights
+    batch          (data, fsdp)       data parallelism; FSDP: data parallelism, weights sharded
     embed          fsdp               the model dim of every weight: FSDP shards it
     q_heads        tensor             Megatron-style attention: heads split across tensor ranks
     kv_heads       tensor
@@ -40,64 +40,65 @@ import re
 from typing import Mapping, Optional, Sequence, Union
 
 import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from markovian_jax.runtime import presets
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: Mapping[str, Optional[tuple]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "q_heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "layers": None,
-    "norm": None,
-    "lora_rank": None,
-    "cache_batch": ("data", "fsdp"),
-    "cache_seq": None,
-    "cache_kv_heads": ("tensor",),
-    "head_dim": None,
+  "batch": ("data", "fsdp"),
+  "embed": ("fsdp",),
+  "q_heads": ("tensor",),
+  "kv_heads": ("tensor",),
+  "mlp": ("tensor",),
+  "vocab": ("tensor",),
+  "layers": None,
+  "norm": None,
+  "lora_rank": None,
+  "cache_batch": ("data", "fsdp"),
+  "cache_seq": None,
+  "cache_kv_heads": ("tensor",),
+  "head_dim": None,
 }
 
 # (path regex, logical axes of the kernel). Paths are '/'-joined keys of the params tree.
 PARAM_AXES = (
-    (r"(^|/)embed/embedding$", ("vocab", "embed")),
-    (r"lm_head/kernel$", ("embed", "vocab")),
-    (r"layers/attn/q/kernel$", ("layers", "embed", "q_heads")),
-    (r"layers/attn/(k|v)/kernel$", ("layers", "embed", "kv_heads")),
-    (r"layers/attn/o/kernel$", ("layers", "q_heads", "embed")),
-    (r"layers/mlp/(gate|up)/kernel$", ("layers", "embed", "mlp")),
-    (r"layers/mlp/down/kernel$", ("layers", "mlp", "embed")),
-    (r"layers/\w+_norm/(scale|bias)$", ("layers", "norm")),
-    (r"final_norm/(scale|bias)$", ("norm",)),
-    # Family variants (models/config.py FAMILIES). A fused q|k|v or gate|up kernel splits its
-    # output dim like q / gate: numerically exact on any mesh (the q, k, v slices are resharded
-    # where a split crosses them); the families that fuse are small readers.
-    (r"layers/attn/qkv/kernel$", ("layers", "embed", "q_heads")),
-    (r"layers/mlp/gate_up/kernel$", ("layers", "embed", "mlp")),
-    (r"layers/attn/(q|qkv)/bias$", ("layers", "q_heads")),
-    (r"layers/attn/(k|v)/bias$", ("layers", "kv_heads")),
-    (r"layers/mlp/(gate|up|gate_up)/bias$", ("layers", "mlp")),
-    (r"layers/(attn/o|mlp/down)/bias$", ("layers", "norm")),
-    (r"layers/attn/(q|k)_norm/scale$", ("layers", "head_dim")),
-    (r"pos_embed/embedding$", (None, "embed")),
+  (r"(^|/)embed/embedding$", ("vocab", "embed")),
+  (r"lm_head/kernel$", ("embed", "vocab")),
+  (r"layers/attn/q/kernel$", ("layers", "embed", "q_heads")),
+  (r"layers/attn/(k|v)/kernel$", ("layers", "embed", "kv_heads")),
+  (r"layers/attn/o/kernel$", ("layers", "q_heads", "embed")),
+  (r"layers/mlp/(gate|up)/kernel$", ("layers", "embed", "mlp")),
+  (r"layers/mlp/down/kernel$", ("layers", "mlp", "embed")),
+  (r"layers/\w+_norm/(scale|bias)$", ("layers", "norm")),
+  (r"final_norm/(scale|bias)$", ("norm",)),
+  # Family variants (models/config.py FAMILIES). A fused q|k|v or gate|up kernel splits its
+  # output dim like q / gate: numerically exact on any mesh (the q, k, v slices are resharded
+  # where a split crosses them); the families that fuse are small readers.
+  (r"layers/attn/qkv/kernel$", ("layers", "embed", "q_heads")),
+  (r"layers/mlp/gate_up/kernel$", ("layers", "embed", "mlp")),
+  (r"layers/attn/(q|qkv)/bias$", ("layers", "q_heads")),
+  (r"layers/attn/(k|v)/bias$", ("layers", "kv_heads")),
+  (r"layers/mlp/(gate|up|gate_up)/bias$", ("layers", "mlp")),
+  (r"layers/(attn/o|mlp/down)/bias$", ("layers", "norm")),
+  (r"layers/attn/(q|k)_norm/scale$", ("layers", "head_dim")),
+  (r"pos_embed/embedding$", (None, "embed")),
 )
 
 # The sampler's layout (module docstring, 3.): rows over data; fsdp joins tensor on the weights.
 DECODE_RULES: Mapping[str, Optional[tuple]] = {
-    **DEFAULT_RULES,
-    "batch": ("data",),
-    "embed": None,
-    "q_heads": ("fsdp", "tensor"),
-    "kv_heads": ("fsdp", "tensor"),
-    "mlp": ("fsdp", "tensor"),
-    "vocab": ("fsdp", "tensor"),
-    "cache_batch": ("data",),
-    "cache_kv_heads": ("fsdp", "tensor"),
+  **DEFAULT_RULES,
+  "batch": ("data",),
+  "embed": None,
+  "q_heads": ("fsdp", "tensor"),
+  "kv_heads": ("fsdp", "tensor"),
+  "mlp": ("fsdp", "tensor"),
+  "vocab": ("fsdp", "tensor"),
+  "cache_batch": ("data",),
+  "cache_kv_heads": ("fsdp", "tensor"),
 }
 
 # Mesh shapes (data, fsdp, tensor) by hardware, selected with config.mesh.preset (`presets`).
@@ -122,8 +123,9 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
       raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) > num_devices:
-    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
-                     f"but {num_devices} are available")
+    raise ValueError(
+      f"mesh shape {shape} needs {math.prod(shape)} devices, but {num_devices} are available"
+    )
   return shape
 
 
@@ -132,10 +134,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   `with_sharding_constraint`)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(shape, len(devices))
-  devices = devices[:math.prod(shape)]
+  devices = devices[: math.prod(shape)]
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(
+      shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
   return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
 
@@ -171,9 +174,12 @@ def axis_sizes(mesh: MeshLike) -> dict:
   return dict(zip(MESH_AXES, (int(s) for s in mesh)))
 
 
-def logical_to_spec(axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
-                    mesh: Optional[MeshLike] = None,
-                    rules: Mapping[str, Optional[tuple]] = DEFAULT_RULES) -> P:
+def logical_to_spec(
+  axes: Sequence[Optional[str]],
+  shape: Optional[Sequence[int]] = None,
+  mesh: Optional[MeshLike] = None,
+  rules: Mapping[str, Optional[tuple]] = DEFAULT_RULES,
+) -> P:
   """PartitionSpec for logical axes; with `shape` and `mesh` (a Mesh or `axis_sizes` input), a
   mesh axis that does not divide its dim (or is already used by an earlier dim) is dropped."""
   sizes = axis_sizes(mesh) if mesh is not None else None
@@ -241,8 +247,10 @@ def named_sharding(mesh: Mesh, axes, shape, rules=DEFAULT_RULES) -> NamedShardin
 
 def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedSharding for every leaf of a base-params or LoRA-params tree (arrays or shape structs)."""
+
   def one(path, leaf):
     return named_sharding(mesh, param_logical_axes(path_str(path), leaf.ndim), leaf.shape, rules)
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -260,8 +268,9 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> Nam
   return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape, rules)
 
 
-def cache_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES, *,
-                   values: bool = False) -> NamedSharding:
+def cache_sharding(
+  mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES, *, values: bool = False
+) -> NamedSharding:
   """Sharding of the key cache (or, with `values`, the value cache)."""
   return named_sharding(mesh, VALUE_CACHE_AXES if values else KEY_CACHE_AXES, shape, rules)
 

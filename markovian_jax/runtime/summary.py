@@ -13,9 +13,9 @@ import logging
 import os
 from typing import Mapping
 
+from etils import epath
 import jax
 import numpy as np
-from etils import epath
 
 
 class _EpathRecordFile:
@@ -50,6 +50,7 @@ def _route_uri_through_epath(logdir: str) -> None:
   scheme, sep, _ = logdir.partition("://")
   if sep:
     from tensorboardX import record_writer
+
     record_writer.register_writer_factory(scheme, _EpathFiles())
 
 
@@ -71,6 +72,7 @@ class SummaryWriter:
 
   def _open(self):
     from tensorboardX import SummaryWriter as _Writer
+
     return _Writer(self._logdir, filename_suffix=f".{os.getpid()}.{next(_FILES):06d}")
 
   def scalars(self, step: int, values: Mapping[str, float], prefix: str = ""):
@@ -96,8 +98,10 @@ class SummaryWriter:
     if self._writer is None:
       return
     from tensorboardX.proto.event_pb2 import Event, SessionLog
+
     self._writer.file_writer.add_event(
-        Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+      Event(step=step + 1, session_log=SessionLog(status=SessionLog.START))
+    )
     self.flush()
 
   def flush(self):
@@ -116,8 +120,9 @@ class SummaryWriter:
     except OSError as e:
       if e.errno != errno.ENOSPC:
         raise
-      logging.getLogger(__name__).warning("TensorBoard events not all written: no space left "
-                                          "on device in %s", self._logdir)
+      logging.getLogger(__name__).warning(
+        "TensorBoard events not all written: no space left on device in %s", self._logdir
+      )
 
   def close(self):
     if self._writer is not None:
@@ -128,6 +133,7 @@ class SummaryWriter:
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """All scalar series in an event directory, for tests and reports."""
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
   acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "tensors": 0})
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

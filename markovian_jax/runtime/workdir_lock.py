@@ -64,8 +64,7 @@ def acquire(workdir) -> Optional[WorkdirLock]:
   """Locks `workdir` (created if missing) for this process; None for an object-store URI."""
   text = os.fspath(workdir)
   if "://" in text:
-    logging.info("%s: an object store has no file locks; not guarding against a second run",
-                 text)
+    logging.info("%s: an object store has no file locks; not guarding against a second run", text)
     return None
   os.makedirs(text, exist_ok=True)
   path = os.path.realpath(os.path.join(text, LOCK_NAME))
@@ -79,17 +78,30 @@ def acquire(workdir) -> Optional[WorkdirLock]:
     who = _holder(f)
     f.close()
     raise WorkdirBusy(
-        f"config.workdir: {text} is in use by another run (pid {who.get('pid', '?')} on "
-        f"{who.get('host', '?')}, since {who.get('started', '?')}); wait for it to finish or "
-        "give another --config.workdir") from None
+      f"config.workdir: {text} is in use by another run (pid {who.get('pid', '?')} on "
+      f"{who.get('host', '?')}, since {who.get('started', '?')}); wait for it to finish or "
+      "give another --config.workdir"
+    ) from None
   stale = _holder(f)
   if stale.get("pid"):
-    logging.warning("%s: taking over the lock of a run that is gone (pid %s on %s, since %s)",
-                    text, stale.get("pid"), stale.get("host"), stale.get("started"))
+    logging.warning(
+      "%s: taking over the lock of a run that is gone (pid %s on %s, since %s)",
+      text,
+      stale.get("pid"),
+      stale.get("host"),
+      stale.get("started"),
+    )
   f.seek(0)
   f.truncate()
-  f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+  f.write(
+    json.dumps(
+      {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+      }
+    )
+  )
   f.flush()
   lock = _HELD[path] = WorkdirLock(path, f)
   return lock

@@ -10,7 +10,12 @@ temperature=0.0)` returns `.tokens` [B, N].
 May import: runtime, models.
 """
 
-from markovian_jax.sampling.sampler import (TOP_P_WINDOW, SampleOutput, compile_count, generate,
-                                            generate_with_reference)
+from markovian_jax.sampling.sampler import (
+  TOP_P_WINDOW,
+  SampleOutput,
+  compile_count,
+  generate,
+  generate_with_reference,
+)
 
 __all__ = ["TOP_P_WINDOW", "SampleOutput", "compile_count", "generate", "generate_with_reference"]

@@ -23,6 +23,6 @@ def pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int = 0):
     if len(s) > length:
       raise ValueError(f"sequence {i} has {len(s)} tokens, more than the padded length {length}")
     if len(s):
-      tokens[i, length - len(s):] = s
-      mask[i, length - len(s):] = True
+      tokens[i, length - len(s) :] = s
+      mask[i, length - len(s) :] = True
   return tokens, mask

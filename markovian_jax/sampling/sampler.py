@@ -59,16 +59,16 @@ import logging
 import math
 from typing import Optional, Sequence
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import struct
 from jax.sharding import Mesh, NamedSharding
+import numpy as np
 
-from markovian_jax.sampling import batching
-from markovian_jax.runtime import sharding
 from markovian_jax.models import decoder
 from markovian_jax.models.config import DecoderConfig
+from markovian_jax.runtime import sharding
+from markovian_jax.sampling import batching
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class SampleOutput:
 
   R = B * num_samples rows, grouped by prompt (prompt 0's samples first).
   """
+
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
@@ -107,6 +108,7 @@ class _LoopState:
     tokens: int32 [R, N]: the selected tokens; the pad id from the end of the row on.
     logprobs: float32 [R, N]: their log-probs; 0 from the end of the row on.
   """
+
   step: jax.Array
   cache: tuple
   slots: jax.Array
@@ -126,6 +128,7 @@ def compile_count() -> int:
 @dataclasses.dataclass(frozen=True)
 class _Mode:
   """Everything static about one sampler program (hashable: a jit static argument)."""
+
   config: DecoderConfig
   max_new_tokens: int
   num_samples: int
@@ -146,6 +149,7 @@ class _Mode:
 
 
 # ------------------------------------------------------------------ token selection
+
 
 def _last_positive(w: jax.Array) -> jax.Array:
   """int32 [R]: index of the last entry > 0 along the last axis of w [R, M] (0 if none)."""
@@ -174,8 +178,9 @@ def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
   take = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]  # noqa: E731
   rest = target - (take(csum, b) - take(sums, b))
   inner = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [R, blk]
-  j = jnp.minimum(jnp.sum(jnp.cumsum(inner, axis=-1) <= rest[:, None], axis=-1),
-                  _last_positive(inner))
+  j = jnp.minimum(
+    jnp.sum(jnp.cumsum(inner, axis=-1) <= rest[:, None], axis=-1), _last_positive(inner)
+  )
   return (b * blk + j).astype(jnp.int32)
 
 
@@ -250,6 +255,7 @@ def _select(mode: _Mode, logits, u, temperature, top_p, block, greedy_rows=None)
 
 # ------------------------------------------------------------------ the program
 
+
 def _constrain(x, mesh: Optional[Mesh], spec_fn):
   if mesh is None:
     return x
@@ -265,8 +271,10 @@ def _rows_sharding(mesh: Mesh, shape) -> NamedSharding:
 
 
 def _cache_specs():
-  return (functools.partial(sharding.cache_sharding, rules=_RULES),
-          functools.partial(sharding.cache_sharding, rules=_RULES, values=True))
+  return (
+    functools.partial(sharding.cache_sharding, rules=_RULES),
+    functools.partial(sharding.cache_sharding, rules=_RULES, values=True),
+  )
 
 
 def _decode_layout(params, lora, mesh: Optional[Mesh]):
@@ -274,7 +282,8 @@ def _decode_layout(params, lora, mesh: Optional[Mesh]):
   if mesh is None or sharding.axis_sizes(mesh)["fsdp"] == 1:
     return params, lora
   place = lambda tree: jax.lax.with_sharding_constraint(  # noqa: E731
-      tree, sharding.param_shardings(tree, mesh, _RULES))
+    tree, sharding.param_shardings(tree, mesh, _RULES)
+  )
   params = place(params)
   if lora is not None:
     lora = lora.replace(params=place(lora.params))
@@ -288,8 +297,14 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   b, p = tokens.shape
   g, n, c = mode.num_samples, mode.max_new_tokens, mode.config
   _COMPILES[(mode, b, p, lora is None)] += 1
-  log.info("sampler: compiling batch=%d bucket=%d new_tokens=%d num_samples=%d (program %d)",
-           b, p, n, g, compile_count())
+  log.info(
+    "sampler: compiling batch=%d bucket=%d new_tokens=%d num_samples=%d (program %d)",
+    b,
+    p,
+    n,
+    g,
+    compile_count(),
+  )
   params, lora = _decode_layout(params, lora, mode.mesh)
   # Which prefill row each decode row continues: the G samples of prompt i share prefill row i;
   # reference rows (after all samples) continue a base-model prefill of the same prompts.
@@ -307,26 +322,41 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
     row_scale = jnp.pad(row_scale, (0, rows - real))
     greedy_rows = row_scale == 0
   if mode.mesh is not None:  # the prefill splits over data too (filler prompts: copies of 0)
-    fill = jnp.zeros((sharding.pad_rows(tokens.shape[0], mode.mesh, _RULES) - tokens.shape[0],),
-                     jnp.int32)
-    tokens, mask = (_constrain(jnp.concatenate([x, x[fill]]), mode.mesh, _rows_sharding)
-                    for x in (tokens, mask))
+    fill = jnp.zeros(
+      (sharding.pad_rows(tokens.shape[0], mode.mesh, _RULES) - tokens.shape[0],), jnp.int32
+    )
+    tokens, mask = (
+      _constrain(jnp.concatenate([x, x[fill]]), mode.mesh, _rows_sharding) for x in (tokens, mask)
+    )
     if prefill_scale is not None:
       prefill_scale = jnp.pad(prefill_scale, (0, fill.shape[0]))
   # Prefill: one forward over the distinct prompts, into a cache that holds only the prompt.
   dtype = jnp.dtype(c.dtype)
-  cache = tuple(_constrain(jnp.zeros(shape, dtype), mode.mesh, spec)
-                for shape, spec in zip(decoder.cache_shape(c, tokens.shape[0], p), _cache_specs()))
+  cache = tuple(
+    _constrain(jnp.zeros(shape, dtype), mode.mesh, spec)
+    for shape, spec in zip(decoder.cache_shape(c, tokens.shape[0], p), _cache_specs())
+  )
   positions = decoder.positions_from_mask(mask)
-  hidden, cache = decoder.forward(c, params, tokens, attention_mask=mask, positions=positions,
-                                lora=lora, cache=cache, cache_index=0, cache_mask=mask,
-                                lora_row_scale=prefill_scale)
+  hidden, cache = decoder.forward(
+    c,
+    params,
+    tokens,
+    attention_mask=mask,
+    positions=positions,
+    lora=lora,
+    cache=cache,
+    cache_index=0,
+    cache_mask=mask,
+    lora_row_scale=prefill_scale,
+  )
   logits = decoder.project(c, params, hidden[:, -1])
 
   # Share it among the G samples and make room for the N new tokens.
   room = ([(0, 0)] * 4 + [(0, n)], [(0, 0)] * 3 + [(0, n), (0, 0)])  # slots: last / 4th axis
-  cache = tuple(_constrain(jnp.pad(jnp.take(x, source, axis=1), pad), mode.mesh, spec)
-                for x, pad, spec in zip(cache, room, _cache_specs()))
+  cache = tuple(
+    _constrain(jnp.pad(jnp.take(x, source, axis=1), pad), mode.mesh, spec)
+    for x, pad, spec in zip(cache, room, _cache_specs())
+  )
   slots = jnp.pad(mask[source], [(0, 0), (0, n)])
   logits = _constrain(logits[source], mode.mesh, _rows_sharding)
   pos = positions[source, -1] + 1
@@ -353,29 +383,49 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
   def body(state: _LoopState) -> _LoopState:
     tok, state = select(state)
     i = state.step
-    slots = jax.lax.dynamic_update_slice_in_dim(state.slots, jnp.ones((rows, 1), bool), p + i,
-                                                axis=1)
-    hidden, cache = decoder.forward(c, params, tok[:, None], positions=state.positions[:, None],
-                                  lora=lora, cache=state.cache, cache_index=p + i,
-                                  cache_mask=slots, lora_row_scale=row_scale)
+    slots = jax.lax.dynamic_update_slice_in_dim(
+      state.slots, jnp.ones((rows, 1), bool), p + i, axis=1
+    )
+    hidden, cache = decoder.forward(
+      c,
+      params,
+      tok[:, None],
+      positions=state.positions[:, None],
+      lora=lora,
+      cache=state.cache,
+      cache_index=p + i,
+      cache_mask=slots,
+      lora_row_scale=row_scale,
+    )
     logits = decoder.project(c, params, hidden[:, 0])
-    return state.replace(step=i + 1, cache=cache, slots=slots, logits=logits,
-                         positions=state.positions + 1)
+    return state.replace(
+      step=i + 1, cache=cache, slots=slots, logits=logits, positions=state.positions + 1
+    )
 
   def cond(state: _LoopState) -> jax.Array:
     return (state.step < n - 1) & ~jnp.all(state.done)
 
   # Filler rows are done from the start: they emit pads and never hold the early exit back.
-  init = _LoopState(step=jnp.int32(0), cache=cache, slots=slots, logits=logits, positions=pos,
-                    done=jnp.arange(rows) >= real, lengths=jnp.zeros((rows,), jnp.int32),
-                    tokens=jnp.full((rows, n), pad_id, jnp.int32),
-                    logprobs=jnp.zeros((rows, n), jnp.float32))
+  init = _LoopState(
+    step=jnp.int32(0),
+    cache=cache,
+    slots=slots,
+    logits=logits,
+    positions=pos,
+    done=jnp.arange(rows) >= real,
+    lengths=jnp.zeros((rows,), jnp.int32),
+    tokens=jnp.full((rows, n), pad_id, jnp.int32),
+    logprobs=jnp.zeros((rows, n), jnp.float32),
+  )
   state = jax.lax.while_loop(cond, body, init)
   # The last token needs no forward pass after it (and after an early exit this writes pads).
   _, state = select(state)
   out = SampleOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths)
-  part = lambda lo, hi: jax.tree.map(  # noqa: E731
-      lambda x: _constrain(x[lo:hi], mode.mesh, _rows_sharding), out)
+  part = (
+    lambda lo, hi: jax.tree.map(  # noqa: E731
+      lambda x: _constrain(x[lo:hi], mode.mesh, _rows_sharding), out
+    )
+  )
   if mode.reference_rows:
     return part(0, b * g), part(b * g, real)
   return part(0, real)
@@ -383,10 +433,13 @@ def _generate(params, lora, tokens, mask, rng, temperature, top_p, min_new_token
 
 # ------------------------------------------------------------------ host side
 
+
 def _check_mask(mask: np.ndarray):
   if not mask.any(axis=1).all():
-    raise ValueError(f"prompt rows {np.flatnonzero(~mask.any(axis=1)).tolist()} are empty "
-                     "(no real token in prompt_mask)")
+    raise ValueError(
+      f"prompt rows {np.flatnonzero(~mask.any(axis=1)).tolist()} are empty "
+      "(no real token in prompt_mask)"
+    )
   if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
     bad = np.flatnonzero((np.diff(mask.astype(np.int8), axis=1) < 0).any(axis=1)).tolist()
     raise ValueError(f"prompt rows {bad} are not left-padded (padding must come before the tokens)")
@@ -415,8 +468,9 @@ def _host_prompts(prompt_ids, prompt_mask, bucket: int, vocab_size: int):
     tokens, mask = np.pad(tokens.astype(np.int32), pad), np.pad(mask, pad)
   real = tokens[mask]
   if real.size and (real.min() < 0 or real.max() >= vocab_size):
-    raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got "
-                     f"[{int(real.min())}, {int(real.max())}]")
+    raise ValueError(
+      f"prompt token ids must be in [0, {vocab_size}), got [{int(real.min())}, {int(real.max())}]"
+    )
   return tokens, mask
 
 
@@ -435,11 +489,26 @@ def _params_mesh(params) -> Optional[Mesh]:
   return None
 
 
-def generate(config: DecoderConfig, params, prompt_ids, *, max_new_tokens: int, rng=None,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, lora=None,
-             min_new_tokens: int = 0, eos_ids: Sequence[int] = (), prompt_mask=None,
-             num_samples: int = 1, bucket: int = 64, top_p_window: int = TOP_P_WINDOW,
-             mesh: Optional[Mesh] = None, _reference_rows: bool = False) -> SampleOutput:
+def generate(
+  config: DecoderConfig,
+  params,
+  prompt_ids,
+  *,
+  max_new_tokens: int,
+  rng=None,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  lora=None,
+  min_new_tokens: int = 0,
+  eos_ids: Sequence[int] = (),
+  prompt_mask=None,
+  num_samples: int = 1,
+  bucket: int = 64,
+  top_p_window: int = TOP_P_WINDOW,
+  mesh: Optional[Mesh] = None,
+  _reference_rows: bool = False,
+) -> SampleOutput:
   """Samples `max_new_tokens` tokens after each prompt, `num_samples` times per prompt.
 
   Args:
@@ -471,8 +540,9 @@ def generate(config: DecoderConfig, params, prompt_ids, *, max_new_tokens: int, 
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if not 0 <= int(min_new_tokens) <= int(max_new_tokens):
-    raise ValueError(f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens="
-                     f"{max_new_tokens}]")
+    raise ValueError(
+      f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={max_new_tokens}]"
+    )
   eos_ids = tuple(dict.fromkeys(int(e) for e in eos_ids))  # deduplicated, order kept
   if any(not 0 <= e < config.vocab_size for e in eos_ids):
     raise ValueError(f"eos_ids {eos_ids} must be in [0, {config.vocab_size})")
@@ -483,8 +553,9 @@ def generate(config: DecoderConfig, params, prompt_ids, *, max_new_tokens: int, 
     tokens = prompt_ids.astype(jnp.int32)
     mask = jnp.ones(tokens.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
     if mask.shape != tokens.shape or tokens.ndim != 2:
-      raise ValueError(f"prompt_ids {tokens.shape} must be [B, P] and match prompt_mask "
-                       f"{mask.shape}")
+      raise ValueError(
+        f"prompt_ids {tokens.shape} must be [B, P] and match prompt_mask {mask.shape}"
+      )
     if mesh is None and isinstance(prompt_ids.sharding, NamedSharding):
       mesh = prompt_ids.sharding.mesh
   else:
@@ -494,8 +565,10 @@ def generate(config: DecoderConfig, params, prompt_ids, *, max_new_tokens: int, 
       tokens, mask = _place(tokens, mesh), _place(mask, mesh)
   longest = tokens.shape[1] + int(max_new_tokens)
   if longest > config.max_position_embeddings:
-    raise ValueError(f"padded prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
-                     f"{longest} exceeds max_position_embeddings={config.max_position_embeddings}")
+    raise ValueError(
+      f"padded prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
+      f"{longest} exceeds max_position_embeddings={config.max_position_embeddings}"
+    )
 
   if rng is None:
     rng = 0
@@ -504,20 +577,49 @@ def generate(config: DecoderConfig, params, prompt_ids, *, max_new_tokens: int, 
   if lora is not None and lora.dropout:
     lora = lora.replace(dropout=0.0)  # sampling is deterministic given rng; also one program
   greedy = temperature == 0
-  mode = _Mode(config=config, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
-               greedy=greedy, top_k=0 if greedy else int(top_k),
-               use_top_p=not greedy and top_p < 1.0, top_p_window=int(top_p_window),
-               eos_ids=eos_ids, mesh=mesh, reference_rows=_reference_rows)
-  return _generate(params, lora, tokens, mask, rng, jnp.float32(temperature or 1.0),
-                   jnp.float32(top_p), jnp.int32(min_new_tokens), mode=mode)
+  mode = _Mode(
+    config=config,
+    max_new_tokens=int(max_new_tokens),
+    num_samples=int(num_samples),
+    greedy=greedy,
+    top_k=0 if greedy else int(top_k),
+    use_top_p=not greedy and top_p < 1.0,
+    top_p_window=int(top_p_window),
+    eos_ids=eos_ids,
+    mesh=mesh,
+    reference_rows=_reference_rows,
+  )
+  return _generate(
+    params,
+    lora,
+    tokens,
+    mask,
+    rng,
+    jnp.float32(temperature or 1.0),
+    jnp.float32(top_p),
+    jnp.int32(min_new_tokens),
+    mode=mode,
+  )
 
 
-def generate_with_reference(config: DecoderConfig, params, prompt_ids, *, lora,
-                            max_new_tokens: int, rng=None, temperature: float = 1.0,
-                            top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
-                            eos_ids: Sequence[int] = (), prompt_mask=None, num_samples: int = 1,
-                            bucket: int = 64, mesh: Optional[Mesh] = None
-                            ) -> tuple[SampleOutput, SampleOutput]:
+def generate_with_reference(
+  config: DecoderConfig,
+  params,
+  prompt_ids,
+  *,
+  lora,
+  max_new_tokens: int,
+  rng=None,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  min_new_tokens: int = 0,
+  eos_ids: Sequence[int] = (),
+  prompt_mask=None,
+  num_samples: int = 1,
+  bucket: int = 64,
+  mesh: Optional[Mesh] = None,
+) -> tuple[SampleOutput, SampleOutput]:
   """The policy's samples and the base model's greedy continuation of every prompt, in one
   decode loop: what a Markovian step samples (G CoTs per question under base + `lora`, and the
   baseline CoT' of the frozen base model).
@@ -532,11 +634,38 @@ def generate_with_reference(config: DecoderConfig, params, prompt_ids, *, lora,
     (samples: SampleOutput of B * num_samples rows, as `generate(..., lora=lora)`;
      reference: SampleOutput of B rows, as `generate(..., temperature=0, lora=None)`).
   """
-  kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_ids=eos_ids,
-            prompt_mask=prompt_mask, bucket=bucket, mesh=mesh)
+  kw = dict(
+    max_new_tokens=max_new_tokens,
+    min_new_tokens=min_new_tokens,
+    eos_ids=eos_ids,
+    prompt_mask=prompt_mask,
+    bucket=bucket,
+    mesh=mesh,
+  )
   if lora is None or temperature == 0 or top_k or top_p < 1.0:
-    return (generate(config, params, prompt_ids, lora=lora, rng=rng, temperature=temperature,
-                     top_k=top_k, top_p=top_p, num_samples=num_samples, **kw),
-            generate(config, params, prompt_ids, temperature=0.0, **kw))
-  return generate(config, params, prompt_ids, lora=lora, rng=rng, temperature=temperature,
-                  num_samples=num_samples, _reference_rows=True, **kw)
+    return (
+      generate(
+        config,
+        params,
+        prompt_ids,
+        lora=lora,
+        rng=rng,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        **kw,
+      ),
+      generate(config, params, prompt_ids, temperature=0.0, **kw),
+    )
+  return generate(
+    config,
+    params,
+    prompt_ids,
+    lora=lora,
+    rng=rng,
+    temperature=temperature,
+    num_samples=num_samples,
+    _reference_rows=True,
+    **kw,
+  )

@@ -34,13 +34,23 @@ from absl import logging
 
 from markovian_jax.runtime.errors import CheckpointError
 
-# The adapter's settings and where each lives in a checkpoint's state (training.state.checkpoint_json): the
-# "lora" entry for the shape of the adapter, the saved config for the rest.
+# The adapter's settings and where each lives in a checkpoint's state
+# (training.state.checkpoint_json): the "lora" entry for the shape of the adapter, the saved
+# config for the rest.
 _LORA_KEYS = ("rank", "alpha", "dropout")
-_CONFIG_KEYS = {"targets": ("lora", "targets"), "model": ("model", "path"),
-                "dtype": ("model", "dtype")}
-_CASTS = {"rank": int, "alpha": float, "dropout": float, "targets": tuple, "model": str,
-          "dtype": str}
+_CONFIG_KEYS = {
+  "targets": ("lora", "targets"),
+  "model": ("model", "path"),
+  "dtype": ("model", "dtype"),
+}
+_CASTS = {
+  "rank": int,
+  "alpha": float,
+  "dropout": float,
+  "targets": tuple,
+  "model": str,
+  "dtype": str,
+}
 # Optional: export names its own base model or its own dtype when these are missing.
 _OPTIONAL = ("model", "dtype")
 
@@ -51,6 +61,7 @@ class NoSelectionScore(CheckpointError):
 
 class Choice(NamedTuple):
   """A chosen checkpoint: its step and how it was chosen (for logs, export.json, protocols)."""
+
   step: int
   reason: str
 
@@ -59,6 +70,7 @@ def open_checkpoints(checkpoint_dir):
   """A read-only `checkpointing.Checkpointer` over an existing run's checkpoints (local or
   gs://...). Raises CheckpointError when the directory is missing or holds none."""
   from markovian_jax.runtime import checkpointing
+
   if not checkpoint_dir or not checkpointing.absolute(checkpoint_dir).is_dir():
     raise CheckpointError(f"--checkpoint_dir {checkpoint_dir}: no such directory")
   ckpt = checkpointing.Checkpointer(checkpoint_dir, create=False, keep_best=False)
@@ -77,10 +89,14 @@ def stored_scores(checkpoint_dir) -> dict:
   import orbax.checkpoint as ocp
 
   from markovian_jax.runtime import checkpointing
+
   manager = ocp.CheckpointManager(
-      checkpointing.absolute(checkpoint_dir), item_names=checkpointing.ITEMS,
-      options=ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["score"],
-                                           best_mode="max"))
+    checkpointing.absolute(checkpoint_dir),
+    item_names=checkpointing.ITEMS,
+    options=ocp.CheckpointManagerOptions(
+      create=False, best_fn=lambda m: m["score"], best_mode="max"
+    ),
+  )
   scores = {}
   for step in manager.all_steps():
     metrics = manager.metrics(step)
@@ -94,6 +110,7 @@ def _event_scores(checkpoint_dir, task: Optional[str]) -> tuple:
   """({step: selection accuracy}, tag) from the run's events (the checkpoint dir's parent)."""
   from markovian_jax.reporting import runs as report_runs
   from markovian_jax.runtime import checkpointing
+
   workdir = os.fspath(checkpointing.absolute(checkpoint_dir).parent)
   try:
     run = report_runs.load_run(workdir)
@@ -121,23 +138,32 @@ def best_step(checkpoint_dir) -> Choice:
   stored = {s: v for s, v in stored_scores(checkpoint_dir).items() if s in saved}
   if stored:
     step = _argmax(stored)
-    return Choice(step, f"best by selection: validation score stored with the checkpoint "
-                        f"({stored[step]:.4f})")
+    return Choice(
+      step, f"best by selection: validation score stored with the checkpoint ({stored[step]:.4f})"
+    )
   # The task names the events' selection tags; the latest state records it.
   task = (ckpt.restore_state(saved[-1]).get("config") or {}).get("task")
   scores, tag = _event_scores(checkpoint_dir, task)
   scores = {s: v for s, v in scores.items() if s in saved}
   if scores:
     step = _argmax(scores)
-    return Choice(step, f"best by selection: {tag} = {scores[step]:.4f} (best of saved steps "
-                        f"{sorted(scores)})")
-  raise NoSelectionScore(f"--best: none of the saved steps {saved} in {checkpoint_dir} has a "
-                         "validation score (none stored with the checkpoint, no selection/ "
-                         "scalars in the run's events); give --step")
+    return Choice(
+      step, f"best by selection: {tag} = {scores[step]:.4f} (best of saved steps {sorted(scores)})"
+    )
+  raise NoSelectionScore(
+    f"--best: none of the saved steps {saved} in {checkpoint_dir} has a "
+    "validation score (none stored with the checkpoint, no selection/ "
+    "scalars in the run's events); give --step"
+  )
 
 
-def choose_step(checkpoint_dir, step: Optional[int] = None, best: bool = False, *,
-                latest_if_unscored: bool = False) -> Choice:
+def choose_step(
+  checkpoint_dir,
+  step: Optional[int] = None,
+  best: bool = False,
+  *,
+  latest_if_unscored: bool = False,
+) -> Choice:
   """The checkpoint --step N, --best or (neither) the latest step selects. With
   `latest_if_unscored`, --best on a run without validation scores takes the latest step (with a
   warning) instead of raising NoSelectionScore. Raises CheckpointError (one line, naming the saved
@@ -156,15 +182,16 @@ def choose_step(checkpoint_dir, step: Optional[int] = None, best: bool = False, 
   if step is None:
     return Choice(saved[-1], "the latest step")
   if step not in saved:
-    raise CheckpointError(f"--step {step}: no checkpoint for that step in {checkpoint_dir}; "
-                          f"saved steps: {saved}")
+    raise CheckpointError(
+      f"--step {step}: no checkpoint for that step in {checkpoint_dir}; saved steps: {saved}"
+    )
   return Choice(step, "--step")
 
 
 def recorded_settings(state: Mapping[str, Any]) -> dict:
-  """What a checkpoint's state (training.state.checkpoint_json) records of its adapter and base model: any of
-  rank, alpha, dropout, targets, model (path), dtype; a key the state lacks is absent. The one
-  reader of the state's layout."""
+  """What a checkpoint's state (training.state.checkpoint_json) records of its adapter and base
+  model: any of rank, alpha, dropout, targets, model (path), dtype; a key the state lacks is
+  absent. The one reader of the state's layout."""
   lora = state.get("lora") or {}
   # The "lora" entry is the adapter as built; the saved config's lora section is what was asked.
   return {**_from_config(state.get("config")), **{k: lora[k] for k in _LORA_KEYS if k in lora}}
@@ -194,30 +221,41 @@ def adapter_settings(checkpoint_dir, step: int, config=None) -> dict:
   import json
 
   from markovian_jax.runtime import checkpointing
+
   state = open_checkpoints(checkpoint_dir).restore_state(step)
   settings = recorded_settings(state)
   missing = [k for k in _CASTS if k not in settings]
   if missing:
     run_json = checkpointing.absolute(checkpoint_dir).parent / "config.json"
     run_config = json.loads(run_json.read_text()) if run_json.is_file() else None
-    for source, values in (("the run's config.json", _from_config(run_config)),
-                           ("the given config", _from_config(config))):
+    for source, values in (
+      ("the run's config.json", _from_config(run_config)),
+      ("the given config", _from_config(config)),
+    ):
       found = {k: values[k] for k in missing if k in values}
       if found:
-        logging.info("checkpoint step %d records no %s; taken from %s", step, sorted(found),
-                     source)
+        logging.info("checkpoint step %d records no %s; taken from %s", step, sorted(found), source)
       settings.update(found)
       missing = [k for k in missing if k not in found]
   absent = [k for k in missing if k not in _OPTIONAL]
   if absent:
-    raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir} records no LoRA "
-                          f"{', '.join(absent)}, and neither the run's config.json nor a config "
-                          "gives one")
+    raise CheckpointError(
+      f"checkpoint step {step} in {checkpoint_dir} records no LoRA "
+      f"{', '.join(absent)}, and neither the run's config.json nor a config "
+      "gives one"
+    )
   return {k: (None if k in missing else _CASTS[k](settings[k])) for k in _CASTS}
 
 
-def restore_adapter(checkpoint_dir, step: int, model_config, settings: Optional[dict] = None, *,
-                    mesh=None, config=None):
+def restore_adapter(
+  checkpoint_dir,
+  step: int,
+  model_config,
+  settings: Optional[dict] = None,
+  *,
+  mesh=None,
+  config=None,
+):
   """The LoRA of checkpoint `step` as a `LoraAdapter` for `model_config` (a DecoderConfig), with
   the settings the run recorded (`adapter_settings(checkpoint_dir, step, config)` unless given),
   restored straight onto `mesh` (param_shardings) or, without one, the first local device. Raises
@@ -227,16 +265,26 @@ def restore_adapter(checkpoint_dir, step: int, model_config, settings: Optional[
 
   from markovian_jax.models import init_lora
   from markovian_jax.runtime import sharding
+
   s = settings or adapter_settings(checkpoint_dir, step, config)
-  template = init_lora(model_config, jax.random.PRNGKey(0), rank=s["rank"], alpha=s["alpha"],
-                       dropout=s["dropout"], targets=s["targets"])
-  template = template.replace(params=jax.device_put(
-      template.params, sharding.placement(template.params, mesh)))
+  template = init_lora(
+    model_config,
+    jax.random.PRNGKey(0),
+    rank=s["rank"],
+    alpha=s["alpha"],
+    dropout=s["dropout"],
+    targets=s["targets"],
+  )
+  template = template.replace(
+    params=jax.device_put(template.params, sharding.placement(template.params, mesh))
+  )
   try:
     params = open_checkpoints(checkpoint_dir).restore_lora(step, template.params)
   except CheckpointError:  # a broken checkpoint names its step itself
     raise
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir} does not fit a rank-"
-                          f"{s['rank']} LoRA on {list(s['targets'])} of this model: {e}") from e
+    raise CheckpointError(
+      f"checkpoint step {step} in {checkpoint_dir} does not fit a rank-"
+      f"{s['rank']} LoRA on {list(s['targets'])} of this model: {e}"
+    ) from e
   return template.replace(params=params)

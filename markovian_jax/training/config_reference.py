@@ -58,26 +58,40 @@ def _choice_expressions(module) -> dict[tuple[str, str], ast.expr]:
         args = node.args
         if name == "choice" and len(args) == 2 and isinstance(args[0], ast.Constant):
           found[(cls.name, args[0].value)] = args[1]
-        elif (name == "check_choice" and len(args) == 3 and isinstance(args[1], ast.Attribute)
-              and isinstance(args[1].value, ast.Name) and args[1].value.id == "self"):
+        elif (
+          name == "check_choice"
+          and len(args) == 3
+          and isinstance(args[1], ast.Attribute)
+          and isinstance(args[1].value, ast.Name)
+          and args[1].value.id == "self"
+        ):
           found[(cls.name, args[1].attr)] = args[2]
-      elif (isinstance(node, ast.Compare) and len(node.ops) == 1
-            and isinstance(node.ops[0], ast.NotIn) and isinstance(node.left, ast.Attribute)
-            and isinstance(node.left.value, ast.Name) and node.left.value.id in ("self", "c")):
+      elif (
+        isinstance(node, ast.Compare)
+        and len(node.ops) == 1
+        and isinstance(node.ops[0], ast.NotIn)
+        and isinstance(node.left, ast.Attribute)
+        and isinstance(node.left.value, ast.Name)
+        and node.left.value.id in ("self", "c")
+      ):
         found.setdefault((cls.name, node.left.attr), node.comparators[0])
   return found
 
 
 def _evaluate(expr: ast.expr, module) -> tuple:
-  value = eval(compile(ast.Expression(expr), module.__name__, "eval"),  # noqa: S307
-               vars(module))
+  value = eval(
+    compile(ast.Expression(expr), module.__name__, "eval"),  # noqa: S307
+    vars(module),
+  )
   return tuple(sorted(value)) if isinstance(value, dict) else tuple(value)
 
 
 def choices() -> dict[str, tuple]:
   """Dotted config key -> the values its validator accepts (keys with a fixed list only)."""
-  sections = {f.type if isinstance(f.type, str) else f.type.__name__: f.name
-              for f in dataclasses.fields(specs.RunSpec)}
+  sections = {
+    f.type if isinstance(f.type, str) else f.type.__name__: f.name
+    for f in dataclasses.fields(specs.RunSpec)
+  }
   out = {}
   for (cls, field), expr in _choice_expressions(specs).items():
     if cls == "RunSpec":
@@ -94,8 +108,7 @@ def descriptions() -> dict[str, str]:
   """Dotted key -> its description in configs/schema.py."""
   out = {f.name: f.metadata["description"] for f in dataclasses.fields(schema.Run)}
   for name, section in schema.SECTIONS.items():
-    out.update({f"{name}.{f.name}": f.metadata["description"]
-                for f in dataclasses.fields(section)})
+    out.update({f"{name}.{f.name}": f.metadata["description"] for f in dataclasses.fields(section)})
   return out
 
 
@@ -164,50 +177,69 @@ def render() -> str:
   accepted = choices()
   first = base.get_config("gsm8k")
   lines = [
-      "<!-- Generated from the code; do not edit. Regenerate with:",
-      f"     {COMMAND} -->",
-      "",
-      "# Configuration reference",
-      "",
-      "Every key of a run config, as `configs/base.py` builds it and `training/specs.py` checks "
-      "it. Set any of them on the command line as `--config.<key>=<value>` (the value must parse "
-      "as the type shown); a key that does not exist, or a value outside its choices, stops the "
-      "command before anything loads, naming the key. Defaults that depend on the task show the "
-      "value most tasks get, then the tasks that differ. Each key, its default and its "
-      "description are written once, in `configs/schema.py`; `python -m "
-      "markovian_jax.training.config_reference --keys [TASK]` lists them in a terminal.",
-      "",
+    "<!-- Generated from the code; do not edit. Regenerate with:",
+    f"     {COMMAND} -->",
+    "",
+    "# Configuration reference",
+    "",
+    "Every key of a run config, as `configs/base.py` builds it and `training/specs.py` checks "
+    "it. Set any of them on the command line as `--config.<key>=<value>` (the value must parse "
+    "as the type shown); a key that does not exist, or a value outside its choices, stops the "
+    "command before anything loads, naming the key. Defaults that depend on the task show the "
+    "value most tasks get, then the tasks that differ. Each key, its default and its "
+    "description are written once, in `configs/schema.py`; `python -m "
+    "markovian_jax.training.config_reference --keys [TASK]` lists them in a terminal.",
+    "",
   ]
   by_section = collections.OrderedDict()
   for key, value in _leaves(first):
     section = key.partition(".")[0] if "." in key else ""
     by_section.setdefault(section, []).append((key, value))
   for section, rows in by_section.items():
-    lines += [f"## {section or 'Top level'}", "",
-              "| key | type | default | choices | description |", "|---|---|---|---|---|"]
+    lines += [
+      f"## {section or 'Top level'}",
+      "",
+      "| key | type | default | choices | description |",
+      "|---|---|---|---|---|",
+    ]
     for key, value in rows:
       allowed = ", ".join(f"`{c}`" for c in accepted.get(key, ()))
-      lines.append(f"| `{key}` | {_type_name(value)} | {_cell(defaults[key])} | "
-                   f"{_cell(allowed)} | {_cell(described.get(key, ''))} |")
+      lines.append(
+        f"| `{key}` | {_type_name(value)} | {_cell(defaults[key])} | "
+        f"{_cell(allowed)} | {_cell(described.get(key, ''))} |"
+      )
     lines.append("")
-  lines += ["## Variants", "",
-            "`--config=<file>:<variant>` applies one of these on top of the task's defaults "
-            "(recorded as `variant`).", "",
-            "| variant | what it is | keys it sets |", "|---|---|---|", *_variant_rows(), "",
-            "## Presets", "",
-            "`mesh.preset=<name>` (or `--config=configs/presets/<name>.py[:task]`, which also "
-            "sets the `train.questions_per_step` the mesh needs) picks the mesh "
-            "`(data, fsdp, tensor)` and the memory the start-up plan assumes per chip.", "",
-            "| preset | chip | hosts | mesh | GiB per chip |", "|---|---|---|---|---|",
-            *_preset_rows(), ""]
+  lines += [
+    "## Variants",
+    "",
+    "`--config=<file>:<variant>` applies one of these on top of the task's defaults "
+    "(recorded as `variant`).",
+    "",
+    "| variant | what it is | keys it sets |",
+    "|---|---|---|",
+    *_variant_rows(),
+    "",
+    "## Presets",
+    "",
+    "`mesh.preset=<name>` (or `--config=configs/presets/<name>.py[:task]`, which also "
+    "sets the `train.questions_per_step` the mesh needs) picks the mesh "
+    "`(data, fsdp, tensor)` and the memory the start-up plan assumes per chip.",
+    "",
+    "| preset | chip | hosts | mesh | GiB per chip |",
+    "|---|---|---|---|---|",
+    *_preset_rows(),
+    "",
+  ]
   return "\n".join(lines)
 
 
 def keys(task: str = "gsm8k") -> str:
   """Every key of `task`'s config, one a line: `key = default  # description`."""
   described = descriptions()
-  return "".join(f"{key} = {_shown(value)}  # {described[key]}\n"
-                 for key, value in _leaves(base.get_config(task)))
+  return "".join(
+    f"{key} = {_shown(value)}  # {described[key]}\n"
+    for key, value in _leaves(base.get_config(task))
+  )
 
 
 def main(argv: list[str] | None = None) -> None:

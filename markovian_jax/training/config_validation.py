@@ -15,10 +15,9 @@ import dataclasses
 import logging
 from typing import Optional, Sequence
 
-from markovian_jax.runtime import cli, presets
-from markovian_jax.runtime import sharding
-from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.data import prompts
+from markovian_jax.runtime import cli, presets, sharding
+from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.training.specs import RunSpec
 
 __all__ = ["InvalidConfig", "validate", "make_mesh", "check_rows"]
@@ -36,8 +35,10 @@ def validate(c) -> RunSpec:
   n = spec.train.rows
   mb = spec.objective.ppo_minibatches
   if n % mb:
-    raise InvalidConfig(f"config.objective.ppo_minibatches: {mb} does not divide the {n} samples "
-                        f"per step (train.questions_per_step x train.group_size)")
+    raise InvalidConfig(
+      f"config.objective.ppo_minibatches: {mb} does not divide the {n} samples "
+      f"per step (train.questions_per_step x train.group_size)"
+    )
   if spec.mesh.known:  # otherwise plan.check applies the rule once the devices are counted
     check_rows(spec)
   return resolve_prompt_format(c, spec)
@@ -49,11 +50,14 @@ def resolve_prompt_format(c, spec: RunSpec) -> RunSpec:
   if spec.prompt.format != prompts.AUTO_FORMAT:
     return spec
   from markovian_jax.models.loading import model_type
+
   try:
     family = model_type(spec.model.path)
   except OSError as e:  # an unsupported family is a ConfigError of its own, raised as it is
-    raise InvalidConfig(f"config.model.path: {e} (prompt.format=auto takes the model family's "
-                        "format: set config.prompt.format to skip this)") from None
+    raise InvalidConfig(
+      f"config.model.path: {e} (prompt.format=auto takes the model family's "
+      "format: set config.prompt.format to skip this)"
+    ) from None
   fmt = prompts.family_format(family)
   log.info("prompt.format=auto: %r, the format of the %s family", fmt, family)
   c.prompt.format = fmt
@@ -81,14 +85,18 @@ def check_rows(spec: RunSpec, shape: Optional[Sequence[int]] = None) -> None:
   where = _mesh_words(spec, shape)
   error = None
   if n % split:
-    error = (f"config.train.questions_per_step: {n} rows (questions_per_step={q} x group_size="
-             f"{g}) do not split over data*fsdp={split} ({where}): set "
-             f"train.questions_per_step to a multiple of {presets.questions_for(shape, g)}")
+    error = (
+      f"config.train.questions_per_step: {n} rows (questions_per_step={q} x group_size="
+      f"{g}) do not split over data*fsdp={split} ({where}): set "
+      f"train.questions_per_step to a multiple of {presets.questions_for(shape, g)}"
+    )
   elif (n // mb) % split:
-    error = (f"config.objective.ppo_minibatches: {mb} minibatches of {n // mb} rows do not "
-             f"split over data*fsdp={split} ({where}): set objective.ppo_minibatches to a "
-             f"divisor of {n // split}, or train.questions_per_step to a multiple of "
-             f"{presets.questions_for(shape, g, mb)}")
+    error = (
+      f"config.objective.ppo_minibatches: {mb} minibatches of {n // mb} rows do not "
+      f"split over data*fsdp={split} ({where}): set objective.ppo_minibatches to a "
+      f"divisor of {n // split}, or train.questions_per_step to a multiple of "
+      f"{presets.questions_for(shape, g, mb)}"
+    )
   if error and spec.mesh.allow_replication:
     log.warning("%s (mesh.allow_replication=True: those rows are replicated instead)", error)
   elif error:

@@ -21,14 +21,13 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from markovian_jax.models import logprobs as lp_lib
-from markovian_jax import sampling
 from markovian_jax import data as data_lib
 from markovian_jax import objectives as obj
+from markovian_jax import sampling
 from markovian_jax.data.extraction import mentions_answer
+from markovian_jax.models import logprobs as lp_lib
 from markovian_jax.runtime import progress as progress_lib
 from markovian_jax.training.run_context import RunContext, fetch, put
-
 
 _Z95 = 1.96
 
@@ -55,7 +54,7 @@ def accuracy_interval(hits) -> tuple[float, float]:
     raise ValueError(f"accuracy_interval expects hits [questions, samples], got {hits.shape}")
   q, s = hits.shape
   if s == 1:
-    p, z2 = hits.mean(), _Z95 ** 2
+    p, z2 = hits.mean(), _Z95**2
     centre = (p + z2 / (2 * q)) / (1 + z2 / q)
     half = _Z95 * math.sqrt(p * (1 - p) / q + z2 / (4 * q * q)) / (1 + z2 / q)
     return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
@@ -77,9 +76,11 @@ def first_line(text: str) -> str:
 def _answer_logprob_fn(ctx: RunContext, reduction: str = "mean"):
   cache = ctx.__dict__.setdefault("_eval_score_fns", {})
   if reduction not in cache:
+
     def fn(params, lora, tokens, mask, span):
       out = lp_lib.token_logprobs(ctx.model, params, tokens, mask, lora=lora, temperature=1.0)
       return obj.reduce_tokens(out.logprobs, span, reduction)
+
     cache[reduction] = jax.jit(fn)
   return cache[reduction]
 
@@ -89,9 +90,17 @@ def _pad(items: list, size: int) -> list:
   return list(items) + [items[-1]] * (size - len(items))
 
 
-def score_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[str], *,
-                  reduction: str = "mean", batch_size: int = 32,
-                  progress: progress_lib.Progress = True, desc: str = "score") -> np.ndarray:
+def score_answers(
+  ctx: RunContext,
+  lora,
+  examples: Sequence,
+  cot_texts: Sequence[str],
+  *,
+  reduction: str = "mean",
+  batch_size: int = 32,
+  progress: progress_lib.Progress = True,
+  desc: str = "score",
+) -> np.ndarray:
   """log P(gold answer | answer prompt with `cot_texts[i]`) under base + `lora` (None = base),
   reduced over the answer tokens by `reduction` ('mean' or 'sum'). The prompt hides the question
   when the run is Markovian (ctx.answer_prefix). `progress`: a bar of the rows scored (True: its
@@ -102,21 +111,28 @@ def score_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence
   out = []
   with progress_lib.advancing(progress, len(examples), desc) as bar:
     for start in range(0, len(examples), batch_size):
-      exs = list(examples[start:start + batch_size])
+      exs = list(examples[start : start + batch_size])
       real = len(exs)
       exs = _pad(exs, batch_size)
-      cots = _pad(list(cot_texts[start:start + batch_size]), batch_size)
+      cots = _pad(list(cot_texts[start : start + batch_size]), batch_size)
       tokens, mask, span = ctx.answer_rows(exs, cots)
-      scores = fn(ctx.params, lora, put(tokens, ctx.mesh), put(mask, ctx.mesh),
-                  put(span, ctx.mesh))
+      scores = fn(ctx.params, lora, put(tokens, ctx.mesh), put(mask, ctx.mesh), put(span, ctx.mesh))
       out.append(fetch(scores)[:real].astype(np.float64))
       bar.update(real)
   return np.concatenate(out) if out else np.zeros(0)
 
 
-def read_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[str], *,
-                 answer_max_tokens: int = 10, batch_size: Optional[int] = None,
-                 progress: progress_lib.Progress = True, desc: str = "read answers") -> list:
+def read_answers(
+  ctx: RunContext,
+  lora,
+  examples: Sequence,
+  cot_texts: Sequence[str],
+  *,
+  answer_max_tokens: int = 10,
+  batch_size: Optional[int] = None,
+  progress: progress_lib.Progress = True,
+  desc: str = "read answers",
+) -> list:
   """Stage 2: the reader (base + `lora`, None = base) greedily writes <= `answer_max_tokens`
   after each answer prompt built on `cot_texts[i]`, `batch_size` rows per call (padded to it;
   None = all rows in one call). `progress` as `score_answers`'. Returns N decoded strings."""
@@ -124,24 +140,43 @@ def read_answers(ctx: RunContext, lora, examples: Sequence, cot_texts: Sequence[
   out = []
   with progress_lib.advancing(progress, len(examples), desc) as bar:
     for start in range(0, len(examples), batch_size):
-      exs = list(examples[start:start + batch_size])
+      exs = list(examples[start : start + batch_size])
       real = len(exs)
-      cots = _pad(list(cot_texts[start:start + batch_size]), batch_size)
-      prefixes = [data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot),
-                                  ctx.spec.prompt.format)
-                  for ex, cot in zip(_pad(exs, batch_size), cots)]
-      ans = sampling.generate(ctx.model, ctx.params, prefixes, max_new_tokens=answer_max_tokens,
-                              temperature=0.0, lora=lora, eos_ids=ctx.eos_ids, mesh=ctx.mesh)
+      cots = _pad(list(cot_texts[start : start + batch_size]), batch_size)
+      prefixes = [
+        data_lib.encode(ctx.tokenizer, ctx.answer_prefix(ex, cot), ctx.spec.prompt.format)
+        for ex, cot in zip(_pad(exs, batch_size), cots)
+      ]
+      ans = sampling.generate(
+        ctx.model,
+        ctx.params,
+        prefixes,
+        max_new_tokens=answer_max_tokens,
+        temperature=0.0,
+        lora=lora,
+        eos_ids=ctx.eos_ids,
+        mesh=ctx.mesh,
+      )
       out += ctx.decode(fetch(ans.tokens))[:real]
       bar.update(real)
   return out
 
 
-def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
-             temperature: Optional[float] = None, reader: str = "actor",
-             answer_max_tokens: int = 10, answer_first_line: bool = False,
-             batch_size: int = 32, seed: int = 0, progress: bool = True,
-             desc: str = "eval") -> tuple[dict, list]:
+def evaluate(
+  ctx: RunContext,
+  lora,
+  examples: Sequence,
+  *,
+  num_samples: int = 1,
+  temperature: Optional[float] = None,
+  reader: str = "actor",
+  answer_max_tokens: int = 10,
+  answer_first_line: bool = False,
+  batch_size: int = 32,
+  seed: int = 0,
+  progress: bool = True,
+  desc: str = "eval",
+) -> tuple[dict, list]:
   """Evaluates `lora` (None = the base model) on `examples`.
 
   `answer_first_line`: extract from the reader's first non-empty line (`first_line`) instead of
@@ -163,39 +198,60 @@ def evaluate(ctx: RunContext, lora, examples: Sequence, *, num_samples: int = 1,
   rows = []
   bar = progress_lib.bar(len(examples), desc, unit="question", leave=False, enabled=progress)
   for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
+    chunk = list(examples[start : start + batch_size])
     real = len(chunk)
     chunk = _pad(chunk, batch_size)
     rng, key = jax.random.split(rng)
     cot = sampling.generate(
-        ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in chunk],
-        max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length, rng=key, temperature=t,
-        top_k=c.sampling.top_k, top_p=c.sampling.top_p, lora=lora, eos_ids=ctx.eos_ids,
-        num_samples=num_samples, mesh=ctx.mesh)
+      ctx.model,
+      ctx.params,
+      [ctx.cot_prompt_ids(ex) for ex in chunk],
+      max_new_tokens=ctx.cot_length,
+      min_new_tokens=ctx.cot_length,
+      rng=key,
+      temperature=t,
+      top_k=c.sampling.top_k,
+      top_p=c.sampling.top_p,
+      lora=lora,
+      eos_ids=ctx.eos_ids,
+      num_samples=num_samples,
+      mesh=ctx.mesh,
+    )
     cot_texts = ctx.decode(fetch(cot.tokens))
     per_row = [ex for ex in chunk for _ in range(num_samples)]
     if kind == "continuation":
       tokens, mask, span = ctx.answer_rows(per_row, cot_texts)
-      scores = fetch(_answer_logprob_fn(ctx)(ctx.params, reader_lora, put(tokens, ctx.mesh),
-                                             put(mask, ctx.mesh), put(span, ctx.mesh)))
+      scores = fetch(
+        _answer_logprob_fn(ctx)(
+          ctx.params, reader_lora, put(tokens, ctx.mesh), put(mask, ctx.mesh), put(span, ctx.mesh)
+        )
+      )
       answers = [None] * len(per_row)
     else:
-      answers = read_answers(ctx, reader_lora, per_row, cot_texts,
-                             answer_max_tokens=answer_max_tokens, progress=False)
+      answers = read_answers(
+        ctx, reader_lora, per_row, cot_texts, answer_max_tokens=answer_max_tokens, progress=False
+      )
       scores = None
     for i in range(real * num_samples):
       ex = per_row[i]
-      row = {"id": ex.id, "question": ex.question, "gold": ex.answer, "sample": i % num_samples,
-             "cot": cot_texts[i]}
+      row = {
+        "id": ex.id,
+        "question": ex.question,
+        "gold": ex.answer,
+        "sample": i % num_samples,
+        "cot": cot_texts[i],
+      }
       if kind == "continuation":
         row["answer_logprob"] = float(scores[i])
       else:
         n_choices = len(ex.choices) if ex.choices else None
         read = first_line(answers[i]) if answer_first_line else answers[i]
         preds = data_lib.extract_all(ctx.task, read, n_choices)
-        row.update(answer_text=answers[i], predictions=preds,
-                   correct={m: data_lib.is_correct(p, ex.answer, ctx.task)
-                            for m, p in preds.items()})
+        row.update(
+          answer_text=answers[i],
+          predictions=preds,
+          correct={m: data_lib.is_correct(p, ex.answer, ctx.task) for m, p in preds.items()},
+        )
       rows.append(row)
     bar.update(real)
   bar.close()
@@ -223,8 +279,10 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
     low, high = accuracy_interval([[r["correct"][method] for r in q] for q in questions.values()])
     m = {"accuracy": float(hits.mean()), "ci95": _ci95(hits), "ci95_low": low, "ci95_high": high}
     if num_samples > 1:
-      by_sample = [np.mean([r["correct"][method] for r in rows if r["sample"] == s])
-                   for s in range(num_samples)]
+      by_sample = [
+        np.mean([r["correct"][method] for r in rows if r["sample"] == s])
+        for s in range(num_samples)
+      ]
       m["sample_mean"], m["sample_sd"] = float(np.mean(by_sample)), float(np.std(by_sample, ddof=1))
       votes = []
       for qrows in questions.values():
@@ -233,8 +291,9 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
         votes.append(bool(top) and data_lib.is_correct(top[0][0], qrows[0]["gold"], task))
       m["majority_vote"] = float(np.mean(votes))
     summary[method] = m
-  summary["cot_contains_answer"] = float(np.mean(
-      [mentions_answer(task, r["cot"], r["gold"]) for r in rows]))
+  summary["cot_contains_answer"] = float(
+    np.mean([mentions_answer(task, r["cot"], r["gold"]) for r in rows])
+  )
   return summary
 
 
@@ -247,7 +306,8 @@ def scalars(summary: dict) -> dict:
         if isinstance(v, float) and math.isfinite(v):
           out[f"{key}/{k}"] = v
     elif (key.startswith("answer_logprob") or key == "cot_contains_answer") and math.isfinite(
-        value):
+      value
+    ):
       out[key] = value
   return out
 
@@ -274,8 +334,13 @@ def format_table(results: Sequence[tuple[str, dict]]) -> str:
     cells = []
     for col in cols:
       v = flat.get(col)
-      ci = (flat.get(col[:-len("accuracy")] + "ci95") if col.endswith("accuracy") else
-            flat.get(col + "_ci95") if col == "answer_logprob" else None)
+      ci = (
+        flat.get(col[: -len("accuracy")] + "ci95")
+        if col.endswith("accuracy")
+        else flat.get(col + "_ci95")
+        if col == "answer_logprob"
+        else None
+      )
       cell = "-" if v is None else (f"{v:.3f}" + (f"±{ci:.3f}" if ci is not None else ""))
       cells.append(cell.rjust(width + 2))
     lines.append(name.ljust(14) + "".join(cells))

@@ -44,6 +44,7 @@ best_step = checkpoint_choice.best_step
 def _model_config(path: str):
   """The DecoderConfig of a base model; only an HF directory's is read without its weights."""
   from markovian_jax.models import DecoderConfig, load_checkpoint, resolve_model_path
+
   local = resolve_model_path(path)
   if os.path.isfile(os.path.join(local, "config.json")):
     return DecoderConfig.from_json_file(os.path.join(local, "config.json")), None
@@ -60,12 +61,21 @@ def _check_out(out: str, overwrite: bool):
     raise ExportError(f"--out {out} is not empty; give a new directory or --overwrite")
 
 
-def export(checkpoint_dir: str, out: str, *, fmt: str = "peft", step: Optional[int] = None,
-           best: bool = False, model: Optional[str] = None, dtype: Optional[str] = None,
-           overwrite: bool = False) -> dict:
+def export(
+  checkpoint_dir: str,
+  out: str,
+  *,
+  fmt: str = "peft",
+  step: Optional[int] = None,
+  best: bool = False,
+  model: Optional[str] = None,
+  dtype: Optional[str] = None,
+  overwrite: bool = False,
+) -> dict:
   """Writes checkpoint `step` (or the best, or the latest) of `checkpoint_dir` to `out` as a PEFT
   adapter or merged HF weights. Returns the export.json record."""
   from markovian_jax.models import hf, load_checkpoint, load_tokenizer
+
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
   _check_out(out, overwrite)
@@ -84,9 +94,16 @@ def export(checkpoint_dir: str, out: str, *, fmt: str = "peft", step: Optional[i
     if params is None or dtype != "float32":  # _model_config reads weights in float32
       config, params = load_checkpoint(model_path, dtype=dtype)
     hf.save_merged_hf(config, params, lora, out, tokenizer=load_tokenizer(model_path))
-  record = {"checkpoint_dir": os.path.abspath(checkpoint_dir), "step": chosen, "chosen_by": why,
-            "format": fmt, "base_model": model_path, "rank": lora.rank, "alpha": lora.alpha,
-            "targets": list(lora.targets)}
+  record = {
+    "checkpoint_dir": os.path.abspath(checkpoint_dir),
+    "step": chosen,
+    "chosen_by": why,
+    "format": fmt,
+    "base_model": model_path,
+    "rank": lora.rank,
+    "alpha": lora.alpha,
+    "targets": list(lora.targets),
+  }
   with open(os.path.join(out, "export.json"), "w") as f:
     json.dump(record, f, indent=2)
   return record

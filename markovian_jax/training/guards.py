@@ -34,8 +34,7 @@ class TrainingStopped(RuntimeError):
 def kl_scale(spec) -> float:
   """What policy/kl is in units of the per-token KL: 1 for `mean`, K (the CoT length) for the
   `sum` reduction, which aggregates the KL over a sequence's K tokens."""
-  return (float(spec.sampling.cot_length) if spec.objective.loss.logprob_reduction == "sum"
-          else 1.0)
+  return float(spec.sampling.cot_length) if spec.objective.loss.logprob_reduction == "sum" else 1.0
 
 
 def collapse_alarms(scalars: dict, spec) -> list[str]:
@@ -54,8 +53,9 @@ def collapse_alarms(scalars: dict, spec) -> list[str]:
   if rep > t.collapse_repetition:
     alarms.append(f"repetition rate {rep:.2f} > {t.collapse_repetition}")
   o = spec.objective.loss
-  tag = diagnoses.sequence_ratio_tag("policy/ppo_seq_ratio_max" in scalars,
-                                     o.ppo_ratio_reference, o.logprob_reduction)
+  tag = diagnoses.sequence_ratio_tag(
+    "policy/ppo_seq_ratio_max" in scalars, o.ppo_ratio_reference, o.logprob_reduction
+  )
   ratio = scalars.get(tag, 0.0)
   if ratio > t.collapse_ppo_ratio:
     alarms.append(f"PPO sequence ratio max {ratio:.1f} > {t.collapse_ppo_ratio:g}")
@@ -66,9 +66,16 @@ def collapse_alarms(scalars: dict, spec) -> list[str]:
   return alarms
 
 
-def roll_back(info: StepInfo, msg: str, rollbacks: int, max_rollbacks: int, *,
-              rollback: Callable[[int], None], saved_steps: Callable[[], list],
-              still: str = "failing") -> bool:
+def roll_back(
+  info: StepInfo,
+  msg: str,
+  rollbacks: int,
+  max_rollbacks: int,
+  *,
+  rollback: Callable[[int], None],
+  saved_steps: Callable[[], list],
+  still: str = "failing",
+) -> bool:
   """Rolls the run back to its last checkpoint before `info.step` (rollback number `rollbacks` in
   a row) by calling `rollback(step)`; False when `saved_steps()` holds none before it. Raises
   TrainingStopped past `max_rollbacks`."""
@@ -77,8 +84,9 @@ def roll_back(info: StepInfo, msg: str, rollbacks: int, max_rollbacks: int, *,
     logging.warning(msg + "; no earlier checkpoint to roll back to")
     return False
   if rollbacks > max_rollbacks:
-    raise TrainingStopped(msg + f"; still {still} after {max_rollbacks} rollbacks to step "
-                          f"{good[-1]}: stopping")
+    raise TrainingStopped(
+      msg + f"; still {still} after {max_rollbacks} rollbacks to step {good[-1]}: stopping"
+    )
   rollback(good[-1])
   info.halt = True  # the rolled-back step is neither evaluated nor checkpointed
   logging.warning(msg + f"; rolled back to step {good[-1]}")
@@ -94,9 +102,17 @@ class NonFiniteGuard:
   train.checkpoint_every (a good step that reaches a checkpoint ends a run of rollbacks).
   """
 
-  def __init__(self, *, save: Callable[[], Any], rollback: Callable[[int], None],
-               saved_steps: Callable[[], list], checkpoint_every: int, patience: int,
-               action: str = "stop", max_rollbacks: int = 3):
+  def __init__(
+    self,
+    *,
+    save: Callable[[], Any],
+    rollback: Callable[[int], None],
+    saved_steps: Callable[[], list],
+    checkpoint_every: int,
+    patience: int,
+    action: str = "stop",
+    max_rollbacks: int = 3,
+  ):
     self.save, self.rollback, self.saved_steps = save, rollback, saved_steps
     self.checkpoint_every, self.patience, self.count = checkpoint_every, patience, 0
     self.action, self.max_rollbacks, self.rollbacks = action, max_rollbacks, 0
@@ -108,21 +124,32 @@ class NonFiniteGuard:
         self.rollbacks = 0  # a good step that reaches a checkpoint ends a run of rollbacks
       return
     self.count += 1
-    logging.warning("step %d: non-finite loss or gradient (loss=%s grad_norm=%s); update skipped "
-                    "(%d in a row)", info.step, info.scalars.get("train/loss"),
-                    info.scalars.get("train/grad_norm"), self.count)
+    logging.warning(
+      "step %d: non-finite loss or gradient (loss=%s grad_norm=%s); update skipped (%d in a row)",
+      info.step,
+      info.scalars.get("train/loss"),
+      info.scalars.get("train/grad_norm"),
+      self.count,
+    )
     if self.count < self.patience:
       return
     if self.action == "rollback":
       self.rollbacks += 1
-      if roll_back(info, f"step {info.step}: {self.count} consecutive non-finite updates",
-                   self.rollbacks, self.max_rollbacks, rollback=self.rollback,
-                   saved_steps=self.saved_steps):
+      if roll_back(
+        info,
+        f"step {info.step}: {self.count} consecutive non-finite updates",
+        self.rollbacks,
+        self.max_rollbacks,
+        rollback=self.rollback,
+        saved_steps=self.saved_steps,
+      ):
         self.count = 0
         return
     self.save()
-    raise TrainingStopped(f"{self.count} consecutive non-finite updates at step {info.step}: "
-                          "stopping (last good state saved; see config.train.nan_patience)")
+    raise TrainingStopped(
+      f"{self.count} consecutive non-finite updates at step {info.step}: "
+      "stopping (last good state saved; see config.train.nan_patience)"
+    )
 
 
 class CollapseGuard:
@@ -133,9 +160,15 @@ class CollapseGuard:
   save, rollback, saved_steps: as `NonFiniteGuard`'s.
   """
 
-  def __init__(self, spec, *, write_scalars: Callable[[int, dict], Any],
-               save: Callable[[], Any], rollback: Callable[[int], None],
-               saved_steps: Callable[[], list]):
+  def __init__(
+    self,
+    spec,
+    *,
+    write_scalars: Callable[[int, dict], Any],
+    save: Callable[[], Any],
+    rollback: Callable[[int], None],
+    saved_steps: Callable[[], list],
+  ):
     self.run_spec, self.spec, self.rollbacks = spec, spec.train, 0
     self.write_scalars, self.save = write_scalars, save
     self.rollback, self.saved_steps = rollback, saved_steps
@@ -156,5 +189,12 @@ class CollapseGuard:
       raise TrainingStopped(msg + " (train.collapse_action=stop; state saved)")
     if any(s < info.step for s in self.saved_steps()):
       self.rollbacks += 1
-    roll_back(info, msg, self.rollbacks, self.spec.max_rollbacks, rollback=self.rollback,
-              saved_steps=self.saved_steps, still="collapsing")
+    roll_back(
+      info,
+      msg,
+      self.rollbacks,
+      self.spec.max_rollbacks,
+      rollback=self.rollback,
+      saved_steps=self.saved_steps,
+      still="collapsing",
+    )

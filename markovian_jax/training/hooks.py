@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 class Evaluation:
   """One evaluation of the adapter at `step`: `score`, the selection split's primary score (it
   ranks checkpoints for train.keep_best), and `summary`, the reported test split's summary."""
+
   step: int
   score: float
   summary: dict
@@ -43,6 +44,7 @@ class StepInfo:
   last: the run's final step.
   halt: set by a hook to skip the hooks after it this round.
   """
+
   step: int
   scalars: dict
   state: Any = None
@@ -64,8 +66,11 @@ class Hook:
   at_end: bool = False  # also after the final step
 
   def due(self, info: StepInfo) -> bool:
-    return (info.step % self.every == 0 or (self.at_start and info.step == 1)
-            or (self.at_end and info.last))
+    return (
+      info.step % self.every == 0
+      or (self.at_start and info.step == 1)
+      or (self.at_end and info.last)
+    )
 
 
 class Hooks:
@@ -74,8 +79,15 @@ class Hooks:
   def __init__(self):
     self._hooks: list[Hook] = []
 
-  def add(self, fn: Callable[[StepInfo], None], every: int = 1, *, name: Optional[str] = None,
-          at_start: bool = False, at_end: bool = False) -> Hook:
+  def add(
+    self,
+    fn: Callable[[StepInfo], None],
+    every: int = 1,
+    *,
+    name: Optional[str] = None,
+    at_start: bool = False,
+    at_end: bool = False,
+  ) -> Hook:
     if not isinstance(every, int) or every < 1:
       raise ValueError(f"hook {name or fn}: every must be a positive integer, got {every!r}")
     hook = Hook(fn, every, name or getattr(fn, "__name__", "hook"), at_start, at_end)

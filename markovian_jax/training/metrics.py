@@ -8,8 +8,15 @@ import jax
 import numpy as np
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, by jax device_kind prefix.
-PEAK_FLOPS = {"NVIDIA H100": 989.4e12, "NVIDIA H200": 989.4e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
+PEAK_FLOPS = {
+  "NVIDIA H100": 989.4e12,
+  "NVIDIA H200": 989.4e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6": 918e12,
+}
 
 
 def repetition_rate(tokens: np.ndarray, n: int = 3) -> float:
@@ -19,7 +26,7 @@ def repetition_rate(tokens: np.ndarray, n: int = 3) -> float:
   """
   rates = []
   for row in np.asarray(tokens):
-    grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+    grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
     if grams:
       rates.append(1.0 - len(set(grams)) / len(grams))
   return float(np.mean(rates)) if rates else 0.0

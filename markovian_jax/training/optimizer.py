@@ -1,4 +1,4 @@
-"""The LoRA optimizer: clip_by_global_norm -> AdamW, with a learning-rate schedule in training steps.
+"""The LoRA optimizer: clip_by_global_norm -> AdamW, with a learning-rate schedule in steps.
 
 A training step can make several optimizer updates (PPO: epochs x minibatches) or none (expert
 iteration with no sample above its threshold). A schedule over optax's update count would then
@@ -18,8 +18,9 @@ SCHEDULES = ("constant", "warmup_cosine")  # config.optim.schedule
 def schedule(optim, num_steps: int) -> optax.Schedule:
   """The learning rate as a function of the training step (`optim`: an OptimSpec)."""
   if optim.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
-                                              max(num_steps, optim.warmup_steps + 1))
+    return optax.warmup_cosine_decay_schedule(
+      0.0, optim.lr, max(optim.warmup_steps, 1), max(num_steps, optim.warmup_steps + 1)
+    )
   if optim.warmup_steps > 0:
     return optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
   return optax.constant_schedule(optim.lr)
@@ -37,8 +38,8 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   update calls, one AdamW step at the end).
   """
   adamw = optax.inject_hyperparams(optax.adamw)(
-      learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-      weight_decay=optim.weight_decay)
+    learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
+  )
   tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
   if optim.accumulation_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)

@@ -21,10 +21,10 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from markovian_jax.sampling import batching
-from markovian_jax.training import metrics as metrics_lib
 from markovian_jax import objectives as obj
 from markovian_jax import sampling
+from markovian_jax.sampling import batching
+from markovian_jax.training import metrics as metrics_lib
 from markovian_jax.training import train_step
 from markovian_jax.training.run_context import RunContext, fetch, put
 
@@ -39,6 +39,7 @@ class Rollout:
   strings. base_tokens int32 [Q, K] and base_texts: the reference's greedy CoT' (None when the
   reward is not normalised).
   """
+
   examples: list
   prompt_tokens: np.ndarray
   prompt_mask: np.ndarray
@@ -75,6 +76,7 @@ class Scores:
   the CoT tokens; each None when the method does not read it. W = `window`: every answer span
   ends its row, so the last W columns of any two rows hold the same answer tokens.
   """
+
   answer_tokens: np.ndarray
   answer_mask: np.ndarray
   answer_span: np.ndarray
@@ -90,34 +92,41 @@ class Scores:
   ref_cot_logprobs: Optional[jax.Array] = None
 
 
-def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.Array
-            ) -> Rollout:
+def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.Array) -> Rollout:
   """Samples `spec.train.group_size` CoTs of `spec.sampling.cot_length` tokens per example."""
   s, g, k = spec.sampling, spec.train.group_size, spec.sampling.cot_length
   prompts = [ctx.cot_prompt_ids(ex) for ex in examples]
   kw = dict(max_new_tokens=k, min_new_tokens=k, eos_ids=ctx.eos_ids)
-  policy_kw = dict(rng=key, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                   num_samples=g, **kw)
+  policy_kw = dict(
+    rng=key, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, num_samples=g, **kw
+  )
   base_out = None
   if not spec.objective.loss.normalize_reward:
     out = sampling.generate(ctx.model, ctx.params, prompts, lora=lora, **policy_kw)
   elif ref_lora is None:  # the base model's CoT' rides along in the same decode loop
-    out, base_out = sampling.generate_with_reference(ctx.model, ctx.params, prompts, lora=lora,
-                                                     **policy_kw)
+    out, base_out = sampling.generate_with_reference(
+      ctx.model, ctx.params, prompts, lora=lora, **policy_kw
+    )
   else:
     out = sampling.generate(ctx.model, ctx.params, prompts, lora=lora, **policy_kw)
-    base_out = sampling.generate(ctx.model, ctx.params, prompts, temperature=0.0, lora=ref_lora,
-                                 **kw)
+    base_out = sampling.generate(
+      ctx.model, ctx.params, prompts, temperature=0.0, lora=ref_lora, **kw
+    )
   cot_tokens = fetch(out.tokens).astype(np.int32)
   length = batching.bucket(max(len(p) for p in prompts), s.prompt_bucket)
   p_tokens, p_mask = batching.pad_left(prompts, length)
   base_tokens = None if base_out is None else fetch(base_out.tokens).astype(np.int32)
   return Rollout(
-      examples=list(examples), prompt_tokens=p_tokens, prompt_mask=p_mask, cot_tokens=cot_tokens,
-      cot_mask=np.ones(cot_tokens.shape, bool),
-      behaviour_logprobs=fetch(out.logprobs).astype(np.float32),
-      cot_texts=ctx.decode(cot_tokens), base_tokens=base_tokens,
-      base_texts=None if base_tokens is None else ctx.decode(base_tokens))
+    examples=list(examples),
+    prompt_tokens=p_tokens,
+    prompt_mask=p_mask,
+    cot_tokens=cot_tokens,
+    cot_mask=np.ones(cot_tokens.shape, bool),
+    behaviour_logprobs=fetch(out.logprobs).astype(np.float32),
+    cot_texts=ctx.decode(cot_tokens),
+    base_tokens=base_tokens,
+    base_texts=None if base_tokens is None else ctx.decode(base_tokens),
+  )
 
 
 def score(ctx: RunContext, programs: train_step.Programs, lora, ref_lora, ro: Rollout) -> Scores:
@@ -140,25 +149,52 @@ def score(ctx: RunContext, programs: train_step.Programs, lora, ref_lora, ro: Ro
   window = train_step.answer_window(*spans)
   mesh = ctx.mesh
   dev = lambda x: None if x is None else put(x, mesh)  # noqa: E731
-  answer_lp, r, b = programs.score(ctx.params, lora, ref_lora, dev(tokens), dev(mask), dev(span),
-                                   *[dev(x) for x in base_rows], last_n=window)
+  answer_lp, r, b = programs.score(
+    ctx.params,
+    lora,
+    ref_lora,
+    dev(tokens),
+    dev(mask),
+    dev(span),
+    *[dev(x) for x in base_rows],
+    last_n=window,
+  )
   if method is not None:
     ref_cot = None
     if "kl_to_reference" in method.shaping:
-      ref_cot = programs.reference_cot(ctx.params, ref_lora, dev(ro.prompt_tokens),
-                                       dev(ro.prompt_mask), dev(ro.cot_tokens), dev(ro.cot_mask))
-    return Scores(tokens, mask, span, window, answer_lp, r, None,
-                  np.zeros(len(ro.cot_texts), np.float32), ro.behaviour_logprobs, ro.cot_mask,
-                  None if b is None else b[:, -window:],
-                  None if b is None else base_rows[2][:, -window:], ref_cot)
+      ref_cot = programs.reference_cot(
+        ctx.params,
+        ref_lora,
+        dev(ro.prompt_tokens),
+        dev(ro.prompt_mask),
+        dev(ro.cot_tokens),
+        dev(ro.cot_mask),
+      )
+    return Scores(
+      tokens,
+      mask,
+      span,
+      window,
+      answer_lp,
+      r,
+      None,
+      np.zeros(len(ro.cot_texts), np.float32),
+      ro.behaviour_logprobs,
+      ro.cot_mask,
+      None if b is None else b[:, -window:],
+      None if b is None else base_rows[2][:, -window:],
+      ref_cot,
+    )
   base_scores = None if b is None else fetch(b)
-  rows = (np.zeros(len(ro.cot_texts), np.float32) if base_scores is None
-          else np.repeat(base_scores, ro.group_size).astype(np.float32))
+  rows = (
+    np.zeros(len(ro.cot_texts), np.float32)
+    if base_scores is None
+    else np.repeat(base_scores, ro.group_size).astype(np.float32)
+  )
   return Scores(tokens, mask, span, window, answer_lp, r, base_scores, rows)
 
 
-def targets(ctx: RunContext, programs: train_step.Programs, sc: Scores,
-            state: obj.BaselineState):
+def targets(ctx: RunContext, programs: train_step.Programs, sc: Scores, state: obj.BaselineState):
   """(Targets, BaselineState after this step, metrics): the step's advantages, jitted. With an
   answer-likelihood method: (objectives.MethodTargets, ...) from its pieces."""
   if obj.method_of(ctx.spec.objective.loss) is not None:
@@ -166,10 +202,14 @@ def targets(ctx: RunContext, programs: train_step.Programs, sc: Scores,
     d = lambda x: None if x is None else put(np.asarray(x), ctx.mesh)  # noqa: E731
     nr = sc.no_reasoning_logprobs
     inputs = obj.LossInputs(
-        cot_logprobs=d(sc.cot_logprobs), cot_mask=d(sc.cot_mask),
-        answer_logprobs=sc.answer_logprobs[:, -w:], answer_mask=d(sc.answer_span[:, -w:]),
-        ref_logprobs=sc.ref_cot_logprobs, no_reasoning_logprobs=nr,
-        no_reasoning_mask=None if nr is None else d(sc.no_reasoning_span))
+      cot_logprobs=d(sc.cot_logprobs),
+      cot_mask=d(sc.cot_mask),
+      answer_logprobs=sc.answer_logprobs[:, -w:],
+      answer_mask=d(sc.answer_span[:, -w:]),
+      ref_logprobs=sc.ref_cot_logprobs,
+      no_reasoning_logprobs=nr,
+      no_reasoning_mask=None if nr is None else d(sc.no_reasoning_span),
+    )
     return programs.method_targets(inputs, state)
   b = None if sc.base_scores is None else put(sc.baseline_rows, ctx.mesh)
   return programs.targets(sc.rewards, b, state)
@@ -179,15 +219,22 @@ def policy_batch(ctx: RunContext, ro: Rollout, sc: Scores) -> train_step.PolicyB
   """The update's device batch from a step's rollout and scores."""
   d = lambda x: put(x, ctx.mesh)  # noqa: E731
   return train_step.PolicyBatch(
-      prompt_tokens=d(ro.prompt_tokens), prompt_mask=d(ro.prompt_mask),
-      cot_tokens=d(ro.cot_tokens), cot_mask=d(ro.cot_mask),
-      behaviour_logprobs=d(ro.behaviour_logprobs), answer_tokens=d(sc.answer_tokens),
-      answer_mask=d(sc.answer_mask), answer_span=d(sc.answer_span),
-      answer_logprobs=sc.answer_logprobs, baseline_scores=d(sc.baseline_rows))
+    prompt_tokens=d(ro.prompt_tokens),
+    prompt_mask=d(ro.prompt_mask),
+    cot_tokens=d(ro.cot_tokens),
+    cot_mask=d(ro.cot_mask),
+    behaviour_logprobs=d(ro.behaviour_logprobs),
+    answer_tokens=d(sc.answer_tokens),
+    answer_mask=d(sc.answer_mask),
+    answer_span=d(sc.answer_span),
+    answer_logprobs=sc.answer_logprobs,
+    baseline_scores=d(sc.baseline_rows),
+  )
 
 
-def minibatch_rows(key: jax.Array, questions: int, group: int, minibatches: int
-                   ) -> tuple[list[np.ndarray], bool]:
+def minibatch_rows(
+  key: jax.Array, questions: int, group: int, minibatches: int
+) -> tuple[list[np.ndarray], bool]:
   """A random partition of the Q * G question-major rows into `minibatches` row-index arrays,
   and whether it is stratified.
 
@@ -199,29 +246,55 @@ def minibatch_rows(key: jax.Array, questions: int, group: int, minibatches: int
   n = questions * group
   if group % minibatches:
     return np.split(np.asarray(jax.random.permutation(key, n)), minibatches), False
-  per_question = np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(key, i), group))
-                           + i * group for i in range(questions)])  # [Q, G]
+  per_question = np.stack(
+    [
+      np.asarray(jax.random.permutation(jax.random.fold_in(key, i), group)) + i * group
+      for i in range(questions)
+    ]
+  )  # [Q, G]
   return [chunk.reshape(-1) for chunk in np.split(per_question, minibatches, axis=1)], True
 
 
-def select_rows(batch: train_step.PolicyBatch, part: np.ndarray, group: int,
-                stratified: bool = False) -> train_step.PolicyBatch:
+def select_rows(
+  batch: train_step.PolicyBatch, part: np.ndarray, group: int, stratified: bool = False
+) -> train_step.PolicyBatch:
   """The minibatch of rows `part`. Stratified (`minibatch_rows` with M | G): the same G / M rows
   of every question, question-major, sharing the question's prompt; otherwise each row carries
   its own prompt."""
-  rows = {f: getattr(batch, f)[part] for f in ("cot_tokens", "cot_mask", "behaviour_logprobs",
-                                               "answer_tokens", "answer_mask", "answer_span",
-                                               "answer_logprobs", "baseline_scores")}
+  rows = {
+    f: getattr(batch, f)[part]
+    for f in (
+      "cot_tokens",
+      "cot_mask",
+      "behaviour_logprobs",
+      "answer_tokens",
+      "answer_mask",
+      "answer_span",
+      "answer_logprobs",
+      "baseline_scores",
+    )
+  }
   if stratified:
     return batch.replace(**rows)
   prompts = part // group
-  return batch.replace(prompt_tokens=batch.prompt_tokens[prompts],
-                       prompt_mask=batch.prompt_mask[prompts], **rows)
+  return batch.replace(
+    prompt_tokens=batch.prompt_tokens[prompts], prompt_mask=batch.prompt_mask[prompts], **rows
+  )
 
 
-def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state,
-           batch: train_step.PolicyBatch, tg: obj.Targets, key: jax.Array, ref_lora, lr: float,
-           window: int):
+def update(
+  ctx: RunContext,
+  spec,
+  programs: train_step.Programs,
+  lora,
+  opt_state,
+  batch: train_step.PolicyBatch,
+  tg: obj.Targets,
+  key: jax.Array,
+  ref_lora,
+  lr: float,
+  window: int,
+):
   """The step's optimizer updates. Returns (lora, opt_state, list of per-update metric dicts).
 
   PG: one update on the whole batch, with LoRA dropout. PPO: `ppo_epochs` passes of
@@ -241,9 +314,17 @@ def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state
   rescored = o.loss.reward_grad == "paper" or (method is not None and method.has_answer_term)
   window = window if rescored else None
   if o.kind != "ppo":
-    lora, opt_state, m = programs.update(ctx.params, lora, opt_state, batch, tg,
-                                         jax.random.fold_in(key, 0), ref_lora, lr,
-                                         answer_last_n=window)
+    lora, opt_state, m = programs.update(
+      ctx.params,
+      lora,
+      opt_state,
+      batch,
+      tg,
+      jax.random.fold_in(key, 0),
+      ref_lora,
+      lr,
+      answer_last_n=window,
+    )
     return lora, opt_state, [m]
   q, g = len(batch.prompt_tokens), spec.train.group_size
   out = []
@@ -251,13 +332,15 @@ def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state
     if o.ppo_minibatches == 1:
       parts, stratified = [None], True
     else:
-      parts, stratified = minibatch_rows(jax.random.fold_in(key, 1000 + epoch), q, g,
-                                         o.ppo_minibatches)
+      parts, stratified = minibatch_rows(
+        jax.random.fold_in(key, 1000 + epoch), q, g, o.ppo_minibatches
+      )
     for part in parts:
       sub = batch if part is None else select_rows(batch, part, g, stratified)
       sub_t = tg if part is None else jax.tree.map(lambda x, p=part: x[p], tg)
-      lora, opt_state, m = programs.update(ctx.params, lora, opt_state, sub, sub_t, None,
-                                           ref_lora, lr, answer_last_n=window)
+      lora, opt_state, m = programs.update(
+        ctx.params, lora, opt_state, sub, sub_t, None, ref_lora, lr, answer_last_n=window
+      )
       out.append(m)
   return lora, opt_state, out
 
@@ -266,24 +349,33 @@ def update(ctx: RunContext, spec, programs: train_step.Programs, lora, opt_state
 # first in TensorBoard's alphabetical order), eval/, guard/, perf/, policy/ (the CoT distribution),
 # train/ (the optimisation). Keys not listed go under train/.
 _TAGS = {
-    "loss": "train/loss", "pg_loss": "train/pg_loss", "reward_grad_loss": "train/reward_grad_loss",
-    "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
-    "kl": "policy/kl", "entropy": "policy/entropy",
-    "behaviour_logprob_diff_mean": "policy/behaviour_logprob_diff_mean",
-    "behaviour_logprob_diff_max": "policy/behaviour_logprob_diff_max",
-    "ppo_ratio_mean": "policy/ppo_ratio_mean", "ppo_ratio_max": "policy/ppo_ratio_max",
-    "ppo_seq_ratio_max": "policy/ppo_seq_ratio_max",
-    "ppo_clip_fraction": "policy/ppo_clip_fraction",
-    "nonfinite": "guard/nonfinite_update",
+  "loss": "train/loss",
+  "pg_loss": "train/pg_loss",
+  "reward_grad_loss": "train/reward_grad_loss",
+  "grad_norm": "train/grad_norm",
+  "learning_rate": "train/learning_rate",
+  "kl": "policy/kl",
+  "entropy": "policy/entropy",
+  "behaviour_logprob_diff_mean": "policy/behaviour_logprob_diff_mean",
+  "behaviour_logprob_diff_max": "policy/behaviour_logprob_diff_max",
+  "ppo_ratio_mean": "policy/ppo_ratio_mean",
+  "ppo_ratio_max": "policy/ppo_ratio_max",
+  "ppo_seq_ratio_max": "policy/ppo_seq_ratio_max",
+  "ppo_clip_fraction": "policy/ppo_clip_fraction",
+  "nonfinite": "guard/nonfinite_update",
 }
 # The same quantity as an answer/ tag (the rewards are logged from the scores themselves).
 _DUPLICATES = ("reward_mean", "normalized_reward_mean")
 _MAXIMA = ("ppo_ratio_max", "ppo_seq_ratio_max", "behaviour_logprob_diff_max")
 # An answer-likelihood method's own reward, score and no-reasoning score, and the CoT length the
 # methods' comparison reports (docs/answer-likelihood.md).
-_METHOD_TAGS = {"reward_mean": "answer/method_reward", "score_mean": "answer/method_score",
-                "no_reasoning_score_mean": "answer/no_reasoning_score",
-                "cot_length_mean": "policy/cot_length", "answer_loss": "train/answer_loss"}
+_METHOD_TAGS = {
+  "reward_mean": "answer/method_reward",
+  "score_mean": "answer/method_score",
+  "no_reasoning_score_mean": "answer/no_reasoning_score",
+  "cot_length_mean": "policy/cot_length",
+  "answer_loss": "train/answer_loss",
+}
 
 
 def _mean_updates(per_update: list[dict]) -> dict:
@@ -295,8 +387,15 @@ def _mean_updates(per_update: list[dict]) -> dict:
   return {k: (max(v) if k in _MAXIMA else float(np.mean(v))) for k, v in vals.items()}
 
 
-def scalars(spec, ctx: RunContext, ro: Rollout, sc: Scores, target_metrics: dict,
-            per_update: list[dict], times: dict) -> dict:
+def scalars(
+  spec,
+  ctx: RunContext,
+  ro: Rollout,
+  sc: Scores,
+  target_metrics: dict,
+  per_update: list[dict],
+  times: dict,
+) -> dict:
   """The step's TensorBoard scalars, one tag per quantity, only those the config can change.
 
   answer/logprob is the scorer's log-prob of the gold answer (reduced by logprob_reduction): the
@@ -309,9 +408,12 @@ def scalars(spec, ctx: RunContext, ro: Rollout, sc: Scores, target_metrics: dict
   span = sc.answer_span
   lp = fetch(sc.answer_logprobs)
   answer_lp = obj.reduce_tokens(lp, span, spec.objective.loss.logprob_reduction)
-  out = {"answer/logprob": float(np.mean(answer_lp)),
-         "answer/cot_contains_answer": metrics_lib.contains_answer(
-             ro.cot_texts, [ex.answer for ex in ro.row_examples])}
+  out = {
+    "answer/logprob": float(np.mean(answer_lp)),
+    "answer/cot_contains_answer": metrics_lib.contains_answer(
+      ro.cot_texts, [ex.answer for ex in ro.row_examples]
+    ),
+  }
   if kind != "logprob":
     out[f"answer/{kind}"] = float(np.mean(r))
   if sc.base_scores is not None:
@@ -327,8 +429,9 @@ def scalars(spec, ctx: RunContext, ro: Rollout, sc: Scores, target_metrics: dict
     out[_TAGS.get(key, f"train/{key}")] = v
   out["train/updates"] = float(sum(1 for m in per_update if not float(m["nonfinite"])))
   out.setdefault("guard/nonfinite_update", 0.0)
-  seq_lp = obj.reduce_tokens(ro.behaviour_logprobs, ro.cot_mask,
-                             spec.objective.loss.logprob_reduction)
+  seq_lp = obj.reduce_tokens(
+    ro.behaviour_logprobs, ro.cot_mask, spec.objective.loss.logprob_reduction
+  )
   out["policy/cot_logprob"] = float(np.mean(seq_lp))
   out["policy/repetition_rate"] = metrics_lib.repetition_rate(ro.cot_tokens)
   out.update(_perf(spec, ctx, ro, sc, len(per_update), times))
@@ -342,8 +445,9 @@ def _perf(spec, ctx: RunContext, ro: Rollout, sc: Scores, updates: int, times: d
   fwd_tokens = ro.cot_tokens.size + sc.answer_tokens.size + base
   full_kl = spec.objective.loss.kl_estimator == "full"
   train_tokens = (ro.prompt_tokens.size + ro.cot_tokens.size) * updates * (2 if full_kl else 1)
-  flops = metrics_lib.step_flops(ctx.model.num_params, fwd_tokens, train_tokens,
-                                 ctx.model.remat != "none")
+  flops = metrics_lib.step_flops(
+    ctx.model.num_params, fwd_tokens, train_tokens, ctx.model.remat != "none"
+  )
   out = {f"perf/{k}_s": v for k, v in times.items()}
   out["perf/step_s"] = total
   out["perf/sample_tokens_per_s"] = ro.cot_tokens.size / max(times["sample"], 1e-9)

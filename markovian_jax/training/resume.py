@@ -20,12 +20,11 @@ import os
 import re
 from typing import Callable
 
-import jax
 from absl import logging
 from etils import epath
+import jax
 
-from markovian_jax.runtime import checkpointing
-from markovian_jax.runtime import distributed
+from markovian_jax.runtime import checkpointing, distributed
 
 SUPERSEDED = "superseded"
 _EVAL_FILE = re.compile(r"step_(\d+)\.jsonl$")
@@ -41,8 +40,9 @@ def resume(ckpt, restore: Callable[[int], None], workdir, writer) -> int:
       restore(step)
     except checkpointing.BrokenCheckpoint as e:
       moved = ckpt.set_aside(step)
-      logging.warning("%s: moved to %s (kept, not deleted); resuming from the checkpoint before "
-                      "it", e, moved)
+      logging.warning(
+        "%s: moved to %s (kept, not deleted); resuming from the checkpoint before it", e, moved
+      )
       continue
     if jax.process_index() == 0:
       discard_after(workdir, step)
@@ -50,9 +50,10 @@ def resume(ckpt, restore: Callable[[int], None], workdir, writer) -> int:
     distributed.sync("resume files")
     return step
   raise checkpointing.CheckpointError(
-      f"config.train.resume: no complete checkpoint in {ckpt.directory} (the broken ones "
-      f"are in {ckpt.directory.parent / checkpointing.BROKEN_DIR}); give a new "
-      "--config.workdir to start over")
+    f"config.train.resume: no complete checkpoint in {ckpt.directory} (the broken ones "
+    f"are in {ckpt.directory.parent / checkpointing.BROKEN_DIR}); give a new "
+    "--config.workdir to start over"
+  )
 
 
 def discard_after(workdir, step: int) -> list[str]:
@@ -87,6 +88,7 @@ def discard_after(workdir, step: int) -> list[str]:
         path.rename(dest / path.name)
         touched.append(os.fspath(path))
   if touched:
-    logging.info("resume at step %d: moved what later, lost steps wrote to %s: %s", step, out,
-                 touched)
+    logging.info(
+      "resume at step %d: moved what later, lost steps wrote to %s: %s", step, out, touched
+    )
   return touched

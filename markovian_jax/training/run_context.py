@@ -14,15 +14,20 @@ import os
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
+from markovian_jax import data as data_lib
+from markovian_jax.models import (
+  DecoderConfig,
+  attention_choice,
+  eos_ids,
+  load_checkpoint,
+  load_tokenizer,
+)
+from markovian_jax.runtime import sharding
 from markovian_jax.sampling import batching
 from markovian_jax.training import config_validation
-from markovian_jax.runtime import sharding
-from markovian_jax import data as data_lib
-from markovian_jax.models import DecoderConfig, eos_ids, load_checkpoint, load_tokenizer
-from markovian_jax.models import attention_choice
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +61,16 @@ def read_examples(spec, split: str, tokenizer=None, limit: Optional[int] = None)
   FileNotFoundError for a missing path) naming the file and the key."""
   if spec.data.path and spec.task != "arithmetic":
     if not os.path.exists(os.path.expanduser(spec.data.path)):
-      raise data_lib.DataError(f"config.data.path: {spec.data.path}: no such file or directory "
-                               f"({spec.task} data)")
+      raise data_lib.DataError(
+        f"config.data.path: {spec.data.path}: no such file or directory ({spec.task} data)"
+      )
   options = spec.data.task_options(spec.task, tokenizer)
   examples = data_lib.load_task(spec.task, split, spec.data.path or None, **options)
   examples = examples[:limit] if limit else examples
   if not examples:
-    raise data_lib.DataError(f"{spec.task} split {split!r} has no examples "
-                             f"(config.data.path={spec.data.path!r})")
+    raise data_lib.DataError(
+      f"{spec.task} split {split!r} has no examples (config.data.path={spec.data.path!r})"
+    )
   return examples
 
 
@@ -73,11 +80,17 @@ def run_splits(spec, tokenizer=None):
   (MMLU stratified by subject); a task without a validation split gives up a seeded carve-out of
   train. The selection set does not depend on eval.num_examples."""
   from markovian_jax.data import selection
+
   return selection.run_splits(
-      spec.task, lambda split: read_examples(spec, split, tokenizer),
-      train_split=spec.data.train_split, eval_split=spec.data.eval_split,
-      selection_size=spec.eval.selection_size, test_size=spec.eval.num_examples,
-      seed=spec.eval.seed, task_options=spec.data.task_options(spec.task, tokenizer))
+    spec.task,
+    lambda split: read_examples(spec, split, tokenizer),
+    train_split=spec.data.train_split,
+    eval_split=spec.data.eval_split,
+    selection_size=spec.eval.selection_size,
+    test_size=spec.eval.num_examples,
+    seed=spec.eval.seed,
+    task_options=spec.data.task_options(spec.task, tokenizer),
+  )
 
 
 def recorded_selection(spec, workdir, tokenizer=None) -> tuple[list, str]:
@@ -89,13 +102,19 @@ def recorded_selection(spec, workdir, tokenizer=None) -> tuple[list, str]:
   from etils import epath
 
   from markovian_jax.data import selection
+
   path = epath.Path(workdir) / "selection.json" if workdir else None
   if path is not None and path.exists():
     record = json.loads(path.read_text())
-    return (selection.from_record(record, lambda split: read_examples(spec, split, tokenizer)),
-            f"{path}: {record.get('description', '')}")
-  log.warning("no selection.json in %s: drawing the selection set from the config "
-              "(eval.selection_size=%d)", workdir, spec.eval.selection_size)
+    return (
+      selection.from_record(record, lambda split: read_examples(spec, split, tokenizer)),
+      f"{path}: {record.get('description', '')}",
+    )
+  log.warning(
+    "no selection.json in %s: drawing the selection set from the config (eval.selection_size=%d)",
+    workdir,
+    spec.eval.selection_size,
+  )
   return run_splits(spec, tokenizer).selection, "drawn from the config (no selection.json)"
 
 
@@ -120,9 +139,15 @@ class RunContext:
     impl, why = attention_choice.resolve(spec.model.attention, model)
     log.info("%s", why)
     model = model.replace(remat=spec.model.remat, attention_impl=impl)
-    log.info("model %s: %d layers, d=%d, vocab %d, %s; mesh %s", spec.model.path,
-             model.num_layers, model.hidden_size, model.vocab_size, spec.model.dtype,
-             dict(mesh.shape))
+    log.info(
+      "model %s: %d layers, d=%d, vocab %d, %s; mesh %s",
+      spec.model.path,
+      model.num_layers,
+      model.hidden_size,
+      model.vocab_size,
+      spec.model.dtype,
+      dict(mesh.shape),
+    )
     return cls(config, spec, mesh, model, params, tokenizer, eos_ids(model, tokenizer))
 
   @property
@@ -136,26 +161,40 @@ class RunContext:
   # ------------------------------------------------------------- prompts as token ids
   def cot_prompt_ids(self, example) -> list:
     s = self.spec
-    text = data_lib.cot_prompt(s.task, example.question, self.cot_length,
-                               target_length=s.data.target_length, prompt_format=s.prompt.format,
-                               tokenizer=self.tokenizer)
+    text = data_lib.cot_prompt(
+      s.task,
+      example.question,
+      self.cot_length,
+      target_length=s.data.target_length,
+      prompt_format=s.prompt.format,
+      tokenizer=self.tokenizer,
+    )
     return data_lib.encode(self.tokenizer, text, s.prompt.format)
 
   def answer_prefix(self, example, cot_text: str) -> str:
     s = self.spec
-    return data_lib.answer_prompt(s.task, example.question, cot_text, self.cot_length,
-                                  markovian=s.prompt.markovian,
-                                  target_length=s.data.target_length,
-                                  prompt_format=s.prompt.format, tokenizer=self.tokenizer)
+    return data_lib.answer_prompt(
+      s.task,
+      example.question,
+      cot_text,
+      self.cot_length,
+      markovian=s.prompt.markovian,
+      target_length=s.data.target_length,
+      prompt_format=s.prompt.format,
+      tokenizer=self.tokenizer,
+    )
 
   def answer_rows(self, examples: Sequence, cot_texts: Sequence[str], multiple: int = 32):
     """Scoring rows "answer prompt(CoT) + gold answer", left-padded to a bucketed length.
 
     Returns (tokens int32 [N, A], mask bool [N, A], span bool [N, A]).
     """
-    rows = [data_lib.answer_tokens(self.tokenizer, self.answer_prefix(ex, cot), ex.answer,
-                                   self.spec.prompt.format)
-            for ex, cot in zip(examples, cot_texts)]
+    rows = [
+      data_lib.answer_tokens(
+        self.tokenizer, self.answer_prefix(ex, cot), ex.answer, self.spec.prompt.format
+      )
+      for ex, cot in zip(examples, cot_texts)
+    ]
     length = batching.bucket(max(len(r.ids) for r in rows), multiple)
     tokens, mask = batching.pad_left([r.ids for r in rows], length)
     span, _ = batching.pad_left([r.mask.astype(np.int32) for r in rows], length)

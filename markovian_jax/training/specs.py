@@ -19,20 +19,18 @@ import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
-from markovian_jax.training import guards
-from markovian_jax.runtime import host_allocator
-from markovian_jax.training import optimizer
-from markovian_jax.runtime import sharding
 from markovian_jax import objectives as obj
+from markovian_jax.configs import schema
+from markovian_jax.configs.base import VARIANTS
 from markovian_jax.data import tasks as tasks_lib
 from markovian_jax.data.mcq_tasks import MMLU_HUB_SPLITS
 from markovian_jax.data.prompts import AUTO_FORMAT, PROMPT_FORMATS
-from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.attention_choice import CHOICES as ATTENTION_CHOICES
 from markovian_jax.models.config import DTYPES, REMAT_MODES
-from markovian_jax.configs import schema
-from markovian_jax.configs.base import VARIANTS
+from markovian_jax.runtime import host_allocator, sharding
+from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.training import guards, optimizer
 
 LORA_REFERENCES = ("base", "initial_adapter")  # what the KL / baseline reference model is
 SCORERS = ("actor", "base")  # who scores the answer for the reward; who reads it in evaluation
@@ -73,8 +71,14 @@ class _Section:
       if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         _bad(self._key(name), f"must be a positive integer, got {v!r}")
 
-  def number(self, name: str, low: float = -math.inf, high: float = math.inf,
-             low_open: bool = False, high_open: bool = False):
+  def number(
+    self,
+    name: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+  ):
     v = getattr(self, name)
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
@@ -105,8 +109,10 @@ class LoraSpec(schema.Lora, _Section):
     self.number("dropout", 0.0, 1.0, high_open=True)
     unknown = [t for t in self.targets if t not in lora_lib.ALL_LINEAR]
     if unknown or not self.targets:
-      _bad("lora.targets", f"{list(self.targets)}: choose a non-empty subset of "
-           f"{list(lora_lib.ALL_LINEAR)}")
+      _bad(
+        "lora.targets",
+        f"{list(self.targets)}: choose a non-empty subset of {list(lora_lib.ALL_LINEAR)}",
+      )
     self.choice("reference", LORA_REFERENCES)
     if self.reference == "initial_adapter" and not self.init_from:
       _bad("lora.reference", "'initial_adapter' needs lora.init_from (a PEFT adapter directory)")
@@ -120,8 +126,10 @@ class DataSpec(schema.Data, _Section):
     self.positive_int("arithmetic_terms", "arithmetic_max", "question_length", "target_length")
     allowed = [s for s in MMLU_HUB_SPLITS if s != "test"]
     if not self.mmlu_train_splits or any(s not in allowed for s in self.mmlu_train_splits):
-      _bad("data.mmlu_train_splits", f"{list(self.mmlu_train_splits)}: choose a non-empty "
-           f"subset of {allowed}")
+      _bad(
+        "data.mmlu_train_splits",
+        f"{list(self.mmlu_train_splits)}: choose a non-empty subset of {allowed}",
+      )
 
   def task_options(self, task: str, tokenizer=None) -> dict:
     """`data.load_task` options for `task` from this section."""
@@ -132,8 +140,11 @@ class DataSpec(schema.Data, _Section):
     if task == "arithmetic":
       return {"num_terms": self.arithmetic_terms, "max_value": self.arithmetic_max}
     if task == "wiki_continuation":
-      return {"tokenizer": tokenizer, "question_length": self.question_length,
-              "target_length": self.target_length}
+      return {
+        "tokenizer": tokenizer,
+        "question_length": self.question_length,
+        "target_length": self.target_length,
+      }
     return {}
 
 
@@ -141,6 +152,7 @@ class DataSpec(schema.Data, _Section):
 class PromptSpec(schema.Prompt, _Section):
   """`format` "auto" (AUTO_FORMAT) is resolved to the model family's by
   config_validation.validate."""
+
   SECTION = "prompt"
 
   def __post_init__(self):
@@ -164,6 +176,7 @@ class ObjectiveSpec(_Section):
   """The objective section: the loss settings (`loss`, an objectives.ObjectiveConfig, which
   validates itself) and what the training step does around them. Its keys and their defaults are
   configs/schema.py's `Objective`: the ones `loss` does not hold are fields here."""
+
   SECTION = "objective"
   loss: Any = None
   reward_scorer: str = schema.same(schema.Objective, "reward_scorer")
@@ -175,8 +188,7 @@ class ObjectiveSpec(_Section):
     own = {f.name for f in dataclasses.fields(cls)} - {"loss"}
     loss_fields = {f.name for f in dataclasses.fields(obj.ObjectiveConfig)}
     # A key the section lacks (a run recorded before the key existed) takes the schema's default.
-    kw = {f.name: f.default for f in dataclasses.fields(schema.Objective)
-          if f.name in loss_fields}
+    kw = {f.name: f.default for f in dataclasses.fields(schema.Objective) if f.name in loss_fields}
     for key in section.keys():
       if key in own:
         continue
@@ -192,8 +204,13 @@ class ObjectiveSpec(_Section):
       msg = str(e)
       named = sorted((f for f in loss_fields if f in msg), key=len, reverse=True)
       field = named[0] if named else ""
-      key = ("train.group_size" if field == "group_size" else
-             f"objective.{field}" if field else "objective")
+      key = (
+        "train.group_size"
+        if field == "group_size"
+        else f"objective.{field}"
+        if field
+        else "objective"
+      )
       raise InvalidConfig(f"config.{key}: {msg}") from e
     return cls(loss=loss, **{k: section[k] for k in own if k in section})
 
@@ -201,12 +218,17 @@ class ObjectiveSpec(_Section):
     self.choice("reward_scorer", SCORERS)
     self.positive_int("ppo_epochs", "ppo_minibatches")
     if self.loss.kind != "ppo" and (self.ppo_epochs, self.ppo_minibatches) != (1, 1):
-      _bad("objective.ppo_minibatches" if self.ppo_minibatches != 1 else "objective.ppo_epochs",
-           f"PPO passes need objective.kind='ppo' (got {self.loss.kind!r}); policy gradient makes "
-           "one update per step on the whole batch, so leave ppo_epochs and ppo_minibatches at 1")
+      _bad(
+        "objective.ppo_minibatches" if self.ppo_minibatches != 1 else "objective.ppo_epochs",
+        f"PPO passes need objective.kind='ppo' (got {self.loss.kind!r}); policy gradient makes "
+        "one update per step on the whole batch, so leave ppo_epochs and ppo_minibatches at 1",
+      )
     if self.loss.reward_grad == "paper" and self.reward_scorer != "actor":
-      _bad("objective.reward_grad", "'paper' differentiates the actor's answer log-prob, so it "
-           "needs objective.reward_scorer='actor'")
+      _bad(
+        "objective.reward_grad",
+        "'paper' differentiates the actor's answer log-prob, so it "
+        "needs objective.reward_scorer='actor'",
+      )
     if self.loss.method:
       self._check_method()
 
@@ -219,20 +241,28 @@ class ObjectiveSpec(_Section):
     except ValueError as e:
       _bad("objective.method", str(e))
     if method.scorer == "ema":
-      _bad("objective.method", f"{m!r} is not wired yet: its scorer and KL reference is an "
-           "EMA-lagged copy of the policy, which the trainer does not keep (its pieces and their "
-           "tests are in objectives/answer_likelihood.py)")
+      _bad(
+        "objective.method",
+        f"{m!r} is not wired yet: its scorer and KL reference is an "
+        "EMA-lagged copy of the policy, which the trainer does not keep (its pieces and their "
+        "tests are in objectives/answer_likelihood.py)",
+      )
     if self.reward_scorer != method.scorer:
-      _bad("objective.reward_scorer", f"{m!r} scores with the {method.scorer!r} model; set "
-           f"objective.reward_scorer={method.scorer!r} (the variant {m!r} does)")
+      _bad(
+        "objective.reward_scorer",
+        f"{m!r} scores with the {method.scorer!r} model; set "
+        f"objective.reward_scorer={method.scorer!r} (the variant {m!r} does)",
+      )
     if method.has_answer_term and method.scorer != "actor":
       _bad("objective.method", f"{m!r}'s answer term differentiates the actor's answer log-prob")
     if self.loss.normalize_reward or self.loss.reward_grad != "none":
-      key = ("objective.normalize_reward" if self.loss.normalize_reward
-             else "objective.reward_grad")
-      _bad(key, f"{m!r} subtracts its own no-reasoning score and has its own answer term: set "
-           "objective.normalize_reward=False and objective.reward_grad='none' (the variant "
-           f"{m!r} does)")
+      key = "objective.normalize_reward" if self.loss.normalize_reward else "objective.reward_grad"
+      _bad(
+        key,
+        f"{m!r} subtracts its own no-reasoning score and has its own answer term: set "
+        "objective.normalize_reward=False and objective.reward_grad='none' (the variant "
+        f"{m!r} does)",
+      )
 
   @property
   def kind(self) -> str:
@@ -261,8 +291,17 @@ class TrainSpec(schema.Train, _Section):
   SECTION = "train"
 
   def __post_init__(self):
-    self.positive_int("num_steps", "questions_per_step", "group_size", "checkpoint_every",
-                      "eval_every", "max_to_keep", "text_every", "nan_patience", "max_rollbacks")
+    self.positive_int(
+      "num_steps",
+      "questions_per_step",
+      "group_size",
+      "checkpoint_every",
+      "eval_every",
+      "max_to_keep",
+      "text_every",
+      "nan_patience",
+      "max_rollbacks",
+    )
     self.choice("collapse_action", guards.COLLAPSE_ACTIONS)
     self.choice("nonfinite_action", guards.NONFINITE_ACTIONS)
 
@@ -283,8 +322,9 @@ class EvalSpec(schema.Eval, _Section):
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         _bad(self._key(name), f"must be an integer >= 0 (0 = {zero}), got {v!r}")
     if not isinstance(self.fragility_every, int) or self.fragility_every < 0:
-      _bad("eval.fragility_every", f"must be an integer >= 0 (0 = off), got "
-           f"{self.fragility_every!r}")
+      _bad(
+        "eval.fragility_every", f"must be an integer >= 0 (0 = off), got {self.fragility_every!r}"
+      )
     self.choice("reader", SCORERS)
 
 
@@ -296,8 +336,12 @@ class MeshSpec(schema.Mesh, _Section):
     if self.preset and self.preset not in sharding.MESH_PRESETS:
       _bad("mesh.preset", f"unknown {self.preset!r}; choose one of {sorted(sharding.MESH_PRESETS)}")
     s = self.shape
-    if (not isinstance(s, tuple) or len(s) != 3 or s.count(-1) > 1
-        or any(not isinstance(x, int) or x == 0 or x < -1 for x in s)):
+    if (
+      not isinstance(s, tuple)
+      or len(s) != 3
+      or s.count(-1) > 1
+      or any(not isinstance(x, int) or x == 0 or x < -1 for x in s)
+    ):
       _bad("mesh.shape", f"{s}: use 3 positive sizes (data, fsdp, tensor), at most one -1")
     if not isinstance(self.allow_replication, bool):
       _bad("mesh.allow_replication", f"must be True or False, got {self.allow_replication!r}")
@@ -318,6 +362,7 @@ class MeshSpec(schema.Mesh, _Section):
 class RunSpec:
   """The whole run config, typed. `read` checks every section; `config_validation.validate` adds
   the rules that span sections."""
+
   task: str
   workdir: str
   compilation_cache_dir: str
@@ -355,12 +400,20 @@ class RunSpec:
       # Whom the scorer shows the question is prompt.markovian's job, for every row it builds.
       hidden = obj.method_of(objective.loss).markovian
       if read["prompt"].markovian != hidden:
-        _bad("prompt.markovian", f"objective.method={objective.loss.method!r} "
-             f"{'hides' if hidden else 'shows'} the question from its scorer: set "
-             f"prompt.markovian={hidden} (the variant {objective.loss.method!r} does)")
-    return cls(task=c.task, workdir=str(c.workdir),
-               compilation_cache_dir=str(c.compilation_cache_dir),
-               host_allocator=c.host_allocator, objective=objective, **read)
+        _bad(
+          "prompt.markovian",
+          f"objective.method={objective.loss.method!r} "
+          f"{'hides' if hidden else 'shows'} the question from its scorer: set "
+          f"prompt.markovian={hidden} (the variant {objective.loss.method!r} does)",
+        )
+    return cls(
+      task=c.task,
+      workdir=str(c.workdir),
+      compilation_cache_dir=str(c.compilation_cache_dir),
+      host_allocator=c.host_allocator,
+      objective=objective,
+      **read,
+    )
 
   def eval_temperature(self) -> float:
     """The CoT temperature of evaluation (<0 in the config: the training temperature)."""
@@ -368,9 +421,18 @@ class RunSpec:
 
 
 # The spec of each schema.SECTIONS section, in the same order.
-SECTION_SPECS = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "prompt": PromptSpec,
-                 "sampling": SamplingSpec, "objective": ObjectiveSpec, "optim": OptimSpec,
-                 "train": TrainSpec, "eval": EvalSpec, "mesh": MeshSpec}
+SECTION_SPECS = {
+  "model": ModelSpec,
+  "lora": LoraSpec,
+  "data": DataSpec,
+  "prompt": PromptSpec,
+  "sampling": SamplingSpec,
+  "objective": ObjectiveSpec,
+  "optim": OptimSpec,
+  "train": TrainSpec,
+  "eval": EvalSpec,
+  "mesh": MeshSpec,
+}
 
 
 def optional(x) -> Optional[str]:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from markovian_jax import objectives as obj
 from markovian_jax.models.lora import LoraAdapter
@@ -47,6 +47,7 @@ class TrainState:
   step: the number of training steps done, a host int (static: the schedule and the hooks read
     it without a device round trip, and it is never traced).
   """
+
   lora: LoraAdapter
   opt_state: Any
   rng: jax.Array
@@ -56,23 +57,32 @@ class TrainState:
   @classmethod
   def create(cls, lora: LoraAdapter, opt_state, seed: int) -> "TrainState":
     """Step 0: the run's key is PRNGKey(seed), the baseline state fresh."""
-    return cls(lora=lora, opt_state=opt_state, rng=jax.random.PRNGKey(seed),
-               baseline=obj.BaselineState.init(), step=0)
+    return cls(
+      lora=lora,
+      opt_state=opt_state,
+      rng=jax.random.PRNGKey(seed),
+      baseline=obj.BaselineState.init(),
+      step=0,
+    )
 
   def to_json(self) -> dict:
     """The host part of the checkpoint's JSON state: step, rng, baseline and the adapter's
     static settings (the keys the checkpoint readers use to rebuild the adapter)."""
-    return {"step": self.step, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-            "baseline": self.baseline.to_json(),
-            "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                     "dropout": self.lora.dropout}}
+    return {
+      "step": self.step,
+      "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
+      "baseline": self.baseline.to_json(),
+      "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha, "dropout": self.lora.dropout},
+    }
 
   def with_json(self, saved: dict) -> "TrainState":
     """This state with the step, key and baseline of a checkpoint's JSON state (the arrays are
     restored by orbax into this state's shapes and shardings)."""
-    return self.replace(step=int(saved["step"]),
-                        rng=jnp.asarray(np.asarray(saved["rng"], np.uint32)),
-                        baseline=obj.BaselineState.from_json(saved["baseline"]))
+    return self.replace(
+      step=int(saved["step"]),
+      rng=jnp.asarray(np.asarray(saved["rng"], np.uint32)),
+      baseline=obj.BaselineState.from_json(saved["baseline"]),
+    )
 
 
 def checkpoint_json(state: TrainState, data: dict, config: dict) -> dict:
@@ -81,12 +91,25 @@ def checkpoint_json(state: TrainState, data: dict, config: dict) -> dict:
   return {k: out[k] for k in JSON_KEYS}
 
 
-def save(ckpt, state: TrainState, *, data: dict, config: dict, score: Optional[float] = None,
-         force: bool = False) -> bool:
+def save(
+  ckpt,
+  state: TrainState,
+  *,
+  data: dict,
+  config: dict,
+  score: Optional[float] = None,
+  force: bool = False,
+) -> bool:
   """Saves `state` (with the data cursor `data` and the run's `config` dict) as checkpoint
   `state.step` of `ckpt` (`runtime.checkpointing.Checkpointer`); collective on every process."""
-  return ckpt.save(state.step, state.lora.params, state.opt_state,
-                   checkpoint_json(state, data, config), score=score, force=force)
+  return ckpt.save(
+    state.step,
+    state.lora.params,
+    state.opt_state,
+    checkpoint_json(state, data, config),
+    score=score,
+    force=force,
+  )
 
 
 def restore(ckpt, step: int, like: TrainState) -> tuple[TrainState, dict]:

@@ -19,19 +19,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
-from markovian_jax.models import logprobs as lp_lib
 from markovian_jax import objectives as obj
-from markovian_jax.training import optimizer
-from markovian_jax.runtime import sharding
 from markovian_jax.models import DecoderConfig
-
-
+from markovian_jax.models import logprobs as lp_lib
+from markovian_jax.runtime import sharding
+from markovian_jax.training import optimizer
 
 
 @struct.dataclass
@@ -48,6 +46,7 @@ class PolicyBatch:
   answer_logprobs: float32 [N, A], the scorer's per-token answer log-probs (no gradient).
   baseline_scores: float32 [N], b of the row's question (0 when not normalising).
   """
+
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
   cot_tokens: jax.Array
@@ -63,6 +62,7 @@ class PolicyBatch:
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
   """Static settings of the jitted functions (hashable)."""
+
   model: DecoderConfig
   objective: obj.ObjectiveConfig
   temperature: float
@@ -70,13 +70,22 @@ class StepSettings:
   logprob_chunk: int = 64
 
 
-def answer_logprobs(s: StepSettings, params, lora, tokens, mask, span,
-                    last_n: Optional[int] = None):
+def answer_logprobs(
+  s: StepSettings, params, lora, tokens, mask, span, last_n: Optional[int] = None
+):
   """float32 [N, A] per-token log-probs of the answer span (unscaled logits), 0 elsewhere.
   `last_n`: the span lies within the last `last_n` tokens of every row (`answer_window`), so the
   vocabulary projection runs on those positions only."""
-  out = lp_lib.token_logprobs(s.model, params, tokens, mask, lora=lora, temperature=1.0,
-                              chunk_size=s.logprob_chunk, last_n=last_n)
+  out = lp_lib.token_logprobs(
+    s.model,
+    params,
+    tokens,
+    mask,
+    lora=lora,
+    temperature=1.0,
+    chunk_size=s.logprob_chunk,
+    last_n=last_n,
+  )
   return jnp.where(span, out.logprobs, 0.0)
 
 
@@ -98,8 +107,19 @@ def rewards(s: StepSettings, answer_lp, span):
   return obj.answer_reward(answer_lp, span, cfg.logprob_reduction, kind=cfg.reward_kind)
 
 
-def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, answer_span,
-          base_tokens=None, base_mask=None, base_span=None, last_n: Optional[int] = None):
+def score(
+  s: StepSettings,
+  params,
+  lora,
+  ref_lora,
+  answer_tokens,
+  answer_mask,
+  answer_span,
+  base_tokens=None,
+  base_mask=None,
+  base_span=None,
+  last_n: Optional[int] = None,
+):
   """Rewards without gradient.
 
   Args:
@@ -115,57 +135,100 @@ def score(s: StepSettings, params, lora, ref_lora, answer_tokens, answer_mask, a
   """
   scorer = lora if s.reward_scorer == "actor" else ref_lora
   ans = jax.lax.stop_gradient(
-      answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n))
+    answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n)
+  )
   b = None
   method = obj.method_of(s.objective)
   if base_tokens is not None and method is not None:
     nr_scorer = lora if method.no_reasoning_scorer == "actor" else ref_lora
     b = jax.lax.stop_gradient(
-        answer_logprobs(s, params, nr_scorer, base_tokens, base_mask, base_span, last_n))
+      answer_logprobs(s, params, nr_scorer, base_tokens, base_mask, base_span, last_n)
+    )
   elif base_tokens is not None:
     base = answer_logprobs(s, params, ref_lora, base_tokens, base_mask, base_span, last_n)
     b = jax.lax.stop_gradient(rewards(s, base, base_span))
   return ans, rewards(s, ans, answer_span), b
 
 
-def reference_cot_logprobs(s: StepSettings, params, ref_lora, prompt_tokens, prompt_mask,
-                           cot_tokens, cot_mask):
+def reference_cot_logprobs(
+  s: StepSettings, params, ref_lora, prompt_tokens, prompt_mask, cot_tokens, cot_mask
+):
   """float32 [N, K]: the reference's log-probs of the sampled CoT tokens at the sampling
   temperature, no gradient (LaTRO's reward folds the sequence log-ratio to it in)."""
   out = lp_lib.continuation_logprobs(
-      s.model, params, prompt_tokens, prompt_mask, cot_tokens, cot_mask, lora=ref_lora,
-      temperature=s.temperature, chunk_size=s.logprob_chunk)
+    s.model,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    cot_tokens,
+    cot_mask,
+    lora=ref_lora,
+    temperature=s.temperature,
+    chunk_size=s.logprob_chunk,
+  )
   return jax.lax.stop_gradient(out.logprobs)
 
 
-def loss_inputs(s: StepSettings, params, lora, batch: PolicyBatch,
-                dropout_rng: Optional[jax.Array], ref_lora=None,
-                answer_last_n: Optional[int] = None) -> obj.LossInputs:
+def loss_inputs(
+  s: StepSettings,
+  params,
+  lora,
+  batch: PolicyBatch,
+  dropout_rng: Optional[jax.Array],
+  ref_lora=None,
+  answer_last_n: Optional[int] = None,
+) -> obj.LossInputs:
   """Teacher-forced policy terms on the CoT positions (differentiable w.r.t. `lora`).
   `answer_last_n`: the answer window (`answer_window`) for reward_grad='paper', which re-scores
   the answer rows with gradient."""
   cfg = s.objective
   need_ref = cfg.kl_estimator != "full" or (cfg.kind == "ppo" and cfg.ppo_ratio_reference == "base")
   out = lp_lib.continuation_logprobs(
-      s.model, params, batch.prompt_tokens, batch.prompt_mask, batch.cot_tokens, batch.cot_mask,
-      lora=lora, temperature=s.temperature, chunk_size=s.logprob_chunk, dropout_rng=dropout_rng,
-      with_kl=cfg.kl_estimator == "full", with_entropy=True, with_reference=need_ref,
-      reference_lora=ref_lora)
+    s.model,
+    params,
+    batch.prompt_tokens,
+    batch.prompt_mask,
+    batch.cot_tokens,
+    batch.cot_mask,
+    lora=lora,
+    temperature=s.temperature,
+    chunk_size=s.logprob_chunk,
+    dropout_rng=dropout_rng,
+    with_kl=cfg.kl_estimator == "full",
+    with_entropy=True,
+    with_reference=need_ref,
+    reference_lora=ref_lora,
+  )
   method = obj.method_of(cfg)
   if cfg.reward_grad == "paper" or (method is not None and method.has_answer_term):
-    answers = answer_logprobs(s, params, lora, batch.answer_tokens, batch.answer_mask,
-                              batch.answer_span, answer_last_n)
+    answers = answer_logprobs(
+      s, params, lora, batch.answer_tokens, batch.answer_mask, batch.answer_span, answer_last_n
+    )
   else:
     answers = batch.answer_logprobs
   return obj.LossInputs(
-      cot_logprobs=out.logprobs, cot_mask=batch.cot_mask,
-      answer_logprobs=answers, answer_mask=batch.answer_span,
-      behaviour_logprobs=batch.behaviour_logprobs, ref_logprobs=out.ref_logprobs,
-      kl=out.kl, entropy=out.entropy, baseline_scores=batch.baseline_scores)
+    cot_logprobs=out.logprobs,
+    cot_mask=batch.cot_mask,
+    answer_logprobs=answers,
+    answer_mask=batch.answer_span,
+    behaviour_logprobs=batch.behaviour_logprobs,
+    ref_logprobs=out.ref_logprobs,
+    kl=out.kl,
+    entropy=out.entropy,
+    baseline_scores=batch.baseline_scores,
+  )
 
 
-def loss_and_grads(s: StepSettings, params, lora, batch: PolicyBatch, targets: obj.Targets,
-                   dropout_rng=None, ref_lora=None, answer_last_n: Optional[int] = None):
+def loss_and_grads(
+  s: StepSettings,
+  params,
+  lora,
+  batch: PolicyBatch,
+  targets: obj.Targets,
+  dropout_rng=None,
+  ref_lora=None,
+  answer_last_n: Optional[int] = None,
+):
   """(loss float32 scalar, metrics dict, gradient w.r.t. `lora`: a LoRA-shaped tree)."""
   method = obj.method_of(s.objective)
 
@@ -179,9 +242,19 @@ def loss_and_grads(s: StepSettings, params, lora, batch: PolicyBatch, targets: o
   return loss, metrics, grads
 
 
-def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_state,
-           batch: PolicyBatch, targets: obj.Targets, dropout_rng, ref_lora=None, lr=None,
-           answer_last_n: Optional[int] = None):
+def update(
+  s: StepSettings,
+  tx: optax.GradientTransformation,
+  params,
+  lora,
+  opt_state,
+  batch: PolicyBatch,
+  targets: obj.Targets,
+  dropout_rng,
+  ref_lora=None,
+  lr=None,
+  answer_last_n: Optional[int] = None,
+):
   """One optimizer step on the LoRA tree at learning rate `lr` (float32 scalar; None keeps the
   state's); a non-finite loss, gradient or update leaves LoRA and optimizer state unchanged.
 
@@ -190,28 +263,34 @@ def update(s: StepSettings, tx: optax.GradientTransformation, params, lora, opt_
   """
   if lr is not None:
     opt_state = optimizer.set_learning_rate(opt_state, lr)
-  loss, metrics, grads = loss_and_grads(s, params, lora, batch, targets, dropout_rng, ref_lora,
-                                        answer_last_n)
+  loss, metrics, grads = loss_and_grads(
+    s, params, lora, batch, targets, dropout_rng, ref_lora, answer_last_n
+  )
   grad_norm = optax.tree.norm(grads)
   updates, new_opt = tx.update(grads, opt_state, lora)
   new_lora = optax.apply_updates(lora, updates)
   # A finite gradient can still give a non-finite update (e.g. a diverged schedule): check both.
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-  metrics = {**metrics, "grad_norm": grad_norm,
-             "learning_rate": optimizer.applied_learning_rate(opt_state),
-             "nonfinite": (~ok).astype(jnp.float32)}
+  metrics = {
+    **metrics,
+    "grad_norm": grad_norm,
+    "learning_rate": optimizer.applied_learning_rate(opt_state),
+    "nonfinite": (~ok).astype(jnp.float32),
+  }
   return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
 
 def tree_shardings(tree, mesh):
   """Shardings for a LoRA or optimizer-state tree: LoRA-shaped leaves follow the LoRA rules
   (matched by path suffix), scalars (step counts, the learning rate) are replicated."""
+
   def one(path, leaf):
     if leaf.ndim == 0:
       return sharding.replicated(mesh)
     axes = sharding.param_logical_axes(sharding.path_str(path), leaf.ndim)
     return sharding.named_sharding(mesh, axes, leaf.shape)
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -231,17 +310,19 @@ class Programs:
     self.settings = s
     rep = sharding.replicated(mesh)
     self.score = jax.jit(
-        lambda p, l, ref, *rows, last_n=None: score(s, p, l, ref, *rows, last_n=last_n),
-        static_argnames=("last_n",))
+      lambda p, l, ref, *rows, last_n=None: score(s, p, l, ref, *rows, last_n=last_n),
+      static_argnames=("last_n",),
+    )
     self.targets = jax.jit(lambda r, b, state: obj.advantage_targets(r, b, s.objective, state))
     method = obj.method_of(s.objective)
     if method is not None:
-      self.method_targets = jax.jit(
-          lambda inputs, state: obj.method_targets(inputs, method, state))
-      self.reference_cot = jax.jit(
-          lambda p, ref, *rows: reference_cot_logprobs(s, p, ref, *rows))
+      self.method_targets = jax.jit(lambda inputs, state: obj.method_targets(inputs, method, state))
+      self.reference_cot = jax.jit(lambda p, ref, *rows: reference_cot_logprobs(s, p, ref, *rows))
     self.update = jax.jit(
-        lambda p, l, o, b, t, r, ref, lr, answer_last_n=None: update(
-            s, tx, p, l, o, b, t, r, ref, lr, answer_last_n),
-        static_argnames=("answer_last_n",), out_shardings=(lora_sh, opt_sh, rep),
-        donate_argnums=(1, 2))
+      lambda p, l, o, b, t, r, ref, lr, answer_last_n=None: update(
+        s, tx, p, l, o, b, t, r, ref, lr, answer_last_n
+      ),
+      static_argnames=("answer_last_n",),
+      out_shardings=(lora_sh, opt_sh, rep),
+      donate_argnums=(1, 2),
+    )

@@ -1,6 +1,6 @@
 """One H100 80GB: mesh (1, 1, 1), the 16 GB bf16 base on the GPU; Q=1 x G=12 = 12 rows.
 
-  --config=configs/presets/1xh100.py[:task]   (task: gsm8k by default)
+--config=configs/presets/1xh100.py[:task]   (task: gsm8k by default)
 """
 
 from markovian_jax.configs import base
