@@ -13,8 +13,10 @@ Packages, each importing only those listed before it:
                evaluation, checkpoint export
   planning     the memory and layout plan before anything loads
   analysis     the paper's analyses: fragility, cross-model reading
-  trainer      the Trainer: one run's state, its step loop and hooks
+  trainer      the Trainer: one run's state (training.state.TrainState), its step loop and hooks
+  cli          the commands: train, evaluate, sample, plan, report, export, analyze (thin: flags,
+               then the library; `markovian-<name>` console scripts)
 
-Entry modules (thin; `python -m markovian_jax.<name>` and the `markovian-<name>` scripts):
-train, evaluate, sample, plan, report, export, analyze.
+`markovian_jax/<name>.py` for each command is an alias of `markovian_jax.cli.<name>`, so that
+`python -m markovian_jax.<name>` runs it.
 """

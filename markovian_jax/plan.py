@@ -1,58 +1,14 @@
-"""The memory and layout plan of a run, before anything is loaded or compiled.
+"""`python -m markovian_jax.plan`, the documented command, kept where it has always been.
 
-  python -m markovian_jax.plan --config=configs/presets/v5e-8.py [--config.key=value ...]
-
-Prints the per-device plan (`markovian_jax.planning`); exit 0 when it fits, 2 when it does not.
+The code is markovian_jax/cli/plan.py; importing this module gives that module itself (the same
+flags and state).
 """
 
-from __future__ import annotations
+import sys
 
-from markovian_jax.planning.plan import describe, make_plan, refusal
-from markovian_jax.runtime.errors import InvalidConfig
-from markovian_jax.training import config_validation
-
-
-def _main_flags():
-  from absl import flags
-  from ml_collections import config_flags
-
-  config = config_flags.DEFINE_config_file("config", None, "Run config file (configs/...).")
-  memory = flags.DEFINE_float(
-    "device_memory_gib",
-    0.0,
-    "Usable GiB per device (0: config.mesh.device_memory_gib, the device, or the preset's chip).",
-  )
-  devices = flags.DEFINE_integer("devices", 0, "Devices a -1 in mesh.shape fills (0: this host's).")
-  prompt = flags.DEFINE_integer(
-    "prompt_length",
-    0,
-    "Longest CoT prompt in tokens (0: the task's assumed longest, plan.LONGEST_PROMPT).",
-  )
-
-  def main():
-    from markovian_jax.runtime import cli
-
-    if config.value is None:
-      cli.fail("--config is required (e.g. --config=configs/presets/8xh100.py)")
-    spec = config_validation.validate(config.value)
-    p = make_plan(spec, devices.value or None, memory.value or None, prompt.value or None)
-    print(describe(p), flush=True)
-    if p.fits is None:
-      raise InvalidConfig(
-        f"config.mesh.device_memory_gib: no device memory to plan against ({p.memory_source})"
-      )
-    if not p.fits:
-      raise InvalidConfig(refusal(p))
-
-  return main
-
-
-def cli_main():
-  """The `markovian-plan` console script; the same as `python -m markovian_jax.plan`."""
-  from markovian_jax.runtime import cli
-
-  cli.run(_main_flags())
-
+from markovian_jax.cli import plan as _command
 
 if __name__ == "__main__":
-  cli_main()
+  _command.cli_main()
+else:
+  sys.modules[__name__] = _command

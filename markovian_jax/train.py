@@ -1,37 +1,14 @@
-"""Markovian training entry point.
+"""`python -m markovian_jax.train`, the documented command, kept where it has always been.
 
-  python -m markovian_jax.train --config=configs/svamp.py [--config.key=value ...]
-
-The run itself (start-up order, the step's stages, the hooks): `markovian_jax.trainer.Trainer`;
-its default hooks (scalars, samples, guards, evaluation, checkpoints) are wired here, by
-`add_default_hooks`, where a run with other hooks would add them.
+The code is markovian_jax/cli/train.py; importing this module gives that module itself (the same
+flags and state).
 """
 
-from __future__ import annotations
+import sys
 
-from ml_collections import config_flags
-
-from markovian_jax.runtime import cli
-from markovian_jax.trainer import Trainer, TrainingStopped, add_default_hooks
-from markovian_jax.training import config_validation
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
-
-
-def main():
-  with config_validation.config_session(_CONFIG.value, "configs/demo.py"):
-    try:
-      trainer = Trainer(_CONFIG.value, default_hooks=False)
-      add_default_hooks(trainer)
-      trainer.run()
-    except TrainingStopped as e:
-      raise cli.Stopped(str(e)) from e
-
-
-def cli_main():
-  """The `markovian-train` console script; the same as `python -m markovian_jax.train`."""
-  cli.run(main)
-
+from markovian_jax.cli import train as _command
 
 if __name__ == "__main__":
-  cli_main()
+  _command.cli_main()
+else:
+  sys.modules[__name__] = _command
