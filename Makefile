@@ -40,7 +40,7 @@ tcmalloc:
 	      echo "could not install libtcmalloc-minimal4: runs will use glibc malloc"; \
 	  else echo "tcmalloc not found: install libtcmalloc-minimal4 for faster CPU steps"; fi; }
 
-# The launchers through shellcheck (tests/test_launch.py runs it too, and under
+# The launchers through shellcheck (tests/cli/test_launch.py runs it too, and under
 # MARKOVIAN_STRICT_TESTS fails without it). Installed with apt in a root shell when missing.
 APT_SHELLCHECK := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null 2>&1
 shellcheck:
@@ -62,8 +62,8 @@ PYTEST := $(OFFLINE) $(PY) -m pytest -q tests -n $(PYTEST_WORKERS)
 # The tests compile without LLVM optimisation (tests/conftest.py), which fuses no multiply-adds; the
 # numerics references (their CLI and refusal tests aside) run once more at XLA's default level, as
 # users' programs compile.
-NUMERICS_TESTS := tests/test_step_reference.py tests/test_families.py tests/test_bf16.py \
-  tests/test_bf16_sampler.py -k "not cli and not refuses"
+NUMERICS_TESTS := tests/training/test_step_reference.py tests/models/test_families.py \
+  tests/training/test_bf16.py tests/sampling/test_bf16_sampler.py -k "not cli and not refuses"
 
 # Everything (what CI runs), with the 25 slowest tests listed; then the numerics references.
 test: $(VENV)/.installed-test tcmalloc

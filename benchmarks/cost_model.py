@@ -33,8 +33,8 @@ layer scan is a loop. So each program is compiled twice, with the layer scan unr
 twice (`jax.lax.scan` is patched while lowering; the short log-prob chunk scans are unrolled
 fully): the first report is rest + layer, the second rest + 2 layer, and the program's cost is
 report(1) + (L - 1) * (report(2) - report(1)) (`layer_scan_costs`; exact on a scan of matmuls,
-`tests/test_accelerator_benchmark.py`). The figures are those of XLA:CPU's optimised HLO: FLOPs
-do not depend on the backend, bytes accessed depend on its fusion decisions (a GPU fuses
+`tests/benchmarks/test_accelerator_benchmark.py`). The figures are those of XLA:CPU's optimised
+HLO: FLOPs do not depend on the backend, bytes accessed depend on its fusion decisions (a GPU fuses
 differently), so read them as the traffic of this HLO as XLA:CPU fuses it. LLVM's optimisation
 is turned off (`--xla_backend_optimization_level=0`): it does not change the HLO or its cost
 analysis, only the compile time.

@@ -6,7 +6,7 @@ Prints, per fault, the trials run, the trials the run survived (it resumed, fell
 stopped as it should, with one clear line), the exact resumes (the continued run's final LoRA and
 optimizer state equal, bit for bit, those of an uninterrupted run) and the files lost (eval rows,
 logged samples, TensorBoard series or checkpoints that differ from the uninterrupted run's or are
-missing: must be 0). tests/test_faults.py runs every row with fewer trials.
+missing: must be 0). tests/benchmarks/test_faults.py runs every row with fewer trials.
 
 Faults are injected with MARKOVIAN_TEST_FAULTS (markovian_jax/runtime/faults.py), which only
 these tests set, or from outside (kill -9 at a random moment, a second process on the workdir).

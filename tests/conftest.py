@@ -5,6 +5,7 @@ Must run before jax is imported anywhere, hence module-level environment edits.
 
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 
@@ -36,7 +37,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
+# The shared modules' asserts report their operands as a test module's do; registered before any
+# of them is imported.
+pytest.register_assert_rewrite("tests.helpers", "tests.step_reference", "tests.family_cases")
+
 from tests import helpers  # noqa: E402
+
+# Fixture modules, registered once for every test module: tests request their fixtures by name
+# and import none (an imported fixture would also be one instance per importing module).
+pytest_plugins = ["tests.run_fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +91,12 @@ SHARED_RUNS_SCOPE = "demo_runs"
 
 
 def _modules_sharing_demo_runs(tests_dir: str) -> set:
-  return {f"tests/{name}" for name in sorted(os.listdir(tests_dir))
-          if name.startswith("test_") and name.endswith(".py")
-          and "import demo_runs" in pathlib.Path(tests_dir, name).read_text()}
+  """The node ids ("tests/<sub>/test_x.py") of the test modules under `tests_dir` with a test or
+  fixture that takes `demo_runs` as an argument."""
+  root = pathlib.Path(tests_dir)
+  takes = re.compile(rf"def \w+\(([^)]*\W)?{SHARED_RUNS_SCOPE}\b")
+  return {f"tests/{path.relative_to(root).as_posix()}" for path in sorted(root.rglob("test_*.py"))
+          if takes.search(path.read_text())}
 
 
 @pytest.hookimpl(optionalhook=True)  # a plain `pytest` run has no xdist

@@ -87,3 +87,68 @@ def random_model(config, lora_dropout: float = 0.0):
   params = init_params(config, jax.random.PRNGKey(0))
   lora = init_lora(config, jax.random.PRNGKey(1), rank=4, dropout=lora_dropout)
   return params, lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))
+
+
+# ----------------------------------------------------------------------------- runs and CLIs
+
+def make_config(model_dir, workdir, **overrides):
+  """configs/demo.py cut to the tiny model's sizes: 4 steps of 4 CoTs of 8 tokens, evaluated and
+  checkpointed every 2 steps on 4 questions. overrides: {"section.leaf": value} (or "leaf")."""
+  c = importlib.import_module("configs.demo").get_config()
+  c.model.path = model_dir
+  c.workdir = str(workdir)
+  c.sampling.cot_length = 8
+  c.sampling.prompt_bucket = 64
+  c.train.group_size = 4
+  c.train.num_steps = 4
+  c.train.checkpoint_every = 2
+  c.train.eval_every = 2
+  c.train.text_every = 1
+  c.eval.num_examples = 4
+  c.eval.batch_size = 4
+  c.eval.answer_max_tokens = 4
+  for k, v in overrides.items():
+    section, _, leaf = k.rpartition(".")
+    (c[section] if section else c)[leaf] = v
+  return c
+
+
+def lora_leaves(trainer):
+  """The trainer's LoRA parameters as a list of numpy arrays (jax.tree.leaves order)."""
+  import jax
+  import numpy as np
+  return [np.asarray(x) for x in jax.tree.leaves(trainer.lora.params)]
+
+
+def run_module(module, *args, timeout=300):
+  """`python -m module *args` from the repository root, offline on the CPU: CompletedProcess."""
+  import subprocess
+  import sys
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(*args, timeout=300):
+  return run_module("markovian_jax.train", *args, timeout=timeout)
+
+
+def demo_args(model_dir, workdir, *extra):
+  """The train CLI's flags for two steps of configs/demo.py on `model_dir` (CoTs of 8 tokens,
+  4 per question, evaluated and checkpointed at step 2 on 4 questions), then `extra`."""
+  return ["--config=configs/demo.py", f"--config.model.path={model_dir}",
+          f"--config.workdir={workdir}", "--config.host_allocator=system",
+          "--config.compilation_cache_dir=", "--config.sampling.cot_length=8",
+          "--config.train.group_size=4", "--config.train.num_steps=2",
+          "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+          "--config.eval.num_examples=4", "--config.eval.batch_size=4",
+          "--config.eval.answer_max_tokens=4", *extra]
+
+
+def one_error_line(result) -> str:
+  """The single `error:` line of a run that exited 2 without a traceback."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]

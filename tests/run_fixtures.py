@@ -1,13 +1,15 @@
-"""Run directories for the report, export and analysis tests.
+"""Run directories for the report, export and analysis tests (fixtures registered in
+tests/conftest.py's `pytest_plugins`, so test modules request them by name and import nothing).
 
 `demo_runs`: two short runs of the real training loop on the tiny model, one Markovian and one
 with prompt.markovian=False, side by side under one parent (what `report --workdir=PARENT` and
-`analyze fragility --compare` read). Test modules import the fixture; pytest then holds one
-instance per module, so the runs themselves are cached here and trained once per process. Tests
-may add files beside them (report.md, analysis/) but change nothing the runs wrote.
+`analyze fragility --compare` read). Session-scoped: trained once per process (conftest.py puts
+every module that reads them on one pytest-xdist worker). Tests may add files beside them
+(report.md, analysis/) but change nothing the runs wrote.
 
 `synthetic_run`: a run directory written directly (tensorboardX events, config.json,
-samples.jsonl, eval rows) whose curves show a chosen failure, or none.
+samples.jsonl, eval rows) whose curves show a chosen failure, or none. `table_run`: one with eval
+rows and selection scores only, for the results table.
 """
 
 from __future__ import annotations
@@ -19,24 +21,18 @@ import numpy as np
 import pytest
 
 
-_DEMO_RUNS: dict = {}
-
-
 @pytest.fixture(scope="session")
 def demo_runs(tiny_model_dir, tmp_path_factory):
   """{"parent": dir, "markovian": dir, "non_markovian": dir}: 4 steps each, evaluated at 0, 2
   and 4, checkpoints 2 and 4, CoTs logged every step."""
-  if tiny_model_dir in _DEMO_RUNS:
-    return _DEMO_RUNS[tiny_model_dir]
   from markovian_jax.trainer import Trainer
-  from tests.test_train import make_config
+  from tests.helpers import make_config
   parent = tmp_path_factory.mktemp("demo_runs")
   out = {"parent": str(parent)}
   for name, markovian in (("markovian", True), ("non_markovian", False)):
     workdir = parent / name
     Trainer(make_config(tiny_model_dir, workdir, **{"prompt.markovian": markovian})).run()
     out[name] = str(workdir)
-  _DEMO_RUNS[tiny_model_dir] = out
   return out
 
 
@@ -128,4 +124,31 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
       f.write(json.dumps({"id": f"gsm8k/test/{q}", "question": f"q{q}", "gold": "1", "sample": 0,
                           "cot": "one", "answer_text": "1", "predictions": {"anchor": "1"},
                           "correct": {"anchor": True}}) + "\n")
+  return str(path)
+
+
+def table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 200,
+              model: str = "llama", full: int = 0):
+  """A run directory with eval rows (eval/step_N.jsonl, n questions, the first round(acc * n)
+  correct), their scalars and the selection split's accuracy per step; config.json records the
+  model and the full test size `full` (0: the whole split)."""
+  from tensorboardX import SummaryWriter
+  os.makedirs(os.path.join(path, "eval"), exist_ok=True)
+  writer = SummaryWriter(str(path))
+  for step in range(1, 41):
+    writer.add_scalar("train/loss", 0.0, step)
+  for step, acc in test_acc.items():
+    k = round(acc * n)
+    with open(os.path.join(path, "eval", f"step_{step}.jsonl"), "w") as f:
+      for i in range(n):
+        f.write(json.dumps({"id": f"{task}/test/{i}", "question": f"q{i}", "gold": "1",
+                            "cot": "c", "sample": 0,
+                            "correct": {"anchor": i < k, "simple": False}}) + "\n")
+    writer.add_scalar("eval/anchor/accuracy", k / n, step)
+  for step, acc in selection.items():
+    writer.add_scalar("selection/anchor/accuracy", acc, step)
+  writer.close()
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"task": task, "variant": variant, "model": {"path": model},
+               "eval": {"num_examples": n, "final_num_examples": full}}, f)
   return str(path)

@@ -3,7 +3,7 @@
 Written from each paper's formulas (and, where released, its code: VeriFree's verifree.py and
 run.sh, RLPR's prob reward manager and EMA std filter, NOVER's reward_functions.py and
 calculate_perplexity), one question's group at a time in plain loops, not from markovian_jax.
-`tests/test_answer_likelihood.py` compares our JAX step against it.
+`tests/objectives/test_answer_likelihood.py` compares our JAX step against it.
 
 Inputs, N = Q * G rows question-major: lp [N, A] answer log-probs (valid where amask), cot
 [N, K] CoT log-probs (valid where cmask), ref [N, K] reference log-probs of the CoT tokens, kl

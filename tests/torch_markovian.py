@@ -3,8 +3,8 @@
 Written from the method's formulas, not from markovian_jax: it builds its own prompts from the
 template strings below, tokenizes them with `transformers.AutoTokenizer`, runs
 the checkpoint's transformers class (`AutoModelForCausalLM`: Llama, Qwen3, GPT-2, ...) + a PEFT LoRA (one unpadded row at a time, so no padding or position logic can
-hide a slip) and differentiates with `torch.autograd` in float64. `tests/test_step_reference.py`
-compares our JAX step against it.
+hide a slip) and differentiates with `torch.autograd` in float64.
+`tests/training/test_step_reference.py` compares our JAX step against it.
 
 One step for Q questions with G CoTs of K tokens each (N = Q * G rows, question-major):
 

@@ -86,7 +86,7 @@ def tiny(attention_impl: str = "auto"):
 # peer's CPU-side speed; the driver scales them by what the finished rows took). A row id is
 # "<side>/<kind>/<size>"; "torch/load" is the peer worker's start (weights made and copied).
 # The first pair fits the default budget (480 s) with a margin: preflight + ours/step/8 +
-# torch/load + torch/step/8 = 345 s (tests/test_gpu_first_run.py checks the sum).
+# torch/load + torch/step/8 = 345 s (tests/benchmarks/test_gpu_first_run.py checks the sum).
 ESTIMATES_8B = {
   "preflight": 45.0,
   "ours/step/8": 150.0,

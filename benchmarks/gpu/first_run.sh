@@ -16,11 +16,11 @@
 # All within TOTAL_S (540 s: under a 10-minute command). Everything lands in one new directory,
 # DIR/run-<UTC time> (default DIR: gpu-results): a rerun writes a new one, never deletes.
 #
-# --tiny runs the same logic on the CPU (tests/test_gpu_first_run.py): JAX_PLATFORMS=cpu, the
-# benchmark's --tiny model, random:tiny, and the wheels installed into DIR/run-*/site instead of
+# --tiny runs the same logic on the CPU (tests/benchmarks/test_gpu_first_run.py): JAX_PLATFORMS=cpu,
+# the benchmark's --tiny model, random:tiny, and the wheels installed into DIR/run-*/site instead of
 # the interpreter's site-packages. --require-gpu keeps the GPU check in --tiny mode (the stop line,
-# on a CPU). Environment: PYTHON (default python3), TOTAL_S (540), TRAIN_S (the training's
-# share, 150), BENCH_S (the benchmark's budget; default what TRAIN_S leaves), STEPS (3).
+# on a CPU). Environment: PYTHON (default python3), TOTAL_S (540), TRAIN_S (the training's share,
+# 150), BENCH_S (the benchmark's budget; default what TRAIN_S leaves), STEPS (3).
 set -u -o pipefail
 
 results=gpu-results wheels=build/gpu-wheels tiny=0 require_gpu=1
