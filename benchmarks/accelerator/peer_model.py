@@ -47,7 +47,7 @@ def torch_model(w: wl.Workload, dev, ours_sums: Optional[dict]):
   hf = {
     k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")
   }
-  hf_config = transformers.DecoderConfig(**hf, attn_implementation="sdpa")
+  hf_config = transformers.LlamaConfig(**hf, attn_implementation="sdpa")
   default = torch.get_default_dtype()
   torch.set_default_dtype(torch.bfloat16)
   try:
