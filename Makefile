@@ -29,7 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 HAS_TCMALLOC := import ctypes.util as u, sys; sys.exit(not (u.find_library("tcmalloc_minimal") or u.find_library("tcmalloc")))
 APT_TCMALLOC := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1
 
-.PHONY: install demo test test-fast tcmalloc shellcheck
+.PHONY: install demo test test-fast tcmalloc shellcheck lint
 install: $(VENV)/.installed tcmalloc
 
 tcmalloc:
@@ -50,6 +50,16 @@ shellcheck:
 	    $(APT_SHELLCHECK) || { apt-get update -qq >/dev/null 2>&1; $(APT_SHELLCHECK); }; \
 	  fi; }
 	shellcheck launch/*.sh launch/*.sbatch
+
+# ruff's linter and formatter as pyproject.toml configures them (a second or two); `make format`
+# rewrites the tree to pass.
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 demo: $(VENV)/.installed tcmalloc
 	$(OFFLINE) $(PY) -m markovian_jax.train --config=configs/demo.py

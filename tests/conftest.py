@@ -14,8 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
 # Compiling is most of what the tests spend (about 70% of the model tests' CPU time), and LLVM's
 # optimisation about a third of that, so the tests compile without it. That is not the program a
 # user runs: matmuls call the same Eigen kernels at any level, but only an optimising build fuses
@@ -23,8 +24,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # bits. Tolerances between two programs are therefore stated in float32 ulps, and `make test` runs
 # the numerics references once more at XLA's default level (MARKOVIAN_XLA_OPT=default), so the
 # code users run is the code tested. Subprocesses inherit the flag.
-if (os.environ.get("MARKOVIAN_XLA_OPT", "0") != "default"
-    and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]):
+if (
+  os.environ.get("MARKOVIAN_XLA_OPT", "0") != "default"
+  and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]
+):
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # One persistent compilation cache for the whole run, inherited by every subprocess a test starts
@@ -62,6 +65,7 @@ def smollm2_path():
 def smollm2_model(smollm2_path):
   """(config, params) of SmolLM2-135M in float32, loaded once per test run."""
   from markovian_jax.models import load_checkpoint
+
   return load_checkpoint(smollm2_path)
 
 
@@ -74,10 +78,16 @@ def shared_data():
 def tiny_model_dir(tmp_path_factory, smollm2_path):
   """A tiny random Llama with SmolLM2's tokenizer, written as an HF directory."""
   import jax
+
   from markovian_jax.models import hf, init_params, load_tokenizer
+
   tok = load_tokenizer(smollm2_path)
-  config = helpers.tiny_config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_ids=(tok.eos_token_id,), rope_scaling=None)
+  config = helpers.tiny_config(
+    vocab_size=len(tok),
+    bos_token_id=tok.bos_token_id,
+    eos_token_ids=(tok.eos_token_id,),
+    rope_scaling=None,
+  )
   params = init_params(config, jax.random.PRNGKey(0))
   d = str(tmp_path_factory.mktemp("tiny_llama"))
   hf.save_hf(config, params, d, tokenizer=tok)
@@ -95,13 +105,17 @@ def _modules_sharing_demo_runs(tests_dir: str) -> set:
   fixture that takes `demo_runs` as an argument."""
   root = pathlib.Path(tests_dir)
   takes = re.compile(rf"def \w+\(([^)]*\W)?{SHARED_RUNS_SCOPE}\b")
-  return {f"tests/{path.relative_to(root).as_posix()}" for path in sorted(root.rglob("test_*.py"))
-          if takes.search(path.read_text())}
+  return {
+    f"tests/{path.relative_to(root).as_posix()}"
+    for path in sorted(root.rglob("test_*.py"))
+    if takes.search(path.read_text())
+  }
 
 
 @pytest.hookimpl(optionalhook=True)  # a plain `pytest` run has no xdist
 def pytest_xdist_make_scheduler(config, log):
   from xdist.scheduler import LoadScopeScheduling
+
   shared = _modules_sharing_demo_runs(os.path.dirname(os.path.abspath(__file__)))
 
   class ModuleScheduling(LoadScopeScheduling):
@@ -119,8 +133,13 @@ _SKIPPED = []
 
 def _record_skip(report):
   if report.skipped and helpers.STRICT:
-    reason = (f"xfail: {report.wasxfail}" if hasattr(report, "wasxfail") else
-              report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr))
+    reason = (
+      f"xfail: {report.wasxfail}"
+      if hasattr(report, "wasxfail")
+      else report.longrepr[-1]
+      if isinstance(report.longrepr, tuple)
+      else str(report.longrepr)
+    )
     _SKIPPED.append(f"{report.nodeid}: {reason}")
 
 

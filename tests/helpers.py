@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # float32's machine epsilon: one ulp of any normal float32 x is at most F32_EPS |x|, so rtol=ulps(n)
 # lets two float32 programs differ by n ulps of the values compared, whatever their size.
-F32_EPS = 2.0 ** -23
+F32_EPS = 2.0**-23
 
 
 def ulps(n: float, of=None) -> float:
@@ -27,12 +27,14 @@ def ulps(n: float, of=None) -> float:
   if of is None:
     return n * F32_EPS
   import numpy as np
+
   return n * F32_EPS * float(np.max(np.abs(np.asarray(of, np.float64))))
 
 
 def xla_flags(devices: int) -> str:
   """This test run's XLA_FLAGS (tests/conftest.py) with `devices` CPU devices instead of 8."""
   import re
+
   rest = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   return " ".join(f"{rest} --xla_force_host_platform_device_count={devices}".split())
 
@@ -72,10 +74,21 @@ def smollm2_gguf_path() -> str:
 def tiny_config(**kw):
   """2 layers, d=64, GQA 4/2, V=512, llama3 rope scaling with a 32-token original context."""
   from markovian_jax.models import DecoderConfig, RopeScaling
-  base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-              num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-              rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32), max_position_embeddings=256,
-              bos_token_id=1, eos_token_ids=(2,))
+
+  base = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32),
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+  )
   base.update(kw)
   return DecoderConfig(**base)
 
@@ -83,13 +96,16 @@ def tiny_config(**kw):
 def random_model(config, lora_dropout: float = 0.0):
   """(params, lora): random weights and a rank-4 adapter whose B is not zero, so it matters."""
   import jax
+
   from markovian_jax.models import init_lora, init_params
+
   params = init_params(config, jax.random.PRNGKey(0))
   lora = init_lora(config, jax.random.PRNGKey(1), rank=4, dropout=lora_dropout)
   return params, lora.replace(params=jax.tree.map(lambda x: x + 0.05, lora.params))
 
 
 # ----------------------------------------------------------------------------- runs and CLIs
+
 
 def make_config(model_dir, workdir, **overrides):
   """configs/demo.py cut to the tiny model's sizes: 4 steps of 4 CoTs of 8 tokens, evaluated and
@@ -117,6 +133,7 @@ def lora_leaves(trainer):
   """The trainer's LoRA parameters as a list of numpy arrays (jax.tree.leaves order)."""
   import jax
   import numpy as np
+
   return [np.asarray(x) for x in jax.tree.leaves(trainer.lora.params)]
 
 
@@ -124,9 +141,16 @@ def run_module(module, *args, timeout=300):
   """`python -m module *args` from the repository root, offline on the CPU: CompletedProcess."""
   import subprocess
   import sys
+
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def run_train(*args, timeout=300):
@@ -136,13 +160,22 @@ def run_train(*args, timeout=300):
 def demo_args(model_dir, workdir, *extra):
   """The train CLI's flags for two steps of configs/demo.py on `model_dir` (CoTs of 8 tokens,
   4 per question, evaluated and checkpointed at step 2 on 4 questions), then `extra`."""
-  return ["--config=configs/demo.py", f"--config.model.path={model_dir}",
-          f"--config.workdir={workdir}", "--config.host_allocator=system",
-          "--config.compilation_cache_dir=", "--config.sampling.cot_length=8",
-          "--config.train.group_size=4", "--config.train.num_steps=2",
-          "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
-          "--config.eval.num_examples=4", "--config.eval.batch_size=4",
-          "--config.eval.answer_max_tokens=4", *extra]
+  return [
+    "--config=configs/demo.py",
+    f"--config.model.path={model_dir}",
+    f"--config.workdir={workdir}",
+    "--config.host_allocator=system",
+    "--config.compilation_cache_dir=",
+    "--config.sampling.cot_length=8",
+    "--config.train.group_size=4",
+    "--config.train.num_steps=2",
+    "--config.train.eval_every=2",
+    "--config.train.checkpoint_every=2",
+    "--config.eval.num_examples=4",
+    "--config.eval.batch_size=4",
+    "--config.eval.answer_max_tokens=4",
+    *extra,
+  ]
 
 
 def one_error_line(result) -> str:

@@ -27,6 +27,7 @@ def demo_runs(tiny_model_dir, tmp_path_factory):
   and 4, checkpoints 2 and 4, CoTs logged every step."""
   from markovian_jax.trainer import Trainer
   from tests.helpers import make_config
+
   parent = tmp_path_factory.mktemp("demo_runs")
   out = {"parent": str(parent)}
   for name, markovian in (("markovian", True), ("non_markovian", False)):
@@ -36,15 +37,29 @@ def demo_runs(tiny_model_dir, tmp_path_factory):
   return out
 
 
-HEALTHY_COTS = ("First add the tens, then the ones, and the sum of {a} and {b} is {c}.",
-                "We combine {a} with {b}: counting up gives {c} in total, so that is it.",
-                "Take {a}, add {b}; carrying the one yields {c} which answers the question.")
+HEALTHY_COTS = (
+  "First add the tens, then the ones, and the sum of {a} and {b} is {c}.",
+  "We combine {a} with {b}: counting up gives {c} in total, so that is it.",
+  "Take {a}, add {b}; carrying the one yields {c} which answers the question.",
+)
 
 
-def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: int = 500,
-                  seed: int = 0, ppo_blowup_at=None, repeat_from=None, crash_at=None,
-                  accuracy=None, evaluate: bool = True, config: dict = None,
-                  token_ratio_max=None, sequence_ratio: bool = True) -> str:
+def synthetic_run(
+  path,
+  *,
+  steps: int = 200,
+  eval_every: int = 20,
+  eval_size: int = 500,
+  seed: int = 0,
+  ppo_blowup_at=None,
+  repeat_from=None,
+  crash_at=None,
+  accuracy=None,
+  evaluate: bool = True,
+  config: dict = None,
+  token_ratio_max=None,
+  sequence_ratio: bool = True,
+) -> str:
   """Writes a run directory whose tags follow healthy PPO training (R rising from 0 to 0.8 with
   noise, ratios near 1, varied CoTs, accuracy 0.30 -> 0.45) unless told otherwise:
   ppo_blowup_at: the sequence-level ratio policy/ppo_seq_ratio_max (and the per-token
@@ -56,6 +71,7 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
   from tensorboardX import SummaryWriter
 
   from markovian_jax.training.evaluation import accuracy_interval
+
   os.makedirs(path, exist_ok=True)
   rng = np.random.default_rng(seed)
   writer = SummaryWriter(str(path))
@@ -74,14 +90,22 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
   if repeat_from:
     repetition[s >= repeat_from] = 0.95
   for i, step in enumerate(s.tolist()):
-    tags = {"answer/normalized_reward": reward[i], "answer/logprob": -2.0 + reward[i],
-            "answer/baseline_logprob": -2.0, "answer/cot_contains_answer": 0.1 + 0.3 * i / steps,
-            "train/loss": rng.normal(0, 0.1), "train/pg_loss": rng.normal(0, 0.1),
-            "train/grad_norm": 1.0 + 0.1 * rng.random(), "policy/kl": 0.01 * i / steps,
-            "policy/ppo_ratio_mean": 1.0 + 0.01 * rng.random(), "policy/ppo_ratio_max":
-            ratio_max[i], "policy/ppo_seq_ratio_max": seq_ratio_max[i],
-            "policy/ppo_clip_fraction": 0.05 * rng.random(),
-            "policy/repetition_rate": repetition[i], "guard/nonfinite_update": 0.0}
+    tags = {
+      "answer/normalized_reward": reward[i],
+      "answer/logprob": -2.0 + reward[i],
+      "answer/baseline_logprob": -2.0,
+      "answer/cot_contains_answer": 0.1 + 0.3 * i / steps,
+      "train/loss": rng.normal(0, 0.1),
+      "train/pg_loss": rng.normal(0, 0.1),
+      "train/grad_norm": 1.0 + 0.1 * rng.random(),
+      "policy/kl": 0.01 * i / steps,
+      "policy/ppo_ratio_mean": 1.0 + 0.01 * rng.random(),
+      "policy/ppo_ratio_max": ratio_max[i],
+      "policy/ppo_seq_ratio_max": seq_ratio_max[i],
+      "policy/ppo_clip_fraction": 0.05 * rng.random(),
+      "policy/repetition_rate": repetition[i],
+      "guard/nonfinite_update": 0.0,
+    }
     for tag, v in tags.items():
       if sequence_ratio or tag != "policy/ppo_seq_ratio_max":
         writer.add_scalar(tag, float(v), step)
@@ -90,18 +114,30 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
     curve = {0: curve[0]}
   for step, acc in curve.items():
     hits = np.zeros((eval_size, 1))
-    hits[:round(acc * eval_size)] = 1
+    hits[: round(acc * eval_size)] = 1
     low, high = accuracy_interval(hits)
-    for m, a, lo, hi in (("anchor", hits.mean(), low, high),
-                         ("simple", hits.mean() * 0.9, low * 0.9, high * 0.9)):
+    for m, a, lo, hi in (
+      ("anchor", hits.mean(), low, high),
+      ("simple", hits.mean() * 0.9, low * 0.9, high * 0.9),
+    ):
       for k, v in (("accuracy", a), ("ci95_low", lo), ("ci95_high", hi)):
         writer.add_scalar(f"eval/{m}/{k}", float(v), step)
     writer.add_scalar("eval/cot_contains_answer", 0.2, step)
   writer.close()
-  cfg = {"task": "gsm8k", "workdir": str(path), "prompt": {"markovian": True},
-         "objective": {"kind": "ppo"}, "optim": {"lr": 1e-4},
-         "train": {"num_steps": steps, "eval_every": eval_every, "collapse_ppo_ratio": 10.0,
-                   "collapse_repetition": 0.8}, "eval": {"num_examples": eval_size}}
+  cfg = {
+    "task": "gsm8k",
+    "workdir": str(path),
+    "prompt": {"markovian": True},
+    "objective": {"kind": "ppo"},
+    "optim": {"lr": 1e-4},
+    "train": {
+      "num_steps": steps,
+      "eval_every": eval_every,
+      "collapse_ppo_ratio": 10.0,
+      "collapse_repetition": 0.8,
+    },
+    "eval": {"num_examples": eval_size},
+  }
   for key, value in (config or {}).items():
     section, _, leaf = key.rpartition(".")
     (cfg.setdefault(section, {}) if section else cfg)[leaf] = value
@@ -114,25 +150,59 @@ def synthetic_run(path, *, steps: int = 200, eval_every: int = 20, eval_size: in
       if repeat_from and step >= repeat_from:
         cots = ["4444 4444 4444 4444 4444 4444 4444 4444"] * 3
       rewards = [-2.0 + reward[step - 1]] * 3
-      f.write(json.dumps({"step": step, "task": "gsm8k", "id": f"gsm8k/train/{step}",
-                          "question": f"What is {a} + {b}?", "answer": str(a + b), "cots": cots,
-                          "rewards": rewards, "normalized": [reward[step - 1]] * 3,
-                          "base_cot": "Let me think.", "base_score": -2.0}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "step": step,
+            "task": "gsm8k",
+            "id": f"gsm8k/train/{step}",
+            "question": f"What is {a} + {b}?",
+            "answer": str(a + b),
+            "cots": cots,
+            "rewards": rewards,
+            "normalized": [reward[step - 1]] * 3,
+            "base_cot": "Let me think.",
+            "base_score": -2.0,
+          }
+        )
+        + "\n"
+      )
   os.makedirs(os.path.join(path, "eval"), exist_ok=True)
   with open(os.path.join(path, "eval", "step_0.jsonl"), "w") as f:
     for q in range(eval_size):
-      f.write(json.dumps({"id": f"gsm8k/test/{q}", "question": f"q{q}", "gold": "1", "sample": 0,
-                          "cot": "one", "answer_text": "1", "predictions": {"anchor": "1"},
-                          "correct": {"anchor": True}}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "id": f"gsm8k/test/{q}",
+            "question": f"q{q}",
+            "gold": "1",
+            "sample": 0,
+            "cot": "one",
+            "answer_text": "1",
+            "predictions": {"anchor": "1"},
+            "correct": {"anchor": True},
+          }
+        )
+        + "\n"
+      )
   return str(path)
 
 
-def table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 200,
-              model: str = "llama", full: int = 0):
+def table_run(
+  path,
+  task,
+  variant,
+  test_acc: dict,
+  selection: dict,
+  n: int = 200,
+  model: str = "llama",
+  full: int = 0,
+):
   """A run directory with eval rows (eval/step_N.jsonl, n questions, the first round(acc * n)
   correct), their scalars and the selection split's accuracy per step; config.json records the
   model and the full test size `full` (0: the whole split)."""
   from tensorboardX import SummaryWriter
+
   os.makedirs(os.path.join(path, "eval"), exist_ok=True)
   writer = SummaryWriter(str(path))
   for step in range(1, 41):
@@ -141,14 +211,31 @@ def table_run(path, task, variant, test_acc: dict, selection: dict, n: int = 200
     k = round(acc * n)
     with open(os.path.join(path, "eval", f"step_{step}.jsonl"), "w") as f:
       for i in range(n):
-        f.write(json.dumps({"id": f"{task}/test/{i}", "question": f"q{i}", "gold": "1",
-                            "cot": "c", "sample": 0,
-                            "correct": {"anchor": i < k, "simple": False}}) + "\n")
+        f.write(
+          json.dumps(
+            {
+              "id": f"{task}/test/{i}",
+              "question": f"q{i}",
+              "gold": "1",
+              "cot": "c",
+              "sample": 0,
+              "correct": {"anchor": i < k, "simple": False},
+            }
+          )
+          + "\n"
+        )
     writer.add_scalar("eval/anchor/accuracy", k / n, step)
   for step, acc in selection.items():
     writer.add_scalar("selection/anchor/accuracy", acc, step)
   writer.close()
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"task": task, "variant": variant, "model": {"path": model},
-               "eval": {"num_examples": n, "final_num_examples": full}}, f)
+    json.dump(
+      {
+        "task": task,
+        "variant": variant,
+        "model": {"path": model},
+        "eval": {"num_examples": n, "final_num_examples": full},
+      },
+      f,
+    )
   return str(path)

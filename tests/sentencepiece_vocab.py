@@ -30,22 +30,26 @@ FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.mo
 # Mistral-7B-Instruct's user/assistant template (its tokenizer_config.json), without the check
 # that roles alternate.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
-    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+  "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+  "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
+  "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 
 # Where the Makefile installs the package (MARKOVIAN_MISTRAL_COMMON overrides it).
-INSTALLED = os.environ.get("MARKOVIAN_MISTRAL_COMMON",
-                           os.path.join(sys.prefix, "test-data", "mistral-common"))
+INSTALLED = os.environ.get(
+  "MARKOVIAN_MISTRAL_COMMON", os.path.join(sys.prefix, "test-data", "mistral-common")
+)
 
 
 def model_file(version: str) -> str:
   """The path of `mistral-common`'s tokenizer.model file of vocabulary `version` (v1 or v3)."""
   path = os.path.join(INSTALLED, "mistral_common", "data", FILES[version])
   if not os.path.isfile(path):
-    helpers.missing(f"{path} not found: pip install --no-deps --target {INSTALLED} "
-                    "mistral-common==1.13.1 (as the Makefile does)")
+    helpers.missing(
+      f"{path} not found: pip install --no-deps --target {INSTALLED} "
+      "mistral-common==1.13.1 (as the Makefile does)"
+    )
   return path
 
 
@@ -55,6 +59,7 @@ def mistral_tokenizer(version: str):
   Mistral-Instruct's chat template."""
   helpers.require("sentencepiece")
   from transformers import LlamaTokenizer
+
   with tempfile.TemporaryDirectory() as tmp:
     shutil.copy(model_file(version), os.path.join(tmp, "tokenizer.model"))
     tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
@@ -69,9 +74,14 @@ def tiny_mistral_dir(version: str, path: str) -> str:
   import jax
 
   from markovian_jax.models import hf, init_params
+
   tok = mistral_tokenizer(version)
-  config = helpers.tiny_config(model_type="mistral", vocab_size=len(tok),
-                               bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
-                               rope_scaling=None)
+  config = helpers.tiny_config(
+    model_type="mistral",
+    vocab_size=len(tok),
+    bos_token_id=tok.bos_token_id,
+    eos_token_ids=(tok.eos_token_id,),
+    rope_scaling=None,
+  )
   hf.save_hf(config, init_params(config, jax.random.PRNGKey(0)), path, tokenizer=tok)
   return path

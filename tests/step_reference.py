@@ -25,11 +25,13 @@ OPTIM = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1
 
 # ----------------------------------------------------------------------------- our pipeline
 
+
 class Ours(NamedTuple):
   """loss: float; grads / updated: {PEFT key `base_model.model.model.layers.{i}.{self_attn|mlp}.
   {q,k,v,o,gate,up,down}_proj.lora_{A,B}.weight`: numpy array in PEFT's [r, in] / [out, r]
   layout}; rewards r [N]; baseline_scores b [Q]; advantages A [N] (whole batch).
   `updated`: the LoRA after one optimizer update with our gradient (None unless asked)."""
+
   loss: float
   grads: dict
   rewards: np.ndarray
@@ -41,8 +43,18 @@ class Ours(NamedTuple):
 _CONTEXTS = {}  # (model path, dtype) -> RunContext: the base model loads once per module and dtype
 
 
-def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logprobs=None,
-         rows=None, with_update=False, targets=None) -> Ours:
+def ours(
+  config,
+  lora,
+  examples,
+  cot_tokens,
+  base_cot_tokens,
+  *,
+  behaviour_logprobs=None,
+  rows=None,
+  with_update=False,
+  targets=None,
+) -> Ours:
   """One step of our pipeline on fixed samples: Trainer.step's stages after sampling.
 
   Args:
@@ -74,13 +86,21 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
   if key not in _CONTEXTS:
     _CONTEXTS[key] = RunContext.create(config, spec=spec)
   ctx = dataclasses.replace(_CONTEXTS[key], config=config, spec=spec)
-  s = train_step.StepSettings(model=ctx.model, objective=spec.objective.loss,
-                              temperature=float(spec.sampling.temperature),
-                              reward_scorer=spec.objective.reward_scorer)
+  s = train_step.StepSettings(
+    model=ctx.model,
+    objective=spec.objective.loss,
+    temperature=float(spec.sampling.temperature),
+    reward_scorer=spec.objective.reward_scorer,
+  )
   tx = optimizer.make_optimizer(spec.optim)
   opt_state = tx.init(lora)
-  programs = train_step.Programs(s, tx, ctx.mesh, train_step.tree_shardings(lora, ctx.mesh),
-                                 train_step.tree_shardings(opt_state, ctx.mesh))
+  programs = train_step.Programs(
+    s,
+    tx,
+    ctx.mesh,
+    train_step.tree_shardings(lora, ctx.mesh),
+    train_step.tree_shardings(opt_state, ctx.mesh),
+  )
   g = spec.train.group_size
 
   # The rollout stage with the samples given instead of drawn (pipeline.rollout's host part).
@@ -88,14 +108,24 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
   base_cot_tokens = np.asarray(base_cot_tokens, np.int32)
   prompts = [ctx.cot_prompt_ids(ex) for ex in examples]
   p_tokens, p_mask = batching.pad_left(
-      prompts, batching.bucket(max(len(p) for p in prompts), spec.sampling.prompt_bucket))
-  behaviour = (np.zeros(cot_tokens.shape, np.float32) if behaviour_logprobs is None
-               else np.asarray(behaviour_logprobs, np.float32))
+    prompts, batching.bucket(max(len(p) for p in prompts), spec.sampling.prompt_bucket)
+  )
+  behaviour = (
+    np.zeros(cot_tokens.shape, np.float32)
+    if behaviour_logprobs is None
+    else np.asarray(behaviour_logprobs, np.float32)
+  )
   ro = pipeline.Rollout(
-      examples=list(examples), prompt_tokens=p_tokens, prompt_mask=p_mask, cot_tokens=cot_tokens,
-      cot_mask=np.ones(cot_tokens.shape, bool), behaviour_logprobs=behaviour,
-      cot_texts=ctx.decode(cot_tokens), base_tokens=base_cot_tokens,
-      base_texts=ctx.decode(base_cot_tokens))
+    examples=list(examples),
+    prompt_tokens=p_tokens,
+    prompt_mask=p_mask,
+    cot_tokens=cot_tokens,
+    cot_mask=np.ones(cot_tokens.shape, bool),
+    behaviour_logprobs=behaviour,
+    cot_texts=ctx.decode(cot_tokens),
+    base_tokens=base_cot_tokens,
+    base_texts=ctx.decode(base_cot_tokens),
+  )
 
   sc = pipeline.score(ctx, programs, lora, None, ro)
   tg, _, _ = pipeline.targets(ctx, programs, sc, None)
@@ -106,8 +136,9 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
     sub = pipeline.select_rows(batch, part, g, stratified=False)
     sub_t = jax.tree.map(lambda x: x[part], sub_t)
 
-  loss, _, grads = jax.jit(lambda l_, b_, t_: train_step.loss_and_grads(
-      s, ctx.params, l_, b_, t_, None, None, sc.window))(lora, sub, sub_t)
+  loss, _, grads = jax.jit(
+    lambda l_, b_, t_: train_step.loss_and_grads(s, ctx.params, l_, b_, t_, None, None, sc.window)
+  )(lora, sub, sub_t)
   updated = None
   if with_update:
     lr = optimizer.learning_rate(spec.optim, spec.train.num_steps, 0)
@@ -117,19 +148,26 @@ def ours(config, lora, examples, cot_tokens, base_cot_tokens, *, behaviour_logpr
       return optax.apply_updates(l_, tx.update(g_, state, l_)[0])
 
     updated = _peft_keyed(jax.jit(step)(grads, lora), ctx.model)
-  return Ours(float(loss), _peft_keyed(grads, ctx.model), np.asarray(sc.rewards, np.float64),
-              np.asarray(sc.base_scores, np.float64), np.asarray(tg.advantages, np.float64),
-              updated)
+  return Ours(
+    float(loss),
+    _peft_keyed(grads, ctx.model),
+    np.asarray(sc.rewards, np.float64),
+    np.asarray(sc.base_scores, np.float64),
+    np.asarray(tg.advantages, np.float64),
+    updated,
+  )
 
 
 def _peft_keyed(tree, model_config) -> dict:
   """A LoraAdapter-shaped tree (the adapter or its gradient) -> {PEFT key: float64 array}, named
   as the family's PEFT adapter names them (the reference's keys come from peft itself)."""
   from markovian_jax.models import hf
+
   return {k: v.astype(np.float64) for k, v in hf.peft_tensors(tree, model_config).items()}
 
 
 # ----------------------------------------------------------------------------- run config
+
 
 def make_config(model_dir, **objective):
   """The run both sides step: arithmetic (6 terms), the sizes above, float32 on one device, the
@@ -150,8 +188,12 @@ def make_config(model_dir, **objective):
   c.lora.rank, c.lora.alpha, c.lora.dropout = RANK, ALPHA, 0.0
   c.objective.kl_penalty = KL_PENALTY
   c.train.num_steps = 10
-  for key, value in {**OPTIM, "schedule": "constant", "warmup_steps": 0,
-                     "accumulation_steps": 1}.items():
+  for key, value in {
+    **OPTIM,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "accumulation_steps": 1,
+  }.items():
     c.optim[key] = value
   for key, value in objective.items():
     c.objective[key] = value
@@ -160,16 +202,19 @@ def make_config(model_dir, **objective):
 
 # ----------------------------------------------------------------------------- checks
 
+
 def check_rewards(want, got):
   """r and b within R_ATOL nats; A within 2 R_ATOL / the smallest group std of R."""
   np.testing.assert_allclose(got.rewards, want.rewards, atol=R_ATOL, rtol=0, err_msg="r")
-  np.testing.assert_allclose(got.baseline_scores, want.baseline_scores, atol=R_ATOL, rtol=0,
-                             err_msg="b")
+  np.testing.assert_allclose(
+    got.baseline_scores, want.baseline_scores, atol=R_ATOL, rtol=0, err_msg="b"
+  )
   # A = (R - mean) / std: R's absolute error is divided by the group's std.
   spread = want.normalized.reshape(Q, G).std(axis=1, ddof=1).min()
   assert spread > 0.02
-  np.testing.assert_allclose(got.advantages, want.advantages, atol=2 * R_ATOL / spread, rtol=0,
-                             err_msg="advantages")
+  np.testing.assert_allclose(
+    got.advantages, want.advantages, atol=2 * R_ATOL / spread, rtol=0, err_msg="advantages"
+  )
 
 
 def check_loss(want, got, atol=1e-5):

@@ -57,9 +57,23 @@ def _std(x, unbiased=True):
   return torch.std(x, unbiased=unbiased) if len(x) > 1 else torch.zeros((), dtype=T)
 
 
-def step(method: str, *, lp, amask, cot, cmask, g: int, ref=None, kl=None, lp0=None,
-         amask0=None, kl_penalty=0.1, answer_weight=None, length_penalty=0.0,
-         ema=(0.0, 0.0)) -> dict:
+def step(
+  method: str,
+  *,
+  lp,
+  amask,
+  cot,
+  cmask,
+  g: int,
+  ref=None,
+  kl=None,
+  lp0=None,
+  amask0=None,
+  kl_penalty=0.1,
+  answer_weight=None,
+  length_penalty=0.0,
+  ema=(0.0, 0.0),
+) -> dict:
   """One step of `method` in float64; returns reward R [N], advantages A [N], active [N],
   answer_weight v [N], loss, grad_answer d loss / d lp [N, A], grad_cot d loss / d cot [N, K],
   ema (V, Z) after the step (rlpr)."""
@@ -131,8 +145,9 @@ def step(method: str, *, lp, amask, cot, cmask, g: int, ref=None, kl=None, lp0=N
     w = 0.0 if answer_weight is None else answer_weight
     refd = _t(ref)
     for i in range(n):
-      R[i] = lsum[i] - 0.05 * (_rows(cot_leaf.detach()[i], cmask[i])
-                            - _rows(refd[i], cmask[i])).sum()
+      R[i] = (
+        lsum[i] - 0.05 * (_rows(cot_leaf.detach()[i], cmask[i]) - _rows(refd[i], cmask[i])).sum()
+      )
       v[i] = torch.tensor(w, dtype=T)
     for qq in range(q):
       idx = range(qq * g, (qq + 1) * g)
@@ -143,9 +158,15 @@ def step(method: str, *, lp, amask, cot, cmask, g: int, ref=None, kl=None, lp0=N
     for qq in range(q):
       idx = list(range(qq * g, (qq + 1) * g))
       if method == "nover":
-        ppl = [float(torch.exp(-_rows(lpd[i], amask[i]).mean()
-                               / max(1.0, 1.0 + math.log10(max(lens[i], 1.0))))) for i in idx]
-        order = sorted(range(g), key=lambda a: ppl[a])   # Python's sort is stable
+        ppl = [
+          float(
+            torch.exp(
+              -_rows(lpd[i], amask[i]).mean() / max(1.0, 1.0 + math.log10(max(lens[i], 1.0)))
+            )
+          )
+          for i in idx
+        ]
+        order = sorted(range(g), key=lambda a: ppl[a])  # Python's sort is stable
         for rank, a in enumerate(order):
           R[idx[a]] = (g - rank) / g
         for a, i in enumerate(idx):
@@ -162,13 +183,15 @@ def step(method: str, *, lp, amask, cot, cmask, g: int, ref=None, kl=None, lp0=N
           R[i] = torch.tensor(reward, dtype=T)
       else:
         cols = [t for t in range(amask.shape[1]) if amask[idx[0], t]]
-        sig = torch.stack([_std(torch.stack([lpd[i, t] for i in idx]), unbiased=False)
-                           for t in cols])
+        sig = torch.stack(
+          [_std(torch.stack([lpd[i, t] for i in idx]), unbiased=False) for t in cols]
+        )
         w = sig / sig.sum() if float(sig.sum()) > 0 else torch.full_like(sig, 1.0 / len(cols))
         base = sum(w[c] * _t(lp0)[qq, t] for c, t in enumerate(cols))
         for i in idx:
-          R[i] = (sum(w[c] * lpd[i, t] for c, t in enumerate(cols)) - base
-                  - length_penalty * lens[i] / k)
+          R[i] = (
+            sum(w[c] * lpd[i, t] for c, t in enumerate(cols)) - base - length_penalty * lens[i] / k
+          )
       grp = torch.stack([torch.as_tensor(R[i], dtype=T) for i in idx])
       mu = grp.mean()
       sd = _std(grp)
@@ -192,8 +215,13 @@ def step(method: str, *, lp, amask, cot, cmask, g: int, ref=None, kl=None, lp0=N
   loss = torch.stack(terms).mean() if terms else torch.zeros((), dtype=T)
   g_lp, g_cot = torch.autograd.grad(loss, [lp_leaf, cot_leaf], allow_unused=True)
   f = lambda x: np.asarray([float(y) for y in x])  # noqa: E731
-  return dict(reward=f(R), advantages=f(A), active=np.asarray(active), answer_weight=f(v),
-              loss=float(loss.detach()),
-              grad_answer=np.zeros(lp_leaf.shape) if g_lp is None else g_lp.numpy(),
-              grad_cot=np.zeros(cot_leaf.shape) if g_cot is None else g_cot.numpy(),
-              ema=out_ema)
+  return dict(
+    reward=f(R),
+    advantages=f(A),
+    active=np.asarray(active),
+    answer_weight=f(v),
+    loss=float(loss.detach()),
+    grad_answer=np.zeros(lp_leaf.shape) if g_lp is None else g_lp.numpy(),
+    grad_cot=np.zeros(cot_leaf.shape) if g_cot is None else g_cot.numpy(),
+    ema=out_ema,
+  )

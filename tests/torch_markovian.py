@@ -1,10 +1,11 @@
 """A test-only PyTorch reference of one Markovian training step (transformers + peft + autograd).
 
 Written from the method's formulas, not from markovian_jax: it builds its own prompts from the
-template strings below, tokenizes them with `transformers.AutoTokenizer`, runs
-the checkpoint's transformers class (`AutoModelForCausalLM`: Llama, Qwen3, GPT-2, ...) + a PEFT LoRA (one unpadded row at a time, so no padding or position logic can
-hide a slip) and differentiates with `torch.autograd` in float64.
-`tests/training/test_step_reference.py` compares our JAX step against it.
+template strings below, tokenizes them with `transformers.AutoTokenizer`, runs the
+checkpoint's transformers class (`AutoModelForCausalLM`: Llama, Qwen3, GPT-2, ...) + a PEFT LoRA
+(one unpadded row at a time, so no padding or position logic can hide a slip) and
+differentiates with `torch.autograd` in float64. `tests/training/test_step_reference.py`
+compares our JAX step against it.
 
 One step for Q questions with G CoTs of K tokens each (N = Q * G rows, question-major):
 
@@ -42,8 +43,10 @@ peft = helpers.require("peft")
 # The task prompts, written out here from the method description (not imported from our code), so
 # that a template or field-mapping slip in markovian_jax shows up as a mismatch.
 BASE_PROMPTS = {
-    "arithmetic": ("You will be given an arithmetic problem, which you have {K} tokens to work "
-                   "through step-by-step. Question:"),
+  "arithmetic": (
+    "You will be given an arithmetic problem, which you have {K} tokens to work "
+    "through step-by-step. Question:"
+  ),
 }
 PROMPT_TYPE = "Reasoning:"
 REDACTED = "<Redacted>"
@@ -53,11 +56,13 @@ def cot_prompt_text(task: str, question: str, cot_length: int) -> str:
   return f"{BASE_PROMPTS[task].format(K=cot_length)} {question}\n{PROMPT_TYPE}"
 
 
-def answer_row_text(task: str, question: str, cot_text: str, answer: str, cot_length: int,
-                    markovian: bool = True) -> str:
+def answer_row_text(
+  task: str, question: str, cot_text: str, answer: str, cot_length: int, markovian: bool = True
+) -> str:
   shown = REDACTED if markovian else question
-  return (f"{BASE_PROMPTS[task].format(K=cot_length)} {shown}\n{PROMPT_TYPE}{cot_text} Answer: "
-          f"{answer}")
+  return (
+    f"{BASE_PROMPTS[task].format(K=cot_length)} {shown}\n{PROMPT_TYPE}{cot_text} Answer: {answer}"
+  )
 
 
 def peft_name(name: str) -> str:
@@ -74,6 +79,7 @@ class StepResult:
   cot_logprobs lp [N, K] (policy, temperature T); kl [N, K]; pg_loss / kl_loss / reward_loss:
   the loss's terms (kl_loss before the penalty factor).
   """
+
   loss: float
   grads: dict
   rewards: np.ndarray
@@ -91,13 +97,11 @@ class TorchMarkovian:
   """A base model (HF directory of any family) + a PEFT LoRA adapter directory, in `dtype`
   (float64 default)."""
 
-  def __init__(self, model_dir: str, adapter_dir: str, task: str = "arithmetic",
-               dtype=None):
+  def __init__(self, model_dir: str, adapter_dir: str, task: str = "arithmetic", dtype=None):
     self.dtype = dtype or torch.float64
     self.task = task
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
-                                                             attn_implementation="eager")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
     base = base.to(self.dtype)
     model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     self.model = model.to(self.dtype).eval()  # eval: LoRA dropout off (the adapter has 0 anyway)
@@ -116,8 +120,9 @@ class TorchMarkovian:
   def answer_start(self, ids: Sequence[int]) -> int:
     """The index after the last ("Answer" | " Answer", ":") token pair, found by decoding."""
     pieces = [self.tokenizer.decode([i]) for i in ids]
-    hits = [j for j in range(len(ids) - 1)
-            if pieces[j] in ("Answer", " Answer") and pieces[j + 1] == ":"]
+    hits = [
+      j for j in range(len(ids) - 1) if pieces[j] in ("Answer", " Answer") and pieces[j + 1] == ":"
+    ]
     assert hits, f"no 'Answer:' token pair in {pieces[-20:]}"
     assert hits[-1] + 2 < len(ids), "empty answer span"
     return hits[-1] + 2
@@ -125,10 +130,10 @@ class TorchMarkovian:
   def cot_prompt_ids(self, question: str, cot_length: int) -> list:
     return self.encode(cot_prompt_text(self.task, question, cot_length))
 
-  def answer_row(self, question: str, cot_text: str, answer: str, cot_length: int,
-                 markovian: bool = True) -> tuple[list, int]:
-    ids = self.encode(answer_row_text(self.task, question, cot_text, answer, cot_length,
-                                      markovian))
+  def answer_row(
+    self, question: str, cot_text: str, answer: str, cot_length: int, markovian: bool = True
+  ) -> tuple[list, int]:
+    ids = self.encode(answer_row_text(self.task, question, cot_text, answer, cot_length, markovian))
     return ids, self.answer_start(ids)
 
   # ------------------------------------------------------------------ model pieces
@@ -145,7 +150,7 @@ class TorchMarkovian:
     logp = torch.log_softmax(self._logits(ids, adapter)[0], dim=-1)
     targets = torch.as_tensor(ids[start:], dtype=torch.long)
     # Token j is predicted by position j - 1.
-    lp = logp[start - 1:len(ids) - 1].gather(-1, targets[:, None])[:, 0]
+    lp = logp[start - 1 : len(ids) - 1].gather(-1, targets[:, None])[:, 0]
     return lp.mean()
 
   def cot_terms(self, prompt: list, cots: np.ndarray, temperature: float):
@@ -156,19 +161,34 @@ class TorchMarkovian:
     p = len(prompt)
     ids = np.concatenate([np.tile(np.asarray(prompt)[None], (g, 1)), cots], axis=1)
     # Positions p-1 .. p+k-2 predict the CoT tokens at p .. p+k-1.
-    logp = torch.log_softmax(self._logits(ids, True)[:, p - 1:p + k - 1] / temperature, dim=-1)
-    logq = torch.log_softmax(self._logits(ids, False)[:, p - 1:p + k - 1] / temperature, dim=-1)
+    logp = torch.log_softmax(self._logits(ids, True)[:, p - 1 : p + k - 1] / temperature, dim=-1)
+    logq = torch.log_softmax(self._logits(ids, False)[:, p - 1 : p + k - 1] / temperature, dim=-1)
     lp = logp.gather(-1, torch.as_tensor(cots, dtype=torch.long)[..., None])[..., 0]
     kl = (logp.exp() * (logp - logq)).sum(-1)
     return lp, kl
 
   # ------------------------------------------------------------------ one step
-  def step(self, examples: Sequence[tuple], cot_tokens: np.ndarray, base_cot_tokens: np.ndarray,
-           *, cot_length: int, temperature: float, kind: str = "pg", kl_penalty: float = 0.1,
-           reward_grad: str = "none", reward_weight: float = 1.0, sigma_floor: float = 1e-2,
-           adv_eps: float = 1e-8, ppo_eps: float = 0.2, ppo_clamp: float = 20.0,
-           behaviour_logprobs: Optional[np.ndarray] = None, rows: Optional[Sequence[int]] = None,
-           markovian: bool = True, with_grads: bool = True) -> StepResult:
+  def step(
+    self,
+    examples: Sequence[tuple],
+    cot_tokens: np.ndarray,
+    base_cot_tokens: np.ndarray,
+    *,
+    cot_length: int,
+    temperature: float,
+    kind: str = "pg",
+    kl_penalty: float = 0.1,
+    reward_grad: str = "none",
+    reward_weight: float = 1.0,
+    sigma_floor: float = 1e-2,
+    adv_eps: float = 1e-8,
+    ppo_eps: float = 0.2,
+    ppo_clamp: float = 20.0,
+    behaviour_logprobs: Optional[np.ndarray] = None,
+    rows: Optional[Sequence[int]] = None,
+    markovian: bool = True,
+    with_grads: bool = True,
+  ) -> StepResult:
     """One step's rewards, advantages, loss and LoRA gradient.
 
     Args:
@@ -198,21 +218,29 @@ class TorchMarkovian:
         with torch.no_grad():
           r.append(self.answer_score(ids, start, adapter=True))
     r = torch.stack(r)
-    b = torch.stack([self.answer_score(*self.answer_row(question, base_texts[j], answer,
-                                                        cot_length, markovian), adapter=False)
-                     for j, (question, answer) in enumerate(examples)]).detach()
+    b = torch.stack(
+      [
+        self.answer_score(
+          *self.answer_row(question, base_texts[j], answer, cot_length, markovian), adapter=False
+        )
+        for j, (question, answer) in enumerate(examples)
+      ]
+    ).detach()
 
     r_const = r.detach()
     big_r = r_const - b.repeat_interleave(g)
     groups = big_r.reshape(q, g)
-    adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, unbiased=True, keepdim=True)
-                                                      + adv_eps)).reshape(n)
+    adv = (
+      (groups - groups.mean(1, keepdim=True))
+      / (groups.std(1, unbiased=True, keepdim=True) + adv_eps)
+    ).reshape(n)
 
     # Policy terms, one question (shared prompt) at a time.
     lp, kl = [], []
     for j, (question, _) in enumerate(examples):
-      lp_j, kl_j = self.cot_terms(self.cot_prompt_ids(question, cot_length),
-                                  cot_tokens[j * g:(j + 1) * g], temperature)
+      lp_j, kl_j = self.cot_terms(
+        self.cot_prompt_ids(question, cot_length), cot_tokens[j * g : (j + 1) * g], temperature
+      )
       lp.append(lp_j)
       kl.append(kl_j)
     lp, kl = torch.cat(lp), torch.cat(kl)
@@ -245,14 +273,31 @@ class TorchMarkovian:
       values = torch.autograd.grad(loss, [self.lora[k] for k in names], allow_unused=False)
       grads = {k: v.detach().numpy().copy() for k, v in zip(names, values)}
     f = lambda x: x.detach().numpy().copy()  # noqa: E731
-    return StepResult(loss=loss.item(), grads=grads, rewards=f(r), baseline_scores=f(b),
-                      normalized=f(big_r), advantages=f(adv), cot_logprobs=f(lp), kl=f(kl),
-                      pg_loss=pg_loss.item(), kl_loss=kl_loss.item(),
-                      reward_loss=reward_loss.item())
+    return StepResult(
+      loss=loss.item(),
+      grads=grads,
+      rewards=f(r),
+      baseline_scores=f(b),
+      normalized=f(big_r),
+      advantages=f(adv),
+      cot_logprobs=f(lp),
+      kl=f(kl),
+      pg_loss=pg_loss.item(),
+      kl_loss=kl_loss.item(),
+      reward_loss=reward_loss.item(),
+    )
 
   # ------------------------------------------------------------------ optimizer
-  def adamw_step(self, grads: dict, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, max_norm: float = 1.0) -> dict:
+  def adamw_step(
+    self,
+    grads: dict,
+    *,
+    lr: float = 1e-3,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    max_norm: float = 1.0,
+  ) -> dict:
     """The LoRA weights after one `clip_grad_norm_` + `torch.optim.AdamW` step on `grads`
     (PEFT-keyed); the model's own weights are left untouched."""
     names = sorted(grads)

@@ -10,8 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from markovian_jax.analysis import fragility
-from markovian_jax.analysis import perturbations
+from markovian_jax.analysis import fragility, perturbations
 from markovian_jax.runtime import summary
 from tests.helpers import one_error_line, run_module
 
@@ -24,9 +23,14 @@ def _run(*args, timeout=600):
 
 @pytest.mark.slow
 def test_fragility_cli_prints_the_papers_table(demo_runs):
-  proc = _run("fragility", f"--workdir={demo_runs['markovian']}",
-              f"--compare={demo_runs['non_markovian']}", "--level=both", "--source=logged",
-              "--num_cots=3")
+  proc = _run(
+    "fragility",
+    f"--workdir={demo_runs['markovian']}",
+    f"--compare={demo_runs['non_markovian']}",
+    "--level=both",
+    "--source=logged",
+    "--num_cots=3",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   for level in ("char", "token"):
@@ -34,10 +38,16 @@ def test_fragility_cli_prints_the_papers_table(demo_runs):
       assert f"## Markovian minus non-Markovian: {level} level, {metric}" in out
       assert f"## markovian (Markovian): {level} level, {metric}" in out
       assert f"## non_markovian (non-Markovian): {level} level, {metric}" in out
-  assert ("| Perturbation Type | Degree | Mean Effect Difference (nats, markovian - "
-          "non_markovian)") in out
-  for title in ("**Delete**", "**Truncate Front**", "**Truncate Back**", "**Digit Replace**",
-                "**Character Replace**"):
+  assert (
+    "| Perturbation Type | Degree | Mean Effect Difference (nats, markovian - non_markovian)"
+  ) in out
+  for title in (
+    "**Delete**",
+    "**Truncate Front**",
+    "**Truncate Back**",
+    "**Digit Replace**",
+    "**Character Replace**",
+  ):
     assert out.count(f"| {title} | 20% |") == 4  # 2 levels x 2 metrics
   # Both runs logged the same questions (same data seed): the comparisons are paired.
   assert "| 3 |" in out and "unpaired" not in out
@@ -53,8 +63,9 @@ def test_cross_model_cli_with_another_tokenizer_and_model(demo_runs, smollm2_pat
   proc = _run("cross_model", f"--workdir={demo_runs['markovian']}", f"--reader={SMOLLM2}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   # By default every logged step is read, as the paper's figure does.
-  logged = [json.loads(line) for line in open(os.path.join(demo_runs["markovian"],
-                                                           "samples.jsonl"))]
+  logged = [
+    json.loads(line) for line in open(os.path.join(demo_runs["markovian"], "samples.jsonl"))
+  ]
   n = sum(len(r["cots"]) for r in logged)
   assert len({r["step"] for r in logged}) >= 4
   assert f"Reader SmolLM2-135M-Instruct.Q4_1.gguf on {n} CoTs of run markovian" in proc.stdout
@@ -70,6 +81,7 @@ def test_cross_model_cli_with_another_tokenizer_and_model(demo_runs, smollm2_pat
 @pytest.fixture(scope="module")
 def markovian_ctx(demo_runs):
   from markovian_jax.analysis import run_inputs as analysis
+
   return analysis.load_context(analysis.run_config(demo_runs["markovian"]))
 
 
@@ -77,12 +89,15 @@ def _torch_answer_scores(model, ctx, examples, cots, reduction: str) -> np.ndarr
   """log P(answer | answer prompt with each CoT) under `model` (the run's base model loaded by
   transformers: float32 weights, float64 log-softmax), reduced over the answer tokens: [N]."""
   from tests import helpers
+
   torch = helpers.require("torch")
   from markovian_jax import data as data_lib
+
   out = []
   for ex, cot in zip(examples, cots):
-    row = data_lib.answer_tokens(ctx.tokenizer, ctx.answer_prefix(ex, cot), ex.answer,
-                                 ctx.spec.prompt.format)
+    row = data_lib.answer_tokens(
+      ctx.tokenizer, ctx.answer_prefix(ex, cot), ex.answer, ctx.spec.prompt.format
+    )
     ids = torch.from_numpy(np.asarray(row.ids, np.int64)[None])
     with torch.no_grad():
       lp = torch.log_softmax(model(ids).logits[0].double(), -1).numpy()
@@ -96,6 +111,7 @@ def test_fragility_scores_invariants(demo_runs, markovian_ctx):
   """Every (kind, severity) score against transformers' log-prob of the answer after the CoT
   perturbed here by `perturbations.perturb`, and each effect against their difference."""
   from markovian_jax.analysis import run_inputs as analysis
+
   rows = analysis.logged_rows(demo_runs["markovian"], 3)
   examples = [analysis.example(r) for r in rows]
   cots = [r["cots"][0] for r in rows]
@@ -103,10 +119,12 @@ def test_fragility_scores_invariants(demo_runs, markovian_ctx):
   a = fragility.fragility_scores(markovian_ctx, None, examples, cots, **kw)
   b = fragility.fragility_scores(markovian_ctx, None, examples, cots, **kw)
   from tests import helpers
+
   torch = helpers.require("torch")
   transformers = helpers.require("transformers")
-  model = transformers.AutoModelForCausalLM.from_pretrained(markovian_ctx.spec.model.path,
-                                                            dtype=torch.float32).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    markovian_ctx.spec.model.path, dtype=torch.float32
+  ).eval()
   reduction = markovian_ctx.spec.objective.loss.logprob_reduction
   want = {}
   for kind in perturbations.KINDS:
@@ -117,7 +135,8 @@ def test_fragility_scores_invariants(demo_runs, markovian_ctx):
   # The unperturbed CoT, an empty one and 40% of each kind that changes these CoTs score apart,
   # so a table with mislabelled kinds or severities cannot match by accident.
   apart = [want[("delete", 0)], want[("delete", 100)]] + [
-      want[(k, 40)] for k in ("delete", "truncate_front", "truncate_back", "char_replace")]
+    want[(k, 40)] for k in ("delete", "truncate_front", "truncate_back", "char_replace")
+  ]
   assert len({tuple(np.round(v, 4)) for v in apart}) == len(apart), apart
   scale = max(np.abs(v).max() for v in want.values())
   for key, value in want.items():
@@ -126,8 +145,9 @@ def test_fragility_scores_invariants(demo_runs, markovian_ctx):
     # float32 JAX vs float32 torch: within ~20 float32 ulps of the scores (~11 nats here; they
     # agree to ~1 ulp), and an effect within the two scores' rounding.
     np.testing.assert_allclose(a.logprobs[key], value, rtol=2e-6, atol=0, err_msg=str(key))
-    np.testing.assert_allclose(a.effect(*key), want[(key[0], 0)] - value, rtol=0,
-                               atol=4e-6 * scale, err_msg=str(key))
+    np.testing.assert_allclose(
+      a.effect(*key), want[(key[0], 0)] - value, rtol=0, atol=4e-6 * scale, err_msg=str(key)
+    )
 
 
 def _result(keys, drops: dict) -> fragility.FragilityResult:
@@ -163,8 +183,11 @@ def test_bad_input(demo_runs, tmp_path):
   shutil.copytree(demo_runs["markovian"], no_cots, ignore=shutil.ignore_patterns("samples.jsonl"))
   line = one_error_line(_run("fragility", f"--workdir={no_cots}", "--source=logged"))
   assert "no logged CoTs" in line and "samples.jsonl" in line
-  line = one_error_line(_run("fragility", f"--workdir={demo_runs['markovian']}",
-                              f"--compare={no_cots}", "--source=logged"))
+  line = one_error_line(
+    _run(
+      "fragility", f"--workdir={demo_runs['markovian']}", f"--compare={no_cots}", "--source=logged"
+    )
+  )
   assert "no logged CoTs" in line
   no_ckpt = tmp_path / "no_ckpt"
   shutil.copytree(demo_runs["markovian"], no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
@@ -173,14 +196,14 @@ def test_bad_input(demo_runs, tmp_path):
   reader = tmp_path / "reader"
   reader.mkdir()
   (reader / "config.json").write_text("{}")
-  line = one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}",
-                              f"--reader={reader}"))
+  line = one_error_line(
+    _run("cross_model", f"--workdir={demo_runs['markovian']}", f"--reader={reader}")
+  )
   # The reader's family (hence its prompt format) is read first, from its config.json.
   assert "config.json is missing required keys" in line and "vocab_size" in line
   assert "give the analysis first" in one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
   line = one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}"))
   assert "--reader" in line
-
 
 
 @pytest.mark.slow
@@ -189,45 +212,60 @@ def test_fragility_cli_follows_the_papers_protocol(demo_runs):
   questions and scores them; the protocol is recorded; Tables 2 and 3 are printed, Markovian
   minus non-Markovian whichever run is given first."""
   outs = []
-  for first, second, reuse in (("markovian", "non_markovian", []),
-                               ("non_markovian", "markovian", ["--reuse"])):
-    proc = _run("fragility", f"--workdir={demo_runs[first]}", f"--compare={demo_runs[second]}",
-                "--num_examples=3", *reuse)
+  for first, second, reuse in (
+    ("markovian", "non_markovian", []),
+    ("non_markovian", "markovian", ["--reuse"]),
+  ):
+    proc = _run(
+      "fragility",
+      f"--workdir={demo_runs[first]}",
+      f"--compare={demo_runs[second]}",
+      "--num_examples=3",
+      *reuse,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     outs.append(proc.stdout)
     saved = json.load(open(os.path.join(demo_runs[first], "analysis", "fragility_char.json")))
     p = saved["protocol"]
-    assert (p["scorer"], p["split"], p["n"], p["replacement"]) == ("actor", "test", 3,
-                                                                   "bernoulli")
+    assert (p["scorer"], p["split"], p["n"], p["replacement"]) == ("actor", "test", 3, "bernoulli")
     # The step with the best selection accuracy among the saved ones, earliest of ties.
     selection = dict(summary.read_scalars(demo_runs[first])["selection/anchor/accuracy"])
-    saved_steps = sorted(int(d) for d in os.listdir(os.path.join(demo_runs[first], "checkpoints"))
-                         if d.isdigit())
+    saved_steps = sorted(
+      int(d) for d in os.listdir(os.path.join(demo_runs[first], "checkpoints")) if d.isdigit()
+    )
     best = max(saved_steps, key=lambda s: (selection[s], -s))
     assert p["checkpoint_step"] == best and "best by selection" in p["checkpoint_choice"], (
-        p, selection)
+      p,
+      selection,
+    )
     assert "sampled by the step-" in p["cots"] and p["markovian"] == (first == "markovian")
-    assert len(saved["keys"]) == 3 and all(str(k).startswith("arithmetic/test/")
-                                           for k in saved["keys"])
+    assert len(saved["keys"]) == 3 and all(
+      str(k).startswith("arithmetic/test/") for k in saved["keys"]
+    )
   assert "reused: True" not in outs[0] and outs[1].count("reused: True") == 2
   for out in outs:
     assert "## Markovian minus non-Markovian: char level, logprob" in out
     assert "| severity | CharRep | Delete | DigitRep | TruncBack | TruncFront | mean |" in out
     assert "| task | CharRep | Delete | DigitRep | TruncBack | TruncFront | overall |" in out
   table2 = [line for line in outs[0].splitlines() if line.startswith("| column mean |")]
-  assert table2 and table2 == [line for line in outs[1].splitlines()
-                               if line.startswith("| column mean |")]
+  assert table2 and table2 == [
+    line for line in outs[1].splitlines() if line.startswith("| column mean |")
+  ]
 
 
 def _table_rows(text: str, first: str) -> list:
-  return [[float(c) for c in line.split("|")[2:-1]] for line in text.splitlines()
-          if line.startswith(f"| {first}")]
+  return [
+    [float(c) for c in line.split("|")[2:-1]]
+    for line in text.splitlines()
+    if line.startswith(f"| {first}")
+  ]
 
 
 def test_paper_tables_sign_in_either_order():
   """Table 2 (severities x kinds, column means) and Table 3 (kinds averaged over severities) of
   known effects, Markovian minus non-Markovian whichever run comes first."""
   from markovian_jax import analyze
+
   keys = [(1, "q1"), (2, "q2")]
   kinds = perturbations.KINDS
 
@@ -237,8 +275,9 @@ def test_paper_tables_sign_in_either_order():
       lp[(kind, 0)] = np.zeros(2)
       for pct in (20, 40):
         lp[(kind, pct)] = -np.full(2, drop_scale * (i + 1) * pct / 20)
-    correct = {k: np.ones(2, bool) if k[1] == 0 or drop_scale < 1 else np.array([True, False])
-               for k in lp}
+    correct = {
+      k: np.ones(2, bool) if k[1] == 0 or drop_scale < 1 else np.array([True, False]) for k in lp
+    }
     return fragility.FragilityResult("char", kinds, (0, 20, 40), keys, lp, correct)
 
   m = ("markovian", True, {"char": result(1.0)}, {"task": "arithmetic"})
@@ -275,6 +314,7 @@ def test_fragility_scores_show_progress(demo_runs, markovian_ctx, capsys):
   elapsed<time left, rate; silent when asked. (The shapes of test_fragility_scores_invariants:
   its compiled scorer serves.)"""
   from markovian_jax.analysis import run_inputs as analysis
+
   rows = analysis.logged_rows(demo_runs["markovian"], 3)
   examples, cots = [analysis.example(r) for r in rows], [r["cots"][0] for r in rows]
   kw = dict(severities=(0, 40, 100), seed=3, batch_size=8)
@@ -282,8 +322,11 @@ def test_fragility_scores_show_progress(demo_runs, markovian_ctx, capsys):
   shown = fragility.fragility_scores(markovian_ctx, None, examples, cots, **kw)
   # 3 CoTs x (the original + 5 kinds x 2 severities), all in one bar.
   err = capsys.readouterr().err
-  assert re.search(r"fragility char \(score\): 100%\|[^|]*\| 33/33 "
-                   r"\[\d\d:\d\d<00:00, +[\d.?]+ ?(row/s|s/row)\]", err), err[-2000:]
+  assert re.search(
+    r"fragility char \(score\): 100%\|[^|]*\| 33/33 "
+    r"\[\d\d:\d\d<00:00, +[\d.?]+ ?(row/s|s/row)\]",
+    err,
+  ), err[-2000:]
   silent = fragility.fragility_scores(markovian_ctx, None, examples, cots, progress=False, **kw)
   assert capsys.readouterr().err == ""
   assert shown.logprobs.keys() == silent.logprobs.keys()

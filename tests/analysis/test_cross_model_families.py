@@ -16,37 +16,48 @@ import pytest
 
 from markovian_jax.analysis import cross_model
 from markovian_jax.data import prompts
-from tests import helpers
-from tests import family_cases
+from tests import family_cases, helpers
 
-BASE = ("You will be given an arithmetic problem, which you have 10 tokens to work through "
-        "step-by-step. Question:")
+BASE = (
+  "You will be given an arithmetic problem, which you have 10 tokens to work through "
+  "step-by-step. Question:"
+)
 
 
 def test_family_formats_are_the_references_strings():
   q, cot = "12 + 30", " add them: 42"
   assert prompts.cot_prompt("arithmetic", q, 10, prompt_format="mistral") == (
-      f"[INST] {BASE} {q} [/INST]\nReasoning:")
+    f"[INST] {BASE} {q} [/INST]\nReasoning:"
+  )
   assert prompts.answer_prompt("arithmetic", q, cot, 10, prompt_format="mistral") == (
-      f"[INST] {BASE} <Redacted> [/INST]\nReasoning:{cot} Answer: ")
+    f"[INST] {BASE} <Redacted> [/INST]\nReasoning:{cot} Answer: "
+  )
   assert prompts.cot_prompt("arithmetic", q, 10, prompt_format="chatml") == (
-      f"<|im_start|>user\n{BASE} {q}<|im_end|>\n<|im_start|>assistant\nReasoning:")
-  assert prompts.answer_prompt("arithmetic", q, cot, 10, markovian=False,
-                               prompt_format="chatml") == (
-      f"<|im_start|>user\n{BASE} {q}<|im_end|>\n<|im_start|>assistant\nReasoning:{cot} Answer: ")
-  assert {t: prompts.family_format(t) for t in ("llama", "gpt2", "phi3", "mistral", "qwen2",
-                                                "qwen3")} == {
-      "llama": "plain", "gpt2": "plain", "phi3": "plain", "mistral": "mistral",
-      "qwen2": "chatml", "qwen3": "chatml"}
+    f"<|im_start|>user\n{BASE} {q}<|im_end|>\n<|im_start|>assistant\nReasoning:"
+  )
+  assert prompts.answer_prompt(
+    "arithmetic", q, cot, 10, markovian=False, prompt_format="chatml"
+  ) == (f"<|im_start|>user\n{BASE} {q}<|im_end|>\n<|im_start|>assistant\nReasoning:{cot} Answer: ")
+  assert {
+    t: prompts.family_format(t) for t in ("llama", "gpt2", "phi3", "mistral", "qwen2", "qwen3")
+  } == {
+    "llama": "plain",
+    "gpt2": "plain",
+    "phi3": "plain",
+    "mistral": "mistral",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+  }
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "chatml"])
 def test_answer_span_by_token_ids_in_family_formats(smollm2_path, fmt):
   from markovian_jax.models import load_tokenizer
+
   tok = load_tokenizer(smollm2_path)
   prefix = prompts.answer_prompt("arithmetic", "1 + 2", " three", 10, prompt_format=fmt)
   got = prompts.answer_tokens(tok, prefix, "3", fmt)
-  assert tok.decode(got.ids[got.start:]).strip() == "3"
+  assert tok.decode(got.ids[got.start :]).strip() == "3"
   # The family formats keep the tokenizer's own special tokens (its BOS), as the plain one does.
   assert list(got.ids) == list(tok(prefix + "3")["input_ids"])
 
@@ -55,10 +66,12 @@ def test_answer_span_by_token_ids_in_family_formats(smollm2_path, fmt):
 def qwen3_reader(tmp_path_factory, smollm2_path):
   """(directory, torch model, tokenizer) of a tiny random Qwen3 with SmolLM2's tokenizer."""
   from markovian_jax.models import load_tokenizer
+
   tok = load_tokenizer(smollm2_path)
   path = str(tmp_path_factory.mktemp("qwen3_reader"))
-  model = family_cases.torch_model("qwen3", path, vocab_size=len(tok),
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+  model = family_cases.torch_model(
+    "qwen3", path, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+  )
   tok.save_pretrained(path)
   return path, model, tok
 
@@ -68,8 +81,12 @@ def _torch_answer_logprob(model, tok, text: str) -> float:
   torch = helpers.require("torch")
   ids = tok(text)["input_ids"]
   pieces = [tok.decode([i]) for i in ids]
-  start = max(j for j in range(len(ids) - 1)
-              if pieces[j] in ("Answer", " Answer") and pieces[j + 1] == ":") + 2
+  start = (
+    max(
+      j for j in range(len(ids) - 1) if pieces[j] in ("Answer", " Answer") and pieces[j + 1] == ":"
+    )
+    + 2
+  )
   with torch.no_grad():
     lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
   return float(np.mean([lp[t - 1, ids[t]].item() for t in range(start, len(ids))]))
@@ -78,6 +95,7 @@ def _torch_answer_logprob(model, tok, text: str) -> float:
 def test_reader_scores_in_its_own_format(qwen3_reader):
   from markovian_jax.analysis import run_inputs
   from markovian_jax.configs import base
+
   path, model, tok = qwen3_reader
   fmt = cross_model.reader_prompt_format(path)
   assert fmt == "chatml"
@@ -86,19 +104,34 @@ def test_reader_scores_in_its_own_format(qwen3_reader):
   c.sampling.cot_length = 10
   c.prompt.format = fmt
   ctx = run_inputs.load_context(c)
-  rows = [{"step": 3, "question": "12 + 30", "answer": "42", "cots": [" add: 42", " 12, 30"],
-           "base_cot": " hmm, numbers", "normalized": [0.2, -0.1], "rewards": [-1.0, -2.0]}]
+  rows = [
+    {
+      "step": 3,
+      "question": "12 + 30",
+      "answer": "42",
+      "cots": [" add: 42", " 12, 30"],
+      "base_cot": " hmm, numbers",
+      "normalized": [0.2, -0.1],
+      "rewards": [-1.0, -2.0],
+    }
+  ]
   result = cross_model.cross_model_scores(ctx, rows, batch_size=4)
   assert result.normalized
   for i, cot in enumerate(rows[0]["cots"]):
-    text = (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
-            f"Reasoning:{cot} Answer: 42")
-    np.testing.assert_allclose(result.reader_cot[i], _torch_answer_logprob(model, tok, text),
-                               rtol=helpers.ulps(16))
-  base_text = (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
-               f"Reasoning: hmm, numbers Answer: 42")
-  np.testing.assert_allclose(result.reader_base, _torch_answer_logprob(model, tok, base_text),
-                             rtol=helpers.ulps(16))
+    text = (
+      f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
+      f"Reasoning:{cot} Answer: 42"
+    )
+    np.testing.assert_allclose(
+      result.reader_cot[i], _torch_answer_logprob(model, tok, text), rtol=helpers.ulps(16)
+    )
+  base_text = (
+    f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
+    f"Reasoning: hmm, numbers Answer: 42"
+  )
+  np.testing.assert_allclose(
+    result.reader_base, _torch_answer_logprob(model, tok, base_text), rtol=helpers.ulps(16)
+  )
 
 
 def test_known_reader_scores_order_sign_and_unnormalised_runs(qwen3_reader):
@@ -108,6 +141,7 @@ def test_known_reader_scores_order_sign_and_unnormalised_runs(qwen3_reader):
   transformers' log-prob of the literal ChatML text."""
   from markovian_jax.analysis import run_inputs
   from markovian_jax.configs import base
+
   path, model, tok = qwen3_reader
   c = base.get_config("arithmetic")
   c.model.path, c.model.dtype, c.mesh.shape = path, "float32", (1, 1, 1)
@@ -116,25 +150,48 @@ def test_known_reader_scores_order_sign_and_unnormalised_runs(qwen3_reader):
   ctx = run_inputs.load_context(c)
 
   def text(cot, answer):
-    return (f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
-            f"Reasoning:{cot} Answer: {answer}")
+    return (
+      f"<|im_start|>user\n{BASE} <Redacted><|im_end|>\n<|im_start|>assistant\n"
+      f"Reasoning:{cot} Answer: {answer}"
+    )
 
-  rows = [{"step": 1, "question": "12 + 30", "answer": "42", "cots": [" add: 42", " 12, 30"],
-           "base_cot": " hmm, numbers", "normalized": [0.2, -0.1], "rewards": [-1.0, -2.0]},
-          {"step": 2, "question": "5 + 6", "answer": "11", "cots": [" so 11"],
-           "base_cot": " five six seven", "normalized": [0.4], "rewards": [-0.5]}]
+  rows = [
+    {
+      "step": 1,
+      "question": "12 + 30",
+      "answer": "42",
+      "cots": [" add: 42", " 12, 30"],
+      "base_cot": " hmm, numbers",
+      "normalized": [0.2, -0.1],
+      "rewards": [-1.0, -2.0],
+    },
+    {
+      "step": 2,
+      "question": "5 + 6",
+      "answer": "11",
+      "cots": [" so 11"],
+      "base_cot": " five six seven",
+      "normalized": [0.4],
+      "rewards": [-0.5],
+    },
+  ]
   result = cross_model.cross_model_scores(ctx, rows, batch_size=4)
-  cot_lp = [_torch_answer_logprob(model, tok, text(cot, r["answer"]))
-            for r in rows for cot in r["cots"]]
-  base_lp = [_torch_answer_logprob(model, tok, text(r["base_cot"], r["answer"]))
-             for r in rows for _ in r["cots"]]
+  cot_lp = [
+    _torch_answer_logprob(model, tok, text(cot, r["answer"])) for r in rows for cot in r["cots"]
+  ]
+  base_lp = [
+    _torch_answer_logprob(model, tok, text(r["base_cot"], r["answer"]))
+    for r in rows
+    for _ in r["cots"]
+  ]
   # The checks below can tell the sign and the per-question CoT' apart only if these differ.
   assert np.abs(np.subtract(cot_lp, base_lp)).min() > 1e-3 and abs(base_lp[0] - base_lp[2]) > 1e-3
   assert result.normalized and result.steps.tolist() == [1, 1, 2]
   np.testing.assert_allclose(result.reader_base, base_lp, rtol=helpers.ulps(16))
   # R' = cot - base: each within 16 ulps of |lp|, so 32 ulps of the log-probs (R' can be ~0).
-  np.testing.assert_allclose(result.reader, np.subtract(cot_lp, base_lp), rtol=0,
-                             atol=helpers.ulps(32, of=base_lp))
+  np.testing.assert_allclose(
+    result.reader, np.subtract(cot_lp, base_lp), rtol=0, atol=helpers.ulps(32, of=base_lp)
+  )
   assert result.run.tolist() == [0.2, -0.1, 0.4]
 
   plain = [{k: v for k, v in r.items() if k != "base_cot"} | {"normalized": None} for r in rows]
@@ -164,14 +221,22 @@ def _figure_lines(monkeypatch, call) -> dict:
   """{path: [(label, x, y)] of every labelled line} of the figures `call()` saves (each still
   written)."""
   from markovian_jax.reporting import figures
+
   save, drawn = figures.save_png, {}
 
   def capture(fig, plt, path):
     drawn[os.path.basename(path)] = [
-        (line.get_label(), np.asarray(line.get_xdata(), np.float64),
-         np.asarray(line.get_ydata(), np.float64))
-        for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")]
+      (
+        line.get_label(),
+        np.asarray(line.get_xdata(), np.float64),
+        np.asarray(line.get_ydata(), np.float64),
+      )
+      for ax in fig.axes
+      for line in ax.get_lines()
+      if not line.get_label().startswith("_")
+    ]
     return save(fig, plt, path)
+
   monkeypatch.setattr(figures, "save_png", capture)
   call()
   return drawn
@@ -189,17 +254,26 @@ def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader, tmp_path, 
   from markovian_jax import analyze
   from markovian_jax.analysis import run_inputs
   from markovian_jax.training import run_context
+
   path, model, tok = qwen3_reader
   runs = {}
   for name in ("markovian", "non_markovian"):
-    runs[name] = str(shutil.copytree(demo_runs[name], tmp_path / name,
-                                     ignore=shutil.ignore_patterns("analysis")))
+    runs[name] = str(
+      shutil.copytree(demo_runs[name], tmp_path / name, ignore=shutil.ignore_patterns("analysis"))
+    )
   loads = []
   load = run_context.load_checkpoint
-  monkeypatch.setattr(run_context, "load_checkpoint",
-                      lambda *a, **kw: loads.append(a[0]) or load(*a, **kw))
-  f = types.SimpleNamespace(workdir=runs["markovian"], compare=runs["non_markovian"],
-                            reader=path, num_cots=2, batch_size=8, smooth_steps=40)
+  monkeypatch.setattr(
+    run_context, "load_checkpoint", lambda *a, **kw: loads.append(a[0]) or load(*a, **kw)
+  )
+  f = types.SimpleNamespace(
+    workdir=runs["markovian"],
+    compare=runs["non_markovian"],
+    reader=path,
+    num_cots=2,
+    batch_size=8,
+    smooth_steps=40,
+  )
   out = {}
   drawn = _figure_lines(monkeypatch, lambda: out.update(text=analyze.run_cross_model(f)))
   assert out["text"].count("| 8 (all) |") == 2  # each run's table
@@ -217,21 +291,40 @@ def test_cross_model_cli_with_a_qwen3_reader(demo_runs, qwen3_reader, tmp_path, 
     rows = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))][-2:]
 
     def lp(question, cot, answer):
-      prefix = prompts.answer_prompt(config.task, question, cot, config.sampling.cot_length,
-                                     markovian=config.prompt.markovian, prompt_format="chatml")
+      prefix = prompts.answer_prompt(
+        config.task,
+        question,
+        cot,
+        config.sampling.cot_length,
+        markovian=config.prompt.markovian,
+        prompt_format="chatml",
+      )
       return _torch_answer_logprob(model, tok, prefix + answer)
-    per_cot = [(r["step"], r["normalized"][i], lp(r["question"], cot, str(r["answer"])),
-                lp(r["question"], r["base_cot"], str(r["answer"])))
-               for r in rows for i, cot in enumerate(r["cots"])]
+
+    per_cot = [
+      (
+        r["step"],
+        r["normalized"][i],
+        lp(r["question"], cot, str(r["answer"])),
+        lp(r["question"], r["base_cot"], str(r["answer"])),
+      )
+      for r in rows
+      for i, cot in enumerate(r["cots"])
+    ]
     steps, run, reader_cot, reader_base = map(np.asarray, zip(*per_cot))
-    expected.append((name, cross_model.CrossModelResult(steps, run, reader_cot, reader_base,
-                                                        True)))
-  want = _figure_lines(monkeypatch, lambda: cross_model.plot_over_training(
-      expected, str(tmp_path / "expected.png"), "t"))["expected.png"]
+    expected.append((name, cross_model.CrossModelResult(steps, run, reader_cot, reader_base, True)))
+  want = _figure_lines(
+    monkeypatch,
+    lambda: cross_model.plot_over_training(expected, str(tmp_path / "expected.png"), "t"),
+  )["expected.png"]
   got = drawn["cross_model_training.png"]
   assert [label for label, _, _ in got] == [
-      "markovian: reader", "markovian: generator", "non_markovian: reader",
-      "non_markovian: generator", "mean of runs: reader"]
+    "markovian: reader",
+    "markovian: generator",
+    "non_markovian: reader",
+    "non_markovian: generator",
+    "mean of runs: reader",
+  ]
   assert [label for label, _, _ in want] == [label for label, _, _ in got]
   for (label, x, y), (_, want_x, want_y) in zip(got, want):
     np.testing.assert_array_equal(x, want_x, err_msg=label)

@@ -19,8 +19,19 @@ def _is_subsequence(short, long) -> bool:
   return all(any(c == d for d in it) for c in short)
 
 
-@pytest.mark.parametrize("n, pct, expected", [(10, 20, 2), (10, 80, 8), (7, 50, 4), (5, 30, 2),
-                                              (3, 0, 0), (3, 100, 3), (0, 60, 0), (10, 60, 6)])
+@pytest.mark.parametrize(
+  "n, pct, expected",
+  [
+    (10, 20, 2),
+    (10, 80, 8),
+    (7, 50, 4),
+    (5, 30, 2),
+    (3, 0, 0),
+    (3, 100, 3),
+    (0, 60, 0),
+    (10, 60, 6),
+  ],
+)
 def test_count_is_exact_and_rounds_half_up(n, pct, expected):
   assert P.count(n, pct) == expected
 
@@ -62,7 +73,8 @@ def test_char_replace_changes_exactly_p_percent_of_the_alphanumerics(pct):
   assert len(changed) == P.count(len(alnum), pct)
   assert set(changed) <= set(alnum) and all(out[i] in P.ALPHANUMERIC for i in changed)
   assert [c for i, c in enumerate(out) if i not in alnum] == [
-      c for i, c in enumerate(TEXT) if i not in alnum]  # spaces and punctuation untouched
+    c for i, c in enumerate(TEXT) if i not in alnum
+  ]  # spaces and punctuation untouched
 
 
 def test_severities_are_nested_and_seeded():
@@ -78,8 +90,9 @@ def test_severities_are_nested_and_seeded():
   for kind in P.KINDS:
     assert P.perturb_text(TEXT, kind, 40, seed=7) == P.perturb_text(TEXT, kind, 40, seed=7)
   assert P.perturb_text(TEXT, "delete", 40, seed=7) != P.perturb_text(TEXT, "delete", 40, seed=8)
-  assert (P.perturb_text(TEXT, "char_replace", 40, seed=7)
-          != P.perturb_text(TEXT, "char_replace", 40, seed=8))
+  assert P.perturb_text(TEXT, "char_replace", 40, seed=7) != P.perturb_text(
+    TEXT, "char_replace", 40, seed=8
+  )
 
 
 def test_a_text_without_digits_has_nothing_to_replace():
@@ -89,10 +102,13 @@ def test_a_text_without_digits_has_nothing_to_replace():
 # ------------------------------------------------------------------ tokens
 # ids 0-1 special; 10-19 one-digit tokens, 20-29 two-digit tokens, 30-39 " d" (leading space).
 VOCAB = P.TokenVocabulary(
-    ordinary=np.arange(2, 100),
-    digit_groups={**{i: np.arange(10, 20) for i in range(10, 20)},
-                  **{i: np.arange(20, 30) for i in range(20, 30)},
-                  **{i: np.arange(30, 40) for i in range(30, 40)}})
+  ordinary=np.arange(2, 100),
+  digit_groups={
+    **{i: np.arange(10, 20) for i in range(10, 20)},
+    **{i: np.arange(20, 30) for i in range(20, 30)},
+    **{i: np.arange(30, 40) for i in range(30, 40)},
+  },
+)
 IDS = [0, 50, 11, 60, 25, 61, 12, 33, 70, 71, 21, 1]  # digit tokens at 2, 4, 6, 7, 10
 
 
@@ -100,7 +116,7 @@ IDS = [0, 50, 11, 60, 25, 61, 12, 33, 70, 71, 21, 1]  # digit tokens at 2, 4, 6,
 def test_token_truncation_and_deletion_counts(pct):
   k = P.count(len(IDS), pct)
   assert P.perturb_tokens(IDS, "truncate_front", pct, vocab=VOCAB) == IDS[k:]
-  assert P.perturb_tokens(IDS, "truncate_back", pct, vocab=VOCAB) == IDS[:len(IDS) - k]
+  assert P.perturb_tokens(IDS, "truncate_back", pct, vocab=VOCAB) == IDS[: len(IDS) - k]
   out = P.perturb_tokens(IDS, "delete", pct, seed=2, vocab=VOCAB)
   assert len(out) == len(IDS) - k and _is_subsequence(out, IDS)
 
@@ -126,12 +142,25 @@ def test_token_char_replace_never_touches_special_tokens(pct):
 def _word_tokenizer():
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "1": 4, "2": 5, "12": 6, "34": 7, "Ġ7": 8,
-           "Ġ8": 9, "<unk>": 10}
+
+  vocab = {
+    "<s>": 0,
+    "</s>": 1,
+    "a": 2,
+    "b": 3,
+    "1": 4,
+    "2": 5,
+    "12": 6,
+    "34": 7,
+    "Ġ7": 8,
+    "Ġ8": 9,
+    "<unk>": 10,
+  }
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>")
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+  )
 
 
 def test_token_vocabulary_from_a_tokenizer():
@@ -145,10 +174,13 @@ def test_token_vocabulary_from_a_tokenizer():
 def test_perturb_at_token_level_round_trips_through_the_tokenizer():
   tok = _word_tokenizer()
   vocab = P.TokenVocabulary.from_tokenizer(tok)
-  assert P.perturb("a 1 b 12", "digit_replace", 100, level="token", tokenizer=tok,
-                   vocab=vocab) == "a 2 b 34"
-  assert P.perturb("a 1 b 12", "truncate_back", 50, level="token", tokenizer=tok,
-                   vocab=vocab) == "a 1"
+  assert (
+    P.perturb("a 1 b 12", "digit_replace", 100, level="token", tokenizer=tok, vocab=vocab)
+    == "a 2 b 34"
+  )
+  assert (
+    P.perturb("a 1 b 12", "truncate_back", 50, level="token", tokenizer=tok, vocab=vocab) == "a 1"
+  )
 
 
 def test_bad_arguments():
@@ -164,13 +196,15 @@ def test_bad_arguments():
     P.perturb("x", "delete", 20, level="token")
 
 
-@pytest.mark.parametrize("kind,alphabet", [("char_replace", P.ALPHANUMERIC),
-                                           ("digit_replace", P.DIGITS)])
+@pytest.mark.parametrize(
+  "kind,alphabet", [("char_replace", P.ALPHANUMERIC), ("digit_replace", P.DIGITS)]
+)
 def test_character_replacement_is_bernoulli_per_character_by_default(kind, alphabet):
   """The reference's rule: each eligible character is redrawn with probability p from its
   alphabet (possibly itself), so the number changed is Binomial(n, p (1 - 1/|alphabet|)), not
   exactly p%, nor p% chosen and then redrawn (whose count varies, but far less)."""
   from scipy import stats
+
   rng = np.random.default_rng(0)
   text = "".join(rng.choice(list(alphabet + "  .,"), size=4000))
   eligible = [i for i, c in enumerate(text) if c in alphabet]
@@ -200,11 +234,15 @@ def test_table3_overall_row_weights_each_task_by_its_n():
   weighted by their n (hand-computed here), as the reference's QA aggregation; the overall
   column the same weighting of each task's mean over kinds."""
   from markovian_jax.analysis import fragility
+
   kinds = fragility.PAPER_KINDS
 
   def rows(n, values):  # values[kind] at 20% and 40% severity
-    return [fragility.Comparison(k, p, v, 0.5, n, True)
-            for k, (v20, v40) in zip(kinds, values) for p, v in ((20, v20), (40, v40))]
+    return [
+      fragility.Comparison(k, p, v, 0.5, n, True)
+      for k, (v20, v40) in zip(kinds, values)
+      for p, v in ((20, v20), (40, v40))
+    ]
 
   # arc: every kind +0.30 (0.2 and 0.4), n 300; gsm8k: kind i at i/10 (both severities), n 900.
   arc = fragility.table3_row(rows(300, [(0.2, 0.4)] * 5))
@@ -218,7 +256,8 @@ def test_table3_overall_row_weights_each_task_by_its_n():
   text = fragility.format_table3({"arc": arc, "gsm8k": gsm})
   line = next(ln for ln in text.splitlines() if ln.startswith("| **Overall** |"))
   assert [float(c) for c in line.split("|")[2:-1]] == pytest.approx(
-      [0.075, 0.15, 0.225, 0.3, 0.375, 0.225], abs=5e-4)
+    [0.075, 0.15, 0.225, 0.3, 0.375, 0.225], abs=5e-4
+  )
   assert "weighted by their n questions (arc 300, gsm8k 900)" in text
 
 
@@ -235,29 +274,31 @@ def test_analyze_table3_over_the_saved_analyses_of_a_parent(tmp_path):
     """A run whose CoTs all read right unperturbed and `wrong` of n read wrong when perturbed."""
     keys = [(0, f"{task}/{i}") for i in range(n)]
     bad = np.arange(n) < wrong
-    correct = {(k, p): (np.ones(n, bool) if p == 0 else ~bad)
-               for k in P.KINDS for p in (0, 20, 40)}
+    correct = {(k, p): (np.ones(n, bool) if p == 0 else ~bad) for k in P.KINDS for p in (0, 20, 40)}
     logprobs = {k: np.zeros(n) for k in correct}
     result = fragility.FragilityResult("char", P.KINDS, (0, 20, 40), keys, logprobs, correct)
     run = tmp_path / name
     (run / "analysis").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"task": task,
-                                                 "prompt": {"markovian": markovian}}))
+    (run / "config.json").write_text(json.dumps({"task": task, "prompt": {"markovian": markovian}}))
     (run / "analysis" / "fragility_char.json").write_text(
-        json.dumps({"protocol": {"task": task}, **result.to_json()}))
+      json.dumps({"protocol": {"task": task}, **result.to_json()})
+    )
 
-  save("arc_m", "arc", True, 10, 5)        # Markovian loses 0.5, non-Markovian 0.1: +0.4
+  save("arc_m", "arc", True, 10, 5)  # Markovian loses 0.5, non-Markovian 0.1: +0.4
   save("arc_nm", "arc", False, 10, 1)
-  save("gsm8k_m", "gsm8k", True, 30, 3)    # 0.1 vs 0.0: +0.1
+  save("gsm8k_m", "gsm8k", True, 30, 3)  # 0.1 vs 0.0: +0.1
   save("gsm8k_nm", "gsm8k", False, 30, 0)
   text = analyze.run_table3(types.SimpleNamespace(workdir=str(tmp_path), level="char"))
-  rows = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
-          for line in text.splitlines() if line.startswith("| ") and "---" not in line
-          and not line.startswith("| task")}
+  rows = {
+    line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
+    for line in text.splitlines()
+    if line.startswith("| ") and "---" not in line and not line.startswith("| task")
+  }
   assert rows["arc"] == pytest.approx([0.4] * 6) and rows["gsm8k"] == pytest.approx([0.1] * 6)
   assert rows["**Overall**"] == pytest.approx([(10 * 0.4 + 30 * 0.1) / 40] * 6)
   assert (tmp_path / "analysis" / "table3.md").read_text() == text
   (tmp_path / "gsm8k_nm" / "config.json").write_text(
-      json.dumps({"task": "gsm8k", "prompt": {"markovian": True}}))
+    json.dumps({"task": "gsm8k", "prompt": {"markovian": True}})
+  )
   with pytest.raises(analyze.AnalysisError, match="task gsm8k needs one Markovian and one non"):
     analyze.run_table3(types.SimpleNamespace(workdir=str(tmp_path), level="char"))

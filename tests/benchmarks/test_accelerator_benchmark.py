@@ -16,15 +16,44 @@ import pytest
 from tests import helpers
 
 # Every figure a finished row must carry (the JSON holds more: raw times, first-call times).
-DECODE_FIGURES = ("batch", "full_s", "prefill_s", "tok_s", "decode_tok_s", "decode_steps_s",
-                  "prefill_tok_s", "decode_step_bytes", "ideal_step_bytes", "kernel_cache_slots",
-                  "roofline_steps_s", "hbm_roofline_fraction", "measured_bw_roofline_fraction",
-                  "ideal_roofline_fraction", "full_first_call_s", "prefill_first_call_s", "row_s")
+DECODE_FIGURES = (
+  "batch",
+  "full_s",
+  "prefill_s",
+  "tok_s",
+  "decode_tok_s",
+  "decode_steps_s",
+  "prefill_tok_s",
+  "decode_step_bytes",
+  "ideal_step_bytes",
+  "kernel_cache_slots",
+  "roofline_steps_s",
+  "hbm_roofline_fraction",
+  "measured_bw_roofline_fraction",
+  "ideal_roofline_fraction",
+  "full_first_call_s",
+  "prefill_first_call_s",
+  "row_s",
+)
 OURS_DECODE = ("compile_s", "first_calls_wall_s")
-STEP_FIGURES = ("questions", "step_s", "sample_s", "score_s", "update_s", "cot_tok_s",
-                "sample_tok_s", "score_tok_s", "update_tok_s", "update_model_flops",
-                "update_tflop_s", "update_mfu", "update_mfu_vs_measured_matmul", "first_step_s",
-                "reward", "row_s")
+STEP_FIGURES = (
+  "questions",
+  "step_s",
+  "sample_s",
+  "score_s",
+  "update_s",
+  "cot_tok_s",
+  "sample_tok_s",
+  "score_tok_s",
+  "update_tok_s",
+  "update_model_flops",
+  "update_tflop_s",
+  "update_mfu",
+  "update_mfu_vs_measured_matmul",
+  "first_step_s",
+  "reward",
+  "row_s",
+)
 BLOCKED = ("ml_collections", "tensorboardX", "gguf")  # not on the GPU image
 
 
@@ -45,15 +74,30 @@ def _bench(out, cache, *flags, timeout=600):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no 8 fake devices here
   env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
   return subprocess.run(
-      [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}",
-       f"--compile_cache={cache}", *flags],
-      cwd=str(helpers.REPO), env=env, capture_output=True, text=True, timeout=timeout)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.accelerator",
+      "--tiny",
+      f"--out={out}",
+      f"--compile_cache={cache}",
+      *flags,
+    ],
+    cwd=str(helpers.REPO),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _accounted(result):
   """Every row of the run order is in exactly one of rows / skipped / failed."""
-  places = [set(result["rows"]), {s["row"] for s in result["skipped"]},
-            {s["row"] for s in result["failed"]}]
+  places = [
+    set(result["rows"]),
+    {s["row"] for s in result["skipped"]},
+    {s["row"] for s in result["failed"]},
+  ]
   for rid in result["order"]:
     assert sum(rid in p for p in places) == 1, rid
   assert set().union(*places) == set(result["order"])
@@ -66,13 +110,22 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
   out = tmp_path / "bench"
   cached_before = set(os.listdir(bench_cache))
   # A budget no busy CI machine reaches: this test wants every row (the next one, a cut).
-  proc = _bench(out, bench_cache, "--hbm_tb_s=0.05", "--peak_tflops=0.5", "--budget_s=1500",
-                timeout=1600)
+  proc = _bench(
+    out, bench_cache, "--hbm_tb_s=0.05", "--peak_tflops=0.5", "--budget_s=1500", timeout=1600
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.startswith("[versions] ")  # versions first, whatever happens next
   result = json.loads((out / "accelerator.json").read_text())
-  assert result["order"] == ["ours/step/2", "torch/step/2", "ours/step/1", "torch/step/1",
-                             "ours/decode/1", "torch/decode/1", "ours/decode/4", "torch/decode/4"]
+  assert result["order"] == [
+    "ours/step/2",
+    "torch/step/2",
+    "ours/step/1",
+    "torch/step/1",
+    "ours/decode/1",
+    "torch/decode/1",
+    "ours/decode/4",
+    "torch/decode/4",
+  ]
   assert list(result["rows"]) == result["order"], (result["skipped"], result["failed"])
   assert result["skipped"] == [] and result["failed"] == []
   assert result["forbidden_modules"] == []
@@ -113,8 +166,7 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
 
 
 @pytest.mark.slow
-def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path,
-                                                                           bench_cache):
+def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path, bench_cache):
   """Priors that make the first two rows fit and the rest not, whatever this machine's speed:
   the run order puts ours' step and torch's at the same Q first, so the cut run holds one
   ours/torch pair and its ratio; each skipped row says why; the run still exits 0; and an
@@ -124,11 +176,18 @@ def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_p
   out.mkdir()
   (out / "accelerator.json").write_text('{"earlier": true}')
   huge = 10_000
-  proc = _bench(out, bench_cache, "--questions=1", "--batches=1,4", "--budget_s=400",
-                "--hbm_tb_s=0.05", "--peak_tflops=0.5",
-                f"--row_estimates=ours/step/1=1,torch/load=1,torch/step/1=1,"
-                f"ours/decode/1={huge},torch/decode/1={huge},ours/decode/4={huge},"
-                f"torch/decode/4={huge}")
+  proc = _bench(
+    out,
+    bench_cache,
+    "--questions=1",
+    "--batches=1,4",
+    "--budget_s=400",
+    "--hbm_tb_s=0.05",
+    "--peak_tflops=0.5",
+    f"--row_estimates=ours/step/1=1,torch/load=1,torch/step/1=1,"
+    f"ours/decode/1={huge},torch/decode/1={huge},ours/decode/4={huge},"
+    f"torch/decode/4={huge}",
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads((out / "accelerator.json").read_text())
   _accounted(result)
@@ -142,8 +201,7 @@ def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_p
   assert all(r.startswith("budget: expected") for r in skipped.values()), skipped
   assert "skipped:" in (out / "table.txt").read_text()
   earlier = [d for d in out.iterdir() if d.name.startswith("earlier-")]
-  assert len(earlier) == 1 and (earlier[0] / "accelerator.json").read_text() == \
-      '{"earlier": true}'
+  assert len(earlier) == 1 and (earlier[0] / "accelerator.json").read_text() == '{"earlier": true}'
 
 
 @pytest.mark.slow
@@ -151,13 +209,26 @@ def test_a_cut_driver_keeps_finished_rows_and_ends_its_worker(tmp_path, bench_ca
   """SIGTERM (what `timeout` sends) after the first row: that row stays, the rest are listed
   as not reached, and the worker that was running is ended with the driver."""
   from benchmarks.accelerator import results
+
   out = tmp_path / "bench"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
   driver = subprocess.Popen(
-      [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}", "--skip_torch",
-       f"--compile_cache={bench_cache}"], cwd=str(helpers.REPO), env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.accelerator",
+      "--tiny",
+      f"--out={out}",
+      "--skip_torch",
+      f"--compile_cache={bench_cache}",
+    ],
+    cwd=str(helpers.REPO),
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 400
   while time.time() < deadline:
     data = results.read_json(out / "ours.json")
@@ -191,9 +262,23 @@ def test_a_worker_ends_itself_after_the_deadline(tmp_path):
   env.update(JAX_PLATFORMS="cpu")
   t = time.time()
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.accelerator", "--worker=ours", "--rows=ours/step/2",
-       "--tiny", f"--out={tmp_path}", f"--deadline={t - 29}", "--compile_cache="],
-      cwd=str(helpers.REPO), env=env, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.accelerator",
+      "--worker=ours",
+      "--rows=ours/step/2",
+      "--tiny",
+      f"--out={tmp_path}",
+      f"--deadline={t - 29}",
+      "--compile_cache=",
+    ],
+    cwd=str(helpers.REPO),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == -signal.SIGALRM, proc.stderr[-2000:]
   assert time.time() - t < 60
 
@@ -217,7 +302,7 @@ def _rows(pid) -> set:
     cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
   except OSError:
     return set()
-  return {r for a in cmd if a.startswith("--rows=") for r in a[len("--rows="):].split(",")}
+  return {r for a in cmd if a.startswith("--rows=") for r in a[len("--rows=") :].split(",")}
 
 
 def _is_running(pid) -> bool:
@@ -229,7 +314,9 @@ def _is_running(pid) -> bool:
 
 
 def test_budget_skips_what_does_not_fit_and_learns_from_finished_rows():
-  from benchmarks.accelerator import results, workload as wl
+  from benchmarks.accelerator import results
+  from benchmarks.accelerator import workload as wl
+
   w = wl.make_workload(True, estimates="ours/step/2=10,ours/step/1=30")
   budget = results.Budget(time.time() + 25, w)
   assert budget.why_not("ours/step/2") is None  # 10 s of 25
@@ -244,6 +331,7 @@ def test_budget_skips_what_does_not_fit_and_learns_from_finished_rows():
 
 def test_row_files_are_replaced_atomically_and_shared_by_processes(tmp_path):
   from benchmarks.accelerator import results
+
   path = tmp_path / "ours.json"
   a = results.RowFile(path, {"device": "x"})
   a.row("ours/step/8", {"step_s": 1.0})
@@ -251,27 +339,49 @@ def test_row_files_are_replaced_atomically_and_shared_by_processes(tmp_path):
   b.skip("ours/decode/1", "budget")
   b.fail("ours/decode/256", "timed out")
   data = json.loads(path.read_text())
-  assert data == {"meta": {"device": "x"}, "rows": {"ours/step/8": {"step_s": 1.0}},
-                  "skipped": {"ours/decode/1": "budget"},
-                  "failed": {"ours/decode/256": "timed out"}}
+  assert data == {
+    "meta": {"device": "x"},
+    "rows": {"ours/step/8": {"step_s": 1.0}},
+    "skipped": {"ours/decode/1": "budget"},
+    "failed": {"ours/decode/256": "timed out"},
+  }
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.json"]  # no temporary left
 
 
 def test_merge_accounts_for_every_row_with_each_kernels_own_floor():
   """Roofline and MFU figures against hand-computed Llama-3.1-8B numbers: 15.09 GB of weights a
   decode step reads (bf16, no embedding table, fp32 LoRA), 128 KiB of KV per slot and row."""
-  from benchmarks.accelerator import results, workload as wl
+  from benchmarks.accelerator import results
+  from benchmarks.accelerator import workload as wl
+
   w = wl.Workload("8b", wl.llama31_8b())
   weights = 2 * (8_030_261_248 - 128256 * 4096) + 4 * 20_971_520
-  dev = {"kind": "NVIDIA H100", "platform": "gpu", "hbm_tb_s": 3.35, "peak_bf16_tflops": 989.4,
-         "measured_copy_tb_s": 3.0, "measured_matmul_bf16_tflops": 800.0}
-  decode = {"batch": 256, "decode_steps_s": 50.0, "decode_tok_s": 12800.0,
-            "prefill_tok_s": 1.0, "tok_s": 1.0}
+  dev = {
+    "kind": "NVIDIA H100",
+    "platform": "gpu",
+    "hbm_tb_s": 3.35,
+    "peak_bf16_tflops": 989.4,
+    "measured_copy_tb_s": 3.0,
+    "measured_matmul_bf16_tflops": 800.0,
+  }
+  decode = {
+    "batch": 256,
+    "decode_steps_s": 50.0,
+    "decode_tok_s": 12800.0,
+    "prefill_tok_s": 1.0,
+    "tok_s": 1.0,
+  }
   step = {"questions": 8, "update_s": 2.0, "step_s": 5.0, "sample_s": 2.0, "score_s": 1.0}
-  parts = {"ours": {"rows": {"ours/decode/256": decode, "ours/step/8": step},
-                    "failed": {"ours/step/1": "timed out"}},
-           "torch": {"rows": {"torch/step/8": {**step, "update_s": 8.0, "step_s": 20.0}},
-                     "skipped": {"torch/decode/1": "budget"}}}
+  parts = {
+    "ours": {
+      "rows": {"ours/decode/256": decode, "ours/step/8": step},
+      "failed": {"ours/step/1": "timed out"},
+    },
+    "torch": {
+      "rows": {"torch/step/8": {**step, "update_s": 8.0, "step_s": 20.0}},
+      "skipped": {"torch/decode/1": "budget"},
+    },
+  }
   order = w.rows("ours") + w.rows("torch")
   res = results.merge(w, parts, dev, order, {"ours/decode/12": "budget"})
   _accounted(res)
@@ -293,6 +403,7 @@ def test_merge_accounts_for_every_row_with_each_kernels_own_floor():
 
 def test_peer_stop_line_only_when_jax_has_the_gpu_and_torch_has_not():
   from benchmarks.accelerator import probes
+
   cpu_torch = {"torch": "2.13.0+cpu", "torch_cuda": None, "cuda_available": False}
   line = probes.peer_stop_line("gpu", cpu_torch)
   assert line.startswith("error: ") and "\n" not in line and "--skip_torch" in line
@@ -304,10 +415,14 @@ def test_peer_stop_line_only_when_jax_has_the_gpu_and_torch_has_not():
 
 def test_attention_choice_pins_cudnn_only_after_the_preflight():
   from benchmarks.accelerator import driver
+
   assert driver.attention_choice("auto", {"platform": "gpu", "attention": {"ok": True}}) == (
-      "cudnn", "preflight passed")
+    "cudnn",
+    "preflight passed",
+  )
   impl, why = driver.attention_choice(
-      "auto", {"platform": "gpu", "attention": {"ok": False, "reason": "cuDNN failed at x"}})
+    "auto", {"platform": "gpu", "attention": {"ok": False, "reason": "cuDNN failed at x"}}
+  )
   assert impl == "dot_product" and "cuDNN failed at x" in why
   assert driver.attention_choice("einsum", {"platform": "gpu"})[0] == "einsum"
   assert driver.attention_choice("auto", {"platform": "cpu", "attention": {}})[0] == "auto"
@@ -317,11 +432,15 @@ def test_attention_choice_pins_cudnn_only_after_the_preflight():
 def test_attention_preflight_runs_every_layout_and_reports_a_failing_kernel():
   """On CPU: XLA's kernel passes at the tiny run's three layouts (forward, and gradient for the
   update's prompt pass); cuDNN's, forced, fails at the first and says where."""
-  from benchmarks.accelerator import probes, workload as wl
+  from benchmarks.accelerator import probes
+  from benchmarks.accelerator import workload as wl
+
   w = wl.make_workload(True)
   assert [(what, b, t, g) for what, b, t, g in probes.attention_layouts(w)] == [
-      ("update prompt pass", 2, 16, True), ("score answer rows", 8, 14, False),
-      ("sampler prefill", 4, 64, False)]
+    ("update prompt pass", 2, 16, True),
+    ("score answer rows", 8, 14, False),
+    ("sampler prefill", 4, 64, False),
+  ]
   ok = probes.attention_preflight(w, kernel="xla", gpu_only=False)
   assert ok["ok"] and len(ok["layouts"]) == 3
   assert ok["layouts"][0]["max_abs_diff_vs_xla"] == 0.0
@@ -333,9 +452,12 @@ def test_attention_preflight_runs_every_layout_and_reports_a_failing_kernel():
 
 def test_cudnn_fmha_calls_are_counted_in_hlo_text():
   from benchmarks.accelerator import probes
-  hlo = ('%a = custom-call(%q), custom_call_target="__cudnn$fmhaSoftmax"\n'
-         '%b = custom-call(%g), custom_call_target="__cudnn$fmhaSoftmaxBackward"\n'
-         '%c = custom-call(%x), custom_call_target="__cublas$gemm"')
+
+  hlo = (
+    '%a = custom-call(%q), custom_call_target="__cudnn$fmhaSoftmax"\n'
+    '%b = custom-call(%g), custom_call_target="__cudnn$fmhaSoftmaxBackward"\n'
+    '%c = custom-call(%x), custom_call_target="__cublas$gemm"'
+  )
   assert probes.cudnn_fmha_calls(hlo) == 2
 
 
@@ -344,9 +466,13 @@ def test_importable_without_the_packages_the_gpu_image_lacks():
   code, found with ast), imports with ml_collections, tensorboardX and gguf made unimportable."""
   import ast
   import pathlib
+
   package = pathlib.Path(helpers.REPO) / "benchmarks" / "accelerator"
-  imports = {("benchmarks.accelerator", p.stem) for p in package.glob("*.py")
-             if p.stem not in ("__main__", "__init__")}
+  imports = {
+    ("benchmarks.accelerator", p.stem)
+    for p in package.glob("*.py")
+    if p.stem not in ("__main__", "__init__")
+  }
   for path in package.glob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("markovian_jax"):
@@ -367,14 +493,21 @@ for module, name in {sorted(imports)!r}:  # `from module import name`: a submodu
 print(sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
 """
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", code], cwd=str(helpers.REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=str(helpers.REPO),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip() == "[]"
 
 
 def test_8b_formulas():
   from benchmarks import accelerator as acc
+
   c = acc.llama31_8b()
   layer, head = acc.matmul_params(c)
   norms = (2 * c.num_layers + 1) * c.hidden_size
@@ -391,12 +524,14 @@ def test_8b_formulas():
   n, positions = 8 * 12, 8 * 192 + 8 * 12 * 100
   # policy forward + base forward + activation gradients (3 forwards; the LoRA's in two of
   # them), and the LoRA weight gradients (2 per LoRA parameter per position).
-  expected = 3 * (2 * positions * c.num_layers * layer + 2 * n * 100 * head) + \
-      6 * positions * c.num_layers * acc.lora_layer_params(c, 8)
+  expected = 3 * (
+    2 * positions * c.num_layers * layer + 2 * n * 100 * head
+  ) + 6 * positions * c.num_layers * acc.lora_layer_params(c, 8)
   assert acc.update_model_flops(c, w, 8) == pytest.approx(expected)
   # The PyTorch reference runs the prompt once per CoT: 96 prompts of 192, not 8.
-  per_row = 3 * (2 * (n * 192 + n * 100) * c.num_layers * layer + 2 * n * 100 * head) + \
-      6 * (n * 192 + n * 100) * c.num_layers * acc.lora_layer_params(c, 8)
+  per_row = 3 * (2 * (n * 192 + n * 100) * c.num_layers * layer + 2 * n * 100 * head) + 6 * (
+    n * 192 + n * 100
+  ) * c.num_layers * acc.lora_layer_params(c, 8)
   assert acc.update_model_flops(c, w, 8, prompt_per_row=True) == pytest.approx(per_row)
 
 
@@ -404,14 +539,22 @@ def test_layer_scan_accounting_is_exact_on_a_scan_of_matmuls():
   """XLA counts a loop body once; `layer_scan_costs` recovers every layer."""
   import jax
   import jax.numpy as jnp
+
   from benchmarks import cost_model
 
   def costs(layers, unroll):
     def f(x, ws):
       return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
     with cost_model.layer_unroll(layers, unroll):
-      compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((8, 64), jnp.float32),
-                                  jax.ShapeDtypeStruct((layers, 64, 64), jnp.float32)).compile()
+      compiled = (
+        jax.jit(f)
+        .lower(
+          jax.ShapeDtypeStruct((8, 64), jnp.float32),
+          jax.ShapeDtypeStruct((layers, 64, 64), jnp.float32),
+        )
+        .compile()
+      )
     return cost_model._costs(compiled)
 
   reported = costs(6, 1)[0]
@@ -428,10 +571,21 @@ def test_cost_model_rows_on_a_tiny_model():
   (the update adds rematerialisation, so more than 1.33x), a decode step's bytes at least its
   weights and KV cache."""
   import dataclasses
-  from benchmarks import accelerator as acc, cost_model
+
+  from benchmarks import accelerator as acc
+  from benchmarks import cost_model
+
   c = acc.tiny("einsum")
-  w = dataclasses.replace(acc.Workload("t", c), questions=(2,), group=2, cot=4, step_prompt=8,
-                          answer_prefix=2, answer_suffix=2, answer_span=1)
+  w = dataclasses.replace(
+    acc.Workload("t", c),
+    questions=(2,),
+    group=2,
+    cot=4,
+    step_prompt=8,
+    answer_prefix=2,
+    answer_suffix=2,
+    answer_span=1,
+  )
   rows = cost_model.rows(c, w, [(4, 16)], [2], [1], log=lambda r: None)
   decode, update = rows
   assert decode["flops_ratio"] >= 1 and decode["bytes_ratio"] >= 1

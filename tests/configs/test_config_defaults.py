@@ -49,8 +49,12 @@ def _defaults(fields):
 def test_the_built_config_holds_every_schema_key_at_its_default(task):
   built = _leaves(base.get_config(task))
   keys = _schema_keys()
-  assert set(built) == set(keys), ("in the config only", set(built) - set(keys),
-                                   "in the schema only", set(keys) - set(built))
+  assert set(built) == set(keys), (
+    "in the config only",
+    set(built) - set(keys),
+    "in the schema only",
+    set(keys) - set(built),
+  )
   for key, f in keys.items():
     want = schema.default(f, task)
     # Equal and of the same type: `--config.x=` parses an override as the default's type.
@@ -84,13 +88,19 @@ def test_the_objective_keys_are_the_loss_fields_and_the_specs_own():
   """objective.* = ObjectiveSpec's own fields + ObjectiveConfig's fields that are keys, and each
   default agrees with the schema's (ei_std: -1 in the config is None, off, in the loss)."""
   own = {f.name: f.default for f in dataclasses.fields(specs.ObjectiveSpec) if f.name != "loss"}
-  loss = {f.name: f.default for f in dataclasses.fields(objectives.ObjectiveConfig)
-          if f.name not in NOT_OBJECTIVE_KEYS}
+  loss = {
+    f.name: f.default
+    for f in dataclasses.fields(objectives.ObjectiveConfig)
+    if f.name not in NOT_OBJECTIVE_KEYS
+  }
   keys = _defaults(dataclasses.fields(schema.Objective))
   assert not set(own) & set(loss)
-  assert set(own) | set(loss) == set(keys), ("missing from the schema", set(own) | set(loss)
-                                             - set(keys), "schema only", set(keys) - set(own)
-                                             - set(loss))
+  assert set(own) | set(loss) == set(keys), (
+    "missing from the schema",
+    set(own) | set(loss) - set(keys),
+    "schema only",
+    set(keys) - set(own) - set(loss),
+  )
   assert own == {k: keys[k] for k in own}
   assert keys["ei_std"] < 0 and loss.pop("ei_std") is None
   assert loss == {k: keys[k] for k in loss}
@@ -125,8 +135,7 @@ def test_every_key_has_a_one_line_description_in_the_reference():
     assert description.strip() and "\n" not in description, key
     assert rest.endswith(f"  # {description}"), line
   page = config_reference.render()
-  assert all(f"| {config_reference._cell(keys[k].metadata['description'])} |" in page
-             for k in keys)
+  assert all(f"| {config_reference._cell(keys[k].metadata['description'])} |" in page for k in keys)
 
 
 def test_a_key_added_to_the_schema_appears_in_the_config_specs_and_reference(monkeypatch):
@@ -141,7 +150,9 @@ def test_a_key_added_to_the_schema_appears_in_the_config_specs_and_reference(mon
   monkeypatch.setitem(schema.SECTIONS, "lora", Lora)
   monkeypatch.setitem(specs.SECTION_SPECS, "lora", LoraSpec)
   assert (base.get_config("gsm8k").lora.planted, base.get_config("svamp").lora.planted) == (
-      0.25, 0.5)
+    0.25,
+    0.5,
+  )
   assert specs.RunSpec.read(base.get_config("svamp")).lora.planted == 0.5
   assert "lora.planted = 0.25  # a planted key\n" in config_reference.keys("gsm8k")
   assert "| `lora.planted` | float | `0.25` (svamp: 0.5) |" in config_reference.render()
@@ -162,8 +173,11 @@ def test_a_key_added_to_the_config_only_is_refused_naming_it():
     specs.RunSpec.read(c)
 
 
-TASK_FILES = sorted(p for p in (pathlib.Path(base.__file__).parent).glob("*.py")
-                    if p.stem not in ("__init__", "base", "schema"))
+TASK_FILES = sorted(
+  p
+  for p in (pathlib.Path(base.__file__).parent).glob("*.py")
+  if p.stem not in ("__init__", "base", "schema")
+)
 
 
 @pytest.mark.parametrize("path", TASK_FILES, ids=lambda p: p.stem)

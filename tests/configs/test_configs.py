@@ -8,8 +8,11 @@ import pytest
 from markovian_jax.training import config_validation
 from markovian_jax.training.config_validation import InvalidConfig
 
-CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[2] / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "base", "schema"))
+CONFIGS = sorted(
+  p.stem
+  for p in (pathlib.Path(__file__).parents[2] / "configs").glob("*.py")
+  if p.stem not in ("__init__", "base", "schema")
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -30,7 +33,9 @@ def test_reference_defaults():
   assert importlib.import_module("configs.svamp").get_config().eval.answer_max_tokens == 16
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("train.group_size", 1, "config.train.group_size: "),
     ("objective.kl_estimator", "k9", "config.objective.kl_estimator: "),
     ("objective.baseline", "loo", "config.objective.baseline: "),
@@ -42,8 +47,11 @@ def test_reference_defaults():
     ("mesh.shape", (-1, -1, 1), "config.mesh.shape"),
     ("mesh.preset", "8xh200", "config.mesh.preset: unknown '8xh200'"),
     ("lora.reference", "initial_adapter", "needs lora.init_from"),
-    ("objective.ppo_minibatches", 2, "config.objective.ppo_minibatches: PPO passes need "
-     "objective.kind='ppo'"),
+    (
+      "objective.ppo_minibatches",
+      2,
+      "config.objective.ppo_minibatches: PPO passes need objective.kind='ppo'",
+    ),
     ("objective.ppo_epochs", 2, "config.objective.ppo_epochs: PPO passes"),
     ("optim.lr", float("inf"), "config.optim.lr: must be a finite number"),
     ("optim.schedule", "linear", "config.optim.schedule: 'linear' is not one of"),
@@ -51,7 +59,8 @@ def test_reference_defaults():
     ("train.collapse_action", "panic", "config.train.collapse_action"),
     ("eval.reader", "critic", "config.eval.reader"),
     ("host_allocator", "jemalloc", "config.host_allocator"),
-])
+  ],
+)
 def test_invalid_values_name_the_key(key, value, message):
   c = importlib.import_module("configs.gsm8k").get_config()
   section, _, leaf = key.rpartition(".")
@@ -62,8 +71,9 @@ def test_invalid_values_name_the_key(key, value, message):
 
 
 def test_unknown_key_is_rejected_by_the_cli_override():
-  from ml_collections import config_flags
   from absl import flags
+  from ml_collections import config_flags
+
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
   path = str(pathlib.Path(__file__).parents[2] / "configs" / "gsm8k.py")
@@ -76,6 +86,7 @@ def test_sections_are_read_into_typed_specs():
   from markovian_jax.data import TASKS
   from markovian_jax.models import lora
   from markovian_jax.models.config import REMAT_MODES
+
   c = importlib.import_module("configs.gsm8k").get_config()
   c.objective.baseline = "rloo"
   c.objective.reward_kind = "prob"
@@ -106,8 +117,10 @@ def test_mmlu_subject_and_auxiliary_train_reach_the_loader():
   c.data.mmlu_subject = "anatomy"
   c.data.mmlu_train_splits = ("dev", "auxiliary_train")
   spec = config_validation.validate(c)
-  assert spec.data.task_options("mmlu") == {"subject": "anatomy",
-                                            "train_splits": ("dev", "auxiliary_train")}
+  assert spec.data.task_options("mmlu") == {
+    "subject": "anatomy",
+    "train_splits": ("dev", "auxiliary_train"),
+  }
 
 
 @pytest.mark.parametrize("weight,reward_grad", [(0.0, "none"), (0.5, "none"), (0.0, "paper")])
@@ -138,8 +151,17 @@ def test_actor_reward_weight_is_accepted_where_it_acts():
   assert spec.objective.loss.actor_reward_weight == 1.0  # untouched: it has no term here
 
 
-TASK_FILES = ("gsm8k", "arc", "mmlu", "svamp", "arithmetic", "wiki_continuation", "aqua",
-              "mathqa", "demo")
+TASK_FILES = (
+  "gsm8k",
+  "arc",
+  "mmlu",
+  "svamp",
+  "arithmetic",
+  "wiki_continuation",
+  "aqua",
+  "mathqa",
+  "demo",
+)
 
 
 @pytest.mark.parametrize("task", TASK_FILES)
@@ -147,22 +169,29 @@ def test_every_variant_runs_on_every_task(task):
   """`--config=configs/<task>.py:<variant>` validates and changes exactly what it says (each
   variant compared with the task's defaults key by key)."""
   from markovian_jax.configs import base
+
   module = importlib.import_module(f"configs.{task}")
   default = module.get_config()
   config_validation.validate(default)  # which resolves prompt.format=auto, as for each variant
   default = default.to_dict()
-  flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (  # noqa: E731
-      flat(v, f"{p}{k}.").items() if isinstance(v, dict) else {f"{p}{k}": v}.items())}
+  flat = lambda d, p="": {
+    k2: v2
+    for k, v in d.items()
+    for k2, v2 in (  # noqa: E731
+      flat(v, f"{p}{k}.").items() if isinstance(v, dict) else {f"{p}{k}": v}.items()
+    )
+  }
   g, q = default["train"]["group_size"], default["train"]["questions_per_step"]
-  want = {"markovian": {},
-          "non_markovian": {"prompt.markovian": False},
-          "no_reward_grad": {"objective.reward_scorer": "base", "eval.reader": "base"},
-          "unnormalised": {"objective.normalize_reward": False},
-          "ema": {"objective.baseline": "ema", "train.questions_per_step": q * g,
-                  "train.group_size": 1},
-          "ei": {"objective.ei_std": 1.0},
-          "paper_reward_grad": {"objective.reward_grad": "paper"},
-          "ppo_base": {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"}}
+  want = {
+    "markovian": {},
+    "non_markovian": {"prompt.markovian": False},
+    "no_reward_grad": {"objective.reward_scorer": "base", "eval.reader": "base"},
+    "unnormalised": {"objective.normalize_reward": False},
+    "ema": {"objective.baseline": "ema", "train.questions_per_step": q * g, "train.group_size": 1},
+    "ei": {"objective.ei_std": 1.0},
+    "paper_reward_grad": {"objective.reward_grad": "paper"},
+    "ppo_base": {"objective.kind": "ppo", "objective.ppo_ratio_reference": "base"},
+  }
   assert set(want) == set(base.VARIANTS) and set(base.TABLE_VARIANTS) <= set(want)
   for name, changes in want.items():
     c = module.get_config(name)
@@ -190,6 +219,7 @@ def test_the_wiki_temperatures_say_where_each_comes_from():
 
 def test_variant_errors_and_the_wiki_temperature_option():
   from markovian_jax.configs import base
+
   wiki = importlib.import_module("configs.wiki_continuation")
   assert wiki.get_config().sampling.temperature == 1.0  # the reference code's default
   c = wiki.get_config("ei,t1.5")
@@ -208,9 +238,14 @@ def test_variant_errors_and_the_wiki_temperature_option():
 def test_variant_reaches_get_config_through_the_config_flag():
   from absl import flags
   from ml_collections import config_flags
+
   from markovian_jax.runtime import cli
+
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
   fv(["prog", f"--config={cli.config_path('configs/svamp.py:non_markovian')}"])
   assert (fv.config.task, fv.config.variant, fv.config.prompt.markovian) == (
-      "svamp", "non_markovian", False)
+    "svamp",
+    "non_markovian",
+    False,
+  )

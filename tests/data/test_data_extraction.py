@@ -3,16 +3,37 @@ worked out by hand."""
 
 import pytest
 
-from markovian_jax.data import extract_all, extract_letter, extract_numeric, is_correct
-from markovian_jax.data import normalize_number
+from markovian_jax.data import (
+  extract_all,
+  extract_letter,
+  extract_numeric,
+  is_correct,
+  normalize_number,
+)
 from markovian_jax.data.extraction import mentions_answer
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("18", "18"), ("27.0", "27"), ("1,234", "1234"), ("$1,234.50", "1234.5"), ("-0", "0"),
-    ("\\boxed{42}", "42"), ("+5", "5"), ("\u22127", "-7"), (" 3.140 ", "3.14"), ("18.", "18"),
-    ("50%", "50"), ("2125", "2125"), ("abc", None), ("1 2", "12"), ("", None), ("1.2.3", None),
-])
+@pytest.mark.parametrize(
+  "raw, expected",
+  [
+    ("18", "18"),
+    ("27.0", "27"),
+    ("1,234", "1234"),
+    ("$1,234.50", "1234.5"),
+    ("-0", "0"),
+    ("\\boxed{42}", "42"),
+    ("+5", "5"),
+    ("\u22127", "-7"),
+    (" 3.140 ", "3.14"),
+    ("18.", "18"),
+    ("50%", "50"),
+    ("2125", "2125"),
+    ("abc", None),
+    ("1 2", "12"),
+    ("", None),
+    ("1.2.3", None),
+  ],
+)
 def test_normalize_number(raw, expected):
   assert normalize_number(raw) == expected
 
@@ -20,17 +41,17 @@ def test_normalize_number(raw, expected):
 # (generated answer text, simple, anchor, first_number), as the reader writes it after
 # " Answer: ".
 NUMERIC_CASES = [
-    ("18\n\nThe farmer makes $18 per day.", "18", "18", "18"),
-    ("9 * 2 = 18 dollars. Final answer: 18", "18", "18", "9"),
-    ("16 - 3 - 4 = 9, 9 * 2 = 18", "18", "18", "16"),
-    ("The answer is 1,234 apples", "1234", "1234", "1234"),
-    ("-5 degrees, since 3 - 8 = -5", "-5", "-5", "-5"),
-    ("x = 12 and then 4 more, answer is 16", "12", "16", "12"),  # anchor prefers the label
-    ("2.5 hours", "2.5", "2.5", "2.5"),
-    ("$1,200.00 in total", "1200", "1200", "1200"),
-    ("\\boxed{72}", "72", "72", "72"),
-    ("no idea", None, None, None),
-    ("", None, None, None),
+  ("18\n\nThe farmer makes $18 per day.", "18", "18", "18"),
+  ("9 * 2 = 18 dollars. Final answer: 18", "18", "18", "9"),
+  ("16 - 3 - 4 = 9, 9 * 2 = 18", "18", "18", "16"),
+  ("The answer is 1,234 apples", "1234", "1234", "1234"),
+  ("-5 degrees, since 3 - 8 = -5", "-5", "-5", "-5"),
+  ("x = 12 and then 4 more, answer is 16", "12", "16", "12"),  # anchor prefers the label
+  ("2.5 hours", "2.5", "2.5", "2.5"),
+  ("$1,200.00 in total", "1200", "1200", "1200"),
+  ("\\boxed{72}", "72", "72", "72"),
+  ("no idea", None, None, None),
+  ("", None, None, None),
 ]
 
 
@@ -47,7 +68,9 @@ def test_first_number_reference_mode_is_integer_only():
   assert extract_numeric("costs $1,200 = 2 * 600", "first_number") == "1200"
 
 
-@pytest.mark.parametrize("task, text, gold, expected", [
+@pytest.mark.parametrize(
+  "task, text, gold, expected",
+  [
     ("gsm8k", "so 1,234 apples in all", "1234", True),
     ("gsm8k", "7.0 is what we get", "7", True),
     ("gsm8k", "17 cats", "7", False),  # the training tag's substring test would say True
@@ -58,7 +81,8 @@ def test_first_number_reference_mode_is_integer_only():
     ("arc", "I think (B) is right", "B", True),
     ("arc", "Because of the heat", "B", False),
     ("mmlu", "B. Paris", "B", True),
-])
+  ],
+)
 def test_mentions_answer(task, text, gold, expected):
   assert mentions_answer(task, text, gold) is expected
 
@@ -80,7 +104,9 @@ def test_mcq_word_boundary_vs_legacy():
   assert extract_letter(text, "legacy") == "E"  # the 'E' of "THE": the reference's old bug
   assert extract_all("mmlu", text) == {"word_boundary": "B", "legacy": "E"}
   assert extract_all("arc", " C. Planetary days will become shorter.") == {
-      "word_boundary": "C", "legacy": "C"}
+    "word_boundary": "C",
+    "legacy": "C",
+  }
   # E is outside A-D for 4-choice tasks, inside for AQuA/MathQA and 5-choice ARC items.
   assert extract_letter("E) none of these", "word_boundary", 4) is None
   assert extract_all("aqua", "E) none of these") == {"word_boundary": "E", "legacy": "E"}

@@ -63,8 +63,9 @@ def test_restore_refuses_other_data_or_settings():
   with pytest.raises(DataError, match="process_count=1"):
     ExampleStream(EXAMPLES, seed=3, process_count=2).restore(state)
   with pytest.raises(DataError, match="missing 'fingerprint'"):
-    ExampleStream(EXAMPLES, seed=3).restore({"epoch": 0, "index": 0, "seed": 3,
-                                             "num_examples": 10, "process_count": 1})
+    ExampleStream(EXAMPLES, seed=3).restore(
+      {"epoch": 0, "index": 0, "seed": 3, "num_examples": 10, "process_count": 1}
+    )
   with pytest.raises(DataError, match="invalid cursor"):
     ExampleStream(EXAMPLES, seed=3).restore(dict(state, index=11))
 

@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from markovian_jax.data import DataError, load_task, task_kind
-from markovian_jax.data import numeric_tasks
+from markovian_jax.data import DataError, load_task, numeric_tasks, task_kind
 from markovian_jax.data.mcq_tasks import parse_mathqa_options
 from markovian_jax.data.wiki import split_wikitext
 
@@ -18,6 +17,7 @@ def by_id(examples):
 
 # ---------------------------------------------------------------------------------------------
 # Row counts and spot-checked rows.
+
 
 def test_gsm8k(shared_data):
   test = load_task("gsm8k", "test", shared_data / "gsm8k")
@@ -37,8 +37,9 @@ def test_svamp_question_is_body_plus_question(shared_data):
   items = by_id(all_)
   # SVAMP.json item chal-1: Answer 51.0, Body without the question sentence.
   assert items["chal-1"].question == (
-      "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
-      "How much do you have to pay to buy each pack?")
+    "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
+    "How much do you have to pay to buy each pack?"
+  )
   assert items["chal-1"].answer == "51"  # 51.0 normalised
   assert items["chal-71"].answer == "22090603"  # 22090603.0
   assert items["chal-1000"].question.endswith(" How far did the frog jump?")
@@ -60,8 +61,10 @@ def test_aqua(shared_data):
   # test.json line 2: options ["A)$61", "B)$65", "C)$67.40", "D)$70", "E)$78.20"], correct "E".
   e = test[1]
   assert e.answer == "E" and e.choices == ("$61", "$65", "$67.40", "$70", "$78.20")
-  assert e.question.endswith("what was the original price of the item?\n\nChoices:\nA. $61\n"
-                             "B. $65\nC. $67.40\nD. $70\nE. $78.20")
+  assert e.question.endswith(
+    "what was the original price of the item?\n\nChoices:\nA. $61\n"
+    "B. $65\nC. $67.40\nD. $70\nE. $78.20"
+  )
   assert test[0].answer == "A"
 
 
@@ -91,10 +94,15 @@ def test_mmlu(shared_data):
   ml = load_task("mmlu", "test", shared_data / "mmlu", subject="machine_learning")
   assert len(ml) == 105
   # machine_learning_test.csv row 1: a quoted field with a comma, answer D.
-  assert ml[0].answer == "D" and ml[0].choices == ("True, True", "False, False", "True, False",
-                                                     "False, True")
-  assert ml[0].question.endswith("\n\nChoices:\nA. True, True\nB. False, False\nC. True, False\n"
-                                 "D. False, True")
+  assert ml[0].answer == "D" and ml[0].choices == (
+    "True, True",
+    "False, False",
+    "True, False",
+    "False, True",
+  )
+  assert ml[0].question.endswith(
+    "\n\nChoices:\nA. True, True\nB. False, False\nC. True, False\nD. False, True"
+  )
   assert len(load_task("mmlu", "test", shared_data, subject="high_school_chemistry")) == 204
   dev = load_task("mmlu", "dev", shared_data / "mmlu")
   val = load_task("mmlu", "validation", shared_data / "mmlu")
@@ -114,15 +122,22 @@ def test_mathqa(shared_data):
 
 def test_mathqa_options_parser():
   assert parse_mathqa_options("a ) 850 , b ) 1,600 , c ) 1,700 , d ) 2,550 , e ) 3,400", "x") == [
-      "850", "1,600", "1,700", "2,550", "3,400"]
-  assert parse_mathqa_options("['a ) 462 cm ²', 'b ) 530 cm ²', 'c ) 1', 'd ) 2', 'e ) none']",
-                              "x") == ["462 cm ²", "530 cm ²", "1", "2", "none"]
+    "850",
+    "1,600",
+    "1,700",
+    "2,550",
+    "3,400",
+  ]
+  assert parse_mathqa_options(
+    "['a ) 462 cm ²', 'b ) 530 cm ²', 'c ) 1', 'd ) 2', 'e ) none']", "x"
+  ) == ["462 cm ²", "530 cm ²", "1", "2", "none"]
   with pytest.raises(DataError, match="row 7: cannot parse MathQA options"):
     parse_mathqa_options("12, 16, 18", "row 7")
 
 
 def test_wiki_continuation_local(shared_data):
   from tests.llama3_tokenizer import llama3_tokenizer
+
   tok = llama3_tokenizer()
   test = load_task("wiki_continuation", "test", shared_data, tokenizer=tok)
   with open(shared_data / "wikitext2" / "test.txt", encoding="utf-8") as f:
@@ -136,8 +151,15 @@ def test_wiki_continuation_local(shared_data):
   for e in test[:10]:
     assert len(tok.encode(e.question, add_special_tokens=False)) == 50
     assert len(tok.encode(e.answer, add_special_tokens=False)) == 50
-  valid = load_task("wiki_continuation", "validation", shared_data / "wikitext2", tokenizer=tok,
-                    question_length=20, target_length=10, num_examples=5)
+  valid = load_task(
+    "wiki_continuation",
+    "validation",
+    shared_data / "wikitext2",
+    tokenizer=tok,
+    question_length=20,
+    target_length=10,
+    num_examples=5,
+  )
   assert len(valid) == 5 and not {e.question for e in valid} & {e.question for e in test}
 
 
@@ -158,11 +180,20 @@ def test_arithmetic_generator():
 
 def test_task_kinds_and_options():
   assert [task_kind(t) for t in ("gsm8k", "arc", "wiki_continuation")] == [
-      "numeric", "mcq", "continuation"]
+    "numeric",
+    "mcq",
+    "continuation",
+  ]
 
   from markovian_jax.training.specs import DataSpec
-  data = DataSpec(arc_subset="ARC-Easy", arithmetic_terms=2, arithmetic_max=20,
-                  question_length=30, target_length=40)
+
+  data = DataSpec(
+    arc_subset="ARC-Easy",
+    arithmetic_terms=2,
+    arithmetic_max=20,
+    question_length=30,
+    target_length=40,
+  )
   assert data.task_options("arithmetic") == {"num_terms": 2, "max_value": 20}
   assert data.task_options("arc") == {"subset": "ARC-Easy"}
   assert data.task_options("wiki_continuation", tokenizer="T")["question_length"] == 30
@@ -172,6 +203,7 @@ def test_task_kinds_and_options():
 
 # ---------------------------------------------------------------------------------------------
 # Bad input.
+
 
 def test_unknown_task_lists_known_tasks():
   with pytest.raises(DataError, match=r"unknown task 'gsm9k'.*'gsm8k'.*'wiki_continuation'"):
@@ -202,12 +234,18 @@ def test_missing_files(tmp_path, shared_data):
     load_task("mmlu", "auxiliary_train", shared_data / "mmlu")
 
 
-@pytest.mark.parametrize("task, hub_id, options", [
-    ("gsm8k", "openai/gsm8k", {}), ("svamp", "ChilleD/SVAMP", {}),
-    ("arc", "allenai/ai2_arc", {}), ("mmlu", "cais/mmlu", {}), ("aqua", "deepmind/aqua_rat", {}),
+@pytest.mark.parametrize(
+  "task, hub_id, options",
+  [
+    ("gsm8k", "openai/gsm8k", {}),
+    ("svamp", "ChilleD/SVAMP", {}),
+    ("arc", "allenai/ai2_arc", {}),
+    ("mmlu", "cais/mmlu", {}),
+    ("aqua", "deepmind/aqua_rat", {}),
     ("mathqa", "allenai/math_qa", {}),
     ("wiki_continuation", "wikimedia/wikipedia", {"tokenizer": object()}),
-])
+  ],
+)
 def test_hub_unreachable_is_a_clear_error(task, hub_id, options):
   # conftest sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: the real load_dataset path fails fast.
   with pytest.raises(DataError, match=rf"could not load {hub_id} .*Pass a local path"):
@@ -230,8 +268,19 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   with pytest.raises(DataError, match=rf"{f}:1: answer ' many' is not a number"):
     load_task("gsm8k", "test", f)
   arc = tmp_path / "arc.jsonl"
-  arc.write_text(json.dumps({"id": "x", "question": {"stem": "s", "choices": [
-      {"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}, "answerKey": "C"}) + "\n")
+  arc.write_text(
+    json.dumps(
+      {
+        "id": "x",
+        "question": {
+          "stem": "s",
+          "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}],
+        },
+        "answerKey": "C",
+      }
+    )
+    + "\n"
+  )
   with pytest.raises(DataError, match=rf"{arc}:1: answerKey 'C' is not among"):
     load_task("arc", "test", arc)
 
@@ -253,8 +302,14 @@ def test_malformed_csv_row_names_file_and_row(tmp_path):
 
 def test_svamp_malformed_item(tmp_path):
   f = tmp_path / "SVAMP.json"
-  f.write_text(json.dumps([{"ID": "a", "Body": "b", "Question": "q", "Answer": 1.0},
-                           {"ID": "b", "Body": "b", "Answer": 2.0}]))
+  f.write_text(
+    json.dumps(
+      [
+        {"ID": "a", "Body": "b", "Question": "q", "Answer": 1.0},
+        {"ID": "b", "Body": "b", "Answer": 2.0},
+      ]
+    )
+  )
   with pytest.raises(DataError, match=rf"{f}: item 1: missing field 'Question'"):
     load_task("svamp", "all", tmp_path)
   f.write_text("[{\"ID\": 1,\n\"Body\": }]")

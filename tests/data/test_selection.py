@@ -6,11 +6,12 @@ import random
 
 import pytest
 
-from markovian_jax.data import DataError, Example, load_task
-from markovian_jax.data import selection
+from markovian_jax.data import DataError, Example, load_task, selection
 
 
-@pytest.mark.parametrize("task, options, eval_split, split, carved", [
+@pytest.mark.parametrize(
+  "task, options, eval_split, split, carved",
+  [
     ("gsm8k", {}, "test", "train", True),
     ("svamp", {}, "test", "train", True),
     ("arc", {}, "test", "validation", False),
@@ -19,10 +20,12 @@ from markovian_jax.data import selection
     ("mmlu", {"train_splits": ("dev",)}, "test", "validation", False),
     ("aqua", {}, "test", "validation", False),
     ("arithmetic", {}, "test", "validation", False),
-])
+  ],
+)
 def test_selection_source(task, options, eval_split, split, carved):
-  src = selection.selection_source(task, train_split="train", eval_split=eval_split, size=50,
-                                   seed=3, task_options=options)
+  src = selection.selection_source(
+    task, train_split="train", eval_split=eval_split, size=50, seed=3, task_options=options
+  )
   assert (src.split, src.carved) == (split, carved)
   assert src.to_json() == {"task": task, "split": split, "carved": carved, "size": 50, "seed": 3}
   assert ("carve-out" in src.describe()) == carved
@@ -35,6 +38,7 @@ def _loader(task, path, **options):
     if split not in cache:
       cache[split] = load_task(task, split, path, **options)
     return cache[split]
+
   return load
 
 
@@ -42,14 +46,28 @@ def _ids(examples):
   return [e.id for e in examples]
 
 
-@pytest.mark.parametrize("task, options", [
-    ("gsm8k", {}), ("svamp", {}), ("arc", {}), ("mmlu", {}), ("mmlu", {"train_splits": ("dev",)}),
-])
-def test_selection_and_test_are_disjoint_from_each_other_and_from_train(shared_data, task,
-                                                                         options):
+@pytest.mark.parametrize(
+  "task, options",
+  [
+    ("gsm8k", {}),
+    ("svamp", {}),
+    ("arc", {}),
+    ("mmlu", {}),
+    ("mmlu", {"train_splits": ("dev",)}),
+  ],
+)
+def test_selection_and_test_are_disjoint_from_each_other_and_from_train(shared_data, task, options):
   load = _loader(task, shared_data, **options)
-  s = selection.run_splits(task, load, train_split="train", eval_split="test",
-                           selection_size=60, test_size=80, seed=11, task_options=options)
+  s = selection.run_splits(
+    task,
+    load,
+    train_split="train",
+    eval_split="test",
+    selection_size=60,
+    test_size=80,
+    seed=11,
+    task_options=options,
+  )
   assert len(s.selection) == 60 and len(s.test) == 80
   sel, test, train = set(_ids(s.selection)), set(_ids(s.test)), set(_ids(s.train))
   assert not sel & test and not sel & train and not test & train
@@ -65,11 +83,27 @@ def test_selection_and_test_are_disjoint_from_each_other_and_from_train(shared_d
   assert record["selection_ids"] == _ids(s.selection) and record["test_ids"] == _ids(s.test)
   assert record["num_train"] == len(s.train) and record["selection"]["carved"] == s.source.carved
   # The same seed gives the same sets; another seed other ones.
-  again = selection.run_splits(task, load, train_split="train", eval_split="test",
-                               selection_size=60, test_size=80, seed=11, task_options=options)
+  again = selection.run_splits(
+    task,
+    load,
+    train_split="train",
+    eval_split="test",
+    selection_size=60,
+    test_size=80,
+    seed=11,
+    task_options=options,
+  )
   assert _ids(again.selection) == _ids(s.selection) and _ids(again.test) == _ids(s.test)
-  other = selection.run_splits(task, load, train_split="train", eval_split="test",
-                               selection_size=60, test_size=80, seed=12, task_options=options)
+  other = selection.run_splits(
+    task,
+    load,
+    train_split="train",
+    eval_split="test",
+    selection_size=60,
+    test_size=80,
+    seed=12,
+    task_options=options,
+  )
   assert _ids(other.test) != _ids(s.test)
 
 
@@ -77,9 +111,16 @@ def test_mmlu_subsets_cover_the_subjects(shared_data):
   load = _loader("mmlu", shared_data)
   subjects = {e.id.split("/")[1] for e in load("test")}
   assert len(subjects) == 57
-  s = selection.run_splits("mmlu", load, train_split="train", eval_split="test",
-                           selection_size=200, test_size=200, seed=1234,
-                           task_options={"train_splits": ("dev", "validation")})
+  s = selection.run_splits(
+    "mmlu",
+    load,
+    train_split="train",
+    eval_split="test",
+    selection_size=200,
+    test_size=200,
+    seed=1234,
+    task_options={"train_splits": ("dev", "validation")},
+  )
   for subset in (s.test, s.selection):
     covered = {e.id.split("/")[1] for e in subset}
     assert covered == subjects, sorted(subjects - covered)
@@ -93,8 +134,10 @@ def test_mmlu_subsets_cover_the_subjects(shared_data):
 
 
 def _toy(n, subjects=("a", "b", "c")):
-  return [Example(question=f"q{i}", answer="A", id=f"mmlu/{subjects[i % len(subjects)]}/test/{i}")
-          for i in range(n)]
+  return [
+    Example(question=f"q{i}", answer="A", id=f"mmlu/{subjects[i % len(subjects)]}/test/{i}")
+    for i in range(n)
+  ]
 
 
 def test_eval_subset_is_seeded_and_ignores_file_order():
@@ -127,8 +170,9 @@ def test_a_carve_out_cannot_take_half_the_train_split():
   items = _toy(30)
   load = lambda split: {"train": items[:20], "test": items[20:]}[split]  # noqa: E731
   with pytest.raises(DataError, match="more than 50% of the 20"):
-    selection.run_splits("gsm8k", load, train_split="train", eval_split="test",
-                         selection_size=11, test_size=5, seed=0)
+    selection.run_splits(
+      "gsm8k", load, train_split="train", eval_split="test", selection_size=11, test_size=5, seed=0
+    )
 
 
 def test_an_explicit_carve_out_beyond_auto_s_share_is_said_with_the_numbers(caplog):
@@ -137,24 +181,35 @@ def test_an_explicit_carve_out_beyond_auto_s_share_is_said_with_the_numbers(capl
   items = _toy(130)
   load = lambda split: {"train": items[:100], "test": items[100:]}[split]  # noqa: E731
   with caplog.at_level("WARNING", logger=selection.__name__):
-    selection.run_splits("gsm8k", load, train_split="train", eval_split="test",
-                         selection_size=10, test_size=5, seed=0)
+    selection.run_splits(
+      "gsm8k", load, train_split="train", eval_split="test", selection_size=10, test_size=5, seed=0
+    )
   assert not caplog.records
   with caplog.at_level("WARNING", logger=selection.__name__):
-    s = selection.run_splits("gsm8k", load, train_split="train", eval_split="test",
-                             selection_size=30, test_size=5, seed=0)
+    s = selection.run_splits(
+      "gsm8k", load, train_split="train", eval_split="test", selection_size=30, test_size=5, seed=0
+    )
   assert len(s.selection) == 30 and len(s.train) == 70
   (record,) = caplog.records
-  assert record.getMessage() == ("eval.selection_size=30 carves 30% of the 100 gsm8k 'train' "
-                                 "items out of training (auto carves at most 10%, 10 items)")
+  assert record.getMessage() == (
+    "eval.selection_size=30 carves 30% of the 100 gsm8k 'train' "
+    "items out of training (auto carves at most 10%, 10 items)"
+  )
 
 
 def test_generated_tasks_are_disjoint_by_id():
   """The demo's sums (2 terms in [1, 20]) repeat across the seeded streams by design; ids keep
   the splits apart and nothing is dropped for a shared question."""
   load = _loader("arithmetic", None, num_terms=2, max_value=20, num_examples=2000)
-  s = selection.run_splits("arithmetic", load, train_split="train", eval_split="test",
-                           selection_size=100, test_size=100, seed=0)
+  s = selection.run_splits(
+    "arithmetic",
+    load,
+    train_split="train",
+    eval_split="test",
+    selection_size=100,
+    test_size=100,
+    seed=0,
+  )
   assert len(s.train) == 2000 and not s.source.carved
   assert not set(_ids(s.selection)) & set(_ids(s.test))
   questions = {e.question for e in s.train}
@@ -175,6 +230,7 @@ def test_carve_out_has_its_own_small_size(shared_data, num_examples):
   reported eval size, and the carve-out is the same whatever eval.num_examples is."""
   from markovian_jax.training import config_validation
   from markovian_jax.training.run_context import run_splits
+
   c = importlib.import_module("configs.svamp").get_config()
   c.data.path = str(shared_data)
   c.eval.num_examples = num_examples

@@ -35,8 +35,10 @@ def vocab(request, smollm2_path):
     return name, sentencepiece_vocab.mistral_tokenizer(name.split("_")[1])
   if name == "llama3":
     from tests.llama3_tokenizer import llama3_tokenizer
+
     return name, llama3_tokenizer()
   from markovian_jax.models import load_tokenizer
+
   return name, load_tokenizer(smollm2_path)
 
 
@@ -60,13 +62,14 @@ def test_answer_span_in_every_format(vocab, fmt):
   name, tok = vocab
   for task, answer in ANSWERS:
     for markovian in (True, False):
-      prefix = prompts.answer_prompt(task, "What is 9 + 9?", COT, 50, markovian=markovian,
-                                     prompt_format=fmt, tokenizer=tok)
+      prefix = prompts.answer_prompt(
+        task, "What is 9 + 9?", COT, 50, markovian=markovian, prompt_format=fmt, tokenizer=tok
+      )
       got = prompts.answer_tokens(tok, prefix, answer, fmt)
       ids = got.ids.tolist()
       assert ids == prompts.encode(tok, prefix + answer, fmt)
-      assert tok.decode(ids[got.start:]).strip() == answer.strip(), (name, fmt, task)
-      assert tok.decode(ids[got.start - 2:got.start]).strip() == "Answer:", (name, fmt, task)
+      assert tok.decode(ids[got.start :]).strip() == answer.strip(), (name, fmt, task)
+      assert tok.decode(ids[got.start - 2 : got.start]).strip() == "Answer:", (name, fmt, task)
       assert got.mask.tolist() == [i >= got.start for i in range(len(ids))]
       if name in REFERENCE_IDS:
         assert got.start == _reference_start(ids, *REFERENCE_IDS[name]), (name, fmt, task)
@@ -85,11 +88,14 @@ def mistral_run(tmp_path_factory):
   """(model dir, workdir, completed process) of a 2-step demo run of a tiny random Mistral with
   Mistral-7B v0.2's vocabulary, its prompt format left to the family."""
   from tests.helpers import demo_args, run_train
-  model = sentencepiece_vocab.tiny_mistral_dir(
-      "v1", str(tmp_path_factory.mktemp("tiny_mistral")))
+
+  model = sentencepiece_vocab.tiny_mistral_dir("v1", str(tmp_path_factory.mktemp("tiny_mistral")))
   workdir = str(tmp_path_factory.mktemp("mistral_run") / "run")
-  return model, workdir, run_train(*demo_args(model, workdir, "--config.train.text_every=1"),
-                                   timeout=600)
+  return (
+    model,
+    workdir,
+    run_train(*demo_args(model, workdir, "--config.train.text_every=1"), timeout=600),
+  )
 
 
 @pytest.mark.slow  # a training subprocess
@@ -106,12 +112,19 @@ def test_demo_run_trains_with_a_mistral_vocabulary(mistral_run):
 @pytest.mark.slow  # an analyze subprocess on the run above
 def test_cross_model_with_a_mistral_reader(mistral_run, tmp_path):
   from tests.helpers import run_module
+
   model, workdir, proc = mistral_run
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The reader carries v0.3's vocabulary: it re-tokenizes the text of the v0.2 policy's CoTs.
   reader = sentencepiece_vocab.tiny_mistral_dir("v3", str(tmp_path / "mistral_reader"))
-  out = run_module("markovian_jax.analyze", "cross_model", f"--workdir={workdir}",
-                   f"--reader={reader}", "--num_cots=2", timeout=600)
+  out = run_module(
+    "markovian_jax.analyze",
+    "cross_model",
+    f"--workdir={workdir}",
+    f"--reader={reader}",
+    "--num_cots=2",
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "on 8 CoTs of run run" in out.stdout, out.stdout[-2000:]
   saved = json.load(open(os.path.join(workdir, "analysis", "cross_model.json")))

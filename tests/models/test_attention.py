@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from markovian_jax import sampling
-from markovian_jax.models import logprobs
-from markovian_jax.models import ConfigError, decoder
+from markovian_jax.models import ConfigError, decoder, logprobs
 from tests import helpers
 
 # The two kernels' float32 hidden states / logits: elements near 0 carry the rounding of sums as
@@ -24,6 +23,8 @@ ULPS = 32
 
 def _same(actual, desired):
   np.testing.assert_allclose(actual, desired, rtol=0, atol=helpers.ulps(ULPS, of=desired))
+
+
 KERNELS = ("einsum", "dot_product")
 
 
@@ -81,8 +82,14 @@ def test_auto_on_gpu_prefers_cudnn_and_falls_back_to_xla(monkeypatch):
 def test_forward_on_ragged_left_padded_batch(model, with_lora):
   config, params, lora = model
   tokens, mask = _ragged(config)
-  out = {impl: np.asarray(decoder.forward(_with(config, impl), params, tokens, attention_mask=mask,
-                                        lora=lora if with_lora else None)[0]) for impl in KERNELS}
+  out = {
+    impl: np.asarray(
+      decoder.forward(
+        _with(config, impl), params, tokens, attention_mask=mask, lora=lora if with_lora else None
+      )[0]
+    )
+    for impl in KERNELS
+  }
   m = np.asarray(mask)
   _same(out["dot_product"][m], out["einsum"][m])
   # Padding rows stay finite (the mean of the values in both kernels), so no NaN leaks anywhere.
@@ -96,8 +103,12 @@ def test_bf16_forward_matches_within_bf16_rounding(model):
   c16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens, mask = _ragged(config)
-  out = {impl: np.asarray(decoder.forward(_with(c16, impl), p16, tokens, attention_mask=mask)[0],
-                          np.float32) for impl in KERNELS}
+  out = {
+    impl: np.asarray(
+      decoder.forward(_with(c16, impl), p16, tokens, attention_mask=mask)[0], np.float32
+    )
+    for impl in KERNELS
+  }
   m = np.asarray(mask)
   scale = np.abs(out["einsum"][m]).max()
   assert np.abs(out["dot_product"][m] - out["einsum"][m]).max() <= 2e-2 * scale
@@ -119,16 +130,25 @@ def test_kv_cache_prefill_and_decode(model):
     # Prefill into a cache of exactly P slots (as the sampler does), then grow it for decoding.
     small = tuple(jnp.zeros(s, jnp.float32) for s in decoder.cache_shape(c, b, p))
     pos = decoder.positions_from_mask(mask)
-    h, small = decoder.forward(c, params, tokens, positions=pos, lora=lora, cache=small,
-                             cache_index=0, cache_mask=mask)
+    h, small = decoder.forward(
+      c, params, tokens, positions=pos, lora=lora, cache=small, cache_index=0, cache_mask=mask
+    )
     cache = (cache[0].at[..., :p].set(small[0]), cache[1].at[..., :p, :].set(small[1]))
     steps = [np.asarray(decoder.project(c, params, h[:, -1]))]
     slots = jnp.pad(mask, [(0, 0), (0, n)])
     nxt = pos[:, -1] + 1
     for i in range(n):
       slots = slots.at[:, p + i].set(True)
-      h, cache = decoder.forward(c, params, new[:, i:i + 1], positions=nxt[:, None] + i, lora=lora,
-                               cache=cache, cache_index=p + i, cache_mask=slots)
+      h, cache = decoder.forward(
+        c,
+        params,
+        new[:, i : i + 1],
+        positions=nxt[:, None] + i,
+        lora=lora,
+        cache=cache,
+        cache_index=p + i,
+        cache_mask=slots,
+      )
       steps.append(np.asarray(decoder.project(c, params, h[:, 0])))
     results[impl] = (np.stack(steps), [np.asarray(x) for x in cache])
   _same(results["dot_product"][0], results["einsum"][0])
@@ -138,19 +158,27 @@ def test_kv_cache_prefill_and_decode(model):
   full = jnp.concatenate([tokens, new], axis=1)
   fmask = jnp.pad(mask, [(0, 0), (0, n)], constant_values=True)
   ref = decoder.logits(_with(config, "dot_product"), params, full, lora, attention_mask=fmask)
-  _same(results["dot_product"][0], np.asarray(ref[:, p - 1:]).transpose(1, 0, 2))
+  _same(results["dot_product"][0], np.asarray(ref[:, p - 1 :]).transpose(1, 0, 2))
 
 
 def test_sampler_is_unchanged(model):
   """`sampling.generate` (greedy, ragged prompts, LoRA): the same tokens and log-probs."""
   config, params, lora = model
   prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
-  out = {impl: sampling.generate(_with(config, impl), params, prompts, max_new_tokens=5,
-                                 temperature=0.0, lora=lora, bucket=4) for impl in KERNELS}
-  np.testing.assert_array_equal(np.asarray(out["dot_product"].tokens),
-                                np.asarray(out["einsum"].tokens))
-  np.testing.assert_allclose(np.asarray(out["dot_product"].logprobs),
-                             np.asarray(out["einsum"].logprobs), rtol=helpers.ulps(16))
+  out = {
+    impl: sampling.generate(
+      _with(config, impl), params, prompts, max_new_tokens=5, temperature=0.0, lora=lora, bucket=4
+    )
+    for impl in KERNELS
+  }
+  np.testing.assert_array_equal(
+    np.asarray(out["dot_product"].tokens), np.asarray(out["einsum"].tokens)
+  )
+  np.testing.assert_allclose(
+    np.asarray(out["dot_product"].logprobs),
+    np.asarray(out["einsum"].logprobs),
+    rtol=helpers.ulps(16),
+  )
 
 
 def test_update_terms_and_their_lora_gradient(model):
@@ -165,8 +193,17 @@ def test_update_terms_and_their_lora_gradient(model):
   cmask = jnp.ones((q * g, t), bool).at[1, -2:].set(False)
 
   def terms(impl, lora_):
-    out = logprobs.continuation_logprobs(_with(config, impl), params, prefix, pmask, cont, cmask,
-                                         lora=lora_, with_kl=True, with_entropy=True)
+    out = logprobs.continuation_logprobs(
+      _with(config, impl),
+      params,
+      prefix,
+      pmask,
+      cont,
+      cmask,
+      lora=lora_,
+      with_kl=True,
+      with_entropy=True,
+    )
     return out.logprobs, out.kl, out.entropy
 
   def loss(impl, lora_):
@@ -177,10 +214,12 @@ def test_update_terms_and_their_lora_gradient(model):
   want = jax.jit(lambda l: terms("einsum", l))(lora)
   for a, e in zip(jax.jit(lambda l: terms("dot_product", l))(lora), want):
     # log-probs, KL, entropy: a KL near 0 carries the rounding of the log-probs it is made of
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0,
-                               atol=helpers.ulps(ULPS, of=want[0]))
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(e), rtol=0, atol=helpers.ulps(ULPS, of=want[0])
+    )
   grad = jax.jit(jax.grad(lambda l: loss("dot_product", l)))(lora)
   ref = jax.jit(jax.grad(lambda l: loss("einsum", l)))(lora)
   for a, e in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4,
-                               atol=1e-5 * float(jnp.abs(e).max()))
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5 * float(jnp.abs(e).max())
+    )

@@ -19,7 +19,9 @@ def test_auto_on_cpu_is_xla_with_the_reason():
   assert impl == "auto"  # the CPU's default path (einsum), never cuDNN
   assert why == "attention: xla (auto: cuDNN attention is GPU only; JAX runs on cpu)"
   assert attention_choice.resolve("xla", _config(), backend="gpu") == (
-      "dot_product", "attention: xla (requested)")
+    "dot_product",
+    "attention: xla (requested)",
+  )
   with pytest.raises(InvalidConfig, match="^config.model.attention: 'cudnn' needs a GPU"):
     attention_choice.resolve("cudnn", _config(), backend="cpu")
 
@@ -33,8 +35,11 @@ def test_a_failing_preflight_falls_back_under_auto_and_refuses_under_cudnn():
   impl, line = attention_choice.resolve("auto", _config(), backend="gpu")
   assert impl == "dot_product"
   assert line.startswith("attention: xla (auto: cudnn attention failed at "), line
-  with pytest.raises(InvalidConfig, match=r"^config.model.attention: 'cudnn' failed its "
-                     r"preflight \(cudnn attention failed at "):
+  with pytest.raises(
+    InvalidConfig,
+    match=r"^config.model.attention: 'cudnn' failed its "
+    r"preflight \(cudnn attention failed at ",
+  ):
     attention_choice.resolve("cudnn", _config(), backend="gpu")
 
 
@@ -42,6 +47,7 @@ def test_cudnn_on_cpu_is_refused_before_loading(tmp_path):
   """Before the tokenizer and the weights (random:tiny's need nothing else here); the run's
   logged choice on CPU is checked by test_random_models' training run."""
   from markovian_jax.training.run_context import RunContext
+
   c = make_config("random:tiny", tmp_path / "b", **{"model.attention": "cudnn"})
   with pytest.raises(InvalidConfig, match="^config.model.attention: 'cudnn' needs a GPU"):
     RunContext.create(c)
@@ -53,9 +59,16 @@ def test_cudnn_on_cpu_is_refused_before_loading(tmp_path):
 @pytest.mark.slow
 def test_cudnn_on_a_cpu_run_is_one_error_line(tmp_path, smollm2_path):
   del smollm2_path
-  line = one_error_line(run_train(
-      "--config=configs/demo.py", "--config.model.path=random:tiny",
-      f"--config.workdir={tmp_path / 'run'}", "--config.host_allocator=system",
-      "--config.compilation_cache_dir=", "--config.model.attention=cudnn"))
-  assert line == ("error: config.model.attention: 'cudnn' needs a GPU, and JAX runs on cpu; use "
-                  "'auto' or 'xla'")
+  line = one_error_line(
+    run_train(
+      "--config=configs/demo.py",
+      "--config.model.path=random:tiny",
+      f"--config.workdir={tmp_path / 'run'}",
+      "--config.host_allocator=system",
+      "--config.compilation_cache_dir=",
+      "--config.model.attention=cudnn",
+    )
+  )
+  assert line == (
+    "error: config.model.attention: 'cudnn' needs a GPU, and JAX runs on cpu; use 'auto' or 'xla'"
+  )

@@ -24,9 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax.models import (ConfigError, DecoderConfig, init_lora, load_checkpoint, logits,
-                                  positions_from_mask)
-from markovian_jax.models import hf, decoder
+from markovian_jax.models import (
+  ConfigError,
+  DecoderConfig,
+  decoder,
+  hf,
+  init_lora,
+  load_checkpoint,
+  logits,
+  positions_from_mask,
+)
 from markovian_jax.models import lora as lora_lib
 from markovian_jax.sampling import generate
 from tests import helpers
@@ -48,8 +55,15 @@ def family(request, tmp_path_factory):
 def _torch_logits(model, ids, mask, positions):
   torch = helpers.require("torch")
   with torch.no_grad():
-    return model(torch.tensor(np.asarray(ids)), attention_mask=torch.tensor(np.asarray(mask, int)),
-                 position_ids=torch.tensor(np.asarray(positions))).logits.float().numpy()
+    return (
+      model(
+        torch.tensor(np.asarray(ids)),
+        attention_mask=torch.tensor(np.asarray(mask, int)),
+        position_ids=torch.tensor(np.asarray(positions)),
+      )
+      .logits.float()
+      .numpy()
+    )
 
 
 def _ragged_batch(vocab, lengths, seq=SEQ, seed=1):
@@ -62,13 +76,22 @@ def _ragged_batch(vocab, lengths, seq=SEQ, seed=1):
 def test_config_names_the_family(family):
   name, _, _, config, _ = family
   assert config.model_type == name
-  expected = {"qwen3": dict(qk_norm=True, head_dim=24, tie_word_embeddings=True),
-              "qwen2": dict(qkv_bias=True, tie_word_embeddings=False),
-              "mistral": dict(sliding_window=8),
-              "phi3": dict(fused_qkv=True, fused_gate_up=True),
-              "gpt2": dict(position_kind="learned", norm_kind="layer", mlp_kind="gelu_tanh",
-                           fused_qkv=True, qkv_bias=True, out_bias=True, mlp_bias=True),
-              "llama": dict(qkv_bias=False, qk_norm=False)}[name]
+  expected = {
+    "qwen3": dict(qk_norm=True, head_dim=24, tie_word_embeddings=True),
+    "qwen2": dict(qkv_bias=True, tie_word_embeddings=False),
+    "mistral": dict(sliding_window=8),
+    "phi3": dict(fused_qkv=True, fused_gate_up=True),
+    "gpt2": dict(
+      position_kind="learned",
+      norm_kind="layer",
+      mlp_kind="gelu_tanh",
+      fused_qkv=True,
+      qkv_bias=True,
+      out_bias=True,
+      mlp_bias=True,
+    ),
+    "llama": dict(qkv_bias=False, qk_norm=False),
+  }[name]
   assert {k: getattr(config, k) for k in expected} == expected
   # num_params counts exactly the loaded leaves.
   assert config.num_params == sum(x.size for x in jax.tree.leaves(family[4]))
@@ -81,20 +104,28 @@ def test_left_padded_logits_match_torch(family):
   out = np.asarray(logits(config, params, ids, attention_mask=mask))
   expected = _torch_logits(model, ids, mask, positions)
   assert np.abs(expected[mask]).max() > 1.0  # logits of the size of real ones
-  np.testing.assert_allclose(out[mask], expected[mask], atol=helpers.ulps(64, of=expected[mask]),
-                             rtol=0)
+  np.testing.assert_allclose(
+    out[mask], expected[mask], atol=helpers.ulps(64, of=expected[mask]), rtol=0
+  )
   if name == "phi3":
     # Inside the original context the short factors apply: a batch that stays within it.
     ids, mask = _ragged_batch(config.vocab_size, [30, 12], seq=30)
     positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
     out = np.asarray(logits(config, params, ids, attention_mask=mask))
-    np.testing.assert_allclose(out[mask], _torch_logits(model, ids, mask, positions)[mask],
-                               atol=helpers.ulps(64, of=out[mask]), rtol=0)
+    np.testing.assert_allclose(
+      out[mask],
+      _torch_logits(model, ids, mask, positions)[mask],
+      atol=helpers.ulps(64, of=out[mask]),
+      rtol=0,
+    )
 
 
 # What sets a family apart in the comparison above, where it has such a feature.
-DISTINGUISHING = {"mistral": dict(sliding_window=None), "phi3": dict(rope_scaling=None),
-                  "qwen3": dict(qk_norm=False)}
+DISTINGUISHING = {
+  "mistral": dict(sliding_window=None),
+  "phi3": dict(rope_scaling=None),
+  "qwen3": dict(qk_norm=False),
+}
 
 
 @pytest.mark.parametrize("family", list(DISTINGUISHING), indirect=True)
@@ -127,8 +158,13 @@ def test_greedy_generation_matches_torch(family):
   ours = generate(config, params, prompts, max_new_tokens=new, temperature=0.0, bucket=8)
   for row, prompt in enumerate(prompts):
     with torch.no_grad():
-      theirs = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, pad_token_id=0)[0, len(prompt):].numpy()
+      theirs = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+      )[0, len(prompt) :].numpy()
     np.testing.assert_array_equal(np.asarray(ours.tokens[row]), theirs)
 
 
@@ -140,42 +176,65 @@ def test_cache_decode_equals_full_recompute(family):
   cache = tuple(jnp.zeros(s, jnp.float32) for s in decoder.cache_shape(config, b, t))
   positions = positions_from_mask(jnp.asarray(mask))
   prefill = 10
-  h, cache = decoder.forward(config, params, jnp.asarray(ids[:, :prefill]),
-                           attention_mask=jnp.asarray(mask[:, :prefill]),
-                           positions=positions[:, :prefill], cache=cache, cache_index=0,
-                           cache_mask=jnp.asarray(np.pad(mask[:, :prefill],
-                                                         ((0, 0), (0, t - prefill)))))
+  h, cache = decoder.forward(
+    config,
+    params,
+    jnp.asarray(ids[:, :prefill]),
+    attention_mask=jnp.asarray(mask[:, :prefill]),
+    positions=positions[:, :prefill],
+    cache=cache,
+    cache_index=0,
+    cache_mask=jnp.asarray(np.pad(mask[:, :prefill], ((0, 0), (0, t - prefill)))),
+  )
   steps = [np.asarray(decoder.project(config, params, h))]
 
   @jax.jit  # one compile for every step: the slot is a traced index, as in the sampler
   def step(params, tok, tok_mask, pos, cache, index, valid):
-    h, cache = decoder.forward(config, params, tok, attention_mask=tok_mask, positions=pos,
-                             cache=cache, cache_index=index, cache_mask=valid)
+    h, cache = decoder.forward(
+      config,
+      params,
+      tok,
+      attention_mask=tok_mask,
+      positions=pos,
+      cache=cache,
+      cache_index=index,
+      cache_mask=valid,
+    )
     return decoder.project(config, params, h), cache
 
   for i in range(prefill, t):
-    valid = np.pad(mask[:, :i + 1], ((0, 0), (0, t - i - 1)))
-    out, cache = step(params, jnp.asarray(ids[:, i:i + 1]), jnp.asarray(mask[:, i:i + 1]),
-                      positions[:, i:i + 1], cache, jnp.int32(i), jnp.asarray(valid))
+    valid = np.pad(mask[:, : i + 1], ((0, 0), (0, t - i - 1)))
+    out, cache = step(
+      params,
+      jnp.asarray(ids[:, i : i + 1]),
+      jnp.asarray(mask[:, i : i + 1]),
+      positions[:, i : i + 1],
+      cache,
+      jnp.int32(i),
+      jnp.asarray(valid),
+    )
     steps.append(np.asarray(out))
   decoded = np.concatenate(steps, axis=1)
-  np.testing.assert_allclose(decoded[mask], full[mask], atol=helpers.ulps(64, of=full[mask]),
-                             rtol=0)
+  np.testing.assert_allclose(
+    decoded[mask], full[mask], atol=helpers.ulps(64, of=full[mask]), rtol=0
+  )
 
 
 def _random_adapter(config):
   lora = init_lora(config, jax.random.PRNGKey(1), rank=4, alpha=8.0, dropout=0.0)
   keys = iter(jax.random.split(jax.random.PRNGKey(2), 64))
   params = jax.tree_util.tree_map_with_path(
-      lambda p, x: (0.3 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x),
-      lora.params)
+    lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x,
+    lora.params,
+  )
   return lora.replace(params=params)
 
 
-PEFT_NAMES = {"qwen3": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
-                        "v_proj"],
-              "phi3": ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
-              "gpt2": ["c_attn", "c_fc", "c_proj"]}
+PEFT_NAMES = {
+  "qwen3": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+  "phi3": ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
+  "gpt2": ["c_attn", "c_fc", "c_proj"],
+}
 
 
 def test_peft_export_reproduces_our_logits_in_transformers(family, tmp_path):
@@ -199,8 +258,9 @@ def test_peft_export_reproduces_our_logits_in_transformers(family, tmp_path):
     theirs = _torch_logits(peft_model, ids, mask, positions)
   finally:
     peft_model.unload()  # give the module-scoped torch model back without adapters
-  np.testing.assert_allclose(ours[mask], theirs[mask], atol=helpers.ulps(64, of=theirs[mask]),
-                             rtol=0)
+  np.testing.assert_allclose(
+    ours[mask], theirs[mask], atol=helpers.ulps(64, of=theirs[mask]), rtol=0
+  )
   back = hf.load_peft_adapter(out, config)
   assert back.targets == lora.targets
   chex.assert_trees_all_equal(back.params, lora.params)  # the same tree, leaf for leaf
@@ -215,8 +275,12 @@ def test_save_hf_round_trips_through_transformers(family, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
   ids, mask = _ragged_batch(config.vocab_size, [20, 11], seq=20, seed=5)
   positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
-  np.testing.assert_allclose(_torch_logits(reloaded.eval(), ids, mask, positions)[mask],
-                             _torch_logits(model, ids, mask, positions)[mask], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    _torch_logits(reloaded.eval(), ids, mask, positions)[mask],
+    _torch_logits(model, ids, mask, positions)[mask],
+    atol=1e-5,
+    rtol=0,
+  )
 
 
 def test_merged_export_loads_in_transformers(family, tmp_path):
@@ -231,8 +295,12 @@ def test_merged_export_loads_in_transformers(family, tmp_path):
   ids, mask = _ragged_batch(config.vocab_size, [20, 11], seq=20, seed=6)
   positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
   ours = np.asarray(logits(config, params, ids, lora, attention_mask=mask))
-  np.testing.assert_allclose(_torch_logits(merged.eval(), ids, mask, positions)[mask], ours[mask],
-                             atol=helpers.ulps(64, of=ours[mask]), rtol=0)
+  np.testing.assert_allclose(
+    _torch_logits(merged.eval(), ids, mask, positions)[mask],
+    ours[mask],
+    atol=helpers.ulps(64, of=ours[mask]),
+    rtol=0,
+  )
 
 
 @pytest.mark.slow  # a sample subprocess per family
@@ -243,24 +311,37 @@ def test_sample_cli_with_a_peft_adapter(name, tmp_path, smollm2_path):
   torch = helpers.require("torch")
   peft = helpers.require("peft")
   from markovian_jax.models import load_tokenizer
+
   tok = load_tokenizer(smollm2_path)
   path = str(tmp_path / name)
-  model = torch_model(name, path, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+  model = torch_model(
+    name, path, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+  )
   tok.save_pretrained(path)
   config, _ = load_checkpoint(path)
   adapter = str(tmp_path / "adapter")
   hf.save_peft_adapter(_random_adapter(config), config, adapter)
   prompt = "The capital of France is"
-  proc = helpers.run_module("markovian_jax.sample", f"--checkpoint={path}", f"--lora={adapter}",
-                             f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=6",
-                             "--min_new_tokens=6", "--compilation_cache_dir=")
+  proc = helpers.run_module(
+    "markovian_jax.sample",
+    f"--checkpoint={path}",
+    f"--lora={adapter}",
+    f"--prompt={prompt}",
+    "--temperature=0",
+    "--max_new_tokens=6",
+    "--min_new_tokens=6",
+    "--compilation_cache_dir=",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   ids = tok(prompt)["input_ids"]
   with torch.no_grad():
-    theirs = peft.PeftModel.from_pretrained(model, adapter).eval().generate(
-        torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-        pad_token_id=0)[0, len(ids):]
+    theirs = (
+      peft.PeftModel.from_pretrained(model, adapter)
+      .eval()
+      .generate(
+        torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+      )[0, len(ids) :]
+    )
   assert tok.decode(theirs, skip_special_tokens=True) in proc.stdout
 
 
@@ -268,14 +349,18 @@ def test_gpt2_original_upload_layout(tmp_path):
   """The original `gpt2` upload names its tensors without "transformer." and keeps the causal-mask
   buffers (h.{i}.attn.bias): both load into the same model."""
   import shutil
+
   from safetensors.numpy import load_file, save_file
+
   path = str(tmp_path / "gpt2")
   torch_model("gpt2", path)
   config, params = load_checkpoint(path)
   out = str(tmp_path / "gpt2_upload")
   shutil.copytree(path, out)
   tensors = load_file(os.path.join(out, hf.WEIGHTS_NAME))
-  renamed = {k[len("transformer."):]: v for k, v in tensors.items() if k.startswith("transformer.")}
+  renamed = {
+    k[len("transformer.") :]: v for k, v in tensors.items() if k.startswith("transformer.")
+  }
   assert len(renamed) == len(tensors)
   for i in range(config.num_layers):
     renamed[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 128, 128), np.float32))
@@ -286,34 +371,55 @@ def test_gpt2_original_upload_layout(tmp_path):
 
 def test_lora_targets_follow_the_family():
   def cfg(**kw):
-    return DecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=12, num_layers=1,
-                       num_heads=2, num_kv_heads=1, head_dim=4, **kw)
+    return DecoderConfig(
+      vocab_size=8,
+      hidden_size=8,
+      intermediate_size=12,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=4,
+      **kw,
+    )
+
   assert set(lora_lib.target_shapes(cfg(), lora_lib.ALL_LINEAR)) == {
-      ("attn", n) for n in "qkvo"} | {("mlp", n) for n in ("gate", "up", "down")}
+    ("attn", n) for n in "qkvo"
+  } | {("mlp", n) for n in ("gate", "up", "down")}
   phi = cfg(fused_qkv=True, fused_gate_up=True)
-  assert lora_lib.target_shapes(phi, ("q", "v", "up")) == {("attn", "qkv"): (8, 16),
-                                                           ("mlp", "gate_up"): (8, 24)}
+  assert lora_lib.target_shapes(phi, ("q", "v", "up")) == {
+    ("attn", "qkv"): (8, 16),
+    ("mlp", "gate_up"): (8, 24),
+  }
   gpt2 = cfg(fused_qkv=True, mlp_kind="gelu_tanh")
   assert set(lora_lib.target_shapes(gpt2, lora_lib.ALL_LINEAR)) == {
-      ("attn", "qkv"), ("attn", "o"), ("mlp", "up"), ("mlp", "down")}
+    ("attn", "qkv"),
+    ("attn", "o"),
+    ("mlp", "up"),
+    ("mlp", "down"),
+  }
   with pytest.raises(ValueError, match="name no linear layer"):
     lora_lib.target_shapes(gpt2, ("gate",))
 
 
 def test_unsupported_model_type_names_the_supported_families():
-  with pytest.raises(ConfigError, match="model_type='gemma3'.*supported model types: llama, "
-                                        "mistral, qwen2, qwen3, phi3, gpt2"):
+  with pytest.raises(
+    ConfigError,
+    match="model_type='gemma3'.*supported model types: llama, mistral, qwen2, qwen3, phi3, gpt2",
+  ):
     DecoderConfig.from_hf({"model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"]})
 
 
-@pytest.mark.parametrize("hub_id, num_params, tied", [("Qwen/Qwen3-4B", 4_022_468_096, True),
-                                                      ("Qwen/Qwen3-8B", 8_190_735_360, False)])
+@pytest.mark.parametrize(
+  "hub_id, num_params, tied",
+  [("Qwen/Qwen3-4B", 4_022_468_096, True), ("Qwen/Qwen3-8B", 8_190_735_360, False)],
+)
 def test_qwen3_memory_plan_on_one_h100(hub_id, num_params, tied):
   """The paper's Qwen3 policy plans offline from its published shapes (the parameter counts of
   the published safetensors: 8,044,936,192 and 16,381,470,720 bytes of bf16) and fits one H100."""
   from markovian_jax.configs import base
   from markovian_jax.planning import plan
   from markovian_jax.training import config_validation
+
   c = base.with_preset(base.get_config("gsm8k"), "1xh100")
   c.model.path = hub_id
   p = plan.make_plan(config_validation.validate(c))
@@ -333,13 +439,23 @@ def test_train_refuses_an_unsupported_model_type_before_loading(tmp_path, smollm
   """`train --config.model.path=<dir>` with an unsupported model_type: one line, exit 2, before
   any weight is read (the weights file here is not even safetensors)."""
   from markovian_jax.models import load_tokenizer
+
   model = tmp_path / "gemma"
   model.mkdir()
   load_tokenizer(smollm2_path).save_pretrained(str(model))
-  (model / "config.json").write_text(json.dumps({
-      "model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"], "vocab_size": 8,
-      "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-      "num_attention_heads": 1}))
+  (model / "config.json").write_text(
+    json.dumps(
+      {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForCausalLM"],
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+      }
+    )
+  )
   (model / "model.safetensors").write_bytes(b"not a tensor file")
   line = helpers.one_error_line(helpers.run_train(*helpers.demo_args(model, tmp_path / "run")))
   assert "model_type='gemma3'" in line and "llama, mistral, qwen2, qwen3, phi3, gpt2" in line

@@ -10,20 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax.runtime import sharding
 from markovian_jax.models import init_params, load_checkpoint, load_tokenizer, logits
 from markovian_jax.models.config import ConfigError, RopeScaling
 from markovian_jax.models.gguf import GGUFError, load_gguf, load_gguf_tokenizer
+from markovian_jax.runtime import sharding
 from tests import helpers
 
 BUFFER = 64  # one jitted shape for every SmolLM2 forward in this file
 
 TOKENIZER_STRINGS = [
-    "Hello world",
-    "The year 2024 had 366 days; 3.14159 is close to pi.",
-    "h\u00e9llo w\u00f6rld \u2014 na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \U0001f642",
-    "def f(x):\n    return x**2  # square\n\n",
-    "<|im_start|>user\nHi there<|im_end|>\n",
+  "Hello world",
+  "The year 2024 had 366 days; 3.14159 is close to pi.",
+  "h\u00e9llo w\u00f6rld \u2014 na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \U0001f642",
+  "def f(x):\n    return x**2  # square\n\n",
+  "<|im_start|>user\nHi there<|im_end|>\n",
 ]
 # Two or more spaces before a digit: SmolLM2's own tokenizer (and llama.cpp's 'smollm' rule) split
 # every digit off before GPT-2's pattern, so the spaces stay one pre-token; transformers' GGUF
@@ -32,6 +32,7 @@ DIGIT_SPACING_STRINGS = ["a  5", "x   12 apples", "3 + 4 =  7", "I have  10\n\n 
 
 
 # ------------------------------------------------------------------ SmolLM2 fixtures
+
 
 @pytest.fixture(scope="module")
 def gguf_path():
@@ -58,33 +59,38 @@ def forward(smollm2):
 def hf_tokenizer(gguf_path):
   helpers.require("torch")  # transformers' GGUF reader imports torch
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
-                                       gguf_file=os.path.basename(gguf_path))
+
+  return AutoTokenizer.from_pretrained(
+    os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
+  )
 
 
 @pytest.fixture(scope="module")
 def hf_model(gguf_path):
   torch = helpers.require("torch")
   from transformers import AutoModelForCausalLM
-  model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path),
-                                               gguf_file=os.path.basename(gguf_path),
-                                               dtype=torch.float32)
+
+  model = AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+  )
   return model.eval()
 
 
 def _padded(ids):
   buf = np.zeros((1, BUFFER), np.int32)
-  buf[0, :len(ids)] = ids
+  buf[0, : len(ids)] = ids
   return buf
 
 
 def _chat_ids(tok, question):
-  out = tok.apply_chat_template([{"role": "user", "content": question}],
-                                add_generation_prompt=True, tokenize=True)
+  out = tok.apply_chat_template(
+    [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+  )
   return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 # ------------------------------------------------------------------ SmolLM2 tests
+
 
 @pytest.mark.slow
 def test_smollm2_config_from_metadata(smollm2):
@@ -99,7 +105,8 @@ def test_smollm2_config_from_metadata(smollm2):
   assert config.max_position_embeddings == 8192
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), shapes)
+    lambda x: (x.shape, x.dtype), shapes
+  )
   assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params == 134_515_008
 
 
@@ -111,19 +118,30 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tokenizer, hf_tokenizer):
     assert tokenizer.decode(ours) == text == hf_tokenizer.decode(ours)
   # No BOS is prepended, as transformers does for this file (tokenizer.ggml.add_bos_token=false).
   assert tokenizer("Hello")["input_ids"] == [19556] and not tokenizer.add_bos_token
-  assert tokenizer.special_tokens_map == hf_tokenizer.special_tokens_map == {
-      "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-      "pad_token": "<|im_end|>"}
+  assert (
+    tokenizer.special_tokens_map
+    == hf_tokenizer.special_tokens_map
+    == {
+      "bos_token": "<|im_start|>",
+      "eos_token": "<|im_end|>",
+      "unk_token": "<|endoftext|>",
+      "pad_token": "<|im_end|>",
+    }
+  )
   assert tokenizer.all_special_ids == hf_tokenizer.all_special_ids == [1, 2, 0]
   # Every CONTROL token (ids 0..16) is special: kept whole in text, dropped by skip_special_tokens.
   assert tokenizer("<repo_name>Hello<empty_output>")["input_ids"] == [3, 19556, 16]
-  assert tokenizer.decode([3, 19556, 16], skip_special_tokens=True) == "Hello" == (
-      hf_tokenizer.decode([3, 19556, 16], skip_special_tokens=True))
-  text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}],
-                                       add_generation_prompt=True, tokenize=False)
+  assert (
+    tokenizer.decode([3, 19556, 16], skip_special_tokens=True)
+    == "Hello"
+    == (hf_tokenizer.decode([3, 19556, 16], skip_special_tokens=True))
+  )
+  text = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True, tokenize=False
+  )
   assert text == hf_tokenizer.apply_chat_template(
-      [{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
-      tokenize=False)
+    [{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True, tokenize=False
+  )
   assert text.endswith("<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n")
   assert _chat_ids(tokenizer, "What is 12 + 30?") == _chat_ids(hf_tokenizer, "What is 12 + 30?")
   plain = tokenizer.decode(_chat_ids(tokenizer, "Hi"), skip_special_tokens=True)
@@ -144,10 +162,11 @@ def test_tokenizer_splits_digits_off_like_smollm2(tokenizer, hf_tokenizer):
 def test_logits_match_transformers_gguf_model(smollm2, tokenizer, forward, hf_model):
   torch = helpers.require("torch")
   ids = tokenizer("In 1969, Apollo 11 landed on the Moon; the crew walked for about two hours.")[
-      "input_ids"]
+    "input_ids"
+  ]
   assert 18 <= len(ids) <= 30
   _, params = smollm2
-  ours = np.asarray(forward(params, _padded(ids)))[0, :len(ids)]
+  ours = np.asarray(forward(params, _padded(ids)))[0, : len(ids)]
   with torch.no_grad():
     ref = hf_model(torch.tensor([ids])).logits[0].float().numpy()
   diff = float(np.abs(ours - ref).max())
@@ -172,6 +191,7 @@ def test_greedy_chat_answer_names_paris(smollm2, tokenizer, forward):
 
 # ------------------------------------------------------------------ tiny synthetic GGUF files
 
+
 def _to_gguf_rows(w, n_head):
   """llama.cpp's converter permutation (HF rotate-half rows -> interleaved pairs), w: [out, in]."""
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
@@ -189,13 +209,15 @@ def _llama3_divisors(config):
       out.append(s.factor)
     else:
       smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-          s.high_freq_factor - s.low_freq_factor)
+        s.high_freq_factor - s.low_freq_factor
+      )
       out.append(1 / ((1 - smooth) / s.factor + smooth))
   return np.array(out, np.float32)
 
 
 def _write_model_gguf(path, config, params, *, arch="llama", drop=(), extra=None, ffn=None):
   import gguf
+
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(config.num_layers)
   w.add_context_length(config.max_position_embeddings)
@@ -210,8 +232,10 @@ def _write_model_gguf(path, config, params, *, arch="llama", drop=(), extra=None
   w.add_bos_token_id(config.bos_token_id)
   w.add_eos_token_id(config.eos_token_ids[0])
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
-  tensors = {"token_embd.weight": f32(params["embed"]["embedding"]),
-             "output_norm.weight": f32(params["final_norm"]["scale"])}
+  tensors = {
+    "token_embd.weight": f32(params["embed"]["embedding"]),
+    "output_norm.weight": f32(params["final_norm"]["scale"]),
+  }
   if "lm_head" in params:
     tensors["output.weight"] = f32(params["lm_head"]["kernel"]).T
   if config.rope_scaling is not None:
@@ -220,14 +244,20 @@ def _write_model_gguf(path, config, params, *, arch="llama", drop=(), extra=None
   layers = params["layers"]
   for i in range(config.num_layers):
     hf = {name: f32(layers["attn"][name]["kernel"][i]).T for name in "qkvo"}
-    tensors.update({
+    tensors.update(
+      {
         f"blk.{i}.attn_norm.weight": f32(layers["attn_norm"]["scale"][i]),
         f"blk.{i}.attn_q.weight": _to_gguf_rows(hf["q"], config.num_heads),
         f"blk.{i}.attn_k.weight": _to_gguf_rows(hf["k"], config.num_kv_heads),
-        f"blk.{i}.attn_v.weight": hf["v"], f"blk.{i}.attn_output.weight": hf["o"],
+        f"blk.{i}.attn_v.weight": hf["v"],
+        f"blk.{i}.attn_output.weight": hf["o"],
         f"blk.{i}.ffn_norm.weight": f32(layers["mlp_norm"]["scale"][i]),
-        **{f"blk.{i}.ffn_{name}.weight": f32(layers["mlp"][name]["kernel"][i]).T
-           for name in ("gate", "up", "down")}})
+        **{
+          f"blk.{i}.ffn_{name}.weight": f32(layers["mlp"][name]["kernel"][i]).T
+          for name in ("gate", "up", "down")
+        },
+      }
+    )
   tensors.update(extra or {})
   for name, value in tensors.items():
     if name not in drop:
@@ -247,8 +277,11 @@ def tiny(tmp_path_factory):
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
   params = jax.tree_util.tree_map_with_path(
-      lambda p, s: ((1.0 if "norm" in sharding.path_str(p) else 0.0)
-                    + 0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    lambda p, s: (
+      (1.0 if "norm" in sharding.path_str(p) else 0.0) + 0.1 * rng.standard_normal(s.shape)
+    ).astype(np.float32),
+    shapes,
+  )
   path = _write_model_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", config, params)
   return config, params, path
 
@@ -271,9 +304,15 @@ def test_tiny_gguf_bfloat16_on_a_mesh(tiny):
   for (p, leaf), want in zip(leaves, jax.tree.leaves(expected)):
     assert leaf.dtype == jnp.bfloat16 and leaf.sharding == want, sharding.path_str(p)
   assert loaded["layers"]["attn"]["q"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor")
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
-      np.asarray(a), np.asarray(jnp.asarray(b, jnp.bfloat16))), loaded, params)
+    None, "fsdp", "tensor"
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(jnp.asarray(b, jnp.bfloat16))
+    ),
+    loaded,
+    params,
+  )
 
 
 def test_tiny_gguf_tied_embeddings(tiny, tmp_path):
@@ -317,32 +356,55 @@ def test_bad_model_files_name_the_problem(tiny, tmp_path):
 
 # ------------------------------------------------------------------ tiny tokenizers vs tiktoken
 
-_MERGES = [("1", "2"), ("12", "3"), ("123", "4"), ("4", "5"), ("\u0120", "t"), ("h", "e"),
-           ("\u0120t", "he"), ("'", "s"), ("\u010a", "\u010a"), ("\u0120", "\u0120"), ("c", "a"),
-           ("ca", "t"), ("\u0120", "1")]
+_MERGES = [
+  ("1", "2"),
+  ("12", "3"),
+  ("123", "4"),
+  ("4", "5"),
+  ("\u0120", "t"),
+  ("h", "e"),
+  ("\u0120t", "he"),
+  ("'", "s"),
+  ("\u010a", "\u010a"),
+  ("\u0120", "\u0120"),
+  ("c", "a"),
+  ("ca", "t"),
+  ("\u0120", "1"),
+]
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TINY_TEXTS = ["the 12345 cat's  1234\n\n  45 he", "x   123 'll<|end|>12",
-               "h\u00e9llo  \u65e5\u672c 7", " 1 12 123 1234 12345 123456"]
+_LLAMA3_PATTERN = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TINY_TEXTS = [
+  "the 12345 cat's  1234\n\n  45 he",
+  "x   123 'll<|end|>12",
+  "h\u00e9llo  \u65e5\u672c 7",
+  " 1 12 123 1234 12345 123456",
+]
 
 
 def _tiny_vocab():
   from transformers.convert_slow_tokenizer import bytes_to_unicode
+
   spelling = bytes_to_unicode()
   tokens = [spelling[b] for b in range(256)] + ["".join(m) for m in _MERGES]
   decode = {c: b for b, c in spelling.items()}
   # Each merged token has exactly one split into two vocabulary tokens, so tiktoken's
   # rank-of-the-concatenation BPE and the merge-list BPE must agree.
   for token in tokens[256:]:
-    splits = [(token[:k], token[k:]) for k in range(1, len(token))
-              if token[:k] in tokens and token[k:] in tokens]
+    splits = [
+      (token[:k], token[k:])
+      for k in range(1, len(token))
+      if token[:k] in tokens and token[k:] in tokens
+    ]
     assert len(splits) == 1, (token, splits)
   return tokens, {bytes(decode[c] for c in t): i for i, t in enumerate(tokens)}
 
 
 def _write_tokenizer_gguf(path, pre, model="gpt2", add_bos=False):
   import gguf
+
   tokens, _ = _tiny_vocab()
   tokens = tokens + ["<|end|>", "<|begin|>"]
   w = gguf.GGUFWriter(str(path), "llama")
@@ -368,26 +430,34 @@ def test_tiny_tokenizer_matches_tiktoken(pre, tmp_path):
   tokens, ranks = _tiny_vocab()
   specials = {"<|end|>": len(tokens), "<|begin|>": len(tokens) + 1}
   pattern = _LLAMA3_PATTERN if pre == "llama-bpe" else _GPT2_PATTERN
-  enc = tiktoken.Encoding(name=f"tiny-{pre}", pat_str=pattern, mergeable_ranks=ranks,
-                          special_tokens=specials)
+  enc = tiktoken.Encoding(
+    name=f"tiny-{pre}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials
+  )
 
   def reference(text):
     if pre != "smollm":
       return enc.encode(text, allowed_special="all")
     # llama.cpp's 'smollm' rule: every digit is its own piece before GPT-2's pattern runs.
-    return [i for piece in re.split(r"(\d)", text) if piece
-            for i in enc.encode(piece, allowed_special="all")]
+    return [
+      i
+      for piece in re.split(r"(\d)", text)
+      if piece
+      for i in enc.encode(piece, allowed_special="all")
+    ]
 
   add_bos = pre == "llama-bpe"
   tok = load_gguf_tokenizer(_write_tokenizer_gguf(tmp_path / "tok.gguf", pre, add_bos=add_bos))
   bos = [specials["<|begin|>"]] if add_bos else []
   for text in _TINY_TEXTS:
     assert tok(text)["input_ids"] == bos + reference(text), text
-    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=False) == (
-        "<|begin|>" if add_bos else "") + text
+    assert (
+      tok.decode(tok(text)["input_ids"], skip_special_tokens=False)
+      == ("<|begin|>" if add_bos else "") + text
+    )
   assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin|>", "<|end|>", None)
   assert tok.apply_chat_template([{"role": "user", "content": "the cat"}], tokenize=False) == (
-      "<|begin|>the cat<|end|>")
+    "<|begin|>the cat<|end|>"
+  )
 
 
 def test_unsupported_tokenizers_name_the_problem(tmp_path):
@@ -401,6 +471,7 @@ def test_a_tokenizer_is_read_once_per_file_version(tmp_path, monkeypatch):
   """Each call returns its own tokenizer object (padding set on one does not leak), the header is
   read once per file, and a file rewritten in place is read again."""
   from markovian_jax.models import gguf as gguf_lib
+
   path = _write_tokenizer_gguf(tmp_path / "tok.gguf", "gpt2")
   opened = []
   real_open = gguf_lib._open

@@ -15,13 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from markovian_jax.models import (
+  ConfigError,
+  hf,
+  init_params,
+  load_checkpoint,
+  load_tokenizer,
+  logits,
+  positions_from_mask,
+)
 from markovian_jax.runtime import sharding
-from markovian_jax.models import (ConfigError, init_params, load_checkpoint,
-                                  load_tokenizer, logits, positions_from_mask)
-from markovian_jax.models import hf
 from tests import helpers
 
 # Our float32 logits against transformers' float32 ones (other kernels, other summation orders):
@@ -33,6 +39,7 @@ LOGIT_ULPS = 64
 def _same_logits(actual, desired):
   np.testing.assert_allclose(actual, desired, rtol=0, atol=helpers.ulps(LOGIT_ULPS, of=desired))
 
+
 SEQ = 96  # > original_max_position_embeddings (32) of helpers.tiny_config
 
 
@@ -42,13 +49,28 @@ def _torch_llama(tmp_path_factory, name, tie=False, max_shard_size="200KB"):
   transformers = helpers.require("transformers")
   c = helpers.tiny_config(tie_word_embeddings=tie)
   hf_config = transformers.LlamaConfig(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-      max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
-      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=32),
-      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, initializer_range=0.08)
+    vocab_size=c.vocab_size,
+    hidden_size=c.hidden_size,
+    intermediate_size=c.intermediate_size,
+    num_hidden_layers=c.num_layers,
+    num_attention_heads=c.num_heads,
+    num_key_value_heads=c.num_kv_heads,
+    head_dim=c.head_dim,
+    rms_norm_eps=c.rms_norm_eps,
+    max_position_embeddings=c.max_position_embeddings,
+    rope_theta=c.rope_theta,
+    rope_scaling=dict(
+      rope_type="llama3",
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=32,
+    ),
+    tie_word_embeddings=tie,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.08,
+  )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(hf_config).eval()
   with torch.no_grad():  # unit norms would hide a swapped attn/mlp norm
@@ -64,8 +86,10 @@ def _torch_logits(model, ids, mask=None, positions=None):
   torch = helpers.require("torch")
   kw = {}
   if mask is not None:
-    kw = dict(attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
-              position_ids=torch.tensor(np.asarray(positions), dtype=torch.long))
+    kw = dict(
+      attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
+      position_ids=torch.tensor(np.asarray(positions), dtype=torch.long),
+    )
   with torch.no_grad():
     return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.float().numpy()
 
@@ -151,8 +175,8 @@ def test_left_padded_ragged_batch_matches_torch(checkpoint, loaded):
   expected = _torch_logits(model, ids, mask, positions)
   _same_logits(out[mask], expected[mask])
   # Each padded row equals its unpadded sequence run alone.
-  alone = np.asarray(logits(config, params, ids[2:, SEQ - 41:]))
-  _same_logits(out[2, SEQ - 41:], alone[0])
+  alone = np.asarray(logits(config, params, ids[2:, SEQ - 41 :]))
+  _same_logits(out[2, SEQ - 41 :], alone[0])
 
 
 def test_bfloat16_load_against_torch_fp32(checkpoint, loaded):
@@ -214,11 +238,13 @@ def test_tokenizer_loads_offline(tmp_path):
   helpers.require("tokenizers")
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
+
   vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>")
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+  )
   with_config = tmp_path / "with_config"
   fast.save_pretrained(with_config)
   loaded = load_tokenizer(with_config)
@@ -235,6 +261,7 @@ def test_tokenizer_loads_offline(tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_missing_directory_and_config(checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -260,20 +287,25 @@ def test_missing_shard_is_named(checkpoint, tmp_path):
     load_checkpoint(path)
 
 
-@pytest.mark.parametrize("model_type, arch", [("gemma3", "Gemma3ForCausalLM"),
-                                              ("phi", "PhiForCausalLM")])
+@pytest.mark.parametrize(
+  "model_type, arch", [("gemma3", "Gemma3ForCausalLM"), ("phi", "PhiForCausalLM")]
+)
 def test_other_architecture_is_rejected(checkpoint, tmp_path, model_type, arch):
   path = _copy(checkpoint, tmp_path)
   _edit_json(os.path.join(path, "config.json"), model_type=model_type, architectures=[arch])
-  with pytest.raises(ConfigError, match=f"model_type='{model_type}'.*supported model types: "
-                                        "llama, mistral, qwen2, qwen3, phi3, gpt2"):
+  with pytest.raises(
+    ConfigError,
+    match=f"model_type='{model_type}'.*supported model types: "
+    "llama, mistral, qwen2, qwen3, phi3, gpt2",
+  ):
     load_checkpoint(path)
 
 
 def test_config_of_another_family_over_llama_tensors_names_them(checkpoint, tmp_path):
   path = _copy(checkpoint, tmp_path)
-  _edit_json(os.path.join(path, "config.json"), model_type="qwen3",
-             architectures=["Qwen3ForCausalLM"])
+  _edit_json(
+    os.path.join(path, "config.json"), model_type="qwen3", architectures=["Qwen3ForCausalLM"]
+  )
   with pytest.raises(hf.CheckpointError, match=r"self_attn\.[qk]_norm\.weight is missing"):
     load_checkpoint(path)
 

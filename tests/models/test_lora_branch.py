@@ -28,8 +28,9 @@ def test_low_rank_value_and_gradients_match_autodiff(shape):
   # Two float32 programs' products and gradients (values up to ~200): elements near 0 carry the
   # rounding of sums as large as the largest, so 32 float32 ulps of max|value| (measured: <= 2).
   plain = _plain(h, a, b, 1.75)
-  np.testing.assert_allclose(lora_branch.low_rank(h, a, b, 1.75), plain, rtol=0,
-                             atol=helpers.ulps(32, of=plain))
+  np.testing.assert_allclose(
+    lora_branch.low_rank(h, a, b, 1.75), plain, rtol=0, atol=helpers.ulps(32, of=plain)
+  )
   ours = jax.grad(lambda *x: loss(lora_branch.low_rank, *x), argnums=(0, 1, 2))(h, a, b)
   ref = jax.grad(lambda *x: loss(_plain, *x), argnums=(0, 1, 2))(h, a, b)
   for name, o, r in zip("hab", ours, ref):
@@ -40,8 +41,9 @@ def test_low_rank_value_and_gradients_match_autodiff(shape):
 def test_low_rank_mixed_dtypes_keep_each_input_dtype():
   h = jnp.ones((2, 3, 8), jnp.bfloat16)
   a, b = jnp.ones((8, 2), jnp.float32), jnp.ones((2, 5), jnp.float32)
-  dh, da, db = jax.grad(lambda h, a, b: jnp.sum(lora_branch.low_rank(h.astype(a.dtype), a, b, 2.0)),
-                        argnums=(0, 1, 2))(h, a, b)
+  dh, da, db = jax.grad(
+    lambda h, a, b: jnp.sum(lora_branch.low_rank(h.astype(a.dtype), a, b, 2.0)), argnums=(0, 1, 2)
+  )(h, a, b)
   assert (dh.dtype, da.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
   # d/db_jk of sum 2 * (h a) b = 2 * sum over tokens of (h a)_j = 2 * 6 tokens * 8.
   np.testing.assert_allclose(db, np.full((2, 5), 96.0))
@@ -71,16 +73,23 @@ def test_dropout_low_rank_matches_autodiff_of_dropout_then_low_rank(x_dtype):
     assert o.shape == r.shape and o.dtype == r.dtype, name
     r32 = np.asarray(r, np.float32)
     # float32: 32 ulps of max|value|; a bfloat16 gradient: one bfloat16 rounding of the largest.
-    atol = (helpers.ulps(32, of=r32) if r.dtype == jnp.float32
-            else float(jnp.finfo(r.dtype).eps) * np.abs(r32).max())
+    atol = (
+      helpers.ulps(32, of=r32)
+      if r.dtype == jnp.float32
+      else float(jnp.finfo(r.dtype).eps) * np.abs(r32).max()
+    )
     np.testing.assert_allclose(np.asarray(o, np.float32), r32, rtol=0, atol=atol, err_msg=name)
   # Dropped entries get no gradient; about `rate` of them are dropped.
   keep = np.asarray(lora_branch.keep_mask(k[4], x.shape, rate))
   assert np.all(np.asarray(ours[0])[~keep] == 0) and abs((~keep).mean() - rate) < 0.08
   # Rate 0 is the plain product; rate 1 is refused.
   plain = _plain(x.astype(a.dtype), a, b, scale)
-  np.testing.assert_allclose(lora_branch.dropout_low_rank(k[4], x, a, b, scale, 0.0), plain,
-                             rtol=0, atol=helpers.ulps(32, of=plain))
+  np.testing.assert_allclose(
+    lora_branch.dropout_low_rank(k[4], x, a, b, scale, 0.0),
+    plain,
+    rtol=0,
+    atol=helpers.ulps(32, of=plain),
+  )
   with pytest.raises(ValueError, match="rate"):
     lora_branch.dropout_low_rank(k[4], x, a, b, scale, 1.0)
 
@@ -100,11 +109,13 @@ def test_keep_mask_rate_and_independence():
   assert abs((~m1[::2] & ~m1[1::2]).mean() - 0.01) < 5 * np.sqrt(0.01 * 0.99 / (n // 2))
   # Same key, same mask (the dropout of one step is reproducible), and a 2-D shape is the
   # row-major view of the flat mask.
-  np.testing.assert_array_equal(m1, np.asarray(lora_branch.keep_mask(jax.random.PRNGKey(0), (n,),
-                                                                     rate)))
   np.testing.assert_array_equal(
-      m1.reshape(1024, 1024),
-      np.asarray(lora_branch.keep_mask(jax.random.PRNGKey(0), (1024, 1024), rate)))
+    m1, np.asarray(lora_branch.keep_mask(jax.random.PRNGKey(0), (n,), rate))
+  )
+  np.testing.assert_array_equal(
+    m1.reshape(1024, 1024),
+    np.asarray(lora_branch.keep_mask(jax.random.PRNGKey(0), (1024, 1024), rate)),
+  )
 
 
 def test_dropout_scales_kept_entries_and_checks_rate():

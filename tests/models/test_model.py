@@ -7,10 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from markovian_jax.runtime import sharding
-from markovian_jax.models import (ConfigError, DecoderConfig, init_lora, init_params, logits, merge)
-from markovian_jax.models import rope
+from markovian_jax.models import (
+  ConfigError,
+  DecoderConfig,
+  init_lora,
+  init_params,
+  logits,
+  merge,
+  rope,
+)
 from markovian_jax.models.lora import num_params
+from markovian_jax.runtime import sharding
 from tests import helpers
 
 # Logits and hidden states of two float32 programs (merged weights, padding, sharding, a shared
@@ -41,8 +48,9 @@ def model(tiny_config):
 
 def _perturbed_lora(config, seed=2):
   lora = init_lora(config, jax.random.PRNGKey(seed))
-  return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape),
-                      lora)
+  return jax.tree.map(
+    lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), lora
+  )
 
 
 def test_llama31_8b_shapes_without_allocation(tmp_path):
@@ -63,23 +71,34 @@ def test_llama3_rope_scaling_matches_hand_computation():
   # Original context 128, low 1, high 4: wavelengths > 128 are divided by 8, < 32 kept, and
   # 62.8 lies in the medium band, interpolated with smooth = (128 / 62.8 - 1) / (4 - 1).
   from markovian_jax.models import RopeScaling
-  cfg = DecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
-                    num_kv_heads=1, head_dim=8, rope_theta=10000.0,
-                    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 128))
+
+  cfg = DecoderConfig(
+    vocab_size=8,
+    hidden_size=8,
+    intermediate_size=8,
+    num_layers=1,
+    num_heads=1,
+    num_kv_heads=1,
+    head_dim=8,
+    rope_theta=10000.0,
+    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 128),
+  )
   base = np.array([1.0, 0.1, 0.01, 0.001])
   smooth = (128 / (2 * np.pi / 0.1) - 1) / 3
   expected = np.array([1.0, (1 - smooth) * 0.1 / 8 + smooth * 0.1, 0.01 / 8, 0.001 / 8])
   np.testing.assert_allclose(rope.inverse_frequencies(cfg), expected, rtol=1e-12)
-  np.testing.assert_allclose(rope.inverse_frequencies(cfg.replace(rope_scaling=None)), base,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    rope.inverse_frequencies(cfg.replace(rope_scaling=None)), base, rtol=1e-12
+  )
 
 
 def test_zero_b_adapter_is_the_base_model(model):
   config, params, ids = model
   base = logits(config, params, ids)
   fresh = init_lora(config, jax.random.PRNGKey(3))
-  assert all(np.all(np.asarray(l["b"]) == 0) for g in fresh.params["layers"].values()
-             for l in g.values())
+  assert all(
+    np.all(np.asarray(l["b"]) == 0) for g in fresh.params["layers"].values() for l in g.values()
+  )
   np.testing.assert_array_equal(np.asarray(logits(config, params, ids, fresh)), np.asarray(base))
 
 
@@ -94,6 +113,7 @@ def test_merge_equals_unmerged_forward(model):
 
 def test_lora_dropout_only_in_train_mode(model):
   from markovian_jax.models import forward
+
   config, params, ids = model
   lora = _perturbed_lora(config)
   h1, _ = forward(config, params, ids, lora=lora)
@@ -110,8 +130,9 @@ def test_left_padding_is_exact(model):
   padded = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), ids[:, :-pad]], axis=1)
   mask = jnp.arange(padded.shape[1])[None, :] >= pad
   out = logits(config, params, padded, attention_mask=jnp.broadcast_to(mask, padded.shape))
-  np.testing.assert_allclose(np.asarray(out[:, pad:]), np.asarray(full[:, :-pad]), rtol=0,
-                             atol=helpers.ulps(ULPS, of=full))
+  np.testing.assert_allclose(
+    np.asarray(out[:, pad:]), np.asarray(full[:, :-pad]), rtol=0, atol=helpers.ulps(ULPS, of=full)
+  )
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
@@ -130,13 +151,17 @@ def test_sharded_forward_matches_single_device(model, shape):
     assert leaf.sharding.spec == sharding.logical_to_spec(axes, leaf.shape, mesh)
   q = sharded["layers"]["attn"]["q"]["kernel"]
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // shape[1],
-                                                q.shape[2] // shape[2])
+  assert q.addressable_shards[0].data.shape == (
+    q.shape[0],
+    q.shape[1] // shape[1],
+    q.shape[2] // shape[2],
+  )
   ids_sh = jax.device_put(ids8, sharding.batch_sharding(mesh, ids8.shape))
   fn = jax.jit(lambda p, l, t: logits(config, p, t, l))
   out = fn(sharded, sharded_lora, ids_sh)
-  np.testing.assert_allclose(np.asarray(out), expected, rtol=0,
-                             atol=helpers.ulps(ULPS, of=expected))
+  np.testing.assert_allclose(
+    np.asarray(out), expected, rtol=0, atol=helpers.ulps(ULPS, of=expected)
+  )
 
 
 def test_mesh_shape_resolution_and_errors():
@@ -176,6 +201,7 @@ def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
   """G continuations of Q ragged prompts through the shared-prefix path give the hidden states,
   and the LoRA gradient, of `forward` on [prompt; continuation] rows (fp32)."""
   from markovian_jax.models import decoder
+
   config, params, _ = model
   lora = _perturbed_lora(config)
   q, g, p, t = 2, 3, 9, 6
@@ -192,8 +218,9 @@ def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
   ct_pre = jnp.asarray(rng.normal(size=(q, p, config.hidden_size)), jnp.float32)
 
   def ours(lora):
-    hp, h = decoder.forward_with_prefix(config, params, prefix, pmask, cont, attention_mask=cmask,
-                                      lora=lora)
+    hp, h = decoder.forward_with_prefix(
+      config, params, prefix, pmask, cont, attention_mask=cmask, lora=lora
+    )
     return hp, h
 
   def reference(lora):
@@ -203,14 +230,17 @@ def test_forward_with_prefix_equals_forward_on_concatenated_rows(model):
   def loss(fn, lora):
     hp, h = fn(lora)
     return jnp.sum(jnp.where(cmask[..., None], h, 0) * ct) + jnp.sum(
-        jnp.where(pmask[..., None], hp, 0) * ct_pre)
+      jnp.where(pmask[..., None], hp, 0) * ct_pre
+    )
 
   # Jitted, as training runs them (op-by-op, every primitive would compile on its own).
   (hp, h), (hp_ref, h_ref) = jax.jit(ours)(lora), jax.jit(reference)(lora)
-  np.testing.assert_allclose(np.asarray(h)[cmask], np.asarray(h_ref)[cmask], rtol=0,
-                             atol=helpers.ulps(ULPS, of=h_ref))
-  np.testing.assert_allclose(np.asarray(hp)[pmask], np.asarray(hp_ref)[pmask], rtol=0,
-                             atol=helpers.ulps(ULPS, of=hp_ref))
+  np.testing.assert_allclose(
+    np.asarray(h)[cmask], np.asarray(h_ref)[cmask], rtol=0, atol=helpers.ulps(ULPS, of=h_ref)
+  )
+  np.testing.assert_allclose(
+    np.asarray(hp)[pmask], np.asarray(hp_ref)[pmask], rtol=0, atol=helpers.ulps(ULPS, of=hp_ref)
+  )
   grad = jax.jit(jax.grad(lambda l: loss(ours, l)))(lora)
   grad_ref = jax.jit(jax.grad(lambda l: loss(reference, l)))(lora)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref)):

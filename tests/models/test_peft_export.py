@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from markovian_jax.models import hf, init_lora, init_params, load_checkpoint, load_tokenizer, logits
 from markovian_jax.runtime import sharding
-from markovian_jax.models import init_lora, init_params, load_checkpoint, load_tokenizer, logits
-from markovian_jax.models import hf
 from tests import helpers
 
 # Our float32 logits against transformers' float32 ones (other kernels, other summation orders):
@@ -26,6 +25,7 @@ LOGIT_ULPS = 64
 
 def _same_logits(actual, desired):
   np.testing.assert_allclose(actual, desired, rtol=0, atol=helpers.ulps(LOGIT_ULPS, of=desired))
+
 
 SEQ = 48
 
@@ -50,8 +50,11 @@ def base(tmp_path_factory):
   # Larger weights than init (logits of order 1) and non-unit norms (a swapped norm would show).
   rng = np.random.RandomState(1)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, x: (jnp.asarray(1 + 0.2 * rng.randn(*x.shape), x.dtype) if "norm" in str(p)
-                    else 4.0 * x), params)
+    lambda p, x: (
+      jnp.asarray(1 + 0.2 * rng.randn(*x.shape), x.dtype) if "norm" in str(p) else 4.0 * x
+    ),
+    params,
+  )
   path = str(tmp_path_factory.mktemp("base"))
   hf.save_hf(config, params, path, max_shard_size="200KB")
   ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, SEQ))
@@ -64,9 +67,12 @@ def lora(base):
   config = base[0]
   adapter = init_lora(config, jax.random.PRNGKey(2), rank=4, alpha=8.0, dropout=0.05)
   rng = np.random.RandomState(3)
-  return adapter.replace(params=jax.tree_util.tree_map_with_path(
+  return adapter.replace(
+    params=jax.tree_util.tree_map_with_path(
       lambda p, x: x + jnp.asarray(0.2 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
-      adapter.params))
+      adapter.params,
+    )
+  )
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +85,14 @@ def adapter_dir(base, lora, tmp_path_factory):
 def _tokenizer():
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4},
-                                   unk_token="<unk>"))
+
+  tok = Tokenizer(
+    models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4}, unk_token="<unk>")
+  )
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>")
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+  )
 
 
 def test_save_hf_loads_in_transformers_and_round_trips(base):
@@ -120,7 +129,8 @@ def test_our_adapter_in_torch_peft_gives_our_logits(base, lora, adapter_dir):
     cfg = json.load(f)
   assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["peft_type"] == "LORA"
   assert sorted(cfg["target_modules"]) == sorted(
-      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+  )
   with safe_open(os.path.join(adapter_dir, hf.ADAPTER_WEIGHTS_NAME), framework="numpy") as f:
     shape = f.get_slice("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight").get_shape()
     assert shape == [4, config.intermediate_size]
@@ -162,9 +172,14 @@ def test_torch_peft_adapter_imports(base, tmp_path):
   config, params, path, ids = base
   torch.manual_seed(0)
   # init_lora_weights=False draws B at random too, so the adapter changes the logits.
-  lora_config = peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.0, init_lora_weights=False,
-                                target_modules=["q_proj", "v_proj", "down_proj"],
-                                task_type="CAUSAL_LM")
+  lora_config = peft.LoraConfig(
+    r=3,
+    lora_alpha=6,
+    lora_dropout=0.0,
+    init_lora_weights=False,
+    target_modules=["q_proj", "v_proj", "down_proj"],
+    task_type="CAUSAL_LM",
+  )
   model = peft.get_peft_model(_torch_base(path), lora_config).eval()
   model.save_pretrained(tmp_path)
   adapter = hf.load_peft_adapter(tmp_path, config)
@@ -179,6 +194,7 @@ def test_torch_peft_adapter_imports(base, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def _copy_adapter(adapter_dir, tmp_path, **config_changes):
   dst = tmp_path / "adapter"
@@ -206,9 +222,11 @@ def test_missing_adapter_files(base, adapter_dir, tmp_path):
 
 def test_adapter_for_another_model_names_the_tensor(base, adapter_dir):
   config = base[0].replace(intermediate_size=96)
-  with pytest.raises(hf.CheckpointError,
-                     match=r"layers\.0\.mlp\.down_proj\.lora_A\.weight has shape \[4, 128\], "
-                           r"expected \[4, 96\]"):
+  with pytest.raises(
+    hf.CheckpointError,
+    match=r"layers\.0\.mlp\.down_proj\.lora_A\.weight has shape \[4, 128\], "
+    r"expected \[4, 96\]",
+  ):
     hf.load_peft_adapter(adapter_dir, config)
   with pytest.raises(hf.CheckpointError, match=r"model\.layers\.1\..*not LoRA A/B weights"):
     hf.load_peft_adapter(adapter_dir, base[0].replace(num_layers=1))
@@ -220,8 +238,9 @@ def test_declared_targets_must_match_the_weights(base, adapter_dir, tmp_path):
     hf.load_peft_adapter(path, base[0])
 
 
-@pytest.mark.parametrize("option", [{"use_dora": True}, {"bias": "all"}, {"use_rslora": True},
-                                    {"peft_type": "IA3"}])
+@pytest.mark.parametrize(
+  "option", [{"use_dora": True}, {"bias": "all"}, {"use_rslora": True}, {"peft_type": "IA3"}]
+)
 def test_unsupported_peft_options_are_rejected(base, adapter_dir, tmp_path, option):
   path = _copy_adapter(adapter_dir, tmp_path, **option)
   key = next(iter(option))

@@ -47,7 +47,7 @@ def make_inputs(method: str, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   amask = np.zeros((N, A), bool)
   for i in range(N):
-    amask[i, :ANSWER_LEN[i // G]] = True
+    amask[i, : ANSWER_LEN[i // G]] = True
   amask0 = np.stack([amask[q * G] for q in range(Q)])
   cmask = np.arange(K)[None, :] < np.asarray(COT_LEN)[:, None]
   lp = rng.uniform(-3.0, -0.05, (N, A))
@@ -64,17 +64,21 @@ def make_inputs(method: str, seed: int = 0) -> dict:
     lp[6] = lp[4]  # a tie (same answer log-probs, same CoT length): the earlier row ranks first
   lp = np.where(amask, lp, np.nan)
   cot = np.where(cmask, cot, -np.inf)
-  return dict(lp=lp, amask=amask, cot=cot, cmask=cmask, ref=ref_lp, kl=kl, lp0=lp0,
-              amask0=amask0)
+  return dict(lp=lp, amask=amask, cot=cot, cmask=cmask, ref=ref_lp, kl=kl, lp0=lp0, amask0=amask0)
 
 
 def loss_inputs(d: dict, dtype=jnp.float32) -> obj.LossInputs:
   c = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-  return obj.LossInputs(cot_logprobs=c(d["cot"]), cot_mask=jnp.asarray(d["cmask"]),
-                        answer_logprobs=c(d["lp"]), answer_mask=jnp.asarray(d["amask"]),
-                        ref_logprobs=c(d["ref"]), kl=c(d["kl"]),
-                        no_reasoning_logprobs=c(d["lp0"]),
-                        no_reasoning_mask=jnp.asarray(d["amask0"]))
+  return obj.LossInputs(
+    cot_logprobs=c(d["cot"]),
+    cot_mask=jnp.asarray(d["cmask"]),
+    answer_logprobs=c(d["lp"]),
+    answer_mask=jnp.asarray(d["amask"]),
+    ref_logprobs=c(d["ref"]),
+    kl=c(d["kl"]),
+    no_reasoning_logprobs=c(d["lp0"]),
+    no_reasoning_mask=jnp.asarray(d["amask0"]),
+  )
 
 
 def _step(inputs, cfg, state):
@@ -85,8 +89,7 @@ def _step(inputs, cfg, state):
     x = inputs.replace(answer_logprobs=answer, cot_logprobs=cot)
     return M.method_loss_from_targets(x, targets, cfg)[0]
 
-  loss, grads = jax.value_and_grad(f, argnums=(0, 1))(inputs.answer_logprobs,
-                                                      inputs.cot_logprobs)
+  loss, grads = jax.value_and_grad(f, argnums=(0, 1))(inputs.answer_logprobs, inputs.cot_logprobs)
   return reward, targets, new_state, loss, grads
 
 
@@ -98,17 +101,35 @@ def ours(name: str, d: dict, state=None, dtype=jnp.float32, **overrides) -> dict
   log-probs."""
   cfg = M.method_config(name, obj.ObjectiveConfig(group_size=G), **overrides)
   state = obj.BaselineState.init() if state is None else state
-  reward, targets, new_state, loss, (g_answer, g_cot) = _our_step(loss_inputs(d, dtype), cfg,
-                                                                  state)
+  reward, targets, new_state, loss, (g_answer, g_cot) = _our_step(loss_inputs(d, dtype), cfg, state)
   n = lambda x: np.asarray(x, np.float64)  # noqa: E731
-  return dict(reward=n(reward), advantages=n(targets.advantages), active=np.asarray(targets.active),
-              answer_weight=n(targets.answer_weight), loss=float(loss),
-              grad_answer=n(g_answer), grad_cot=n(g_cot), state=new_state, cfg=cfg)
+  return dict(
+    reward=n(reward),
+    advantages=n(targets.advantages),
+    active=np.asarray(targets.active),
+    answer_weight=n(targets.answer_weight),
+    loss=float(loss),
+    grad_answer=n(g_answer),
+    grad_cot=n(g_cot),
+    state=new_state,
+    cfg=cfg,
+  )
 
 
 def reference(method: str, d: dict, **kw) -> dict:
-  return ref.step(method, lp=d["lp"], amask=d["amask"], cot=d["cot"], cmask=d["cmask"], g=G,
-                  ref=d["ref"], kl=d["kl"], lp0=d["lp0"], amask0=d["amask0"], **kw)
+  return ref.step(
+    method,
+    lp=d["lp"],
+    amask=d["amask"],
+    cot=d["cot"],
+    cmask=d["cmask"],
+    g=G,
+    ref=d["ref"],
+    kl=d["kl"],
+    lp0=d["lp0"],
+    amask0=d["amask0"],
+    **kw,
+  )
 
 
 def reward_scale(method: str, d: dict) -> float:
@@ -127,8 +148,9 @@ def min_group_std(x: np.ndarray) -> float:
   return float(np.min(np.where(s > 0, s, np.inf)))
 
 
-def compare(method: str, got: dict, want: dict, d: dict, n_ulps: float = N_ULPS,
-            extra_r: float = 0.0):
+def compare(
+  method: str, got: dict, want: dict, d: dict, n_ulps: float = N_ULPS, extra_r: float = 0.0
+):
   """Asserts ours == the reference within the tolerances of the module docstring."""
   eps = helpers.ulps(n_ulps)
   tol_r = eps * reward_scale(method, d) + extra_r
@@ -147,13 +169,17 @@ def compare(method: str, got: dict, want: dict, d: dict, n_ulps: float = N_ULPS,
   np.testing.assert_allclose(got["advantages"], want["advantages"], rtol=0, atol=tol_a)
   np.testing.assert_array_equal(got["active"], want["active"])
   tol_v = eps * max(float(np.max(np.abs(want["answer_weight"]))), 1e-30) * 8 + (
-      tol_r if method == "verifree" else 0.0)
+    tol_r if method == "verifree" else 0.0
+  )
   np.testing.assert_allclose(got["answer_weight"], want["answer_weight"], rtol=0, atol=tol_v)
   cot_sum = float(np.max(np.where(d["cmask"], np.abs(d["cot"]), 0.0).sum(1)))
   lp_sum = float(np.max(np.where(d["amask"], np.abs(d["lp"]), 0.0).sum(1)))
   n_active = max(int(np.sum(want["active"])), 1)
-  term = (np.max(np.abs(want["advantages"])) * cot_sum + np.max(np.abs(d["kl"])) * K
-          + np.max(np.abs(want["answer_weight"])) * lp_sum)
+  term = (
+    np.max(np.abs(want["advantages"])) * cot_sum
+    + np.max(np.abs(d["kl"])) * K
+    + np.max(np.abs(want["answer_weight"])) * lp_sum
+  )
   tol_loss = tol_a * cot_sum + tol_v * lp_sum + eps * term
   assert abs(got["loss"] - want["loss"]) <= tol_loss, (got["loss"], want["loss"], tol_loss)
   g_ans = np.where(d["amask"], got["grad_answer"], 0.0)
@@ -164,6 +190,7 @@ def compare(method: str, got: dict, want: dict, d: dict, n_ulps: float = N_ULPS,
 
 
 # ----------------------------------------------------------------------------- per method
+
 
 @pytest.mark.parametrize("method", list(M.METHODS))
 def test_method_matches_the_float64_reference(method):
@@ -204,15 +231,18 @@ def test_rlpr_std_filter_drops_a_flat_question_and_carries_its_ema():
   assert stds[0] != stds[1]
   # A past EMA that puts 0.5 V between the two questions' stds keeps exactly one of them.
   value = float(np.mean(stds)) * 2.0
-  state = obj.BaselineState.init()._replace(filter_std=obj.EmaState(
-      jnp.float32(value), jnp.float32(3.0)))
+  state = obj.BaselineState.init()._replace(
+    filter_std=obj.EmaState(jnp.float32(value), jnp.float32(3.0))
+  )
   want = reference("rlpr", d, ema=(float(np.float32(value)), 3.0))
   got = ours("rlpr", d, state=state)
   assert np.sum(want["active"]) == G
   compare("rlpr", got, want, d)
-  np.testing.assert_allclose([float(got["state"].filter_std.value),
-                              float(got["state"].filter_std.weight)], want["ema"],
-                             rtol=helpers.ulps(N_ULPS))
+  np.testing.assert_allclose(
+    [float(got["state"].filter_std.value), float(got["state"].filter_std.weight)],
+    want["ema"],
+    rtol=helpers.ulps(N_ULPS),
+  )
   # The state round-trips through the checkpoint's JSON; older checkpoints load a fresh EMA.
   back = obj.BaselineState.from_json(got["state"].to_json())
   assert float(back.filter_std.value) == float(got["state"].filter_std.value)
@@ -235,8 +265,9 @@ def test_answer_gradients_are_the_objectives_gradients():
   for name, want in (("jepo", g_jepo), ("verifree", g_vf)):
     got = ours(name, d)["grad_answer"]
     scale = float(np.max(np.abs(want.numpy())))
-    np.testing.assert_allclose(np.where(valid, got, 0.0), want.numpy(), rtol=0,
-                               atol=helpers.ulps(N_ULPS, of=scale) * 8)
+    np.testing.assert_allclose(
+      np.where(valid, got, 0.0), want.numpy(), rtol=0, atol=helpers.ulps(N_ULPS, of=scale) * 8
+    )
 
 
 def test_bf16_inputs_within_one_bf16_rounding():
@@ -245,7 +276,7 @@ def test_bf16_inputs_within_one_bf16_rounding():
   d = make_inputs("latro", seed=4)
   got = ours("latro", d, dtype=jnp.bfloat16)
   want = reference("latro", d)
-  bound = 2.0 ** -9 * reward_scale("latro", d)
+  bound = 2.0**-9 * reward_scale("latro", d)
   assert got["reward"].dtype == np.float64 and np.max(np.abs(got["reward"] - want["reward"])) > 0
   compare("latro", got, want, d, extra_r=bound)
   # The bound is tight enough to matter: well below the spread the advantages act on.
@@ -253,6 +284,7 @@ def test_bf16_inputs_within_one_bf16_rounding():
 
 
 # ----------------------------------------------------------------------------- the table
+
 
 def test_every_method_has_a_markovian_twin_and_unknown_names_are_one_line():
   """The twin is the same formula (so the reference test above covers it): its config differs
@@ -275,18 +307,22 @@ def test_every_method_has_a_markovian_twin_and_unknown_names_are_one_line():
 
 
 def test_no_method_is_a_copy_of_another():
-  pieces = {m: tuple(sorted((k, repr(v)) for k, v in spec.items()))
-            for m, spec in M.METHODS.items()}
+  pieces = {
+    m: tuple(sorted((k, repr(v)) for k, v in spec.items())) for m, spec in M.METHODS.items()
+  }
   assert len(set(pieces.values())) == len(pieces)
 
 
-@pytest.mark.parametrize("field,value,needle", [
+@pytest.mark.parametrize(
+  "field,value,needle",
+  [
     ("score", "no_such_score", "answer score"),
     ("advantage", "no_such", "answer-likelihood advantage"),
     ("shaping", ("kl_to_reference", "nope"), "reward shaping"),
     ("filter_decay", 1.0, "filter_decay"),
     ("no_reasoning_scorer", None, "no_reasoning_scorer"),
-])
+  ],
+)
 def test_bad_pieces_are_refused_by_name(field, value, needle):
   with pytest.raises(ValueError, match=needle):
     M.method_config("rlpr", obj.ObjectiveConfig(group_size=G), **{field: value})

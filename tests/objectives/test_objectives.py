@@ -1,13 +1,12 @@
 """Objectives against independent numpy re-derivations (fixed seeds) and analytic gradients."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from markovian_jax.models import logprobs as lp_lib
 from markovian_jax import objectives as ob
+from markovian_jax.models import logprobs as lp_lib
 
 EPS = 1e-8
 
@@ -23,6 +22,7 @@ def _mask(rng, n, t, p=0.7):
 
 
 # ----------------------------------------------------------------------------- numpy references
+
 
 def np_reduce(x, m, how):
   out = []
@@ -71,8 +71,8 @@ def np_rloo_adv(r, g):
 def np_group_adv(r, g):
   out = np.empty_like(r)
   for q in range(len(r) // g):
-    grp = r[q * g:(q + 1) * g]
-    out[q * g:(q + 1) * g] = (grp - grp.mean()) / (np.std(grp, ddof=1) + EPS)
+    grp = r[q * g : (q + 1) * g]
+    out[q * g : (q + 1) * g] = (grp - grp.mean()) / (np.std(grp, ddof=1) + EPS)
   return out
 
 
@@ -82,6 +82,7 @@ def np_log_softmax(z):
 
 
 # ----------------------------------------------------------------------------- reductions
+
 
 def test_reduce_tokens_and_aggregate_match_numpy():
   rng = _rng(0)
@@ -113,10 +114,12 @@ def test_answer_reward_and_normalization():
   r = ob.answer_reward(lp, am, "mean")
   np.testing.assert_allclose(r, np_reduce(lp, am, "mean"), rtol=1e-6)
   b = np.array([-0.3, -0.9], np.float32)  # per question, G = 3
-  np.testing.assert_allclose(ob.normalized_reward(r, b, True, 3), np.asarray(r) - np.repeat(b, 3),
-                             rtol=1e-6)
-  np.testing.assert_allclose(ob.normalized_reward(r, np.repeat(b, 3), True, 3),
-                             np.asarray(r) - np.repeat(b, 3), rtol=1e-6)
+  np.testing.assert_allclose(
+    ob.normalized_reward(r, b, True, 3), np.asarray(r) - np.repeat(b, 3), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    ob.normalized_reward(r, np.repeat(b, 3), True, 3), np.asarray(r) - np.repeat(b, 3), rtol=1e-6
+  )
   np.testing.assert_array_equal(ob.normalized_reward(r, None, False), r)
   with pytest.raises(ValueError, match="baseline_scores"):
     ob.normalized_reward(r, None, True, 3)
@@ -126,19 +129,21 @@ def test_answer_reward_and_normalization():
 
 # ----------------------------------------------------------------------------- advantages
 
+
 def test_group_advantages_unbiased_std():
   rng = _rng(2)
   q, g = 5, 6
   r = rng.normal(size=q * g).astype(np.float32) * 3 + 1
-  r[g:2 * g] = 0.25  # a group with no signal
+  r[g : 2 * g] = 0.25  # a group with no signal
   expected = np_group_adv(r.astype(np.float64), g)
   np.testing.assert_allclose(ob.group_advantages(r, g), expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(ob.group_advantages(r.reshape(q, g)), expected.reshape(q, g),
-                             rtol=1e-5, atol=1e-6)
-  assert np.all(np.asarray(ob.group_advantages(r, g))[g:2 * g] == 0)
+  np.testing.assert_allclose(
+    ob.group_advantages(r.reshape(q, g)), expected.reshape(q, g), rtol=1e-5, atol=1e-6
+  )
+  assert np.all(np.asarray(ob.group_advantages(r, g))[g : 2 * g] == 0)
   # Each group is standardised with the unbiased std: sum A^2 = G - 1 (not G).
   a = np.asarray(ob.group_advantages(r, g)).reshape(q, g)
-  np.testing.assert_allclose((a ** 2).sum(1)[[0, 2, 3, 4]], g - 1, rtol=1e-5)
+  np.testing.assert_allclose((a**2).sum(1)[[0, 2, 3, 4]], g - 1, rtol=1e-5)
   with pytest.raises(ValueError, match="at least 2"):
     ob.group_advantages(r, 1)
   with pytest.raises(ValueError, match="groups of 7"):
@@ -165,18 +170,20 @@ def test_ema_baseline_weighs_every_example():
   state = ob.EmaState.init()
   for i, rewards in enumerate(batches):
     expected_adv = rewards - (np_ema(batches[:i], decay) if i else 0.0)
-    np.testing.assert_allclose(ob.ema_advantages(rewards, state), expected_adv, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      ob.ema_advantages(rewards, state), expected_adv, rtol=1e-5, atol=1e-6
+    )
     state = update(state, rewards, decay)
     # float32 sums of terms as large as |R|: a few ulps of the weighted mean of |R|.
-    ulp = np.finfo(np.float32).eps * np_ema(np.abs(batches[:i + 1]), decay)
-    np.testing.assert_allclose(float(state.value), np_ema(batches[:i + 1], decay), rtol=0,
-                               atol=16 * ulp)
+    ulp = np.finfo(np.float32).eps * np_ema(np.abs(batches[: i + 1]), decay)
+    np.testing.assert_allclose(
+      float(state.value), np_ema(batches[: i + 1], decay), rtol=0, atol=16 * ulp
+    )
     if i == 3:  # a resume mid-run: the checkpoint's JSON carries the whole history
       state = ob.BaselineState.from_json(ob.BaselineState(state, ob.EiStats.init()).to_json()).ema
   assert update._cache_size() == 1
   n = sum(b.size for b in batches)
-  np.testing.assert_allclose(float(state.weight), (1 - decay ** n) / (1 - decay), rtol=1e-6)
+  np.testing.assert_allclose(float(state.weight), (1 - decay**n) / (1 - decay), rtol=1e-6)
   # [Q, G] rewards enter in row order, as the flat [Q*G] rows.
   grid = ob.ema_update(ob.EmaState.init(), batches[0].reshape(3, 4), decay)
   assert grid == ob.ema_update(ob.EmaState.init(), batches[0], decay)
@@ -191,16 +198,15 @@ def test_ema_baseline_follows_a_reward_jump_within_a_step():
   for rewards in [zeros] * 10 + [fives]:
     state = ob.ema_update(state, rewards)
     batch_state = ob.ema_batch_update(batch_state, rewards.mean())
-  np.testing.assert_allclose(float(state.value), 5 * (1 - 0.9 ** 12) / (1 - 0.9 ** 132),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(state.value), 5 * (1 - 0.9**12) / (1 - 0.9**132), rtol=1e-6)
   assert 3.58 < float(state.value) < 3.60
-  np.testing.assert_allclose(float(batch_state.value), 5 / sum(0.9 ** k for k in range(11)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(batch_state.value), 5 / sum(0.9**k for k in range(11)), rtol=1e-6
+  )
   cfg = ob.ObjectiveConfig(baseline="ema", group_size=1)
   _, carried, metrics = ob.BASELINE_REGISTRY.lookup("ema")(fives, state, cfg)
   np.testing.assert_allclose(float(metrics["ema_baseline"]), float(state.value))
-  np.testing.assert_allclose(float(carried.value), np_ema([zeros] * 10 + [fives] * 2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(carried.value), np_ema([zeros] * 10 + [fives] * 2), rtol=1e-6)
 
 
 def test_ema_batch_baseline_sequence():
@@ -217,8 +223,9 @@ def test_ema_batch_baseline_sequence():
     else:
       w = decay ** np.arange(i, 0, -1)  # batch j of i past ones weighs decay^(i-j)
       expected_adv = rewards - np.dot(w, means) / w.sum()
-    np.testing.assert_allclose(ob.ema_advantages(rewards, state), expected_adv, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      ob.ema_advantages(rewards, state), expected_adv, rtol=1e-5, atol=1e-6
+    )
     means.append(float(np.mean(rewards)))
     state = update(state, jnp.mean(rewards), decay)
   w = decay ** np.arange(len(means) - 1, -1, -1)
@@ -255,8 +262,10 @@ def test_expert_iteration_mask_and_running_stats():
 
 
 def test_baseline_state_json_roundtrip():
-  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), np.array([0.5, 0.25]), 0.9),
-                           ob.ei_update(ob.EiStats.init(), np.array([1.0, 2.0, 4.0])))
+  state = ob.BaselineState(
+    ob.ema_update(ob.EmaState.init(), np.array([0.5, 0.25]), 0.9),
+    ob.ei_update(ob.EiStats.init(), np.array([1.0, 2.0, 4.0])),
+  )
   d = state.to_json()
   back = ob.BaselineState.from_json(d)
   assert back.to_json() == d
@@ -266,6 +275,7 @@ def test_baseline_state_json_roundtrip():
 
 
 # ----------------------------------------------------------------------------- policy terms
+
 
 def test_pg_loss_value_and_gradient():
   rng = _rng(5)
@@ -279,8 +289,9 @@ def test_pg_loss_value_and_gradient():
     expected = -np.mean(np_reduce(lp, m, how) * adv)
     np.testing.assert_allclose(float(f(lp)), expected, rtol=1e-5)
     grad = np.asarray(jax.grad(f)(lp))
-    np.testing.assert_allclose(grad, np.where(m, (-adv * per_tok_weight / n)[:, None], 0.0),
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+      grad, np.where(m, (-adv * per_tok_weight / n)[:, None], 0.0), rtol=1e-5, atol=1e-8
+    )
   # The advantage is a constant of the loss.
   g_adv = jax.grad(lambda a: ob.aggregate(ob.pg_per_token(lp, a), m))(adv)
   assert np.all(np.asarray(g_adv) == 0)
@@ -333,6 +344,7 @@ def test_ppo_log_ratio_clamp_keeps_values_finite():
 
 # ----------------------------------------------------------------------------- KL estimators
 
+
 def test_sampled_estimators_are_unbiased_for_full_kl():
   """k1 and k3 averaged over x ~ p approach the exact KL; k3 >= 0 on every sample."""
   rng = _rng(8)
@@ -366,10 +378,12 @@ def test_estimator_gradients_in_expectation():
   kl_pq = np.sum(p * (np.log(p) - lq))
   expected = {"k1": np.zeros(v), "k2": p * ((np.log(p) - lq) - kl_pq), "k3": p - q}
   for est, want in expected.items():
+
     def expected_estimate(t, est=est):
       logp = jax.nn.log_softmax(t)
       per_x = ob.kl_estimate(logp[None], jnp.asarray(lq, jnp.float32)[None], est, None)[0]
       return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp)) * per_x)
+
     got = jax.grad(expected_estimate)(theta.astype(np.float32))
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, err_msg=est)
 
@@ -394,15 +408,16 @@ def _inputs(seed, full_mask=False):
   cot_mask = np.ones((N, K), bool) if full_mask else _mask(rng, N, K, 0.8)
   behaviour = (rng.normal(size=(N, K)) - 2).astype(np.float32)
   return dict(
-      cot_logprobs=(behaviour + rng.normal(scale=0.15, size=(N, K))).astype(np.float32),
-      cot_mask=cot_mask,
-      answer_logprobs=(-2 * rng.random((N, A))).astype(np.float32),
-      answer_mask=_mask(rng, N, A, 0.8),
-      behaviour_logprobs=behaviour,
-      ref_logprobs=(behaviour + rng.normal(scale=0.3, size=(N, K))).astype(np.float32),
-      kl=(0.2 * rng.random((N, K))).astype(np.float32),
-      entropy=(1 + rng.random((N, K))).astype(np.float32),
-      baseline_scores=(-rng.random(Q)).astype(np.float32))
+    cot_logprobs=(behaviour + rng.normal(scale=0.15, size=(N, K))).astype(np.float32),
+    cot_mask=cot_mask,
+    answer_logprobs=(-2 * rng.random((N, A))).astype(np.float32),
+    answer_mask=_mask(rng, N, A, 0.8),
+    behaviour_logprobs=behaviour,
+    ref_logprobs=(behaviour + rng.normal(scale=0.3, size=(N, K))).astype(np.float32),
+    kl=(0.2 * rng.random((N, K))).astype(np.float32),
+    entropy=(1 + rng.random((N, K))).astype(np.float32),
+    baseline_scores=(-rng.random(Q)).astype(np.float32),
+  )
 
 
 def np_markovian_loss(d, cfg, ema_v=None, ei_hist=None):
@@ -429,16 +444,19 @@ def np_markovian_loss(d, cfg, ema_v=None, ei_hist=None):
     tok = -lp * adv[:, None]
   else:
     rho = np.exp(lp - d["behaviour_logprobs"])
-    tok = np.maximum(-rho * adv[:, None],
-                     -np.clip(rho, 1 - cfg.ppo_eps, 1 + cfg.ppo_eps) * adv[:, None])
+    tok = np.maximum(
+      -rho * adv[:, None], -np.clip(rho, 1 - cfg.ppo_eps, 1 + cfg.ppo_eps) * adv[:, None]
+    )
   if cfg.kl_estimator == "full":
     kl = d["kl"]
   else:
     dlt = lp - d["ref_logprobs"]
-    kl = {"k1": dlt, "k2": 0.5 * dlt ** 2, "k3": np.exp(-dlt) + dlt - 1}[cfg.kl_estimator]
-  loss = (np_aggregate(tok, m, mode, how, active)
-          + cfg.kl_penalty * np_aggregate(kl, m, mode, how, active)
-          - cfg.entropy_bonus * np_aggregate(d["entropy"], m, mode, how, active))
+    kl = {"k1": dlt, "k2": 0.5 * dlt**2, "k3": np.exp(-dlt) + dlt - 1}[cfg.kl_estimator]
+  loss = (
+    np_aggregate(tok, m, mode, how, active)
+    + cfg.kl_penalty * np_aggregate(kl, m, mode, how, active)
+    - cfg.entropy_bonus * np_aggregate(d["entropy"], m, mode, how, active)
+  )
   if cfg.reward_grad == "paper":
     groups = r.reshape(Q, G)
     mu = np.repeat(groups.mean(1), G)
@@ -448,19 +466,38 @@ def np_markovian_loss(d, cfg, ema_v=None, ei_hist=None):
 
 
 CASES = {
-    "reference_default": dict(group_size=G),
-    "ppo_k3_sum_token_mean_entropy": dict(group_size=G, kind="ppo", kl_estimator="k3",
-                                          logprob_reduction="sum", loss_aggregation="token_mean",
-                                          entropy_bonus=0.05),
-    "pg_k1_ema_paper": dict(group_size=G, kl_estimator="k1", baseline="ema",
-                            reward_grad="paper", actor_reward_weight=0.5),
-    "ppo_k2_none_unnormalized_ei": dict(group_size=G, kind="ppo", kl_estimator="k2",
-                                        baseline="none", normalize_reward=False, ei_std=0.0,
-                                        ei_skip_initial=1),
-    "pg_rloo_prob_paper_ei": dict(group_size=G, baseline="rloo", reward_kind="prob",
-                                  reward_grad="paper", ei_std=2.2, ei_skip_initial=1),
-    "ppo_rloo_mean_token_prob_k3": dict(group_size=G, kind="ppo", baseline="rloo",
-                                        reward_kind="mean_token_prob", kl_estimator="k3"),
+  "reference_default": dict(group_size=G),
+  "ppo_k3_sum_token_mean_entropy": dict(
+    group_size=G,
+    kind="ppo",
+    kl_estimator="k3",
+    logprob_reduction="sum",
+    loss_aggregation="token_mean",
+    entropy_bonus=0.05,
+  ),
+  "pg_k1_ema_paper": dict(
+    group_size=G, kl_estimator="k1", baseline="ema", reward_grad="paper", actor_reward_weight=0.5
+  ),
+  "ppo_k2_none_unnormalized_ei": dict(
+    group_size=G,
+    kind="ppo",
+    kl_estimator="k2",
+    baseline="none",
+    normalize_reward=False,
+    ei_std=0.0,
+    ei_skip_initial=1,
+  ),
+  "pg_rloo_prob_paper_ei": dict(
+    group_size=G,
+    baseline="rloo",
+    reward_kind="prob",
+    reward_grad="paper",
+    ei_std=2.2,
+    ei_skip_initial=1,
+  ),
+  "ppo_rloo_mean_token_prob_k3": dict(
+    group_size=G, kind="ppo", baseline="rloo", reward_kind="mean_token_prob", kl_estimator="k3"
+  ),
 }
 
 
@@ -470,10 +507,13 @@ def test_markovian_loss_matches_numpy(name):
   d = _inputs(10)
   rng = _rng(11)
   history = [rng.normal(loc=-0.5, size=N)]
-  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), history[0], cfg.ema_decay),
-                           ob.ei_update(ob.EiStats.init(), history[0]))
+  state = ob.BaselineState(
+    ob.ema_update(ob.EmaState.init(), history[0], cfg.ema_decay),
+    ob.ei_update(ob.EiStats.init(), history[0]),
+  )
   loss, (metrics, new_state) = jax.jit(ob.markovian_loss, static_argnums=1)(
-      ob.LossInputs(**d), cfg, state)
+    ob.LossInputs(**d), cfg, state
+  )
   want, parts = np_markovian_loss(d, cfg, ema_v=np_ema(history, cfg.ema_decay), ei_hist=history)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5, atol=1e-6)
@@ -483,27 +523,34 @@ def test_markovian_loss_matches_numpy(name):
   np.testing.assert_allclose(float(metrics["advantage_min"]), adv.min(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["advantage_max"]), adv.max(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["reward_mean"]), parts["r"].mean(), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["normalized_reward_mean"]), parts["big_r"].mean(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(metrics["normalized_reward_mean"]), parts["big_r"].mean(), rtol=1e-5
+  )
   if cfg.ei_std is None:
     assert "active_fraction" not in metrics and "ei_threshold" not in metrics
   else:
     np.testing.assert_allclose(float(metrics["active_fraction"]), parts["active"].mean())
   np.testing.assert_allclose(
-      float(metrics["kl"]), np_aggregate(parts["kl"], d["cot_mask"], cfg.loss_aggregation,
-                                         cfg.logprob_reduction), rtol=1e-5)
+    float(metrics["kl"]),
+    np_aggregate(parts["kl"], d["cot_mask"], cfg.loss_aggregation, cfg.logprob_reduction),
+    rtol=1e-5,
+  )
   if cfg.kind == "ppo":
     rho = np.exp(d["cot_logprobs"].astype(np.float64) - d["behaviour_logprobs"])[d["cot_mask"]]
     np.testing.assert_allclose(float(metrics["ppo_ratio_mean"]), rho.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ppo_ratio_max"]), rho.max(), rtol=1e-5)
     # The collapse guard's quantity: each sequence's geometric-mean token ratio, its maximum.
-    seq = np.exp(np_reduce(d["cot_logprobs"].astype(np.float64) - d["behaviour_logprobs"],
-                           d["cot_mask"], "mean"))
+    seq = np.exp(
+      np_reduce(
+        d["cot_logprobs"].astype(np.float64) - d["behaviour_logprobs"], d["cot_mask"], "mean"
+      )
+    )
     np.testing.assert_allclose(float(metrics["ppo_seq_ratio_max"]), seq.max(), rtol=1e-5)
     assert 0 <= float(metrics["ppo_clip_fraction"]) <= 1
   if cfg.baseline == "ema":
-    np.testing.assert_allclose(float(new_state.ema.value),
-                               np_ema(history + [parts["big_r"]], cfg.ema_decay), rtol=1e-5)
+    np.testing.assert_allclose(
+      float(new_state.ema.value), np_ema(history + [parts["big_r"]], cfg.ema_decay), rtol=1e-5
+    )
   if cfg.ei_std is not None:
     assert 0 < parts["active"].sum() < N  # the case exercises a real selection
     assert int(new_state.ei.count) == 2 * N and int(new_state.ei.batches) == 2
@@ -514,12 +561,17 @@ def test_markovian_loss_matches_numpy(name):
 def test_sum_reduction_is_k_times_mean_on_full_masks():
   d = _inputs(12, full_mask=True)
   d["answer_mask"] = np.ones((N, A), bool)
-  targets = ob.Targets(np.linspace(-1, 1, N).astype(np.float32), np.ones(N, bool),
-                       np.zeros(N, np.float32), np.ones(N, np.float32))
+  targets = ob.Targets(
+    np.linspace(-1, 1, N).astype(np.float32),
+    np.ones(N, bool),
+    np.zeros(N, np.float32),
+    np.ones(N, np.float32),
+  )
   base = dict(group_size=G, kl_estimator="k3", entropy_bonus=0.1)
   mean, _ = ob.loss_from_targets(ob.LossInputs(**d), targets, ob.ObjectiveConfig(**base))
-  total, _ = ob.loss_from_targets(ob.LossInputs(**d), targets,
-                                  ob.ObjectiveConfig(logprob_reduction="sum", **base))
+  total, _ = ob.loss_from_targets(
+    ob.LossInputs(**d), targets, ob.ObjectiveConfig(logprob_reduction="sum", **base)
+  )
   np.testing.assert_allclose(float(total), K * float(mean), rtol=1e-5)
 
 
@@ -541,21 +593,27 @@ def test_ppo_base_variant_reproduces_reference():
 
 def _answer_grad(cfg, d, state=None):
   def f(answer_logprobs):
-    return ob.markovian_loss(ob.LossInputs(**{**d, "answer_logprobs": answer_logprobs}), cfg,
-                             state)[0]
+    return ob.markovian_loss(
+      ob.LossInputs(**{**d, "answer_logprobs": answer_logprobs}), cfg, state
+    )[0]
+
   return np.asarray(jax.grad(f)(d["answer_logprobs"]))
 
 
-@pytest.mark.parametrize("case", [dict(), dict(kind="ppo"), dict(baseline="ema", ei_std=0.0,
-                                                                  ei_skip_initial=0)])
+@pytest.mark.parametrize(
+  "case", [dict(), dict(kind="ppo"), dict(baseline="ema", ei_std=0.0, ei_skip_initial=0)]
+)
 def test_reward_grad_none_gives_exactly_zero_answer_gradient(case):
   d = _inputs(14)
   cfg = ob.ObjectiveConfig(group_size=G, **case)
-  state = ob.BaselineState(ob.ema_update(ob.EmaState.init(), np.full(3, -1.0)),
-                           ob.ei_update(ob.EiStats.init(), np.linspace(-3, 0, 9)))
+  state = ob.BaselineState(
+    ob.ema_update(ob.EmaState.init(), np.full(3, -1.0)),
+    ob.ei_update(ob.EiStats.init(), np.linspace(-3, 0, 9)),
+  )
   assert np.all(_answer_grad(cfg, d, state) == 0.0)
-  assert np.any(_answer_grad(ob.ObjectiveConfig(group_size=G, reward_grad="paper", **case), d,
-                             state) != 0.0)
+  assert np.any(
+    _answer_grad(ob.ObjectiveConfig(group_size=G, reward_grad="paper", **case), d, state) != 0.0
+  )
 
 
 def test_reward_grad_paper_matches_finite_difference():
@@ -568,8 +626,13 @@ def test_reward_grad_paper_matches_finite_difference():
   with jax.enable_x64(True):
     d = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in _inputs(15).items()}
     w, floor = 0.7, 0.05
-    cfg = ob.ObjectiveConfig(group_size=G, reward_grad="paper", actor_reward_weight=w,
-                             reward_sigma_floor=floor, kl_estimator="k3")
+    cfg = ob.ObjectiveConfig(
+      group_size=G,
+      reward_grad="paper",
+      actor_reward_weight=w,
+      reward_sigma_floor=floor,
+      kl_estimator="k3",
+    )
     r = ob.answer_reward(d["answer_logprobs"], d["answer_mask"], "mean")
     targets, _, _ = ob.advantage_targets(r, d["baseline_scores"], cfg)
     assert targets.reward_scale.dtype == jnp.float64
@@ -606,7 +669,10 @@ def test_reward_sigma_floor_bounds_the_reward_gradient():
 
 # ----------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("kwargs, match", [
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(kl_estimator="k4"), "kl_estimator"),
     (dict(kind="sft"), "objective kind"),
     (dict(baseline="loo"), "baseline"),
@@ -624,19 +690,23 @@ def test_reward_sigma_floor_bounds_the_reward_gradient():
     (dict(kl_clamp=0.0), "kl_clamp"),
     (dict(entropy_bonus=float("nan")), "entropy_bonus"),
     (dict(ei_std=float("inf")), "ei_std"),
-])
+  ],
+)
 def test_config_rejects_bad_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ob.ObjectiveConfig(**kwargs)
 
 
-@pytest.mark.parametrize("cfg_kwargs, drop, match", [
+@pytest.mark.parametrize(
+  "cfg_kwargs, drop, match",
+  [
     (dict(), "kl", "LossInputs.kl"),
     (dict(kl_estimator="k3"), "ref_logprobs", "LossInputs.ref_logprobs"),
     (dict(kind="ppo"), "behaviour_logprobs", "LossInputs.behaviour_logprobs"),
     (dict(entropy_bonus=0.1), "entropy", "LossInputs.entropy"),
     (dict(), "baseline_scores", "baseline_scores"),
-])
+  ],
+)
 def test_missing_inputs_are_named(cfg_kwargs, drop, match):
   d = _inputs(17)
   d[drop] = None
@@ -647,8 +717,10 @@ def test_missing_inputs_are_named(cfg_kwargs, drop, match):
 def test_shape_errors_are_named():
   d = _inputs(18)
   with pytest.raises(ValueError, match="behaviour_logprobs has shape"):
-    ob.markovian_loss(ob.LossInputs(**{**d, "behaviour_logprobs": d["behaviour_logprobs"][:, 1:]}),
-                      ob.ObjectiveConfig(group_size=G, kind="ppo"))
+    ob.markovian_loss(
+      ob.LossInputs(**{**d, "behaviour_logprobs": d["behaviour_logprobs"][:, 1:]}),
+      ob.ObjectiveConfig(group_size=G, kind="ppo"),
+    )
   with pytest.raises(ValueError, match="groups of 3"):
     ob.markovian_loss(ob.LossInputs(**d), ob.ObjectiveConfig(group_size=3))
 
@@ -657,6 +729,7 @@ def test_from_run_config():
   """The run config's objective section (read by specs) gives these defaults."""
   from markovian_jax.configs import base
   from markovian_jax.training import config_validation
+
   c = base.get_config("gsm8k")
   cfg = config_validation.validate(c).objective.loss
   assert cfg == ob.ObjectiveConfig(group_size=c.train.group_size)  # the defaults agree
@@ -670,12 +743,20 @@ def test_from_run_config():
 
 # ----------------------------------------------------------------------------- registries
 
-@pytest.mark.parametrize("choices, registry", [
-    (ob.OBJECTIVES, ob.POLICY_LOSS_REGISTRY), (ob.PPO_RATIO_REFERENCES, ob.PPO_RATIO_REGISTRY),
-    (ob.REWARD_GRADS, ob.REWARD_GRAD_REGISTRY), (ob.SAMPLED_KL_ESTIMATORS, ob.SAMPLED_KL_REGISTRY),
-    (ob.REDUCTIONS, ob.REDUCTION_REGISTRY), (ob.AGGREGATIONS, ob.AGGREGATION_REGISTRY),
-    (ob.BASELINES, ob.BASELINE_REGISTRY), (ob.REWARD_KINDS, ob.REWARD_KIND_REGISTRY),
-])
+
+@pytest.mark.parametrize(
+  "choices, registry",
+  [
+    (ob.OBJECTIVES, ob.POLICY_LOSS_REGISTRY),
+    (ob.PPO_RATIO_REFERENCES, ob.PPO_RATIO_REGISTRY),
+    (ob.REWARD_GRADS, ob.REWARD_GRAD_REGISTRY),
+    (ob.SAMPLED_KL_ESTIMATORS, ob.SAMPLED_KL_REGISTRY),
+    (ob.REDUCTIONS, ob.REDUCTION_REGISTRY),
+    (ob.AGGREGATIONS, ob.AGGREGATION_REGISTRY),
+    (ob.BASELINES, ob.BASELINE_REGISTRY),
+    (ob.REWARD_KINDS, ob.REWARD_KIND_REGISTRY),
+  ],
+)
 def test_choice_tuples_are_the_registry_keys(choices, registry):
   assert isinstance(choices, tuple) and choices == tuple(registry)
   assert ob.KL_ESTIMATORS == ("full",) + ob.SAMPLED_KL_ESTIMATORS
@@ -695,24 +776,27 @@ def test_registry_rejects_duplicates_and_unknown_names():
 
 # ----------------------------------------------------------------------------- new variants
 
+
 def test_rloo_advantages_match_leave_one_out():
   rng = _rng(20)
   q, g = 4, 5
   r = rng.normal(size=q * g).astype(np.float32)
-  r[g:2 * g] = -0.75  # no spread: A = 0
+  r[g : 2 * g] = -0.75  # no spread: A = 0
   want = np_rloo_adv(r.astype(np.float64), g)
   np.testing.assert_allclose(ob.rloo_advantages(r, g), want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(ob.rloo_advantages(r.reshape(q, g)), want.reshape(q, g), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    ob.rloo_advantages(r.reshape(q, g)), want.reshape(q, g), rtol=1e-5, atol=1e-6
+  )
   # The closed form G/(G-1) (R - mean_g R), and the group's advantages sum to 0.
   groups = r.reshape(q, g).astype(np.float64)
   closed = g / (g - 1) * (groups - groups.mean(1, keepdims=True))
   np.testing.assert_allclose(want.reshape(q, g), closed, rtol=1e-10)
   np.testing.assert_allclose(want.reshape(q, g).sum(1), 0.0, atol=1e-12)
-  assert np.all(np.asarray(ob.rloo_advantages(r, g))[g:2 * g] == 0)
+  assert np.all(np.asarray(ob.rloo_advantages(r, g))[g : 2 * g] == 0)
   # G = 2: each sample is compared with the other one.
-  np.testing.assert_allclose(ob.rloo_advantages(np.array([1.0, 4.0, -2.0, 0.5]), 2),
-                             [-3.0, 3.0, -2.5, 2.5])
+  np.testing.assert_allclose(
+    ob.rloo_advantages(np.array([1.0, 4.0, -2.0, 0.5]), 2), [-3.0, 3.0, -2.5, 2.5]
+  )
   with pytest.raises(ValueError, match="at least 2"):
     ob.rloo_advantages(r, 1)
   with pytest.raises(ValueError, match="groups of 3"):
@@ -721,16 +805,21 @@ def test_rloo_advantages_match_leave_one_out():
 
 # Rows: two valid tokens (masked NaN); one valid token (masked -inf, +inf); an empty span; a valid
 # -inf token (probability 0) next to a valid one.
-KIND_LP = np.array([[np.log(0.5), np.log(0.25), np.nan],
-                    [-np.inf, np.log(0.8), np.inf],
-                    [np.nan, -np.inf, 3.0],
-                    [-np.inf, np.log(0.5), np.nan]], np.float32)
+KIND_LP = np.array(
+  [
+    [np.log(0.5), np.log(0.25), np.nan],
+    [-np.inf, np.log(0.8), np.inf],
+    [np.nan, -np.inf, 3.0],
+    [-np.inf, np.log(0.5), np.nan],
+  ],
+  np.float32,
+)
 KIND_MASK = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], bool)
 KIND_WANT = {
-    ("logprob", "mean"): [np.log(0.125) / 2, np.log(0.8), 0.0, -np.inf],
-    ("logprob", "sum"): [np.log(0.125), np.log(0.8), 0.0, -np.inf],
-    ("prob", "mean"): [np.sqrt(0.125), 0.8, 0.0, 0.0],  # geometric mean of the token probs
-    ("mean_token_prob", "mean"): [0.375, 0.8, 0.0, 0.25],
+  ("logprob", "mean"): [np.log(0.125) / 2, np.log(0.8), 0.0, -np.inf],
+  ("logprob", "sum"): [np.log(0.125), np.log(0.8), 0.0, -np.inf],
+  ("prob", "mean"): [np.sqrt(0.125), 0.8, 0.0, 0.0],  # geometric mean of the token probs
+  ("mean_token_prob", "mean"): [0.375, 0.8, 0.0, 0.25],
 }
 
 
@@ -744,17 +833,22 @@ def test_reward_kinds_hand_computed(kind, how):
   # d r_i / d lp_it: finite everywhere (masked NaN / inf and a valid -inf included), 0 off the span.
   grad = np.asarray(jax.grad(lambda x: jnp.sum(ob.answer_reward(x, KIND_MASK, how, kind)))(KIND_LP))
   count = np.maximum(KIND_MASK.sum(1, keepdims=True), 1)
-  want = {"logprob": 1.0 / count if how == "mean" else np.ones_like(KIND_LP),
-          "prob": np.asarray(KIND_WANT[kind, how])[:, None] / count,
-          "mean_token_prob": np.exp(np.where(KIND_MASK, KIND_LP, 0.0)) / count}[kind]
+  want = {
+    "logprob": 1.0 / count if how == "mean" else np.ones_like(KIND_LP),
+    "prob": np.asarray(KIND_WANT[kind, how])[:, None] / count,
+    "mean_token_prob": np.exp(np.where(KIND_MASK, KIND_LP, 0.0)) / count,
+  }[kind]
   np.testing.assert_allclose(grad, np.where(KIND_MASK, want, 0.0), rtol=1e-6)
 
 
 def test_answer_reward_defaults_to_logprob():
-  np.testing.assert_array_equal(ob.answer_reward(KIND_LP, KIND_MASK, "sum"),
-                                ob.answer_reward(KIND_LP, KIND_MASK, "sum", "logprob"))
-  np.testing.assert_array_equal(ob.answer_reward(KIND_LP, KIND_MASK),
-                                ob.answer_reward(KIND_LP, KIND_MASK, "mean", "logprob"))
+  np.testing.assert_array_equal(
+    ob.answer_reward(KIND_LP, KIND_MASK, "sum"),
+    ob.answer_reward(KIND_LP, KIND_MASK, "sum", "logprob"),
+  )
+  np.testing.assert_array_equal(
+    ob.answer_reward(KIND_LP, KIND_MASK), ob.answer_reward(KIND_LP, KIND_MASK, "mean", "logprob")
+  )
   with pytest.raises(ValueError, match="reward_kind"):
     ob.answer_reward(KIND_LP, KIND_MASK, "mean", "likelihood")
 
@@ -765,36 +859,48 @@ def test_reward_grad_paper_differentiates_every_reward_kind(kind):
   with jax.enable_x64(True):
     d = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in _inputs(21).items()}
     w = 0.7
-    cfg = ob.ObjectiveConfig(group_size=G, reward_grad="paper", actor_reward_weight=w,
-                             reward_kind=kind, kl_estimator="k3")
+    cfg = ob.ObjectiveConfig(
+      group_size=G, reward_grad="paper", actor_reward_weight=w, reward_kind=kind, kl_estimator="k3"
+    )
     lp, m = d["answer_logprobs"], d["answer_mask"]
     r = ob.answer_reward(lp, m, "mean", kind)
     targets, _, _ = ob.advantage_targets(r, d["baseline_scores"], cfg)
-    grad = np.asarray(jax.grad(lambda a: ob.loss_from_targets(
-        ob.LossInputs(**{**d, "answer_logprobs": a}), targets, cfg)[0])(lp))
+    grad = np.asarray(
+      jax.grad(
+        lambda a: ob.loss_from_targets(ob.LossInputs(**{**d, "answer_logprobs": a}), targets, cfg)[
+          0
+        ]
+      )(lp)
+    )
     groups = np_reward(lp, m, "mean", kind).reshape(Q, G)
     scale = np.repeat(np.maximum(groups.std(1, ddof=1), cfg.reward_sigma_floor), G) + EPS
     count = m.sum(1, keepdims=True)
-    dr = {"logprob": np.ones_like(lp) / count,
-          "prob": np.exp(np_reward(lp, m, "mean", "logprob"))[:, None] / count,
-          "mean_token_prob": np.exp(lp) / count}[kind]
+    dr = {
+      "logprob": np.ones_like(lp) / count,
+      "prob": np.exp(np_reward(lp, m, "mean", "logprob"))[:, None] / count,
+      "mean_token_prob": np.exp(lp) / count,
+    }[kind]
     want = np.where(m, -w / (N * scale[:, None]) * dr, 0.0)
     np.testing.assert_allclose(grad, want, rtol=1e-9, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- jit, metrics, EI
 
+
 def _history_state(cfg, seed=22):
   history = _rng(seed).normal(loc=0.3, size=N)
-  return ob.BaselineState(ob.ema_update(ob.EmaState.init(), history, cfg.ema_decay),
-                          ob.ei_update(ob.EiStats.init(), history))
+  return ob.BaselineState(
+    ob.ema_update(ob.EmaState.init(), history, cfg.ema_decay),
+    ob.ei_update(ob.EiStats.init(), history),
+  )
 
 
 @pytest.mark.parametrize("baseline", ["group", "rloo", "ema", "ema_batch"])
 @pytest.mark.parametrize("ei_std", [None, 0.0])
 def test_advantage_targets_jit_matches_eager(baseline, ei_std):
-  cfg = ob.ObjectiveConfig(group_size=G, baseline=baseline, ei_std=ei_std, ei_skip_initial=1,
-                           reward_grad="paper")
+  cfg = ob.ObjectiveConfig(
+    group_size=G, baseline=baseline, ei_std=ei_std, ei_skip_initial=1, reward_grad="paper"
+  )
   d = _inputs(23)
   r = ob.answer_reward(d["answer_logprobs"], d["answer_mask"])
   state = _history_state(cfg)
@@ -818,25 +924,55 @@ def test_advantage_targets_jit_matches_eager(baseline, ei_std):
   assert bool(jax.jit(lambda t: t.any_active())(t_j)) and bool(jax.jit(jnp.any)(t_j.active))
 
 
-@pytest.mark.parametrize("cfg_kwargs, present, absent", [
-    (dict(), {"frac_reward_zero_std", "kl", "entropy", "pg_loss", "loss"},
-     {"ema_baseline", "ppo_ratio_mean", "ppo_ratio_max", "ppo_clip_fraction", "reward_grad_loss",
-      "ei_threshold", "active_fraction"}),
+@pytest.mark.parametrize(
+  "cfg_kwargs, present, absent",
+  [
+    (
+      dict(),
+      {"frac_reward_zero_std", "kl", "entropy", "pg_loss", "loss"},
+      {
+        "ema_baseline",
+        "ppo_ratio_mean",
+        "ppo_ratio_max",
+        "ppo_clip_fraction",
+        "reward_grad_loss",
+        "ei_threshold",
+        "active_fraction",
+      },
+    ),
     (dict(baseline="rloo"), {"frac_reward_zero_std"}, {"ema_baseline", "active_fraction"}),
-    (dict(baseline="ema", reward_grad="paper"), {"ema_baseline", "reward_grad_loss"},
-     {"frac_reward_zero_std", "ppo_clip_fraction"}),
-    (dict(baseline="none", kind="ppo", ei_std=0.5, ei_skip_initial=0),
-     {"ppo_ratio_mean", "ppo_ratio_max", "ppo_clip_fraction", "ei_threshold", "active_fraction"},
-     {"frac_reward_zero_std", "ema_baseline", "reward_grad_loss"}),
-    (dict(kind="ppo", ppo_ratio_reference="base", reward_grad="paper"),
-     {"ppo_ratio_mean", "ppo_clip_fraction"}, {"reward_grad_loss", "active_fraction"}),
-])
+    (
+      dict(baseline="ema", reward_grad="paper"),
+      {"ema_baseline", "reward_grad_loss"},
+      {"frac_reward_zero_std", "ppo_clip_fraction"},
+    ),
+    (
+      dict(baseline="none", kind="ppo", ei_std=0.5, ei_skip_initial=0),
+      {"ppo_ratio_mean", "ppo_ratio_max", "ppo_clip_fraction", "ei_threshold", "active_fraction"},
+      {"frac_reward_zero_std", "ema_baseline", "reward_grad_loss"},
+    ),
+    (
+      dict(kind="ppo", ppo_ratio_reference="base", reward_grad="paper"),
+      {"ppo_ratio_mean", "ppo_clip_fraction"},
+      {"reward_grad_loss", "active_fraction"},
+    ),
+  ],
+)
 def test_metrics_follow_the_config(cfg_kwargs, present, absent):
   cfg = ob.ObjectiveConfig(group_size=G, **cfg_kwargs)
   _, (metrics, _) = ob.markovian_loss(ob.LossInputs(**_inputs(24)), cfg, _history_state(cfg))
-  always = {"reward_mean", "normalized_reward_mean", "advantage_mean", "advantage_std",
-            "advantage_min", "advantage_max", "behaviour_logprob_diff_mean",
-            "behaviour_logprob_diff_max", "pg_loss", "loss"}
+  always = {
+    "reward_mean",
+    "normalized_reward_mean",
+    "advantage_mean",
+    "advantage_std",
+    "advantage_min",
+    "advantage_max",
+    "behaviour_logprob_diff_mean",
+    "behaviour_logprob_diff_max",
+    "pg_loss",
+    "loss",
+  }
   assert always | present <= metrics.keys(), (always | present) - metrics.keys()
   assert not absent & metrics.keys(), absent & metrics.keys()
   assert all(jnp.shape(v) == () for v in metrics.values())
@@ -845,16 +981,19 @@ def test_metrics_follow_the_config(cfg_kwargs, present, absent):
 def test_expert_iteration_keeping_nothing_reports_it():
   """During the warm-up nothing is kept: active_fraction 0, any_active False, a zero loss and
   gradient (the caller skips the optimizer step)."""
-  cfg = ob.ObjectiveConfig(group_size=G, ei_std=0.0, ei_skip_initial=5, entropy_bonus=0.1,
-                           reward_grad="paper")
+  cfg = ob.ObjectiveConfig(
+    group_size=G, ei_std=0.0, ei_skip_initial=5, entropy_bonus=0.1, reward_grad="paper"
+  )
   d = _inputs(25)
   r = ob.answer_reward(d["answer_logprobs"], d["answer_mask"])
   targets, state, metrics = jax.jit(ob.advantage_targets, static_argnums=2)(
-      r, d["baseline_scores"], cfg, ob.BaselineState.init())
+    r, d["baseline_scores"], cfg, ob.BaselineState.init()
+  )
   assert float(metrics["active_fraction"]) == 0.0 and np.isinf(float(metrics["ei_threshold"]))
   assert not bool(targets.any_active()) and int(state.ei.batches) == 1
 
   def loss(x):
     return ob.loss_from_targets(ob.LossInputs(**{**d, "cot_logprobs": x}), targets, cfg)[0]
+
   value, grad = jax.value_and_grad(loss)(d["cot_logprobs"])
   assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from markovian_jax.training import config_validation
 from markovian_jax.planning import plan
 from markovian_jax.planning import shapes as plan_shapes
-from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.planning.memory import GIB
+from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.training import config_validation
 from tests import helpers
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
@@ -37,18 +37,26 @@ def test_model_shapes_without_weights(smollm2_path, tiny_model_dir):
   c, source = plan_shapes.model_config(LLAMA_8B)  # no network, no cache: the published shapes
   assert "published" in source and c.num_params == 8_030_261_248
   gguf_config, source = plan_shapes.model_config(smollm2_path, "float32")
-  assert "GGUF header" in source and (gguf_config.num_layers, gguf_config.hidden_size,
-                                      gguf_config.vocab_size) == (30, 576, 49152)
+  assert "GGUF header" in source and (
+    gguf_config.num_layers,
+    gguf_config.hidden_size,
+    gguf_config.vocab_size,
+  ) == (30, 576, 49152)
   local, source = plan_shapes.model_config(tiny_model_dir)
   assert source.endswith("config.json") and local.num_layers == 2
   with pytest.raises(InvalidConfig, match="^config.model.path: someone/unknown-model is a hub id"):
     plan_shapes.model_config("someone/unknown-model")
 
 
-@pytest.mark.parametrize("preset, per_device_base, budget", [
-    ("1xh100", BASE_8B_BF16, 0.9 * 0.75 * 79.6), ("8xh100", BASE_8B_BF16, 0.9 * 0.75 * 79.6),
+@pytest.mark.parametrize(
+  "preset, per_device_base, budget",
+  [
+    ("1xh100", BASE_8B_BF16, 0.9 * 0.75 * 79.6),
+    ("8xh100", BASE_8B_BF16, 0.9 * 0.75 * 79.6),
     ("v5e-8", (BASE_8B_BF16 - NORMS_8B_BF16) // 4 + NORMS_8B_BF16, 0.9 * 16),
-    ("v5p-8", BASE_8B_BF16, 0.9 * 95)])
+    ("v5p-8", BASE_8B_BF16, 0.9 * 95),
+  ],
+)
 def test_8b_presets_by_hand(preset, per_device_base, budget):
   """Base 16.06 GB bf16 (split by tensor=4 on v5e-8); LoRA r8 all-linear 20,971,520 fp32 params
   (v5e-8: the q/k/v/gate/up `b` and the o/down `a` halves split by 4) and two AdamW moments."""
@@ -69,8 +77,9 @@ def test_8b_presets_by_hand(preset, per_device_base, budget):
 
 def test_what_does_not_fit_names_the_knobs():
   # The 8B base replicated on 16 GB chips: 14.96 GiB of weights alone.
-  spec = preset_spec("8xh100", **{"mesh.preset": "", "mesh.shape": (8, 1, 1),
-                                  "mesh.device_memory_gib": 16.0})
+  spec = preset_spec(
+    "8xh100", **{"mesh.preset": "", "mesh.shape": (8, 1, 1), "mesh.device_memory_gib": 16.0}
+  )
   p = plan.make_plan(spec)
   assert p.fits is False
   assert p.fixes[0].startswith("mesh.shape=(4, 1, 2) (tensor=2")
@@ -86,25 +95,39 @@ def test_what_does_not_fit_names_the_knobs():
 
 
 def test_weights_that_do_not_split_are_refused():
-  spec = preset_spec("1xh100", **{"mesh.preset": "", "mesh.shape": (1, 1, 3),
-                                  "mesh.device_memory_gib": 80.0})
+  spec = preset_spec(
+    "1xh100", **{"mesh.preset": "", "mesh.shape": (1, 1, 3), "mesh.device_memory_gib": 80.0}
+  )
   with pytest.raises(InvalidConfig) as e:
     plan.make_plan(spec)
   assert str(e.value) == (
-      "config.mesh.shape: the base weights do not split over mesh (1, 1, 3): "
-      "layers/attn/k/kernel (32, 4096, 1024): its kv_heads dim (1024) does not split over "
-      "tensor=3; use a tensor size that divides 1024 (or mesh.allow_replication=True for a test "
-      "model)")
-  allowed = preset_spec("1xh100", **{"mesh.preset": "", "mesh.shape": (1, 1, 3),
-                                     "mesh.device_memory_gib": 80.0,
-                                     "mesh.allow_replication": True})
+    "config.mesh.shape: the base weights do not split over mesh (1, 1, 3): "
+    "layers/attn/k/kernel (32, 4096, 1024): its kv_heads dim (1024) does not split over "
+    "tensor=3; use a tensor size that divides 1024 (or mesh.allow_replication=True for a test "
+    "model)"
+  )
+  allowed = preset_spec(
+    "1xh100",
+    **{
+      "mesh.preset": "",
+      "mesh.shape": (1, 1, 3),
+      "mesh.device_memory_gib": 80.0,
+      "mesh.allow_replication": True,
+    },
+  )
   assert plan.make_plan(allowed).fits
 
 
 def run_plan(*args):
   env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "markovian_jax.plan", *args], cwd=helpers.REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "markovian_jax.plan", *args],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.slow
@@ -112,17 +135,22 @@ def test_cli_exit_codes():
   fits = run_plan("--config=configs/presets/v5e-8.py")
   assert fits.returncode == 0, fits.stderr[-2000:]
   assert "verdict   fits: " in fits.stdout and "base weights" in fits.stdout
-  tight = run_plan("--config=configs/gsm8k.py", "--config.mesh.shape=(8,1,1)",
-                   "--config.train.questions_per_step=2", "--device_memory_gib=16")
+  tight = run_plan(
+    "--config=configs/gsm8k.py",
+    "--config.mesh.shape=(8,1,1)",
+    "--config.train.questions_per_step=2",
+    "--device_memory_gib=16",
+  )
   errors = [ln for ln in tight.stderr.splitlines() if ln.startswith("error:")]
   assert tight.returncode == 2 and len(errors) == 1 and "Traceback" not in tight.stderr
   assert errors[0].startswith("error: config.mesh.shape: the step needs ")
   assert "verdict   does not fit" in tight.stdout
   rows = run_plan("--config=configs/gsm8k.py", "--config.mesh.preset=8xh100")
   assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
-      "error: config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do "
-      "not split over data*fsdp=8 (mesh.preset=8xh100 (8, 1, 1)): set train.questions_per_step "
-      "to a multiple of 2")
+    "error: config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do "
+    "not split over data*fsdp=8 (mesh.preset=8xh100 (8, 1, 1)): set train.questions_per_step "
+    "to a multiple of 2"
+  )
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +168,23 @@ def weightless_8b(tiny_model_dir, tmp_path_factory):
 
 def test_check_refuses_what_cannot_fit_before_loading(weightless_8b, tmp_path, monkeypatch):
   from tests.helpers import make_config
-  c = make_config(weightless_8b, tmp_path, **{"mesh.shape": (8, 1, 1), "train.group_size": 8,
-                                              "mesh.device_memory_gib": 16.0,
-                                              "model.dtype": "bfloat16"})
+
+  c = make_config(
+    weightless_8b,
+    tmp_path,
+    **{
+      "mesh.shape": (8, 1, 1),
+      "train.group_size": 8,
+      "mesh.device_memory_gib": 16.0,
+      "model.dtype": "bfloat16",
+    },
+  )
   spec = config_validation.validate(c)
   with pytest.raises(InvalidConfig, match="^config.mesh.shape: the step needs"):
     plan.check(spec, log=False)
   from markovian_jax.trainer import Trainer
   from markovian_jax.training.run_context import RunContext
+
   # The wiring: the Trainer refuses the same config through the plan check, before it loads the
   # model. A Trainer that stopped calling the check (or called it after the load) reaches the
   # load, which fails here with an AssertionError, not the plan's InvalidConfig.
@@ -175,9 +212,21 @@ TOTAL_MARGIN = 0.2
 def _small(remat="full"):
   from markovian_jax.models.config import DecoderConfig
   from markovian_jax.planning.memory import Workload
-  model = DecoderConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_layers=4,
-                      num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=1024,
-                      param_dtype="float32", dtype="float32", remat=remat, eos_token_ids=(2,))
+
+  model = DecoderConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+    max_position_embeddings=1024,
+    param_dtype="float32",
+    dtype="float32",
+    remat=remat,
+    eos_token_ids=(2,),
+  )
   w = Workload(questions=2, group=4, cot=64, prompt=64, answer=96, window=8, remat=remat)
   c = importlib.import_module("configs.gsm8k").get_config()
   c.model.dtype, c.model.remat = "float32", remat
@@ -185,20 +234,28 @@ def _small(remat="full"):
   return config_validation.validate(c), model, w
 
 
-@pytest.mark.parametrize("shape, remat, phases", [
+@pytest.mark.parametrize(
+  "shape, remat, phases",
+  [
     ((1, 1, 1), "full", ("sample", "score", "update")),
     ((8, 1, 1), "full", ("sample", "score", "update")),
     ((2, 1, 4), "full", ("sample", "score", "update")),
     ((2, 2, 2), "full", ("sample", "score", "update")),
     ((1, 1, 1), "none", ("update",)),
     ((1, 1, 1), "dots", ("update",)),
-], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) and isinstance(x[0], int)
-   else (x if isinstance(x, str) else "+".join(x)))
+  ],
+  ids=lambda x: (
+    "x".join(map(str, x))
+    if isinstance(x, tuple) and isinstance(x[0], int)
+    else (x if isinstance(x, str) else "+".join(x))
+  ),
+)
 @pytest.mark.slow
 def test_plan_agrees_with_memory_analysis(shape, remat, phases):
   from markovian_jax.planning import compile as plan_compile
   from markovian_jax.planning import memory as plan_memory
   from markovian_jax.runtime import sharding
+
   spec, model, w = _small(remat)
   mesh = sharding.make_mesh(shape)
   p = plan_memory.plan(model, w, mesh)
@@ -215,7 +272,6 @@ def test_plan_agrees_with_memory_analysis(shape, remat, phases):
     assert abs(total - got["arguments"] - temps) <= TOTAL_MARGIN * (got["arguments"] + temps), where
 
 
-
 @pytest.mark.parametrize("estimator, full", [("full", True), ("k3", False), ("k1", False)])
 def test_workload_is_built_from_the_config(estimator, full):
   """plan.workload reads the step's shapes from the RunSpec: the exact KL's reference logits are
@@ -230,8 +286,7 @@ def test_workload_is_built_from_the_config(estimator, full):
   c.objective.kind, c.objective.ppo_minibatches, c.train.questions_per_step = "ppo", 2, 2
   c.objective.reward_grad, c.sampling.cot_length = "paper", 40
   w2, _ = plan.workload(config_validation.validate(c), prompt_length=100)
-  assert (w2.questions, w2.cot, w2.minibatches, w2.reward_grad, w2.prompt) == (2, 40, 2, True,
-                                                                               128)
+  assert (w2.questions, w2.cot, w2.minibatches, w2.reward_grad, w2.prompt) == (2, 40, 2, True, 128)
   c.prompt.markovian = False  # the non-Markovian reader's rows hold the question's prompt too
   w3, _ = plan.workload(config_validation.validate(c), prompt_length=100)
   assert w3.answer - w2.answer in range(w2.prompt - 31, w2.prompt + 32)
@@ -242,13 +297,15 @@ def test_plan_through_a_minus_one_mesh():
   rule, the memory plan, the verdict, the fixes and the notes are those of the explicit mesh,
   on a device that fits the step and on one that does not (so the fixes are computed)."""
   import dataclasses
+
   c = importlib.import_module("configs.gsm8k").get_config()
   c.model.path = LLAMA_8B
 
   def make(shape, memory_gib, devices=4):
     c.mesh.shape = shape
-    return plan.make_plan(config_validation.validate(c), num_devices=devices,
-                          device_memory_gib=memory_gib)
+    return plan.make_plan(
+      config_validation.validate(c), num_devices=devices, device_memory_gib=memory_gib
+    )
 
   for shape, explicit in (((-1, 1, 1), (4, 1, 1)), ((-1, 1, 2), (2, 1, 2))):
     for memory_gib in (80.0, 8.0):
@@ -267,14 +324,25 @@ def test_measured_prompt_length_is_the_longest_tokenized_prompt(tiny_model_dir):
   from markovian_jax import data as data_lib
   from markovian_jax.data.records import Example
   from markovian_jax.models import load_tokenizer
+
   tok = load_tokenizer(tiny_model_dir)
   spec = preset_spec("1xh100")
   questions = ["1 + 2", "what is 17 + 3 + 5 + 11?", "1 + 2", "a longer question " * 7, "9 + 9"]
   examples = [Example(question=q, answer="3", id=f"t/{i}") for i, q in enumerate(questions * 50)]
   expected = max(
-      len(tok(data_lib.cot_prompt(spec.task, q, spec.sampling.cot_length,
-                                  target_length=spec.data.target_length,
-                                  prompt_format=spec.prompt.format, tokenizer=tok))["input_ids"])
-      for q in questions)
+    len(
+      tok(
+        data_lib.cot_prompt(
+          spec.task,
+          q,
+          spec.sampling.cot_length,
+          target_length=spec.data.target_length,
+          prompt_format=spec.prompt.format,
+          tokenizer=tok,
+        )
+      )["input_ids"]
+    )
+    for q in questions
+  )
   assert plan.prompt_length(spec, tok, examples) == expected
   assert plan.prompt_length(spec, tok, examples[:3]) < expected  # the long one is not among them

@@ -40,14 +40,24 @@ def repo_files() -> list[pathlib.Path]:
   """The files of the checkout that git would commit (tracked, or new and not ignored); the
   whole tree but build and venv directories where there is no git."""
   try:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+      ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+      cwd=REPO,
+      capture_output=True,
+      check=True,
+      timeout=60,
+    ).stdout
     paths = [REPO / p for p in out.decode().split("\0") if p]
   except (OSError, subprocess.SubprocessError):
-    paths = [p for p in REPO.rglob("*") if not _SKIP_DIRS & set(p.relative_to(REPO).parts)
-             and not any(part.endswith(".egg-info") for part in p.parts)]
-  return sorted(p for p in paths if p.is_file() and not p.is_symlink()
-                and p.suffix in _TEXT_SUFFIXES)
+    paths = [
+      p
+      for p in REPO.rglob("*")
+      if not _SKIP_DIRS & set(p.relative_to(REPO).parts)
+      and not any(part.endswith(".egg-info") for part in p.parts)
+    ]
+  return sorted(
+    p for p in paths if p.is_file() and not p.is_symlink() and p.suffix in _TEXT_SUFFIXES
+  )
 
 
 def _texts(paths) -> list[tuple[str, str]]:
@@ -62,8 +72,11 @@ def _texts(paths) -> list[tuple[str, str]]:
 
 def outside_citations(texts) -> list[str]:
   """'path:line: name' for each citation of a document outside the repository."""
-  return [f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
-          for path, text in texts for m in OUTSIDE.finditer(text)]
+  return [
+    f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+    for path, text in texts
+    for m in OUTSIDE.finditer(text)
+  ]
 
 
 def slug(heading: str) -> str:
@@ -116,8 +129,9 @@ def broken_links(docs: pathlib.Path = DOCS) -> list[str]:
 def test_configuration_reference_is_current():
   committed = (DOCS / "configuration.md").read_text(encoding="utf-8")
   assert committed == config_reference.render(), (
-      "docs/configuration.md is out of date with the config; regenerate it: "
-      f"{config_reference.COMMAND}")
+    "docs/configuration.md is out of date with the config; regenerate it: "
+    f"{config_reference.COMMAND}"
+  )
 
 
 def test_configuration_reference_lists_every_key_with_its_choices():
@@ -134,24 +148,30 @@ def test_configuration_reference_lists_every_key_with_its_choices():
 
 def test_no_file_cites_a_document_outside_the_repository():
   found = outside_citations(_texts(repo_files()))
-  assert not found, ("these cite a document a clone does not contain; cite docs/<page>.md#<anchor> "
-                     "or state the fact:\n" + "\n".join(found))
+  assert not found, (
+    "these cite a document a clone does not contain; cite docs/<page>.md#<anchor> "
+    "or state the fact:\n" + "\n".join(found)
+  )
 
 
 def test_docs_citations_and_links_resolve():
   # This file's own examples of broken citations are not citations.
   texts = [(p, t) for p, t in _texts(repo_files()) if p != "tests/repo/test_docs.py"]
-  assert any(DOCS_CITATION.search(t) for p, t in texts if p.endswith(".py")), \
-      "no module cites docs/: the check below would pass vacuously"
+  assert any(DOCS_CITATION.search(t) for p, t in texts if p.endswith(".py")), (
+    "no module cites docs/: the check below would pass vacuously"
+  )
   assert not broken_citations(texts), "\n".join(broken_citations(texts))
   assert not broken_links(), "\n".join(broken_links())
 
 
-@pytest.mark.parametrize("planted,found", [
+@pytest.mark.parametrize(
+  "planted,found",
+  [
     ("# the KL slice (" + "REFERENCE" + ".md §7.4)\n", "outside"),
     ("# see docs/reference-differences.md#no-such-heading\n", "anchor"),
     ("# see docs/no-such-page.md\n", "page"),
-])
+  ],
+)
 def test_the_checkers_catch_a_planted_citation(planted, found):
   texts = [("markovian_jax/x.py", "import os\n" + planted)]
   if found == "outside":
@@ -170,17 +190,25 @@ def test_the_slugs_are_githubs():
 def test_method_names_every_variant_and_objective_key():
   method = (DOCS / "method.md").read_text(encoding="utf-8")
   names = {
-      "objective.kind": objectives.OBJECTIVES, "objective.kl_estimator": objectives.KL_ESTIMATORS,
-      "objective.logprob_reduction": objectives.REDUCTIONS,
-      "objective.loss_aggregation": objectives.AGGREGATIONS,
-      "objective.baseline": objectives.BASELINES, "objective.reward_grad": objectives.REWARD_GRADS,
-      "objective.ppo_ratio_reference": objectives.PPO_RATIO_REFERENCES,
-      "objective.reward_kind": objectives.REWARD_KINDS, "prompt.format": PROMPT_FORMATS,
-      "config variants": tuple(base.VARIANTS)}
+    "objective.kind": objectives.OBJECTIVES,
+    "objective.kl_estimator": objectives.KL_ESTIMATORS,
+    "objective.logprob_reduction": objectives.REDUCTIONS,
+    "objective.loss_aggregation": objectives.AGGREGATIONS,
+    "objective.baseline": objectives.BASELINES,
+    "objective.reward_grad": objectives.REWARD_GRADS,
+    "objective.ppo_ratio_reference": objectives.PPO_RATIO_REFERENCES,
+    "objective.reward_kind": objectives.REWARD_KINDS,
+    "prompt.format": PROMPT_FORMATS,
+    "config variants": tuple(base.VARIANTS),
+  }
   # A name counts in backticks, alone or as the value of a setting: `ppo`, `kind=ppo`.
   named = lambda n: re.search(r"`(?:[\w.]+=)?" + re.escape(n) + "`", method)  # noqa: E731
   missing = [f"{what}: {n}" for what, choices in names.items() for n in choices if not named(n)]
   c = base.get_config("gsm8k")
-  missing += [f"key {s}.{k}" for s in ("objective", "prompt") for k in c[s]
-              if not re.search(r"`" + re.escape(f"{s}.{k}") + r"(=[^`]*)?`", method)]
+  missing += [
+    f"key {s}.{k}"
+    for s in ("objective", "prompt")
+    for k in c[s]
+    if not re.search(r"`" + re.escape(f"{s}.{k}") + r"(=[^`]*)?`", method)
+  ]
   assert not missing, "docs/method.md does not describe: " + ", ".join(missing)

@@ -16,11 +16,26 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "markovian_jax"
 # Bottom to top; a package may import itself and those before it.
-LAYERS = ("runtime", "configs", "models", "sampling", "data", "objectives", "reporting", "training",
-          "planning", "analysis", "trainer", "cli")
+LAYERS = (
+  "runtime",
+  "configs",
+  "models",
+  "sampling",
+  "data",
+  "objectives",
+  "reporting",
+  "training",
+  "planning",
+  "analysis",
+  "trainer",
+  "cli",
+)
 # Packages on one floor that must not import each other.
-SIBLINGS = {"models": {"data", "objectives"}, "data": {"models", "sampling", "objectives"},
-            "objectives": {"models", "sampling", "data"}}
+SIBLINGS = {
+  "models": {"data", "objectives"},
+  "data": {"models", "sampling", "objectives"},
+  "objectives": {"models", "sampling", "data"},
+}
 ENTRIES = ("train", "evaluate", "sample", "plan", "report", "export", "analyze")
 # A whole string constant naming a module of the package ("markovian_jax.trainer", or
 # "markovian_jax.trainer:Trainer" as pkgutil.resolve_name takes it).
@@ -40,7 +55,7 @@ def _resolve(name: str, level: int, package: str) -> str:
   base = package.split(".")
   if level > len(base):
     raise AssertionError(f"relative import beyond the top package from {package}")
-  return ".".join(base[:len(base) - level + 1] + ([name] if name else []))
+  return ".".join(base[: len(base) - level + 1] + ([name] if name else []))
 
 
 def _imports(module: str, path: pathlib.Path) -> set:
@@ -58,8 +73,9 @@ def _imports(module: str, path: pathlib.Path) -> set:
       found.add(source)
       found.update(f"{source}.{a.name}" for a in node.names if a.name != "*")
     elif isinstance(node, ast.Call):
-      strings = [a.value for a in node.args if isinstance(a, ast.Constant)
-                 and isinstance(a.value, str)]
+      strings = [
+        a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+      ]
       # import_module(".trainer", "markovian_jax"): a relative name against its package.
       if len(strings) == 2 and strings[0].startswith(".") and _NAMED.fullmatch(strings[1]):
         level = len(strings[0]) - len(strings[0].lstrip("."))
@@ -82,8 +98,9 @@ def test_every_module_lives_in_a_named_room():
   top = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
   assert top == sorted(ENTRIES + ("trainer",)), top
   # Every package directory is a package: its __init__ (and so its imports) is checked too.
-  assert all((p.parent / "__init__.py").is_file() for p in PKG.rglob("*.py")), \
-      [str(p.parent) for p in PKG.rglob("*.py") if not (p.parent / "__init__.py").is_file()]
+  assert all((p.parent / "__init__.py").is_file() for p in PKG.rglob("*.py")), [
+    str(p.parent) for p in PKG.rglob("*.py") if not (p.parent / "__init__.py").is_file()
+  ]
 
 
 @pytest.mark.parametrize("module,path", list(_modules()), ids=lambda v: str(v)[-40:])
@@ -96,14 +113,16 @@ def test_imports_go_down_only(module, path):
       assert not there, f"the package __init__ imports {imported}"
       continue
     if here in ENTRIES:
-      assert imported in ("markovian_jax", "markovian_jax.cli", f"markovian_jax.cli.{here}"), \
-          f"the alias {module} imports {imported}, not only markovian_jax.cli.{here}"
+      assert imported in ("markovian_jax", "markovian_jax.cli", f"markovian_jax.cli.{here}"), (
+        f"the alias {module} imports {imported}, not only markovian_jax.cli.{here}"
+      )
       continue
     if here == "cli":
       assert there not in ENTRIES, f"{module} imports the entry module {imported}"
       command, other = module.split(".")[2:3], imported.split(".")[2:3]
-      assert there != "cli" or not other or not command or other == command, \
-          f"{module} imports the command {imported}"
+      assert there != "cli" or not other or not command or other == command, (
+        f"{module} imports the command {imported}"
+      )
       continue
     if not there or there == here:
       continue
@@ -114,33 +133,64 @@ def test_imports_go_down_only(module, path):
 
 
 # The checker itself: each violation planted in a copy of the real package is found.
-@pytest.mark.parametrize("module,line,message", [
-    ("runtime.cli", "def f():\n  from markovian_jax.training import specs\n",
-     "imports upwards: markovian_jax.training"),
+@pytest.mark.parametrize(
+  "module,line,message",
+  [
+    (
+      "runtime.cli",
+      "def f():\n  from markovian_jax.training import specs\n",
+      "imports upwards: markovian_jax.training",
+    ),
     ("runtime.cli", "from ..training import specs\n", "imports upwards: markovian_jax.training"),
-    ("runtime.errors", "import importlib\nT = importlib.import_module('markovian_jax.trainer')\n",
-     "imports upwards: markovian_jax.trainer"),
-    ("runtime.errors", "import importlib\nT = importlib.import_module('.train', 'markovian_jax')\n",
-     "imports the entry module markovian_jax.train"),
+    (
+      "runtime.errors",
+      "import importlib\nT = importlib.import_module('markovian_jax.trainer')\n",
+      "imports upwards: markovian_jax.trainer",
+    ),
+    (
+      "runtime.errors",
+      "import importlib\nT = importlib.import_module('.train', 'markovian_jax')\n",
+      "imports the entry module markovian_jax.train",
+    ),
     ("models.decoder", "from .. import data\n", "imports upwards: markovian_jax.data"),
-    ("data.prompts", "from ..models.decoder import forward\n",
-     "imports its sibling markovian_jax.models"),
-    ("sampling.__init__", "from . import sampler\nfrom .. import training\n",
-     "imports upwards: markovian_jax.training"),
-    ("__init__", "from markovian_jax import trainer\n",
-     "the package __init__ imports markovian_jax.trainer"),
+    (
+      "data.prompts",
+      "from ..models.decoder import forward\n",
+      "imports its sibling markovian_jax.models",
+    ),
+    (
+      "sampling.__init__",
+      "from . import sampler\nfrom .. import training\n",
+      "imports upwards: markovian_jax.training",
+    ),
+    (
+      "__init__",
+      "from markovian_jax import trainer\n",
+      "the package __init__ imports markovian_jax.trainer",
+    ),
     ("__init__", "from .runtime import errors\n", "the package __init__ imports markovian_jax."),
-    ("train", "from . import evaluate\n",
-     "the alias markovian_jax.train imports markovian_jax.evaluate"),
+    (
+      "train",
+      "from . import evaluate\n",
+      "the alias markovian_jax.train imports markovian_jax.evaluate",
+    ),
     ("cli.train", "from . import evaluate\n", "imports the command markovian_jax.cli.evaluate"),
-    ("cli.report", "from markovian_jax import analyze\n",
-     "imports the entry module markovian_jax.analyze"),
-    ("training.pipeline", "from markovian_jax.cli import train\n",
-     "imports upwards: markovian_jax.cli"),
-])
+    (
+      "cli.report",
+      "from markovian_jax import analyze\n",
+      "imports the entry module markovian_jax.analyze",
+    ),
+    (
+      "training.pipeline",
+      "from markovian_jax.cli import train\n",
+      "imports upwards: markovian_jax.cli",
+    ),
+  ],
+)
 def test_the_layer_checker_catches_a_planted_import(tmp_path, module, line, message):
-  pkg = pathlib.Path(shutil.copytree(PKG, tmp_path / "markovian_jax",
-                                     ignore=shutil.ignore_patterns("__pycache__")))
+  pkg = pathlib.Path(
+    shutil.copytree(PKG, tmp_path / "markovian_jax", ignore=shutil.ignore_patterns("__pycache__"))
+  )
   planted = pkg.joinpath(*module.split(".")).with_suffix(".py")
   planted.write_text(planted.read_text() + "\n" + line)
   name = f"markovian_jax.{module}".removesuffix(".__init__")

@@ -31,6 +31,7 @@ def _drawn(monkeypatch, results, **kw):
   def save(fig, plt, path):
     caught["fig"] = fig
     return path
+
   monkeypatch.setattr(figures, "save_png", save)
   cross_model.plot_over_training(results, "unused.png", "t", **kw)
   plt.close(caught["fig"])
@@ -39,8 +40,11 @@ def _drawn(monkeypatch, results, **kw):
 
 def _means(result):
   steps = np.unique(result.steps)
-  return (steps, np.array([result.run[result.steps == s].mean() for s in steps]),
-          np.array([result.reader[result.steps == s].mean() for s in steps]))
+  return (
+    steps,
+    np.array([result.run[result.steps == s].mean() for s in steps]),
+    np.array([result.reader[result.steps == s].mean() for s in steps]),
+  )
 
 
 @pytest.mark.parametrize("every, window_steps, points", [(1, 40, 40), (5, 40, 8), (5, 60, 12)])
@@ -72,8 +76,9 @@ def test_a_window_too_short_for_the_cubic_is_drawn_unsmoothed_and_says_so(monkey
   assert cross_model.smoothing_points(np.arange(0, 60, 10), 400) == 6
 
 
-def test_analyze_cross_model_reads_every_logged_step_and_shows_progress(tmp_path, tiny_model_dir,
-                                                                         capsys):
+def test_analyze_cross_model_reads_every_logged_step_and_shows_progress(
+  tmp_path, tiny_model_dir, capsys
+):
   """`analyze cross_model` with its defaults scores the CoTs of every logged step (34 here, more
   than the 32 questions it used to stop at), draws them all, and shows its progress (done/total,
   elapsed<time left, rate) as training does."""
@@ -83,20 +88,27 @@ def test_analyze_cross_model_reads_every_logged_step_and_shows_progress(tmp_path
 
   from markovian_jax import analyze
   from tests.run_fixtures import synthetic_run
+
   run = synthetic_run(tmp_path / "run", steps=340)  # logged every 10 steps
   samples = tmp_path / "run" / "samples.jsonl"
   # One CoT per logged question keeps the reader's work small.
-  logged = [{**r, "cots": r["cots"][:1], "rewards": r["rewards"][:1],
-             "normalized": r["normalized"][:1]} for r in map(json.loads, open(samples))]
+  logged = [
+    {**r, "cots": r["cots"][:1], "rewards": r["rewards"][:1], "normalized": r["normalized"][:1]}
+    for r in map(json.loads, open(samples))
+  ]
   samples.write_text("".join(json.dumps(r) + "\n" for r in logged))
   assert len(logged) == 34
-  f = types.SimpleNamespace(workdir=run, compare=None, reader=tiny_model_dir, num_cots=None,
-                            batch_size=8, smooth_steps=40)
+  f = types.SimpleNamespace(
+    workdir=run, compare=None, reader=tiny_model_dir, num_cots=None, batch_size=8, smooth_steps=40
+  )
   text = analyze.run_cross_model(f)
   assert f"on {len(logged)} CoTs of run run" in text
   saved = json.loads((tmp_path / "run" / "analysis" / "cross_model.json").read_text())
   assert sorted(set(saved["steps"])) == [r["step"] for r in logged]
   # 34 CoTs, then the 34 questions' CoT': one bar over both passes.
   err = capsys.readouterr().err
-  assert re.search(r"cross_model \(CoTs, then CoT'\): 100%\|[^|]*\| 68/68 "
-                   r"\[\d\d:\d\d<00:00, +[\d.?]+ ?(row/s|s/row)\]", err), err[-2000:]
+  assert re.search(
+    r"cross_model \(CoTs, then CoT'\): 100%\|[^|]*\| 68/68 "
+    r"\[\d\d:\d\d<00:00, +[\d.?]+ ?(row/s|s/row)\]",
+    err,
+  ), err[-2000:]

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from markovian_jax.reporting import markdown as report
 from markovian_jax.reporting import diagnoses as ra
+from markovian_jax.reporting import markdown as report
 from markovian_jax.reporting import runs as report_runs
 from tests.helpers import one_error_line, run_module
 from tests.run_fixtures import synthetic_run, table_run
@@ -29,14 +29,20 @@ def test_a_healthy_run_has_no_diagnosis(tmp_path):
     assert _diagnoses(synthetic_run(tmp_path / f"healthy{seed}", seed=seed)) == {}
 
 
-@pytest.mark.parametrize("kw, kinds, began", [
+@pytest.mark.parametrize(
+  "kw, kinds, began",
+  [
     (dict(ppo_blowup_at=120), {COLLAPSE_RATIO}, (120, 120)),
     (dict(repeat_from=151), {COLLAPSE_REPEAT}, (151, 151)),
     (dict(crash_at=130), {COLLAPSE_CRASH}, (128, 130)),
     (dict(evaluate=False), {NO_EVAL}, (0, 0)),
-    (dict(accuracy={0: 0.3, 40: 0.45, 80: 0.6, 120: 0.5, 160: 0.42, 200: 0.38}), {DIVERGE},
-     (80, 80)),
-])
+    (
+      dict(accuracy={0: 0.3, 40: 0.45, 80: 0.6, 120: 0.5, 160: 0.42, 200: 0.38}),
+      {DIVERGE},
+      (80, 80),
+    ),
+  ],
+)
 def test_each_failure_is_diagnosed_with_the_step_it_began(tmp_path, kw, kinds, began):
   found = _diagnoses(synthetic_run(tmp_path / "run", **kw))
   assert set(found) == kinds, {k: d.detail for k, d in found.items()}
@@ -63,19 +69,37 @@ def test_milestones_scale_with_the_run_length(tmp_path):
 
 def test_report_of_a_parent_directory(tmp_path):
   synthetic_run(tmp_path / "healthy")
-  synthetic_run(tmp_path / "collapsed", ppo_blowup_at=120, repeat_from=151, crash_at=160,
-                eval_size=50, config={"prompt.markovian": False, "optim.lr": 1e-3})
+  synthetic_run(
+    tmp_path / "collapsed",
+    ppo_blowup_at=120,
+    repeat_from=151,
+    crash_at=160,
+    eval_size=50,
+    config={"prompt.markovian": False, "optim.lr": 1e-3},
+  )
   (tmp_path / "notes").mkdir()  # not a run: ignored
   out = report.write_report(str(tmp_path))
   names = sorted(os.path.relpath(p, tmp_path) for p in out.figures)
-  assert names == ["report_figures/collapsed/eval.png", "report_figures/collapsed/training.png",
-                   "report_figures/compare_eval.png", "report_figures/compare_reward.png",
-                   "report_figures/healthy/eval.png", "report_figures/healthy/training.png"]
+  assert names == [
+    "report_figures/collapsed/eval.png",
+    "report_figures/collapsed/training.png",
+    "report_figures/compare_eval.png",
+    "report_figures/compare_reward.png",
+    "report_figures/healthy/eval.png",
+    "report_figures/healthy/training.png",
+  ]
   for p in out.figures:
     assert os.path.getsize(p) > 10_000
   text = open(out.path).read()
-  for section in ("## Summary", "## Hyperparameters", "## Results", "## Dynamics at milestones",
-                  "## Diagnoses", "## Figures", "## Example CoTs"):
+  for section in (
+    "## Summary",
+    "## Hyperparameters",
+    "## Results",
+    "## Dynamics at milestones",
+    "## Diagnoses",
+    "## Figures",
+    "## Example CoTs",
+  ):
     assert section in text
   assert "| prompt.markovian | False | True |" in text and "| optim.lr | 0.001 | 0.0001 |" in text
   assert "The runs differ in `eval.num_examples`, `optim.lr`, `prompt.markovian`" in text
@@ -107,8 +131,8 @@ def test_report_cli_on_two_runs_of_the_training_loop(demo_runs):
   # The methods compared, from what the trainer wrote: K from its config.json (CoTs are exactly
   # sampling.cot_length tokens), its answer/logprob, its steps.
   import json
-  k = json.load(open(os.path.join(demo_runs["markovian"], "config.json")))["sampling"][
-      "cot_length"]
+
+  k = json.load(open(os.path.join(demo_runs["markovian"], "config.json")))["sampling"]["cot_length"]
   methods = open(os.path.join(parent, "methods_table.md")).read()
   assert "## Methods compared" in text and methods.strip() in text
   assert "| Answer log-prob (train, last steps) | CoT tokens (K fixed) | Steps |" in methods
@@ -131,6 +155,7 @@ def test_report_bad_input(tmp_path):
 def test_report_of_a_live_run(tmp_path):
   """A run still being written: its event file and samples.jsonl end in a half-written record."""
   import glob
+
   path = synthetic_run(tmp_path / "live", steps=60, evaluate=False)
   with open(os.path.join(path, "samples.jsonl"), "a") as f:
     f.write('{"step": 61, "cots": ["half a li')
@@ -148,6 +173,7 @@ def test_report_of_a_live_run(tmp_path):
 
 def test_best_checkpoint_by_the_selection_split(tmp_path):
   from tensorboardX import SummaryWriter
+
   path = synthetic_run(tmp_path / "run")
   writer = SummaryWriter(path, filename_suffix=".selection")
   for step, acc in ((0, 0.30), (100, 0.60), (160, 0.60), (200, 0.50)):
@@ -162,8 +188,9 @@ def test_best_checkpoint_by_the_selection_split(tmp_path):
 
 
 @pytest.mark.parametrize("reference,legacy_blowup", [("behaviour", False), ("base", True)])
-def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, reference,
-                                                                   legacy_blowup):
+def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(
+  tmp_path, reference, legacy_blowup
+):
   """Multi-epoch PPO moves single tokens' ratios to the sampling policy far past 10 while each
   sequence's geometric-mean ratio stays near 1: not a collapse. The threshold (10) was set on
   the published runs' sequence-level ratio (21.75 in the collapsed ARC run): that is what fires."""
@@ -175,15 +202,22 @@ def test_ppo_blowup_reads_the_sequence_ratio_not_the_token_maximum(tmp_path, ref
   assert "policy/ppo_seq_ratio_max" in found[COLLAPSE_RATIO].detail
   # A run logged before the sequence tag existed: its per-token maximum is that same quantity
   # only for the ratio to the base (mean-reduced), and is read only then.
-  legacy = _diagnoses(synthetic_run(tmp_path / "legacy", ppo_blowup_at=120, config=cfg,
-                                    sequence_ratio=False))
+  legacy = _diagnoses(
+    synthetic_run(tmp_path / "legacy", ppo_blowup_at=120, config=cfg, sequence_ratio=False)
+  )
   if legacy_blowup:
     assert set(legacy) == {COLLAPSE_RATIO} and legacy[COLLAPSE_RATIO].began == 120
     assert legacy[COLLAPSE_RATIO].detail.startswith("policy/ppo_ratio_max first exceeded 10")
   else:
     assert legacy == {}, {k: d.detail for k, d in legacy.items()}
-  summed = _diagnoses(synthetic_run(tmp_path / "summed", ppo_blowup_at=120, sequence_ratio=False,
-                                    config={**cfg, "objective.logprob_reduction": "sum"}))
+  summed = _diagnoses(
+    synthetic_run(
+      tmp_path / "summed",
+      ppo_blowup_at=120,
+      sequence_ratio=False,
+      config={**cfg, "objective.logprob_reduction": "sum"},
+    )
+  )
   assert summed == {}, {k: d.detail for k, d in summed.items()}
 
 
@@ -193,12 +227,19 @@ def test_results_table_over_a_parent_of_variant_runs(tmp_path):
   matches the normal approximation of a proportion, n per cell, the base model from step 0, and a
   note where neighbours' intervals overlap."""
   from markovian_jax.reporting import results_table as rt
+
   sel = {0: 0.2, 20: 0.7, 40: 0.5}  # best at step 20
   table_run(tmp_path / "g_nm", "gsm8k", "non_markovian", {0: 0.2, 20: 0.62, 40: 0.3}, sel)
   table_run(tmp_path / "g_m", "gsm8k", "markovian", {0: 0.2, 20: 0.60, 40: 0.1}, sel)
   table_run(tmp_path / "g_ei", "gsm8k", "ei", {0: 0.2, 20: 0.45, 40: 0.9}, sel)
-  table_run(tmp_path / "s_m", "svamp", "markovian", {0: 0.1, 20: 0.3, 40: 0.35},
-            {0: 0.1, 20: 0.3, 40: 0.31}, n=100)
+  table_run(
+    tmp_path / "s_m",
+    "svamp",
+    "markovian",
+    {0: 0.1, 20: 0.3, 40: 0.35},
+    {0: 0.1, 20: 0.3, 40: 0.31},
+    n=100,
+  )
   runs = [report_runs.load_run(p, os.path.basename(p)) for p in report_runs.find_runs(tmp_path)]
   table = rt.results_table(runs)
   assert table.columns == ["base", "ei", "markovian", "non_markovian"]
@@ -207,8 +248,9 @@ def test_results_table_over_a_parent_of_variant_runs(tmp_path):
   m = table.cells[("gsm8k", "llama", "markovian")][0]
   assert (m.step, m.value, m.n, m.how, m.source) == (20, 0.60, 200, "selection", "periodic")
   half = 1.96 * (0.6 * 0.4 / 200) ** 0.5
-  assert m.low == pytest.approx(0.6 - half, abs=0.01) and m.high == pytest.approx(0.6 + half,
-                                                                                    abs=0.01)
+  assert m.low == pytest.approx(0.6 - half, abs=0.01) and m.high == pytest.approx(
+    0.6 + half, abs=0.01
+  )
   assert table.cells[("svamp", "llama", "markovian")][0].step == 40
   assert table.cells[("gsm8k", "llama", "base")][0].value == 0.2
   assert ("svamp", "llama", "ei") not in table.cells
@@ -243,15 +285,19 @@ def test_figures_plot_the_runs_series(tmp_path, monkeypatch):
   from tensorboard.backend.event_processing import event_accumulator
 
   from markovian_jax.reporting import figures as rf
+
   path = synthetic_run(tmp_path / "run", steps=60, eval_every=20)
   drawn = {}
   original = rf.save_png
 
   def spy(fig, plt, out):
     drawn[os.path.basename(out)] = {
-        ax.get_title(): [(line.get_label(), np.asarray(line.get_xdata(), float),
-                          np.asarray(line.get_ydata(), float)) for line in ax.get_lines()]
-        for ax in fig.axes}
+      ax.get_title(): [
+        (line.get_label(), np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+        for line in ax.get_lines()
+      ]
+      for ax in fig.axes
+    }
     return original(fig, plt, out)
 
   monkeypatch.setattr(rf, "save_png", spy)
@@ -263,12 +309,16 @@ def test_figures_plot_the_runs_series(tmp_path, monkeypatch):
 
   def logged(tag):
     points = events.Scalars(tag)
-    return (np.asarray([p.step for p in points], float),
-            np.asarray([p.value for p in points], float))
+    return (
+      np.asarray([p.step for p in points], float),
+      np.asarray([p.value for p in points], float),
+    )
 
-  for title, tag in (("Normalised reward R = r - b", "answer/normalized_reward"),
-                     ("KL to the reference model", "policy/kl"),
-                     ("PPO ratio pi / pi_behaviour", "policy/ppo_seq_ratio_max")):
+  for title, tag in (
+    ("Normalised reward R = r - b", "answer/normalized_reward"),
+    ("KL to the reference model", "policy/kl"),
+    ("PPO ratio pi / pi_behaviour", "policy/ppo_seq_ratio_max"),
+  ):
     lines = drawn["training.png"][title]
     x, y = logged(tag)
     raw = [ln for ln in lines if ln[1].size == x.size and np.allclose(ln[2], y)]
@@ -276,7 +326,7 @@ def test_figures_plot_the_runs_series(tmp_path, monkeypatch):
     smooth = [ln for ln in lines if "average" in ln[0] and np.allclose(ln[1], x)]
     for label, _, values in smooth:
       w = int(re.search(r"\((\d+)-step average\)", label).group(1))
-      want = [y[max(0, i - w + 1):i + 1].mean() for i in range(y.size)]
+      want = [y[max(0, i - w + 1) : i + 1].mean() for i in range(y.size)]
       if np.allclose(values, want):
         break
     else:

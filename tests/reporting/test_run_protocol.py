@@ -39,12 +39,19 @@ def _copy(demo_runs, name, parent, full=None) -> str:
 
 def _evaluate(model_dir, run, *extra):
   # The tiny run's own sizes (tests/helpers.make_config); the protocol keys left at demo's.
-  return run_module("markovian_jax.evaluate", "--config=configs/demo.py",
-                    f"--config.model.path={model_dir}", "--config.host_allocator=system",
-                    "--config.sampling.cot_length=8", "--config.sampling.prompt_bucket=64",
-                    "--config.eval.batch_size=4", "--config.eval.answer_max_tokens=4",
-                    f"--config.eval.final_num_examples={FULL}",
-                    f"--checkpoint_dir={run}/checkpoints", *extra)
+  return run_module(
+    "markovian_jax.evaluate",
+    "--config=configs/demo.py",
+    f"--config.model.path={model_dir}",
+    "--config.host_allocator=system",
+    "--config.sampling.cot_length=8",
+    "--config.sampling.prompt_bucket=64",
+    "--config.eval.batch_size=4",
+    "--config.eval.answer_max_tokens=4",
+    f"--config.eval.final_num_examples={FULL}",
+    f"--checkpoint_dir={run}/checkpoints",
+    *extra,
+  )
 
 
 @pytest.mark.slow  # the demo runs (training loops)
@@ -63,9 +70,9 @@ def test_a_runs_cells_come_from_periodic_evaluation_and_say_so(demo_runs, tmp_pa
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_another_protocol_and_fills_cells_at_the_full_size(demo_runs,
-                                                                            tiny_model_dir,
-                                                                            tmp_path):
+def test_evaluate_refuses_another_protocol_and_fills_cells_at_the_full_size(
+  demo_runs, tiny_model_dir, tmp_path
+):
   """A non-Markovian run evaluated with the bare task config is refused with one line and its
   cell stays as it was; the Markovian run evaluated with its own config (`--best --base_model`)
   gives cells of n = its configured full test size, Base included, and training's periodic
@@ -79,8 +86,11 @@ def test_evaluate_refuses_another_protocol_and_fills_cells_at_the_full_size(demo
   assert rt.format_results_table(_table(tmp_path)) == before
 
   m = _copy(demo_runs, "markovian", tmp_path, full=FULL)
-  periodic = {f: open(os.path.join(m, "eval", f)).read()
-              for f in os.listdir(os.path.join(m, "eval")) if f.endswith(".jsonl")}
+  periodic = {
+    f: open(os.path.join(m, "eval", f)).read()
+    for f in os.listdir(os.path.join(m, "eval"))
+    if f.endswith(".jsonl")
+  }
   proc = _evaluate(tiny_model_dir, m, "--best", "--base_model")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert periodic == {f: open(os.path.join(m, "eval", f)).read() for f in periodic}
@@ -117,16 +127,38 @@ def test_cells_are_keyed_by_model_and_read_under_the_runs_protocol(tmp_path):
   """Two models on one task are two rows, each with its own Base; the evaluate CLI's rows are
   used only when their protocol.json is the run's own."""
   from tests.run_fixtures import table_run
+
   sel = {0: 0.2, 20: 0.7, 40: 0.5}
-  llama = table_run(tmp_path / "llama_m", "gsm8k", "markovian", {0: 0.2, 20: 0.6, 40: 0.1},
-                    sel, n=10, model="meta-llama/Llama-3.1-8B-Instruct", full=50)
-  qwen = table_run(tmp_path / "qwen_m", "gsm8k", "markovian", {0: 0.1, 20: 0.7, 40: 0.3}, sel,
-                   n=10, model="Qwen/Qwen3-4B", full=50)
-  own = {"task": "gsm8k", "model.path": "meta-llama/Llama-3.1-8B-Instruct",
-         "variant": "markovian"}
+  llama = table_run(
+    tmp_path / "llama_m",
+    "gsm8k",
+    "markovian",
+    {0: 0.2, 20: 0.6, 40: 0.1},
+    sel,
+    n=10,
+    model="meta-llama/Llama-3.1-8B-Instruct",
+    full=50,
+  )
+  qwen = table_run(
+    tmp_path / "qwen_m",
+    "gsm8k",
+    "markovian",
+    {0: 0.1, 20: 0.7, 40: 0.3},
+    sel,
+    n=10,
+    model="Qwen/Qwen3-4B",
+    full=50,
+  )
+  own = {"task": "gsm8k", "model.path": "meta-llama/Llama-3.1-8B-Instruct", "variant": "markovian"}
   _final(llama, own, 20, 50, 29, base_k=11)
-  _final(qwen, dict(own, **{"model.path": "Qwen/Qwen3-4B", "variant": "non_markovian"}), 20,
-         50, 45, base_k=40)
+  _final(
+    qwen,
+    dict(own, **{"model.path": "Qwen/Qwen3-4B", "variant": "non_markovian"}),
+    20,
+    50,
+    45,
+    base_k=40,
+  )
   table = _table(tmp_path)
   lrow, qrow = ("gsm8k", "meta-llama/Llama-3.1-8B-Instruct"), ("gsm8k", "Qwen/Qwen3-4B")
   assert table.rows == [lrow, qrow]
@@ -159,16 +191,19 @@ def test_cells_are_keyed_by_model_and_read_under_the_runs_protocol(tmp_path):
 
 def _resume_config(model_dir, workdir, **overrides):
   from tests.helpers import make_config
+
   return make_config(model_dir, workdir, **{"train.resume": True, **overrides})
 
 
 @pytest.mark.parametrize("key,value", [("eval.seed", 7), ("eval.selection_size", 16)])
-def test_resuming_with_another_selection_seed_or_size_is_refused(tiny_model_dir, tmp_path, key,
-                                                                 value):
+def test_resuming_with_another_selection_seed_or_size_is_refused(
+  tiny_model_dir, tmp_path, key, value
+):
   """Refused from the run's config.json and its checkpoint listing, before anything loads."""
   from markovian_jax.runtime.errors import UserError
   from markovian_jax.trainer import Trainer
   from tests.helpers import make_config
+
   run = tmp_path / "run"
   (run / "checkpoints" / "2").mkdir(parents=True)
   (run / "config.json").write_text(json.dumps(make_config(tiny_model_dir, run).to_dict()))
@@ -176,7 +211,8 @@ def test_resuming_with_another_selection_seed_or_size_is_refused(tiny_model_dir,
     Trainer(_resume_config(tiny_model_dir, run, **{key: value}))
   line = " ".join(str(raised.value).split())
   assert line.startswith(f"config.{key}: the run being resumed started with {key}=") and (
-      f"(now {value})" in line), line
+    f"(now {value})" in line
+  ), line
   assert not (run / "selection.json").exists()
 
 
@@ -187,6 +223,7 @@ def test_resuming_never_rewrites_selection_json(demo_runs, tiny_model_dir, tmp_p
   from markovian_jax.data import selection
   from markovian_jax.data.records import DataError
   from markovian_jax.trainer import Trainer
+
   run = _copy(demo_runs, "markovian", tmp_path)
   path = os.path.join(run, "selection.json")
   record = json.loads(open(path).read())
@@ -198,6 +235,7 @@ def test_resuming_never_rewrites_selection_json(demo_runs, tiny_model_dir, tmp_p
   assert [e.id for e in trainer.selection_examples] == record["selection_ids"]
   # The same rebuilt splits against a record of another selection set: refused, file kept.
   from etils import epath
+
   other = dict(record, selection_ids=record["selection_ids"][::-1])
   open(path, "w").write(json.dumps(other))
   with pytest.raises(DataError, match="differs from the one .* records"):

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from markovian_jax.runtime import sharding
-from markovian_jax.runtime.checkpointing import CheckpointError, Checkpointer
 from markovian_jax.models import init_lora
+from markovian_jax.runtime import sharding
+from markovian_jax.runtime.checkpointing import Checkpointer, CheckpointError
 
 
 def _state(config, seed):
@@ -23,8 +23,9 @@ def test_round_trip_into_sharded_targets(tmp_path, tiny_config):
   state = {"step": 7, "cursor": {"epoch": 0, "index": 3}, "rng": [1, 2]}
   assert ckpt.save(7, lora.params, opt, state)
   mesh = sharding.make_mesh((2, 2, 2))
-  target = jax.device_put(jax.tree.map(jnp.zeros_like, lora.params),
-                          sharding.param_shardings(lora.params, mesh))
+  target = jax.device_put(
+    jax.tree.map(jnp.zeros_like, lora.params), sharding.param_shardings(lora.params, mesh)
+  )
   got_lora, got_opt, got_state = ckpt.restore(None, target, jax.tree.map(jnp.zeros_like, opt))
   assert got_state == state
   for a, b in zip(jax.tree.leaves(got_lora), jax.tree.leaves(lora.params)):

@@ -16,11 +16,23 @@ from tests import helpers
 
 # Every variable that JAX's detection or our explicit path reads, cleared so the host running the
 # tests (a SLURM allocation, an MPI job) cannot leak into the cases.
-_LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE",
-                "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "KUBERNETES_SERVICE_HOST",
-                "TPU_WORKER_HOSTNAMES", distributed.TIMEOUT_ENV)
+_LAUNCH_VARS = (
+  "JAX_COORDINATOR_ADDRESS",
+  "JAX_NUM_PROCESSES",
+  "JAX_PROCESS_ID",
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+  "OMPI_MCA_orte_hnp_uri",
+  "OMPI_COMM_WORLD_SIZE",
+  "OMPI_COMM_WORLD_RANK",
+  "OMPI_COMM_WORLD_LOCAL_RANK",
+  "KUBERNETES_SERVICE_HOST",
+  "TPU_WORKER_HOSTNAMES",
+  distributed.TIMEOUT_ENV,
+)
 
 
 @pytest.fixture
@@ -44,15 +56,24 @@ def test_explicit_variables(env):
   assert distributed.plan() is None  # one process: nothing to join
 
 
-@pytest.mark.parametrize("values,expected", [
-    ({"JAX_COORDINATOR_ADDRESS": "node0:1234"},
-     "JAX_COORDINATOR_ADDRESS set but JAX_NUM_PROCESSES, JAX_PROCESS_ID not"),
-    ({"JAX_COORDINATOR_ADDRESS": "n:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
-     "JAX_NUM_PROCESSES='two': not an integer >= 1"),
-    ({"JAX_COORDINATOR_ADDRESS": "n:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
-     "JAX_PROCESS_ID=2 is not below JAX_NUM_PROCESSES=2"),
+@pytest.mark.parametrize(
+  "values,expected",
+  [
+    (
+      {"JAX_COORDINATOR_ADDRESS": "node0:1234"},
+      "JAX_COORDINATOR_ADDRESS set but JAX_NUM_PROCESSES, JAX_PROCESS_ID not",
+    ),
+    (
+      {"JAX_COORDINATOR_ADDRESS": "n:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+      "JAX_NUM_PROCESSES='two': not an integer >= 1",
+    ),
+    (
+      {"JAX_COORDINATOR_ADDRESS": "n:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+      "JAX_PROCESS_ID=2 is not below JAX_NUM_PROCESSES=2",
+    ),
     ({distributed.TIMEOUT_ENV: "soon"}, "MARKOVIAN_DISTRIBUTED_TIMEOUT='soon'"),
-])
+  ],
+)
 def test_bad_launch_variables_name_the_variable(env, values, expected):
   for k, v in values.items():
     env.setenv(k, v)
@@ -62,8 +83,13 @@ def test_bad_launch_variables_name_the_variable(env, values, expected):
 
 
 def test_slurm_and_open_mpi_come_from_jax_detection(env):
-  for k, v in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]",
-               "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+  for k, v in {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "gpu[001-002]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+  }.items():
     env.setenv(k, v)
   assert distributed.plan() == Plan("SlurmCluster", None, 2, 1)
   env.setenv("JAX_COORDINATOR_ADDRESS", "gpu001:5000")  # explicit parts win over detection
@@ -71,12 +97,21 @@ def test_slurm_and_open_mpi_come_from_jax_detection(env):
   env.setenv("SLURM_NTASKS", "1")
   env.setenv("SLURM_PROCID", "0")
   assert distributed.plan() is None  # a one-task job step
-  for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-            "SLURM_LOCALID", "JAX_COORDINATOR_ADDRESS"):
+  for k in (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "JAX_COORDINATOR_ADDRESS",
+  ):
     env.delenv(k)
-  for k, v in {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911",
-               "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
-               "OMPI_COMM_WORLD_LOCAL_RANK": "1"}.items():
+  for k, v in {
+    "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911",
+    "OMPI_COMM_WORLD_SIZE": "4",
+    "OMPI_COMM_WORLD_RANK": "3",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+  }.items():
     env.setenv(k, v)
   assert distributed.plan() == Plan("OmpiCluster", None, 4, 3)
 
@@ -107,18 +142,35 @@ def test_a_process_that_never_joins_is_one_clear_error_within_the_timeout(tmp_pa
   """Process 0 of 2 waits for a process 1 that never starts; separately, a process 1 whose
   coordinator never starts. Both end within the 5 s timeout plus start-up, with one line each."""
   port, timeout = free_port(), 5
-  base = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-              JAX_NUM_PROCESSES="2", **{distributed.TIMEOUT_ENV: str(timeout)})
-  argv = [sys.executable, "-m", "markovian_jax.train", "--config=configs/demo.py",
-          f"--config.workdir={tmp_path / 'w'}", "--config.host_allocator=system",
-          "--config.compilation_cache_dir="]
+  base = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_NUM_PROCESSES="2",
+    **{distributed.TIMEOUT_ENV: str(timeout)},
+  )
+  argv = [
+    sys.executable,
+    "-m",
+    "markovian_jax.train",
+    "--config=configs/demo.py",
+    f"--config.workdir={tmp_path / 'w'}",
+    "--config.host_allocator=system",
+    "--config.compilation_cache_dir=",
+  ]
   start = time.monotonic()
   # Different ports: process 1 must find no coordinator at all.
-  procs = [subprocess.Popen(argv, cwd=helpers.REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            env=dict(base, JAX_PROCESS_ID=str(rank),
-                                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port + rank}"))
-           for rank in (0, 1)]
+  procs = [
+    subprocess.Popen(
+      argv,
+      cwd=helpers.REPO,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      env=dict(base, JAX_PROCESS_ID=str(rank), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port + rank}"),
+    )
+    for rank in (0, 1)
+  ]
   outs = [p.communicate(timeout=120) for p in procs]
   elapsed = time.monotonic() - start
   lines = []
@@ -166,12 +218,22 @@ def test_a_dead_peer_ends_the_survivor_with_one_line_and_a_finished_one_does_not
   for mode in ("kill", "finish"):
     port = free_port()
     for rank in (0, 1):
-      env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
-                 **{distributed.PEER_TIMEOUT_ENV: str(timeout)})
-      procs[mode, rank] = subprocess.Popen([sys.executable, "-c", _PEER_JOB, mode],
-                                           cwd=helpers.REPO, text=True, env=env,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+      env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(rank),
+        **{distributed.PEER_TIMEOUT_ENV: str(timeout)},
+      )
+      procs[mode, rank] = subprocess.Popen(
+        [sys.executable, "-c", _PEER_JOB, mode],
+        cwd=helpers.REPO,
+        text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+      )
   outs = {k: p.communicate(timeout=120) for k, p in procs.items()}
   killed_out, killed_err = outs["kill", 0]
   assert procs["kill", 1].returncode == -signal.SIGKILL

@@ -31,6 +31,7 @@ def no_exec(monkeypatch):
   def fake(path, argv, env):
     calls.append((path, argv, env))
     raise Execed()
+
   monkeypatch.setattr(host_allocator.os, "execve", fake)
   monkeypatch.delenv("MARKOVIAN_ALLOCATOR_REEXEC", raising=False)
   return calls
@@ -38,7 +39,8 @@ def no_exec(monkeypatch):
 
 def test_mapped_tcmalloc_reads_the_maps_path():
   assert host_allocator.mapped_tcmalloc(_MAPS) == (
-      "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10")
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10"
+  )
   without = "\n".join(line for line in _MAPS.splitlines() if "tcmalloc" not in line)
   assert host_allocator.mapped_tcmalloc(without) is None
 
@@ -46,7 +48,8 @@ def test_mapped_tcmalloc_reads_the_maps_path():
 def test_preload_value_puts_the_allocator_first():
   assert host_allocator.preload_value("libtcmalloc.so.4") == "libtcmalloc.so.4"
   assert host_allocator.preload_value("libtcmalloc.so.4", "/a/libx.so:/b/liby.so") == (
-      "libtcmalloc.so.4 /a/libx.so /b/liby.so")
+    "libtcmalloc.so.4 /a/libx.so /b/liby.so"
+  )
 
 
 def test_unknown_setting_names_the_key(no_exec):
@@ -68,7 +71,7 @@ def test_reexecs_the_same_command_with_tcmalloc_preloaded(no_exec, monkeypatch):
   monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
   with pytest.raises(Execed):
     host_allocator.ensure("tcmalloc")
-  (path, argv, env), = no_exec
+  ((path, argv, env),) = no_exec
   assert path == sys.executable
   assert argv == [sys.executable, *sys.orig_argv[1:]]
   assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 /opt/libother.so"
@@ -92,14 +95,23 @@ def test_missing_or_unloadable_tcmalloc_continues_on_system_malloc(no_exec, monk
 def test_a_real_process_restarts_onto_tcmalloc_once():
   if host_allocator.find_tcmalloc() is None:
     helpers.missing(f"tcmalloc is not installed ({host_allocator.INSTALL_HINT})")
-  code = ("from markovian_jax.runtime import host_allocator as h\n"
-          "print('before', flush=True)\n"
-          "print('line', h.ensure('tcmalloc'))\n"
-          "print('mapped', h.mapped_tcmalloc())\n")
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "MARKOVIAN_ALLOCATOR_REEXEC")}
-  proc = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  code = (
+    "from markovian_jax.runtime import host_allocator as h\n"
+    "print('before', flush=True)\n"
+    "print('line', h.ensure('tcmalloc'))\n"
+    "print('mapped', h.mapped_tcmalloc())\n"
+  )
+  env = {
+    k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MARKOVIAN_ALLOCATOR_REEXEC")
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   # The first process printed "before", then became the second, which ran everything again.

@@ -40,19 +40,30 @@ TIMEOUT_S = 600
 
 
 def _config_args(model_dir, workdir, cache_dir, *extra):
-  return ["--config=configs/demo.py", f"--config.model.path={model_dir}",
-          f"--config.workdir={workdir}", "--config.host_allocator=system",
-          f"--config.compilation_cache_dir={cache_dir}", "--config.mesh.shape=(2,2,2)",
-          "--config.sampling.cot_length=8", "--config.train.group_size=4",
-          f"--config.train.num_steps={STEPS}", "--config.train.eval_every=2",
-          "--config.train.text_every=1", "--config.train.max_to_keep=5",
-          "--config.eval.num_examples=4", "--config.eval.final_num_examples=4",
-          "--config.eval.batch_size=4",
-          "--config.eval.answer_max_tokens=4", *extra]
+  return [
+    "--config=configs/demo.py",
+    f"--config.model.path={model_dir}",
+    f"--config.workdir={workdir}",
+    "--config.host_allocator=system",
+    f"--config.compilation_cache_dir={cache_dir}",
+    "--config.mesh.shape=(2,2,2)",
+    "--config.sampling.cot_length=8",
+    "--config.train.group_size=4",
+    f"--config.train.num_steps={STEPS}",
+    "--config.train.eval_every=2",
+    "--config.train.text_every=1",
+    "--config.train.max_to_keep=5",
+    "--config.eval.num_examples=4",
+    "--config.eval.final_num_examples=4",
+    "--config.eval.batch_size=4",
+    "--config.eval.answer_max_tokens=4",
+    *extra,
+  ]
 
 
 def _free_port() -> int:
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -62,22 +73,38 @@ class Job:
   """`n` processes of one CLI command, each logging to <logdir>/<name>.<rank>.log."""
 
   def __init__(self, logdir, name, module, args, n):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=helpers.xla_flags(devices=8 // n))
+    env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))
+    }
+    env.update(
+      HF_HUB_OFFLINE="1",
+      HF_DATASETS_OFFLINE="1",
+      JAX_PLATFORMS="cpu",
+      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+      XLA_FLAGS=helpers.xla_flags(devices=8 // n),
+    )
     port = _free_port()
     self.logs = [logdir / f"{name}.{rank}.log" for rank in range(n)]
     self.procs = []
     for rank in range(n):
       if n > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
-                   JAX_PROCESS_ID=str(rank))
+        env.update(
+          JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+          JAX_NUM_PROCESSES=str(n),
+          JAX_PROCESS_ID=str(rank),
+        )
       with open(self.logs[rank], "w") as log:
-        self.procs.append(subprocess.Popen([sys.executable, "-m", module, *args],
-                                           cwd=helpers.REPO, env=dict(env), stdout=log,
-                                           stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=helpers.REPO,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+          )
+        )
 
   def wait(self) -> list[int]:
     deadline = time.monotonic() + TIMEOUT_S
@@ -98,7 +125,8 @@ class Job:
   def check(self) -> "Job":
     codes = self.wait()
     assert codes == [0] * len(codes), "\n".join(
-        f"--- process {r} exit {c}:\n{self.text(r)[-3000:]}" for r, c in enumerate(codes))
+      f"--- process {r} exit {c}:\n{self.text(r)[-3000:]}" for r, c in enumerate(codes)
+    )
     return self
 
 
@@ -107,8 +135,9 @@ def _sigterm_after_step_one(job: Job, workdir, rank: int = 1) -> None:
   done, and a SIGTERM to process `rank` must stop both processes before the last step."""
   deadline = time.monotonic() + TIMEOUT_S
   while not (workdir / "samples.jsonl").exists():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs), \
-        job.text(0)[-3000:]
+    assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs), job.text(0)[
+      -3000:
+    ]
     time.sleep(0.05)
   job.procs[rank].send_signal(signal.SIGTERM)
 
@@ -126,32 +155,52 @@ def runs(tiny_model_dir, tmp_path_factory):
 
   try:
     t0 = time.monotonic()
-    one = start("one", "markovian_jax.train",  # side by side with the first two-process run
-                _config_args(tiny_model_dir, one_dir, "", "--config.train.checkpoint_every=1"),
-                1)
-    two_args = _config_args(tiny_model_dir, two_dir, cache,
-                            "--config.train.checkpoint_every=100")
+    one = start(
+      "one",
+      "markovian_jax.train",  # side by side with the first two-process run
+      _config_args(tiny_model_dir, one_dir, "", "--config.train.checkpoint_every=1"),
+      1,
+    )
+    two_args = _config_args(tiny_model_dir, two_dir, cache, "--config.train.checkpoint_every=100")
     stopped = start("two_stopped", "markovian_jax.train", two_args, 2)
     _sigterm_after_step_one(stopped, two_dir)
     stopped.check()
     stopped_steps = _steps(two_dir)
     one.check()
     t1 = time.monotonic()
-    resumed = start("two_resumed", "markovian_jax.train",
-                    [*two_args, "--config.train.resume=True"], 2).check()
+    resumed = start(
+      "two_resumed", "markovian_jax.train", [*two_args, "--config.train.resume=True"], 2
+    ).check()
     t2 = time.monotonic()
-    evaluated = start("eval", "markovian_jax.evaluate",
-                      [*_config_args(tiny_model_dir, two_dir, cache),
-                       f"--checkpoint_dir={two_dir / 'checkpoints'}", f"--step={STEPS}",
-                       f"--output_dir={eval_dir}"], 2).check()
+    evaluated = start(
+      "eval",
+      "markovian_jax.evaluate",
+      [
+        *_config_args(tiny_model_dir, two_dir, cache),
+        f"--checkpoint_dir={two_dir / 'checkpoints'}",
+        f"--step={STEPS}",
+        f"--output_dir={eval_dir}",
+      ],
+      2,
+    ).check()
     t3 = time.monotonic()
   finally:
     for job in jobs:  # a failed assertion above leaves no process behind
       job.kill()
-  print(f"multihost runs: one and two (stopped) {t1 - t0:.0f}s, resumed {t2 - t1:.0f}s, "
-        f"evaluate {t3 - t2:.0f}s")
-  return dict(one=one, stopped=stopped, resumed=resumed, evaluated=evaluated, one_dir=one_dir,
-              two_dir=two_dir, eval_dir=eval_dir, stopped_steps=stopped_steps)
+  print(
+    f"multihost runs: one and two (stopped) {t1 - t0:.0f}s, resumed {t2 - t1:.0f}s, "
+    f"evaluate {t3 - t2:.0f}s"
+  )
+  return dict(
+    one=one,
+    stopped=stopped,
+    resumed=resumed,
+    evaluated=evaluated,
+    one_dir=one_dir,
+    two_dir=two_dir,
+    eval_dir=eval_dir,
+    stopped_steps=stopped_steps,
+  )
 
 
 def _steps(workdir) -> list[int]:
@@ -162,14 +211,17 @@ def _tree(workdir, step: int, item: str) -> dict:
   """A checkpoint item as {key path: numpy array}, read without the run's devices."""
   import jax
   import orbax.checkpoint as ocp
+
   handler = ocp.PyTreeCheckpointHandler()
   path = workdir / "checkpoints" / str(step) / item
   meta = handler.metadata(path).tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
-                      is_leaf=lambda x: hasattr(x, "shape"))
+  args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta, is_leaf=lambda x: hasattr(x, "shape")
+  )
   tree = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _jsonl(path) -> list[dict]:
@@ -185,8 +237,9 @@ def test_two_processes_form_one_eight_device_job(runs):
   assert "jax.distributed: single process" in runs["one"].text(0)
   for job in ("stopped", "resumed", "evaluated"):
     for rank in (0, 1):
-      assert (f"jax.distributed ready: process {rank} of 2, 4 local / 8 global devices"
-              in runs[job].text(rank)), runs[job].text(rank)[-3000:]
+      assert f"jax.distributed ready: process {rank} of 2, 4 local / 8 global devices" in runs[
+        job
+      ].text(rank), runs[job].text(rank)[-3000:]
 
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs):
@@ -213,28 +266,31 @@ def test_resume_across_two_processes_continues_exactly(runs):
 
 def test_losses_and_lora_gradients_equal_the_one_process_run(runs):
   from markovian_jax.runtime import summary
+
   one, two = summary.read_scalars(str(runs["one_dir"])), summary.read_scalars(str(runs["two_dir"]))
   for tag in ("train/loss", "train/grad_norm", "answer/logprob", "policy/kl"):
     assert [s for s, _ in two[tag]] == list(range(1, STEPS + 1)), tag  # once per step
     a, b = np.array([v for _, v in one[tag]]), np.array([v for _, v in two[tag]])
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=tag)
   for step in (runs["stopped_steps"][0], STEPS):
-    opt_one, opt_two = _tree(runs["one_dir"], step, "opt_state"), _tree(runs["two_dir"], step,
-                                                                        "opt_state")
+    opt_one, opt_two = (
+      _tree(runs["one_dir"], step, "opt_state"),
+      _tree(runs["two_dir"], step, "opt_state"),
+    )
     moments = [k for k in opt_one if "['mu']" in k or "['nu']" in k]
     assert len(moments) >= 28 and set(opt_one) == set(opt_two)
     for key in moments:
       scale = max(np.abs(opt_one[key]).max(), 1e-30)
-      np.testing.assert_allclose(opt_two[key], opt_one[key], rtol=1e-3, atol=1e-4 * scale,
-                                 err_msg=f"step {step} {key}")
+      np.testing.assert_allclose(
+        opt_two[key], opt_one[key], rtol=1e-3, atol=1e-4 * scale, err_msg=f"step {step} {key}"
+      )
   lora_one, lora_two = _tree(runs["one_dir"], STEPS, "lora"), _tree(runs["two_dir"], STEPS, "lora")
   compared = 0
   for key, value in lora_one.items():
     mu = opt_one[next(k for k in opt_one if "['mu']" in k and k.endswith(key))]
     well = np.abs(mu) > 1e-2 * np.abs(mu).max()
     compared += well.sum()
-    np.testing.assert_allclose(lora_two[key][well], value[well], rtol=1e-4, atol=1e-6,
-                               err_msg=key)
+    np.testing.assert_allclose(lora_two[key][well], value[well], rtol=1e-4, atol=1e-6, err_msg=key)
   assert compared > 100
 
 
@@ -245,13 +301,15 @@ def test_one_process_writes_one_set_of_files(runs):
   # processes, process 0 of each launch (stopped, resumed), none from process 1.
   assert len({f.split(".")[-2] for f in events}) == 2, events
   assert sorted(f for f in os.listdir(two / "eval") if f.endswith(".jsonl")) == [
-      f"step_{s}.jsonl" for s in (0, 2, 4)]
+    f"step_{s}.jsonl" for s in (0, 2, 4)
+  ]
   assert sorted(os.listdir(two / "eval" / "selection")) == [f"step_{s}.jsonl" for s in (0, 2, 4)]
   assert _steps(two) == [runs["stopped_steps"][0], STEPS]
   assert (two / "config.json").is_file()
   # Evaluation at step 4 saw the same CoTs and answers in both runs.
-  for a, b in zip(_jsonl(runs["one_dir"] / "eval" / "step_4.jsonl"),
-                  _jsonl(two / "eval" / "step_4.jsonl")):
+  for a, b in zip(
+    _jsonl(runs["one_dir"] / "eval" / "step_4.jsonl"), _jsonl(two / "eval" / "step_4.jsonl")
+  ):
     assert a == b
 
 
@@ -259,7 +317,10 @@ def test_evaluate_on_two_processes_writes_one_summary(runs):
   out = runs["eval_dir"]
   # protocol.json: what the cells were read under (evaluate refuses to mix protocols in one dir).
   assert sorted(f for f in os.listdir(out) if not f.startswith("events")) == [
-      "protocol.json", "step_4.jsonl", "summary.json"]
+    "protocol.json",
+    "step_4.jsonl",
+    "summary.json",
+  ]
   assert len([f for f in os.listdir(out) if f.startswith("events")]) == 1
   assert "wrote " in runs["evaluated"].text(0) and "wrote " not in runs["evaluated"].text(1)
   summary = json.loads((out / "summary.json").read_text())
@@ -274,9 +335,10 @@ def fake_gcs(tmp_path, monkeypatch):
   """gs://BUCKET/PATH served from tmp_path/gcs/BUCKET/PATH through fsspec (the backend etils
   epath uses for gs:// when TensorFlow is absent); the test runs in an empty working directory,
   where a URI mistaken for a local path would show up as a 'gs:' directory."""
-  import fsspec
   from etils.epath import backend
+  import fsspec
   from fsspec.implementations.local import LocalFileSystem
+
   root = tmp_path / "gcs"
   root.mkdir()
 
@@ -292,7 +354,7 @@ def fake_gcs(tmp_path, monkeypatch):
       path = str(path)
       for prefix in ("gs://", "gcs://"):
         if path.startswith(prefix):
-          return str(root / path[len(prefix):]).rstrip("/")
+          return str(root / path[len(prefix) :]).rstrip("/")
       return super()._strip_protocol(path)
 
   registry = importlib.import_module("fsspec.registry")._registry  # fsspec.registry: a view
@@ -302,6 +364,7 @@ def fake_gcs(tmp_path, monkeypatch):
   # Orbax asks GCS (google-cloud-storage, which gcsfs brings) whether the bucket has a
   # hierarchical namespace; a fake bucket has none.
   from orbax.checkpoint._src.path import gcs_utils
+
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -316,8 +379,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
 
 def test_gs_workdir_stays_a_uri(fake_gcs, tiny_model_dir):
-  from markovian_jax.runtime import checkpointing
-  from markovian_jax.runtime import summary
+  from markovian_jax.runtime import checkpointing, summary
   from markovian_jax.runtime.errors import InvalidConfig
   from markovian_jax.trainer import Trainer, check_workdir
   from tests.helpers import make_config
@@ -340,5 +402,7 @@ def test_gs_workdir_stays_a_uri(fake_gcs, tiny_model_dir):
   (run / "checkpoints" / "3").mkdir()
   with pytest.raises(InvalidConfig, match=r"gs://bucket/run/checkpoints already holds .*\[3\]"):
     check_workdir(trainer.spec)
-  assert str(checkpointing.absolute("gs://bucket/run/checkpoints").parent / "eval") == \
-      "gs://bucket/run/eval"
+  assert (
+    str(checkpointing.absolute("gs://bucket/run/checkpoints").parent / "eval")
+    == "gs://bucket/run/eval"
+  )

@@ -10,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from markovian_jax.training import config_validation
-from markovian_jax.runtime import presets
-from markovian_jax.runtime import sharding
+from markovian_jax.runtime import presets, sharding
 from markovian_jax.runtime.errors import InvalidConfig
+from markovian_jax.training import config_validation
 from tests import helpers
 
 
@@ -26,6 +25,7 @@ def gsm8k(**overrides):
 
 
 # ------------------------------------------------------------------ tables and rules
+
 
 def test_shard_shape_unsplit_and_padding():
   sizes = (2, 2, 4)
@@ -46,8 +46,7 @@ def test_shard_shape_unsplit_and_padding():
 
 def test_presets_imply_batches_that_split():
   base = importlib.import_module("configs.base")
-  want = {"1xh100": 1, "8xh100": 2, "2x8xh100": 4, "v5e-8": 1, "v5e-32": 2, "v5p-8": 1,
-          "v5p-64": 8}
+  want = {"1xh100": 1, "8xh100": 2, "2x8xh100": 4, "v5e-8": 1, "v5e-32": 2, "v5p-8": 1, "v5p-64": 8}
   for name, q in want.items():
     spec = config_validation.validate(base.with_preset(base.get_config("gsm8k"), name))
     split = presets.row_split(spec.mesh.resolved)
@@ -61,19 +60,32 @@ def test_presets_imply_batches_that_split():
   assert presets.questions_for((8, 1, 1), 16) == 1  # wiki_continuation's G=16 splits already
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"mesh.preset": "8xh100"},
-     "config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do not "
-     "split over data*fsdp=8 (mesh.preset=8xh100 (8, 1, 1)): set train.questions_per_step to a "
-     "multiple of 2"),
-    ({"mesh.shape": (4, 8, 1)},
-     "config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do not "
-     "split over data*fsdp=32 (mesh.shape=(4, 8, 1)): set train.questions_per_step to a multiple "
-     "of 8"),
-    ({"mesh.preset": "8xh100", "train.questions_per_step": 2, "objective.kind": "ppo",
-      "objective.ppo_minibatches": 4},
-     "config.objective.ppo_minibatches: 4 minibatches of 6 rows do not split over data*fsdp=8"),
-])
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (
+      {"mesh.preset": "8xh100"},
+      "config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do not "
+      "split over data*fsdp=8 (mesh.preset=8xh100 (8, 1, 1)): set train.questions_per_step to a "
+      "multiple of 2",
+    ),
+    (
+      {"mesh.shape": (4, 8, 1)},
+      "config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do not "
+      "split over data*fsdp=32 (mesh.shape=(4, 8, 1)): set train.questions_per_step to a multiple "
+      "of 8",
+    ),
+    (
+      {
+        "mesh.preset": "8xh100",
+        "train.questions_per_step": 2,
+        "objective.kind": "ppo",
+        "objective.ppo_minibatches": 4,
+      },
+      "config.objective.ppo_minibatches: 4 minibatches of 6 rows do not split over data*fsdp=8",
+    ),
+  ],
+)
 def test_rows_that_do_not_split_are_refused(overrides, message):
   with pytest.raises(InvalidConfig) as e:
     config_validation.validate(gsm8k(**overrides))
@@ -82,17 +94,18 @@ def test_rows_that_do_not_split_are_refused(overrides, message):
 
 def test_rows_rule_lenient_only_when_asked(caplog):
   config_validation.validate(gsm8k(**{"mesh.preset": "8xh100", "train.questions_per_step": 2}))
-  config_validation.validate(gsm8k(**{"mesh.preset": "8xh100", "train.group_size": 8,
-                                      "train.questions_per_step": 2}))  # Q=2, G=8 trains
+  config_validation.validate(
+    gsm8k(**{"mesh.preset": "8xh100", "train.group_size": 8, "train.questions_per_step": 2})
+  )  # Q=2, G=8 trains
   with caplog.at_level("WARNING"):
-    config_validation.validate(gsm8k(**{"mesh.preset": "8xh100",
-                                        "mesh.allow_replication": True}))
+    config_validation.validate(gsm8k(**{"mesh.preset": "8xh100", "mesh.allow_replication": True}))
   assert "do not split over data*fsdp=8" in caplog.text
   # A mesh that counts its devices (-1) is checked once they are known (plan.check).
   config_validation.validate(gsm8k())
 
 
 # ------------------------------------------------------------------ the sampler
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -104,21 +117,30 @@ def test_sampler_pads_the_reference_rows_and_splits_them(model):
   """Q=2 x G=4 policy rows + 2 CoT' rows = 10, which data=4 does not divide: padded to 12, and
   every output is what one device samples."""
   from markovian_jax import sampling
+
   config, params, lora = model
   prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
-  kw = dict(lora=lora, max_new_tokens=6, rng=jax.random.PRNGKey(3), temperature=0.8,
-            num_samples=4, eos_ids=(2,))
+  kw = dict(
+    lora=lora,
+    max_new_tokens=6,
+    rng=jax.random.PRNGKey(3),
+    temperature=0.8,
+    num_samples=4,
+    eos_ids=(2,),
+  )
   one, one_ref = sampling.generate_with_reference(config, params, prompts, **kw)
   mesh = sharding.make_mesh((4, 1, 2))
   sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
-  lora_sh = lora.replace(params=jax.device_put(lora.params,
-                                               sharding.param_shardings(lora.params, mesh)))
+  lora_sh = lora.replace(
+    params=jax.device_put(lora.params, sharding.param_shardings(lora.params, mesh))
+  )
   out, ref = sampling.generate_with_reference(config, sharded, prompts, **{**kw, "lora": lora_sh})
   assert {s.data.shape for s in out.tokens.addressable_shards} == {(2, 6)}  # 8 rows / data=4
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(one.tokens))
   np.testing.assert_array_equal(np.asarray(ref.tokens), np.asarray(one_ref.tokens))
-  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(one.logprobs),
-                             rtol=helpers.ulps(16))  # log-probs (~ -6) of two float32 programs
+  np.testing.assert_allclose(
+    np.asarray(out.logprobs), np.asarray(one.logprobs), rtol=helpers.ulps(16)
+  )  # log-probs (~ -6) of two float32 programs
   np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(one.lengths))
 
 
@@ -144,20 +166,28 @@ def test_decode_does_not_all_gather_weights(monkeypatch):
   layer's weight matrix. The control, the train layout (rows over data x fsdp, weights split on
   the model dim), gathers weights inside the loop."""
   from markovian_jax.planning import compile as plan_compile
-  from markovian_jax.sampling import sampler
   from markovian_jax.planning import memory as plan_memory
-  config = helpers.tiny_config(hidden_size=256, intermediate_size=1024, num_heads=8,
-                               num_kv_heads=8, head_dim=32)
+  from markovian_jax.sampling import sampler
+
+  config = helpers.tiny_config(
+    hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=8, head_dim=32
+  )
   spec = config_validation.validate(gsm8k(**{"train.group_size": 2}))
   mesh = sharding.make_mesh((1, 4, 2))
   weight = 256 * 1024 * 4 // 2  # one mlp kernel, split by tensor=2
   work = functools.partial(plan_memory.Workload, group=2, cot=4, prompt=16, answer=32, window=8)
-  decode = _loop_all_gathers(plan_compile.compile_phases(
-      spec, config, mesh, work(questions=2), phases=("sample",))["sample"].as_text())
+  decode = _loop_all_gathers(
+    plan_compile.compile_phases(spec, config, mesh, work(questions=2), phases=("sample",))[
+      "sample"
+    ].as_text()
+  )
   assert max(decode, default=0) < weight // 8, decode
   monkeypatch.setattr(sampler, "_RULES", sharding.DEFAULT_RULES)
-  control = _loop_all_gathers(plan_compile.compile_phases(
-      spec, config, mesh, work(questions=4), phases=("sample",))["sample"].as_text())
+  control = _loop_all_gathers(
+    plan_compile.compile_phases(spec, config, mesh, work(questions=4), phases=("sample",))[
+      "sample"
+    ].as_text()
+  )
   assert max(control) >= weight // 4, control
 
 
@@ -173,10 +203,16 @@ Q, G = 2, 4  # 8 rows: every layout's data x fsdp divides them
 def model_dir(tmp_path_factory, smollm2_path):
   """A tiny random Llama with 4 kv heads (tensor=4 splits them) and SmolLM2's tokenizer."""
   from markovian_jax.models import hf, init_params, load_tokenizer
+
   tok = load_tokenizer(smollm2_path)
-  config = helpers.tiny_config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_ids=(tok.eos_token_id,), rope_scaling=None,
-                               num_heads=8, num_kv_heads=4)
+  config = helpers.tiny_config(
+    vocab_size=len(tok),
+    bos_token_id=tok.bos_token_id,
+    eos_token_ids=(tok.eos_token_id,),
+    rope_scaling=None,
+    num_heads=8,
+    num_kv_heads=4,
+  )
   d = str(tmp_path_factory.mktemp("tiny_llama_kv4"))
   hf.save_hf(config, init_params(config, jax.random.PRNGKey(0)), d, tokenizer=tok)
   return d
@@ -185,16 +221,22 @@ def model_dir(tmp_path_factory, smollm2_path):
 def _trainer(model_dir, workdir, shape):
   from markovian_jax.trainer import Trainer
   from tests.helpers import make_config
-  return Trainer(make_config(model_dir, workdir, **{
-      "mesh.shape": shape, "train.questions_per_step": Q, "train.group_size": G}))
+
+  return Trainer(
+    make_config(
+      model_dir,
+      workdir,
+      **{"mesh.shape": shape, "train.questions_per_step": Q, "train.group_size": G},
+    )
+  )
 
 
 def _step(trainer):
   """The step's rollout, update batch, the sampler's device output, and the loss and LoRA
   gradient on the batch before any optimizer step."""
   from markovian_jax import sampling
-  from markovian_jax.training import pipeline
-  from markovian_jax.training import train_step
+  from markovian_jax.training import pipeline, train_step
+
   ctx, spec = trainer.ctx, trainer.spec
   examples = trainer.train_stream.take(Q)
   key = jax.random.PRNGKey(7)
@@ -202,9 +244,19 @@ def _step(trainer):
   # The same call rollout made (a cache hit), to look at the sampler's device arrays.
   k, s = spec.sampling.cot_length, spec.sampling
   samples, _ = sampling.generate_with_reference(
-      ctx.model, ctx.params, [ctx.cot_prompt_ids(ex) for ex in examples], lora=trainer.lora,
-      max_new_tokens=k, min_new_tokens=k, eos_ids=ctx.eos_ids, rng=key,
-      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, num_samples=G)
+    ctx.model,
+    ctx.params,
+    [ctx.cot_prompt_ids(ex) for ex in examples],
+    lora=trainer.lora,
+    max_new_tokens=k,
+    min_new_tokens=k,
+    eos_ids=ctx.eos_ids,
+    rng=key,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    num_samples=G,
+  )
   sc = pipeline.score(ctx, trainer.programs, trainer.lora, None, ro)
   tg, _, _ = pipeline.targets(ctx, trainer.programs, sc, trainer.baseline_state)
   batch = pipeline.policy_batch(ctx, ro, sc)
@@ -220,8 +272,9 @@ def single(model_dir, tmp_path_factory):
 
 def _row_slices(x: jax.Array) -> dict:
   """{device: (start, stop)} of the rows each device holds."""
-  return {s.device: (s.index[0].start or 0, s.index[0].stop or x.shape[0])
-          for s in x.addressable_shards}
+  return {
+    s.device: (s.index[0].start or 0, s.index[0].stop or x.shape[0]) for s in x.addressable_shards
+  }
 
 
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
@@ -237,14 +290,22 @@ def test_train_step_splits_rows_and_weights(model_dir, tmp_path, single, shape):
   ro1, _, _, loss1, grads1 = single
   n = Q * G
   # Rows: the update's batch, split over data x fsdp (tensor peers share theirs).
-  for name in ("cot_tokens", "cot_mask", "behaviour_logprobs", "answer_tokens", "answer_span",
-               "answer_logprobs", "baseline_scores"):
+  for name in (
+    "cot_tokens",
+    "cot_mask",
+    "behaviour_logprobs",
+    "answer_tokens",
+    "answer_span",
+    "answer_logprobs",
+    "baseline_scores",
+  ):
     x = getattr(batch, name)
     slices = _row_slices(x)
     assert {s.data.shape[0] for s in x.addressable_shards} == {n // (d * f)}, name
     assert len(set(slices.values())) == d * f, name
-    assert sorted(set(slices.values())) == [(i * n // (d * f), (i + 1) * n // (d * f))
-                                            for i in range(d * f)], name
+    assert sorted(set(slices.values())) == [
+      (i * n // (d * f), (i + 1) * n // (d * f)) for i in range(d * f)
+    ], name
   # The sampler's rows (decode layout: split over data; fsdp and tensor split the weights).
   assert {s.data.shape[0] for s in samples.tokens.addressable_shards} == {n // d}
   assert len(set(_row_slices(samples.tokens).values())) == d

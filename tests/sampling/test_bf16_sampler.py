@@ -30,7 +30,7 @@ from tests import helpers
 
 pytestmark = pytest.mark.slow  # two bfloat16 programs (the sampler, the teacher-forced pass)
 
-U = 2.0 ** -8
+U = 2.0**-8
 LAMBDA = 4.0
 G, K, TEMPERATURE = 4, 12, 0.7
 PROMPTS = [[1, 17, 250, 3, 99, 41, 7], [1, 400, 12, 5]]
@@ -39,6 +39,7 @@ PROMPTS = [[1, 17, 250, 3, 99, 41, 7], [1, 400, 12, 5]]
 def _sigma_z(config, params) -> float:
   """sqrt(K_F) u max|g| max_v ||W_v||: the logits' rounding scale (tests/training/test_bf16.py)."""
   from markovian_jax.models import decoder
+
   head = np.asarray(decoder.head_weight(config, params), np.float32)  # [D, V]
   g = np.asarray(params["final_norm"]["scale"], np.float32)
   k_f = 22 * config.num_layers + 1
@@ -48,6 +49,7 @@ def _sigma_z(config, params) -> float:
 def test_bf16_sampler_logprobs_match_teacher_forcing():
   from markovian_jax.models import decoder, logprobs
   from markovian_jax.sampling import batching, generate_with_reference
+
   cfg32 = helpers.tiny_config()
   params32, lora = helpers.random_model(cfg32)
   cfg = cfg32.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -55,9 +57,18 @@ def test_bf16_sampler_logprobs_match_teacher_forcing():
   exact = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # the same weights, in float32
 
   # The trainer's rollout: G samples per prompt at T with the LoRA, the base's CoT' alongside.
-  out, _ = generate_with_reference(cfg, params, PROMPTS, lora=lora, max_new_tokens=K,
-                                   min_new_tokens=K, rng=3, temperature=TEMPERATURE,
-                                   num_samples=G, eos_ids=(2,))
+  out, _ = generate_with_reference(
+    cfg,
+    params,
+    PROMPTS,
+    lora=lora,
+    max_new_tokens=K,
+    min_new_tokens=K,
+    rng=3,
+    temperature=TEMPERATURE,
+    num_samples=G,
+    eos_ids=(2,),
+  )
   assert out.logprobs.dtype == jnp.float32
   # The head's output is float32 in a bfloat16 model: bfloat16 operands, float32 accumulation and
   # result, no bfloat16 rounding (which on this model's logits, |z| < 1, would hide far below the
@@ -76,9 +87,22 @@ def test_bf16_sampler_logprobs_match_teacher_forcing():
   p_tokens, p_mask = batching.pad_left(PROMPTS, batching.bucket(max(map(len, PROMPTS)), 8))
 
   def teacher_forced(c, p):
-    return np.asarray(jax.jit(lambda p_, l_: logprobs.continuation_logprobs(
-        c, p_, jnp.asarray(p_tokens), jnp.asarray(p_mask), out.tokens,
-        jnp.ones(out.tokens.shape, bool), lora=l_, temperature=TEMPERATURE).logprobs)(p, lora))
+    return np.asarray(
+      jax.jit(
+        lambda p_, l_: (
+          logprobs.continuation_logprobs(
+            c,
+            p_,
+            jnp.asarray(p_tokens),
+            jnp.asarray(p_mask),
+            out.tokens,
+            jnp.ones(out.tokens.shape, bool),
+            lora=l_,
+            temperature=TEMPERATURE,
+          ).logprobs
+        )
+      )(p, lora)
+    )
 
   forced = teacher_forced(cfg, params)
   want = teacher_forced(cfg32, exact)
@@ -94,7 +118,16 @@ def test_bf16_sampler_logprobs_match_teacher_forcing():
   # bfloat16 rounding is visible (a float32 model in disguise would agree to ~1e-6) ...
   assert np.abs(forced - want).max() > 1e-4
   # ... and far below what a temperature slip would cost (the T = 1 log-probs of the same tokens).
-  at_one = np.asarray(logprobs.continuation_logprobs(
-      cfg32, exact, jnp.asarray(p_tokens), jnp.asarray(p_mask), out.tokens,
-      jnp.ones(out.tokens.shape, bool), lora=lora, temperature=1.0).logprobs)
+  at_one = np.asarray(
+    logprobs.continuation_logprobs(
+      cfg32,
+      exact,
+      jnp.asarray(p_tokens),
+      jnp.asarray(p_mask),
+      out.tokens,
+      jnp.ones(out.tokens.shape, bool),
+      lora=lora,
+      temperature=1.0,
+    ).logprobs
+  )
   assert np.abs(at_one - want).mean() > 10 * gap.mean()

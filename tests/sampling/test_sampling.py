@@ -12,10 +12,9 @@ import pytest
 from scipy import stats
 
 from markovian_jax import sampling
-from markovian_jax.sampling import batching
-from markovian_jax.models import logprobs
+from markovian_jax.models import decoder, init_lora, logits, logprobs
 from markovian_jax.runtime import sharding
-from markovian_jax.models import init_lora, decoder, logits
+from markovian_jax.sampling import batching
 from tests import helpers
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]  # ragged: left padding differs per row
@@ -67,6 +66,7 @@ def _log_softmax(x):
 
 # ------------------------------------------------------------------ exactness
 
+
 def test_greedy_equals_full_recompute_on_ragged_batch(model):
   config, params, _ = model
   out = sampling.generate(config, params, PROMPTS, max_new_tokens=N, temperature=0.0)
@@ -80,18 +80,19 @@ def test_greedy_equals_full_recompute_on_ragged_batch(model):
     full = []
     for _ in range(N):
       buf = np.zeros((1, 16), np.int32)
-      buf[0, :len(seq)] = seq
+      buf[0, : len(seq)] = seq
       row = recompute(params, buf)[len(seq) - 1]
       full.append(jax.nn.log_softmax(row))
       seq.append(int(jnp.argmax(row)))
-    assert np.asarray(out.tokens[i]).tolist() == seq[len(prompt):]
+    assert np.asarray(out.tokens[i]).tolist() == seq[len(prompt) :]
     # greedy log-probs are log_softmax of the unscaled logits
-    want = [float(lp[t]) for lp, t in zip(full, seq[len(prompt):])]
+    want = [float(lp[t]) for lp, t in zip(full, seq[len(prompt) :])]
     np.testing.assert_allclose(np.asarray(out.logprobs[i]), want, rtol=LP_ULPS)
   # The same prompts as a left-padded array with a mask: same program, same tokens.
   toks, mask = batching.pad_left(PROMPTS, 10)
-  again = sampling.generate(config, params, toks, prompt_mask=mask, max_new_tokens=N,
-                            temperature=0.0)
+  again = sampling.generate(
+    config, params, toks, prompt_mask=mask, max_new_tokens=N, temperature=0.0
+  )
   np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
 
 
@@ -99,8 +100,11 @@ def _teacher_forced(config, params, lora, prompts, tokens, g, temperature):
   toks, mask = batching.pad_left([p for p in prompts for _ in range(g)], 64)
   full = np.concatenate([toks, np.asarray(tokens)], 1)
   fmask = np.concatenate([mask, np.ones(tokens.shape, bool)], 1)
-  fn = jax.jit(lambda p, l, t, m: logprobs.token_logprobs(config, p, t, m, lora=l,
-                                                          temperature=temperature, chunk_size=16))
+  fn = jax.jit(
+    lambda p, l, t, m: logprobs.token_logprobs(
+      config, p, t, m, lora=l, temperature=temperature, chunk_size=16
+    )
+  )
   return np.asarray(fn(params, lora, jnp.asarray(full), jnp.asarray(fmask)).logprobs)[:, -N:]
 
 
@@ -109,8 +113,16 @@ def test_sampled_logprobs_equal_teacher_forced(model, use_lora):
   config, params, lora = model
   lora = lora if use_lora else None
   t = 0.7
-  out = sampling.generate(config, params, PROMPTS, max_new_tokens=N, temperature=t,
-                          rng=jax.random.PRNGKey(3), lora=lora, num_samples=3)
+  out = sampling.generate(
+    config,
+    params,
+    PROMPTS,
+    max_new_tokens=N,
+    temperature=t,
+    rng=jax.random.PRNGKey(3),
+    lora=lora,
+    num_samples=3,
+  )
   assert out.tokens.shape == (6, N) and out.logprobs.dtype == jnp.float32
   tf = _teacher_forced(config, params, lora, PROMPTS, out.tokens, 3, t)
   np.testing.assert_allclose(tf, np.asarray(out.logprobs), rtol=LP_ULPS)
@@ -124,9 +136,18 @@ def test_logprobs_ignore_the_min_new_tokens_eos_block(model):
   normaliser, so they still equal the teacher-forced ones (a blocked normaliser would be off by
   -log(1 - p_eos) ~ 2e-3 here, ~150x the tolerance)."""
   config, params, lora = model
-  out = sampling.generate(config, params, PROMPTS, max_new_tokens=N, min_new_tokens=N,
-                          temperature=0.7, rng=jax.random.PRNGKey(3), lora=lora, num_samples=3,
-                          eos_ids=(17, 400))
+  out = sampling.generate(
+    config,
+    params,
+    PROMPTS,
+    max_new_tokens=N,
+    min_new_tokens=N,
+    temperature=0.7,
+    rng=jax.random.PRNGKey(3),
+    lora=lora,
+    num_samples=3,
+    eos_ids=(17, 400),
+  )
   assert not np.isin(np.asarray(out.tokens), (17, 400)).any()
   tf = _teacher_forced(config, params, lora, PROMPTS, out.tokens, 3, 0.7)
   np.testing.assert_allclose(tf, np.asarray(out.logprobs), rtol=LP_ULPS)
@@ -135,8 +156,7 @@ def test_logprobs_ignore_the_min_new_tokens_eos_block(model):
 def test_samples_are_grouped_by_prompt(model):
   config, params, _ = model
   greedy = sampling.generate(config, params, PROMPTS, max_new_tokens=N, temperature=0.0)
-  out = sampling.generate(config, params, PROMPTS, max_new_tokens=N, temperature=0.0,
-                          num_samples=3)
+  out = sampling.generate(config, params, PROMPTS, max_new_tokens=N, temperature=0.0, num_samples=3)
   t = np.asarray(out.tokens)
   np.testing.assert_array_equal(t, np.repeat(np.asarray(greedy.tokens), 3, axis=0))
   assert not (t[0] == t[3]).all()
@@ -147,10 +167,12 @@ def test_generate_with_reference_equals_the_two_separate_calls(model):
   exactly the samples and log-probs of `generate(lora)` and of greedy `generate(no LoRA)`."""
   config, params, lora = model
   kw = dict(max_new_tokens=N, min_new_tokens=3, eos_ids=(2,), rng=4)
-  samples, reference = sampling.generate_with_reference(config, params, PROMPTS, lora=lora,
-                                                        temperature=0.9, num_samples=3, **kw)
-  want_s = sampling.generate(config, params, PROMPTS, lora=lora, temperature=0.9, num_samples=3,
-                             **kw)
+  samples, reference = sampling.generate_with_reference(
+    config, params, PROMPTS, lora=lora, temperature=0.9, num_samples=3, **kw
+  )
+  want_s = sampling.generate(
+    config, params, PROMPTS, lora=lora, temperature=0.9, num_samples=3, **kw
+  )
   want_r = sampling.generate(config, params, PROMPTS, temperature=0.0, **kw)
   for got, want in ((samples, want_s), (reference, want_r)):
     np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -162,6 +184,7 @@ def test_generate_with_reference_equals_the_two_separate_calls(model):
 
 
 # ------------------------------------------------------------------ distributions
+
 
 def _chi_square(counts, probs, n):
   """Pearson statistic and dof over bins with expected count >= 5 (the rest pooled)."""
@@ -177,8 +200,15 @@ def test_sampled_frequencies_match_the_softmax(model, constant_model):
   config, _, _ = model
   params, _, z = constant_model
   temperature, rows = 0.8, 512
-  out = sampling.generate(config, params, [PROMPTS[0]], max_new_tokens=N, num_samples=rows,
-                          temperature=temperature, rng=jax.random.PRNGKey(7))
+  out = sampling.generate(
+    config,
+    params,
+    [PROMPTS[0]],
+    max_new_tokens=N,
+    num_samples=rows,
+    temperature=temperature,
+    rng=jax.random.PRNGKey(7),
+  )
   tokens = np.asarray(out.tokens).ravel()  # 4096 i.i.d. draws: the logits never change
   counts = np.bincount(tokens, minlength=config.vocab_size)
   stat, dof = _chi_square(counts, _softmax(z / temperature), tokens.size)
@@ -189,9 +219,12 @@ def test_sampled_frequencies_match_the_softmax(model, constant_model):
   wrong, wdof = _chi_square(counts, _softmax(z), tokens.size)
   assert wrong > 2 * stats.chi2.ppf(1 - 1e-4, wdof), wrong
   # Log-probs of every draw are log_softmax(z / T) of the drawn token.
-  np.testing.assert_allclose(np.asarray(out.logprobs).ravel(),
-                             _log_softmax(z / temperature)[tokens], rtol=LP_ULPS,
-                             atol=helpers.ulps(16, of=z))
+  np.testing.assert_allclose(
+    np.asarray(out.logprobs).ravel(),
+    _log_softmax(z / temperature)[tokens],
+    rtol=LP_ULPS,
+    atol=helpers.ulps(16, of=z),
+  )
 
 
 def test_top_k_and_top_p_sample_the_renormalised_set(model, constant_model):
@@ -199,32 +232,55 @@ def test_top_k_and_top_p_sample_the_renormalised_set(model, constant_model):
   params, _, z = constant_model
   order = np.argsort(-z)
   rows = 512
-  out = sampling.generate(config, params, [PROMPTS[0]], max_new_tokens=N, num_samples=rows,
-                          temperature=1.0, top_k=5, rng=jax.random.PRNGKey(2))
+  out = sampling.generate(
+    config,
+    params,
+    [PROMPTS[0]],
+    max_new_tokens=N,
+    num_samples=rows,
+    temperature=1.0,
+    top_k=5,
+    rng=jax.random.PRNGKey(2),
+  )
   tokens = np.asarray(out.tokens).ravel()
   assert set(tokens.tolist()) <= set(order[:5].tolist())
   p = np.zeros_like(z)
   p[order[:5]] = _softmax(z[order[:5]])
   stat, dof = _chi_square(np.bincount(tokens, minlength=z.size), p, tokens.size)
   assert stat < stats.chi2.ppf(1 - 1e-4, dof)
-  np.testing.assert_allclose(np.asarray(out.logprobs).ravel(),
-                             z[tokens] - np.log(np.exp(z[order[:5]]).sum()), rtol=LP_ULPS,
-                             atol=helpers.ulps(16, of=z))
+  np.testing.assert_allclose(
+    np.asarray(out.logprobs).ravel(),
+    z[tokens] - np.log(np.exp(z[order[:5]]).sum()),
+    rtol=LP_ULPS,
+    atol=helpers.ulps(16, of=z),
+  )
 
   top_p = 0.5
   probs = _softmax(z)
   before = np.cumsum(probs[order]) - probs[order]
   nucleus = order[before < top_p]
-  out = sampling.generate(config, params, [PROMPTS[0]], max_new_tokens=N, num_samples=rows,
-                          temperature=1.0, top_p=top_p, rng=jax.random.PRNGKey(2))
+  out = sampling.generate(
+    config,
+    params,
+    [PROMPTS[0]],
+    max_new_tokens=N,
+    num_samples=rows,
+    temperature=1.0,
+    top_p=top_p,
+    rng=jax.random.PRNGKey(2),
+  )
   tokens = np.asarray(out.tokens).ravel()
   assert set(tokens.tolist()) <= set(nucleus.tolist()) and len(set(tokens.tolist())) > 1
-  np.testing.assert_allclose(np.asarray(out.logprobs).ravel(),
-                             z[tokens] - np.log(np.exp(z[nucleus]).sum()), rtol=LP_ULPS,
-                             atol=helpers.ulps(16, of=z))
+  np.testing.assert_allclose(
+    np.asarray(out.logprobs).ravel(),
+    z[tokens] - np.log(np.exp(z[nucleus]).sum()),
+    rtol=LP_ULPS,
+    atol=helpers.ulps(16, of=z),
+  )
 
 
 # ------------------------------------------------------------------ EOS and lengths
+
 
 def test_min_new_tokens_yields_exactly_k_tokens_when_eos_is_the_argmax(model, constant_model):
   config, _, _ = model
@@ -234,8 +290,12 @@ def test_min_new_tokens_yields_exactly_k_tokens_when_eos_is_the_argmax(model, co
   z[eos] = z.max() + 4.0  # EOS is the argmax at every step
   z[eos2] = np.sort(z)[-2] + 1e-3  # a second EOS id, the runner-up
   params = _with_logits(params, h, z)
-  np.testing.assert_allclose(np.asarray(logits(config, params, jnp.asarray([PROMPTS[0]]))[0, -1]),
-                             z, rtol=LP_ULPS, atol=helpers.ulps(16, of=z))
+  np.testing.assert_allclose(
+    np.asarray(logits(config, params, jnp.asarray([PROMPTS[0]]))[0, -1]),
+    z,
+    rtol=LP_ULPS,
+    atol=helpers.ulps(16, of=z),
+  )
   kw = dict(max_new_tokens=N, eos_ids=(eos, eos2), rng=jax.random.PRNGKey(5))
 
   stopped = sampling.generate(config, params, [PROMPTS[0]], temperature=0.0, **kw)
@@ -247,13 +307,17 @@ def test_min_new_tokens_yields_exactly_k_tokens_when_eos_is_the_argmax(model, co
   best_other = int(np.argsort(-z)[2])  # the argmax once both EOS ids are blocked
   assert int(forced.lengths[0]) == N
   assert np.asarray(forced.tokens[0]).tolist() == [best_other] * N
-  np.testing.assert_allclose(np.asarray(forced.logprobs[0]),
-                             _log_softmax(z)[best_other], rtol=LP_ULPS,
-                             atol=helpers.ulps(16, of=z))  # unblocked normaliser
+  np.testing.assert_allclose(
+    np.asarray(forced.logprobs[0]),
+    _log_softmax(z)[best_other],
+    rtol=LP_ULPS,
+    atol=helpers.ulps(16, of=z),
+  )  # unblocked normaliser
 
   rows, k = 256, 4
-  out = sampling.generate(config, params, [PROMPTS[0]], temperature=1.0, min_new_tokens=k,
-                          num_samples=rows, **kw)
+  out = sampling.generate(
+    config, params, [PROMPTS[0]], temperature=1.0, min_new_tokens=k, num_samples=rows, **kw
+  )
   toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   lps = np.asarray(out.logprobs)
   is_eos = np.isin(toks, (eos, eos2))
@@ -263,8 +327,9 @@ def test_min_new_tokens_yields_exactly_k_tokens_when_eos_is_the_argmax(model, co
     end = hits[0] + 1 if hits.size else N
     assert lengths[r] == end
     assert (toks[r, end:] == eos).all() and (lps[r, end:] == 0).all()
-    np.testing.assert_allclose(lps[r, :end], _log_softmax(z)[toks[r, :end]], rtol=LP_ULPS,
-                               atol=helpers.ulps(16, of=z))
+    np.testing.assert_allclose(
+      lps[r, :end], _log_softmax(z)[toks[r, :end]], rtol=LP_ULPS, atol=helpers.ulps(16, of=z)
+    )
   p_stop = _softmax(z)[[eos, eos2]].sum()
   assert p_stop > 0.8
   # Once allowed, EOS comes at once for about p_stop of the rows (binomial, 256 rows).
@@ -273,6 +338,7 @@ def test_min_new_tokens_yields_exactly_k_tokens_when_eos_is_the_argmax(model, co
 
 
 # ------------------------------------------------------------------ the program: compiles, mesh
+
 
 def test_one_program_serves_any_weights_temperature_and_min_tokens(model, caplog):
   config, params, lora = model
@@ -283,8 +349,9 @@ def test_one_program_serves_any_weights_temperature_and_min_tokens(model, caplog
   sampling.generate(config, other, PROMPTS, temperature=1.3, rng=4, min_new_tokens=3, **kw)
   # LoRA dropout is off while sampling: a dropout-0.5 adapter samples exactly the same tokens
   # (and the same program serves it).
-  noisy = sampling.generate(config, params, PROMPTS, temperature=0.7, rng=3,
-                            **{**kw, "lora": lora.replace(dropout=0.5)})
+  noisy = sampling.generate(
+    config, params, PROMPTS, temperature=0.7, rng=3, **{**kw, "lora": lora.replace(dropout=0.5)}
+  )
   np.testing.assert_array_equal(np.asarray(noisy.tokens), np.asarray(first.tokens))
   np.testing.assert_array_equal(np.asarray(noisy.logprobs), np.asarray(first.logprobs))
   assert sampling.compile_count() == before
@@ -300,15 +367,22 @@ def test_sharded_over_the_mesh_matches_one_device(model):
   mesh = sharding.make_mesh((2, 2, 2))
   kw = dict(max_new_tokens=N, temperature=0.7, rng=jax.random.PRNGKey(3), num_samples=3)
   single = sampling.generate(config, params, PROMPTS, lora=lora, **kw)
-  out = sampling.generate(config, sharding.shard_tree(params, mesh), PROMPTS,
-                          lora=lora.replace(params=sharding.shard_tree(lora.params, mesh)),
-                          mesh=mesh, **kw)
+  out = sampling.generate(
+    config,
+    sharding.shard_tree(params, mesh),
+    PROMPTS,
+    lora=lora.replace(params=sharding.shard_tree(lora.params, mesh)),
+    mesh=mesh,
+    **kw,
+  )
   assert out.tokens.sharding.spec[0] == "data"  # 6 rows: split over data (fsdp does not divide)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(single.logprobs), rtol=LP_ULPS)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(prompt_ids=[[1, 2], []]), "prompts [1] are empty"),
     (dict(prompt_ids=[]), "no prompts"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
@@ -320,15 +394,24 @@ def test_sharded_over_the_mesh_matches_one_device(model):
     (dict(min_new_tokens=9), "min_new_tokens=9 must be in [0, max_new_tokens=8]"),
     (dict(eos_ids=(512,)), "eos_ids (512,) must be in [0, 512)"),
     (dict(prompt_ids=[[1, 600]]), "prompt token ids must be in [0, 512), got [1, 600]"),
-    (dict(prompt_ids=np.ones((2, 4), np.int32), prompt_mask=np.ones((2, 3), bool)),
-     "prompt_mask shape (2, 3) != prompt_ids shape (2, 4)"),
-    (dict(prompt_ids=np.ones((2, 4), np.int32),
-          prompt_mask=np.array([[1, 1, 0, 0], [0, 1, 1, 1]], bool)),
-     "rows [0] are not left-padded"),
-    (dict(prompt_ids=np.ones((1, 4), np.int32), prompt_mask=np.zeros((1, 4), bool)),
-     "prompt rows [0] are empty"),
+    (
+      dict(prompt_ids=np.ones((2, 4), np.int32), prompt_mask=np.ones((2, 3), bool)),
+      "prompt_mask shape (2, 3) != prompt_ids shape (2, 4)",
+    ),
+    (
+      dict(
+        prompt_ids=np.ones((2, 4), np.int32),
+        prompt_mask=np.array([[1, 1, 0, 0], [0, 1, 1, 1]], bool),
+      ),
+      "rows [0] are not left-padded",
+    ),
+    (
+      dict(prompt_ids=np.ones((1, 4), np.int32), prompt_mask=np.zeros((1, 4), bool)),
+      "prompt rows [0] are empty",
+    ),
     (dict(max_new_tokens=250), "exceeds max_position_embeddings=256"),
-])
+  ],
+)
 def test_bad_input_is_named(model, kwargs, message):
   config, params, _ = model
   args = dict(prompt_ids=PROMPTS, max_new_tokens=N)
@@ -346,6 +429,7 @@ SMOL_PROMPTS = ["What is the capital of France?", "Name three primary colours."]
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path, smollm2_model):
   from markovian_jax.models import load_tokenizer
+
   config, params = smollm2_model
   return config, params, load_tokenizer(smollm2_path)
 
@@ -356,21 +440,27 @@ def test_greedy_smollm2_matches_transformers_generate(smollm2_path, smollm2):
   from transformers import AutoModelForCausalLM
 
   from markovian_jax import sample
+
   config, params, tokenizer = smollm2
   ids = [sample._encode(tokenizer, p, chat=True) for p in SMOL_PROMPTS]
   eos = tuple(config.eos_token_ids) + (tokenizer.eos_token_id,)
   n = 24
   ours = sampling.generate(config, params, ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)
 
-  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path),
-                                            gguf_file=os.path.basename(smollm2_path),
-                                            dtype=torch.float32).eval()
+  hf = AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
+  ).eval()
   width = max(map(len, ids))
   toks, mask = batching.pad_left(ids, width, pad_id=eos[0])
   with torch.no_grad():
-    ref = hf.generate(torch.tensor(toks, dtype=torch.long),
-                      attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
-                      max_new_tokens=n, pad_token_id=eos[0], eos_token_id=list(eos)).numpy()
+    ref = hf.generate(
+      torch.tensor(toks, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=n,
+      pad_token_id=eos[0],
+      eos_token_id=list(eos),
+    ).numpy()
   ref = ref[:, width:]
   for r in range(len(ids)):
     length = int(ours.lengths[r])
@@ -382,14 +472,31 @@ def test_greedy_smollm2_matches_transformers_generate(smollm2_path, smollm2):
 
 # ------------------------------------------------------------------ the CLI
 
+
 @pytest.mark.slow
 def test_cli_help_lists_the_flags():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  res = subprocess.run([sys.executable, "-m", "markovian_jax.sample", "--help"], cwd=helpers.REPO,
-                       env=env, capture_output=True, text=True, timeout=120)
+  res = subprocess.run(
+    [sys.executable, "-m", "markovian_jax.sample", "--help"],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert "Traceback" not in res.stderr, res.stderr[-2000:]  # absl exits with 1 after --help
-  for flag in ("--checkpoint", "--lora", "--prompt", "--max_new_tokens", "--temperature",
-               "--num_samples", "--top_k", "--top_p", "--seed", "--chat"):
+  for flag in (
+    "--checkpoint",
+    "--lora",
+    "--prompt",
+    "--max_new_tokens",
+    "--temperature",
+    "--num_samples",
+    "--top_k",
+    "--top_p",
+    "--seed",
+    "--chat",
+  ):
     assert flag in res.stdout, flag
 
 
@@ -397,6 +504,7 @@ def test_cli_help_lists_the_flags():
 def test_cli_samples_with_and_without_a_peft_adapter(smollm2_path, smollm2, tmp_path):
   from markovian_jax import sample
   from markovian_jax.models import hf
+
   config, params, tokenizer = smollm2
   kw = dict(chat=True, temperature=0.0, max_new_tokens=24)
   rows = sample.sample_texts(smollm2_path, SMOL_PROMPTS, **kw)
@@ -406,12 +514,14 @@ def test_cli_samples_with_and_without_a_peft_adapter(smollm2_path, smollm2, tmp_
   lora = init_lora(config, jax.random.PRNGKey(0), rank=4, alpha=8.0, targets=("q", "v"))
   lora = lora.replace(params=jax.tree.map(lambda x: x + 0.02 * jnp.sign(x + 1e-9), lora.params))
   hf.save_peft_adapter(lora, config, tmp_path / "adapter")
-  adapted = sample.sample_texts(smollm2_path, SMOL_PROMPTS, lora_dir=str(tmp_path / "adapter"),
-                                **kw)
+  adapted = sample.sample_texts(
+    smollm2_path, SMOL_PROMPTS, lora_dir=str(tmp_path / "adapter"), **kw
+  )
   ids = [sample._encode(tokenizer, p, chat=True) for p in SMOL_PROMPTS]
   eos = tuple(config.eos_token_ids) + (tokenizer.eos_token_id,)
-  direct = sampling.generate(config, params, ids, max_new_tokens=24, temperature=0.0, lora=lora,
-                             eos_ids=eos)
+  direct = sampling.generate(
+    config, params, ids, max_new_tokens=24, temperature=0.0, lora=lora, eos_ids=eos
+  )
   for r, row in enumerate(adapted):
-    assert row["tokens"] == np.asarray(direct.tokens[r, :int(direct.lengths[r])]).tolist()
+    assert row["tokens"] == np.asarray(direct.tokens[r, : int(direct.lengths[r])]).tolist()
   assert [r["tokens"] for r in adapted] != [r["tokens"] for r in rows]

@@ -19,6 +19,7 @@ def torch_mod():
   helpers.require("peft")
   torch.set_num_threads(1)
   from tests import torch_markovian
+
   return torch_markovian
 
 
@@ -27,12 +28,16 @@ def setup(tiny_model_dir, tmp_path_factory, torch_mod):
   """(our LoraAdapter, the torch reference on its PEFT export, examples, CoT ids, CoT' ids)."""
   from markovian_jax import data as data_lib
   from markovian_jax.models import hf, init_lora, load_checkpoint
+
   config, _ = load_checkpoint(tiny_model_dir)
   lora = init_lora(config, jax.random.PRNGKey(1), rank=RANK, alpha=ALPHA, dropout=0.0)
   rng = np.random.RandomState(3)
-  lora = lora.replace(params=jax.tree_util.tree_map_with_path(
+  lora = lora.replace(
+    params=jax.tree_util.tree_map_with_path(
       lambda p, x: x + jnp.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
-      lora.params))
+      lora.params,
+    )
+  )
   adapter_dir = str(tmp_path_factory.mktemp("step_reference_adapter"))
   hf.save_peft_adapter(lora, config, adapter_dir)
   ref = torch_mod.TorchMarkovian(tiny_model_dir, adapter_dir, task="arithmetic")
@@ -42,9 +47,15 @@ def setup(tiny_model_dir, tmp_path_factory, torch_mod):
   # re-tokenize the text inside the answer row). The policy terms use the ids themselves.
   tok = ref.tokenizer
   special = set(tok.all_special_ids)
-  good = [i for i in range(len(tok)) if i not in special
-          and (t := tok.decode([i])).isascii() and t.isprintable() and t.strip()
-          and "Answer" not in t]
+  good = [
+    i
+    for i in range(len(tok))
+    if i not in special
+    and (t := tok.decode([i])).isascii()
+    and t.isprintable()
+    and t.strip()
+    and "Answer" not in t
+  ]
   ids = np.random.default_rng(3)  # a draw whose groups' rewards spread by > 0.02 nats
   cot = ids.choice(good, (Q * G, K)).astype(np.int32)
   base_cot = ids.choice(good, (Q, K)).astype(np.int32)

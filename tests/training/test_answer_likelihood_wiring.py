@@ -39,12 +39,15 @@ def test_every_method_and_twin_is_a_variant_with_its_scorer_and_context():
       assert obj.method_of(spec_.objective.loss).name == name
 
 
-@pytest.mark.parametrize("key,value,needle", [
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
     ("objective.method", "grpo", "verifree_markovian"),
     ("prompt.markovian", True, "prompt.markovian"),
     ("objective.normalize_reward", True, "objective.normalize_reward"),
     ("objective.reward_scorer", "base", "objective.reward_scorer"),
-])
+  ],
+)
 def test_a_method_with_conflicting_keys_is_one_line_naming_the_key(key, value, needle):
   c = base.task_config("gsm8k", "rlpr")
   section, _, leaf = key.rpartition(".")
@@ -56,6 +59,7 @@ def test_a_method_with_conflicting_keys_is_one_line_naming_the_key(key, value, n
 
 def _step_stages(trainer, seed=3):
   from markovian_jax.training import pipeline
+
   t = trainer
   ex = t.train_stream.take(1)
   ro = pipeline.rollout(t.ctx, t.spec, t.lora, None, ex, jax.random.PRNGKey(seed))
@@ -79,8 +83,10 @@ def test_one_step_of_a_wired_method_matches_the_reference(variant, tiny_model_di
   from markovian_jax.trainer import Trainer
   from markovian_jax.training.run_context import fetch
   from tests import torch_answer_likelihood as ref
-  c = make_config(tiny_model_dir, tmp_path / variant, **{"train.eval_every": 100,
-                                                          "lora.dropout": 0.0})
+
+  c = make_config(
+    tiny_model_dir, tmp_path / variant, **{"train.eval_every": 100, "lora.dropout": 0.0}
+  )
   c = base.apply_arg(c, variant)
   t = Trainer(c)
   ro, sc, tg, _, _ = _step_stages(t)
@@ -90,25 +96,35 @@ def test_one_step_of_a_wired_method_matches_the_reference(variant, tiny_model_di
   span = sc.answer_span[:, -w:]
   kw = {}
   if method.needs_no_reasoning:
-    kw.update(lp0=np.asarray(fetch(sc.no_reasoning_logprobs), np.float64),
-              amask0=sc.no_reasoning_span)
+    kw.update(
+      lp0=np.asarray(fetch(sc.no_reasoning_logprobs), np.float64), amask0=sc.no_reasoning_span
+    )
     # The no-reasoning row's answer is the same tokens, right-aligned.
-    assert (sc.no_reasoning_span.sum(1) == span.reshape(len(ro.examples), -1, w)[:, 0].sum(1)
-            ).all()
+    assert (sc.no_reasoning_span.sum(1) == span.reshape(len(ro.examples), -1, w)[:, 0].sum(1)).all()
   if sc.ref_cot_logprobs is not None:
     kw.update(ref=np.asarray(fetch(sc.ref_cot_logprobs), np.float64))
   g = t.spec.train.group_size
-  want = ref.step(method.method, lp=np.where(span, lp, np.nan), amask=span,
-                  cot=np.asarray(ro.behaviour_logprobs, np.float64), cmask=ro.cot_mask, g=g,
-                  kl=np.zeros(ro.cot_mask.shape), **kw)
+  want = ref.step(
+    method.method,
+    lp=np.where(span, lp, np.nan),
+    amask=span,
+    cot=np.asarray(ro.behaviour_logprobs, np.float64),
+    cmask=ro.cot_mask,
+    g=g,
+    kl=np.zeros(ro.cot_mask.shape),
+    **kw,
+  )
   got_adv = np.asarray(fetch(tg.advantages), np.float64)
   scale = max(1.0, float(np.max(np.abs(want["reward"]))))
   spread = np.std(want["reward"].reshape(-1, g), axis=1, ddof=1)
   tol = helpers.ulps(256) * scale / max(float(np.min(spread)), 1e-3)
   np.testing.assert_allclose(got_adv, want["advantages"], rtol=0, atol=tol)
-  np.testing.assert_allclose(np.asarray(fetch(tg.answer_weight)), want["answer_weight"],
-                             rtol=helpers.ulps(256),
-                             atol=helpers.ulps(256, of=want["answer_weight"]))
+  np.testing.assert_allclose(
+    np.asarray(fetch(tg.answer_weight)),
+    want["answer_weight"],
+    rtol=helpers.ulps(256),
+    atol=helpers.ulps(256, of=want["answer_weight"]),
+  )
   s = t.step()
   assert s["train/updates"] == 1 and s["guard/nonfinite_update"] == 0.0
   assert "answer/method_reward" in s and "policy/cot_length" in s

@@ -59,11 +59,11 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tests.step_reference import G, K, PPO_ROWS, Q, TEMPERATURE, make_config, ours
+from tests.step_reference import PPO_ROWS, TEMPERATURE, G, K, Q, make_config, ours
 
 pytestmark = pytest.mark.slow  # three reference steps and three jitted bfloat16 steps
 
-U = 2.0 ** -8
+U = 2.0**-8
 LAMBDA = 4.0
 SIGMA_FLOOR, ADV_EPS = 1e-2, 1e-8  # the reference's (and configs/base.py's) defaults
 PPO_EPS = 0.2
@@ -73,8 +73,15 @@ KL_PENALTY = 10.0  # the module docstring: large enough that a dropped KL term f
 def _reference(setup, kl_penalty=KL_PENALTY, **kw):
   """The float64 reference step on the module's samples (test_step_reference.py's)."""
   _, ref, examples, cot, base_cot = setup
-  return ref.step([(e.question, e.answer) for e in examples], cot, base_cot, cot_length=K,
-                  temperature=TEMPERATURE, kl_penalty=kl_penalty, **kw)
+  return ref.step(
+    [(e.question, e.answer) for e in examples],
+    cot,
+    base_cot,
+    cot_length=K,
+    temperature=TEMPERATURE,
+    kl_penalty=kl_penalty,
+    **kw,
+  )
 
 
 def _answer_lengths(setup):
@@ -84,6 +91,7 @@ def _answer_lengths(setup):
   def n(example, cot_text):
     ids, start = ref.answer_row(example.question, cot_text, example.answer, K)
     return len(ids) - start
+
   rows = [n(examples[i // G], t) for i, t in enumerate(ref.decode(cot))]
   return np.asarray(rows), np.asarray([n(e, t) for e, t in zip(examples, ref.decode(base_cot))])
 
@@ -92,6 +100,7 @@ def _answer_lengths(setup):
 def tiny_model_dir(tiny_model_dir, tmp_path_factory):
   """conftest's tiny random Llama with every weight rounded to bfloat16 (stored as float32)."""
   from markovian_jax.models import hf, load_checkpoint, load_tokenizer
+
   config, params = load_checkpoint(tiny_model_dir)
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
   d = str(tmp_path_factory.mktemp("tiny_llama_bf16_weights"))
@@ -130,6 +139,7 @@ def bounds(setup):
 def _targets(want, *, paper=False):
   """Our Targets holding the reference's advantages (and group mean / scale of r for paper)."""
   from markovian_jax.objectives.inputs import Targets
+
   n = want.rewards.size
   mean, scale = np.zeros(n), np.ones(n)
   if paper:
@@ -137,8 +147,12 @@ def _targets(want, *, paper=False):
     mean = np.repeat(r.mean(axis=1), G)
     scale = np.repeat(np.maximum(r.std(axis=1, ddof=1), SIGMA_FLOOR) + ADV_EPS, G)
   f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  return Targets(advantages=f(want.advantages), active=jnp.ones((n,), bool),
-                 reward_mean=f(mean), reward_scale=f(scale))
+  return Targets(
+    advantages=f(want.advantages),
+    active=jnp.ones((n,), bool),
+    reward_mean=f(mean),
+    reward_scale=f(scale),
+  )
 
 
 def _ours_bf16(setup, model_dir, want, objective=None, **kw):
@@ -146,8 +160,15 @@ def _ours_bf16(setup, model_dir, want, objective=None, **kw):
   objective = objective or {}
   config = make_config(model_dir, kl_penalty=KL_PENALTY, **objective)
   config.model.dtype = "bfloat16"
-  return ours(config, lora, examples, cot, base_cot,
-              targets=_targets(want, paper=objective.get("reward_grad") == "paper"), **kw)
+  return ours(
+    config,
+    lora,
+    examples,
+    cot,
+    base_cot,
+    targets=_targets(want, paper=objective.get("reward_grad") == "paper"),
+    **kw,
+  )
 
 
 def _check_grads(want, got, tol):
@@ -173,8 +194,9 @@ def test_bf16_rewards_and_advantages(setup, pg, bounds):
   half_ulp = 2.0 ** (np.floor(np.log2(np.abs(want.rewards).min())) - 8)
   assert max(tol_r.max(), tol_b.max()) <= 0.6 * half_ulp, (tol_r, tol_b, half_ulp)
   np.testing.assert_array_less(np.abs(got.rewards - want.rewards), tol_r, err_msg="r")
-  np.testing.assert_array_less(np.abs(got.baseline_scores - want.baseline_scores), tol_b,
-                               err_msg="b")
+  np.testing.assert_array_less(
+    np.abs(got.baseline_scores - want.baseline_scores), tol_b, err_msg="b"
+  )
   # Not a float32 model in disguise: bfloat16 rounding is visible in r (float32: ~1e-6).
   assert np.abs(got.rewards - want.rewards).max() > 1e-4
   # Our advantages are our rewards' group normalisation (float32 arithmetic on R of ~0.1 divided
@@ -193,7 +215,7 @@ def _kl_term_is_seen(setup, got, tol, **kw):
 def test_bf16_pg_loss_and_gradient(setup, pg, bounds):
   want, got = pg
   assert want.kl_loss > 1e-3
-  tol = (np.abs(want.advantages).mean() * bounds.lp + KL_PENALTY * bounds.kl(want.kl_loss))
+  tol = np.abs(want.advantages).mean() * bounds.lp + KL_PENALTY * bounds.kl(want.kl_loss)
   np.testing.assert_allclose(got.loss, want.loss, atol=tol, rtol=0, err_msg="loss")
   _check_grads(want, got, bounds.grad)
   _kl_term_is_seen(setup, got, tol)
@@ -211,10 +233,12 @@ def test_bf16_ppo_minibatch(setup, tiny_model_dir, bounds):
   assert 0.2 < outside.mean() < 0.8
   assert np.abs(np.abs(rho - 1) - PPO_EPS).min() > 2 * rho.max() * bounds.lp
   want = _reference(setup, kind="ppo", behaviour_logprobs=behaviour, rows=PPO_ROWS)
-  got = _ours_bf16(setup, tiny_model_dir, want, {"kind": "ppo"}, behaviour_logprobs=behaviour,
-                   rows=PPO_ROWS)
-  tol = (np.abs(want.advantages[PPO_ROWS]).mean() * rho.max() * bounds.lp
-         + KL_PENALTY * bounds.kl(want.kl_loss))
+  got = _ours_bf16(
+    setup, tiny_model_dir, want, {"kind": "ppo"}, behaviour_logprobs=behaviour, rows=PPO_ROWS
+  )
+  tol = np.abs(want.advantages[PPO_ROWS]).mean() * rho.max() * bounds.lp + KL_PENALTY * bounds.kl(
+    want.kl_loss
+  )
   np.testing.assert_allclose(got.loss, want.loss, atol=tol, rtol=0, err_msg="loss")
   _check_grads(want, got, bounds.grad + bounds.lp)
   _kl_term_is_seen(setup, got, tol, kind="ppo", behaviour_logprobs=behaviour, rows=PPO_ROWS)
@@ -225,11 +249,16 @@ def test_bf16_reward_grad_paper(setup, tiny_model_dir, pg, bounds):
   got = _ours_bf16(setup, tiny_model_dir, want, {"reward_grad": "paper"})
   # The reward term changes the gradient well beyond bfloat16's bound, so a dropped term fails.
   base = pg[0].grads
-  assert max(np.linalg.norm(want.grads[k] - base[k]) / np.linalg.norm(want.grads[k])
-             for k in want.grads) > 3 * bounds.grad
+  assert (
+    max(np.linalg.norm(want.grads[k] - base[k]) / np.linalg.norm(want.grads[k]) for k in want.grads)
+    > 3 * bounds.grad
+  )
   scale = np.maximum(want.rewards.reshape(Q, G).std(axis=1, ddof=1), SIGMA_FLOOR).min()
-  tol = (np.abs(want.advantages).mean() * bounds.lp + KL_PENALTY * bounds.kl(want.kl_loss)
-         + bounds.lp / scale)
+  tol = (
+    np.abs(want.advantages).mean() * bounds.lp
+    + KL_PENALTY * bounds.kl(want.kl_loss)
+    + bounds.lp / scale
+  )
   np.testing.assert_allclose(got.loss, want.loss, atol=tol, rtol=0, err_msg="loss")
   _check_grads(want, got, bounds.grad)
 
@@ -240,6 +269,7 @@ def test_bf16_continuation_logprobs_are_float32_log_softmax(monkeypatch):
   bfloat16 (one rounding of |lp| ~ 6 is ~0.01)."""
   from markovian_jax.models import decoder, logprobs
   from markovian_jax.sampling import batching
+
   cfg = helpers.tiny_config(dtype="bfloat16", param_dtype="bfloat16")
   params32, lora = helpers.random_model(helpers.tiny_config())
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
@@ -255,14 +285,24 @@ def test_bf16_continuation_logprobs_are_float32_log_softmax(monkeypatch):
   def spy(config, params_, hidden, *args):
     seen["hidden"] = hidden  # the predicting states, [B, T, D]; returned by the jitted call
     return project_chunks(config, params_, hidden, *args)
+
   monkeypatch.setattr(logprobs, "_project_chunks", spy)
 
   @jax.jit
   def run(p_, l_):
-    out = logprobs.continuation_logprobs(cfg, p_, jnp.asarray(p_tokens), jnp.asarray(p_mask),
-                                         jnp.asarray(tokens), jnp.asarray(mask), lora=l_,
-                                         temperature=TEMPERATURE, chunk_size=4)
+    out = logprobs.continuation_logprobs(
+      cfg,
+      p_,
+      jnp.asarray(p_tokens),
+      jnp.asarray(p_mask),
+      jnp.asarray(tokens),
+      jnp.asarray(mask),
+      lora=l_,
+      temperature=TEMPERATURE,
+      chunk_size=4,
+    )
     return out.logprobs, seen["hidden"]
+
   got, hidden = map(np.asarray, run(params, lora))
   assert got.dtype == np.float32 and hidden.dtype == jnp.bfloat16
   # The float32 logits, exactly: bfloat16 products are exact in float64, sums of D = 64 of them too

@@ -21,27 +21,42 @@ from markovian_jax.training import checkpoint_choice as choice
 # What the run recorded: a rank-2 adapter on q and v, alpha 5, dropout 0.25. Every config below
 # says otherwise, so a setting taken from the wrong place shows.
 RECORDED = {"rank": 2, "alpha": 5.0, "dropout": 0.25}
-RUN_CONFIG = {"task": "gsm8k", "model": {"path": "the/run/model", "dtype": "bfloat16"},
-              "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"]}}
+RUN_CONFIG = {
+  "task": "gsm8k",
+  "model": {"path": "the/run/model", "dtype": "bfloat16"},
+  "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"]},
+}
 # The command's config: the same adapter shape as the run's config (an old checkpoint restored
 # through either must fit), other alpha, dropout and model.
-OTHER_CONFIG = {"lora": {"rank": 4, "alpha": 16.0, "dropout": 0.1, "targets": ["q", "v"]},
-                "model": {"path": "another/model", "dtype": "float32"}}
+OTHER_CONFIG = {
+  "lora": {"rank": 4, "alpha": 16.0, "dropout": 0.1, "targets": ["q", "v"]},
+  "model": {"path": "another/model", "dtype": "float32"},
+}
 
 
 def _adapter(config, step: int):
   """The recorded adapter with step-dependent, nonzero A and B (a zero B would restore equal to
   any fresh template's)."""
-  lora = init_lora(config, jax.random.PRNGKey(0), targets=RUN_CONFIG["lora"]["targets"],
-                   **RECORDED)
+  lora = init_lora(config, jax.random.PRNGKey(0), targets=RUN_CONFIG["lora"]["targets"], **RECORDED)
   leaves, tree = jax.tree.flatten(lora.params)
   keys = jax.random.split(jax.random.PRNGKey(100 + step), len(leaves))
-  return lora.replace(params=jax.tree.unflatten(
-      tree, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+  return lora.replace(
+    params=jax.tree.unflatten(
+      tree, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
+  )
 
 
-def _run(tmp_path, config, scores: dict, *, state=None, max_to_keep: int = 10,
-         keep_best: bool = False, config_json=None) -> tuple:
+def _run(
+  tmp_path,
+  config,
+  scores: dict,
+  *,
+  state=None,
+  max_to_keep: int = 10,
+  keep_best: bool = False,
+  config_json=None,
+) -> tuple:
   """(checkpoint dir, {step: adapter saved}) of a run directory under tmp_path: one checkpoint per
   step of `scores` (score None: saved without one), as Trainer.save writes them."""
   run = tmp_path / "run"
@@ -63,8 +78,12 @@ def _run(tmp_path, config, scores: dict, *, state=None, max_to_keep: int = 10,
 def plain_run(tmp_path_factory, tiny_config):
   """(checkpoint dir, {step: adapter}) of a run saved at steps 1, 3 and 5 without scores, with
   its config.json; tests that change it work on a copy."""
-  return _run(tmp_path_factory.mktemp("plain"), tiny_config, {1: None, 3: None, 5: None},
-              config_json=RUN_CONFIG)
+  return _run(
+    tmp_path_factory.mktemp("plain"),
+    tiny_config,
+    {1: None, 3: None, 5: None},
+    config_json=RUN_CONFIG,
+  )
 
 
 def _copy(plain_run, tmp_path) -> str:
@@ -100,11 +119,14 @@ def test_a_missing_or_empty_directory_is_one_line(tmp_path):
   assert "no checkpoints in" in _one_line(e)
 
 
-@pytest.mark.parametrize("scores, best", [
-    ({1: 0.25, 2: 0.75, 3: 0.5}, 2),   # neither the latest nor the earliest
-    ({1: 0.5, 2: 0.75, 3: 0.75}, 2),   # a tie goes to the earlier step
-    ({1: 0.9, 2: None, 3: 0.1}, 1),    # a step saved without a score does not compete
-])
+@pytest.mark.parametrize(
+  "scores, best",
+  [
+    ({1: 0.25, 2: 0.75, 3: 0.5}, 2),  # neither the latest nor the earliest
+    ({1: 0.5, 2: 0.75, 3: 0.75}, 2),  # a tie goes to the earlier step
+    ({1: 0.9, 2: None, 3: 0.1}, 1),  # a step saved without a score does not compete
+  ],
+)
 def test_best_by_the_stored_selection_score(tmp_path, tiny_config, scores, best):
   ckpt, _ = _run(tmp_path, tiny_config, scores)
   step, why = choice.choose_step(ckpt, best=True)
@@ -129,25 +151,33 @@ def test_best_without_any_score(plain_run):
   assert "none of the saved steps [1, 3, 5]" in _one_line(e)
   # The analyses' default: the latest step when nothing scores the steps.
   assert choice.choose_step(ckpt, best=True, latest_if_unscored=True) == (
-      5, "the latest step (no selection score)")
+    5,
+    "the latest step (no selection score)",
+  )
 
 
 def test_the_adapter_has_the_recorded_settings_not_the_configs(plain_run, tiny_config):
   ckpt, saved = plain_run
   settings = choice.adapter_settings(ckpt, 1, OTHER_CONFIG)
-  assert settings == {"rank": 2, "alpha": 5.0, "dropout": 0.25, "targets": ("q", "v"),
-                      "model": "the/run/model", "dtype": "bfloat16"}
+  assert settings == {
+    "rank": 2,
+    "alpha": 5.0,
+    "dropout": 0.25,
+    "targets": ("q", "v"),
+    "model": "the/run/model",
+    "dtype": "bfloat16",
+  }
   lora = choice.restore_adapter(ckpt, 1, tiny_config, config=OTHER_CONFIG)
   assert (lora.rank, lora.alpha, lora.dropout) == (2, 5.0, 0.25)
   assert sorted(lora.targets) == ["q", "v"]
   # The step asked for, bit for bit (step 3's arrays differ).
   jax.tree.map(np.testing.assert_array_equal, lora.params, saved[1].params)
-  assert not np.array_equal(lora.params["layers"]["attn"]["q"]["b"],
-                            saved[3].params["layers"]["attn"]["q"]["b"])
+  assert not np.array_equal(
+    lora.params["layers"]["attn"]["q"]["b"], saved[3].params["layers"]["attn"]["q"]["b"]
+  )
 
 
-def test_an_old_checkpoint_falls_back_to_the_runs_config_then_the_given_one(tmp_path,
-                                                                           tiny_config):
+def test_an_old_checkpoint_falls_back_to_the_runs_config_then_the_given_one(tmp_path, tiny_config):
   """A checkpoint whose state records no adapter (no "lora" entry, no config)."""
   run = tmp_path / "run"
   ckpt = Checkpointer(str(run / "checkpoints"))
@@ -160,7 +190,10 @@ def test_an_old_checkpoint_falls_back_to_the_runs_config_then_the_given_one(tmp_
     restored = choice.restore_adapter(ckpt, 3, tiny_config, config=OTHER_CONFIG)
     want = expected["lora"]
     assert (restored.rank, restored.alpha, restored.dropout) == (
-        want["rank"], want["alpha"], want["dropout"])
+      want["rank"],
+      want["alpha"],
+      want["dropout"],
+    )
     assert sorted(restored.targets) == sorted(want["targets"])
     assert choice.adapter_settings(ckpt, 3, OTHER_CONFIG)["model"] == expected["model"]["path"]
     (run / "config.json").unlink(missing_ok=True)
@@ -196,5 +229,8 @@ def test_a_torn_latest_checkpoint_is_named_in_one_line(plain_run, tmp_path, tiny
   line = _one_line(e)
   assert "checkpoint step 5 in" in line and "is broken" in line
   # The step before is intact.
-  jax.tree.map(np.testing.assert_array_equal,
-               choice.restore_adapter(ckpt, 3, tiny_config).params, saved[3].params)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    choice.restore_adapter(ckpt, 3, tiny_config).params,
+    saved[3].params,
+  )

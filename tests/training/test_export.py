@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from markovian_jax.training import checkpoint_choice, export
 from markovian_jax.models import hf, load_checkpoint, logits
+from markovian_jax.training import checkpoint_choice, export
 from tests import helpers
 from tests.helpers import one_error_line, run_module
 
@@ -34,8 +34,7 @@ def _ids(config):
 
 
 @pytest.mark.slow
-def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, ckpt_dir,
-                                                                 peft_dir):
+def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, ckpt_dir, peft_dir):
   torch = helpers.require("torch")
   peft = helpers.require("peft")
   transformers = helpers.require("transformers")
@@ -56,20 +55,23 @@ def test_peft_export_loads_in_transformers_and_gives_our_logits(tiny_model_dir, 
   # The trained adapter moved the logits, and PEFT moves them the same way.
   delta, their_delta = ours - ours_base, theirs - theirs_base
   assert np.abs(delta).max() > 1e-4
-  np.testing.assert_allclose(their_delta, delta,
-                             atol=helpers.ulps(128, of=ours) + 0.02 * np.abs(delta).max())
+  np.testing.assert_allclose(
+    their_delta, delta, atol=helpers.ulps(128, of=ours) + 0.02 * np.abs(delta).max()
+  )
 
 
 @pytest.mark.slow
 def test_sample_and_training_read_the_exported_adapter(tiny_model_dir, ckpt_dir, peft_dir):
   from markovian_jax.sample import sample_texts
+
   config, _ = load_checkpoint(tiny_model_dir)
   restored = checkpoint_choice.restore_adapter(ckpt_dir, 4, config)
   loaded = hf.load_peft_adapter(peft_dir, config)  # what sample --lora and lora.init_from read
   assert sorted(loaded.targets) == sorted(restored.targets)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, restored.params)
-  rows = sample_texts(tiny_model_dir, ["3 + 4 ="], lora_dir=peft_dir, max_new_tokens=4,
-                      temperature=0.0)
+  rows = sample_texts(
+    tiny_model_dir, ["3 + 4 ="], lora_dir=peft_dir, max_new_tokens=4, temperature=0.0
+  )
   assert len(rows) == 1 and len(rows[0]["tokens"]) == 4
 
 
@@ -83,13 +85,15 @@ def test_merged_export_equals_base_plus_lora(tiny_model_dir, ckpt_dir, tmp_path)
   assert merged_config == config
   ids = _ids(config)
   unmerged = np.asarray(logits(config, params, ids, lora))
-  np.testing.assert_allclose(np.asarray(logits(config, merged, ids)), unmerged, rtol=0,
-                             atol=helpers.ulps(32, of=unmerged))  # measured: <= 4 ulps of max
+  np.testing.assert_allclose(
+    np.asarray(logits(config, merged, ids)), unmerged, rtol=0, atol=helpers.ulps(32, of=unmerged)
+  )  # measured: <= 4 ulps of max
   assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
 
 
 def _events_with_selection(run_dir, scores: dict):
   from tensorboardX import SummaryWriter
+
   writer = SummaryWriter(str(run_dir))
   for step, acc in scores.items():
     writer.add_scalar("selection/anchor/accuracy", acc, step)
@@ -116,12 +120,18 @@ def test_best_uses_the_selection_split_never_the_test_split(demo_runs, tmp_path)
 
 def test_best_prefers_the_score_stored_with_the_checkpoint(tmp_path):
   import orbax.checkpoint as ocp
+
   manager = ocp.CheckpointManager(
-      str(tmp_path), item_names=("lora", "opt_state", "state"),
-      options=ocp.CheckpointManagerOptions(best_fn=lambda m: m["score"], best_mode="max"))
+    str(tmp_path),
+    item_names=("lora", "opt_state", "state"),
+    options=ocp.CheckpointManagerOptions(best_fn=lambda m: m["score"], best_mode="max"),
+  )
   for step, score in ((1, 0.2), (2, 0.7), (3, 0.7), (4, 0.1)):
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.JsonSave({"step": step})),
-                 metrics={"score": score})
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.JsonSave({"step": step})),
+      metrics={"score": score},
+    )
   manager.wait_until_finished()
   step, why = checkpoint_choice.best_step(str(tmp_path))
   assert step == 2 and "stored with the checkpoint (0.7000)" in why  # ties: the earliest
@@ -136,10 +146,14 @@ def test_export_cli(ckpt_dir, tmp_path):
   done = _run_export(f"--checkpoint_dir={ckpt_dir}", "--step=2", f"--out={tmp_path / 'a'}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert "exported step 2 (--step) as peft" in done.stdout
-  assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json",
-                                                "adapter_model.safetensors", "export.json"]
-  line = one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", "--step=3",
-                                     f"--out={tmp_path / 'b'}"))
+  assert sorted(os.listdir(tmp_path / "a")) == [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "export.json",
+  ]
+  line = one_error_line(
+    _run_export(f"--checkpoint_dir={ckpt_dir}", "--step=3", f"--out={tmp_path / 'b'}")
+  )
   assert "--step 3: no checkpoint for that step" in line and "saved steps: [2, 4]" in line
   assert not (tmp_path / "b").exists()
   # Training stored each checkpoint's selection score: --best exports the top one.
@@ -149,8 +163,9 @@ def test_export_cli(ckpt_dir, tmp_path):
   assert record["step"] == checkpoint_choice.best_step(ckpt_dir)[0]
   line = one_error_line(_run_export(f"--checkpoint_dir={ckpt_dir}", f"--out={tmp_path / 'a'}"))
   assert "--out" in line and "not empty" in line
-  line = one_error_line(_run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}",
-                                     f"--out={tmp_path / 'd'}"))
+  line = one_error_line(
+    _run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'd'}")
+  )
   assert "no such directory" in line
 
 
@@ -160,14 +175,17 @@ def test_best_follows_distinct_stored_scores(demo_runs, tmp_path, scores, best):
   """With distinct selection scores stored beside the checkpoints the best step is the higher
   one, whether it is the latest or the earliest (tied scores could not tell these apart)."""
   import json as json_lib
+
   run = tmp_path / "run"
   shutil.copytree(demo_runs["markovian"], run)
   for step, score in scores.items():
     (run / "checkpoints" / str(step) / "metrics" / "metrics").write_text(
-        json_lib.dumps({"score": score}))
+      json_lib.dumps({"score": score})
+    )
   step, why = checkpoint_choice.best_step(str(run / "checkpoints"))
   assert step == best and f"({scores[best]:.4f})" in why
-  done = _run_export(f"--checkpoint_dir={run / 'checkpoints'}", "--best",
-                     f"--out={tmp_path / 'out'}")
+  done = _run_export(
+    f"--checkpoint_dir={run / 'checkpoints'}", "--best", f"--out={tmp_path / 'out'}"
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert json_lib.loads((tmp_path / "out" / "export.json").read_text())["step"] == best

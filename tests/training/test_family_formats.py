@@ -13,8 +13,14 @@ from markovian_jax.training import config_validation
 from tests import helpers
 
 # The reference's choice per family, written out by hand.
-EXPECTED = {"llama": "plain", "mistral": "mistral", "qwen2": "chatml", "qwen3": "chatml",
-            "phi3": "plain", "gpt2": "plain"}
+EXPECTED = {
+  "llama": "plain",
+  "mistral": "mistral",
+  "qwen2": "chatml",
+  "qwen3": "chatml",
+  "phi3": "plain",
+  "gpt2": "plain",
+}
 
 
 def _config(model_path, **prompt):
@@ -48,12 +54,15 @@ def test_auto_follows_the_family_and_is_written_back(tmp_path, family):
   assert c.prompt.format == EXPECTED[family]  # what the run's config.json records
 
 
-@pytest.mark.parametrize("path, expected", [
+@pytest.mark.parametrize(
+  "path, expected",
+  [
     ("Qwen/Qwen3-4B", "chatml"),  # published shapes, no config.json in the HF cache
     ("meta-llama/Llama-3.1-8B-Instruct", "plain"),
     ("random:qwen3-4b", "chatml"),
     ("random:tiny", "plain"),
-])
+  ],
+)
 def test_auto_for_hub_ids_and_random_models(path, expected):
   assert config_validation.validate(_config(path)).prompt.format == expected
 

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import helpers
-from tests import family_cases
+from tests import family_cases, helpers
 from tests import step_reference as sr
 
 pytestmark = pytest.mark.slow  # a checkpoint, a RunContext and a float64 backward per family
@@ -28,9 +27,10 @@ MODULES = {"qwen3": 7, "gpt2": 4}  # LoRA'd linear layers per decoder layer
 def family_step(request, tmp_path_factory, smollm2_path):
   helpers.require("torch")
   helpers.require("peft")
-  from tests import torch_markovian
   from markovian_jax import data as data_lib
   from markovian_jax.models import hf, init_lora, load_checkpoint, load_tokenizer
+  from tests import torch_markovian
+
   name = request.param
   tok = load_tokenizer(smollm2_path)
   model_dir = str(tmp_path_factory.mktemp(f"step_{name}"))
@@ -41,22 +41,37 @@ def family_step(request, tmp_path_factory, smollm2_path):
   assert config.model_type == name
   lora = init_lora(config, jax.random.PRNGKey(1), rank=sr.RANK, alpha=sr.ALPHA, dropout=0.0)
   rng = np.random.RandomState(3)
-  lora = lora.replace(params=jax.tree_util.tree_map_with_path(
+  lora = lora.replace(
+    params=jax.tree_util.tree_map_with_path(
       lambda p, x: x + jnp.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
-      lora.params))
+      lora.params,
+    )
+  )
   adapter_dir = str(tmp_path_factory.mktemp(f"step_{name}_adapter"))
   hf.save_peft_adapter(lora, config, adapter_dir)
   ref = torch_markovian.TorchMarkovian(model_dir, adapter_dir, task="arithmetic")
-  examples = data_lib.load_task("arithmetic", "train", num_terms=6)[:sr.Q]
+  examples = data_lib.load_task("arithmetic", "train", num_terms=6)[: sr.Q]
   special = set(ref.tokenizer.all_special_ids)
-  good = [i for i in range(len(ref.tokenizer)) if i not in special
-          and (t := ref.tokenizer.decode([i])).isascii() and t.isprintable() and t.strip()
-          and "Answer" not in t]
+  good = [
+    i
+    for i in range(len(ref.tokenizer))
+    if i not in special
+    and (t := ref.tokenizer.decode([i])).isascii()
+    and t.isprintable()
+    and t.strip()
+    and "Answer" not in t
+  ]
   draw = np.random.default_rng(3)
   cot = draw.choice(good, (sr.Q * sr.G, sr.K)).astype(np.int32)
   base_cot = draw.choice(good, (sr.Q, sr.K)).astype(np.int32)
-  want = ref.step([(e.question, e.answer) for e in examples], cot, base_cot, cot_length=sr.K,
-                  temperature=sr.TEMPERATURE, kl_penalty=sr.KL_PENALTY)
+  want = ref.step(
+    [(e.question, e.answer) for e in examples],
+    cot,
+    base_cot,
+    cot_length=sr.K,
+    temperature=sr.TEMPERATURE,
+    kl_penalty=sr.KL_PENALTY,
+  )
   got = sr.ours(sr.make_config(model_dir), lora, examples, cot, base_cot)
   return name, want, got
 

@@ -18,26 +18,42 @@ def _spec(**overrides):
 
 @pytest.mark.parametrize("reference,legacy_alarm", [("behaviour", False), ("base", True)])
 def test_ppo_ratio_alarm_reads_the_sequence_ratio(reference, legacy_alarm):
-  spec = _spec(**{"objective.kind": "ppo", "objective.ppo_ratio_reference": reference,
-                  "objective.ppo_epochs": 4})
+  spec = _spec(
+    **{
+      "objective.kind": "ppo",
+      "objective.ppo_ratio_reference": reference,
+      "objective.ppo_epochs": 4,
+    }
+  )
   # Multi-epoch PPO: one token's ratio to the sampling policy at 15, sequences' ratios ~1.3.
-  assert guards.collapse_alarms({"policy/ppo_ratio_max": 15.0,
-                                 "policy/ppo_seq_ratio_max": 1.3}, spec) == []
+  assert (
+    guards.collapse_alarms({"policy/ppo_ratio_max": 15.0, "policy/ppo_seq_ratio_max": 1.3}, spec)
+    == []
+  )
   # The collapsed ARC run's sequence-level ratio to the base.
-  alarms = guards.collapse_alarms({"policy/ppo_ratio_max": 21.75,
-                                   "policy/ppo_seq_ratio_max": 21.75}, spec)
+  alarms = guards.collapse_alarms(
+    {"policy/ppo_ratio_max": 21.75, "policy/ppo_seq_ratio_max": 21.75}, spec
+  )
   assert len(alarms) == 1 and "sequence" in alarms[0] and "21.8 > 10" in alarms[0], alarms
   # Scalars without the sequence tag (a run logged before it existed), read as the report reads
   # them: the per-token maximum is the sequence ratio only for the ratio to the base, mean-reduced.
   legacy = guards.collapse_alarms({"policy/ppo_ratio_max": 21.75}, spec)
   assert legacy == (["PPO sequence ratio max 21.8 > 10"] if legacy_alarm else []), legacy
-  summed = _spec(**{"objective.kind": "ppo", "objective.ppo_ratio_reference": reference,
-                    "objective.ppo_epochs": 4, "objective.logprob_reduction": "sum"})
+  summed = _spec(
+    **{
+      "objective.kind": "ppo",
+      "objective.ppo_ratio_reference": reference,
+      "objective.ppo_epochs": 4,
+      "objective.logprob_reduction": "sum",
+    }
+  )
   assert guards.collapse_alarms({"policy/ppo_ratio_max": 21.75}, summed) == []
 
 
-@pytest.mark.parametrize("reduction,kl,alarm", [("mean", 4.0, False), ("mean", 6.0, True),
-                                                ("sum", 400.0, False), ("sum", 600.0, True)])
+@pytest.mark.parametrize(
+  "reduction,kl,alarm",
+  [("mean", 4.0, False), ("mean", 6.0, True), ("sum", 400.0, False), ("sum", 600.0, True)],
+)
 def test_kl_alarm_scales_with_the_logprob_reduction(reduction, kl, alarm):
   """policy/kl is aggregated like the loss: with `sum` it is K = 100 (GSM8K's CoT length) times
   the per-token mean, so collapse_kl = 5 nats per token is 500 for a sum."""
@@ -61,6 +77,7 @@ class _Run:
 
 def _info(step, **scalars):
   from markovian_jax.training.hooks import StepInfo
+
   return StepInfo(step, scalars)
 
 
@@ -70,10 +87,13 @@ def test_nonfinite_guard_rolls_back_through_its_callables_then_stops():
   the round; the next such pair (no checkpointed good step between) is one rollback too many and
   stops, unsaved."""
   run = _Run([2, 4, 6])
-  guard = guards.NonFiniteGuard(checkpoint_every=2, patience=2, action="rollback",
-                                max_rollbacks=1, **run.callables())
-  first, second = _info(5, **{"guard/nonfinite_update": 1.0}), _info(
-      6, **{"guard/nonfinite_update": 1.0})
+  guard = guards.NonFiniteGuard(
+    checkpoint_every=2, patience=2, action="rollback", max_rollbacks=1, **run.callables()
+  )
+  first, second = (
+    _info(5, **{"guard/nonfinite_update": 1.0}),
+    _info(6, **{"guard/nonfinite_update": 1.0}),
+  )
   guard(first)
   assert run.rollbacks == [] and not first.halt
   guard(second)
@@ -96,8 +116,9 @@ def test_collapse_guard_writes_its_alarm_and_acts_through_callables(action):
   spec = _spec(**{"train.collapse_action": action, "train.max_rollbacks": 1})
   run = _Run([3])
   written = []
-  guard = guards.CollapseGuard(spec, write_scalars=lambda step, d: written.append((step, d)),
-                               **run.callables())
+  guard = guards.CollapseGuard(
+    spec, write_scalars=lambda step, d: written.append((step, d)), **run.callables()
+  )
   guard(_info(4, **{"policy/kl": 0.0}))
   assert written == [(4, {"guard/collapse_alarm": 0.0})]
   alarming = _info(5, **{"policy/kl": 1e6})

@@ -17,10 +17,22 @@ from tests.helpers import lora_leaves, make_config
 def ppo_trainer(tiny_model_dir, tmp_path_factory):
   """PPO, 2 epochs x 2 minibatches, LoRA dropout 0.1, a warmup-cosine schedule over 4 steps."""
   from markovian_jax.trainer import Trainer
-  c = make_config(tiny_model_dir, tmp_path_factory.mktemp("ppo"), **{
-      "objective.kind": "ppo", "objective.ppo_epochs": 2, "objective.ppo_minibatches": 2,
-      "lora.dropout": 0.1, "optim.schedule": "warmup_cosine", "optim.warmup_steps": 1,
-      "optim.lr": 1e-3, "train.num_steps": 4, "train.eval_every": 100})
+
+  c = make_config(
+    tiny_model_dir,
+    tmp_path_factory.mktemp("ppo"),
+    **{
+      "objective.kind": "ppo",
+      "objective.ppo_epochs": 2,
+      "objective.ppo_minibatches": 2,
+      "lora.dropout": 0.1,
+      "optim.schedule": "warmup_cosine",
+      "optim.warmup_steps": 1,
+      "optim.lr": 1e-3,
+      "train.num_steps": 4,
+      "train.eval_every": 100,
+    },
+  )
   return Trainer(c)
 
 
@@ -40,23 +52,34 @@ def test_ppo_first_pass_is_on_policy_and_the_schedule_counts_training_steps(ppo_
     assert first["behaviour_logprob_diff_max"] < 1e-4, first
     assert abs(first["ppo_ratio_max"] - 1.0) < 1e-4 and first["ppo_clip_fraction"] == 0.0
   # Once the policy has moved (lr > 0), later minibatches are off-policy.
-  assert max(u["behaviour_logprob_diff_max"] for u in updates[1:]) > 10 * first[
-      "behaviour_logprob_diff_max"]
+  assert (
+    max(u["behaviour_logprob_diff_max"] for u in updates[1:])
+    > 10 * first["behaviour_logprob_diff_max"]
+  )
 
 
 @pytest.fixture(scope="module")
 def ei_trainer(tiny_model_dir, tmp_path_factory):
   """Expert iteration whose threshold is still +inf (warm-up not over), unnormalised reward."""
   from markovian_jax.trainer import Trainer
-  c = make_config(tiny_model_dir, tmp_path_factory.mktemp("ei"), **{
-      "objective.ei_std": 0.0, "objective.ei_skip_initial": 1000,
-      "objective.normalize_reward": False, "train.eval_every": 100})
+
+  c = make_config(
+    tiny_model_dir,
+    tmp_path_factory.mktemp("ei"),
+    **{
+      "objective.ei_std": 0.0,
+      "objective.ei_skip_initial": 1000,
+      "objective.normalize_reward": False,
+      "train.eval_every": 100,
+    },
+  )
   return Trainer(c)
 
 
 @pytest.mark.slow
 def test_no_kept_sample_means_no_optimizer_step_and_no_baseline_cot(ei_trainer):
   from markovian_jax.training import optimizer
+
   before = lora_leaves(ei_trainer)
   count = [np.asarray(x) for x in jax.tree.leaves(ei_trainer.opt_state) if np.ndim(x) == 0]
   s = ei_trainer.step()
@@ -75,15 +98,21 @@ def test_no_kept_sample_means_no_optimizer_step_and_no_baseline_cot(ei_trainer):
 @pytest.fixture(scope="module")
 def pg_trainer(tiny_model_dir, tmp_path_factory):
   from markovian_jax.trainer import Trainer
-  return Trainer(make_config(tiny_model_dir, tmp_path_factory.mktemp("pg"),
-                             **{"train.eval_every": 100, "lora.dropout": 0.0}))
+
+  return Trainer(
+    make_config(
+      tiny_model_dir,
+      tmp_path_factory.mktemp("pg"),
+      **{"train.eval_every": 100, "lora.dropout": 0.0},
+    )
+  )
 
 
 def test_updates_on_a_fixed_batch_lower_the_loss_and_follow_the_advantages(pg_trainer):
   """Behaviour, not tags: five updates on one batch lower its loss, and each sample's CoT
   log-prob moves in the direction of its advantage (up for the best, down for the worst)."""
-  from markovian_jax.training import pipeline
-  from markovian_jax.training import train_step
+  from markovian_jax.training import pipeline, train_step
+
   t = pg_trainer
   ex = t.train_stream.take(1)
   ro = pipeline.rollout(t.ctx, t.spec, t.lora, None, ex, jax.random.PRNGKey(3))
@@ -101,8 +130,9 @@ def test_updates_on_a_fixed_batch_lower_the_loss_and_follow_the_advantages(pg_tr
   loss0, lp0 = terms(t.lora)
   lora, opt = jax.tree.map(jnp.copy, t.lora), jax.tree.map(jnp.copy, t.opt_state)
   for _ in range(5):
-    lora, opt, m = t.programs.update(t.ctx.params, lora, opt, batch, tg, None, None,
-                                     np.float32(1e-3), answer_last_n=sc.window)
+    lora, opt, m = t.programs.update(
+      t.ctx.params, lora, opt, batch, tg, None, None, np.float32(1e-3), answer_last_n=sc.window
+    )
     assert m["nonfinite"] == 0
   loss1, lp1 = terms(lora)
   adv, moved = np.asarray(tg.advantages), np.asarray(lp1 - lp0)
@@ -113,11 +143,12 @@ def test_updates_on_a_fixed_batch_lower_the_loss_and_follow_the_advantages(pg_tr
 
 def _scorer_rows(ctx, ro):
   """The token rows `pipeline.score` hands the jitted scorer, decoded, with their answer spans."""
-  from markovian_jax.training import pipeline
-  from markovian_jax.training import train_step
+  from markovian_jax.training import pipeline, train_step
+
   seen = []
-  settings = train_step.StepSettings(model=ctx.model, objective=ctx.spec.objective.loss,
-                                     temperature=1.0)
+  settings = train_step.StepSettings(
+    model=ctx.model, objective=ctx.spec.objective.loss, temperature=1.0
+  )
   real = jax.jit(functools.partial(train_step.score, settings), static_argnames=("last_n",))
 
   def spy(params, lora, ref, *rows, last_n=None):
@@ -125,7 +156,7 @@ def _scorer_rows(ctx, ro):
     return real(params, lora, ref, *rows, last_n=last_n)
 
   pipeline.score(ctx, types.SimpleNamespace(score=spy), None, None, ro)
-  (tokens, mask, span, btokens, bmask, bspan), = seen
+  ((tokens, mask, span, btokens, bmask, bspan),) = seen
   decode = lambda t, m: ctx.tokenizer.decode(t[m], skip_special_tokens=True)  # noqa: E731
   rows = [(decode(t, m), decode(t, s)) for t, m, s in zip(tokens, mask, span)]
   base = [(decode(t, m), decode(t, s)) for t, m, s in zip(btokens, bmask, bspan)]
@@ -134,24 +165,36 @@ def _scorer_rows(ctx, ro):
 
 def _rollout_of_texts(examples, cots, base_cots, group):
   from markovian_jax.training.pipeline import Rollout
+
   n = len(examples) * group
   z = np.zeros((n, 4), np.int32)
-  return Rollout(examples=examples, prompt_tokens=z[:len(examples)], prompt_mask=z[:len(examples)],
-                 cot_tokens=z, cot_mask=z.astype(bool), behaviour_logprobs=z.astype(np.float32),
-                 cot_texts=cots, base_tokens=z[:len(examples)], base_texts=base_cots)
+  return Rollout(
+    examples=examples,
+    prompt_tokens=z[: len(examples)],
+    prompt_mask=z[: len(examples)],
+    cot_tokens=z,
+    cot_mask=z.astype(bool),
+    behaviour_logprobs=z.astype(np.float32),
+    cot_texts=cots,
+    base_tokens=z[: len(examples)],
+    base_texts=base_cots,
+  )
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "arc"])
 @pytest.mark.parametrize("markovian", [True, False])
-def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(tiny_model_dir, tmp_path,
-                                                                       task, markovian):
+def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(
+  tiny_model_dir, tmp_path, task, markovian
+):
   """Decodes the exact rows the scorer receives: the CoT prompt's frame with the question replaced
   by <Redacted> (the question itself when prompt.markovian=False), this row's CoT, and a span
   that is the gold answer; the reference's CoT' rows likewise, one per question."""
   from markovian_jax.training import config_validation
   from markovian_jax.training.run_context import RunContext, read_examples
-  c = make_config(tiny_model_dir, tmp_path, **{"task": task, "prompt.markovian": markovian,
-                                               "train.group_size": 2})
+
+  c = make_config(
+    tiny_model_dir, tmp_path, **{"task": task, "prompt.markovian": markovian, "train.group_size": 2}
+  )
   if task == "arc":
     c.data.path = str(helpers.shared_data_dir())
     c.sampling.cot_length = 8
@@ -176,11 +219,13 @@ def test_fragility_hook_logs_the_answer_drop_per_perturbation(pg_trainer):
   """The eval.fragility_every hook: one scalar per perturbation kind and severity; deleting the
   whole CoT and truncating all of it from either end leave the same empty CoT, so they agree."""
   from markovian_jax.trainer import fragility_hook
+
   t = pg_trainer
   t.step()
   logged = {}
-  fragility_hook(t.ctx, t.spec.eval.batch_size, lambda step, values: logged.update(values),
-                 t.last_info)
+  fragility_hook(
+    t.ctx, t.spec.eval.batch_size, lambda step, values: logged.update(values), t.last_info
+  )
   sc = {k: v for k, v in logged.items() if k.startswith("fragility/")}
   assert len(sc) == 10 and all(np.isfinite(v) for v in sc.values())
   whole = [sc[f"fragility/{k}/p100"] for k in ("delete", "truncate_front", "truncate_back")]

@@ -26,16 +26,35 @@ and the reference are tests/training/conftest.py's fixtures (`setup`, `torch_mod
 import numpy as np
 import pytest
 
-from tests.step_reference import (G, K, KL_PENALTY, OPTIM, PPO_ROWS, Q, R_ATOL, TEMPERATURE,
-                                  check_loss, check_rewards, make_config, ours)
-
+from tests.step_reference import (
+  KL_PENALTY,
+  OPTIM,
+  PPO_ROWS,
+  R_ATOL,
+  TEMPERATURE,
+  G,
+  K,
+  Q,
+  check_loss,
+  check_rewards,
+  make_config,
+  ours,
+)
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 def _reference(setup, **kw):
   _, ref, examples, cot, base_cot = setup
-  return ref.step([(e.question, e.answer) for e in examples], cot, base_cot, cot_length=K,
-                  temperature=TEMPERATURE, kl_penalty=KL_PENALTY, **kw)
+  return ref.step(
+    [(e.question, e.answer) for e in examples],
+    cot,
+    base_cot,
+    cot_length=K,
+    temperature=TEMPERATURE,
+    kl_penalty=KL_PENALTY,
+    **kw,
+  )
 
 
 def _ours(setup, model_dir, objective=None, **kw):
@@ -49,6 +68,7 @@ def pg(setup, tiny_model_dir):
 
 
 # ----------------------------------------------------------------------------- checks
+
 
 def _scale(grads: dict) -> float:
   return max(np.abs(g).max() for g in grads.values())
@@ -85,9 +105,14 @@ def test_adamw_step(pg, setup):
   want, got = pg
   ref = setup[1]
   before = ref.lora_weights()
-  theirs = ref.adamw_step(want.grads, lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]),
-                          eps=OPTIM["eps"], weight_decay=OPTIM["weight_decay"],
-                          max_norm=OPTIM["grad_clip"])
+  theirs = ref.adamw_step(
+    want.grads,
+    lr=OPTIM["lr"],
+    betas=(OPTIM["b1"], OPTIM["b2"]),
+    eps=OPTIM["eps"],
+    weight_decay=OPTIM["weight_decay"],
+    max_norm=OPTIM["grad_clip"],
+  )
   scale = _scale(want.grads)
   compared = 0
   for key, g in want.grads.items():
@@ -96,11 +121,13 @@ def test_adamw_step(pg, setup):
     # gradient is well conditioned (|g| > 1e-3 max|g|); elsewhere only bound the step by lr.
     well = np.abs(g) > 1e-3 * scale
     compared += well.sum()
-    np.testing.assert_allclose(got.updated[key][well], theirs[key][well], atol=1e-6, rtol=0,
-                               err_msg=key)
+    np.testing.assert_allclose(
+      got.updated[key][well], theirs[key][well], atol=1e-6, rtol=0, err_msg=key
+    )
     step = np.abs(got.updated[key] - before[key])
-    assert step.max() <= OPTIM["lr"] * (1 + OPTIM["weight_decay"] * np.abs(before[key]).max()
-                                        ) * 1.001, key
+    assert (
+      step.max() <= OPTIM["lr"] * (1 + OPTIM["weight_decay"] * np.abs(before[key]).max()) * 1.001
+    ), key
   assert compared > 0.75 * sum(g.size for g in want.grads.values())
 
 
@@ -116,8 +143,7 @@ def test_ppo_minibatch(setup, tiny_model_dir):
   # No ratio sits at a clip boundary, where float32 vs float64 could pick different branches.
   assert np.abs(np.abs(rho - 1) - eps).min() > 1e-4
   want = _reference(setup, kind="ppo", behaviour_logprobs=behaviour, rows=PPO_ROWS)
-  got = _ours(setup, tiny_model_dir, {"kind": "ppo"}, behaviour_logprobs=behaviour,
-              rows=PPO_ROWS)
+  got = _ours(setup, tiny_model_dir, {"kind": "ppo"}, behaviour_logprobs=behaviour, rows=PPO_ROWS)
   check_rewards(want, got)
   check_loss(want, got)
   _check_grads(want, got)
@@ -128,7 +154,8 @@ def test_reward_grad_paper(setup, pg, tiny_model_dir):
   got = _ours(setup, tiny_model_dir, {"reward_grad": "paper"})
   # The reward term changes the gradient (here it dominates it) ...
   assert max(np.abs(want.grads[k] - pg[0].grads[k]).max() for k in want.grads) > (
-      0.5 * _scale(want.grads))
+    0.5 * _scale(want.grads)
+  )
   check_rewards(want, got)
   # ... while its value, mean_i (r_i - mu_g) / scale_g over whole groups, is 0 in exact arithmetic.
   # Ours takes mu from the scoring pass and r_i from the loss pass, two float32 computations of the
