@@ -337,7 +337,7 @@ class OursSide:
     self.prompt_len = len(self.trainer.ctx.cot_prompt_ids(self.example))
     self.describe = (
       f"jax {jax.__version__} on {jax.devices()[0].platform}, our prompt bucket "
-      f"{self.trainer.config.sampling.prompt_bucket}"
+      f"{self.trainer.spec.sampling.prompt_bucket}"
     )
 
   def step(self, seed: int) -> dict:

@@ -1,11 +1,11 @@
 """The training run: `Trainer` holds a run's state and sequences the step's stages and hooks.
 
-    trainer = Trainer(config, default_hooks=False)   # what the train CLI does
+    trainer = Trainer(spec, default_hooks=False)     # what the train CLI does (a RunSpec)
     add_default_hooks(trainer)                        # scalars, samples, guards, eval, checkpoints
     trainer.add_hook(my_fn, every=50)                 # my_fn(info: hooks.StepInfo)
     trainer.run()
 
-It sits above the packages it joins (training, planning, analysis); `train.py` is its CLI.
+It sits above the packages it joins (training, planning, analysis); `cli/train.py` is its CLI.
 Start-up, in order, so that bad input fails in seconds: the config (every section checked), the
 workdir (a run there is resumed with train.resume=True, never silently mixed with a new one), the
 tokenizer and the data, then the base model and the LoRA (fresh, PEFT init, or resumed).
@@ -55,6 +55,7 @@ from markovian_jax.training import hooks as hooks_lib
 from markovian_jax.training import resume as resume_lib
 from markovian_jax.training import state as state_lib
 from markovian_jax.training.run_context import RunContext, fetch, run_splits
+from markovian_jax.training.specs import RunSpec
 
 TrainingStopped = guards.TrainingStopped
 
@@ -94,8 +95,9 @@ class Trainer:
   data cursor; `advance(state, examples)` is the step function, `step()` one step of the run,
   `run()` the loop with its hooks.
 
-  `Trainer(config)` wires the default hooks (`add_default_hooks`); with `default_hooks=False` the
-  caller wires them (the train CLI does, and may add its own with `add_hook`).
+  `Trainer(spec)` (a RunSpec, or a ConfigDict to validate) wires the default hooks
+  (`add_default_hooks`); with `default_hooks=False` the caller wires them (the train CLI does,
+  and may add its own with `add_hook`).
   """
 
   def __init__(self, config, *, default_hooks: bool = True):
@@ -110,9 +112,10 @@ class Trainer:
       raise
 
   def _start(self, config):
-    """The start-up of the module docstring, in that order."""
-    self.config = config
-    self.spec = spec = config_validation.validate(config)
+    """The start-up of the module docstring, in that order. `config`: the RunSpec the train
+    command validated, or a ConfigDict (tests, notebooks), validated here, the one time."""
+    spec = config if isinstance(config, RunSpec) else config_validation.validate(config)
+    self.spec = spec
     # One run per workdir (a second is refused; a dead run's lock is taken over).
     self._lock = workdir_lock.acquire(spec.workdir) if jax.process_index() == 0 else None
     resuming = bool(check_workdir(spec)) and spec.train.resume
@@ -132,7 +135,7 @@ class Trainer:
     self.eval_examples, self.selection_examples = self.splits.test, self.splits.selection
     # Rows rule on the real device count, weights split, memory verdict: before the model loads.
     self.plan = memory_plan.check(spec, tokenizer=tokenizer, examples=self.splits.train)
-    self.ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
+    self.ctx = RunContext.create(spec, tokenizer=tokenizer)
     self.mesh = self.ctx.mesh
     self.workdir = epath.Path(spec.workdir)
     if jax.process_index() == 0:
@@ -181,7 +184,7 @@ class Trainer:
     self.writer = summary.SummaryWriter(self.workdir)
     if jax.process_index() == 0:  # the run's full config, for reports and analyses
       with (self.workdir / "config.json").open("w") as f:
-        json.dump(config.to_dict(), f, indent=1, default=str)
+        json.dump(spec.recorded, f, indent=1, default=str)
     self.hooks = hooks_lib.Hooks()
     if t.resume and self.ckpt.latest_step() is not None:
       # The newest complete checkpoint; what the lost steps wrote is superseded.
@@ -227,7 +230,7 @@ class Trainer:
 
   def state_json(self) -> dict:
     """The checkpoint's JSON state of the run now (`training.state.checkpoint_json`)."""
-    return state_lib.checkpoint_json(self.state, self.train_stream.state(), self.config.to_dict())
+    return state_lib.checkpoint_json(self.state, self.train_stream.state(), self.spec.recorded)
 
   def save(self, score=None, force=True, *, state=None):
     """Checkpoints `state` (the run's current one by default) with the data cursor; a step
@@ -242,7 +245,7 @@ class Trainer:
       self.ckpt,
       state,
       data=self.train_stream.state(),
-      config=self.config.to_dict(),
+      config=self.spec.recorded,
       score=score,
       force=force,
     )

@@ -84,8 +84,8 @@ def ours(
   spec = config_validation.validate(config)
   key = (spec.model.path, spec.model.dtype)
   if key not in _CONTEXTS:
-    _CONTEXTS[key] = RunContext.create(config, spec=spec)
-  ctx = dataclasses.replace(_CONTEXTS[key], config=config, spec=spec)
+    _CONTEXTS[key] = RunContext.create(spec)
+  ctx = dataclasses.replace(_CONTEXTS[key], spec=spec)
   s = train_step.StepSettings(
     model=ctx.model,
     objective=spec.objective.loss,

@@ -94,14 +94,14 @@ def load_context(
     config.model.dtype = dtype
   spec = config_validation.validate(config)
   if reuse is not None and (reuse.spec.model, reuse.spec.mesh) == (spec.model, spec.mesh):
-    return dataclasses.replace(reuse, config=config, spec=spec)
+    return dataclasses.replace(reuse, spec=spec)
   try:
     tokenizer = load_tokenizer(spec.model.path)
   except Exception as e:  # noqa: BLE001 - any failure means this model cannot read the CoTs
     raise AnalysisError(
       f"model {spec.model.path}: cannot load its tokenizer ({type(e).__name__}: {e})"
     ) from e
-  return RunContext.create(config, spec=spec, tokenizer=tokenizer)
+  return RunContext.create(spec, tokenizer=tokenizer)
 
 
 def run_adapter(workdir: str, ctx, step: Optional[int] = None):

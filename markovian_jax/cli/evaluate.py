@@ -96,45 +96,45 @@ def _steps_to_evaluate() -> list:
   return [step]
 
 
-def _lora_settings(step: int, config) -> dict:
+def _lora_settings(step: int, spec) -> dict:
   """The adapter's settings as the run recorded them (its rank may differ from this config's;
   --config only fills what an old checkpoint does not record)."""
   from markovian_jax.training import checkpoint_choice
 
-  settings = checkpoint_choice.adapter_settings(_CKPT.value, step, config)
-  if settings["model"] and settings["model"] != config.model.path:
+  settings = checkpoint_choice.adapter_settings(_CKPT.value, step, spec.recorded)
+  if settings["model"] and settings["model"] != spec.model.path:
     logging.warning(
       "checkpoint step %d was trained on model %s; evaluating it on %s",
       step,
       settings["model"],
-      config.model.path,
+      spec.model.path,
     )
   return settings
 
 
-def run(config) -> dict:
-  """Evaluates the models the flags select on `config`'s eval split; returns {model: summary}."""
+def run(spec) -> dict:
+  """Evaluates the models the flags select on the eval split of `spec` (the RunSpec of --config,
+  validated once by `main`); returns {model: summary}."""
   import jax
 
   from markovian_jax.models import load_tokenizer
   from markovian_jax.runtime import checkpointing, summary
-  from markovian_jax.training import checkpoint_choice, config_validation, evaluation
+  from markovian_jax.training import checkpoint_choice, evaluation
   from markovian_jax.training.run_context import RunContext, read_examples
 
   # Everything that can be wrong with the input is checked before the model is loaded.
   _check_flags()
-  spec = config_validation.validate(config)
   steps, settings = [], {}
   if _CKPT.value:
     steps = _steps_to_evaluate()
-    settings = {step: _lora_settings(step, config) for step in steps}
+    settings = {step: _lora_settings(step, spec) for step in steps}
   models = (["base"] if _BASE.value else []) + [f"step_{s}" for s in steps]
   logging.info("models to evaluate: %s", models)
   # The run's own protocol (its config.json), before its data is read.
   from markovian_jax.reporting import runs as report_runs
 
   refusal = report_runs.foreign_protocol(
-    str(run_dir(config)), report_runs.flatten(config.to_dict()), bool(_OUT.value)
+    str(run_dir(spec)), report_runs.flatten(spec.recorded), bool(_OUT.value)
   )
   if refusal:
     raise EvalError(refusal)
@@ -160,19 +160,19 @@ def run(config) -> dict:
       spec, checkpointing.absolute(_CKPT.value).parent, tokenizer
     )
     logging.info("selection set: %d items (%s)", len(selection_set), where)
-  out_dir = output_dir(config)
+  out_dir = output_dir(spec)
   kw = dict(
-    num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
-    temperature=0.0 if _GREEDY.value else config.eval.temperature,
-    reader=config.eval.reader,
-    answer_max_tokens=config.eval.answer_max_tokens,
-    answer_first_line=config.eval.answer_first_line,
-    batch_size=config.eval.batch_size,
-    seed=config.eval.seed,
+    num_samples=_NUM_SAMPLES.value or spec.eval.num_samples,
+    temperature=0.0 if _GREEDY.value else spec.eval.temperature,
+    reader=spec.eval.reader,
+    answer_max_tokens=spec.eval.answer_max_tokens,
+    answer_first_line=spec.eval.answer_first_line,
+    batch_size=spec.eval.batch_size,
+    seed=spec.eval.seed,
   )
-  protocol = check_protocol(config, out_dir, len(examples), kw)
+  protocol = check_protocol(spec, out_dir, len(examples), kw)
 
-  ctx = RunContext.create(config, spec=spec, tokenizer=tokenizer)
+  ctx = RunContext.create(spec, tokenizer=tokenizer)
   writer_process = jax.process_index() == 0
   if writer_process:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,34 +242,34 @@ def step_table(selection: list, test: list) -> str:
   return "\n".join(lines)
 
 
-def run_dir(config) -> epath.Path:
+def run_dir(spec) -> epath.Path:
   """The run evaluated: --checkpoint_dir's parent, else config.workdir (local or gs://)."""
   from markovian_jax.runtime import checkpointing
 
   if _CKPT.value:
     return checkpointing.absolute(_CKPT.value).parent
-  return epath.Path(config.workdir)
+  return epath.Path(spec.workdir)
 
 
-def output_dir(config) -> epath.Path:
+def output_dir(spec) -> epath.Path:
   """--output_dir, else the run's eval/final (reporting.runs.FINAL_EVAL_DIR)."""
   from markovian_jax.reporting.runs import FINAL_EVAL_DIR
 
   if _OUT.value:
     return epath.Path(_OUT.value)
-  return run_dir(config) / FINAL_EVAL_DIR
+  return run_dir(spec) / FINAL_EVAL_DIR
 
 
-def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dict:
+def check_protocol(spec, out_dir: epath.Path, test_size: int, kw: dict) -> dict:
   """The protocol of this evaluation (protocol.json). Raises EvalError when `out_dir` holds
   another protocol's evaluations."""
   from markovian_jax.reporting import runs as report_runs
 
-  current = report_runs.flatten(config.to_dict())
+  current = report_runs.flatten(spec.recorded)
   protocol = {k: current.get(k) for k in report_runs.RUN_PROTOCOL_KEYS}
   protocol.update(
     num_examples=test_size,
-    eval_split=config.data.eval_split,
+    eval_split=spec.data.eval_split,
     num_samples=kw["num_samples"],
     cot_temperature=kw["temperature"],
     seed=kw["seed"],
@@ -283,8 +283,8 @@ def check_protocol(config, out_dir: epath.Path, test_size: int, kw: dict) -> dic
 def main():
   from markovian_jax.training import config_validation
 
-  with config_validation.config_session(_CONFIG.value, "configs/gsm8k.py"):
-    run(_CONFIG.value)
+  with config_validation.config_session(_CONFIG.value, "configs/gsm8k.py") as spec:
+    run(spec)
 
 
 def cli_main():

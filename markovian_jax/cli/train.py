@@ -19,9 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (conf
 
 
 def main():
-  with config_validation.config_session(_CONFIG.value, "configs/demo.py"):
+  with config_validation.config_session(_CONFIG.value, "configs/demo.py") as spec:
     try:
-      trainer = Trainer(_CONFIG.value, default_hooks=False)
+      trainer = Trainer(spec, default_hooks=False)
       add_default_hooks(trainer)
       trainer.run()
     except TrainingStopped as e:

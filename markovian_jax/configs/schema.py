@@ -13,7 +13,7 @@ description (docs/configuration.md). A default that depends on the task is `by_t
 
 To add a key: a field here; its check, if any, in the section's spec (training/specs.py). An
 objective key is also a field of `objectives.ObjectiveConfig` with the same default (the loss reads
-it from there; tests/test_config_defaults.py holds the two equal).
+it from there; tests/configs/test_config_defaults.py holds the two equal).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Two costs dominated a LoRA training step on CPU, and both come from generic code
   1.7 s of a 2.2 s forward. `dropout` here draws each entry from a counter-based hash (two rounds
   of a 32-bit finaliser over the element index and a 64-bit seed taken from the flax dropout key):
   a fused elementwise op, as fast as a copy. It is not a cryptographic generator; it only has to
-  give independent-looking keep/drop decisions at the right rate, which tests/test_lora_branch.py
-  checks. The index is the position in the global array, so the mask does not depend on sharding.
+  give independent-looking keep/drop decisions at the right rate, which
+  tests/models/test_lora_branch.py checks. The index is the position in the global array, so the
+  mask does not depend on sharding.
 
 * The backward of `(h @ a) @ b`. Autodiff asks XLA for `db = (h @ a)^T @ g` as a contraction over
   the token axis, and XLA:CPU lays that out by transposing the [tokens, out] cotangent, fused with

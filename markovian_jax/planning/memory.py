@@ -11,7 +11,7 @@ Every size follows the programs' own layouts: `sharding`'s rules on the given me
 or `DECODE_RULES` in the sampler), the sampler's padded rows, `logprobs`' chunking and its
 `SAVED_LOGITS_BYTES` switch. The peak is the persistent state plus the largest phase. What the
 compiler adds on top (fusion temporaries, collective buffers, scheduling) is the margin that
-tests/test_plan.py checks against `compiled.memory_analysis()`.
+tests/planning/test_plan.py checks against `compiled.memory_analysis()`.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def _every_activation(dims: _Dims, wb: int, rows: int, t: int, keys: int) -> int
 
 def _layer_peak(dims: _Dims, wb: int, rows: int, t: int, keys: int) -> int:
   """What one layer's forward holds at its peak once XLA has fused it: about the residual and
-  2.5 fp32 [heads, keys] score arrays per token (fitted to the compiler: tests/test_plan.py)."""
+  2.5 fp32 [heads, keys] score arrays per token (fitted to the compiler:
+  tests/planning/test_plan.py)."""
   return rows * t * (wb * dims.d + 10 * dims.heads * keys)
 
 
@@ -326,7 +327,7 @@ def _logits_bytes(c: DecoderConfig, w: Workload, td: _Dims, n_dev: int) -> int:
   nets = 2 if w.kl_full else 1
   one = n_dev * chunk * td.vocab * 4
   # About three [rows, chunk, V] arrays per network (logits, log-softmax, probabilities) live at
-  # once, per chunk when they are kept for the backward (fitted: tests/test_plan.py).
+  # once, per chunk when they are kept for the backward (fitted: tests/planning/test_plan.py).
   global_live = nets * (w.rows // w.minibatches) * chunk * c.vocab_size * 4
   chunks = 1 if global_live > SAVED_LOGITS_BYTES else -(-w.cot // chunk)
   return chunks * 3 * nets * one

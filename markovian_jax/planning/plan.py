@@ -14,7 +14,7 @@ device memory is known. Nothing needs weights or a network (`plan_shapes`).
 Training runs the same plan at start-up (`check`, before the model loads), logs it and refuses a
 config that cannot fit. The verdict keeps HEADROOM of the device free for what the plan does not
 model (the runtime, fragmentation, the compiler's own temporaries beyond the margins measured in
-tests/test_plan.py).
+tests/planning/test_plan.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fault injection for the fault-matrix tests (`benchmarks/faults.py`, tests/test_faults.py).
+"""Fault injection for the fault-matrix tests (`benchmarks/faults.py`,
+tests/benchmarks/test_faults.py).
 
 Off unless the environment variable MARKOVIAN_TEST_FAULTS is set, which nothing but those tests
 sets: a run never reaches these code paths by accident. Its value is a comma-separated list of

@@ -14,7 +14,7 @@ typed specs accept and a description. Nothing here restates a value:
                expression evaluated in its own module
   description  the key's `knob(default, description)` in `configs/schema.py`
 
-`tests/test_docs.py` regenerates the page and fails when the committed file differs.
+`tests/repo/test_docs.py` regenerates the page and fails when the committed file differs.
 """
 
 from __future__ import annotations

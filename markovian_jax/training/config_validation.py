@@ -41,7 +41,8 @@ def validate(c) -> RunSpec:
     )
   if spec.mesh.known:  # otherwise plan.check applies the rule once the devices are counted
     check_rows(spec)
-  return resolve_prompt_format(c, spec)
+  spec = resolve_prompt_format(c, spec)
+  return dataclasses.replace(spec, recorded=c.to_dict())
 
 
 def resolve_prompt_format(c, spec: RunSpec) -> RunSpec:

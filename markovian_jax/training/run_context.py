@@ -120,8 +120,7 @@ def recorded_selection(spec, workdir, tokenizer=None) -> tuple[list, str]:
 
 @dataclasses.dataclass
 class RunContext:
-  config: object  # the run's ml_collections.ConfigDict
-  spec: object  # its specs.RunSpec
+  spec: object  # the run's specs.RunSpec
   mesh: jax.sharding.Mesh
   model: DecoderConfig
   params: dict
@@ -129,9 +128,8 @@ class RunContext:
   eos_ids: tuple
 
   @classmethod
-  def create(cls, config, mesh=None, *, spec=None, tokenizer=None) -> "RunContext":
-    """Validates `config` (unless its `spec` is given), builds the mesh and loads the model."""
-    spec = spec or config_validation.validate(config)
+  def create(cls, spec, mesh=None, *, tokenizer=None) -> "RunContext":
+    """The mesh and the model of `spec` (a RunSpec, from `config_validation.validate`)."""
     mesh = mesh or config_validation.make_mesh(spec)
     attention_choice.check_backend(spec.model.attention)  # before the weights load
     tokenizer = tokenizer or load_tokenizer(spec.model.path)
@@ -148,7 +146,7 @@ class RunContext:
       spec.model.dtype,
       dict(mesh.shape),
     )
-    return cls(config, spec, mesh, model, params, tokenizer, eos_ids(model, tokenizer))
+    return cls(spec, mesh, model, params, tokenizer, eos_ids(model, tokenizer))
 
   @property
   def task(self) -> str:

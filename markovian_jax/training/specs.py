@@ -377,6 +377,10 @@ class RunSpec:
   train: TrainSpec
   eval: EvalSpec
   mesh: MeshSpec
+  # The config as validated (prompt.format resolved), as plain JSON-able values: what a run
+  # records (config.json, each checkpoint's state) and what a protocol is compared on. Set by
+  # `config_validation.validate`; below the command line only the spec travels.
+  recorded: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
   @classmethod
   def read(cls, c) -> "RunSpec":

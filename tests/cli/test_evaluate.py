@@ -328,7 +328,7 @@ def target_logprob(trainer, lora, example, cot: str) -> float:
 
   ctx = trainer.ctx
   row = data_lib.answer_tokens(
-    ctx.tokenizer, ctx.answer_prefix(example, cot), example.answer, trainer.config.prompt.format
+    ctx.tokenizer, ctx.answer_prefix(example, cot), example.answer, trainer.spec.prompt.format
   )
   logits = np.asarray(
     decoder.logits(ctx.model, ctx.params, row.ids[None], lora=lora)[0], np.float64

@@ -46,14 +46,15 @@ def test_a_failing_preflight_falls_back_under_auto_and_refuses_under_cudnn():
 def test_cudnn_on_cpu_is_refused_before_loading(tmp_path):
   """Before the tokenizer and the weights (random:tiny's need nothing else here); the run's
   logged choice on CPU is checked by test_random_models' training run."""
+  from markovian_jax.training import config_validation
   from markovian_jax.training.run_context import RunContext
 
   c = make_config("random:tiny", tmp_path / "b", **{"model.attention": "cudnn"})
   with pytest.raises(InvalidConfig, match="^config.model.attention: 'cudnn' needs a GPU"):
-    RunContext.create(c)
+    RunContext.create(config_validation.validate(c))
   c = make_config("random:tiny", tmp_path / "c", **{"model.attention": "flash"})
   with pytest.raises(InvalidConfig, match=r"^config.model.attention: 'flash' is not one of "):
-    RunContext.create(c)
+    RunContext.create(config_validation.validate(c))
 
 
 @pytest.mark.slow

@@ -199,7 +199,7 @@ def test_scorer_sees_the_redacted_question_the_cot_and_the_gold_answer(
     c.data.path = str(helpers.shared_data_dir())
     c.sampling.cot_length = 8
   spec = config_validation.validate(c)
-  ctx = RunContext.create(c, spec=spec)
+  ctx = RunContext.create(spec)
   examples = read_examples(spec, "test", ctx.tokenizer, 2)
   cots = [f" step {i}: think about it" for i in range(4)]
   rows, base = _scorer_rows(ctx, _rollout_of_texts(examples, cots, [" base one", " base two"], 2))
