@@ -9,6 +9,11 @@ import sys
 from markovian_jax.cli import plan as _command
 
 if __name__ == "__main__":
+  from absl import flags
+
+  # --help prints __main__'s docstring and key flags: the command's.
+  __doc__ = _command.__doc__
+  flags.adopt_module_key_flags(_command)
   _command.cli_main()
 else:
   sys.modules[__name__] = _command
