@@ -112,35 +112,9 @@ def _modules_sharing_demo_runs(tests_dir: str) -> set:
   }
 
 
-# The longest modules (a fresh-clone CI run's durations, worker-seconds: the two-process jobs, the
-# benchmark scripts' end-to-end runs, the trained runs) go out first, the short ones fill the
-# tail; otherwise two of them can be left running side by side while the other modules are done.
-LONGEST_FIRST = (
-  "tests/benchmarks/test_faults.py",
-  "tests/runtime/test_multihost.py",
-  "tests/benchmarks/test_accelerator_benchmark.py",
-  "tests/training/test_train.py",
-  "tests/analysis/test_analyze.py",  # the demo_runs unit
-  "tests/cli/test_evaluate.py",
-  "tests/benchmarks/test_gpu_first_run.py",
-  "tests/cli/test_cli.py",
-  "tests/sampling/test_sampling.py",
-  "tests/training/test_bf16.py",
-  "tests/data/test_sentencepiece_vocab.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-  rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
-
-
 @pytest.hookimpl(optionalhook=True)  # a plain `pytest` run has no xdist
 def pytest_xdist_make_scheduler(config, log):
   from xdist.scheduler import LoadScopeScheduling
-
-  # Units in collection order (LONGEST_FIRST), not xdist's by-number-of-tests order.
-  config.option.loadscopereorder = False
 
   shared = _modules_sharing_demo_runs(os.path.dirname(os.path.abspath(__file__)))
 
