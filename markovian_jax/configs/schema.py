@@ -169,6 +169,11 @@ class Sampling:
     "nucleus sampling: from the smallest set of tokens whose probability reaches top_p; 1.0 = off",
   )
   prompt_bucket: int = knob(64, "prompts are left-padded to a multiple of this (one compile each)")
+  cot_stops_at_eos: bool = knob(
+    False,
+    "let EOS end a CoT before K tokens (free-length reasoning, as the answer-likelihood "
+    "papers sample); False = exactly K tokens, as the reference",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
