@@ -70,16 +70,12 @@ PYTEST_WORKERS ?= auto --maxprocesses=4
 PYTEST := $(OFFLINE) $(PY) -m pytest -q tests -n $(PYTEST_WORKERS)
 
 # The tests compile without LLVM optimisation (tests/conftest.py), which fuses no multiply-adds; the
-# numerics references (their CLI and refusal tests aside) run once more at XLA's default level, as
-# users' programs compile.
-NUMERICS_TESTS := tests/training/test_step_reference.py tests/models/test_families.py \
-  tests/training/test_bf16.py tests/sampling/test_bf16_sampler.py -k "not cli and not refuses"
-
+# numerics references (tests/conftest.py NUMERICS_MODULES, their CLI and refusal tests aside) run
+# instead in a second pass at XLA's default level, as users' programs compile: each test runs once.
 # Everything (what CI runs), with the 25 slowest tests listed; then the numerics references.
 test: $(VENV)/.installed-test tcmalloc
-	$(PYTEST) --durations=25
-	MARKOVIAN_XLA_OPT=default $(OFFLINE) $(PY) -m pytest -q $(NUMERICS_TESTS) -n $(PYTEST_WORKERS) \
-	  --durations=5
+	$(PYTEST) --numerics=exclude --durations=25
+	MARKOVIAN_XLA_OPT=default $(PYTEST) --numerics=only --durations=5
 
 # The edit-test loop: everything but the tests marked slow (see pyproject.toml's markers).
 test-fast: $(VENV)/.installed-test tcmalloc

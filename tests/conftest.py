@@ -126,6 +126,61 @@ def pytest_xdist_make_scheduler(config, log):
   return ModuleScheduling(config, log)
 
 
+# The numerics references: the float64 step reference, the model families against transformers,
+# bfloat16 (their CLI and refusal tests aside, which test no arithmetic). `make test` runs them
+# once, in a second pass at XLA's default optimisation level (the programs users run), and leaves
+# them out of its first pass at level 0; `--numerics=all` (a plain `pytest`) runs them in place.
+NUMERICS_MODULES = (
+  "tests/training/test_step_reference.py",
+  "tests/models/test_families.py",
+  "tests/training/test_bf16.py",
+  "tests/sampling/test_bf16_sampler.py",
+)
+NOT_NUMERICS_WORDS = ("cli", "refuses")
+
+
+def is_numerics(nodeid: str) -> bool:
+  """Whether the test `nodeid` ("tests/<sub>/test_x.py::test_y[param]") is a numerics
+  reference."""
+  module, _, name = nodeid.partition("::")
+  return module in NUMERICS_MODULES and not any(w in name.lower() for w in NOT_NUMERICS_WORDS)
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--numerics",
+    choices=("all", "only", "exclude"),
+    default="all",
+    help="the numerics references (tests/conftest.py NUMERICS_MODULES): run them with the rest "
+    "(all), alone (only; with MARKOVIAN_XLA_OPT=default, as `make test` does) or not (exclude)",
+  )
+
+
+def pytest_ignore_collect(collection_path, config):
+  """With --numerics=only, the other test modules are not even imported (collecting the whole
+  tree costs each worker ~13 s)."""
+  if (
+    config.getoption("--numerics") == "only"
+    and collection_path.suffix == ".py"
+    and collection_path.name.startswith("test_")
+  ):
+    rel = collection_path.resolve().relative_to(pathlib.Path(config.rootpath).resolve())
+    return True if rel.as_posix() not in NUMERICS_MODULES else None
+  return None
+
+
+def pytest_collection_modifyitems(config, items):
+  mode = config.getoption("--numerics")
+  if mode == "all":
+    return
+  keep, drop = [], []
+  for item in items:
+    (keep if is_numerics(item.nodeid) == (mode == "only") else drop).append(item)
+  if drop:
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
 # Under MARKOVIAN_STRICT_TESTS (CI) a skipped test is a failed run: CI checks everything or says
 # what it did not. Read on the controller, where pytest-xdist's workers send every report.
 _SKIPPED = []
