@@ -73,23 +73,21 @@ def _due(point: str, step: int) -> list[Fault]:
 
 
 def fill_filesystem(directory) -> None:
-  """Writes `directory`/.fill until its filesystem has no space left."""
+  """Writes `directory`/.fill until its filesystem has no space left; never raises ENOSPC itself.
+
+  Unbuffered: a buffered file keeps the tail of a write the disk took only in part and raises
+  ENOSPC again when it is closed, so the filler itself, not the run it fills the disk under,
+  would fail (whenever the free space was not a whole number of blocks).
+  """
   block = b"\0" * (1 << 16)
-  with open(os.path.join(os.fspath(directory), ".fill"), "ab") as f:
+  for name, size in ((".fill", len(block)), (".fill2", 1)):  # .fill2: the last partial block
     try:
-      while True:
-        f.write(block)
-        f.flush()
+      with open(os.path.join(os.fspath(directory), name), "ab", buffering=0) as f:
+        while True:
+          f.write(block[:size])
     except OSError as e:
       if e.errno != errno.ENOSPC:
         raise
-  try:  # the last partial block too
-    with open(os.path.join(os.fspath(directory), ".fill2"), "ab") as f:
-      while True:
-        f.write(b"\0")
-        f.flush()
-  except OSError:
-    pass
 
 
 def at(point: str, step: int, directory=None) -> bool:
