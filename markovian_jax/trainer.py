@@ -10,7 +10,8 @@ Start-up, in order, so that bad input fails in seconds: the config (every sectio
 workdir (a run there is resumed with train.resume=True, never silently mixed with a new one), the
 tokenizer and the data, then the base model and the LoRA (fresh, PEFT init, or resumed).
 The run's state is one pytree, `training.state.TrainState` (adapter, optimizer state, rng,
-baseline state, step); the data cursor is the stream's, host-side. Each step is `pipeline`'s
+baseline state, step; for NOVER its EMA-lagged adapter copy, the step's reward scorer and KL
+reference); the data cursor is the stream's, host-side. Each step is `pipeline`'s
 stages: rollout -> score -> targets -> update -> scalars, from one TrainState to the next.
 Everything else runs as hooks between steps, each given the state and the step's outputs in its
 `StepInfo`: TensorBoard scalars and samples, the stability guards, evaluation every `eval_every`
@@ -30,6 +31,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 
+from markovian_jax import objectives as obj
 from markovian_jax.data import ExampleStream
 from markovian_jax.data import selection as selection_lib
 from markovian_jax.models import hf, init_lora, load_tokenizer
@@ -173,10 +175,15 @@ class Trainer:
     self.ref_lora = (
       jax.tree.map(jnp.copy, lora) if spec.lora.reference == "initial_adapter" else None
     )
+    # NOVER: the reference is instead the state's EMA-lagged adapter copy (`reference`).
+    method = obj.method_of(spec.objective.loss)
+    self.ema_scorer = method is not None and method.scorer == "ema"
     opt_state = self.tx.init(lora)
     opt_sh = train_step.tree_shardings(opt_state, self.mesh)
     self.programs = train_step.Programs(self.settings, self.tx, self.mesh, lora_sh, opt_sh)
-    self.state = state_lib.TrainState.create(lora, jax.device_put(opt_state, opt_sh), t.seed)
+    self.state = state_lib.TrainState.create(
+      lora, jax.device_put(opt_state, opt_sh), t.seed, ema=self.ema_scorer
+    )
     self.last_info = None  # the StepInfo of the latest step
     self.ckpt = checkpointing.Checkpointer(
       self.workdir / "checkpoints", max_to_keep=t.max_to_keep, keep_best=t.keep_best
@@ -228,6 +235,12 @@ class Trainer:
   def baseline_state(self):
     return self.state.baseline
 
+  def reference(self, state: state_lib.TrainState):
+    """The adapter a step from `state` scores its reward with (unless the actor does) and takes
+    its KL to: the EMA copy of a method whose scorer is `ema`, else the run's reference (None:
+    the base model; lora.reference='initial_adapter': the frozen starting adapter)."""
+    return state.ema_lora if self.ema_scorer else self.ref_lora
+
   def state_json(self) -> dict:
     """The checkpoint's JSON state of the run now (`training.state.checkpoint_json`)."""
     return state_lib.checkpoint_json(self.state, self.train_stream.state(), self.spec.recorded)
@@ -276,16 +289,18 @@ class Trainer:
   ) -> tuple[state_lib.TrainState, hooks_lib.StepInfo]:
     """The step function: the state after one step (pipeline stages) on `examples` from
     `state`, and the step's outputs as the hooks' StepInfo. The adapter and optimizer buffers of
-    `state` are donated to the update: only the returned state may be used afterwards."""
+    `state` (and its EMA copy's, at a sync) are donated to the update: only the returned state
+    may be used afterwards."""
     spec, ctx, p = self.spec, self.ctx, self.programs
     step = state.step + 1
+    ref = self.reference(state)
     rng, sample_key, update_key = jax.random.split(state.rng, 3)
     timer = pipeline.Timer()
     with timer("sample"):
       faults.at("sample", step)  # tests only (MARKOVIAN_TEST_FAULTS)
-      ro = pipeline.rollout(ctx, spec, state.lora, self.ref_lora, examples, sample_key)
+      ro = pipeline.rollout(ctx, spec, state.lora, ref, examples, sample_key)
     with timer("score"):
-      sc = pipeline.score(ctx, p, state.lora, self.ref_lora, ro)
+      sc = pipeline.score(ctx, p, state.lora, ref, ro)
       tg, baseline, target_metrics = pipeline.targets(ctx, p, sc, state.baseline)
       if faults.at("loss", step):  # tests only: a non-finite loss at this step
         tg = tg._replace(advantages=tg.advantages * jnp.nan)
@@ -302,14 +317,21 @@ class Trainer:
         batch,
         tg,
         update_key,
-        self.ref_lora,
+        ref,
         lr,
         sc.window,
       )
       per_update = [{k: float(v) for k, v in m.items()} for m in per_update]
+      ema = state.ema_lora
+      if ema is not None and step % spec.objective.loss.scorer_ema_every == 0:
+        # NOVER's sync, counted in steps as its code counts them (a step whose update was
+        # skipped still mixes the unchanged policy in).
+        ema = p.ema_update(ema, lora)
     if any(m["nonfinite"] for m in per_update):
       baseline = state.baseline  # a skipped update leaves the baseline where it was
-    new = state.replace(lora=lora, opt_state=opt_state, rng=rng, baseline=baseline, step=step)
+    new = state.replace(
+      lora=lora, opt_state=opt_state, rng=rng, baseline=baseline, step=step, ema_lora=ema
+    )
     scalars = pipeline.scalars(spec, ctx, ro, sc, target_metrics, per_update, timer.times)
     if not per_update:  # expert iteration kept nothing: report the schedule's value
       scalars["train/learning_rate"] = lr

@@ -90,15 +90,15 @@ VARIANTS = {
 }
 # The answer-likelihood family (docs/answer-likelihood.md): each method as its paper ran it (the
 # scorer sees the question) and its Markovian twin (it does not). Value: the reward scorer of the
-# method's objectives.METHODS entry in objective.reward_scorer terms (NOVER's EMA-lagged copy is
-# refused by the config check; tests/training/test_answer_likelihood_wiring.py holds the two
-# tables equal).
+# method's objectives.METHODS entry in objective.reward_scorer terms ("ema": NOVER's EMA-lagged
+# adapter copy, objective.scorer_ema_*; tests/training/test_answer_likelihood_wiring.py holds the
+# two tables equal).
 ANSWER_LIKELIHOOD_SCORERS = {
   "verifree": "actor",
   "rlpr": "actor",
   "jepo": "actor",
   "latro": "actor",
-  "nover": "actor",
+  "nover": "ema",
   "vrcli": "base",
   "dro": "actor",
 }

@@ -192,7 +192,11 @@ class Objective:
     "log-prob) (VeriFree-style) | mean_token_prob: mean of the answer tokens' probabilities "
     "(RLPR-style)",
   )
-  reward_scorer: str = knob("actor", "who scores the answer for the reward: actor | base")
+  reward_scorer: str = knob(
+    "actor",
+    "who scores the answer for the reward: actor | base | ema (the EMA-lagged adapter copy "
+    "that a method whose scorer it is keeps: nover; objective.scorer_ema_*)",
+  )
   reward_grad: str = knob(
     "none",
     "none (reference code: the reward carries no gradient) | paper (through the "
@@ -223,6 +227,20 @@ class Objective:
     "an answer-likelihood method (docs/answer-likelihood.md): verifree | rlpr | jepo | "
     "latro | nover | vrcli | dro, or <method>_markovian (its scorer does not see the question); "
     "\"\" = the Markovian objective. Set by the config variants of the same names",
+  )
+  scorer_ema_decay: float = knob(
+    0.6,
+    "a method whose scorer is an EMA-lagged copy of the policy adapter (nover): at each sync "
+    "the copy becomes d * copy + (1 - d) * policy, d this weight of the old copy (NOVER's "
+    "released ref_model_mixup_alpha 0.6; its first release had 0.9). The copy scores the reward "
+    "and is the KL reference; 1 = never moves from the starting adapter, 0 = the policy as of the "
+    "last sync",
+  )
+  scorer_ema_every: int = knob(
+    100,
+    "a method whose scorer is an EMA-lagged copy (nover): optimizer steps between its syncs, "
+    "after steps every, 2 x every, ... (NOVER's released code syncs at each checkpoint save, "
+    "save_steps 100); 1 = after every step",
   )
 
 

@@ -66,6 +66,10 @@ class ObjectiveConfig:
     (objectives/methods.py METHOD_NAMES; docs/answer-likelihood.md): its MethodConfig
     (`methods.method_of`) then decides rewards, advantages and the answer term, and its policy
     loss is this config with the method's settings.
+  scorer_ema_decay / scorer_ema_every: a method whose scorer is `ema` (NOVER): the weight d of
+    the old copy in copy <- d * copy + (1 - d) * policy over the adapter's params, applied after
+    every `scorer_ema_every`-th optimizer step (the trainer keeps the copy; the loss does not
+    read these).
   """
 
   kind: str = "pg"
@@ -90,6 +94,8 @@ class ObjectiveConfig:
   ppo_log_ratio_clamp: Optional[float] = 20.0
   ppo_ratio_reference: str = "behaviour"
   method: str = ""
+  scorer_ema_decay: float = 0.6
+  scorer_ema_every: int = 100
 
   def __post_init__(self):
     check_choice("objective kind", self.kind, OBJECTIVES)
@@ -126,9 +132,10 @@ class ObjectiveConfig:
       "advantage_eps",
       "ema_decay",
       "ppo_eps",
+      "scorer_ema_decay",
     ):
       finite(f)
-    for f in ("group_size", "ei_skip_initial"):
+    for f in ("group_size", "ei_skip_initial", "scorer_ema_every"):
       v = getattr(self, f)
       need(isinstance(v, int) and not isinstance(v, bool), f, "must be an integer")
     need(self.kl_penalty >= 0, "kl_penalty", "must be >= 0")
@@ -154,6 +161,8 @@ class ObjectiveConfig:
     need(self.advantage_eps >= 0, "advantage_eps", "must be >= 0")
     need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
     need(0 < self.ppo_eps < 1, "ppo_eps", "must be in (0, 1)")
+    need(0 <= self.scorer_ema_decay <= 1, "scorer_ema_decay", "must be in [0, 1]")
+    need(self.scorer_ema_every >= 1, "scorer_ema_every", "must be >= 1")
     need(self.group_size >= 1, "group_size", "must be >= 1")
     need(self.ei_skip_initial >= 0, "ei_skip_initial", "must be >= 0")
     for f in ("kl_clamp", "ppo_log_ratio_clamp"):

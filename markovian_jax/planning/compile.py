@@ -106,9 +106,11 @@ def compile_phases(
     if w.base_rows
     else [None] * 3
   )
+  # NOVER's reference (scorer, KL) is its EMA adapter copy, of the adapter's layout.
+  ref = lora if w.ema_adapter else None
   if "score" in phases:
     out["score"] = programs.score.lower(
-      params, lora, None, *answers, *base, last_n=w.window
+      params, lora, ref, *answers, *base, last_n=w.window
     ).compile()
   if "update" in phases:
     batch = train_step.PolicyBatch(
@@ -137,7 +139,7 @@ def compile_phases(
       batch,
       targets,
       rng,
-      None,
+      ref,
       np.float32(spec.optim.lr),
       answer_last_n=w.window,
     ).compile()

@@ -1,6 +1,7 @@
 """Per-device bytes of one training step, phase by phase, from shapes alone (no weights or devices).
 
-    persistent  base weights (train layout), LoRA params, AdamW state, a frozen reference adapter
+    persistent  base weights (train layout), LoRA params, AdamW state, a frozen reference adapter,
+                NOVER's EMA-lagged adapter copy (its scorer and KL reference)
     sample      the decode-layout weight copy (fsdp > 1), the KV cache of the padded rows, the
                 prefill, the token selection's logits            (`sampling`)
     score       one layer's forward over the answer rows and the CoT' rows, the window's logits
@@ -52,6 +53,7 @@ class Workload:
   lora_rank: int = 8
   lora_targets: tuple = lora_lib.ALL_LINEAR
   ref_adapter: bool = False  # lora.reference='initial_adapter': a frozen adapter copy
+  ema_adapter: bool = False  # a method whose scorer is 'ema' (nover): the EMA adapter copy
 
   @property
   def rows(self) -> int:
@@ -214,6 +216,9 @@ def plan(c: DecoderConfig, w: Workload, mesh, optimizer_state=None) -> MemoryPla
   add("persistent", "AdamW state (fp32)", opt_b, "2 moments")
   if w.ref_adapter:
     add("persistent", "reference adapter", lora_b, "lora.reference=initial_adapter")
+  if w.ema_adapter:
+    # The LoRA params only: it runs on the shared base weights. Its sync donates the old copy.
+    add("persistent", "EMA scorer adapter", lora_b, "objective.method nover: scorer, KL reference")
 
   # A scanned layer's weights are sliced out of the [L, ...] stacks (FSDP: all-gathered) per layer.
   layers = {"layers": params["layers"]}

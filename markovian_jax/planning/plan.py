@@ -115,6 +115,7 @@ def workload(spec: RunSpec, prompt_length: Optional[int] = None) -> tuple[Worklo
     lora_rank=spec.lora.rank,
     lora_targets=tuple(spec.lora.targets),
     ref_adapter=spec.lora.reference == "initial_adapter",
+    ema_adapter=spec.objective.reward_scorer == "ema",
     # Only the exact KL keeps the reference's logits for the backward; k1/k2/k3 (and PPO's
     # ratio to the base) gather its log-probs of the sampled tokens without gradient.
     kl_full=o.kl_estimator == "full",

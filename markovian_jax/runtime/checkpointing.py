@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training run: LoRA, optimizer state and the run's JSON state.
+"""Orbax checkpoints of a training run: LoRA, optimizer state and the run's JSON state; for a run
+that keeps an EMA-lagged adapter copy (NOVER's scorer) that copy too, as the item "ema_lora".
 
 Never the base weights (they are re-loaded from `config.model.path`). The JSON part holds the step,
 the data cursor, the RNG key, the EMA/EI baseline state and the config, so `resume` continues a run
@@ -44,6 +45,9 @@ from markovian_jax.runtime.errors import CheckpointError, UserError
 __all__ = ["BrokenCheckpoint", "CheckpointError", "Checkpointer", "DiskFull"]
 
 ITEMS = ("lora", "opt_state", "state")
+# Saved only by a run whose method's scorer is an EMA copy of the adapter: checkpoints without it
+# (every other run's, and those written before it existed) load as they always did.
+EMA_ITEM = "ema_lora"
 BROKEN_DIR = "broken_checkpoints"  # beside the checkpoints directory
 
 
@@ -143,7 +147,8 @@ def _score(metrics) -> float:
 
 
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` with our three items: lora, opt_state, state."""
+  """Thin wrapper over `ocp.CheckpointManager` with our three items: lora, opt_state, state (and
+  ema_lora, for a run that keeps an EMA adapter copy)."""
 
   def __init__(
     self, directory, *, max_to_keep: int = 3, keep_best: bool = True, create: bool = True
@@ -161,7 +166,7 @@ class Checkpointer:
       best_mode="max",
     )
     self._manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("lora", "opt_state", "state")
+      self.directory, options=options, item_names=ITEMS + (EMA_ITEM,)
     )
 
   def all_steps(self) -> list[int]:
@@ -178,14 +183,19 @@ class Checkpointer:
     state: dict[str, Any],
     score: Optional[float] = None,
     force: bool = False,
+    ema_params=None,
   ) -> bool:
-    """Saves collectively (every process calls it). `score`: validation metric, higher is better."""
+    """Saves collectively (every process calls it). `score`: validation metric, higher is better.
+    `ema_params`: the EMA adapter copy's params tree (item ema_lora), or None to save none."""
     _check_same_everywhere(state)
-    args = ocp.args.Composite(
+    items = dict(
       lora=ocp.args.StandardSave(lora_params),
       opt_state=ocp.args.StandardSave(opt_state),
       state=ocp.args.JsonSave(state),
     )
+    if ema_params is not None:
+      items[EMA_ITEM] = ocp.args.StandardSave(ema_params)
+    args = ocp.args.Composite(**items)
     metrics = None if score is None else {"score": float(score)}
     try:
       with _reported_here():
@@ -195,7 +205,9 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - anything else is re-raised as it was
       if not _is_disk_full(e):
         raise
-      need = sum(np.asarray(x).nbytes for x in jax.tree.leaves((lora_params, opt_state)))
+      need = sum(
+        np.asarray(x).nbytes for x in jax.tree.leaves((lora_params, opt_state, ema_params))
+      )
       need += len(json.dumps(state, default=str))
       free = (
         "" if "://" in str(self.directory) else f", {shutil.disk_usage(self.directory).free} free"
@@ -227,7 +239,8 @@ class Checkpointer:
     """Why checkpoint `step` cannot be read as it was stored, or None when every item reads
     (arrays as host numpy arrays, independent of the run's shapes and devices)."""
     root = self.directory / str(step)
-    for item in ITEMS[:2]:
+    arrays = ITEMS[:2] + ((EMA_ITEM,) if (root / EMA_ITEM).exists() else ())
+    for item in arrays:
       try:
         handler = ocp.PyTreeCheckpointHandler()
         meta = handler.metadata(root / item).tree
@@ -282,6 +295,32 @@ class Checkpointer:
       ),
     )
     return out["lora"], out["opt_state"], out["state"]
+
+  def has_ema(self, step: int) -> bool:
+    """Whether checkpoint `step` holds an EMA adapter copy (item ema_lora)."""
+    return (self.directory / str(step) / EMA_ITEM).exists()
+
+  def restore_ema(self, step: int, ema_target):
+    """The EMA adapter copy's params of checkpoint `step`, into the shapes/dtypes/shardings of
+    `ema_target`. A checkpoint saved without one raises CheckpointError (one line): its run kept
+    no EMA copy, and a fresh one would silently score as another run."""
+    if not self.has_ema(step):
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} holds no EMA adapter copy "
+        f"({EMA_ITEM}): it was saved by a run whose method's scorer is not an EMA copy, and "
+        "this run's objective.method scores with one (nover); resume it with the method it "
+        "was trained with, or give a new --config.workdir to start over"
+      )
+    return self._restore(
+      step,
+      ocp.args.Composite(
+        **{
+          EMA_ITEM: ocp.args.StandardRestore(
+            jax.tree.map(ocp.utils.to_shape_dtype_struct, ema_target)
+          )
+        }
+      ),
+    )[EMA_ITEM]
 
   def restore_state(self, step: Optional[int] = None) -> dict:
     """Only the JSON state (config, step, ...), e.g. to rebuild the LoRA shapes before restoring."""

@@ -33,7 +33,10 @@ from markovian_jax.runtime.errors import InvalidConfig
 from markovian_jax.training import guards, optimizer
 
 LORA_REFERENCES = ("base", "initial_adapter")  # what the KL / baseline reference model is
-SCORERS = ("actor", "base")  # who scores the answer for the reward; who reads it in evaluation
+SCORERS = ("actor", "base")  # who reads the answer in evaluation; who may score the reward
+# Who scores the reward: SCORERS, or "ema", the EMA-lagged adapter copy that only a method whose
+# scorer is "ema" (NOVER) keeps (objective.scorer_ema_decay, scorer_ema_every).
+REWARD_SCORERS = SCORERS + ("ema",)
 
 
 def _bad(key: str, msg: str):
@@ -215,7 +218,7 @@ class ObjectiveSpec(_Section):
     return cls(loss=loss, **{k: section[k] for k in own if k in section})
 
   def __post_init__(self):
-    self.choice("reward_scorer", SCORERS)
+    self.choice("reward_scorer", REWARD_SCORERS)
     self.positive_int("ppo_epochs", "ppo_minibatches")
     if self.loss.kind != "ppo" and (self.ppo_epochs, self.ppo_minibatches) != (1, 1):
       _bad(
@@ -231,6 +234,29 @@ class ObjectiveSpec(_Section):
       )
     if self.loss.method:
       self._check_method()
+    else:
+      if self.reward_scorer == "ema":
+        _bad(
+          "objective.reward_scorer",
+          "'ema' is the EMA-lagged adapter copy that only an answer-likelihood method whose "
+          "scorer it is keeps (objective.method='nover'); the Markovian objective scores with "
+          "'actor' or 'base'",
+        )
+      self._check_ema_keys(None)
+
+  def _check_ema_keys(self, method):
+    """objective.scorer_ema_* set away from their defaults in a run that keeps no EMA copy would
+    change nothing: refused, as a contradicting key is."""
+    if method is not None and method.scorer == "ema":
+      return
+    for name in ("scorer_ema_decay", "scorer_ema_every"):
+      if getattr(self.loss, name) != getattr(obj.ObjectiveConfig, name):
+        _bad(
+          f"objective.{name}",
+          f"{getattr(self.loss, name)!r} sets the EMA-lagged scorer copy of a method whose "
+          "scorer is 'ema' (objective.method='nover' or 'nover_markovian'); this run keeps no "
+          f"such copy, so leave it at {getattr(obj.ObjectiveConfig, name)!r}",
+        )
 
   def _check_method(self):
     """An answer-likelihood method (docs/answer-likelihood.md) decides its own reward: the keys
@@ -240,13 +266,7 @@ class ObjectiveSpec(_Section):
       method = obj.method_of(self.loss)
     except ValueError as e:
       _bad("objective.method", str(e))
-    if method.scorer == "ema":
-      _bad(
-        "objective.method",
-        f"{m!r} is not wired yet: its scorer and KL reference is an "
-        "EMA-lagged copy of the policy, which the trainer does not keep (its pieces and their "
-        "tests are in objectives/answer_likelihood.py)",
-      )
+    self._check_ema_keys(method)
     if self.reward_scorer != method.scorer:
       _bad(
         "objective.reward_scorer",
@@ -401,6 +421,15 @@ class RunSpec:
     read = {name: spec.read(c[name]) for name, spec in sections.items()}
     objective = ObjectiveSpec.read(c.objective, read["train"].group_size)
     if objective.loss.method:
+      if objective.reward_scorer == "ema" and read["lora"].reference != "base":
+        # The EMA copy starts as the starting adapter and is the KL reference itself.
+        _bad(
+          "lora.reference",
+          f"objective.method={objective.loss.method!r} takes its KL reference and reward "
+          "scorer from its EMA-lagged adapter copy, which starts as the starting adapter; a "
+          f"second reference ({read['lora'].reference!r}) would be kept and never read: leave "
+          "lora.reference='base'",
+        )
       # Whom the scorer shows the question is prompt.markovian's job, for every row it builds.
       hidden = obj.method_of(objective.loss).markovian
       if read["prompt"].markovian != hidden:

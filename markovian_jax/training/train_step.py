@@ -11,7 +11,9 @@ The policy terms run each question's prompt once for its G CoTs (`logprobs.conti
 prompts are `[Q, P]` left-padded, CoTs `[N, K]` with N = Q * G (question-major). An answer row is
 `[pad, answer prompt, answer]` with the answer span marked. Leading dims are sharded over the mesh
 batch axes. The reference (KL, PPO ratio reference, baseline scores) is the base model or base +
-a frozen adapter (`ref_lora`).
+a frozen adapter (`ref_lora`); for a method whose scorer is `ema` (NOVER) the trainer passes its
+EMA-lagged adapter copy as `ref_lora` (reward scorer and KL reference), which `ema_update` moves
+towards the policy after an optimizer step.
 """
 
 from __future__ import annotations
@@ -70,6 +72,30 @@ class StepSettings:
   logprob_chunk: int = 64
 
 
+def scorer_adapter(who: str, lora, ref_lora):
+  """The adapter that scores for `who` (a reward scorer: actor | base | ema): the policy `lora`
+  for actor, else `ref_lora`, which the trainer sets to the frozen reference for base (None =
+  the base model) and to the EMA-lagged copy for ema."""
+  if who == "actor":
+    return lora
+  if who == "ema" and ref_lora is None:
+    # Scoring with the base model instead would run, silently, as another method.
+    raise ValueError("the 'ema' scorer needs the EMA adapter copy as ref_lora, got None")
+  return ref_lora
+
+
+def ema_update(ema, lora, decay: float):
+  """ema <- decay * ema + (1 - decay) * lora over the adapters' params (LoraAdapters of the same
+  layout), in float32, stored in `ema`'s dtype."""
+  d = np.float32(decay)
+  one_minus = np.float32(1.0 - decay)
+
+  def mix(e, x):
+    return (d * e.astype(jnp.float32) + one_minus * x.astype(jnp.float32)).astype(e.dtype)
+
+  return ema.replace(params=jax.tree.map(mix, ema.params, lora.params))
+
+
 def answer_logprobs(
   s: StepSettings, params, lora, tokens, mask, span, last_n: Optional[int] = None
 ):
@@ -123,7 +149,8 @@ def score(
   """Rewards without gradient.
 
   Args:
-    lora: the policy adapter; ref_lora: the reference adapter (None = base model).
+    lora: the policy adapter; ref_lora: the reference adapter (None = base model), or the EMA
+      copy for reward_scorer='ema' (`scorer_adapter`).
     answer_*: [N, A] rows of the sampled CoTs; base_*: [Q, A'] rows of the reference's CoT', or
       None when the reward is not normalised (no CoT' is sampled then). With an answer-likelihood
       method (objective.method) base_* are instead its no-reasoning rows (the answer prompt with
@@ -133,14 +160,14 @@ def score(
     (answer_logprobs float32 [N, A] under the scorer, r float32 [N], b float32 [Q] or None; with
     a method, b is the no-reasoning rows' per-token log-probs float32 [Q, A'], 0 off the span).
   """
-  scorer = lora if s.reward_scorer == "actor" else ref_lora
+  scorer = scorer_adapter(s.reward_scorer, lora, ref_lora)
   ans = jax.lax.stop_gradient(
     answer_logprobs(s, params, scorer, answer_tokens, answer_mask, answer_span, last_n)
   )
   b = None
   method = obj.method_of(s.objective)
   if base_tokens is not None and method is not None:
-    nr_scorer = lora if method.no_reasoning_scorer == "actor" else ref_lora
+    nr_scorer = scorer_adapter(method.no_reasoning_scorer, lora, ref_lora)
     b = jax.lax.stop_gradient(
       answer_logprobs(s, params, nr_scorer, base_tokens, base_mask, base_span, last_n)
     )
@@ -303,6 +330,8 @@ class Programs:
   reference_cot(params, ref_lora, prompt rows, CoT rows) -> `reference_cot_logprobs` (the same)
   update(params, lora, opt_state, batch, targets, dropout_rng, ref_lora, lr, answer_last_n=)
     -> `update`; donates the LoRA and optimizer state and keeps their shardings.
+  ema_update(ema, lora) -> `ema_update` at objective.scorer_ema_decay (a method whose scorer is
+    `ema`, else None); donates `ema` and keeps the LoRA's shardings.
   Batch arrays are sharded on their leading dim by the caller (`run_context.put`).
   """
 
@@ -326,3 +355,9 @@ class Programs:
       out_shardings=(lora_sh, opt_sh, rep),
       donate_argnums=(1, 2),
     )
+    self.ema_update = None
+    if method is not None and method.scorer == "ema":
+      decay = s.objective.scorer_ema_decay
+      self.ema_update = jax.jit(
+        lambda e, x: ema_update(e, x, decay), out_shardings=lora_sh, donate_argnums=(0,)
+      )

@@ -346,3 +346,29 @@ def test_measured_prompt_length_is_the_longest_tokenized_prompt(tiny_model_dir):
   )
   assert plan.prompt_length(spec, tok, examples) == expected
   assert plan.prompt_length(spec, tok, examples[:3]) < expected  # the long one is not among them
+
+
+def test_nover_plans_its_ema_adapter_copy_and_nothing_else():
+  """NOVER keeps an EMA copy of the adapter (its scorer and KL reference): the plan of its step
+  holds one more persistent item, of exactly the adapter's bytes (the LoRA params alone: the copy
+  runs on the shared base weights), and the peak grows by that much. The 8B on one H100, rank 8
+  on all seven linear targets, fp32: 32 layers x 8 x (in + out) summed over the targets x 4."""
+  import dataclasses
+
+  from markovian_jax.configs import base
+  from markovian_jax.planning import memory
+
+  c = base.apply_arg(base.with_preset(base.get_config("gsm8k"), "1xh100"), "nover")
+  p = plan.make_plan(config_validation.validate(c))
+  assert p.workload.ema_adapter
+  assert not plan.workload(preset_spec("1xh100"))[0].ema_adapter
+  in_out = 2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336)  # q o, k v, gate up down
+  adapter = 32 * 8 * in_out * 4
+  without = memory.plan(p.model, dataclasses.replace(p.workload, ema_adapter=False), p.mesh)
+  added = [i for i in p.memory.items if i not in without.items]
+  assert [(i.phase, i.name, i.bytes) for i in added] == [
+    ("persistent", "EMA scorer adapter", adapter)
+  ]
+  assert p.memory.persistent - without.persistent == adapter
+  assert p.memory.peak - without.peak == adapter
+  assert "EMA scorer adapter" in plan.describe(p)

@@ -1,7 +1,8 @@
 """The answer-likelihood methods as config variants (`--config=configs/gsm8k.py:<method>` and
-`:<method>_markovian`): the config check, and one training step of the wired methods on the tiny
+`:<method>_markovian`): the config check, and one training step of the methods on the tiny
 model, whose targets must be the float64 reference's (tests/torch_answer_likelihood.py) of the
-log-probs the step scored."""
+log-probs the step scored. NOVER's step scores with its EMA adapter copy, set apart from the
+policy here so that the check tells the two apart, and takes its KL to that copy."""
 
 from __future__ import annotations
 
@@ -25,18 +26,14 @@ def test_every_method_and_twin_is_a_variant_with_its_scorer_and_context():
   assert set(base.ANSWER_LIKELIHOOD_SCORERS) == set(M.METHODS)
   for method, spec in M.METHODS.items():
     scorer = spec.get("scorer", "actor")
-    assert base.ANSWER_LIKELIHOOD_SCORERS[method] == ("actor" if scorer == "ema" else scorer)
+    assert base.ANSWER_LIKELIHOOD_SCORERS[method] == scorer
     for name in (method, method + "_markovian"):
       c = base.task_config("gsm8k", name)
       assert c.objective.method == name and c.variant == name
       assert c.prompt.markovian == name.endswith("_markovian")
-      if method == "nover":
-        with pytest.raises(InvalidConfig, match="not wired yet") as e:
-          config_validation.validate(c)
-        assert "\n" not in str(e.value)
-        continue
       spec_ = config_validation.validate(c)
       assert obj.method_of(spec_.objective.loss).name == name
+      assert spec_.objective.reward_scorer == scorer
 
 
 @pytest.mark.parametrize(
@@ -57,22 +54,77 @@ def test_a_method_with_conflicting_keys_is_one_line_naming_the_key(key, value, n
   assert "\n" not in str(e.value)
 
 
-def _step_stages(trainer, seed=3):
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
+    ("objective.reward_scorer", "actor", "config.objective.reward_scorer: 'nover' scores with"),
+    ("objective.scorer_ema_decay", 1.5, "config.objective.scorer_ema_decay: .* in \\[0, 1\\]"),
+    ("objective.scorer_ema_decay", float("nan"), "config.objective.scorer_ema_decay: .*finite"),
+    ("objective.scorer_ema_every", 0, "config.objective.scorer_ema_every: .* >= 1"),
+    ("lora.reference", "initial_adapter", "config.lora.reference: objective.method='nover' takes"),
+  ],
+)
+def test_nover_with_conflicting_or_bad_ema_keys_is_one_line_naming_the_key(key, value, needle):
+  c = base.task_config("gsm8k", "nover")
+  section, _, leaf = key.rpartition(".")
+  c[section][leaf] = value
+  c.lora.init_from = "/an/adapter"  # what lora.reference='initial_adapter' needs besides
+  with pytest.raises(InvalidConfig, match=needle) as e:
+    config_validation.validate(c)
+  assert "\n" not in str(e.value)
+  # Its own knobs at other values in range are a valid NOVER run.
+  c = base.task_config("gsm8k", "nover_markovian")
+  c.objective.scorer_ema_decay, c.objective.scorer_ema_every = 0.9, 1000
+  loss = config_validation.validate(c).objective.loss
+  assert (loss.scorer_ema_decay, loss.scorer_ema_every) == (0.9, 1000)
+
+
+def _step_stages(trainer, key=None):
+  """The stages of the trainer's next step, run apart: rollout, score and targets with the
+  reference the step passes (`Trainer.reference`). `key`: the sampling key (default: the one
+  `advance` will draw, so that the next `step()` samples the same CoTs); the data cursor is left
+  where it was."""
   from markovian_jax.training import pipeline
 
   t = trainer
-  ex = t.train_stream.take(1)
-  ro = pipeline.rollout(t.ctx, t.spec, t.lora, None, ex, jax.random.PRNGKey(seed))
-  sc = pipeline.score(t.ctx, t.programs, t.lora, None, ro)
+  if key is None:
+    key = jax.random.split(t.state.rng, 3)[1]
+  cursor = t.train_stream.state()
+  ex = t.train_stream.take(t.spec.train.questions_per_step)
+  t.train_stream.restore(cursor)
+  ref = t.reference(t.state)
+  ro = pipeline.rollout(t.ctx, t.spec, t.lora, ref, ex, key)
+  sc = pipeline.score(t.ctx, t.programs, t.lora, ref, ro)
   tg, state, metrics = pipeline.targets(t.ctx, t.programs, sc, t.baseline_state)
   return ro, sc, tg, state, metrics
 
 
+def _set_apart(lora, seed=5):
+  """`lora` with 0.5 x N(0, 1) added to its `b` leaves (a fresh adapter's are 0, which would make
+  the adapter, the base model and a copy of it score alike)."""
+  rng = np.random.RandomState(seed)
+  return lora.replace(
+    params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x + np.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
+      lora.params,
+    )
+  )
+
+
 # Each step compiles its own programs (~50 s on 2 CPU cores): CI runs the answer term's path
-# (verifree) and the no-reasoning rows + filter's (rlpr_markovian); MARKOVIAN_ALL_METHODS=1 runs
-# every wired method (all six passed when this was written).
-WIRED = ("verifree", "rlpr_markovian", "latro_markovian", "vrcli", "dro_markovian", "jepo")
-STEPPED = WIRED if os.environ.get("MARKOVIAN_ALL_METHODS") else WIRED[:2]
+# (verifree), the no-reasoning rows + filter's (rlpr_markovian) and the EMA scorer's (nover);
+# MARKOVIAN_ALL_METHODS=1 runs every method (all six others passed when nover was wired).
+WIRED = (
+  "verifree",
+  "rlpr_markovian",
+  "nover",
+  "latro_markovian",
+  "vrcli",
+  "dro_markovian",
+  "jepo",
+  "nover_markovian",
+)
+STEPPED = WIRED if os.environ.get("MARKOVIAN_ALL_METHODS") else WIRED[:3]
 
 
 @pytest.mark.slow
@@ -89,8 +141,14 @@ def test_one_step_of_a_wired_method_matches_the_reference(variant, tiny_model_di
   )
   c = base.apply_arg(c, variant)
   t = Trainer(c)
-  ro, sc, tg, _, _ = _step_stages(t)
   method = obj.method_of(t.spec.objective.loss)
+  ema = method.scorer == "ema"
+  if ema:
+    # The copy starts as the policy; apart from it, scoring with either is told apart.
+    t.state = t.state.replace(ema_lora=_set_apart(t.state.ema_lora))
+    ema_before = [np.asarray(x) for x in jax.tree.leaves(t.state.ema_lora.params)]
+  # NOVER: the key the step will draw, so that the step's KL can be checked on these CoTs.
+  ro, sc, tg, _, _ = _step_stages(t, None if ema else jax.random.PRNGKey(3))
   w = sc.window
   lp = np.asarray(fetch(sc.answer_logprobs), np.float64)[:, -w:]
   span = sc.answer_span[:, -w:]
@@ -125,8 +183,56 @@ def test_one_step_of_a_wired_method_matches_the_reference(variant, tiny_model_di
     rtol=helpers.ulps(256),
     atol=helpers.ulps(256, of=want["answer_weight"]),
   )
+  if ema:
+    _check_the_ema_copy_scored(t, sc)
+    # The KL of these CoTs under the policy before the step to the copy and to the base model
+    # (which the fresh policy equals: KL 0), to tell which the step took.
+    kl = {}
+    for name, ref in (("ema", t.reference(t.state)), ("base", None)):
+      kl[name] = float(_loss_metrics(t, ro, sc, tg, ref)["kl"])
+    assert kl["ema"] > 1e-3 and kl["base"] < 1e-6, kl
   s = t.step()
   assert s["train/updates"] == 1 and s["guard/nonfinite_update"] == 0.0
   assert "answer/method_reward" in s and "policy/cot_length" in s
   if method.needs_no_reasoning:
     assert "answer/no_reasoning_score" in s
+  if ema:
+    # The step sampled the same CoTs (the same key) and took its KL to the copy.
+    assert ro.cot_texts == t.last_info.rollout.cot_texts
+    np.testing.assert_allclose(s["policy/kl"], kl["ema"], rtol=helpers.ulps(256))
+    # No sync after step 1 (objective.scorer_ema_every 100): the copy is as it was, bit for bit.
+    for a, b in zip(jax.tree.leaves(t.state.ema_lora.params), ema_before):
+      assert np.asarray(a).tobytes() == b.tobytes()
+
+
+def _loss_metrics(t, ro, sc, tg, ref):
+  """The update's loss metrics on the step's batch from the policy before it, KL to `ref`."""
+  import functools
+
+  from markovian_jax.training import pipeline, train_step
+
+  batch = pipeline.policy_batch(t.ctx, ro, sc)
+  fn = jax.jit(functools.partial(train_step.loss_and_grads, t.settings, answer_last_n=None))
+  _, metrics, _ = fn(t.ctx.params, t.lora, batch, tg, None, ref)
+  return metrics
+
+
+def _check_the_ema_copy_scored(t, sc):
+  """The step's answer log-probs are the EMA copy's, not the policy's."""
+  import functools
+
+  from markovian_jax.training import train_step
+  from markovian_jax.training.run_context import fetch
+
+  w = sc.window
+  got = np.asarray(fetch(sc.answer_logprobs))[:, -w:]
+  span = sc.answer_span[:, -w:]
+  score = jax.jit(functools.partial(train_step.answer_logprobs, t.settings, last_n=w))
+  by = {}
+  for name, adapter in (("ema", t.state.ema_lora), ("policy", t.lora)):
+    lp = score(t.ctx.params, adapter, sc.answer_tokens, sc.answer_mask, sc.answer_span)
+    by[name] = np.asarray(fetch(lp))[:, -w:]
+  np.testing.assert_allclose(
+    got[span], by["ema"][span], rtol=0, atol=helpers.ulps(64, of=by["ema"][span])
+  )
+  assert np.max(np.abs(got[span] - by["policy"][span])) > 1e-2
