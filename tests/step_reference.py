@@ -54,6 +54,7 @@ def ours(
   rows=None,
   with_update=False,
   targets=None,
+  cot_lengths=None,
 ) -> Ours:
   """One step of our pipeline on fixed samples: Trainer.step's stages after sampling.
 
@@ -72,6 +73,9 @@ def ours(
     targets: optional `objectives.inputs.Targets` of the whole batch used by the loss in place of
       ours (e.g. the reference's advantages, to check the loss pass alone); the returned
       advantages are still ours.
+    cot_lengths: optional int [Q * G]: free-length CoTs (sampling.cot_stops_at_eos), row i's
+      CoT being its first cot_lengths[i] tokens as the sampler counts them (EOS included), its
+      mask and text built as pipeline.rollout builds them; None: every row is all K tokens.
   """
   import dataclasses
 
@@ -120,9 +124,13 @@ def ours(
     prompt_tokens=p_tokens,
     prompt_mask=p_mask,
     cot_tokens=cot_tokens,
-    cot_mask=np.ones(cot_tokens.shape, bool),
+    cot_mask=np.ones(cot_tokens.shape, bool)
+    if cot_lengths is None
+    else pipeline.cot_mask(cot_lengths, cot_tokens.shape[1]),
     behaviour_logprobs=behaviour,
-    cot_texts=ctx.decode(cot_tokens),
+    cot_texts=ctx.decode(cot_tokens)
+    if cot_lengths is None
+    else pipeline.decode_cots(ctx, cot_tokens, cot_lengths),
     base_tokens=base_cot_tokens,
     base_texts=ctx.decode(base_cot_tokens),
   )

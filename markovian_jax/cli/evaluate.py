@@ -16,7 +16,8 @@ A run is evaluated under its own protocol: where --config differs from the run's
 a protocol key (reporting.runs.RUN_PROTOCOL_KEYS: variant, prompt.markovian, eval.reader,
 prompt.format, model, CoT length and temperature) the command refuses, unless --output_dir sends
 the numbers elsewhere; a directory that holds another protocol's files (protocol.json: those keys,
-the test set's size, CoT samples, temperature, seed) is never written into.
+the test set's size, CoT samples, temperature, seed, sampling.cot_stops_at_eos) is never written
+into.
 
 Multi-process (a TPU pod, several GPU hosts): every process runs this same command and evaluates
 its share of each batch; process 0 alone writes the files and prints the table. Directories may be
@@ -274,6 +275,9 @@ def check_protocol(spec, out_dir: epath.Path, test_size: int, kw: dict) -> dict:
     cot_temperature=kw["temperature"],
     seed=kw["seed"],
   )
+  # Free-length CoTs are another protocol (docs/method.md#free-length-cots); the flat config key,
+  # so that a reader of protocol.json compares it as it compares the run's own keys.
+  protocol["sampling.cot_stops_at_eos"] = bool(spec.sampling.cot_stops_at_eos)
   refusal = report_runs.foreign_directory(str(out_dir), protocol)
   if refusal:
     raise EvalError(refusal)

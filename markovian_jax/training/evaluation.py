@@ -1,12 +1,14 @@
 """Two-stage evaluation (docs/method.md#evaluation), a library function for training and the CLI.
 
 Stage 1: the policy writes a K-token CoT per question (training temperature, or greedy), `n` samples
-each. Stage 2: the reader (policy or base) greedily writes <= `answer_max_tokens` after the answer
-prompt (question `<Redacted>` when Markovian). Every extraction method is scored side by side; with
-n > 1 the summary has the mean +- sd over samples and the majority vote, and beside the methods
-`cot_contains_answer`: the fraction of CoTs that state the gold answer themselves
-(`data.extraction.mentions_answer`). Wiki continuation is scored by the mean log-prob (nats/token)
-of the target given the CoT.
+each. With sampling.cot_stops_at_eos EOS may end it sooner, as in training
+(docs/method.md#free-length-cots): every row then carries its `cot_length` in tokens, EOS included,
+and the summary their mean. Stage 2: the reader (policy or base) greedily writes <=
+`answer_max_tokens` after the answer prompt (question `<Redacted>` when Markovian). Every
+extraction method is scored side by side; with n > 1 the summary has the mean +- sd over samples
+and the majority vote, and beside the methods `cot_contains_answer`: the fraction of CoTs that
+state the gold answer themselves (`data.extraction.mentions_answer`). Wiki continuation is scored
+by the mean log-prob (nats/token) of the target given the CoT.
 
 The two stages are also callable on their own, for analyses that change the CoT (perturbations,
 another reader): `read_answers` (stage 2 on given CoTs) and `score_answers` (log P(answer | CoT)).
@@ -27,6 +29,7 @@ from markovian_jax import sampling
 from markovian_jax.data.extraction import mentions_answer
 from markovian_jax.models import logprobs as lp_lib
 from markovian_jax.runtime import progress as progress_lib
+from markovian_jax.training import pipeline
 from markovian_jax.training.run_context import RunContext, fetch, put
 
 _Z95 = 1.96
@@ -207,7 +210,7 @@ def evaluate(
       ctx.params,
       [ctx.cot_prompt_ids(ex) for ex in chunk],
       max_new_tokens=ctx.cot_length,
-      min_new_tokens=ctx.cot_length,
+      min_new_tokens=pipeline.min_new_tokens(c),
       rng=key,
       temperature=t,
       top_k=c.sampling.top_k,
@@ -217,7 +220,8 @@ def evaluate(
       num_samples=num_samples,
       mesh=ctx.mesh,
     )
-    cot_texts = ctx.decode(fetch(cot.tokens))
+    lengths = fetch(cot.lengths)
+    cot_texts = pipeline.decode_cots(ctx, fetch(cot.tokens), lengths)
     per_row = [ex for ex in chunk for _ in range(num_samples)]
     if kind == "continuation":
       tokens, mask, span = ctx.answer_rows(per_row, cot_texts)
@@ -241,6 +245,8 @@ def evaluate(
         "sample": i % num_samples,
         "cot": cot_texts[i],
       }
+      if c.sampling.cot_stops_at_eos:  # otherwise every CoT is K tokens
+        row["cot_length"] = int(lengths[i])
       if kind == "continuation":
         row["answer_logprob"] = float(scores[i])
       else:
@@ -263,17 +269,21 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
 
   Intervals: `ci95` is the reference's normal-approximation half-width over all rows;
   `ci95_low`/`ci95_high` are `accuracy_interval` (Wilson, or clustered by question when n > 1).
-  `cot_contains_answer`: the fraction of rows whose CoT states the gold answer.
+  `cot_contains_answer`: the fraction of rows whose CoT states the gold answer. `cot_length`: the
+  mean CoT length in tokens over the rows, when they carry one (sampling.cot_stops_at_eos).
   """
   questions = collections.OrderedDict()
   for r in rows:
     questions.setdefault(r["id"], []).append(r)
   summary = {"task": task, "num_questions": len(questions), "num_samples": num_samples}
+  lengths = {}
+  if "cot_length" in rows[0]:
+    lengths["cot_length"] = float(np.mean([r["cot_length"] for r in rows]))
   if "answer_logprob" in rows[0]:
     lp = [r["answer_logprob"] for r in rows]
     summary["answer_logprob"] = float(np.mean(lp))
     summary["answer_logprob_ci95"] = _ci95(lp)
-    return summary
+    return {**summary, **lengths}
   for method in rows[0]["correct"]:
     hits = np.array([r["correct"][method] for r in rows], np.float64)
     low, high = accuracy_interval([[r["correct"][method] for r in q] for q in questions.values()])
@@ -294,7 +304,7 @@ def summarize(rows: list, task: str, num_samples: int) -> dict:
   summary["cot_contains_answer"] = float(
     np.mean([mentions_answer(task, r["cot"], r["gold"]) for r in rows])
   )
-  return summary
+  return {**summary, **lengths}
 
 
 def scalars(summary: dict) -> dict:
@@ -305,10 +315,9 @@ def scalars(summary: dict) -> dict:
       for k, v in value.items():
         if isinstance(v, float) and math.isfinite(v):
           out[f"{key}/{k}"] = v
-    elif (key.startswith("answer_logprob") or key == "cot_contains_answer") and math.isfinite(
-      value
-    ):
-      out[key] = value
+    elif key.startswith("answer_logprob") or key in ("cot_contains_answer", "cot_length"):
+      if math.isfinite(value):
+        out[key] = value
   return out
 
 

@@ -10,6 +10,13 @@
 
 N = Q * G rows, question-major (row i answers question i // G). Host arrays are numpy; device
 arrays are global arrays sharded on their leading dim (`run_context.put`).
+
+CoT length (docs/method.md#free-length-cots): every CoT is sampled as K = sampling.cot_length
+token slots. With sampling.cot_stops_at_eos=False (the reference) EOS is blocked and every row
+fills all K; with True EOS may end a row early, and a row's length is the sampler's count: its
+tokens up to and including the EOS that ended it (the EOS is the policy's decision to stop, so it
+is a CoT token of the loss), K when none did. `cot_mask` marks those tokens; the pads after them
+(the sampler writes eos_ids[0] with log-prob 0) and the EOS are not part of the CoT's text.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ class Rollout:
   """The sampled CoTs of one step (host arrays).
 
   examples: the Q questions. prompt_tokens int32 [Q, P] / prompt_mask bool [Q, P]: the CoT
-  prompts, left-padded to the prompt bucket. cot_tokens int32 [N, K]; cot_mask bool [N, K];
-  behaviour_logprobs float32 [N, K] (the sampler's, at the sampling temperature); cot_texts: N
-  strings. base_tokens int32 [Q, K] and base_texts: the reference's greedy CoT' (None when the
-  reward is not normalised).
+  prompts, left-padded to the prompt bucket. cot_tokens int32 [N, K]; cot_mask bool [N, K]: the
+  row's CoT tokens, a prefix of each row (all K unless sampling.cot_stops_at_eos; module
+  docstring); behaviour_logprobs float32 [N, K] (the sampler's, at the sampling temperature; 0
+  after a row's end); cot_texts: N strings, each row's tokens before its EOS. base_tokens int32
+  [Q, K] and base_texts: the reference's greedy CoT' (None when the reward is not normalised).
   """
 
   examples: list
@@ -58,6 +66,11 @@ class Rollout:
   def row_examples(self) -> list:
     """The example of each of the N rows."""
     return [ex for ex in self.examples for _ in range(self.group_size)]
+
+  @property
+  def cot_lengths(self) -> np.ndarray:
+    """int64 [N]: each row's CoT length in tokens (the sampler's `lengths`)."""
+    return np.asarray(self.cot_mask, bool).sum(axis=1)
 
 
 @dataclasses.dataclass
@@ -92,11 +105,37 @@ class Scores:
   ref_cot_logprobs: Optional[jax.Array] = None
 
 
+def cot_mask(lengths, k: int) -> np.ndarray:
+  """bool [N, K]: the first lengths[i] of row i's K token slots (lengths: int [N], the sampler's
+  count, EOS included)."""
+  return np.arange(k)[None, :] < np.asarray(lengths)[:, None]
+
+
+def decode_cots(ctx: RunContext, tokens: np.ndarray, lengths) -> list:
+  """The texts of sampled CoTs: row i's first lengths[i] tokens (int [N, K], lengths int [N])
+  without the EOS that ended it, so neither the EOS nor the pads after it reach the answer rows."""
+  eos = set(ctx.eos_ids)
+  texts = []
+  for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
+    n = int(n)
+    if n and int(row[n - 1]) in eos:
+      n -= 1
+    texts.append(ctx.decode(row[None, :n])[0])
+  return texts
+
+
+def min_new_tokens(spec) -> int:
+  """The sampler's min_new_tokens for a CoT: K (EOS blocked, the reference) or 0 when
+  sampling.cot_stops_at_eos lets EOS end it."""
+  return 0 if spec.sampling.cot_stops_at_eos else spec.sampling.cot_length
+
+
 def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.Array) -> Rollout:
-  """Samples `spec.train.group_size` CoTs of `spec.sampling.cot_length` tokens per example."""
+  """Samples `spec.train.group_size` CoTs of `spec.sampling.cot_length` tokens per example (at
+  most that many when sampling.cot_stops_at_eos; the reference's CoT' follows the same rule)."""
   s, g, k = spec.sampling, spec.train.group_size, spec.sampling.cot_length
   prompts = [ctx.cot_prompt_ids(ex) for ex in examples]
-  kw = dict(max_new_tokens=k, min_new_tokens=k, eos_ids=ctx.eos_ids)
+  kw = dict(max_new_tokens=k, min_new_tokens=min_new_tokens(spec), eos_ids=ctx.eos_ids)
   policy_kw = dict(
     rng=key, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, num_samples=g, **kw
   )
@@ -113,6 +152,7 @@ def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.
       ctx.model, ctx.params, prompts, temperature=0.0, lora=ref_lora, **kw
     )
   cot_tokens = fetch(out.tokens).astype(np.int32)
+  lengths = fetch(out.lengths)
   length = batching.bucket(max(len(p) for p in prompts), s.prompt_bucket)
   p_tokens, p_mask = batching.pad_left(prompts, length)
   base_tokens = None if base_out is None else fetch(base_out.tokens).astype(np.int32)
@@ -121,11 +161,13 @@ def rollout(ctx: RunContext, spec, lora, ref_lora, examples: Sequence, key: jax.
     prompt_tokens=p_tokens,
     prompt_mask=p_mask,
     cot_tokens=cot_tokens,
-    cot_mask=np.ones(cot_tokens.shape, bool),
+    cot_mask=cot_mask(lengths, k),
     behaviour_logprobs=fetch(out.logprobs).astype(np.float32),
-    cot_texts=ctx.decode(cot_tokens),
+    cot_texts=decode_cots(ctx, cot_tokens, lengths),
     base_tokens=base_tokens,
-    base_texts=None if base_tokens is None else ctx.decode(base_tokens),
+    base_texts=None
+    if base_tokens is None
+    else decode_cots(ctx, base_tokens, fetch(base_out.lengths)),
   )
 
 
@@ -433,9 +475,28 @@ def scalars(
     ro.behaviour_logprobs, ro.cot_mask, spec.objective.loss.logprob_reduction
   )
   out["policy/cot_logprob"] = float(np.mean(seq_lp))
-  out["policy/repetition_rate"] = metrics_lib.repetition_rate(ro.cot_tokens)
+  if spec.sampling.cot_stops_at_eos or method:
+    # Every objective's CoT length is the sampler's (a method's own cot_length_mean is the same
+    # count from the same mask); constant K, and so not logged, for the reference's draw.
+    out["policy/cot_length"] = float(np.mean(ro.cot_lengths))
+  out["policy/repetition_rate"] = _repetition_rate(ro)
   out.update(_perf(spec, ctx, ro, sc, len(per_update), times))
   return out
+
+
+_REPETITION_N = 3  # metrics_lib.repetition_rate's n-gram size
+
+
+def _repetition_rate(ro: Rollout) -> float:
+  """policy/repetition_rate over each row's CoT tokens only: the pads after an early EOS repeat
+  one id and would read as a collapse. Rows too short for one n-gram are left out, as
+  repetition_rate leaves them out, so full-length rows give its value exactly."""
+  rates = [
+    metrics_lib.repetition_rate(row[None, :n], _REPETITION_N)
+    for row, n in zip(ro.cot_tokens, ro.cot_lengths)
+    if n >= _REPETITION_N
+  ]
+  return float(np.mean(rates)) if rates else 0.0
 
 
 def _perf(spec, ctx: RunContext, ro: Rollout, sc: Scores, updates: int, times: dict) -> dict:
