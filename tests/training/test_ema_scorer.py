@@ -64,14 +64,31 @@ def _leaves(adapter):
   return [np.asarray(x) for x in jax.tree.leaves(adapter.params)]
 
 
+def _set_apart(adapter, seed=5):
+  """`adapter` with 0.5 x N(0, 1) added to its `b` leaves (a fresh adapter's are 0: the policy,
+  the base model and an unmoved copy would score alike)."""
+  rng = np.random.RandomState(seed)
+  return adapter.replace(
+    params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x + np.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
+      adapter.params,
+    )
+  )
+
+
 @pytest.mark.slow
 def test_the_copy_over_steps_and_its_checkpoint(tiny_model_dir, tmp_path):
-  """A NOVER run syncing every 2 steps: the copy starts as the starting adapter, is left as it
-  was after steps 1 and 3, and after steps 2 and 4 is, from the adapters l_s the steps left,
-  d l0 + (1 - d) l2 and d (d l0 + (1 - d) l2) + (1 - d) l4 (float64 numpy, within float32
-  rounding). A checkpoint restores it bit for bit; a run without a copy ignores the item; a
-  checkpoint without one is refused to a NOVER run in one line."""
+  """A NOVER run syncing every 2 steps. The copy starts as the starting adapter; set apart from
+  it (c0), it is what step 1 scores the answers with (the pipeline's log-probs are the copy's,
+  not the policy's) and takes its KL to (> 0, where the fresh policy's KL to the base model and
+  to itself is 0: its `b` are 0). It is left as it was after steps 1 and 3, and after steps 2
+  and 4 is, from the adapters l_s the steps left, d c0 + (1 - d) l2 and d (d c0 + (1 - d) l2) +
+  (1 - d) l4 (float64 numpy, within float32 rounding). A checkpoint restores it bit for bit; a
+  run without a copy ignores the item; a checkpoint without one is refused to NOVER in one line.
+  One trainer for all of it: each compiles its step's programs (~50 s on 2 cores)."""
   from markovian_jax.trainer import Trainer
+  from markovian_jax.training import optimizer, pipeline
+  from markovian_jax.training.run_context import fetch, put
 
   c = make_config(
     tiny_model_dir,
@@ -80,11 +97,55 @@ def test_the_copy_over_steps_and_its_checkpoint(tiny_model_dir, tmp_path):
   )
   t = Trainer(base.apply_arg(c, "nover"))
   assert t.spec.objective.loss.scorer_ema_decay == DECAY
-  policy, ema = [_leaves(t.lora)], [_leaves(t.state.ema_lora)]
-  assert [x.tobytes() for x in ema[0]] == [x.tobytes() for x in policy[0]]
-  for _ in range(4):
+  policy = [_leaves(t.lora)]
+  assert [x.tobytes() for x in _leaves(t.state.ema_lora)] == [x.tobytes() for x in policy[0]]
+  assert not any(
+    np.any(x) for p, x in jax.tree_util.tree_leaves_with_path(t.lora.params) if p[-1].key == "b"
+  )
+  t.state = t.state.replace(ema_lora=_set_apart(t.state.ema_lora))
+  ema = [_leaves(t.state.ema_lora)]
+
+  # Step 1's stages apart, as `advance` runs them (its sampling key, its questions, its reference).
+  _, key, _ = jax.random.split(t.state.rng, 3)
+  cursor = t.train_stream.state()
+  examples = t.train_stream.take(t.spec.train.questions_per_step)
+  t.train_stream.restore(cursor)
+  ref = t.reference(t.state)
+  ro = pipeline.rollout(t.ctx, t.spec, t.lora, ref, examples, key)
+  sc = pipeline.score(t.ctx, t.programs, t.lora, ref, ro)
+  rows = [put(x, t.mesh) for x in (sc.answer_tokens, sc.answer_mask, sc.answer_span)]
+  by = {  # the step's own scoring program, given each adapter as the copy
+    name: np.asarray(
+      fetch(t.programs.score(t.ctx.params, t.lora, a, *rows, None, None, None, last_n=sc.window)[0])
+    )
+    for name, a in (("copy", ref), ("policy", t.lora))
+  }
+  got = np.asarray(fetch(sc.answer_logprobs))
+  assert got.tobytes() == by["copy"].tobytes()
+  assert np.max(np.abs(got - by["policy"])[sc.answer_span]) > 1e-2
+  tg, _, _ = pipeline.targets(t.ctx, t.programs, sc, t.baseline_state)
+  lr = np.float32(optimizer.learning_rate(t.spec.optim, t.spec.train.num_steps, 0))
+  copy = lambda x: jax.tree.map(jnp.copy, x)  # noqa: E731 - the update donates its inputs
+  _, _, m = t.programs.update(
+    t.ctx.params,
+    copy(t.lora),
+    copy(t.opt_state),
+    pipeline.policy_batch(t.ctx, ro, sc),
+    tg,
+    jax.random.PRNGKey(0),
+    ref,
+    lr,
+    answer_last_n=None,
+  )
+  kl_to_copy = float(m["kl"])
+  assert kl_to_copy > 1e-3
+
+  for step in range(1, 5):
     s = t.step()
     assert s["train/updates"] == 1 and s["guard/nonfinite_update"] == 0.0
+    if step == 1:
+      assert t.last_info.rollout.cot_texts == ro.cot_texts  # the CoTs checked above
+      np.testing.assert_allclose(s["policy/kl"], kl_to_copy, rtol=helpers.ulps(16))
     policy.append(_leaves(t.lora))
     ema.append(_leaves(t.state.ema_lora))
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(policy[2], policy[0]))
@@ -92,7 +153,7 @@ def test_the_copy_over_steps_and_its_checkpoint(tiny_model_dir, tmp_path):
   d = np.float64(DECAY)
   for step, before in ((1, 0), (3, 2)):
     assert [x.tobytes() for x in ema[step]] == [x.tobytes() for x in ema[before]], step
-  mix2 = [d * l0 + (1 - d) * l2 for l0, l2 in zip(*(map(_f64, (policy[0], policy[2]))))]
+  mix2 = [d * c0 + (1 - d) * l2 for c0, l2 in zip(*(map(_f64, (ema[0], policy[2]))))]
   mix4 = [d * m + (1 - d) * l4 for m, l4 in zip(mix2, _f64(policy[4]))]
   for step, want in ((2, mix2), (4, mix4)):
     for got, w in zip(ema[step], want):
