@@ -500,8 +500,35 @@ def test_cli_help_lists_the_flags():
     assert flag in res.stdout, flag
 
 
+@pytest.fixture
+def loads_once(smollm2_path, smollm2, monkeypatch):
+  """`load_checkpoint` and `load_tokenizer` as the CLI's `sample_texts` calls them, answering for
+  SmolLM2 with what the module's `smollm2` fixture loaded through those same functions (parsing
+  the GGUF costs ~18 s of CPU a time); any other request goes to the real loader. Returns the
+  list of requests, [(what, path, dtype)]."""
+  import markovian_jax.models as models_lib
+
+  config, params, tokenizer = smollm2
+  real_checkpoint, real_tokenizer = models_lib.load_checkpoint, models_lib.load_tokenizer
+  requests = []
+
+  def load_checkpoint(path, dtype="float32", **kw):
+    requests.append(("checkpoint", path, dtype))
+    if path == smollm2_path and dtype == "float32" and not kw:
+      return config, params
+    return real_checkpoint(path, dtype, **kw)
+
+  def load_tokenizer(path):
+    requests.append(("tokenizer", path, None))
+    return tokenizer if path == smollm2_path else real_tokenizer(path)
+
+  monkeypatch.setattr(models_lib, "load_checkpoint", load_checkpoint)
+  monkeypatch.setattr(models_lib, "load_tokenizer", load_tokenizer)
+  return requests
+
+
 @pytest.mark.slow
-def test_cli_samples_with_and_without_a_peft_adapter(smollm2_path, smollm2, tmp_path):
+def test_cli_samples_with_and_without_a_peft_adapter(smollm2_path, smollm2, loads_once, tmp_path):
   from markovian_jax import sample
   from markovian_jax.models import hf
 
@@ -525,3 +552,7 @@ def test_cli_samples_with_and_without_a_peft_adapter(smollm2_path, smollm2, tmp_
   for r, row in enumerate(adapted):
     assert row["tokens"] == np.asarray(direct.tokens[r, : int(direct.lengths[r])]).tolist()
   assert [r["tokens"] for r in adapted] != [r["tokens"] for r in rows]
+  # Each call loaded the model it was given, in float32 (here from the fixture's loads).
+  assert (
+    loads_once == [("checkpoint", smollm2_path, "float32"), ("tokenizer", smollm2_path, None)] * 2
+  )
