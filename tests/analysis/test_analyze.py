@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -177,32 +178,65 @@ def test_compare_pairs_by_question_and_counts_consistency():
   assert "| **Delete** | 50% | +0.5000 | 50.0% | 2 |" in table
 
 
+def _flags(**values):
+  """What `run_fragility` and `run_cross_model` read of the command's flags: cli/analyze.py's
+  defaults, then `values`."""
+  defaults = dict(
+    workdir=None,
+    compare=None,
+    level="char",
+    num_cots=None,
+    smooth_steps=40,
+    source="heldout",
+    num_examples=None,
+    scorer="actor",
+    step=None,
+    reuse=False,
+    replacement="bernoulli",
+    accuracy=True,
+    seed=0,
+    reader=None,
+    batch_size=32,
+  )
+  return types.SimpleNamespace(**{**defaults, **values})
+
+
+def _refusal(fn, f) -> str:
+  """The message of the UserError `fn(f)` raises: the CLI's one `error:` line (runtime/cli.py
+  prints any UserError the same way, as the two user processes of test_bad_input show)."""
+  from markovian_jax import analyze
+  from markovian_jax.runtime.errors import UserError
+
+  with pytest.raises(UserError) as raised:
+    getattr(analyze, fn)(f)
+  return str(raised.value)
+
+
 @pytest.mark.slow
 def test_bad_input(demo_runs, tmp_path):
+  # Two user processes: a refused run and a command line without the analysis. Exit 2 with one
+  # line is the CLI's for any UserError, so the other refusals are read in-process (each process
+  # costs a start-up of ~4 s of CPU).
   no_cots = tmp_path / "no_cots"
   shutil.copytree(demo_runs["markovian"], no_cots, ignore=shutil.ignore_patterns("samples.jsonl"))
   line = one_error_line(_run("fragility", f"--workdir={no_cots}", "--source=logged"))
   assert "no logged CoTs" in line and "samples.jsonl" in line
-  line = one_error_line(
-    _run(
-      "fragility", f"--workdir={demo_runs['markovian']}", f"--compare={no_cots}", "--source=logged"
-    )
+  assert "give the analysis first" in one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
+  line = _refusal(
+    "run_fragility", _flags(workdir=demo_runs["markovian"], compare=str(no_cots), source="logged")
   )
   assert "no logged CoTs" in line
   no_ckpt = tmp_path / "no_ckpt"
   shutil.copytree(demo_runs["markovian"], no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
-  line = one_error_line(_run("fragility", f"--workdir={no_ckpt}"))
+  line = _refusal("run_fragility", _flags(workdir=str(no_ckpt)))
   assert "no checkpoints/" in line and "--source=logged" in line
   reader = tmp_path / "reader"
   reader.mkdir()
   (reader / "config.json").write_text("{}")
-  line = one_error_line(
-    _run("cross_model", f"--workdir={demo_runs['markovian']}", f"--reader={reader}")
-  )
+  line = _refusal("run_cross_model", _flags(workdir=demo_runs["markovian"], reader=str(reader)))
   # The reader's family (hence its prompt format) is read first, from its config.json.
   assert "config.json is missing required keys" in line and "vocab_size" in line
-  assert "give the analysis first" in one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
-  line = one_error_line(_run("cross_model", f"--workdir={demo_runs['markovian']}"))
+  line = _refusal("run_cross_model", _flags(workdir=demo_runs["markovian"]))
   assert "--reader" in line
 
 
