@@ -275,9 +275,6 @@ def check_protocol(spec, out_dir: epath.Path, test_size: int, kw: dict) -> dict:
     cot_temperature=kw["temperature"],
     seed=kw["seed"],
   )
-  # Free-length CoTs are another protocol (docs/method.md#free-length-cots); the flat config key,
-  # so that a reader of protocol.json compares it as it compares the run's own keys.
-  protocol["sampling.cot_stops_at_eos"] = bool(spec.sampling.cot_stops_at_eos)
   refusal = report_runs.foreign_directory(str(out_dir), protocol)
   if refusal:
     raise EvalError(refusal)

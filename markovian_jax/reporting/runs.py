@@ -42,6 +42,7 @@ RUN_PROTOCOL_KEYS = (
   "prompt.format",
   "eval.reader",
   "sampling.cot_length",
+  "sampling.cot_stops_at_eos",
   "sampling.temperature",
   "eval.temperature",
 )
