@@ -221,7 +221,8 @@ def preflight(w: wl.Workload, tiny_run: bool) -> dict:
   t = time.perf_counter()
   out["attention"] = attention_preflight(w)
   out["attention_s"] = time.perf_counter() - t
-  out["copy_tb_s"] = copy_bandwidth_tb_s(2**25 if tiny_run else 2**31)
+  # --tiny: 2 MiB, a code-path check (32 MiB took ~7 s of CPU on 2 cores, most of the preflight).
+  out["copy_tb_s"] = copy_bandwidth_tb_s(2**21 if tiny_run else 2**31)
   out["matmul_tflops"] = matmul_tflops(256 if tiny_run else 8192)
   print(
     f"[preflight] attention ok={out['attention']['ok']} ({out['attention']['reason']}); "

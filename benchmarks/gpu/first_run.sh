@@ -20,7 +20,8 @@
 # the benchmark's --tiny model, random:tiny, and the wheels installed into DIR/run-*/site instead of
 # the interpreter's site-packages. --require-gpu keeps the GPU check in --tiny mode (the stop line,
 # on a CPU). Environment: PYTHON (default python3), TOTAL_S (540), TRAIN_S (the training's share,
-# 150), BENCH_S (the benchmark's budget; default what TRAIN_S leaves), STEPS (3).
+# 150), BENCH_S (the benchmark's budget; default what TRAIN_S leaves), BENCH_FLAGS (more benchmark
+# flags, e.g. --skip_torch or --row_estimates=... from a first run's row_s), STEPS (3).
 set -u -o pipefail
 
 results=gpu-results wheels=build/gpu-wheels tiny=0 require_gpu=1
@@ -124,6 +125,8 @@ say "JAX on ${backend}"
 bench_s=${BENCH_S:-$(( $(left) - train_s - 30 ))}
 bench=(--out "$run/bench" --budget_s "$bench_s")
 if [ "$tiny" = 1 ]; then bench+=(--tiny --questions=1 --batches=1 --repeats=1); fi
+read -r -a extra <<< "${BENCH_FLAGS:-}"
+bench+=(${extra[@]+"${extra[@]}"})
 if [ "$bench_s" -gt 30 ]; then
   say "benchmark with a budget of $bench_s s"
   timeout -k 15 $((bench_s + 20)) "$py" -m benchmarks.accelerator "${bench[@]}"

@@ -1,7 +1,7 @@
-"""`python -m benchmarks.accelerator`: the full --tiny run (as CI runs it), a run whose budget runs
-out half way, a run cut by SIGTERM, the pieces that make a cut lose nothing (atomic files, the
-budget, the merge), the honest-figure formulas, imports without the packages the GPU image lacks,
-and the cost model's layer-scan accounting."""
+"""`python -m benchmarks.accelerator`: one --tiny run (as CI runs it) whose priors skip a pair
+half way, read for every figure and for the skipped rows; a run cut by SIGTERM; the pieces that
+make a cut lose nothing (atomic files, the budget, the merge); the honest-figure formulas;
+imports without the packages the GPU image lacks; and the cost model's layer-scan accounting."""
 
 import json
 import math
@@ -65,8 +65,8 @@ def _numbers(row, keys, where):
 
 @pytest.fixture(scope="module")
 def bench_cache(tmp_path_factory):
-  """One compilation cache for this module's benchmark runs: the budget and cut runs reuse the
-  full run's programs (the benchmark's own cache, as a user's second run would)."""
+  """One compilation cache for this module's benchmark runs: the cut run reuses the full run's
+  programs (the benchmark's own cache, as a user's second run would)."""
   return tmp_path_factory.mktemp("bench_xla_cache")
 
 
@@ -103,31 +103,53 @@ def _accounted(result):
   assert set().union(*places) == set(result["order"])
 
 
-@pytest.mark.slow
-def test_tiny_run_has_every_figure(tmp_path, bench_cache):
+# The module's one full run: --tiny at Q = 2 and 1, B = 4, with priors that make the Q = 1 pair
+# never fit (10,000 s each) and every other row fit whatever this machine's speed (a budget no
+# busy CI machine reaches). One run shows both every figure of every row kind (step and decode,
+# ours and torch) and a budget that skips rows half way, with a later row running after them.
+SKIPPED_BY_PRIORS = ("ours/step/1", "torch/step/1")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, bench_cache):
+  """(process, out dir, accelerator.json, cache entries before) of the module's --tiny run, into
+  an --out that holds an earlier run's file."""
   helpers.require("torch")
   helpers.require("peft")
-  out = tmp_path / "bench"
+  out = tmp_path_factory.mktemp("tiny_run") / "bench"
+  out.mkdir()
+  (out / "accelerator.json").write_text('{"earlier": true}')
   cached_before = set(os.listdir(bench_cache))
-  # A budget no busy CI machine reaches: this test wants every row (the next one, a cut).
   proc = _bench(
-    out, bench_cache, "--hbm_tb_s=0.05", "--peak_tflops=0.5", "--budget_s=1500", timeout=1600
+    out,
+    bench_cache,
+    "--batches=4",
+    "--hbm_tb_s=0.05",
+    "--peak_tflops=0.5",
+    "--budget_s=1500",
+    "--row_estimates=" + ",".join(f"{r}=10000" for r in SKIPPED_BY_PRIORS),
+    timeout=1600,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc, out, json.loads((out / "accelerator.json").read_text()), cached_before
+
+
+@pytest.mark.slow
+def test_tiny_run_has_every_figure(tiny_run, bench_cache):
+  proc, out, result, cached_before = tiny_run
   assert proc.stdout.startswith("[versions] ")  # versions first, whatever happens next
-  result = json.loads((out / "accelerator.json").read_text())
   assert result["order"] == [
     "ours/step/2",
     "torch/step/2",
     "ours/step/1",
     "torch/step/1",
-    "ours/decode/1",
-    "torch/decode/1",
     "ours/decode/4",
     "torch/decode/4",
   ]
-  assert list(result["rows"]) == result["order"], (result["skipped"], result["failed"])
-  assert result["skipped"] == [] and result["failed"] == []
+  ran = [r for r in result["order"] if r not in SKIPPED_BY_PRIORS]
+  assert list(result["rows"]) == ran, (result["skipped"], result["failed"])
+  assert [s["row"] for s in result["skipped"]] == list(SKIPPED_BY_PRIORS)
+  assert result["failed"] == []
   assert result["forbidden_modules"] == []
   dev = result["device"]
   assert (dev["kind"], dev["hbm_tb_s"], dev["peak_bf16_tflops"]) == ("cpu", 0.05, 0.5)
@@ -136,8 +158,10 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
   assert result["attention"]["used"] == ["einsum"]  # CPU: the preflight says why not cuDNN
   assert result["attention"]["hlo_agrees"] is True  # and the compiled programs call no cuDNN
   assert "cpu" in result["attention"]["reason"]
+  kinds = set()
   for rid, row in result["rows"].items():
     side, kind, size = rid.split("/")
+    kinds.add((side, kind))
     if kind == "decode":
       _numbers(row, DECODE_FIGURES + (OURS_DECODE if side == "ours" else ()), rid)
       assert row["batch"] == int(size)
@@ -147,18 +171,19 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
     assert row["peak_device_bytes"] is None  # CPU reports no device memory
     # Rewards are log-probs of a random tiny model: about -log(V) per token on both sides.
     assert kind == "decode" or -9 < row["reward"] < -4
-  for q in (2, 1):
-    row = result["rows"][f"ours/step/{q}"]
-    assert row["compiles_in_timed_steps"] == 0  # nothing recompiles after the first step
-    assert row["hlo_cudnn_fmha_calls"] == {"score": 0, "update": 0}
-    # The peer runs each prompt once per CoT: its executed work exceeds the useful work.
-    peer = result["rows"][f"torch/step/{q}"]
-    assert peer["update_executed_model_flops"] > peer["update_model_flops"]
+  assert kinds == {(s, k) for s in ("ours", "torch") for k in ("step", "decode")}
+  row = result["rows"]["ours/step/2"]
+  assert row["compiles_in_timed_steps"] == 0  # nothing recompiles after the first step
+  assert row["hlo_cudnn_fmha_calls"] == {"score": 0, "update": 0}
+  # The peer runs each prompt once per CoT: its executed work exceeds the useful work.
+  peer = result["rows"]["torch/step/2"]
+  assert peer["update_executed_model_flops"] > peer["update_model_flops"]
   # Ours reads every slot of its cache (prompt bucketed to 64, + 32 new); torch the valid ones.
   assert result["rows"]["ours/decode/4"]["kernel_cache_slots"] == 64 + 32
   assert result["rows"]["torch/decode/4"]["kernel_cache_slots"] == 16 + 32 / 2
   assert result["torch_meta"]["weights_check"]["weight_sums_max_rel_diff"] < 1e-6
   assert result["torch_meta"]["weights_check"]["leaves"] == 12
+  assert list(result["ratios"]) == ["step/2", "decode/4"]
   for key, ratio in result["ratios"].items():
     _numbers(ratio, ratio.keys(), key)
   assert (out / "table.txt").read_text().startswith("tiny on cpu")
@@ -166,38 +191,21 @@ def test_tiny_run_has_every_figure(tmp_path, bench_cache):
 
 
 @pytest.mark.slow
-def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tmp_path, bench_cache):
-  """Priors that make the first two rows fit and the rest not, whatever this machine's speed:
-  the run order puts ours' step and torch's at the same Q first, so the cut run holds one
-  ours/torch pair and its ratio; each skipped row says why; the run still exits 0; and an
-  earlier run's files in the same --out are moved aside, not deleted."""
-  helpers.require("torch")
-  out = tmp_path / "bench"
-  out.mkdir()
-  (out / "accelerator.json").write_text('{"earlier": true}')
-  huge = 10_000
-  proc = _bench(
-    out,
-    bench_cache,
-    "--questions=1",
-    "--batches=1,4",
-    "--budget_s=400",
-    "--hbm_tb_s=0.05",
-    "--peak_tflops=0.5",
-    f"--row_estimates=ours/step/1=1,torch/load=1,torch/step/1=1,"
-    f"ours/decode/1={huge},torch/decode/1={huge},ours/decode/4={huge},"
-    f"torch/decode/4={huge}",
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  result = json.loads((out / "accelerator.json").read_text())
+def test_budget_running_out_half_way_keeps_finished_rows_and_lists_skipped(tiny_run):
+  """The module's run: priors that make the Q = 1 pair not fit, whatever this machine's speed.
+  The rows before it are kept with their ratio, each skipped row says why, the decode pair
+  after it still runs (a later row that fits is not skipped), the run exits 0, and an earlier
+  run's files in the same --out are moved aside, not deleted."""
+  proc, out, result, _ = tiny_run
+  assert proc.returncode == 0
   _accounted(result)
-  assert list(result["rows"]) == ["ours/step/1", "torch/step/1"]
-  _numbers(result["rows"]["ours/step/1"], STEP_FIGURES, "step")
-  _numbers(result["rows"]["torch/step/1"], STEP_FIGURES, "torch step")
-  assert list(result["ratios"]) == ["step/1"]
-  _numbers(result["ratios"]["step/1"], ("step_s", "sample_s", "score_s", "update_s"), "ratio")
+  assert list(result["rows"]) == ["ours/step/2", "torch/step/2", "ours/decode/4", "torch/decode/4"]
+  _numbers(result["rows"]["ours/step/2"], STEP_FIGURES, "step")
+  _numbers(result["rows"]["torch/step/2"], STEP_FIGURES, "torch step")
+  _numbers(result["ratios"]["step/2"], ("step_s", "sample_s", "score_s", "update_s"), "ratio")
+  assert "step/1" not in result["ratios"]
   skipped = {s["row"]: s["reason"] for s in result["skipped"]}
-  assert list(skipped) == ["ours/decode/1", "torch/decode/1", "ours/decode/4", "torch/decode/4"]
+  assert list(skipped) == list(SKIPPED_BY_PRIORS)
   assert all(r.startswith("budget: expected") for r in skipped.values()), skipped
   assert "skipped:" in (out / "table.txt").read_text()
   earlier = [d for d in out.iterdir() if d.name.startswith("earlier-")]
