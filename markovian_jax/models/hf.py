@@ -313,6 +313,10 @@ def load_hf(
   return config, params
 
 
+# tokenizer_config.json's tokenizer_class values that name the plain tokenizers-backed class.
+GENERIC_TOKENIZER_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_hf_tokenizer(path):
   """The directory's tokenizer (`tokenizer.json`, plus `tokenizer_config.json` when present),
   loaded offline. Returns a `transformers.PreTrainedTokenizerFast`."""
@@ -324,12 +328,21 @@ def load_hf_tokenizer(path):
     raise FileNotFoundError(
       f"no {TOKENIZER_NAME} in {path}: a fast (tokenizers) tokenizer is needed"
     )
-  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+  from transformers import PreTrainedTokenizerFast
 
-  if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-    # The config carries the special tokens and chat template that tokenizer.json lacks.
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-  return PreTrainedTokenizerFast(tokenizer_file=tokenizer_file)
+  config_file = os.path.join(path, "tokenizer_config.json")
+  if not os.path.isfile(config_file):
+    return PreTrainedTokenizerFast(tokenizer_file=tokenizer_file)
+  # The config carries the special tokens and chat template that tokenizer.json lacks. A generic
+  # class (ours, and transformers 5's own saves) is what AutoTokenizer would build, without its
+  # import of AutoConfig and torch (~5 s of CPU per process); a model's own class goes through it.
+  with open(config_file) as f:
+    tokenizer_class = json.load(f).get("tokenizer_class")
+  if tokenizer_class in GENERIC_TOKENIZER_CLASSES:
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 # ------------------------------------------------------------------ export

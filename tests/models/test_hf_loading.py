@@ -260,6 +260,56 @@ def test_tokenizer_loads_offline(tmp_path):
     load_tokenizer(empty)
 
 
+def test_a_generic_tokenizer_is_autotokenizers_without_torch(tiny_model_dir, tmp_path):
+  """A directory whose tokenizer_config.json names the generic class (our saves) loads as
+  transformers' AutoTokenizer loads it: the same class, ids, special tokens, chat template and
+  decoding; and in a fresh process without importing torch. A model's own class still goes
+  through AutoTokenizer."""
+  import json
+  import pathlib
+  import subprocess
+  import sys
+
+  from transformers import AutoTokenizer
+
+  tiny_model_dir = pathlib.Path(tiny_model_dir)
+  ours = load_tokenizer(tiny_model_dir)
+  auto = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+  assert type(ours) is type(auto)
+  texts = ["What is 12 + 7?", " 19\nAnswer: 19", "<|im_start|>user\nhi<|im_end|>", ""]
+  for text in texts:
+    for special in (True, False):
+      assert (
+        ours(text, add_special_tokens=special)["input_ids"]
+        == auto(text, add_special_tokens=special)["input_ids"]
+      )
+  ids = auto("x = 3 * (4 + 5)")["input_ids"]
+  assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
+  assert ours.all_special_tokens == auto.all_special_tokens and len(ours) == len(auto)
+  assert (ours.bos_token_id, ours.eos_token_id) == (auto.bos_token_id, auto.eos_token_id)
+  assert ours.chat_template == auto.chat_template
+  code = (
+    "import sys; from markovian_jax.models import load_tokenizer; "
+    f"load_tokenizer({str(tiny_model_dir)!r}); print('torch' in sys.modules)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=helpers.REPO, timeout=120
+  )
+  assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
+  # A model's own class in the config (GPT-2's here): AutoTokenizer builds that class.
+  other = tmp_path / "other"
+  other.mkdir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (other / name).write_bytes((tiny_model_dir / name).read_bytes())
+  cfg = json.loads((other / "tokenizer_config.json").read_text())
+  (other / "tokenizer_config.json").write_text(
+    json.dumps(dict(cfg, tokenizer_class="GPT2Tokenizer"))
+  )
+  own = load_tokenizer(other)
+  assert type(own) is type(AutoTokenizer.from_pretrained(other, local_files_only=True))
+  assert type(own) is not type(auto)
+
+
 # ------------------------------------------------------------------ bad input
 
 
