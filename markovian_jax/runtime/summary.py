@@ -59,6 +59,26 @@ def _route_uri_through_epath(logdir: str) -> None:
 _FILES = itertools.count()
 
 
+def _tensorboardx_writer():
+  """tensorboardX's SummaryWriter class, imported without torch when torch is not loaded yet.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch tensors as values
+  (about 2.5 s of CPU per process); we log Python and numpy values. A torch already imported (a
+  process that uses it) is left as it is, and a later `import torch` works as usual."""
+  import sys
+
+  if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter as writer
+
+    return writer
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+  try:
+    from tensorboardX import SummaryWriter as writer
+  finally:
+    del sys.modules["torch"]
+  return writer
+
+
 class SummaryWriter:
   """Scalars, histograms and text under `logdir`; a no-op on processes other than 0."""
 
@@ -71,8 +91,7 @@ class SummaryWriter:
       self._writer = self._open()
 
   def _open(self):
-    from tensorboardX import SummaryWriter as _Writer
-
+    _Writer = _tensorboardx_writer()
     return _Writer(self._logdir, filename_suffix=f".{os.getpid()}.{next(_FILES):06d}")
 
   def scalars(self, step: int, values: Mapping[str, float], prefix: str = ""):
