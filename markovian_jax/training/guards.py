@@ -16,7 +16,7 @@ current state, roll back to a checkpoint, list the checkpointed steps, write a s
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 
@@ -31,10 +31,16 @@ class TrainingStopped(RuntimeError):
   """Training cannot continue (non-finite updates, collapse with action=stop)."""
 
 
-def kl_scale(spec) -> float:
-  """What policy/kl is in units of the per-token KL: 1 for `mean`, K (the CoT length) for the
-  `sum` reduction, which aggregates the KL over a sequence's K tokens."""
-  return float(spec.sampling.cot_length) if spec.objective.loss.logprob_reduction == "sum" else 1.0
+def kl_scale(spec, scalars: Optional[dict] = None) -> float:
+  """What policy/kl is in units of the per-token KL: 1 for `mean`; for the `sum` reduction, which
+  aggregates the KL over a sequence's tokens, the CoT length: K, or the step's mean length
+  (policy/cot_length in `scalars`) when EOS may end a CoT (sampling.cot_stops_at_eos)."""
+  if spec.objective.loss.logprob_reduction != "sum":
+    return 1.0
+  length = float(spec.sampling.cot_length)
+  if spec.sampling.cot_stops_at_eos and scalars:
+    length = float(scalars.get("policy/cot_length", length))
+  return max(length, 1.0)
 
 
 def collapse_alarms(scalars: dict, spec) -> list[str]:
@@ -59,7 +65,7 @@ def collapse_alarms(scalars: dict, spec) -> list[str]:
   ratio = scalars.get(tag, 0.0)
   if ratio > t.collapse_ppo_ratio:
     alarms.append(f"PPO sequence ratio max {ratio:.1f} > {t.collapse_ppo_ratio:g}")
-  kl, scale = scalars.get("policy/kl", 0.0), kl_scale(spec)
+  kl, scale = scalars.get("policy/kl", 0.0), kl_scale(spec, scalars)
   if kl > t.collapse_kl * scale:
     per = f" ({kl / scale:.2f} per token)" if scale != 1 else ""
     alarms.append(f"KL {kl:.2f}{per} > {t.collapse_kl:g} per token")

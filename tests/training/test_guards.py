@@ -62,6 +62,18 @@ def test_kl_alarm_scales_with_the_logprob_reduction(reduction, kl, alarm):
   assert bool(alarms) == alarm, alarms
 
 
+@pytest.mark.parametrize(
+  "stops,kl,length,alarm",
+  [(True, 90.0, 20.0, False), (True, 110.0, 20.0, True), (False, 110.0, 20.0, False)],
+)
+def test_kl_alarm_of_free_length_cots_reads_the_steps_mean_length(stops, kl, length, alarm):
+  """With sampling.cot_stops_at_eos a summed KL covers the step's real CoT tokens: 5 nats per
+  token over a mean policy/cot_length of 20 is 100, where K = 100 would allow 500."""
+  spec = _spec(**{"objective.logprob_reduction": "sum", "sampling.cot_stops_at_eos": stops})
+  alarms = guards.collapse_alarms({"policy/kl": kl, "policy/cot_length": length}, spec)
+  assert bool(alarms) == alarm, alarms
+
+
 class _Run:
   """What a guard acts through, recorded: the checkpointed steps, saves, rollbacks, scalars."""
 
