@@ -432,6 +432,11 @@ class Trainer:
       bar.close()
       self.save()
       self.export_adapter()
+    except OSError as e:
+      full = checkpointing.run_disk_full(e, self.workdir, self.state.step, self.ckpt.all_steps())
+      if full is None:
+        raise
+      raise full from e
     finally:
       stop.uninstall()
       self.writer.close()

@@ -63,6 +63,20 @@ class DiskFull(UserError, OSError):
   """A checkpoint that did not fit on its filesystem."""
 
 
+def run_disk_full(e: BaseException, workdir, step: int, saved: list) -> Optional[DiskFull]:
+  """The one-line DiskFull for a full disk met outside a checkpoint write (samples, evaluation
+  rows, TensorBoard, the run's config) in a run that has done `step` training steps; None when
+  `e` is not a full disk. `saved`: the checkpoint steps on disk, which stay intact."""
+  if isinstance(e, DiskFull) or not _is_disk_full(e):
+    return None
+  what = getattr(e, "filename", None) or "a run file"
+  return DiskFull(
+    f"no space left on device writing {what} after step {step}: free space in {workdir} or give "
+    f"the run another --config.workdir and resume; the checkpoints already there are intact: "
+    f"{saved}"
+  )
+
+
 def _is_disk_full(e: BaseException) -> bool:
   """orbax and TensorStore report a full disk as OSError(ENOSPC) or in their own message."""
   while e is not None:

@@ -320,6 +320,36 @@ def test_non_finite_updates_are_skipped_then_stop(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_full_disk_outside_a_checkpoint_is_one_line_and_keeps_the_checkpoints(
+  tiny_model_dir, tmp_path
+):
+  """A full disk met while a step writes anything but a checkpoint (samples, evaluation rows,
+  TensorBoard; here an ENOSPC injected in step 2's update) ends the run with DiskFull, a
+  UserError (the CLI's one `error:` line, exit 2) naming the workdir and the checkpoints that
+  stay intact, not a raw OSError."""
+  from benchmarks.faults import injected
+  from markovian_jax.runtime.checkpointing import DiskFull
+  from markovian_jax.runtime.errors import UserError
+  from markovian_jax.trainer import Trainer
+
+  workdir = tmp_path / "full"
+  trainer = Trainer(
+    make_config(
+      tiny_model_dir,
+      workdir,
+      **{"train.num_steps": 3, "train.checkpoint_every": 1, "train.eval_every": 100},
+    )
+  )
+  with injected("enospc@update:2"), pytest.raises(DiskFull) as err:
+    trainer.run()
+  assert isinstance(err.value, UserError) and isinstance(err.value.__cause__, OSError)
+  msg = str(err.value)
+  assert str(workdir) in msg and "after step 1" in msg and "intact: [1]" in msg, msg
+  assert "\n" not in msg
+  assert trainer.ckpt.all_steps() == [1]
+
+
+@pytest.mark.slow
 def test_collapse_rollback_then_stop(tiny_model_dir, tmp_path):
   from markovian_jax.trainer import Trainer, TrainingStopped
 
