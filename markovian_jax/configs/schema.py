@@ -242,6 +242,16 @@ class Objective:
     "after steps every, 2 x every, ... (NOVER's released code syncs at each checkpoint save, "
     "save_steps 100); 1 = after every step",
   )
+  method_answer_weight: float = knob(
+    -1.0,
+    "an answer-likelihood method's answer-term weight: VeriFree's factor on sg(R) (1), JEPO's "
+    "beta_sup (1), LaTRO's weight (0 as its released code, 1 as its paper); -1 = the method's own",
+  )
+  method_length_penalty: float = knob(
+    -1.0,
+    "DRO's length-penalty coefficient on K_i / K (0 in our METHODS table: its paper's value was "
+    "not available; docs/answer-likelihood.md); -1 = the method's own",
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,9 @@ class ObjectiveConfig:
     the old copy in copy <- d * copy + (1 - d) * policy over the adapter's params, applied after
     every `scorer_ema_every`-th optimizer step (the trainer keeps the copy; the loss does not
     read these).
+  method_answer_weight / method_length_penalty: a method's answer-term weight (VeriFree's factor,
+    JEPO's beta_sup, LaTRO's weight: 0 in its released code, 1 in its paper) and DRO's length
+    penalty coefficient; -1 keeps the method's own value (objectives/methods.py METHODS).
   """
 
   kind: str = "pg"
@@ -96,6 +99,8 @@ class ObjectiveConfig:
   method: str = ""
   scorer_ema_decay: float = 0.6
   scorer_ema_every: int = 100
+  method_answer_weight: float = -1.0
+  method_length_penalty: float = -1.0
 
   def __post_init__(self):
     check_choice("objective kind", self.kind, OBJECTIVES)
@@ -133,6 +138,8 @@ class ObjectiveConfig:
       "ema_decay",
       "ppo_eps",
       "scorer_ema_decay",
+      "method_answer_weight",
+      "method_length_penalty",
     ):
       finite(f)
     for f in ("group_size", "ei_skip_initial", "scorer_ema_every"):
@@ -163,6 +170,9 @@ class ObjectiveConfig:
     need(0 < self.ppo_eps < 1, "ppo_eps", "must be in (0, 1)")
     need(0 <= self.scorer_ema_decay <= 1, "scorer_ema_decay", "must be in [0, 1]")
     need(self.scorer_ema_every >= 1, "scorer_ema_every", "must be >= 1")
+    for f in ("method_answer_weight", "method_length_penalty"):
+      v = getattr(self, f)
+      need(v == -1 or v >= 0, f, "must be >= 0, or -1 for the method's own value")
     need(self.group_size >= 1, "group_size", "must be >= 1")
     need(self.ei_skip_initial >= 0, "ei_skip_initial", "must be >= 0")
     for f in ("kl_clamp", "ppo_log_ratio_clamp"):

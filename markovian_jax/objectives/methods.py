@@ -266,7 +266,12 @@ def method_of(objective: ObjectiveConfig) -> Optional[MethodConfig]:
   policy loss; None for the Markovian objective (method ""). Static: call it at trace time."""
   if not objective.method:
     return None
-  return method_config(objective.method, dataclasses.replace(objective, method=""))
+  overrides = {}
+  if objective.method_answer_weight >= 0:
+    overrides["answer_weight_value"] = float(objective.method_answer_weight)
+  if objective.method_length_penalty >= 0:
+    overrides["length_penalty"] = float(objective.method_length_penalty)
+  return method_config(objective.method, dataclasses.replace(objective, method=""), **overrides)
 
 
 # ----------------------------------------------------------------------------- the step

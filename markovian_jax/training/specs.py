@@ -243,6 +243,31 @@ class ObjectiveSpec(_Section):
           "'actor' or 'base'",
         )
       self._check_ema_keys(None)
+    self._check_method_knobs(obj.method_of(self.loss) if self.loss.method else None)
+
+  def _check_method_knobs(self, method):
+    """objective.method_answer_weight / method_length_penalty set (>= 0) where the run's method
+    has no such term would change nothing: refused, naming the methods that have one."""
+    knobs = (
+      (
+        "method_answer_weight",
+        method is not None and method.answer_weight != "none",
+        "an answer term (verifree, jepo, latro)",
+      ),
+      (
+        "method_length_penalty",
+        method is not None and "length_penalty" in method.shaping,
+        "a length penalty (dro)",
+      ),
+    )
+    for name, has, which in knobs:
+      if getattr(self.loss, name) != -1 and not has:
+        _bad(
+          f"objective.{name}",
+          f"{getattr(self.loss, name)!r} sets the weight of a method with {which}; "
+          f"{'this run has no method' if method is None else repr(method.name) + ' has none'}, "
+          "so leave it at -1",
+        )
 
   def _check_ema_keys(self, method):
     """objective.scorer_ema_* set away from their defaults in a run that keeps no EMA copy would

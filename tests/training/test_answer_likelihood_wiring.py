@@ -79,6 +79,60 @@ def test_nover_with_conflicting_or_bad_ema_keys_is_one_line_naming_the_key(key, 
   assert (loss.scorer_ema_decay, loss.scorer_ema_every) == (0.9, 1000)
 
 
+@pytest.mark.parametrize(
+  "variant,key,value,needle",
+  [
+    ("rlpr", "method_answer_weight", 1.0, "method_answer_weight: 1.0 .*'rlpr' has none"),
+    ("", "method_answer_weight", 1.0, "method_answer_weight: 1.0 .*this run has no method"),
+    ("latro", "method_length_penalty", 0.1, "method_length_penalty: 0.1 .*'latro' has none"),
+    ("latro", "method_answer_weight", -0.5, "method_answer_weight: .*-1 for the method's own"),
+  ],
+)
+def test_a_method_knob_without_its_term_is_one_line_naming_the_key(variant, key, value, needle):
+  c = base.task_config("gsm8k", variant) if variant else base.task_config("gsm8k")
+  c.objective[key] = value
+  with pytest.raises(InvalidConfig, match=needle) as e:
+    config_validation.validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_latro_at_its_papers_weight_and_dro_with_a_length_penalty():
+  """The keys reach the method: LaTRO at its paper's answer weight 1 has an answer term (its
+  released weight 0 has none); DRO's reward falls by exactly c * K_i / K per row (hand-derived
+  from the lengths), its other terms unchanged."""
+  from markovian_jax.objectives.inputs import LossInputs
+
+  def loss_of(variant, **keys):
+    c = base.task_config("gsm8k", variant)
+    for k, v in keys.items():
+      c.objective[k] = v
+    return config_validation.validate(c).objective.loss
+
+  assert not obj.method_of(loss_of("latro")).has_answer_term
+  paper = obj.method_of(loss_of("latro", method_answer_weight=1.0))
+  assert paper.answer_weight_value == 1.0 and paper.has_answer_term
+  dro = obj.method_of(loss_of("dro_markovian"))
+  penalised = obj.method_of(loss_of("dro_markovian", method_length_penalty=0.3))
+  assert (dro.length_penalty, penalised.length_penalty) == (0.0, 0.3)
+  g, k = dro.group_size, 6
+  n = 2 * g
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, k + 1, n)
+  inputs = LossInputs(
+    cot_logprobs=np.zeros((n, k), np.float32),
+    cot_mask=np.arange(k)[None, :] < lengths[:, None],
+    answer_logprobs=-rng.random((n, 3)).astype(np.float32),
+    answer_mask=np.ones((n, 3), bool),
+    no_reasoning_logprobs=-rng.random((2, 3)).astype(np.float32),
+    no_reasoning_mask=np.ones((2, 3), bool),
+  )
+  _, r0, _ = M.method_rewards(inputs, dro)
+  _, r1, _ = M.method_rewards(inputs, penalised)
+  np.testing.assert_allclose(
+    np.asarray(r0) - np.asarray(r1), 0.3 * lengths / k, rtol=helpers.ulps(8), atol=0
+  )
+
+
 def _step_stages(trainer, key=None):
   """The stages of the trainer's next step, run apart: rollout, score and targets with the
   reference the step passes (`Trainer.reference`). `key`: the sampling key (default: the one
