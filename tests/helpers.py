@@ -137,6 +137,43 @@ def lora_leaves(trainer):
   return [np.asarray(x) for x in jax.tree.leaves(trainer.lora.params)]
 
 
+def set_apart(adapter, seed=5):
+  """`adapter` with 0.5 x N(0, 1) added to its `b` leaves (a fresh adapter's are 0: the policy,
+  the base model and an unmoved copy of the adapter would score alike)."""
+  import jax
+  import numpy as np
+
+  rng = np.random.RandomState(seed)
+  return adapter.replace(
+    params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x + np.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
+      adapter.params,
+    )
+  )
+
+
+def step_stages(trainer, key=None):
+  """The stages of the trainer's next step, run apart: rollout, score and targets with the
+  reference the step passes (`Trainer.reference`). `key`: the sampling key (default: the one
+  `advance` will draw, so that the next `step()` samples the same CoTs); the data cursor is left
+  where it was. Returns (reference adapter, rollout, scored, targets, baseline state, metrics)."""
+  import jax
+
+  from markovian_jax.training import pipeline
+
+  t = trainer
+  if key is None:
+    key = jax.random.split(t.state.rng, 3)[1]
+  cursor = t.train_stream.state()
+  examples = t.train_stream.take(t.spec.train.questions_per_step)
+  t.train_stream.restore(cursor)
+  ref = t.reference(t.state)
+  ro = pipeline.rollout(t.ctx, t.spec, t.lora, ref, examples, key)
+  sc = pipeline.score(t.ctx, t.programs, t.lora, ref, ro)
+  tg, state, metrics = pipeline.targets(t.ctx, t.programs, sc, t.baseline_state)
+  return ref, ro, sc, tg, state, metrics
+
+
 def run_module(module, *args, timeout=300):
   """`python -m module *args` from the repository root, offline on the CPU: CompletedProcess."""
   import subprocess

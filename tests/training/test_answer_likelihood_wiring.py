@@ -133,38 +133,6 @@ def test_latro_at_its_papers_weight_and_dro_with_a_length_penalty():
   )
 
 
-def _step_stages(trainer, key=None):
-  """The stages of the trainer's next step, run apart: rollout, score and targets with the
-  reference the step passes (`Trainer.reference`). `key`: the sampling key (default: the one
-  `advance` will draw, so that the next `step()` samples the same CoTs); the data cursor is left
-  where it was."""
-  from markovian_jax.training import pipeline
-
-  t = trainer
-  if key is None:
-    key = jax.random.split(t.state.rng, 3)[1]
-  cursor = t.train_stream.state()
-  ex = t.train_stream.take(t.spec.train.questions_per_step)
-  t.train_stream.restore(cursor)
-  ref = t.reference(t.state)
-  ro = pipeline.rollout(t.ctx, t.spec, t.lora, ref, ex, key)
-  sc = pipeline.score(t.ctx, t.programs, t.lora, ref, ro)
-  tg, state, metrics = pipeline.targets(t.ctx, t.programs, sc, t.baseline_state)
-  return ro, sc, tg, state, metrics
-
-
-def _set_apart(lora, seed=5):
-  """`lora` with 0.5 x N(0, 1) added to its `b` leaves (a fresh adapter's are 0, which would make
-  the adapter, the base model and a copy of it score alike)."""
-  rng = np.random.RandomState(seed)
-  return lora.replace(
-    params=jax.tree_util.tree_map_with_path(
-      lambda p, x: x + np.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
-      lora.params,
-    )
-  )
-
-
 # Each step compiles its own programs (~50 s on 2 CPU cores): CI runs the answer term's path
 # (verifree) and the no-reasoning rows + filter's (rlpr_markovian); the EMA scorer's wiring runs
 # in CI in tests/training/test_ema_scorer.py. MARKOVIAN_ALL_METHODS=1 runs every method here.
@@ -199,10 +167,10 @@ def test_one_step_of_a_wired_method_matches_the_reference(variant, tiny_model_di
   ema = method.scorer == "ema"
   if ema:
     # The copy starts as the policy; apart from it, scoring with either is told apart.
-    t.state = t.state.replace(ema_lora=_set_apart(t.state.ema_lora))
+    t.state = t.state.replace(ema_lora=helpers.set_apart(t.state.ema_lora))
     ema_before = [np.asarray(x) for x in jax.tree.leaves(t.state.ema_lora.params)]
   # NOVER: the key the step will draw, so that the step's KL can be checked on these CoTs.
-  ro, sc, tg, _, _ = _step_stages(t, None if ema else jax.random.PRNGKey(3))
+  _, ro, sc, tg, _, _ = helpers.step_stages(t, None if ema else jax.random.PRNGKey(3))
   w = sc.window
   lp = np.asarray(fetch(sc.answer_logprobs), np.float64)[:, -w:]
   span = sc.answer_span[:, -w:]

@@ -64,18 +64,6 @@ def _leaves(adapter):
   return [np.asarray(x) for x in jax.tree.leaves(adapter.params)]
 
 
-def _set_apart(adapter, seed=5):
-  """`adapter` with 0.5 x N(0, 1) added to its `b` leaves (a fresh adapter's are 0: the policy,
-  the base model and an unmoved copy would score alike)."""
-  rng = np.random.RandomState(seed)
-  return adapter.replace(
-    params=jax.tree_util.tree_map_with_path(
-      lambda p, x: x + np.asarray(0.5 * rng.randn(*x.shape), x.dtype) if p[-1].key == "b" else x,
-      adapter.params,
-    )
-  )
-
-
 @pytest.mark.slow
 def test_the_copy_over_steps_and_its_checkpoint(tiny_model_dir, tmp_path):
   """A NOVER run syncing every 2 steps. The copy starts as the starting adapter; set apart from
@@ -102,17 +90,11 @@ def test_the_copy_over_steps_and_its_checkpoint(tiny_model_dir, tmp_path):
   assert not any(
     np.any(x) for p, x in jax.tree_util.tree_leaves_with_path(t.lora.params) if p[-1].key == "b"
   )
-  t.state = t.state.replace(ema_lora=_set_apart(t.state.ema_lora))
+  t.state = t.state.replace(ema_lora=helpers.set_apart(t.state.ema_lora))
   ema = [_leaves(t.state.ema_lora)]
 
   # Step 1's stages apart, as `advance` runs them (its sampling key, its questions, its reference).
-  _, key, _ = jax.random.split(t.state.rng, 3)
-  cursor = t.train_stream.state()
-  examples = t.train_stream.take(t.spec.train.questions_per_step)
-  t.train_stream.restore(cursor)
-  ref = t.reference(t.state)
-  ro = pipeline.rollout(t.ctx, t.spec, t.lora, ref, examples, key)
-  sc = pipeline.score(t.ctx, t.programs, t.lora, ref, ro)
+  ref, ro, sc, tg, _, _ = helpers.step_stages(t)
   rows = [put(x, t.mesh) for x in (sc.answer_tokens, sc.answer_mask, sc.answer_span)]
   by = {  # the step's own scoring program, given each adapter as the copy
     name: np.asarray(
@@ -123,7 +105,6 @@ def test_the_copy_over_steps_and_its_checkpoint(tiny_model_dir, tmp_path):
   got = np.asarray(fetch(sc.answer_logprobs))
   assert got.tobytes() == by["copy"].tobytes()
   assert np.max(np.abs(got - by["policy"])[sc.answer_span]) > 1e-2
-  tg, _, _ = pipeline.targets(t.ctx, t.programs, sc, t.baseline_state)
   lr = np.float32(optimizer.learning_rate(t.spec.optim, t.spec.train.num_steps, 0))
   copy = lambda x: jax.tree.map(jnp.copy, x)  # noqa: E731 - the update donates its inputs
   _, _, m = t.programs.update(
