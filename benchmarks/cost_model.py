@@ -193,14 +193,15 @@ def layer_scan_costs(fn, layers: int) -> tuple:
   return tuple(float(x) for x in one + (layers - 1) * (two - one))
 
 
-def rows(config, w, decode_shapes, questions, device_counts, log=print) -> list:
+def rows(config, w, decode_shapes, questions, device_counts, log=print, bf16=True) -> list:
   """Every program x layout: model and compiled costs, and the implied H100 time.
 
   Each program is compiled twice: as it runs (bf16 weights and matmuls) and in fp32. XLA:CPU
   has no bf16 matmuls: it converts the bf16 weights and the whole KV cache to fp32 inside the
   program, which adds FLOPs (converts count) and traffic a GPU does not have. The fp32 program
   has the same structure without those converts; its bytes / 2 estimate the bf16 program's
-  traffic with this HLO's fusions."""
+  traffic with this HLO's fusions. `bf16=False` compiles only the fp32 program (every figure
+  but the bf16_* columns, which are then None)."""
   out = []
   layers = config.num_layers
   f32 = config.replace(dtype="float32", param_dtype="float32")
@@ -228,10 +229,10 @@ def rows(config, w, decode_shapes, questions, device_counts, log=print) -> list:
   for name, model_flops, cost, floor in programs:
     for d in device_counts:
       t = time.perf_counter()
-      bf16 = layer_scan_costs(lambda u: cost(config, d, u), layers)
+      as_run = layer_scan_costs(lambda u: cost(config, d, u), layers) if bf16 else None
       fp32 = layer_scan_costs(lambda u: cost(f32, d, u), layers)
       out.append(
-        _row(name, d, model_flops, bf16, fp32, floor and floor(d), time.perf_counter() - t)
+        _row(name, d, model_flops, as_run, fp32, floor and floor(d), time.perf_counter() - t)
       )
       log(out[-1])
   return out
@@ -261,17 +262,19 @@ def scanned_matmul_bytes_ratio(batch=104, d=4096, f=14336, layers=32) -> float:
 
 
 def _row(program, devices, model_flops, bf16, fp32, floor_bytes, seconds) -> dict:
-  """bf16, fp32: (flops, bytes accessed) per device; floor_bytes: weights + KV per device."""
+  """bf16 (None: not compiled), fp32: (flops, bytes accessed) per device; floor_bytes: weights +
+  KV per device."""
+  bf16_flops, bf16_bytes = bf16 or (None, None)
   row = {
     "program": program,
     "devices": devices,
     "model_tflop": model_flops / 1e12,
     "tflop_per_device": fp32[0] / 1e12,
     "flops_ratio": fp32[0] * devices / model_flops,
-    "bf16_tflop_per_device": bf16[0] / 1e12,
-    "bf16_flops_ratio": bf16[0] * devices / model_flops,
+    "bf16_tflop_per_device": _scaled(bf16_flops, 1e-12),
+    "bf16_flops_ratio": _scaled(bf16_flops, devices / model_flops),
     "bytes_gb_per_device": fp32[1] / 2 / 1e9,
-    "bf16_bytes_gb_per_device": bf16[1] / 1e9,
+    "bf16_bytes_gb_per_device": _scaled(bf16_bytes, 1e-9),
     "floor_gb_per_device": None,
     "bytes_ratio": None,
     "bf16_bytes_ratio": None,
@@ -284,10 +287,14 @@ def _row(program, devices, model_flops, bf16, fp32, floor_bytes, seconds) -> dic
     row.update(
       floor_gb_per_device=floor_bytes / 1e9,
       bytes_ratio=fp32[1] / 2 / floor_bytes,
-      bf16_bytes_ratio=bf16[1] / floor_bytes,
+      bf16_bytes_ratio=_scaled(bf16_bytes, 1 / floor_bytes),
       h100_floor_memory_ms=floor_bytes / (H100_TB_S * 1e9),
     )
   return row
+
+
+def _scaled(x, by):
+  return None if x is None else x * by
 
 
 def markdown(result: list) -> str:
@@ -302,9 +309,9 @@ def markdown(result: list) -> str:
     lines.append(
       f"| {r['program']} | {r['devices']} | {r['model_tflop']:.3f} | "
       f"{r['tflop_per_device']:.3f} (**{r['flops_ratio']:.2f}**; bf16 on XLA:CPU "
-      f"{r['bf16_flops_ratio']:.2f}) | {f(r['floor_gb_per_device'], '.1f')} GB | "
+      f"{f(r['bf16_flops_ratio'], '.2f')}) | {f(r['floor_gb_per_device'], '.1f')} GB | "
       f"{r['bytes_gb_per_device']:.1f} GB (**{f(r['bytes_ratio'], '.2f')}**; bf16 on XLA:CPU "
-      f"{r['bf16_bytes_gb_per_device']:.0f} GB) | {r['h100_compute_ms']:.1f} / "
+      f"{f(r['bf16_bytes_gb_per_device'], '.0f')} GB) | {r['h100_compute_ms']:.1f} / "
       f"{f(r['h100_floor_memory_ms'], '.1f')} / {r['h100_hlo_memory_ms']:.1f} |"
     )
   return "\n".join(lines)

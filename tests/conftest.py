@@ -13,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The PyTorch references run on one thread: beside XLA's thread pool and another worker on the same
+# cores, torch's OpenMP threads spin-wait for each other (transformers' greedy SmolLM2 decode took
+# 44 s on two threads, 9 s on one, on this 2-core machine). Set before torch is imported, which
+# reads it once. Subprocesses inherit it; XLA sizes its own thread pool and ignores it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
