@@ -458,7 +458,9 @@ def add_default_hooks(trainer: Trainer) -> None:
   recovery = dict(save=trainer.save, rollback=trainer.rollback, saved_steps=trainer.ckpt.all_steps)
   trainer.add_hook(functools.partial(write_scalars, writer), name="scalars")
   trainer.add_hook(
-    functools.partial(write_samples, writer, trainer.workdir, spec.task),
+    functools.partial(
+      write_samples, writer, trainer.workdir, spec.task, spec.sampling.cot_stops_at_eos
+    ),
     every=t.text_every,
     name="samples",
     at_start=True,
@@ -502,9 +504,11 @@ def write_scalars(writer, info: hooks_lib.StepInfo):
   writer.histogram(info.step, "train/advantages", fetch(info.targets.advantages))
 
 
-def write_samples(writer, workdir, task: str, info: hooks_lib.StepInfo):
+def write_samples(writer, workdir, task: str, free_length: bool, info: hooks_lib.StepInfo):
   """The step's CoTs: three as TensorBoard text, all of them in <workdir>/samples.jsonl (one line
-  per question: CoTs, rewards r, normalised rewards R, the reference's CoT' and its score b)."""
+  per question: CoTs, rewards r, normalised rewards R, the reference's CoT' and its score b; with
+  `free_length` (sampling.cot_stops_at_eos), each CoT's length in tokens, its EOS counted, as
+  `cot_lengths`: with the key off every CoT is K tokens)."""
   ro, sc = info.rollout, info.scores
   cots = "\n\n".join(f"**CoT {i}**: {t}" for i, t in enumerate(ro.cot_texts[:3]))
   base = "" if ro.base_texts is None else f"**Baseline CoT'**: {ro.base_texts[0]}\n\n"
@@ -537,6 +541,7 @@ def write_samples(writer, workdir, task: str, info: hooks_lib.StepInfo):
             "normalized": None if b is None else (r[rows] - float(b[q])).tolist(),
             "base_cot": None if ro.base_texts is None else ro.base_texts[q],
             "base_score": None if b is None else float(b[q]),
+            **({"cot_lengths": ro.cot_lengths[rows].tolist()} if free_length else {}),
           }
         )
         + "\n"

@@ -16,6 +16,7 @@ token the sampler call the step made before the key existed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 
 import jax
@@ -316,6 +317,37 @@ def test_eval_rows_carry_their_cot_lengths(run):
   assert methods_table.COT_LENGTH_ROW_KEY in rows[0]
   assert evaluation.scalars(summ)["cot_length"] == summ["cot_length"]
   assert methods_table.COT_LENGTH_EVAL_TAG == "eval/cot_length"
+
+
+def test_samples_jsonl_carries_each_cots_length(run, rollouts, tmp_path):
+  """samples.jsonl, one line per question: with the key on, its G CoTs' lengths (EOS counted) in
+  the order of its CoTs; with it off (every CoT K tokens) no such field."""
+  from markovian_jax.runtime.summary import SummaryWriter
+  from markovian_jax.trainer import write_samples
+
+  for ro, on in zip(rollouts, (True, False)):
+    workdir = tmp_path / str(on)
+    workdir.mkdir()
+    writer = SummaryWriter(str(workdir))
+    scores = types.SimpleNamespace(rewards=-np.arange(Q * G, dtype=np.float32), base_scores=None)
+    write_samples(
+      writer,
+      str(workdir),
+      "arithmetic",
+      on,
+      types.SimpleNamespace(step=3, rollout=ro, scores=scores),
+    )
+    writer.close()
+    lines = [json.loads(x) for x in (workdir / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == Q and [r["cots"] for r in lines] == [
+      ro.cot_texts[q * G : (q + 1) * G] for q in range(Q)
+    ]
+    if on:
+      lengths = first_eos_lengths(ro.cot_tokens, run.eos)
+      assert [r["cot_lengths"] for r in lines] == lengths.reshape(Q, G).tolist()
+      assert all(type(n) is int for r in lines for n in r["cot_lengths"])
+    else:
+      assert not any("cot_lengths" in r for r in lines)
 
 
 # ----------------------------------------------------------------------------- the key off
