@@ -158,11 +158,13 @@ def generate_cots(
   progress: progress_lib.Progress = True,
 ) -> list:
   """One CoT per example, sampled by base + `lora` (the run's adapter) at the training
-  temperature (or `temperature`), exactly cot_length tokens as in training: N strings.
+  temperature (or `temperature`), as in training: cot_length tokens, or up to the first EOS
+  with sampling.cot_stops_at_eos (the text stops before it): N strings.
   `progress`: a bar of the questions done (True: its own; False: none; or a caller's)."""
   import jax
 
   from markovian_jax import sampling
+  from markovian_jax.training import pipeline
   from markovian_jax.training.run_context import fetch
 
   s = ctx.spec.sampling
@@ -180,7 +182,7 @@ def generate_cots(
         ctx.params,
         [ctx.cot_prompt_ids(ex) for ex in chunk],
         max_new_tokens=ctx.cot_length,
-        min_new_tokens=ctx.cot_length,
+        min_new_tokens=pipeline.min_new_tokens(ctx.spec),
         rng=key,
         temperature=t,
         top_k=s.top_k,
@@ -189,7 +191,7 @@ def generate_cots(
         eos_ids=ctx.eos_ids,
         mesh=ctx.mesh,
       )
-      out += ctx.decode(fetch(cot.tokens))[:real]
+      out += pipeline.decode_cots(ctx, fetch(cot.tokens), fetch(cot.lengths))[:real]
       bar.update(real)
   return out
 

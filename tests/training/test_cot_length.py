@@ -350,6 +350,41 @@ def test_samples_jsonl_carries_each_cots_length(run, rollouts, tmp_path):
       assert not any("cot_lengths" in r for r in lines)
 
 
+def test_fragility_cots_follow_the_key(run):
+  """`analyze fragility`'s CoTs: with the key on, the sampler's draw up to each row's first EOS
+  (some stop early); with it off, K tokens with EOS blocked, as training samples them."""
+  from markovian_jax import sampling
+  from markovian_jax.analysis import fragility
+
+  examples = run.examples * 4  # one batch of 8 questions
+  for spec, stops in ((run.on, True), (run.off, False)):
+    ctx = _ctx(run, spec)
+    got = fragility.generate_cots(ctx, run.lora, examples, seed=SEED, progress=False)
+    _, key = jax.random.split(jax.random.PRNGKey(SEED))
+    s = spec.sampling
+    draw = sampling.generate(
+      ctx.model,
+      ctx.params,
+      [ctx.cot_prompt_ids(ex) for ex in examples],
+      lora=run.lora,
+      rng=key,
+      temperature=s.temperature,
+      top_k=s.top_k,
+      top_p=s.top_p,
+      max_new_tokens=K,
+      min_new_tokens=0 if stops else K,
+      eos_ids=run.eos,
+    )
+    tokens = np.asarray(draw.tokens)
+    lengths = first_eos_lengths(tokens, run.eos)
+    if stops:
+      assert (lengths < K).any()
+      assert got == [text_before_eos(ctx.tokenizer, t, run.eos) for t in tokens]
+    else:
+      assert (lengths == K).all() and not np.isin(tokens, run.eos).any()
+      assert got == ctx.decode(tokens)
+
+
 # ----------------------------------------------------------------------------- the key off
 
 
