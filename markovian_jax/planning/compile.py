@@ -125,11 +125,18 @@ def compile_phases(
       answer_logprobs=_rows(mesh, (n, a), jnp.float32),
       baseline_scores=_rows(mesh, (n,), jnp.float32),
     )
-    targets = jax.eval_shape(
-      lambda r, b: obj.advantage_targets(r, b, spec.objective.loss, obj.BaselineState.init())[0],
-      jax.ShapeDtypeStruct((n,), jnp.float32),
-      jax.ShapeDtypeStruct((n,), jnp.float32),
-    )
+    if obj.method_of(spec.objective.loss) is not None:
+      # An answer-likelihood method's update reads its own per-row constants (advantages, the
+      # filter's mask, the answer term's weights), not the paper's objective's.
+      targets = obj.MethodTargets(
+        *(jax.ShapeDtypeStruct((n,), t) for t in (jnp.float32, jnp.bool_, jnp.float32))
+      )
+    else:
+      targets = jax.eval_shape(
+        lambda r, b: obj.advantage_targets(r, b, spec.objective.loss, obj.BaselineState.init())[0],
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+      )
     targets = jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), targets)
     rng = _scalar(mesh, jnp.uint32, (2,)) if spec.objective.kind != "ppo" else None
     out["update"] = programs.update.lower(

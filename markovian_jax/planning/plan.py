@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import jax
 
+from markovian_jax import objectives as obj
 from markovian_jax.models.config import DecoderConfig
 from markovian_jax.planning.memory import (
   GIB,
@@ -99,6 +100,7 @@ def workload(spec: RunSpec, prompt_length: Optional[int] = None) -> tuple[Worklo
     answer += prompt
   normalise = o.normalize_reward
   together = normalise and spec.lora.reference == "base" and s.top_k == 0 and s.top_p >= 1.0
+  method = obj.method_of(o)
   w = Workload(
     questions=spec.train.questions_per_step,
     group=spec.train.group_size,
@@ -108,7 +110,9 @@ def workload(spec: RunSpec, prompt_length: Optional[int] = None) -> tuple[Worklo
     window=batching.bucket(spec.eval.answer_max_tokens + 2, 8),
     reference_rows=together,
     base_rows=normalise,
-    reward_grad=o.reward_grad == "paper",
+    # The paper's reward gradient and a method's answer term both back-propagate through the
+    # answer rows (training.pipeline.update re-scores them for either).
+    reward_grad=o.reward_grad == "paper" or (method is not None and method.has_answer_term),
     minibatches=spec.objective.ppo_minibatches if o.kind == "ppo" else 1,
     chunk=LOGPROB_CHUNK,
     remat=spec.model.remat,
