@@ -9,15 +9,15 @@ Each (variant, seed) is one `python -m markovian_jax.train` run in <root>/<varia
 free-length CoTs (sampling.cot_stops_at_eos: a method's length terms and the CoT lengths read
 real lengths) and greedy evaluation (eval.temperature=0) every steps/2 steps, so the report's
 accuracy is greedy accuracy at the best checkpoint by the selection split. A run that finished
-(its final checkpoint exists) is kept; one that did not is started afresh. `--parallel` runs go at
-once (two on two CPU cores). `--report_only` only writes the report of what <root> holds.
+(its final checkpoint exists) is kept; one that stopped after a checkpoint is resumed from it
+(train.resume, exact); nothing is deleted. `--parallel` runs go at once (two on two CPU cores).
+`--report_only` only writes the report of what <root> holds.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -57,15 +57,25 @@ def train_args(config: str, variant: str, seed: int, steps: int, workdir: str) -
   ]
 
 
+def saved_steps(workdir: str) -> list:
+  ckpt = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
 def finished(workdir: str, steps: int) -> bool:
-  return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+  return steps in saved_steps(workdir)
+
+
+def run_args(config: str, variant: str, seed: int, steps: int, workdir: str) -> list:
+  """train_args, resuming a run that stopped after a checkpoint."""
+  resume = ["--config.train.resume=True"] if saved_steps(workdir) else []
+  return train_args(config, variant, seed, steps, workdir) + resume
 
 
 def _one(config: str, variant: str, seed: int, steps: int, root: str) -> tuple:
   workdir = run_dir(root, variant, seed)
   if finished(workdir, steps):
     return variant, seed, 0, 0.0, "kept"
-  shutil.rmtree(workdir, ignore_errors=True)  # an unfinished run of this protocol: afresh
   os.makedirs(root, exist_ok=True)
   start = time.monotonic()
   with open(workdir + ".log", "w") as log:
@@ -74,7 +84,7 @@ def _one(config: str, variant: str, seed: int, steps: int, root: str) -> tuple:
         sys.executable,
         "-m",
         "markovian_jax.train",
-        *train_args(config, variant, seed, steps, workdir),
+        *run_args(config, variant, seed, steps, workdir),
       ],
       cwd=REPO,
       stdout=log,

@@ -1,6 +1,7 @@
 """benchmarks/methods.py: the runs it launches share one protocol and differ only in variant and
 seed; a finished run is kept; an unknown variant is one line."""
 
+import os
 import subprocess
 import sys
 
@@ -51,11 +52,20 @@ def test_every_variant_runs_the_same_protocol(tmp_path, monkeypatch):
   assert protocols == {(40, 20, 20, True, 0.0, 16, 8, 32)}
 
 
-def test_a_finished_run_is_kept(tmp_path):
+def test_a_finished_run_is_kept_and_a_stopped_one_resumed(tmp_path):
   workdir = methods.run_dir(str(tmp_path), "jepo", 1)
-  (tmp_path / "jepo-s1" / "checkpoints" / "40").mkdir(parents=True)
+  fresh = methods.run_args("configs/demo.py", "jepo", 1, 40, workdir)
+  assert fresh == methods.train_args("configs/demo.py", "jepo", 1, 40, workdir)
+  (tmp_path / "jepo-s1" / "checkpoints" / "20").mkdir(parents=True)
+  assert not methods.finished(workdir, 40)
+  assert methods.run_args("configs/demo.py", "jepo", 1, 40, workdir) == [
+    *fresh,
+    "--config.train.resume=True",
+  ]
+  (tmp_path / "jepo-s1" / "checkpoints" / "40").mkdir()
   assert methods.finished(workdir, 40) and not methods.finished(workdir, 80)
   assert methods._one("configs/demo.py", "jepo", 1, 40, str(tmp_path))[2:] == (0, 0.0, "kept")
+  assert sorted(os.listdir(tmp_path / "jepo-s1" / "checkpoints")) == ["20", "40"]
 
 
 def test_an_unknown_variant_is_one_line(tmp_path):
