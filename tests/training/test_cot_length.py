@@ -268,11 +268,33 @@ def test_loss_and_gradient_mask_the_tokens_the_float64_reference_masks(setup, ti
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _draw(ctx, lora, examples, key, **kw):
+  """The sampler called directly with ctx.spec's sampling keys: K new tokens, EOS blocked before
+  K unless sampling.cot_stops_at_eos. The independent draw the code's own draws are checked
+  against."""
+  from markovian_jax import sampling
+
+  s = ctx.spec.sampling
+  return sampling.generate(
+    ctx.model,
+    ctx.params,
+    [ctx.cot_prompt_ids(ex) for ex in examples],
+    lora=lora,
+    rng=key,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    max_new_tokens=K,
+    min_new_tokens=0 if s.cot_stops_at_eos else K,
+    eos_ids=ctx.eos_ids,
+    **kw,
+  )
+
+
 def _eval_and_draw(run, spec):
   """(summary, rows) of `evaluation.evaluate` on the Q questions (G CoTs each, one batch), and the
   CoT tokens that evaluation drew, drawn again by the sampler call it makes: the first key split
   from PRNGKey(seed)."""
-  from markovian_jax import sampling
   from markovian_jax.training import evaluation
 
   ctx = _ctx(run, spec)
@@ -280,22 +302,7 @@ def _eval_and_draw(run, spec):
     ctx, run.lora, run.examples, num_samples=G, answer_max_tokens=2, batch_size=Q, progress=False
   )
   _, key = jax.random.split(jax.random.PRNGKey(0))
-  s = spec.sampling
-  out = sampling.generate(
-    ctx.model,
-    ctx.params,
-    [ctx.cot_prompt_ids(ex) for ex in run.examples],
-    max_new_tokens=K,
-    min_new_tokens=0 if s.cot_stops_at_eos else K,
-    rng=key,
-    temperature=s.temperature,
-    top_k=s.top_k,
-    top_p=s.top_p,
-    lora=run.lora,
-    eos_ids=ctx.eos_ids,
-    num_samples=G,
-    mesh=ctx.mesh,
-  )
+  out = _draw(ctx, run.lora, run.examples, key, num_samples=G, mesh=ctx.mesh)
   return summ, rows, np.asarray(out.tokens)
 
 
@@ -353,7 +360,6 @@ def test_samples_jsonl_carries_each_cots_length(run, rollouts, tmp_path):
 def test_fragility_cots_follow_the_key(run):
   """`analyze fragility`'s CoTs: with the key on, the sampler's draw up to each row's first EOS
   (some stop early); with it off, K tokens with EOS blocked, as training samples them."""
-  from markovian_jax import sampling
   from markovian_jax.analysis import fragility
 
   examples = run.examples * 4  # one batch of 8 questions
@@ -361,20 +367,7 @@ def test_fragility_cots_follow_the_key(run):
     ctx = _ctx(run, spec)
     got = fragility.generate_cots(ctx, run.lora, examples, seed=SEED, progress=False)
     _, key = jax.random.split(jax.random.PRNGKey(SEED))
-    s = spec.sampling
-    draw = sampling.generate(
-      ctx.model,
-      ctx.params,
-      [ctx.cot_prompt_ids(ex) for ex in examples],
-      lora=run.lora,
-      rng=key,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      max_new_tokens=K,
-      min_new_tokens=0 if stops else K,
-      eos_ids=run.eos,
-    )
+    draw = _draw(ctx, run.lora, examples, key)
     tokens = np.asarray(draw.tokens)
     lengths = first_eos_lengths(tokens, run.eos)
     if stops:
