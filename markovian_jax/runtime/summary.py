@@ -11,47 +11,93 @@ import io
 import itertools
 import logging
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 from etils import epath
 import jax
 import numpy as np
 
 
-class _EpathRecordFile:
-  """tensorboardX's record-file interface over epath. Object stores cannot append, so, like
-  tensorboardX's own GCS writer, it keeps the file's bytes and rewrites the object on flush."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _RecordFile:
+  """One event file as tensorboardX's writer thread sees it (write, flush, close), none of which
+  raises: an OSError (a full disk, a lost bucket) is kept in `error` and what follows is dropped.
+
+  A raise would kill tensorboardX's thread, print its traceback, and leave its bounded event queue
+  undrained, so the training loop's next events would block in `put` forever (a full disk hung a
+  run this way). The SummaryWriter reads `error` when it closes the file, in the main thread.
+  Local files are appended as written; a URI (object stores cannot append) keeps the file's bytes
+  and rewrites the object on flush, as tensorboardX's own GCS writer does."""
 
   def __init__(self, path: str):
-    self._path = epath.Path(path)
-    self._buffer = io.BytesIO()
+    self.path = path
+    self.error: Optional[OSError] = None
+    self._local = "://" not in path
+    self._buffer = None if self._local else io.BytesIO()
+    self._file = None
+    if self._local:
+      try:  # opened in the caller's thread: only a full disk waits for `error`
+        self._file = open(path, "wb")
+      except OSError as e:
+        if e.errno not in _DISK_FULL:
+          raise
+        self.error = e
+
+  def _guard(self, fn) -> None:
+    if self.error is None:
+      try:
+        fn()
+      except OSError as e:
+        self.error = e
 
   def write(self, data: bytes) -> None:
-    self._buffer.write(data)
+    self._guard(lambda: (self._file if self._local else self._buffer).write(data))
 
   def flush(self) -> None:
-    self._path.write_bytes(self._buffer.getvalue())
+    if self._local:
+      self._guard(lambda: (self._file.flush(), os.fsync(self._file.fileno())))
+    else:
+      self._guard(lambda: epath.Path(self.path).write_bytes(self._buffer.getvalue()))
 
   def close(self) -> None:
     self.flush()
+    if self._file is not None:
+      try:
+        self._file.close()
+      except OSError as e:  # what the failed flush left in the buffer
+        self.error = self.error or e
+      self._file = None
 
 
-class _EpathFiles:
-  """A tensorboardX writer factory (`record_writer.register_writer_factory`) for one URI scheme."""
+class _RecordFiles:
+  """A tensorboardX writer factory (`record_writer.register_writer_factory`) for one
+  SummaryWriter: tensorboardX picks a factory by the path's text before the first ':', so the
+  writer's logdir is handed to tensorboardX as '<prefix>:<logdir>' and every event file it opens
+  comes here, local or a URI (through etils epath, as orbax's checkpoints)."""
 
-  def open(self, path: str) -> _EpathRecordFile:
-    return _EpathRecordFile(path)
+  _ids = itertools.count()
 
-  def directory_check(self, path: str) -> None:
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def _route_uri_through_epath(logdir: str) -> None:
-  scheme, sep, _ = logdir.partition("://")
-  if sep:
+  def __init__(self):
+    self.prefix = f"markovian-events-{next(self._ids)}"
+    self.files: list[_RecordFile] = []
     from tensorboardX import record_writer
 
-    record_writer.register_writer_factory(scheme, _EpathFiles())
+    record_writer.register_writer_factory(self.prefix, self)
+
+  def wrap(self, logdir: str) -> str:
+    return f"{self.prefix}:{logdir}"
+
+  def _unwrap(self, path: str) -> str:
+    return path[len(self.prefix) + 1 :]
+
+  def open(self, path: str) -> _RecordFile:
+    self.files.append(_RecordFile(self._unwrap(path)))
+    return self.files[-1]
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(self._unwrap(path)).mkdir(parents=True, exist_ok=True)
 
 
 # Event files of one process, numbered: readers take a directory's files in name order, and two
@@ -85,14 +131,18 @@ class SummaryWriter:
   def __init__(self, logdir):
     self._writer = None
     self._logdir = os.fspath(logdir)
+    self._warned = False
     if jax.process_index() == 0:
-      _route_uri_through_epath(self._logdir)
       epath.Path(self._logdir).mkdir(parents=True, exist_ok=True)
+      _tensorboardx_writer()  # before the factory imports tensorboardX's record_writer
+      self._files = _RecordFiles()
       self._writer = self._open()
 
   def _open(self):
     _Writer = _tensorboardx_writer()
-    return _Writer(self._logdir, filename_suffix=f".{os.getpid()}.{next(_FILES):06d}")
+    return _Writer(
+      self._files.wrap(self._logdir), filename_suffix=f".{os.getpid()}.{next(_FILES):06d}"
+    )
 
   def scalars(self, step: int, values: Mapping[str, float], prefix: str = ""):
     if self._writer is None:
@@ -132,13 +182,17 @@ class SummaryWriter:
       self._writer = self._open()
 
   def _close(self):
-    """Closes the event file; a full disk is logged, not raised: the checkpoint that follows
-    reports it (checkpointing.DiskFull), and lost scalars must not hide that."""
-    try:
-      self._writer.close()
-    except OSError as e:
-      if e.errno != errno.ENOSPC:
-        raise
+    """Closes the event file. A full disk is logged (once per writer), not raised: the
+    checkpoint that follows reports it (checkpointing.DiskFull), and lost scalars must not hide
+    that. Any other write error is raised here, in the caller's thread."""
+    self._writer.close()
+    errors = [f.error for f in self._files.files if f.error is not None]
+    self._files.files.clear()
+    for e in errors:
+      if e.errno not in _DISK_FULL:
+        raise e
+    if errors and not self._warned:
+      self._warned = True
       logging.getLogger(__name__).warning(
         "TensorBoard events not all written: no space left on device in %s", self._logdir
       )

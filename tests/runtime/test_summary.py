@@ -2,6 +2,7 @@
 TensorBoard's own event reader, and a process that has not loaded torch does not load it for
 tensorboardX (which imports torch whenever it is installed)."""
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,49 @@ def test_a_process_with_torch_keeps_it():
 
   assert summary._tensorboardx_writer() is not None
   assert sys.modules["torch"] is torch
+
+
+_FULL_DISK = """
+import builtins, logging, sys
+from markovian_jax.runtime import summary
+# Event files opened while `full` is set go to /dev/full, where every write fails with ENOSPC.
+full, _open = [True], builtins.open
+builtins.open = lambda f, *a, **k: _open(
+  "/dev/full" if full[0] and "tfevents" in str(f) else f, *a, **k
+)
+w = summary.SummaryWriter(sys.argv[1])
+for step in (1, 2, 3):  # each step more than tensorboardX's queue holds (10 events, 600 KB)
+  for i in range(30):
+    w.text(step, f"samples/{i}", "x" * 20000)
+  w.scalars(step, {"loss": 0.5})
+  w.flush()
+full[0] = False  # room again: the file the next flush opens is written
+w.flush()
+w.scalars(4, {"loss": 0.25})
+w.close()
+print("done")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_neither_hangs_nor_prints_tracebacks(tmp_path):
+  """tensorboardX writes events from its own thread through a 10-event queue: a write error there
+  killed the thread (its traceback on stderr, more at exit) and the training loop's next `put`
+  blocked forever. Now: one warning line, no traceback, and events are written again once there
+  is room."""
+  out = subprocess.run(
+    [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=helpers.REPO,
+    timeout=90,
+  )
+  assert out.returncode == 0 and out.stdout.split() == ["done"], out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr[-3000:]
+  warned = [ln for ln in out.stderr.splitlines() if "TensorBoard events not all written" in ln]
+  assert len(warned) == 1 and str(tmp_path) in warned[0], out.stderr[-3000:]
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(4, 0.25)]
