@@ -17,7 +17,6 @@ from etils import epath
 import jax
 import numpy as np
 
-
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
