@@ -473,6 +473,8 @@ def main(command: str):
     raise AnalysisError("--num_cots, --batch_size and --smooth_steps must be positive")
   from markovian_jax.runtime import cli
 
+  if f.workdir:
+    cli.writing_to(os.path.join(f.workdir, "analysis"))
   with cli.session():
     text = {"fragility": run_fragility, "cross_model": run_cross_model, "table3": run_table3}[
       command

@@ -162,6 +162,7 @@ def run(spec) -> dict:
     )
     logging.info("selection set: %d items (%s)", len(selection_set), where)
   out_dir = output_dir(spec)
+  cli.writing_to(out_dir, "--output_dir")
   kw = dict(
     num_samples=_NUM_SAMPLES.value or spec.eval.num_samples,
     temperature=0.0 if _GREEDY.value else spec.eval.temperature,

@@ -44,6 +44,8 @@ def main():
   f = flags.FLAGS
   if not f.checkpoint_dir:
     raise ExportError("--checkpoint_dir is required")
+  if f.out:
+    cli.writing_to(f.out, "--out")
   record = export(
     f.checkpoint_dir,
     f.out,

@@ -38,6 +38,7 @@ def main():
     raise UserError("--workdir is required (a run directory or a parent of runs)")
   if f.examples < 0:
     raise UserError(f"--examples must be >= 0, got {f.examples}")
+  cli.writing_to(f.workdir)
   report = write_report(f.workdir, f.examples)
   for p in report.figures:
     print(f"figure: {p}")

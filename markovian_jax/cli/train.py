@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (conf
 
 def main():
   with config_validation.config_session(_CONFIG.value, "configs/demo.py") as spec:
+    cli.writing_to(spec.workdir, "--config.workdir")
     try:
       trainer = Trainer(spec, default_hooks=False)
       add_default_hooks(trainer)

@@ -67,7 +67,7 @@ def run_disk_full(e: BaseException, workdir, step: int, saved: list) -> Optional
   """The one-line DiskFull for a full disk met outside a checkpoint write (samples, evaluation
   rows, TensorBoard, the run's config) in a run that has done `step` training steps; None when
   `e` is not a full disk. `saved`: the checkpoint steps on disk, which stay intact."""
-  if isinstance(e, DiskFull) or not _is_disk_full(e):
+  if isinstance(e, DiskFull) or not is_disk_full(e):
     return None
   what = getattr(e, "filename", None) or "a run file"
   return DiskFull(
@@ -77,10 +77,11 @@ def run_disk_full(e: BaseException, workdir, step: int, saved: list) -> Optional
   )
 
 
-def _is_disk_full(e: BaseException) -> bool:
-  """orbax and TensorStore report a full disk as OSError(ENOSPC) or in their own message."""
+def is_disk_full(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) is a full disk or quota: orbax and TensorStore report one as
+  OSError(ENOSPC) or in their own message."""
   while e is not None:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
       return True
     if "No space left on device" in str(e):
       return True
@@ -217,7 +218,7 @@ class Checkpointer:
         faults.at("checkpoint", step, self.directory)  # tests only: mid-write, not finalised
         self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - anything else is re-raised as it was
-      if not _is_disk_full(e):
+      if not is_disk_full(e):
         raise
       need = sum(
         np.asarray(x).nbytes for x in jax.tree.leaves((lora_params, opt_state, ema_params))

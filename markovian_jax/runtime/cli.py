@@ -1,13 +1,15 @@
 """One start-up path for the command-line tools (train, evaluate, sample, ...).
 
     cli.run(main)                        absl app with our flag parsing and error policy
+    cli.writing_to(directory, "--flag")  where the command writes (a full disk names it)
     with cli.session(allocator, cache):  logging, host allocator, jax.distributed, XLA cache
         ...
 
 Bad input (an unknown `--config.x.y` key, an invalid value, a missing file, a malformed record, a
 checkpoint that does not fit) is printed as one `error:` line naming the problem and the knob, and
 the process exits with status 2, before anything expensive loads. Anything else is a bug and keeps
-its traceback.
+its traceback, except a full disk (or quota), which is one line too: nothing in the program is
+wrong, and the line names the directory and the knob that moves the output.
 """
 
 from __future__ import annotations
@@ -139,8 +141,37 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise  # unreachable: fail() exits
 
 
+# (directory, knob or None): where the running command writes its outputs (`writing_to`).
+_output: Optional[tuple[str, Optional[str]]] = None
+
+
+def writing_to(directory, knob: Optional[str] = None) -> None:
+  """Declares that the running command writes under `directory`, which `knob` (a flag or config
+  key) may send elsewhere (None: it cannot, e.g. a report written into its run): a full disk met
+  while writing is then one line naming both."""
+  global _output
+  _output = (os.fspath(directory), knob)
+
+
+def disk_full_line(error: BaseException) -> Optional[str]:
+  """The one line for a full disk met while writing outputs; None when `error` is not one."""
+  from markovian_jax.runtime import checkpointing
+
+  if not checkpointing.is_disk_full(error):
+    return None
+  name = getattr(error, "filename", None)
+  if _output is None:
+    what = f" writing {name}" if name else ""
+    return f"no space left on device{what}: free space on that disk and run the command again"
+  directory, knob = _output
+  what = f" writing {name}" if name else f" writing into {directory}"
+  move = f" or set {knob} to a directory on another disk" if knob else " and run the command again"
+  return f"no space left on device{what}: free space in {directory}{move}"
+
+
 def run(main: Callable[[], None]) -> None:
-  """Runs `main()` as an absl app; UserError (and FileNotFoundError) exit 2 with one line."""
+  """Runs `main()` as an absl app; UserError, FileNotFoundError and a full disk exit 2 with one
+  line."""
 
   def _main(argv):
     if len(argv) > 1:
@@ -149,9 +180,12 @@ def run(main: Callable[[], None]) -> None:
       main()
     except (UserError, FileNotFoundError) as e:
       fail(e)
-    except Exception as e:  # noqa: BLE001 - a lost process of a job ends this one in one line
+    except Exception as e:  # noqa: BLE001 - a full disk, a lost process of a job: one line
       from markovian_jax.runtime import distributed
 
+      line = disk_full_line(e)
+      if line:
+        fail(line)
       distributed.exit_if_peer_lost(e)
       raise
 

@@ -167,6 +167,16 @@ def test_export_cli(ckpt_dir, tmp_path):
     _run_export(f"--checkpoint_dir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'd'}")
   )
   assert "no such directory" in line
+  # A full disk: the export's files lead to /dev/full, where every write fails with ENOSPC.
+  full = tmp_path / "full"
+  full.mkdir()
+  for name in ("adapter_config.json", "adapter_model.safetensors", "export.json"):
+    (full / name).symlink_to("/dev/full")
+  line = one_error_line(
+    _run_export(f"--checkpoint_dir={ckpt_dir}", "--step=2", f"--out={full}", "--overwrite")
+  )
+  assert line.startswith("error: no space left on device writing"), line
+  assert f"free space in {full} or set --out to a directory on another disk" in line, line
 
 
 @pytest.mark.parametrize("scores, best", [({2: 0.25, 4: 0.75}, 4), ({2: 0.75, 4: 0.25}, 2)])
