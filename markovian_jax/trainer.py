@@ -40,6 +40,7 @@ from markovian_jax.runtime import (
   checkpointing,
   distributed,
   faults,
+  files,
   progress,
   summary,
   workdir_lock,
@@ -190,8 +191,9 @@ class Trainer:
     )
     self.writer = summary.SummaryWriter(self.workdir)
     if jax.process_index() == 0:  # the run's full config, for reports and analyses
-      with (self.workdir / "config.json").open("w") as f:
-        json.dump(spec.recorded, f, indent=1, default=str)
+      files.write_atomic(
+        self.workdir / "config.json", json.dumps(spec.recorded, indent=1, default=str)
+      )
     self.hooks = hooks_lib.Hooks()
     if t.resume and self.ckpt.latest_step() is not None:
       # The newest complete checkpoint; what the lost steps wrote is superseded.

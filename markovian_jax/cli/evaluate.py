@@ -32,7 +32,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from markovian_jax.runtime import cli
+from markovian_jax.runtime import cli, files
 from markovian_jax.runtime.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<task>.py).")
@@ -201,24 +201,24 @@ def run(spec) -> dict:
         (results if split == "test" else selection).append((name, summ))
         if writer_process:
           (out_dir / sub).mkdir(parents=True, exist_ok=True)
-          with (out_dir / sub / f"{name}.jsonl").open("w") as f:
-            for row in rows:
-              f.write(json.dumps(row) + "\n")
+          files.write_atomic(
+            out_dir / sub / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows)
+          )
         writer.scalars(step, evaluation.scalars(summ), prefix=prefix)
   finally:
     writer.close()
   if selection and writer_process:
     table = step_table(selection, results)
     print(table)
-    (out_dir / "steps.md").write_text(table + "\n")
+    files.write_atomic(out_dir / "steps.md", table + "\n")
   out = {name: s for name, s in results}
   if writer_process:
     print(evaluation.format_table(results))
     # Earlier models of this same protocol stay (e.g. --base_model once, --best later).
     earlier = out_dir / "summary.json"
     kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
-    (out_dir / "summary.json").write_text(json.dumps({**kept, **out}, indent=2))
-    (out_dir / "protocol.json").write_text(json.dumps(protocol, indent=1))
+    files.write_atomic(out_dir / "summary.json", json.dumps({**kept, **out}, indent=2))
+    files.write_atomic(out_dir / "protocol.json", json.dumps(protocol, indent=1))
     print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")
   return out
 

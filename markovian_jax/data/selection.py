@@ -33,6 +33,7 @@ import logging
 from typing import Callable, Optional, Sequence
 
 from markovian_jax.data.records import DataError, Example
+from markovian_jax.runtime import files
 
 # The task's own held-out split for checkpoint selection; gsm8k and svamp have none.
 VALIDATION_SPLITS = {
@@ -359,4 +360,4 @@ def write_record(path, splits: RunSplits, resuming: bool) -> None:
         "the run trained on"
       )
     return
-  path.write_text(json.dumps(splits.record(), indent=1))
+  files.write_atomic(path, json.dumps(splits.record(), indent=1))

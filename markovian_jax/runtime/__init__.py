@@ -11,6 +11,7 @@
   checkpointing      orbax checkpoints of LoRA, optimizer state and the run's JSON state
   summary            TensorBoard writing from process 0 (local or gs://)
   progress           the progress bar of long loops (done/total, rate, time left)
+  files              files written whole or not at all (records rewritten in place)
 
 May import: nothing else in markovian_jax.
 """

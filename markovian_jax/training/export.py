@@ -27,6 +27,7 @@ import json
 import os
 from typing import Optional
 
+from markovian_jax.runtime import files
 from markovian_jax.runtime.errors import UserError
 from markovian_jax.training import checkpoint_choice
 
@@ -104,6 +105,5 @@ def export(
     "alpha": lora.alpha,
     "targets": list(lora.targets),
   }
-  with open(os.path.join(out, "export.json"), "w") as f:
-    json.dump(record, f, indent=2)
+  files.write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=2))
   return record
