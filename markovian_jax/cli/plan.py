@@ -21,12 +21,16 @@ def _main_flags():
     "device_memory_gib",
     0.0,
     "Usable GiB per device (0: config.mesh.device_memory_gib, the device, or the preset's chip).",
+    lower_bound=0.0,
   )
-  devices = flags.DEFINE_integer("devices", 0, "Devices a -1 in mesh.shape fills (0: this host's).")
+  devices = flags.DEFINE_integer(
+    "devices", 0, "Devices a -1 in mesh.shape fills (0: this host's).", lower_bound=0
+  )
   prompt = flags.DEFINE_integer(
     "prompt_length",
     0,
     "Longest CoT prompt in tokens (0: the task's assumed longest, plan.LONGEST_PROMPT).",
+    lower_bound=0,
   )
 
   def main():

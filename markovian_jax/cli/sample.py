@@ -123,6 +123,19 @@ def main():
     cli.fail("--checkpoint and --prompt are required")
   if not _PROMPT.value or any(not p for p in _PROMPT.value):
     cli.fail("--prompt: give non-empty prompt text")
+  from markovian_jax import sampling
+
+  try:  # before the model loads
+    sampling.check_settings(
+      _MAX_NEW.value,
+      _MIN_NEW.value,
+      _NUM_SAMPLES.value,
+      _TEMPERATURE.value,
+      _TOP_K.value,
+      _TOP_P.value,
+    )
+  except ValueError as e:
+    cli.fail(f"--{e}")
   with cli.session(cache_dir=_CACHE.value, cache_key="--compilation_cache_dir"):
     rows = sample_texts(
       _CHECKPOINT.value,

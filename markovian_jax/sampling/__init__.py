@@ -13,9 +13,17 @@ May import: runtime, models.
 from markovian_jax.sampling.sampler import (
   TOP_P_WINDOW,
   SampleOutput,
+  check_settings,
   compile_count,
   generate,
   generate_with_reference,
 )
 
-__all__ = ["TOP_P_WINDOW", "SampleOutput", "compile_count", "generate", "generate_with_reference"]
+__all__ = [
+  "TOP_P_WINDOW",
+  "SampleOutput",
+  "check_settings",
+  "compile_count",
+  "generate",
+  "generate_with_reference",
+]

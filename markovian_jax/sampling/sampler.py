@@ -489,6 +489,32 @@ def _params_mesh(params) -> Optional[Mesh]:
   return None
 
 
+def check_settings(
+  max_new_tokens: int,
+  min_new_tokens: int = 0,
+  num_samples: int = 1,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> None:
+  """Raises ValueError, naming the argument, for sampling settings `generate` cannot honour;
+  callers that take them from a user (the sample CLI) check before loading a model."""
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if int(num_samples) < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+  if int(top_k) < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not 0 <= int(min_new_tokens) <= int(max_new_tokens):
+    raise ValueError(
+      f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={max_new_tokens}]"
+    )
+
+
 def generate(
   config: DecoderConfig,
   params,
@@ -529,20 +555,7 @@ def generate(
     SampleOutput: tokens int32 [B*num_samples, N], logprobs float32 [B*num_samples, N],
     lengths int32 [B*num_samples]; see the module docstring for pads and log-probs.
   """
-  if int(max_new_tokens) < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if int(num_samples) < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  if not (math.isfinite(temperature) and temperature >= 0):
-    raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-  if int(top_k) < 0:
-    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  if not 0 <= int(min_new_tokens) <= int(max_new_tokens):
-    raise ValueError(
-      f"min_new_tokens={min_new_tokens} must be in [0, max_new_tokens={max_new_tokens}]"
-    )
+  check_settings(max_new_tokens, min_new_tokens, num_samples, temperature, top_k, top_p)
   eos_ids = tuple(dict.fromkeys(int(e) for e in eos_ids))  # deduplicated, order kept
   if any(not 0 <= e < config.vocab_size for e in eos_ids):
     raise ValueError(f"eos_ids {eos_ids} must be in [0, {config.vocab_size})")

@@ -147,6 +147,10 @@ def test_cli_exit_codes():
   assert tight.returncode == 2 and len(errors) == 1 and "Traceback" not in tight.stderr
   assert errors[0].startswith("error: config.mesh.shape: the step needs ")
   assert "verdict   does not fit" in tight.stdout
+  negative = run_plan("--config=configs/gsm8k.py", "--device_memory_gib=-1")
+  assert helpers.one_error_line(negative) == (
+    "error: flag --device_memory_gib=-1: -1.0 is not a non-negative number"
+  )
   rows = run_plan("--config=configs/gsm8k.py", "--config.mesh.preset=8xh100")
   assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
     "error: config.train.questions_per_step: 12 rows (questions_per_step=1 x group_size=12) do "

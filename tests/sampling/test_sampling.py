@@ -500,6 +500,27 @@ def test_cli_help_lists_the_flags():
     assert flag in res.stdout, flag
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "flags, says",
+  [
+    (["--max_new_tokens=0"], "error: --max_new_tokens must be >= 1, got 0"),
+    (["--temperature=nan"], "error: --temperature must be finite and >= 0 (0 = greedy), got nan"),
+    (
+      ["--min_new_tokens=9", "--max_new_tokens=4"],
+      "error: --min_new_tokens=9 must be in [0, max_new_tokens=4]",
+    ),
+  ],
+)
+def test_cli_refuses_settings_it_cannot_honour_before_loading(flags, says):
+  """The sampler's own checks, as one line naming the flag, before the model loads: the
+  checkpoint path does not exist, so a refusal from any later point would name it instead."""
+  res = helpers.run_module(
+    "markovian_jax.sample", "--checkpoint=/nonexistent", "--prompt=hi", *flags
+  )
+  assert helpers.one_error_line(res) == says
+
+
 @pytest.fixture
 def loads_once(smollm2_path, smollm2, monkeypatch):
   """`load_checkpoint` and `load_tokenizer` as the CLI's `sample_texts` calls them, answering for
