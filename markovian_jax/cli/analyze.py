@@ -96,6 +96,7 @@ def _define_flags():
     None,
     "fragility --source=heldout: held-out questions "
     "(default the run's eval.final_num_examples, the paper's n).",
+    lower_bound=1,
   )
   flags.DEFINE_enum(
     "scorer",
@@ -126,7 +127,7 @@ def _define_flags():
     "p% of them.",
   )
   flags.DEFINE_bool("accuracy", True, "fragility: also read and check the answer (QA tasks).")
-  flags.DEFINE_integer("seed", 0, "fragility: perturbation seed.")
+  flags.DEFINE_integer("seed", 0, "fragility: perturbation seed.", lower_bound=0)
   flags.DEFINE_string(
     "reader", None, "cross_model: the reading model (HF dir, .gguf, hub id, package://PKG/FILE)."
   )

@@ -222,6 +222,9 @@ def test_bad_input(demo_runs, tmp_path):
   line = one_error_line(_run("fragility", f"--workdir={no_cots}", "--source=logged"))
   assert "no logged CoTs" in line and "samples.jsonl" in line
   assert "give the analysis first" in one_error_line(_run(f"--workdir={demo_runs['markovian']}"))
+  # numpy's seeded generator takes no negative seed: refused as a flag, not a ValueError traceback
+  line = one_error_line(_run("fragility", f"--workdir={demo_runs['markovian']}", "--seed=-1"))
+  assert line == "error: flag --seed=-1: -1 is not a non-negative integer"
   line = _refusal(
     "run_fragility", _flags(workdir=demo_runs["markovian"], compare=str(no_cots), source="logged")
   )
