@@ -87,7 +87,7 @@ def check_workdir(spec) -> list:
   recorded = workdir / "config.json"
   if steps and recorded.is_file():
     selection_lib.check_resume(
-      json.loads(recorded.read_text()), spec.eval.seed, spec.eval.selection_size, str(recorded)
+      files.read_json(recorded), spec.eval.seed, spec.eval.selection_size, str(recorded)
     )
   return steps
 

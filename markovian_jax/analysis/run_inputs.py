@@ -15,7 +15,6 @@ The step is chosen and the adapter restored (with the settings the run recorded)
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -23,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from markovian_jax.data import Example
+from markovian_jax.runtime import files
 from markovian_jax.runtime.errors import UserError
 
 
@@ -61,7 +61,7 @@ def run_config(workdir: str):
       f"--workdir {workdir}: no config.json (written by training at start); "
       "is this a run directory?"
     )
-  values = json.loads(path.read_text())
+  values = files.read_json(path)
   try:
     from markovian_jax.configs import base
   except ImportError:  # outside the repository: the file alone

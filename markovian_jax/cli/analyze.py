@@ -47,6 +47,7 @@ import sys
 from etils import epath
 
 from markovian_jax.analysis.run_inputs import AnalysisError
+from markovian_jax.runtime import files
 
 COMMANDS = ("fragility", "cross_model", "table3")
 # fragility --source=logged: the logged questions it perturbs unless --num_cots says otherwise.
@@ -259,7 +260,7 @@ def _saved_results(workdir: str, f, levels: list, config):
     path = epath.Path(workdir) / "analysis" / f"fragility_{level}.json"
     if not path.exists():
       return None
-    d = json.loads(path.read_text())
+    d = files.read_json(path)
     protocol = d.get("protocol") or {}
     same = all(protocol.get(k) == v for k, v in want.items())
     sampled = str(protocol.get("cots", "")).startswith("sampled")
@@ -380,12 +381,12 @@ def run_table3(f) -> str:
       saved, config = run / "analysis" / f"fragility_{level}.json", run / "config.json"
       if not (saved.is_file() and config.is_file()):
         continue
-      d = json.loads(saved.read_text())
+      d = files.read_json(saved)
       result = fragility.FragilityResult.from_json(d)
       if result.correct is None:
         continue  # scored without --accuracy: no Table 3 numbers
-      markovian = bool(json.loads(config.read_text()).get("prompt", {}).get("markovian", True))
-      task = (d.get("protocol") or {}).get("task") or json.loads(config.read_text()).get("task")
+      markovian = bool(files.read_json(config).get("prompt", {}).get("markovian", True))
+      task = (d.get("protocol") or {}).get("task") or files.read_json(config).get("task")
       by_task.setdefault(task, {}).setdefault(markovian, []).append((run.name, result))
     rows, pairs = {}, []
     for task, sides in by_task.items():

@@ -216,7 +216,7 @@ def run(spec) -> dict:
     print(evaluation.format_table(results))
     # Earlier models of this same protocol stay (e.g. --base_model once, --best later).
     earlier = out_dir / "summary.json"
-    kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    kept = files.read_json(earlier) if earlier.is_file() else {}
     files.write_atomic(out_dir / "summary.json", json.dumps({**kept, **out}, indent=2))
     files.write_atomic(out_dir / "protocol.json", json.dumps(protocol, indent=1))
     print(f"wrote {out_dir}/summary.json and {', '.join(m + '.jsonl' for m in models)}")

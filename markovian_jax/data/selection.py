@@ -351,7 +351,7 @@ def write_record(path, splits: RunSplits, resuming: bool) -> None:
   On resume the run's record stays as it is, never rewritten: the selection set rebuilt now must
   be the recorded one, else DataError (the data changed under the run)."""
   if resuming and path.is_file():
-    recorded = json.loads(path.read_text()).get("selection_ids")
+    recorded = files.read_json(path).get("selection_ids")
     now = [e.id for e in splits.selection]
     if recorded != now:
       raise DataError(

@@ -25,7 +25,7 @@ from etils import epath
 import numpy as np
 
 from markovian_jax.data import extraction
-from markovian_jax.runtime import summary
+from markovian_jax.runtime import files, summary
 from markovian_jax.runtime.errors import UserError
 
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -223,7 +223,7 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
   config = {}
   cfg_path = epath.Path(path) / "config.json"
   if cfg_path.is_file():
-    config = flatten(json.loads(cfg_path.read_text()))
+    config = flatten(files.read_json(cfg_path))
   final_dir = os.path.join(path, FINAL_EVAL_DIR)
   protocol = read_protocol(final_dir)
   own = bool(protocol) and not protocol_differences(protocol, config)
@@ -245,7 +245,7 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
 def read_protocol(directory: str) -> dict:
   """The protocol.json the evaluate CLI wrote in `directory` ({} when there is none)."""
   path = epath.Path(directory) / "protocol.json"
-  return json.loads(path.read_text()) if path.is_file() else {}
+  return files.read_json(path) if path.is_file() else {}
 
 
 def foreign_protocol(run_dir: str, config: dict, elsewhere: bool) -> Optional[str]:
@@ -254,9 +254,7 @@ def foreign_protocol(run_dir: str, config: dict, elsewhere: bool) -> Optional[st
   `elsewhere`, an explicit --output_dir: then only a warning). None when nothing is wrong."""
   recorded = epath.Path(run_dir) / "config.json"
   differ = (
-    protocol_differences(flatten(json.loads(recorded.read_text())), config)
-    if recorded.is_file()
-    else []
+    protocol_differences(flatten(files.read_json(recorded)), config) if recorded.is_file() else []
   )
   if not differ:
     return None

@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and JSON records read with one line when they are broken.
 
 A run's records are rewritten in place: `config.json` on every start and resume, evaluate's
 `summary.json` with every model evaluated (it keeps the earlier ones), `export.json`. Written
@@ -9,9 +9,32 @@ the earlier content, which may be all that is left of hours of evaluation, is go
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from typing import Any
 
 from etils import epath
+
+from markovian_jax.runtime.errors import UserError
+
+
+class BrokenFile(UserError, ValueError):
+  """A JSON record (config.json, summary.json, protocol.json, ...) that does not parse."""
+
+
+def read_json(path) -> Any:
+  """The JSON value stored in `path` (local or a URI). A file that does not parse (cut short by
+  an older writer or a crash, or edited by hand) raises BrokenFile naming the file and where it
+  breaks, which the CLIs print as one line."""
+  path = epath.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    where = f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
+    reason = getattr(e, "msg", None) or type(e).__name__
+    raise BrokenFile(
+      f"{path} is not valid JSON ({reason}{where}): repair it or restore it from a copy"
+    ) from e
 
 
 def write_atomic(path, text: str) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 from absl import logging
 
+from markovian_jax.runtime import files
 from markovian_jax.runtime.errors import CheckpointError
 
 # The adapter's settings and where each lives in a checkpoint's state
@@ -218,7 +219,6 @@ def adapter_settings(checkpoint_dir, step: int, config=None) -> dict:
   checkpoint records, each missing one from the run's config.json, else from `config` (a
   ConfigDict or nested dict; the command's --config). model and dtype may be None; a missing
   rank, alpha, dropout or targets raises CheckpointError."""
-  import json
 
   from markovian_jax.runtime import checkpointing
 
@@ -227,7 +227,7 @@ def adapter_settings(checkpoint_dir, step: int, config=None) -> dict:
   missing = [k for k in _CASTS if k not in settings]
   if missing:
     run_json = checkpointing.absolute(checkpoint_dir).parent / "config.json"
-    run_config = json.loads(run_json.read_text()) if run_json.is_file() else None
+    run_config = files.read_json(run_json) if run_json.is_file() else None
     for source, values in (
       ("the run's config.json", _from_config(run_config)),
       ("the given config", _from_config(config)),

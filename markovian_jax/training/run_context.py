@@ -25,7 +25,7 @@ from markovian_jax.models import (
   load_checkpoint,
   load_tokenizer,
 )
-from markovian_jax.runtime import sharding
+from markovian_jax.runtime import files, sharding
 from markovian_jax.sampling import batching
 from markovian_jax.training import config_validation
 
@@ -97,7 +97,6 @@ def recorded_selection(spec, workdir, tokenizer=None) -> tuple[list, str]:
   """The selection set run `workdir` trained with, and where it came from: the items its
   selection.json lists (one fixed set per run, whatever this spec's eval sizes are); without that
   file, the set `run_splits(spec)` draws. Raises DataError when the data lacks a recorded item."""
-  import json
 
   from etils import epath
 
@@ -105,7 +104,7 @@ def recorded_selection(spec, workdir, tokenizer=None) -> tuple[list, str]:
 
   path = epath.Path(workdir) / "selection.json" if workdir else None
   if path is not None and path.exists():
-    record = json.loads(path.read_text())
+    record = files.read_json(path)
     return (
       selection.from_record(record, lambda split: read_examples(spec, split, tokenizer)),
       f"{path}: {record.get('description', '')}",

@@ -3,6 +3,7 @@ healthy one); figures and report.md for one run, for a parent of runs, and for t
 the training loop; bad input exits 2 with one line."""
 
 import os
+import pathlib
 
 import pytest
 
@@ -150,6 +151,14 @@ def test_report_bad_input(tmp_path):
   line = one_error_line(_run_report(f"--workdir={tmp_path / 'missing'}"))
   assert "no such directory" in line
   assert "--workdir is required" in one_error_line(_run_report())
+  # A config.json cut short (a crash under an older writer, a hand edit): one line naming it.
+  torn = pathlib.Path(synthetic_run(tmp_path / "torn"))
+  text = (torn / "config.json").read_text()
+  (torn / "config.json").write_text(text[: len(text) // 2])
+  line = one_error_line(_run_report(f"--workdir={torn}"))
+  assert line.startswith(f"error: {torn / 'config.json'} is not valid JSON (") and line.endswith(
+    "): repair it or restore it from a copy"
+  ), line
 
 
 def test_report_of_a_live_run(tmp_path):
