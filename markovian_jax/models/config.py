@@ -22,11 +22,11 @@ implement.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Optional, Tuple, Union
 
+from markovian_jax.runtime import files
 from markovian_jax.runtime.errors import UserError
 
 # Weight/matmul dtypes a run may choose (config.model.dtype).
@@ -318,11 +318,7 @@ class DecoderConfig:
   def from_json_file(cls, path: str, **overrides) -> "DecoderConfig":
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no config.json at {path}")
-    with open(path) as f:
-      try:
-        hf = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    hf = files.read_json(path)
     try:
       return cls.from_hf(hf, **overrides)
     except ConfigError as e:

@@ -61,6 +61,7 @@ from markovian_jax.models import lora as lora_lib
 from markovian_jax.models.config import DecoderConfig
 from markovian_jax.runtime import sharding
 from markovian_jax.runtime.errors import CheckpointError
+from markovian_jax.runtime.files import read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -582,11 +583,7 @@ def _read_adapter_config(path: str, config: DecoderConfig) -> dict:
   file = os.path.join(path, ADAPTER_CONFIG_NAME)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {path}")
-  with open(file) as f:
-    try:
-      cfg = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+  cfg = read_json(file)
   if cfg.get("peft_type") != "LORA":
     raise CheckpointError(f"{file}: peft_type={cfg.get('peft_type')!r}, only 'LORA' is supported")
   for key in ("r", "lora_alpha"):

@@ -30,8 +30,9 @@ def read_json(path) -> Any:
   try:
     return json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    where = f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
-    reason = getattr(e, "msg", None) or type(e).__name__
+    where = f", line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
+    # json's messages may end in " at" before the position it appends itself
+    reason = (getattr(e, "msg", None) or type(e).__name__).removesuffix(" at")
     raise BrokenFile(
       f"{path} is not valid JSON ({reason}{where}): repair it or restore it from a copy"
     ) from e

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 _WRITE = """
@@ -46,3 +48,22 @@ def test_a_failed_rewrite_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
   assert _write(path, "n", 1000) == "written"
   assert path.read_text() == "n" * 1000
   assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_broken_record_names_the_file_and_where_it_breaks(tmp_path):
+  """Every JSON record we read, the run's own and a model's config.json, goes through
+  files.read_json: a file cut short is a UserError (one line in the CLIs) naming it and the
+  position where the text ends."""
+  from markovian_jax.models import DecoderConfig
+  from markovian_jax.runtime import files
+  from markovian_jax.runtime.errors import UserError
+
+  text = '{"model_type": "llama", "hidden_size": '
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(files.BrokenFile) as raised:
+    DecoderConfig.from_json_file(str(tmp_path / "config.json"))
+  assert isinstance(raised.value, UserError)
+  assert str(raised.value) == (
+    f"{tmp_path / 'config.json'} is not valid JSON (Expecting value, line 1 column "
+    f"{len(text) + 1}): repair it or restore it from a copy"
+  )
