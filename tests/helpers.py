@@ -174,20 +174,24 @@ def step_stages(trainer, key=None):
   return ref, ro, sc, tg, state, metrics
 
 
-def run_module(module, *args, timeout=300):
-  """`python -m module *args` from the repository root, offline on the CPU: CompletedProcess."""
+def _run_python(argv, timeout):
   import subprocess
   import sys
 
   env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
   return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
+    [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
   )
+
+
+def run_module(module, *args, timeout=300):
+  """`python -m module *args` from the repository root, offline on the CPU: CompletedProcess."""
+  return _run_python(["-m", module, *args], timeout)
+
+
+def run_script(code: str, *args, timeout=300):
+  """`python -c code *args` (sys.argv[1:] = args) as run_module runs a module."""
+  return _run_python(["-c", code, *args], timeout)
 
 
 def run_train(*args, timeout=300):

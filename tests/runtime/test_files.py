@@ -5,8 +5,6 @@ the new content's size, so the kernel refuses the write part way (EFBIG), as a f
 (ENOSPC) after a partial write."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -26,13 +24,7 @@ except OSError as e:
 
 
 def _write(path, char: str, n: int) -> str:
-  out = subprocess.run(
-    [sys.executable, "-c", _WRITE, str(path), char, str(n)],
-    capture_output=True,
-    text=True,
-    cwd=helpers.REPO,
-    timeout=60,
-  )
+  out = helpers.run_script(_WRITE, str(path), char, str(n), timeout=60)
   assert out.returncode == 0, out.stderr[-2000:]
   return out.stdout.strip()
 

@@ -3,7 +3,6 @@ TensorBoard's own event reader, and a process that has not loaded torch does not
 tensorboardX (which imports torch whenever it is installed)."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -27,13 +26,7 @@ def test_events_read_back_and_torch_stays_unloaded(tmp_path):
   helpers.require("torch")  # the claim is about a machine where torch is installed
   from tensorboard.backend.event_processing import event_accumulator
 
-  out = subprocess.run(
-    [sys.executable, "-c", _WRITE, str(tmp_path)],
-    capture_output=True,
-    text=True,
-    cwd=helpers.REPO,
-    timeout=120,
-  )
+  out = helpers.run_script(_WRITE, str(tmp_path), timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "False"
   acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
@@ -80,13 +73,7 @@ def test_a_full_disk_neither_hangs_nor_prints_tracebacks(tmp_path):
   killed the thread (its traceback on stderr, more at exit) and the training loop's next `put`
   blocked forever. Now: one warning line, no traceback, and events are written again once there
   is room."""
-  out = subprocess.run(
-    [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
-    capture_output=True,
-    text=True,
-    cwd=helpers.REPO,
-    timeout=90,
-  )
+  out = helpers.run_script(_FULL_DISK, str(tmp_path), timeout=90)
   assert out.returncode == 0 and out.stdout.split() == ["done"], out.stderr[-3000:]
   assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr[-3000:]
   warned = [ln for ln in out.stderr.splitlines() if "TensorBoard events not all written" in ln]
