@@ -21,7 +21,6 @@ that runs out of disk space raises DiskFull naming the directory and the bytes t
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import hashlib
 import json
@@ -40,7 +39,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from markovian_jax.runtime import faults
-from markovian_jax.runtime.errors import CheckpointError, UserError
+from markovian_jax.runtime.errors import CheckpointError, UserError, is_disk_full
 
 __all__ = ["BrokenCheckpoint", "CheckpointError", "Checkpointer", "DiskFull"]
 
@@ -75,18 +74,6 @@ def run_disk_full(e: BaseException, workdir, step: int, saved: list) -> Optional
     f"the run another --config.workdir and resume; the checkpoints already there are intact: "
     f"{saved}"
   )
-
-
-def is_disk_full(e: BaseException) -> bool:
-  """Whether `e` (or what caused it) is a full disk or quota: orbax and TensorStore report one as
-  OSError(ENOSPC) or in their own message."""
-  while e is not None:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if "No space left on device" in str(e):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
 
 
 class _DropStorageErrors(pylogging.Filter):

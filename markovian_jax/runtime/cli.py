@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from absl import app, flags, logging
 
-from markovian_jax.runtime.errors import EXIT_BAD_INPUT, UserError
+from markovian_jax.runtime.errors import EXIT_BAD_INPUT, UserError, is_disk_full
 
 
 class Stopped(UserError):
@@ -155,9 +155,7 @@ def writing_to(directory, knob: Optional[str] = None) -> None:
 
 def disk_full_line(error: BaseException) -> Optional[str]:
   """The one line for a full disk met while writing outputs; None when `error` is not one."""
-  from markovian_jax.runtime import checkpointing
-
-  if not checkpointing.is_disk_full(error):
+  if not is_disk_full(error):
     return None
   name = getattr(error, "filename", None)
   if _output is None:

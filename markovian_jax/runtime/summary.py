@@ -6,7 +6,6 @@ checkpoints do, so one filesystem layer (gcsfs for gs://) serves the whole workd
 
 from __future__ import annotations
 
-import errno
 import io
 import itertools
 import logging
@@ -17,7 +16,7 @@ from etils import epath
 import jax
 import numpy as np
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+from markovian_jax.runtime.errors import is_disk_full
 
 
 class _RecordFile:
@@ -40,7 +39,7 @@ class _RecordFile:
       try:  # opened in the caller's thread: only a full disk waits for `error`
         self._file = open(path, "wb")
       except OSError as e:
-        if e.errno not in _DISK_FULL:
+        if not is_disk_full(e):
           raise
         self.error = e
 
@@ -188,7 +187,7 @@ class SummaryWriter:
     errors = [f.error for f in self._files.files if f.error is not None]
     self._files.files.clear()
     for e in errors:
-      if e.errno not in _DISK_FULL:
+      if not is_disk_full(e):
         raise e
     if errors and not self._warned:
       self._warned = True
