@@ -385,8 +385,9 @@ def run_table3(f) -> str:
       result = fragility.FragilityResult.from_json(d)
       if result.correct is None:
         continue  # scored without --accuracy: no Table 3 numbers
-      markovian = bool(files.read_json(config).get("prompt", {}).get("markovian", True))
-      task = (d.get("protocol") or {}).get("task") or files.read_json(config).get("task")
+      recorded = files.read_json(config)
+      markovian = bool(recorded.get("prompt", {}).get("markovian", True))
+      task = (d.get("protocol") or {}).get("task") or recorded.get("task")
       by_task.setdefault(task, {}).setdefault(markovian, []).append((run.name, result))
     rows, pairs = {}, []
     for task, sides in by_task.items():
